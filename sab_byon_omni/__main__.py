@@ -1,0 +1,5 @@
+import sys
+
+from sab_byon_omni.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Shared CLI plumbing: config-dataclass fields as flags, and dotted overrides from them."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any
+
+from sab_byon_omni.config import SECTIONS, field_help
+
+PREFIX = "cfg:"
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(base, "VALUE")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """One flag per config field: ``--train.learning_rate``, also ``--learning_rate`` and
+    ``--learning-rate``. Help text and defaults come from the dataclass."""
+    for section in sections:
+        group = parser.add_argument_group(f"{section} options", SECTIONS[section].__doc__)
+        for name, default, help_text, annotation in field_help(SECTIONS[section]):
+            flags = [f"--{section}.{name}", f"--{name}"]
+            if "_" in name:
+                flags.append(f"--{name.replace('_', '-')}")
+            kind = _type_name(annotation)
+            extra: dict[str, Any] = {"nargs": "?", "const": "true"} if kind == "BOOL" else {}
+            group.add_argument(*flags, dest=f"{PREFIX}{section}.{name}", metavar=kind, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {default})", **extra)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line, as ``{"section.name": "value"}``."""
+    return {k[len(PREFIX):]: v for k, v in vars(args).items() if k.startswith(PREFIX)}

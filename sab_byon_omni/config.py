@@ -1,0 +1,364 @@
+"""Typed configuration: one dataclass per concern, YAML loading, dotted overrides, validation.
+
+Every field carries its help text in ``metadata["help"]``; the CLI builds its flags from it.
+Field names are unique across sections, so both ``--train.learning_rate`` and
+``--learning_rate`` address the same value, and a flat YAML with the guide's keys
+(``epochs: 3``, ``seq_len: 1024``, ...) is understood as well as a sectioned one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sab_byon_omni.errors import SabError
+
+
+def fld(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a one-line help text."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# Architecture presets. "3b" keeps its historical name; with FFN 16,384 it has ~7.5B parameters.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden=64, n_heads=4, n_layers=2, ffn=256, max_seq_len=256),
+    "small": dict(hidden=256, n_heads=4, n_layers=4, ffn=1024, max_seq_len=1024),
+    "lightweight": dict(hidden=768, n_heads=12, n_layers=6, ffn=3072, max_seq_len=1024),
+    "1b": dict(hidden=2048, n_heads=16, n_layers=18, ffn=8192, max_seq_len=2048),
+    "3b": dict(hidden=4096, n_heads=64, n_layers=36, ffn=16384, max_seq_len=2048),
+}
+
+FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TOKENIZERS = ("char96", "byte", "bpe")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the causal decoder."""
+
+    preset: str = fld("lightweight", "architecture preset: " + ", ".join(PRESETS))
+    hidden: int | None = fld(None, "model width (default: from the preset)")
+    n_heads: int | None = fld(None, "attention heads; must divide hidden (default: from the preset)")
+    n_layers: int | None = fld(None, "transformer blocks (default: from the preset)")
+    ffn: int | None = fld(None, "feed-forward width (default: from the preset)")
+    max_seq_len: int | None = fld(None, "longest context the model accepts (default: from the preset)")
+    vocab_size: int | None = fld(None, "vocabulary size (default: the tokenizer's)")
+    dropout: float = fld(0.0, "dropout probability in attention output and MLP")
+    tie_embeddings: bool = fld(True, "share the token embedding with the output head")
+    activation_checkpointing: bool = fld(False, "recompute each block's activations in backward to save memory")
+    fragmergent_mode: str = fld("step", "embedding modulation: step (reproducible), clock (the guide's), fixed, off")
+    fragmergent_t: float = fld(0.0, "the time t used when fragmergent_mode is fixed")
+    fragmergent_alpha: float = fld(0.02, "decay rate alpha of phi(t)")
+    fragmergent_lambda: float = fld(0.2, "amplitude lambda of phi(t)")
+    fragmergent_omega: float = fld(2.0, "angular frequency omega of phi(t)")
+    fragmergent_strength: float = fld(0.1, "hidden *= 1 + strength * phi(t)")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise SabError(f"model.preset={self.preset!r} is not one of: {', '.join(PRESETS)}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("hidden", "n_heads", "n_layers", "ffn", "max_seq_len"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.vocab_size is not None:
+            _positive("model.vocab_size", self.vocab_size)
+        if self.hidden % self.n_heads:
+            raise SabError(f"model.n_heads={self.n_heads} does not divide model.hidden={self.hidden}")
+        if (self.hidden // self.n_heads) % 2:
+            raise SabError(f"model.hidden/model.n_heads={self.hidden // self.n_heads} must be even for rotary positions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.fragmergent_mode not in FRAGMERGENT_MODES:
+            raise SabError(f"model.fragmergent_mode={self.fragmergent_mode!r} is not one of: {', '.join(FRAGMERGENT_MODES)}")
+        for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
+            _finite(f"model.{name}", getattr(self, name))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A preset by name, e.g. ``ModelConfig.from_name("lightweight")``."""
+        return cls(preset=name, **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are batched."""
+
+    dataset: str = fld("synthetic", "'synthetic' (the guide's multimodal dataset) or a path/glob of your own files")
+    num_samples: int = fld(5000, "number of synthetic samples (train + validation)")
+    seq_len: int = fld(1024, "maximum sequence length; synthetic batches are padded only to their longest sample")
+    val_fraction: float = fld(0.1, "fraction of samples (or documents) held out for validation")
+    tokenizer: str = fld("char96", "tokenizer: char96 (the guide's), byte, or bpe (trained on the corpus)")
+    tokenizer_path: str | None = fld(None, "reuse a saved tokenizer.json (bpe) instead of training one")
+    bpe_vocab_size: int = fld(8192, "vocabulary size when training a BPE tokenizer")
+    text_field: str = fld("text", "field holding the text in .json/.jsonl files")
+    csv_column: str = fld("text", "column holding the text in .csv files")
+    cache_dir: str | None = fld(None, "where the tokenised corpus is cached (default: <data>/.sab_cache or ./.sab_cache)")
+    shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")
+    data_seed: int = fld(1234, "seed for data generation, splits and order")
+
+    def __post_init__(self) -> None:
+        _positive("data.num_samples", self.num_samples)
+        if self.seq_len < 2:
+            raise SabError(f"data.seq_len={self.seq_len} must be at least 2 (one input and one target)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SabError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.tokenizer not in TOKENIZERS:
+            raise SabError(f"data.tokenizer={self.tokenizer!r} is not one of: {', '.join(TOKENIZERS)}")
+        if self.bpe_vocab_size < 300:
+            raise SabError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 300 (256 bytes + specials + merges)")
+        if not self.dataset:
+            raise SabError("data.dataset is empty: use 'synthetic' or a path")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe and everything the training loop writes."""
+
+    epochs: int = fld(3, "training epochs")
+    batch_size: int = fld(4, "samples per micro-batch (per process)")
+    gradient_accumulation_steps: int = fld(16, "micro-batches per optimizer step")
+    learning_rate: float = fld(2e-5, "AdamW peak learning rate")
+    weight_decay: float = fld(0.01, "AdamW weight decay (not applied to norms and biases)")
+    max_grad_norm: float = fld(1.0, "gradient clipping threshold (0 disables clipping)")
+    beta1: float = fld(0.9, "AdamW beta1")
+    beta2: float = fld(0.95, "AdamW beta2")
+    lr_schedule: str = fld("constant", "learning-rate schedule: constant (the guide's) or cosine")
+    warmup_steps: int = fld(0, "linear warmup steps (both schedules)")
+    min_lr_ratio: float = fld(0.1, "cosine floor as a fraction of learning_rate")
+    precision: str = fld("auto", "auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
+    device: str = fld("auto", "auto (cuda, then mps, then cpu) or a torch device string")
+    compile: bool = fld(False, "wrap the model in torch.compile")
+    checkpoint_dir: str = fld("checkpoints", "where checkpoints and metrics.jsonl are written")
+    save_every: int = fld(0, "also save a checkpoint every N optimizer steps (0: only at epoch ends)")
+    keep_last: int = fld(3, "step checkpoints to keep (epoch checkpoints and best_model.pt are always kept)")
+    resume: str = fld("none", "none | auto (latest checkpoint in checkpoint_dir, if any) | a checkpoint path")
+    eval_interval: int = fld(0, "evaluate every N optimizer steps (0: only at epoch ends)")
+    eval_batches: int = fld(0, "validation batches per evaluation (0: the whole validation set)")
+    log_interval: int = fld(10, "optimizer steps between metric lines")
+    max_nonfinite_steps: int = fld(5, "abort after this many consecutive non-finite steps")
+    max_steps: int = fld(0, "stop after this many optimizer steps (0: no limit)")
+    progress: bool = fld(True, "show a progress bar on stderr")
+    tensorboard: bool = fld(False, "also log to TensorBoard in checkpoint_dir/tb")
+    seed: int = fld(1234, "seed for initialisation and sampling")
+    deterministic: bool = fld(False, "use deterministic algorithms (slower; for bit-exact reproduction)")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("save_every", "keep_last", "eval_interval", "eval_batches", "warmup_steps", "max_steps"):
+            if getattr(self, name) < 0:
+                raise SabError(f"train.{name}={getattr(self, name)} must not be negative")
+        _finite("train.learning_rate", self.learning_rate)
+        if self.learning_rate <= 0:
+            raise SabError(f"train.learning_rate={self.learning_rate} must be positive")
+        for name in ("weight_decay", "max_grad_norm"):
+            _finite(f"train.{name}", getattr(self, name))
+            if getattr(self, name) < 0:
+                raise SabError(f"train.{name}={getattr(self, name)} must not be negative")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SabError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.lr_schedule not in SCHEDULES:
+            raise SabError(f"train.lr_schedule={self.lr_schedule!r} is not one of: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise SabError(f"train.precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
+        if not self.checkpoint_dir:
+            raise SabError("train.checkpoint_dir is empty")
+        if not self.resume:
+            raise SabError("train.resume is empty: use none, auto or a checkpoint path")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """A plain dict of primitives (safe for ``torch.load(weights_only=True)`` and YAML)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> "RunConfig":
+        return build_config(raw, source=source)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# field name -> section, for flat keys and short CLI flags; names are unique across sections.
+FIELD_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
+assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "field names must be unique"
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SabError(f"{name}={value!r} must be a positive integer")
+
+
+def _finite(name: str, value: Any) -> None:
+    if not math.isfinite(value):
+        raise SabError(f"{name}={value!r} must be a finite number")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check/convert one value against its annotation; strings (from the CLI) are parsed."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise SabError(f"{name} must not be empty")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise SabError(f"{name}={value!r} must be true or false")
+    if base is int:
+        if isinstance(value, bool):
+            raise SabError(f"{name}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    f = math.nan
+                if math.isfinite(f) and f.is_integer():
+                    return int(f)
+        raise SabError(f"{name}={value!r} must be an integer")
+    if base is float:
+        if isinstance(value, bool):
+            raise SabError(f"{name}={value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SabError(f"{name}={value!r} must be a number")
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SabError(f"{name}={value!r} must be a string")
+    raise TypeError(f"unsupported annotation {annotation!r} for {name}")  # programming error
+
+
+def build_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a (sectioned or flat) mapping into a RunConfig; unknown keys are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SabError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sectioned: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise SabError(f"{source}: section {key!r} must be a mapping, got {type(value).__name__}")
+            for sub, v in value.items():
+                if FIELD_SECTION.get(sub) != key:
+                    raise SabError(f"{source}: unknown key {key}.{sub}")
+                sectioned[key][sub] = v
+        elif isinstance(key, str) and key in FIELD_SECTION:
+            sectioned[FIELD_SECTION[key]][key] = value
+        else:
+            raise SabError(f"{source}: unknown key {key!r}")
+    built = {}
+    for section, cls in SECTIONS.items():
+        hints = _field_types(cls)
+        kwargs = {k: coerce(f"{section}.{k}", v, hints[k]) for k, v in sectioned[section].items()}
+        built[section] = cls(**kwargs)
+    return RunConfig(**built)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SabError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise SabError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise SabError(f"{p}: not a UTF-8 text file") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise SabError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw or {}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``{"train.learning_rate": 3e-4}`` or ``{"learning_rate": 3e-4}`` into a raw mapping."""
+    merged: dict[str, Any] = {}
+    for key, value in raw.items():  # normalise to sectioned form
+        if key in SECTIONS and isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        elif key in FIELD_SECTION:
+            merged.setdefault(FIELD_SECTION[key], {})[key] = value
+        else:
+            merged[key] = value
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        section = section or FIELD_SECTION.get(name, "")
+        if FIELD_SECTION.get(name) != section:
+            raise SabError(f"unknown option {key!r}")
+        if not isinstance(merged.get(section, {}), dict):
+            raise SabError(f"section {section!r} must be a mapping")
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML file (or the defaults) and apply dotted overrides."""
+    raw = load_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    return build_config(apply_overrides(raw, overrides or {}), source=source)
+
+
+def replace(cfg: RunConfig, **overrides: Any) -> RunConfig:
+    """A new validated RunConfig with flat or dotted overrides applied.
+
+    Changing the preset resets the fields the old preset filled in (unless also overridden).
+    """
+    base = cfg.to_dict()
+    if {"preset", "model.preset"} & overrides.keys():
+        for name in PRESETS[cfg.model.preset]:
+            base["model"][name] = None
+    return build_config(apply_overrides(base, overrides))
+
+
+def field_help(cls: type) -> list[tuple[str, Any, str, Any]]:
+    """(name, default, help, annotation) for each field of a config dataclass."""
+    hints = _field_types(cls)
+    return [(f.name, f.default, f.metadata.get("help", ""), hints[f.name]) for f in fields(cls)]
+

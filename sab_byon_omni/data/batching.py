@@ -1,0 +1,79 @@
+"""Batches from any indexable dataset of 1-D token arrays: dynamic padding, a loss mask, a
+seeded per-epoch order, a global data cursor, and disjoint shards across processes.
+
+The cursor counts samples of the epoch's order consumed by *all* processes together, so a run
+saved with N processes can resume with M and continue over exactly the remaining samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+class TokenDataset(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64, padded with pad_id
+    labels: torch.Tensor  # (B, T) int64, = input_ids with padding set to IGNORE_INDEX
+    n_targets: int  # tokens that contribute to the loss (labels[:, 1:] != IGNORE_INDEX)
+    cursor: int  # the global cursor after this micro-step (all ranks together)
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
+                     self.n_targets, self.cursor)
+
+
+def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0) -> Batch:
+    """Pad to the longest row of this batch (never to seq_len) and mask the padding."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        labels[i, :len(r)] = r
+    n_targets = int(sum(max(len(r) - 1, 0) for r in rows))
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor)
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The visiting order of an epoch: a pure function of (n, epoch, seed, shuffle)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def micro_steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Micro-steps in an epoch: chunks of world*batch_size; a last chunk is dropped only if some
+    process would get no sample from it."""
+    per_step = batch_size * world
+    full, rest = divmod(n, per_step)
+    return full + (1 if rest >= world else 0)
+
+
+def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoch: int = 0, seed: int = 0,
+                    shuffle: bool = True, start: int = 0, world: int = 1, rank: int = 0) -> Iterator[Batch]:
+    """This rank's micro-batches of one epoch, beginning at global cursor ``start``.
+
+    Every micro-step takes the next ``world * batch_size`` samples of the epoch order and splits
+    them into ``world`` near-equal disjoint parts; rank r gets part r.
+    """
+    order = epoch_order(len(dataset), epoch, seed, shuffle)
+    per_step = batch_size * world
+    cursor = start
+    while len(order) - cursor >= world and cursor < len(order):
+        chunk = order[cursor:cursor + per_step]
+        part = np.array_split(chunk, world)[rank]
+        cursor += len(chunk)
+        yield collate([dataset[int(i)] for i in part], pad_id, cursor)

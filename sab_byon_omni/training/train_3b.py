@@ -1,0 +1,51 @@
+"""``train_3b_rapid``: the guide's one-call training entry point, a thin wrapper over the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sab_byon_omni.config import RunConfig, replace
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.data.factory import load_datasets
+from sab_byon_omni.data.tokenizers import spec_equal
+from sab_byon_omni.training.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4, grad_accum: int = 16,
+                   seq_len: int = 1024, data: str | None = None, **overrides: Any) -> TrainResult:
+    """Train ``sab.model`` in place with the guide's defaults.
+
+    Any other config field may be given by name (``learning_rate=3e-4``, ``num_samples=500``,
+    ``checkpoint_dir="ckpt"``, ``precision="bf16"``, ``resume="auto"``, ``lr_schedule="cosine"``...).
+    ``data`` is ``"synthetic"`` (the default) or a path/glob of your own files. Returns the
+    per-epoch train/validation losses and the checkpoint paths.
+    """
+    changes = dict(epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                   seq_len=seq_len, **overrides)
+    if data is not None:
+        changes["dataset"] = str(data)
+    cfg = replace(sab.config, **changes)
+    keep_tokenizer = cfg.data.tokenizer == sab.tokenizer.name and cfg.data.tokenizer_path == sab.config.data.tokenizer_path
+    tokenizer, train, val = load_datasets(cfg.data, sab.tokenizer if keep_tokenizer else None)
+    same_tok = spec_equal(tokenizer.to_spec(), sab.tokenizer.to_spec())
+    if not same_tok or cfg.to_dict()["model"] != sab.config.to_dict()["model"]:
+        fresh = SABTranscendentV2(config=replace(cfg, vocab_size=None if not same_tok else cfg.model.vocab_size),
+                                  tokenizer=tokenizer)
+        if same_tok:  # e.g. only max_seq_len grew: keep what the model already learned
+            try:
+                fresh.model.load_state_dict(sab.model.state_dict())
+            except RuntimeError:
+                log.info("architecture changed: starting from fresh weights")
+        sab.model, sab.tokenizer, cfg = fresh.model, tokenizer, fresh.config
+    sab.config = cfg
+    return Trainer(sab.model, tokenizer, train, val, cfg).fit()
+
+
+def run_training(cfg: RunConfig) -> tuple[SABTranscendentV2, TrainResult]:
+    """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
+    tokenizer, train, val = load_datasets(cfg.data)
+    sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
+    return sab, Trainer(sab.model, tokenizer, train, val, sab.config).fit()

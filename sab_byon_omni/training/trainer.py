@@ -1,0 +1,436 @@
+"""The training loop: accumulation normalised by real tokens, clipping, one precision policy, a
+pure-function learning-rate schedule, evaluation, checkpoints, exact resume, rank-0 I/O."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sab_byon_omni.config import RunConfig
+from sab_byon_omni.data.batching import IGNORE_INDEX, TokenDataset, iterate_batches, micro_steps_per_epoch
+from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.training import checkpoint as ckpt_io
+from sab_byon_omni.training import distributed as D
+from sab_byon_omni.training.precision import Precision, make_precision, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of position t's logits against label t+1 (the guide's shift), ignoring padding.
+
+    Shifting the labels left (instead of slicing the logits) gives the same value without copying
+    the logits.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def lr_at(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): a pure function, so resume is exact."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    span = max(total_steps - t.warmup_steps, 1)
+    progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
+    floor = t.learning_rate * t.min_lr_ratio
+    return floor + (t.learning_rate - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (and the embedding); never norms or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    t = cfg.train
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
+                             fused=fused or None, foreach=None if fused else True)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward. Patches ``forward`` so state-dict keys do not change."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenDataset, batch_size: int, pad_id: int, precision: Precision,
+             info: D.DistInfo = D.DistInfo(), max_batches: int = 0) -> float:
+    """Mean loss per predicted token over ``data`` (all of it unless ``max_batches``)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=precision.device)
+    count = 0
+    batches = iterate_batches(data, batch_size, pad_id=pad_id, shuffle=False, world=info.world, rank=info.rank)
+    for batch in itertools.islice(batches, max_batches or None):
+        batch = batch.to(precision.device)
+        with precision.autocast():
+            total += causal_lm_loss(model(batch.input_ids), batch.labels).double()
+        count += batch.n_targets
+    model.train(was_training)
+    loss_sum, n = D.all_reduce_sum([total.item(), float(count)], info, precision.device)
+    return loss_sum / max(n, 1.0)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-epoch mean losses, the files written, and throughput."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    best_checkpoint: str | None = None
+    global_step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    stopped_early: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Trainer:
+    """Trains ``model`` in place on ``train_data``; see :meth:`fit`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: TokenDataset,
+                 val_data: TokenDataset | None, cfg: RunConfig) -> None:
+        self.raw, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.train_data, self.val_data = train_data, val_data
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.info = D.init_distributed(self.device.type)
+        if self.info.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+        self.precision = make_precision(t.precision, self.device)
+        self.dir = Path(t.checkpoint_dir)
+        self.resume_from = self._resume_path()  # validated before anything is written
+        self.steps_per_epoch = math.ceil(
+            micro_steps_per_epoch(len(train_data), t.batch_size, self.info.world) / t.gradient_accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise SabError(f"the training set ({len(train_data)} samples) is too small for "
+                           f"{self.info.world} process(es)")
+        self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+        self._stop_signal: int | None = None
+        self.skipped_total = self._skipped_in_a_row = 0
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _resume_path(self) -> Path | None:
+        spec = self.cfg.train.resume
+        if spec == "none":
+            existing = ckpt_io.checkpoint_files(self.dir) + list(self.dir.glob("best_model.pt"))
+            if existing:
+                raise SabError(f"{self.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
+                               "to continue that run, or choose another --checkpoint_dir")
+            return None
+        if spec == "auto":
+            return ckpt_io.latest_checkpoint(self.dir)
+        ckpt_io.load_checkpoint(spec)  # fail early, with the file named
+        return Path(spec)
+
+    def _setup(self) -> None:
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.raw.to(self.device)
+        if self.cfg.model.activation_checkpointing:
+            apply_activation_checkpointing(self.raw)
+        self.optimizer = make_optimizer(self.raw, self.cfg, self.device)
+        self.scaler = self.precision.scaler()
+        self.model = D.wrap_ddp(self.raw, self.info, self.device)
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.state = {"epoch": 0, "cursor": 0, "global_step": 0, "best_val_loss": math.inf,
+                      "train_losses": [], "val_losses": []}
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.raw.fragmergent.set_step(self.state["global_step"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.state["global_step"], self.cfg, self.total_steps)
+        n = sum(p.numel() for p in self.raw.parameters())
+        if self.info.is_main:
+            log.info("model: preset %s, %s parameters%s; device %s, precision %s, %d process(es)",
+                     self.cfg.model.preset, f"{n:,}", _preset_note(self.cfg.model.preset, n), self.device,
+                     self.precision.name, self.info.world)
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _load(self, path: Path) -> None:
+        ck = ckpt_io.load_checkpoint(path)
+        mine, theirs = self.cfg.to_dict()["model"], ck["config"].get("model", {})
+        arch = ("hidden", "n_heads", "n_layers", "ffn", "vocab_size", "tie_embeddings")
+        if any(mine.get(k) != theirs.get(k) for k in arch):
+            raise SabError(f"{path}: its model ({', '.join(f'{k}={theirs.get(k)}' for k in arch)}) differs from this run's")
+        if "tokenizer" in ck and not spec_equal(ck["tokenizer"], self.tokenizer.to_spec()):
+            raise SabError(f"{path}: its tokenizer ({ck['tokenizer'].get('name')}) differs from this run's "
+                           f"({self.tokenizer.name})")
+        self.raw.load_state_dict(ck["model_state_dict"])
+        if "optimizer_state_dict" in ck:
+            self.optimizer.load_state_dict(ck["optimizer_state_dict"])
+        if ck.get("scaler_state_dict"):
+            self.scaler.load_state_dict(ck["scaler_state_dict"])
+        if "rng_state" in ck:
+            ckpt_io.restore_rng(ck["rng_state"])
+        data = ck.get("data_state", {"epoch": ck["epoch"], "cursor": 0})
+        hist = ck.get("history", {})
+        self.state.update(epoch=data["epoch"], cursor=data["cursor"], global_step=ck["global_step"],
+                          best_val_loss=ck.get("best_val_loss", math.inf),
+                          train_losses=list(hist.get("train_loss", [])), val_losses=list(hist.get("val_loss", [])))
+        if self.info.is_main:
+            log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch", path, data["epoch"] + 1,
+                     ck["global_step"], data["cursor"])
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        """Train for ``train.epochs`` epochs (or ``train.max_steps``), from a checkpoint if resuming."""
+        self._setup()
+        t, st = self.cfg.train, self.state
+        result = TrainResult(train_losses=st["train_losses"], val_losses=st["val_losses"])
+        self.metrics = _Metrics(self.dir, self.info.is_main, t.tensorboard)
+        start = time.perf_counter()
+        with _StopOnSignal(self):
+            while st["epoch"] < t.epochs and not self._done(result):
+                self._run_epoch(result)
+        result.seconds = time.perf_counter() - start
+        result.global_step = st["global_step"]
+        best = self.dir / "best_model.pt"
+        result.best_checkpoint = str(best) if best.exists() else None
+        self.metrics.close()
+        return result
+
+    def _done(self, result: TrainResult) -> bool:
+        return result.stopped_early or bool(self.cfg.train.max_steps and self.state["global_step"] >= self.cfg.train.max_steps)
+
+    def _run_epoch(self, result: TrainResult) -> None:
+        t, st, info = self.cfg.train, self.state, self.info
+        epoch = st["epoch"]
+        batches = iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
+                                  seed=self.cfg.data.data_seed, shuffle=self.cfg.data.shuffle, start=st["cursor"],
+                                  world=info.world, rank=info.rank)
+        done_steps = round(st["cursor"] / (t.batch_size * info.world * t.gradient_accumulation_steps))
+        bar = _progress(self.steps_per_epoch, done_steps, f"epoch {epoch + 1}/{t.epochs}", info.is_main and t.progress)
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        log_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        epoch_tokens = log_tokens = 0
+        log_t0 = time.perf_counter()
+        self.model.train()
+        while window := list(itertools.islice(batches, t.gradient_accumulation_steps)):
+            loss_sum, n_tokens = self._accumulate(window)
+            grad_norm = self._optimizer_step()
+            st["global_step"] += 1
+            st["cursor"] = window[-1].cursor
+            epoch_loss += loss_sum
+            log_loss += loss_sum
+            epoch_tokens += n_tokens
+            log_tokens += n_tokens
+            result.tokens += n_tokens
+            bar.update(1)
+            step = st["global_step"]
+            if step % t.log_interval == 0:
+                loss = self._global_mean(log_loss, log_tokens)
+                tps = log_tokens / (time.perf_counter() - log_t0)
+                self.metrics.write(step=step, epoch=epoch + 1, loss=loss, lr=lr_at(step - 1, self.cfg, self.total_steps),
+                                   grad_norm=grad_norm, tokens_per_s=tps * info.world,
+                                   memory_mb=peak_memory_mb(self.device), skipped=self.skipped_total)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps * info.world:,.0f}")
+                log_loss.zero_()
+                log_tokens, log_t0 = 0, time.perf_counter()
+            if t.eval_interval and step % t.eval_interval == 0 and self.val_data is not None:
+                self.metrics.write(step=step, epoch=epoch + 1, val_loss=self._evaluate())
+            if t.save_every and step % t.save_every == 0:
+                self._save(self.dir / f"step_{step}.pt", loss=self._global_mean(epoch_loss, epoch_tokens))
+                if info.is_main:
+                    ckpt_io.prune_step_checkpoints(self.dir, t.keep_last)
+            if self._stop_signal is not None or self._done(result):
+                result.stopped_early = self._stop_signal is not None
+                if result.stopped_early:
+                    path = self._save(self.dir / f"step_{step}.pt", loss=self._global_mean(epoch_loss, epoch_tokens))
+                    log.warning("stopped by signal %d; saved %s (resume with --resume auto)", self._stop_signal, path)
+                bar.close()
+                return
+        bar.close()
+        result.skipped_steps = self.skipped_total
+        train_loss = self._global_mean(epoch_loss, epoch_tokens) if epoch_tokens else float("nan")
+        val_loss = self._evaluate() if self.val_data is not None else float("nan")
+        st["train_losses"].append(train_loss)
+        st["val_losses"].append(val_loss)
+        st["epoch"], st["cursor"] = epoch + 1, 0
+        path = self._save(self.dir / f"epoch_{epoch + 1}.pt", loss=train_loss, val_loss=val_loss)
+        result.checkpoints.append(str(path))
+        if math.isfinite(val_loss) and val_loss < st["best_val_loss"]:
+            st["best_val_loss"] = val_loss
+            self._save(self.dir / "best_model.pt", loss=train_loss, val_loss=val_loss)
+        self.metrics.write(step=st["global_step"], epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss)
+        if info.is_main:
+            log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", epoch + 1, t.epochs,
+                     train_loss, val_loss, path)
+
+    def _accumulate(self, window: list) -> tuple[torch.Tensor, int]:
+        """Forward and backward over one accumulation window. The loss is summed per token and
+        divided by the real tokens of the whole window on all ranks, so the gradient equals that of
+        one big batch. No host synchronisation happens here."""
+        local = sum(b.n_targets for b in window)
+        n_tokens = int(D.all_reduce_sum([float(local)], self.info, self.device)[0]) if self.info.enabled else local
+        scale = self.info.world / max(n_tokens, 1)  # DDP averages gradients over ranks
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(window):
+            batch = batch.to(self.device)
+            with D.no_sync(self.model, skip=i < len(window) - 1), self.precision.autocast():
+                loss_sum = causal_lm_loss(self.model(batch.input_ids), batch.labels)
+            self.scaler.scale(loss_sum * scale).backward()
+            total += loss_sum.detach().double()
+        return total, local
+
+    def _optimizer_step(self) -> float:
+        """Unscale, clip, step (or skip a non-finite step), update the schedule. Returns the grad norm."""
+        t = self.cfg.train
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        norm_value = float(norm)  # one host sync per optimizer step
+        if math.isfinite(norm_value):
+            self.scaler.step(self.optimizer)
+            self._skipped_in_a_row = 0
+        else:
+            self.skipped_total += 1
+            self._skipped_in_a_row += 1
+            fp16_calibrating = self.precision.name == "fp16" and self.scaler.get_scale() >= 1.0
+            log.warning("non-finite gradient at step %d: skipped (%d in a row)", self.state["global_step"] + 1,
+                        self._skipped_in_a_row)
+            if self._skipped_in_a_row >= t.max_nonfinite_steps and not fp16_calibrating:
+                raise SabError(f"{self._skipped_in_a_row} optimizer steps in a row had non-finite gradients; "
+                               "stopping without saving them (lower train.learning_rate or use fp32/bf16)")
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        next_step = self.state["global_step"] + 1
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(next_step, self.cfg, self.total_steps)
+        self.raw.fragmergent.set_step(next_step)
+        return norm_value
+
+    def _global_mean(self, loss_sum: torch.Tensor, n_tokens: int) -> float:
+        s, n = D.all_reduce_sum([loss_sum.item(), float(n_tokens)], self.info, self.device)
+        return s / max(n, 1.0)
+
+    def _evaluate(self) -> float:
+        return evaluate(self.model, self.val_data, self.cfg.train.batch_size, self.tokenizer.pad_id,
+                        self.precision, self.info, self.cfg.train.eval_batches)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save(self, path: Path, loss: float, val_loss: float | None = None) -> Path:
+        st = self.state
+        ck = {
+            "format": ckpt_io.FORMAT,
+            "epoch": st["epoch"],
+            "model_state_dict": self.raw.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "loss": loss,
+            "val_loss": val_loss,
+            "global_step": st["global_step"],
+            "config": self.cfg.to_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "scheduler_state_dict": {"name": self.cfg.train.lr_schedule, "step": st["global_step"],
+                                     "total_steps": self.total_steps},
+            "rng_state": ckpt_io.capture_rng(),
+            "data_state": {"epoch": st["epoch"], "cursor": st["cursor"], "world_size": self.info.world},
+            "tokenizer": self.tokenizer.to_spec(),
+            "history": {"train_loss": list(st["train_losses"]), "val_loss": list(st["val_losses"])},
+            "best_val_loss": st["best_val_loss"] if val_loss is None else min(st["best_val_loss"], val_loss),
+            "torch_version": str(torch.__version__),
+        }
+        if self.info.is_main:
+            ckpt_io.atomic_save(ck, path)
+        D.barrier(self.info)
+        return path
+
+
+def _preset_note(preset: str, n: int) -> str:
+    if preset == "3b":
+        return f" (the name '3b' is historical: this preset has {n / 1e9:.2f}B parameters)"
+    return ""
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+class _Metrics:
+    """metrics.jsonl (and TensorBoard, optionally) in the run directory, rank 0 only."""
+
+    def __init__(self, directory: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path, self.enabled, self.tb = directory / "metrics.jsonl", enabled, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SabError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(directory / "tb"))
+
+    def write(self, **row: Any) -> None:
+        if not self.enabled:
+            return
+        row["time"] = time.time()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer._stop_signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.trainer._stop_signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
