@@ -1,0 +1,179 @@
+"""Plots of a run's ``metrics.jsonl``: loss and learning rate against optimizer steps.
+
+The trainer appends one JSON object per line to ``<checkpoint_dir>/metrics.jsonl``:
+
+* interval rows: ``step, epoch, loss, lr, grad_norm, tokens_per_s, memory_mb, skipped``;
+* evaluation rows (``train.eval_interval``): ``step, epoch, val_loss``;
+* epoch-end rows: ``step, epoch, train_loss, val_loss``.
+
+A resumed run appends to the same file and may repeat steps it had logged before it stopped;
+for every series the last row written for a step wins. A torn last line (a run killed while
+writing) is skipped with a warning.
+
+The figure is drawn with matplotlib's object API on an Agg canvas, so nothing here touches
+pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sab_byon_omni.errors import SabError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_PNG = "metrics.png"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Series:
+    """The curves found in a metrics file, each a (steps, values) pair sorted by step."""
+
+    loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    lr: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    val_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    epoch_train_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+
+    def names(self) -> list[str]:
+        """Names of the non-empty series."""
+        return [k for k in ("loss", "lr", "val_loss", "epoch_train_loss") if getattr(self, k)[0]]
+
+
+def metrics_path(run: str | Path) -> Path:
+    """``run`` itself if it is a file, else ``run/metrics.jsonl``."""
+    p = Path(run)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise SabError(f"run directory not found: {p}")
+    m = p / METRICS_FILE
+    if not m.is_file():
+        raise SabError(f"{p} has no {METRICS_FILE} (is it a checkpoint_dir written by sab-omni train?)")
+    return m
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file; lines that are not JSON objects are skipped with a warning."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise SabError(f"cannot read {path}: {e.strerror or e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: not a JSON line; skipped", path, n)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+        else:
+            log.warning("%s:%d: no step; skipped", path, n)
+    return rows
+
+
+def collect_series(rows: list[dict[str, Any]]) -> Series:
+    """Split rows into curves. A later row for the same step replaces an earlier one (resumed runs)."""
+    latest: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "val_loss": {}, "epoch_train_loss": {}}
+    for row in rows:
+        step = int(row["step"])
+        for key, name in (("loss", "loss"), ("lr", "lr"), ("val_loss", "val_loss"), ("train_loss", "epoch_train_loss")):
+            v = row.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                latest[name][step] = float(v)
+    out = Series()
+    for name, points in latest.items():
+        steps = sorted(points)
+        setattr(out, name, (steps, [points[s] for s in steps]))
+    return out
+
+
+def make_figure(series: Series, title: str = "") -> Any:
+    """A matplotlib Figure: loss (top, log scale when it spans a decade) and learning rate (bottom)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    if series.loss[0]:
+        ax_loss.plot(*series.loss, color="tab:blue", linewidth=1.2, label="train loss")
+    if series.epoch_train_loss[0]:  # one horizontal segment per epoch, over the steps it spans
+        ends, means = series.epoch_train_loss
+        starts = [0, *ends[:-1]]
+        ax_loss.hlines(means, starts, ends, colors="tab:blue", linestyles="dashed", linewidth=1.0, alpha=0.7,
+                       label="train loss (epoch mean)")
+    if series.val_loss[0]:
+        ax_loss.plot(*series.val_loss, "o-", color="tab:orange", markersize=5, linewidth=1.2, label="validation loss")
+    values = series.loss[1] + series.val_loss[1] + series.epoch_train_loss[1]
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss (nats / token)")
+    ax_loss.grid(True, alpha=0.3)
+    if ax_loss.lines or ax_loss.collections:
+        ax_loss.legend(loc="upper right")
+    if series.lr[0]:
+        ax_lr.plot(*series.lr, color="tab:green", linewidth=1.2, label="learning rate")
+        ax_lr.legend(loc="upper right")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Write a PNG of loss and learning rate vs step for a run directory (or a metrics.jsonl file).
+
+    ``out`` defaults to ``metrics.png`` next to the metrics file. An existing file at ``out`` is
+    replaced only if it is itself a PNG (a previous plot); anything else is left alone.
+    """
+    src = metrics_path(run)
+    series = collect_series(read_metrics(src))
+    if not series.loss[0] and not series.val_loss[0] and not series.epoch_train_loss[0]:
+        raise SabError(f"{src} has no loss rows yet (the first is written after train.log_interval steps)")
+    dest = Path(out) if out is not None else src.parent / DEFAULT_PNG
+    if dest.suffix.lower() != ".png":
+        raise SabError(f"--out {dest}: the plot is a PNG; give a file name ending in .png")
+    if dest.is_dir():
+        raise SabError(f"--out {dest} is a directory; give a file name ending in .png")
+    if dest.exists():
+        with dest.open("rb") as f:
+            if f.read(8) != _PNG_MAGIC:
+                raise SabError(f"--out {dest} exists and is not a PNG; refusing to overwrite it")
+    fig = make_figure(series, title if title is not None else str(src.parent.name or src.parent))
+    _atomic_savefig(fig, dest)
+    log.debug("wrote %s (%s)", dest, ", ".join(series.names()))
+    return dest
+
+
+def _atomic_savefig(fig: Any, dest: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend is ever selected
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        raise SabError(f"cannot write {dest}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, dest)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SabError(f"cannot write {dest}: {e.strerror or e}") from None
+        raise
