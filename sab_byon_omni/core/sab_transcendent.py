@@ -5,7 +5,9 @@ It holds things together and samples; training lives in :mod:`sab_byon_omni.trai
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 
-from sab_byon_omni.config import RunConfig, build_config, load_config, replace
+from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config, replace
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.model.generate import generate_tokens
@@ -23,13 +26,39 @@ from sab_byon_omni.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
+PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "sab_tokenizer.json"
 
-class SABTranscendentV2:
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SabError(f"{path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise SabError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["causal-lm", "sab-byon-omni"]):
     """A causal language model with its tokenizer and configuration.
 
     ``SABTranscendentV2()`` builds the Lightweight preset with the char96 tokenizer;
     ``SABTranscendentV2(preset="3b")`` the (really ~7.5B-parameter) "3b" preset;
     ``SABTranscendentV2(config=...)`` takes a :class:`RunConfig`, a mapping or a YAML path.
+
+    Sharing: :meth:`save_pretrained` writes a directory with ``model.safetensors`` (tied weights
+    stored once), ``config.json`` (the run config) and ``sab_tokenizer.json`` (the tokenizer spec);
+    :meth:`from_pretrained` rebuilds the object from such a directory or a Hugging Face Hub repo
+    without unpickling anything; ``push_to_hub("user/name")`` uploads it (needs ``hf auth login``).
+    These come from ``huggingface_hub.ModelHubMixin``. Its PyTorch flavour
+    (``PyTorchModelHubMixin``) does not fit: it expects the class to *be* the ``nn.Module`` (this
+    object holds a module *and* a tokenizer), rebuilds the object from flat JSON init arguments
+    (our config is nested dataclasses), loads weights non-strictly by default and may fall back to a
+    pickled ``pytorch_model.bin``. So the generic mixin is used with our own ``_save_pretrained`` /
+    ``_from_pretrained``: strict safetensors loading, typed config validation, a model card
+    written without Jinja.
     """
 
     def __init__(self, preset: str | None = None, config: RunConfig | dict | str | Path | None = None,
@@ -82,6 +111,108 @@ class SABTranscendentV2:
             raise SabError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
         if device is not None:
             self.model.to(device)
+        return self
+
+    # ------------------------------------------------------------------------ save and share
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:  # type: ignore[override]
+        """Write ``model.safetensors``, ``config.json``, ``sab_tokenizer.json`` and a README model card.
+
+        A directory holding a ``config.json`` that this method did not write is refused (nothing is
+        overwritten). ``push_to_hub=True, repo_id="user/name"`` also uploads it; see :meth:`push_to_hub`.
+        """
+        d = Path(save_directory)
+        if d.exists() and not d.is_dir():
+            raise SabError(f"{d} exists and is not a directory")
+        existing = d / CONFIG_FILE
+        if existing.is_file():
+            try:
+                ours = json.loads(existing.read_text(encoding="utf-8")).get("format") == PRETRAINED_FORMAT
+            except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+                ours = False
+            if not ours:
+                raise SabError(f"{existing} was not written by save_pretrained; refusing to overwrite it")
+        return super().save_pretrained(d, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        cfg = replace(self.config, resume="none").to_dict()  # a shared model carries no pointer into a local run
+        save_model(self.model, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (save_directory / CONFIG_FILE).write_text(json.dumps({"format": PRETRAINED_FORMAT, **cfg}, indent=2),
+                                                  encoding="utf-8")
+        (save_directory / TOKENIZER_FILE).write_text(json.dumps(self.tokenizer.to_spec()), encoding="utf-8")
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        m = self.config.model
+        return ModelCard(
+            "---\nlibrary_name: sab-byon-omni\ntags:\n- causal-lm\n- sab-byon-omni\n---\n\n"
+            f"# sab-byon-omni {m.preset} model\n\n"
+            f"A causal decoder ({self.num_parameters():,} parameters: hidden {m.hidden}, {m.n_layers} layers, "
+            f"{m.n_heads} heads, FFN {m.ffn}, vocabulary {m.vocab_size}, tokenizer {self.tokenizer.name}).\n\n"
+            "```python\nfrom sab_byon_omni.core.sab_transcendent import SABTranscendentV2\n\n"
+            "sab = SABTranscendentV2.from_pretrained(\"<this repo or directory>\")\n"
+            "print(sab.generate(\"Consciousness is\", max_new_tokens=80))\n```\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *,  # type: ignore[override]
+                        device: str | torch.device | None = None, **kwargs: Any) -> "SABTranscendentV2":
+        """Load from a directory written by :meth:`save_pretrained` or a Hub repo id (``"user/name"``).
+
+        Only JSON and safetensors are read: no pickle. Weights must match the config exactly.
+        ``device`` moves the model there; it is returned in eval mode.
+        """
+        where = str(pretrained_model_name_or_path)
+        p = Path(where).expanduser()
+        if p.is_dir():
+            where = str(p)
+            if (p / CONFIG_FILE).is_file():
+                _read_json(p / CONFIG_FILE)  # the mixin parses it first; fail here with a SabError
+        elif p.exists() or where.startswith(("/", ".", "~")) or where.count("/") != 1:
+            raise SabError(f"pretrained model directory not found: {where}")
+        try:
+            return super().from_pretrained(where, device=device, **kwargs)  # type: ignore[return-value]
+        except SabError:
+            raise
+        except Exception as e:  # the hub client's errors (offline, unknown repo, auth) for a repo id
+            if p.is_dir():
+                raise
+            raise SabError(f"{where}: cannot load from the Hub: {str(e).splitlines()[0][:200]}") from None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
+                         force_download: bool = False, local_files_only: bool = False, token: Any = None,
+                         device: str | torch.device | None = None, **_: Any) -> "SABTranscendentV2":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        def fetch(name: str) -> Path:
+            if os.path.isdir(model_id):
+                path = Path(model_id) / name
+                if not path.is_file():
+                    raise SabError(f"{model_id}: no {name} (not a directory written by save_pretrained)")
+                return path
+            from huggingface_hub import hf_hub_download
+
+            try:
+                return Path(hf_hub_download(repo_id=model_id, filename=name, revision=revision, cache_dir=cache_dir,
+                                            force_download=force_download, local_files_only=local_files_only,
+                                            token=token))
+            except Exception as e:  # network, auth, missing file: the hub client raises many types
+                raise SabError(f"{model_id}: cannot get {name} from the Hub: {str(e).splitlines()[0][:160]}") from None
+
+        raw = _read_json(fetch(CONFIG_FILE))
+        if not isinstance(raw, dict) or raw.get("format") != PRETRAINED_FORMAT:
+            raise SabError(f"{model_id}: {CONFIG_FILE} is not a sab-byon-omni config (format {PRETRAINED_FORMAT})")
+        cfg = build_config({k: v for k, v in raw.items() if k in SECTIONS}, source=f"{model_id}/{CONFIG_FILE}")
+        self = cls(config=cfg, tokenizer=from_spec(_read_json(fetch(TOKENIZER_FILE))))
+        weights = fetch(WEIGHTS_FILE)
+        try:
+            load_model(self.model, str(weights), strict=True)
+        except (RuntimeError, SafetensorError, OSError) as e:
+            raise SabError(f"{weights}: weights do not fit the model in its config: {str(e).splitlines()[0][:200]}") from None
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
         return self
 
     @property
