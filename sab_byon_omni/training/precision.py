@@ -52,8 +52,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise SabError("train.precision=bf16 but this GPU does not support bf16; use fp16")
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # native bf16 only: a T4 (sm_75) "supports" it by slow emulation
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
