@@ -75,13 +75,42 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         _fsync_dir(path.parent)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        os_err = _os_error_in(e)
+        if os_err is not None:
+            why = "disk full" if os_err.errno == errno.ENOSPC else (os_err.strerror or str(os_err))
             raise SabError(f"could not save {path}: {why}; earlier checkpoints are intact") from None
-        if isinstance(e, RuntimeError) and "write" in str(e).lower():  # torch's zip writer wraps OSErrors
-            raise SabError(f"could not save {path}: {e}; earlier checkpoints are intact") from None
+        # torch's zip writer can replace the OSError of a full disk by its own RuntimeError
+        # ("[enforce fail at inline_container.cc] unexpected pos ...")
+        if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("write", "inline_container", "unexpected pos")):
+            first = str(e).strip().splitlines()[0][:160]
+            raise SabError(f"could not save {path} (disk full?): {first}; earlier checkpoints are intact") from None
         raise
     return path
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The first OSError in an exception's cause/context chain (torch wraps write failures)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete temporary files an interrupted :func:`atomic_save` left behind (a SIGKILL between
+    write and ``os.replace``). Only names of the form ``.<name>.pt.<random>.tmp`` are touched."""
+    removed = []
+    d = Path(directory)
+    if d.is_dir():
+        for p in d.glob(".*.pt.*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:
@@ -141,8 +170,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def prune_step_checkpoints(directory: str | Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` ``step_*.pt`` files; epoch files and best_model.pt stay."""
+    """Keep the newest ``keep_last`` ``step_*.pt`` files (never fewer than one: the newest is the
+    resume point); epoch files and best_model.pt stay."""
     steps = sorted((p for p in Path(directory).glob("step_*.pt") if _STEP_RE.match(p.name)),
                    key=lambda p: int(_STEP_RE.match(p.name).group(1)))
-    for p in steps[:max(len(steps) - keep_last, 0)]:
+    for p in steps[:max(len(steps) - max(keep_last, 1), 0)]:
         p.unlink(missing_ok=True)

@@ -31,6 +31,8 @@ from sab_byon_omni.training.precision import Precision, make_precision, resolve_
 
 log = logging.getLogger(__name__)
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross-entropy of position t's logits against label t+1 (the guide's shift), ignoring padding.
@@ -194,18 +196,28 @@ class Trainer:
         if "tokenizer" in ck and not spec_equal(ck["tokenizer"], self.tokenizer.to_spec()):
             raise SabError(f"{path}: its tokenizer ({ck['tokenizer'].get('name')}) differs from this run's "
                            f"({self.tokenizer.name})")
-        self.raw.load_state_dict(ck["model_state_dict"])
-        if "optimizer_state_dict" in ck:
-            self.optimizer.load_state_dict(ck["optimizer_state_dict"])
-        if ck.get("scaler_state_dict"):
-            self.scaler.load_state_dict(ck["scaler_state_dict"])
-        if "rng_state" in ck:
-            ckpt_io.restore_rng(ck["rng_state"])
-        data = ck.get("data_state", {"epoch": ck["epoch"], "cursor": 0})
-        hist = ck.get("history", {})
-        self.state.update(epoch=data["epoch"], cursor=data["cursor"], global_step=ck["global_step"],
-                          best_val_loss=ck.get("best_val_loss", math.inf),
-                          train_losses=list(hist.get("train_loss", [])), val_losses=list(hist.get("val_loss", [])))
+        try:
+            self.raw.load_state_dict(ck["model_state_dict"])
+            if "optimizer_state_dict" in ck:
+                self.optimizer.load_state_dict(ck["optimizer_state_dict"])
+            if ck.get("scaler_state_dict"):
+                self.scaler.load_state_dict(ck["scaler_state_dict"])
+            if "rng_state" in ck:
+                ckpt_io.restore_rng(ck["rng_state"])
+            data = ck.get("data_state", {"epoch": ck["epoch"], "cursor": 0})
+            hist = ck.get("history", {})
+            own = self.info.is_main  # the epoch sums are global: one rank carries them
+            self.state.update(epoch=int(data["epoch"]), cursor=int(data["cursor"]), global_step=int(ck["global_step"]),
+                              best_val_loss=ck.get("best_val_loss", math.inf),
+                              epoch_loss_sum=float(data.get("epoch_loss_sum", 0.0)) if own else 0.0,
+                              epoch_tokens=int(data.get("epoch_tokens", 0)) if own else 0,
+                              train_losses=list(hist.get("train_loss", [])), val_losses=list(hist.get("val_loss", [])))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise SabError(f"{path}: cannot resume from it ({type(e).__name__}: {first})") from None
+        if self.info.is_main:
+            ckpt_io.remove_stale_temps(self.dir)
+            _trim_metrics(self.dir / "metrics.jsonl", self.state["global_step"])
         if self.info.is_main:
             log.info("resumed from %s: epoch %d, step %d, sample %d of the epoch", path, data["epoch"] + 1,
                      ck["global_step"], data["cursor"])
@@ -219,14 +231,27 @@ class Trainer:
         self.metrics = _Metrics(self.dir, self.info.is_main, t.tensorboard)
         start = time.perf_counter()
         with _StopOnSignal(self):
-            while st["epoch"] < t.epochs and not self._done(result):
-                self._run_epoch(result)
+            try:
+                while st["epoch"] < t.epochs and not self._done(result):
+                    self._run_epoch(result)
+            except _OOM:
+                raise SabError(self._oom_message()) from None
         result.seconds = time.perf_counter() - start
         result.global_step = st["global_step"]
         best = self.dir / "best_model.pt"
         result.best_checkpoint = str(best) if best.exists() else None
         self.metrics.close()
         return result
+
+    def _oom_message(self) -> str:
+        t = self.cfg.train
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller, more = max(t.batch_size // 2, 1), t.gradient_accumulation_steps * (2 if t.batch_size > 1 else 1)
+        return (f"out of memory on {self.device} at step {self.state['global_step'] + 1} with train.batch_size="
+                f"{t.batch_size}: use a smaller batch with more accumulation, e.g. --batch_size {smaller} "
+                f"--gradient_accumulation_steps {more} (same effective batch), or --activation_checkpointing true "
+                "or a shorter --seq_len; --resume auto continues from the last checkpoint")
 
     def _done(self, result: TrainResult) -> bool:
         return result.stopped_early or bool(self.cfg.train.max_steps and self.state["global_step"] >= self.cfg.train.max_steps)
@@ -239,24 +264,28 @@ class Trainer:
                                   world=info.world, rank=info.rank)
         done_steps = round(st["cursor"] / (t.batch_size * info.world * t.gradient_accumulation_steps))
         bar = _progress(self.steps_per_epoch, done_steps, f"epoch {epoch + 1}/{t.epochs}", info.is_main and t.progress)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # the epoch's loss so far (global sums; restored on resume so the epoch mean is exact)
+        epoch_loss = torch.tensor(st.get("epoch_loss_sum", 0.0), dtype=torch.float64, device=self.device)
+        epoch_tokens = int(st.get("epoch_tokens", 0))
         log_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        epoch_tokens = log_tokens = 0
+        log_tokens = 0
         log_t0 = time.perf_counter()
         self.model.train()
         while window := list(itertools.islice(batches, t.gradient_accumulation_steps)):
-            loss_sum, n_tokens = self._accumulate(window)
-            grad_norm = self._optimizer_step()
+            loss_sum, n_tokens, grad_norm = self.train_step(window)
             st["global_step"] += 1
             st["cursor"] = window[-1].cursor
-            epoch_loss += loss_sum
-            log_loss += loss_sum
-            epoch_tokens += n_tokens
-            log_tokens += n_tokens
+            if math.isfinite(grad_norm):  # a skipped (non-finite) step stays out of the loss means
+                epoch_loss += loss_sum
+                log_loss += loss_sum
+                epoch_tokens += n_tokens
+                log_tokens += n_tokens
             result.tokens += n_tokens
             bar.update(1)
+            done_steps += 1
             step = st["global_step"]
-            if step % t.log_interval == 0:
+            last = done_steps >= self.steps_per_epoch or self._stop_signal is not None or self._done(result)
+            if step % t.log_interval == 0 or (last and log_tokens):
                 loss = self._global_mean(log_loss, log_tokens)
                 tps = log_tokens / (time.perf_counter() - log_t0)
                 self.metrics.write(step=step, epoch=epoch + 1, loss=loss, lr=lr_at(step - 1, self.cfg, self.total_steps),
@@ -267,14 +296,22 @@ class Trainer:
                 log_tokens, log_t0 = 0, time.perf_counter()
             if t.eval_interval and step % t.eval_interval == 0 and self.val_data is not None:
                 self.metrics.write(step=step, epoch=epoch + 1, val_loss=self._evaluate())
-            if t.save_every and step % t.save_every == 0:
+            saved = bool(t.save_every and step % t.save_every == 0)
+            if saved:
+                self._keep_epoch_sums(epoch_loss, epoch_tokens)
                 self._save(self.dir / f"step_{step}.pt", loss=self._global_mean(epoch_loss, epoch_tokens))
                 if info.is_main:
                     ckpt_io.prune_step_checkpoints(self.dir, t.keep_last)
             if self._stop_signal is not None or self._done(result):
                 result.stopped_early = self._stop_signal is not None
+                path = self.dir / f"step_{step}.pt"
+                if not saved:  # a signal or train.max_steps: keep the work done so far
+                    self._keep_epoch_sums(epoch_loss, epoch_tokens)
+                    self._save(path, loss=self._global_mean(epoch_loss, epoch_tokens))
+                    if info.is_main:
+                        ckpt_io.prune_step_checkpoints(self.dir, t.keep_last)
+                result.checkpoints.append(str(path))
                 if result.stopped_early:
-                    path = self._save(self.dir / f"step_{step}.pt", loss=self._global_mean(epoch_loss, epoch_tokens))
                     log.warning("stopped by signal %d; saved %s (resume with --resume auto)", self._stop_signal, path)
                 bar.close()
                 return
@@ -285,6 +322,7 @@ class Trainer:
         st["train_losses"].append(train_loss)
         st["val_losses"].append(val_loss)
         st["epoch"], st["cursor"] = epoch + 1, 0
+        st["epoch_loss_sum"], st["epoch_tokens"] = 0.0, 0
         path = self._save(self.dir / f"epoch_{epoch + 1}.pt", loss=train_loss, val_loss=val_loss)
         result.checkpoints.append(str(path))
         if math.isfinite(val_loss) and val_loss < st["best_val_loss"]:
@@ -294,6 +332,12 @@ class Trainer:
         if info.is_main:
             log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", epoch + 1, t.epochs,
                      train_loss, val_loss, path)
+
+    def train_step(self, window: list) -> tuple[torch.Tensor, int, float]:
+        """One optimizer step over an accumulation window: (loss sum as a tensor, this rank's target
+        tokens, gradient norm). ``sab-omni bench`` times exactly this."""
+        loss_sum, n_tokens = self._accumulate(window)
+        return loss_sum, n_tokens, self._optimizer_step()
 
     def _accumulate(self, window: list) -> tuple[torch.Tensor, int]:
         """Forward and backward over one accumulation window. The loss is summed per token and
@@ -337,6 +381,11 @@ class Trainer:
         self.raw.fragmergent.set_step(next_step)
         return norm_value
 
+    def _keep_epoch_sums(self, loss_sum: torch.Tensor, n_tokens: int) -> None:
+        """Store the epoch's global loss sum and token count so far, for the next checkpoint."""
+        s, n = D.all_reduce_sum([loss_sum.item(), float(n_tokens)], self.info, self.device)
+        self.state["epoch_loss_sum"], self.state["epoch_tokens"] = (s, int(n)) if self.info.is_main else (0.0, 0)
+
     def _global_mean(self, loss_sum: torch.Tensor, n_tokens: int) -> float:
         s, n = D.all_reduce_sum([loss_sum.item(), float(n_tokens)], self.info, self.device)
         return s / max(n, 1.0)
@@ -348,6 +397,10 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, path: Path, loss: float, val_loss: float | None = None) -> Path:
         st = self.state
+        params = [p.detach() for p in self.raw.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise SabError(f"the weights are non-finite at step {st['global_step']}: not saving {path} "
+                           "(earlier checkpoints are intact); lower train.learning_rate or use fp32")
         ck = {
             "format": ckpt_io.FORMAT,
             "epoch": st["epoch"],
@@ -361,7 +414,9 @@ class Trainer:
             "scheduler_state_dict": {"name": self.cfg.train.lr_schedule, "step": st["global_step"],
                                      "total_steps": self.total_steps},
             "rng_state": ckpt_io.capture_rng(),
-            "data_state": {"epoch": st["epoch"], "cursor": st["cursor"], "world_size": self.info.world},
+            "data_state": {"epoch": st["epoch"], "cursor": st["cursor"], "world_size": self.info.world,
+                           "epoch_loss_sum": float(st.get("epoch_loss_sum", 0.0)),
+                           "epoch_tokens": int(st.get("epoch_tokens", 0))},
             "tokenizer": self.tokenizer.to_spec(),
             "history": {"train_loss": list(st["train_losses"]), "val_loss": list(st["val_losses"])},
             "best_val_loss": st["best_val_loss"] if val_loss is None else min(st["best_val_loss"], val_loss),
@@ -383,6 +438,29 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows written after the checkpoint (steps a crash threw away, and
+    a line cut short by it), so metrics.jsonl reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("metrics.jsonl: dropped %d row(s) after step %d (work lost with the interruption)", dropped, step)
 
 
 class _Metrics:

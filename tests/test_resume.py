@@ -1,0 +1,187 @@
+"""Exact resume with real processes: SIGKILL mid-epoch (and mid-save), SIGTERM/SIGINT, then
+``--resume auto`` must end bitwise identical to an uninterrupted run, with the same LR trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sab_byon_omni.training.checkpoint import load_checkpoint
+
+# The child runs the real CLI. Environment knobs let a test kill it at an exact point with a real
+# SIGKILL (no handler, no cleanup can run), or send itself SIGTERM/SIGINT after a chosen step.
+CHILD = textwrap.dedent('''
+    import os, signal, sys
+    from sab_byon_omni.training import trainer as T
+
+    kill_at = int(os.environ.get("SAB_KILL_AT_STEP", "0"))
+    signal_at, _, signame = os.environ.get("SAB_SIGNAL_AT_STEP", "0:TERM").partition(":")
+    kill_replace = os.environ.get("SAB_KILL_IN_REPLACE", "")
+    original_step = T.Trainer._optimizer_step
+
+    def step(self):
+        norm = original_step(self)
+        if kill_at and self.state["global_step"] + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if int(signal_at) and self.state["global_step"] + 1 == int(signal_at):
+            os.kill(os.getpid(), getattr(signal, "SIG" + signame))  # as if sent by SLURM or Ctrl-C
+        return norm
+
+    T.Trainer._optimizer_step = step
+    if kill_replace:
+        real_replace = os.replace
+        def replace(src, dst):
+            if os.path.basename(str(dst)) == kill_replace:  # die after the temp file is written
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst)
+        os.replace = replace
+
+    from sab_byon_omni.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+# 108 training samples, 4 per micro-batch, 2 micro-batches per step: 14 steps per epoch, 28 in all.
+# Cosine schedule with warmup (a non-trivial LR trace) and dropout (so the RNG state matters).
+ARGS = ["-q", "train", "--preset", "tiny", "--epochs", "2", "--num_samples", "120", "--seq_len", "48",
+        "--batch_size", "4", "--gradient_accumulation_steps", "2", "--precision", "fp32", "--device", "cpu",
+        "--deterministic", "true", "--lr_schedule", "cosine", "--warmup_steps", "4", "--learning_rate", "3e-3",
+        "--dropout", "0.1", "--save_every", "4", "--keep_last", "2", "--log_interval", "1",
+        "--eval_interval", "5", "--eval_batches", "2", "--progress", "false", "--checkpoint_dir", "ck",
+        "--resume", "auto"]
+STEPS = 28
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAB_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONHASHSEED="0", **extra)
+    return env
+
+
+def _start(workdir: Path, extra_args: list[str] = (), **env: str) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = workdir / "child.py"
+    script.write_text(CHILD)
+    return subprocess.Popen([sys.executable, str(script), *ARGS, *extra_args], cwd=workdir, env=_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _run(workdir: Path, extra_args: list[str] = (), **env: str) -> tuple[int, str, str]:
+    return _finish(_start(workdir, extra_args, **env))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ck" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rows(run: Path) -> list[tuple]:
+    return [(r["step"], r["epoch"], r["lr"], r["loss"], r["grad_norm"]) for r in _metrics(run) if "lr" in r]
+
+
+def _eval_rows(run: Path) -> list[tuple]:
+    return [(r["step"], r.get("val_loss"), r.get("train_loss")) for r in _metrics(run) if "val_loss" in r]
+
+
+def _assert_same_state(a, b, where: str = "") -> None:
+    """Recursive equality; tensors must be bitwise equal (same dtype, same values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _assert_identical_runs(ref: Path, run: Path) -> None:
+    a, b = load_checkpoint(ref / "ck" / "epoch_2.pt"), load_checkpoint(run / "ck" / "epoch_2.pt")
+    assert a["global_step"] == b["global_step"] == STEPS
+    _assert_same_state(a["model_state_dict"], b["model_state_dict"])  # bitwise: torch.equal
+    _assert_same_state(a["optimizer_state_dict"], b["optimizer_state_dict"])
+    assert a["history"] == b["history"]  # per-epoch train/validation losses, exactly
+    assert _train_rows(run) == _train_rows(ref)  # the LR trace, losses and grad norms of every step
+    assert _eval_rows(run) == _eval_rows(ref)
+    assert not list((run / "ck").glob(".*.tmp")), "temporary files left behind"
+
+
+def _ckpt_dir_files(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "ck").iterdir())
+
+
+def test_killed_and_stopped_five_times_then_resumed_is_bitwise_identical(tmp_path):
+    """One run, five lives: SIGKILL mid-epoch, SIGKILL in the middle of a save, SIGTERM, SIGINT,
+    then the end. It must match an uninterrupted run bit for bit: weights, AdamW state, per-epoch
+    losses, and the learning rate, loss and grad norm of every step in metrics.jsonl."""
+    ref = tmp_path / "reference"
+    reference = _start(ref)  # runs alongside the interrupted lives
+    run = tmp_path / "run"
+    ck = run / "ck"
+
+    # 1: SIGKILL after step 6 of epoch 1; step_4.pt is the last save, steps 5-6 are lost.
+    rc, _, err = _run(run, SAB_KILL_AT_STEP="6")
+    assert rc == -signal.SIGKILL, err
+    assert _ckpt_dir_files(run) == ["metrics.jsonl", "step_4.pt"]
+
+    # 2: resumes at step 4; SIGKILL between writing step_12.pt's temporary file and renaming it.
+    rc, _, err = _run(run, SAB_KILL_IN_REPLACE="step_12.pt")
+    assert rc == -signal.SIGKILL, err
+    assert not (ck / "step_12.pt").exists() and list(ck.glob(".step_12.pt.*.tmp"))
+    assert load_checkpoint(ck / "step_8.pt")["global_step"] == 8  # the previous checkpoint is intact
+    assert max(r["step"] for r in _metrics(run)) == 12  # rows 9-12 are lost work, trimmed on resume
+
+    # 3: resumes at step 8 (removing the stale temporary file); SIGTERM after step 17 (epoch 2).
+    rc, out, err = _run(run, SAB_SIGNAL_AT_STEP="17:TERM")
+    assert rc == 0 and "stopped at step 17" in out, err
+    assert "Traceback" not in err and not list(ck.glob(".*.tmp"))
+    assert load_checkpoint(ck / "epoch_1.pt")["global_step"] == 14
+    assert load_checkpoint(ck / "step_17.pt")["data_state"]["epoch"] == 1
+
+    # 4: resumes at step 17; Ctrl-C (SIGINT) after step 22.
+    rc, out, err = _run(run, SAB_SIGNAL_AT_STEP="22:INT")
+    assert rc == 0 and "stopped at step 22" in out, err
+    assert sorted(p.name for p in ck.glob("step_*.pt")) == ["step_20.pt", "step_22.pt"]  # keep_last 2
+
+    # 5: resumes at step 22 and finishes.
+    rc, out, err = _run(run)
+    assert rc == 0, err
+    rc, _, err = _finish(reference)
+    assert rc == 0, err
+    lrs = [row[2] for row in _train_rows(ref)]
+    assert len(lrs) == STEPS and lrs[0] < lrs[3] and lrs[3] > lrs[-1] > 0  # warmup, then cosine decay
+    _assert_identical_runs(ref, run)
+    assert [r[0] for r in _train_rows(run)] == list(range(1, STEPS + 1))  # no duplicated or missing rows
+
+
+@pytest.mark.slow
+def test_sigkill_resume_with_torch_compile(tmp_path):
+    """The same with ``train.compile``: the checkpoint holds the plain module's keys, so a compiled
+    run resumes (compiled or not) and ends identical to an uninterrupted compiled run."""
+    ref = tmp_path / "ref"
+    proc_ref = _start(ref, ["--compile", "true"])
+    run = tmp_path / "run"
+    rc, _, err = _run(run, ["--compile", "true"], SAB_KILL_AT_STEP="10")
+    assert rc == -signal.SIGKILL, err
+    ck = load_checkpoint(run / "ck" / "step_8.pt")
+    assert not any(k.startswith("_orig_mod") for k in ck["model_state_dict"])
+    rc, _, err = _run(run, ["--compile", "true"])
+    assert rc == 0, err
+    rc, _, err = _finish(proc_ref, timeout=600)
+    assert rc == 0, err
+    _assert_identical_runs(ref, run)
