@@ -1,0 +1,113 @@
+import os
+
+import pytest
+import torch
+
+from sab_byon_omni.config import build_config
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.training.checkpoint import atomic_save, load_checkpoint, prune_step_checkpoints
+from sab_byon_omni.training.train_3b import train_3b_rapid
+
+GUIDE_KEYS = {"epoch", "model_state_dict", "optimizer_state_dict", "loss", "global_step", "config"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    sab = SABTranscendentV2(preset="tiny")
+    result = train_3b_rapid(sab, epochs=2, batch_size=8, grad_accum=2, seq_len=128, num_samples=120,
+                            learning_rate=3e-3, checkpoint_dir=str(d / "checkpoints"), progress=False)
+    return sab, result, d
+
+
+def test_epoch_checkpoints_have_the_guide_keys_and_plain_primitives(trained):
+    sab, result, d = trained
+    for path in result.checkpoints:
+        ck = torch.load(path)  # torch 2.13 default: weights_only=True
+        assert GUIDE_KEYS <= ck.keys()
+        assert {"scaler_state_dict", "scheduler_state_dict", "rng_state", "data_state", "tokenizer"} <= ck.keys()
+        assert isinstance(ck["config"], dict) and ck["config"]["train"]["learning_rate"] == 3e-3
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model_state_dict"])
+    assert [torch.load(p)["epoch"] for p in result.checkpoints] == [1, 2]
+
+
+def test_the_guides_loading_snippet_works_verbatim(trained):
+    sab, result, d = trained
+    model = SABTranscendentV2(preset="tiny").model
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.dim() >= 2]},
+         {"params": [p for p in model.parameters() if p.dim() < 2]}], lr=1e-3)
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        checkpoint = torch.load('checkpoints/best_model.pt')
+        model.load_state_dict(checkpoint['model_state_dict'])
+        optimizer.load_state_dict(checkpoint['optimizer_state_dict'])
+    finally:
+        os.chdir(cwd)
+    ids = torch.tensor([sab.tokenizer.encode("Consciousness is")])
+    sab.model.to("cpu").eval()
+    torch.testing.assert_close(model.eval()(ids), sab.model(ids))
+
+
+def test_best_model_follows_the_validation_loss(trained):
+    sab, result, d = trained
+    best = torch.load(d / "checkpoints" / "best_model.pt")
+    assert best["val_loss"] == min(result.val_losses)
+
+
+def test_from_checkpoint_rebuilds_model_and_tokenizer(trained):
+    sab, result, d = trained
+    again = SABTranscendentV2.from_checkpoint(result.checkpoints[-1])
+    ids = torch.tensor([sab.tokenizer.encode("[CODE] def")])
+    torch.testing.assert_close(again.model.eval()(ids), sab.model.cpu().eval()(ids))
+    assert again.config.model.preset == "tiny"
+
+
+def test_compiled_model_saves_plain_keys(tmp_path):
+    cfg = build_config({"model": {"preset": "tiny"}, "data": {"num_samples": 40, "seq_len": 64},
+                        "train": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 1,
+                                  "compile": True, "checkpoint_dir": str(tmp_path), "progress": False}})
+    from tests.test_trainer import make_trainer
+    trainer = make_trainer(cfg)
+    trainer._setup()
+    trainer._save(tmp_path / "c.pt", loss=0.0)
+    keys = torch.load(tmp_path / "c.pt")["model_state_dict"].keys()
+    assert "embed.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(SabError, match="disk full"):
+        atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
+
+
+def test_load_rejects_truncated_and_foreign_files(tmp_path):
+    good = tmp_path / "good.pt"
+    atomic_save({"epoch": 1, "model_state_dict": {}, "global_step": 0, "config": {}}, good)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(good.read_bytes()[:50])
+    with pytest.raises(SabError, match="trunc.pt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(SabError, match="not a sab-byon-omni checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(SabError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_prune_keeps_the_newest_step_checkpoints(tmp_path):
+    for s in (5, 10, 15, 20):
+        (tmp_path / f"step_{s}.pt").write_bytes(b"x")
+    (tmp_path / "epoch_1.pt").write_bytes(b"x")
+    prune_step_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "step_15.pt", "step_20.pt"]

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.model.transformer import CausalTransformer, apply_rope, rope_tables
+
+
+def test_logits_shape_and_dtype(tiny_cfg):
+    model = CausalTransformer(tiny_cfg)
+    ids = torch.randint(0, 96, (3, 17))
+    out = model(ids)
+    assert out.shape == (3, 17, 96)
+    assert out.dtype == torch.float32
+
+
+def test_causal_mask_future_tokens_do_not_change_the_past(tiny_cfg):
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg).eval()
+    ids = torch.randint(1, 96, (2, 32))
+    j = 20
+    changed = ids.clone()
+    changed[:, j] = (changed[:, j] + 7) % 95 + 1
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-6)
+    assert (a[:, j:] - b[:, j:]).abs().max() > 1e-4  # position j itself sees the change
+
+
+def naive_attention(q, k, v):
+    t = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def test_attention_matches_naive_masked_softmax(tiny_cfg):
+    torch.manual_seed(1)
+    model = CausalTransformer(tiny_cfg).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 12, tiny_cfg.hidden)
+    cos, sin = model.rope_cos[:12], model.rope_sin[:12]
+    b, t, c = x.shape
+    q, k, v = attn.qkv(x).view(b, t, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    expected = attn.proj(naive_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
+    torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_is_relative():
+    # <R(m)q, R(n)k> depends only on m - n.
+    cos, sin = rope_tables(8, 32)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def dot(m, n):
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+    torch.testing.assert_close(dot(5, 2), dot(20, 17), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dot(5, 2), dot(5, 4))
+
+
+def test_tied_embeddings_and_parameter_count(tiny_cfg):
+    model = CausalTransformer(tiny_cfg)
+    assert model.head.weight is model.embed.weight
+    h, f, l, v = tiny_cfg.hidden, tiny_cfg.ffn, tiny_cfg.n_layers, 96
+    per_block = 4 * h * h + 2 * h * f + 2 * h
+    assert model.num_parameters() == l * per_block + v * h + h
+
+
+def test_lightweight_and_3b_parameter_counts():
+    with torch.device("meta"):
+        light = CausalTransformer(ModelConfig.from_name("lightweight", vocab_size=96))
+        big = CausalTransformer(ModelConfig.from_name("3b", vocab_size=50_000))
+    assert light.num_parameters() == 42_551_040
+    # The "3b" preset is really ~7.45B parameters (FFN 16,384 x 36 layers).
+    assert 7.4e9 < big.num_parameters() < 7.5e9
+
+
+def test_sequence_longer_than_context_is_refused(tiny_cfg):
+    model = CausalTransformer(tiny_cfg)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, tiny_cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_padding_after_a_sequence_does_not_change_its_logits(tiny_cfg):
+    model = CausalTransformer(tiny_cfg).eval()
+    ids = torch.randint(1, 96, (1, 10))
+    padded = F.pad(ids, (0, 6), value=0)
+    torch.testing.assert_close(model(ids), model(padded)[:, :10], rtol=0, atol=1e-6)

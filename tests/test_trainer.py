@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sab_byon_omni.config import RunConfig, build_config
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.data.batching import collate
+from sab_byon_omni.data.factory import load_datasets
+from sab_byon_omni.training.trainer import Trainer, causal_lm_loss, lr_at
+
+
+def tiny_run(tmp_path, **train) -> RunConfig:
+    return build_config({
+        "model": {"preset": "tiny"},
+        "data": {"num_samples": 200, "seq_len": 128},
+        "train": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
+                  "checkpoint_dir": str(tmp_path / "ckpt"), "progress": False, "log_interval": 1, **train},
+    })
+
+
+def make_trainer(cfg: RunConfig) -> Trainer:
+    tok, train, val = load_datasets(cfg.data)
+    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
+    return Trainer(sab.model, tok, train, val, sab.config)
+
+
+def test_loss_is_the_guide_shift_and_ignores_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 1, 2]])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(causal_lm_loss(logits, labels), expected)
+
+
+def _grads(trainer, window):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate(window)
+    return [p.grad.clone() for p in trainer.raw.parameters()]
+
+
+def test_accumulating_16_micro_batches_of_4_equals_one_batch_of_64(tmp_path):
+    trainer = make_trainer(tiny_run(tmp_path))
+    trainer._setup()
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 96, size=int(rng.integers(5, 60))) for _ in range(64)]  # very uneven lengths
+    small = [collate(rows[i:i + 4], pad_id=0) for i in range(0, 64, 4)]
+    big = [collate(rows, pad_id=0)]
+    g_small, g_big = _grads(trainer, small), _grads(trainer, big)
+    for a, b in zip(g_small, g_big):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a per-micro-batch mean (the common mistake) would weight short batches' tokens more
+    assert max((a - b).abs().max() for a, b in zip(g_small, g_big)) < 1e-5
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step(tmp_path):
+    const = tiny_run(tmp_path)
+    assert [lr_at(s, const, 100) for s in (0, 50, 99)] == [3e-3] * 3
+    cos = tiny_run(tmp_path, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cos, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(3e-4) and lrs[9] == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(3e-4, rel=0.01)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_loss_falls_on_a_tiny_run(tmp_path):
+    trainer = make_trainer(tiny_run(tmp_path, epochs=3))
+    result = trainer.fit()
+    assert len(result.train_losses) == 3 and len(result.val_losses) == 3
+    assert result.val_losses[-1] < result.val_losses[0] < math.log(96)
+    assert result.train_losses[-1] < 0.8 * result.train_losses[0]
+    assert all(math.isfinite(x) for x in result.train_losses + result.val_losses)
+    assert [p.rsplit("/", 1)[-1] for p in result.checkpoints] == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    assert result.best_checkpoint.endswith("best_model.pt")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_train_on_cpu(tmp_path, precision):
+    trainer = make_trainer(tiny_run(tmp_path, precision=precision, max_steps=3))
+    result = trainer.fit()
+    assert trainer.precision.name == precision
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert result.global_step == 3
+    if precision == "bf16":  # fp16 may skip its first steps while the GradScaler calibrates
+        assert result.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in trainer.raw.parameters())
+
+
+def test_no_host_sync_inside_the_accumulation_window(tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_run(tmp_path, gradient_accumulation_steps=4, max_steps=2, log_interval=100))
+    state = {"inside": False, "syncs": 0, "windows": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            state["syncs"] += state["inside"]
+            return original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        counting(name)
+    accumulate = trainer._accumulate
+
+    def watched(window):
+        state["inside"], state["windows"] = True, state["windows"] + 1
+        try:
+            return accumulate(window)
+        finally:
+            state["inside"] = False
+
+    monkeypatch.setattr(trainer, "_accumulate", watched)
+    trainer.fit()
+    assert state["windows"] == 2 and state["syncs"] == 0
+
+
+def test_step_mode_modulation_follows_the_optimizer_step(tmp_path):
+    trainer = make_trainer(tiny_run(tmp_path, max_steps=5))
+    trainer.fit()
+    assert float(trainer.raw.fragmergent.step) == 5.0
