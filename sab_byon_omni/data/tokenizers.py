@@ -104,6 +104,7 @@ class BPETokenizer:
 
     def __init__(self, tok: Any) -> None:
         self._tok = tok
+        tok.encode_special_tokens = True  # "<EOS>" typed in a text is text, not the end token
         self.vocab_size = tok.get_vocab_size()
         if tok.token_to_id(PAD) != 0 or tok.token_to_id(EOS) != 1:
             raise SabError("BPE tokenizer must have <PAD> as id 0 and <EOS> as id 1")
