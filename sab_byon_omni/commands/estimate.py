@@ -1,0 +1,97 @@
+"""sab-omni estimate: parameters, memory per device, FLOPs per token and time per epoch, before you train.
+
+Memory is the peak per device of this project's training step (AdamW, fp32 master weights,
+autocast in bf16/fp16): weights, gradients, optimizer state, activations, logits and framework
+buffers (autocast weight copies, DDP buckets, FSDP all-gathered blocks). Time per epoch assumes a
+sustained fraction (MFU) of the device's peak; measure your own MFU with a short run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sab_byon_omni.config import PRESETS, ModelConfig
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import (PARALLEL, PRECISION_BYTES, epoch_tokens, estimate, fmt_bytes, fmt_count,
+                                    fmt_duration, gpu_table, largest_micro_batch, single_gpu_table)
+
+EXAMPLE = """examples:
+  sab-omni estimate --preset lightweight --seq-len 1024 --batch-size 4
+  sab-omni estimate --preset 3b --vocab-size 50000 --seq-len 2048 --batch-size 1 --gpus 8 --parallel fsdp --activation-checkpointing
+  sab-omni estimate --preset tiny --precision fp32 --device cpu --memory-gb 16
+  sab-omni estimate --table                          # the GPU-requirements tables of docs/DISTRIBUTED.md
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("estimate", help="parameters, memory per device, FLOPs and time per epoch",
+                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="lightweight", help=f"model preset: {', '.join(PRESETS)} (default: lightweight)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per device (default: 4)")
+    p.add_argument("--precision", default="bf16", choices=tuple(PRECISION_BYTES),
+                   help="compute precision; weights, gradients and AdamW state stay fp32 (default: bf16)")
+    p.add_argument("--gpus", type=int, default=1, help="devices (processes) in total (default: 1)")
+    p.add_argument("--parallel", default="ddp", choices=PARALLEL,
+                   help="ddp: every device holds the whole model; fsdp: weights, grads and optimizer sharded (default: ddp)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--vocab-size", type=int, default=96, help="vocabulary size (default: 96, the char96 tokenizer)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu adds foreach AdamW's temporary (CUDA uses the fused optimizer) (default: cuda)")
+    p.add_argument("--memory-gb", type=float, default=80.0, help="memory per device, for the fits/does-not-fit verdict (default: 80)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense TFLOP/s per device at this precision (default: 989, H100 SXM bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation you expect, in (0, 1] (default: 0.4)")
+    p.add_argument("--num-samples", type=int, default=5000, help="samples per epoch, 90%% of them trained on (default: 5000)")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens per epoch (default: from --num-samples x --seq-len)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.add_argument("--table", action="store_true", help="print the markdown GPU-requirements tables and exit")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.mfu <= 1:
+        raise SabError(f"--mfu={args.mfu} must be in (0, 1]")
+    for name in ("peak_tflops", "memory_gb"):
+        if not getattr(args, name) > 0:
+            raise SabError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    if args.vocab_size < 1 or args.num_samples < 1:
+        raise SabError("--vocab-size and --num-samples must be positive")
+    if args.table:
+        print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per GPU\n")
+        print(gpu_table(args.memory_gb, args.peak_tflops, args.mfu, precision=args.precision))
+        print(f"\nLargest micro-batch of {args.seq_len} tokens on one GPU (DDP-style, {args.precision}); no = does not fit\n")
+        print(single_gpu_table(seq_len=args.seq_len, precision=args.precision))
+        return 0
+    if args.preset not in PRESETS:
+        raise SabError(f"--preset={args.preset!r} is not one of: {', '.join(PRESETS)}")
+    cfg = ModelConfig.from_name(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, 2))
+    e = estimate(cfg, args.seq_len, args.batch_size, args.precision, args.gpus, args.parallel,
+                 args.activation_checkpointing, device=args.device)
+    tokens = args.tokens if args.tokens is not None else epoch_tokens(args.num_samples, args.seq_len)
+    seconds = e.seconds_per_tokens(tokens, args.peak_tflops, args.mfu) * e.hardware_flops_per_token / e.flops_per_token
+    budget = args.memory_gb * 1e9
+    if args.json:
+        print(json.dumps({**e.as_dict(), "epoch_tokens": tokens, "epoch_seconds": seconds,
+                          "fits": e.peak <= budget, "memory_bytes": budget}, indent=2))
+        return 0
+    print(f"preset {args.preset}: {e.parameters:,} parameters ({fmt_count(e.parameters)}), vocab {args.vocab_size}")
+    print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {args.gpus} device(s), "
+          f"{args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
+    print("memory per device:")
+    for name in ("weights", "gradients", "optimizer", "activations", "logits", "buffers"):
+        print(f"  {name:<12} {fmt_bytes(getattr(e, name)):>12}")
+    verdict = "fits" if e.peak <= budget else "does NOT fit"
+    print(f"  {'peak':<12} {fmt_bytes(e.peak):>12}   ({verdict} in {args.memory_gb:g} GB)")
+    if e.peak > budget:
+        mb = largest_micro_batch(cfg, args.seq_len, budget, args.batch_size, precision=args.precision, gpus=args.gpus,
+                                 parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
+                                 device=args.device)
+        hint = f"micro-batch {mb} fits" if mb else "even micro-batch 1 does not fit: try --parallel fsdp, more --gpus or --activation-checkpointing"
+        print(f"  hint: {hint}")
+    print(f"compute: {e.flops_per_token / 1e9:,.3f} GFLOP per token (6N + attention)"
+          + (f", {e.hardware_flops_per_token / 1e9:,.3f} with recomputation" if e.activation_checkpointing else ""))
+    print(f"epoch of {fmt_count(tokens)} tokens: {fmt_duration(seconds)} on {args.gpus} device(s) at "
+          f"{args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s")
+    return 0

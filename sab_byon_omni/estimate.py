@@ -1,0 +1,239 @@
+"""How many parameters a configuration has, how much memory each device needs to train it, and
+how long an epoch takes: an analytic model of *this* code base's training step.
+
+The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omni.training.trainer.Trainer`:
+
+* **weights**: fp32 master weights (all precisions keep them; autocast computes in bf16/fp16);
+* **gradients**: fp32, one per parameter (alive from the first micro-step's backward to the step);
+* **optimizer**: AdamW's two fp32 moments;
+* **activations**: the tensors autograd saves per block and token (enumerated in
+  :func:`block_activation_bytes`), or only each block's input with activation checkpointing plus
+  one block recomputed in backward;
+* **logits**: the output head's logits, their fp32 log-softmax and its gradient;
+* **buffers**: what the framework adds: autocast's low-precision weight copies, DDP's gradient
+  buckets, FSDP's all-gathered blocks, and the foreach AdamW temporary (CPU) at the step.
+
+With ``parallel="fsdp"`` over N devices, weights, gradients and optimizer state are divided by N
+(FSDP2 ``fully_shard`` per block and at the root) and the buffers hold two unsharded blocks plus
+the root's parameters. The peak is the larger of the forward/backward peak and the optimizer-step
+peak. ``tests/test_estimate.py`` checks the total against the measured peak RSS of real training
+runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.errors import SabError
+
+GiB = 2**30
+PARALLEL = ("ddp", "fsdp")
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def num_parameters(cfg: ModelConfig) -> int:
+    """Exactly ``CausalTransformer(cfg).num_parameters()`` (a tied head counts once)."""
+    if cfg.vocab_size is None:
+        raise SabError("model.vocab_size must be set to count parameters")
+    h, f, v = cfg.hidden, cfg.ffn, cfg.vocab_size
+    per_block = 4 * h * h + 2 * h * f + 2 * h  # qkv 3h^2, proj h^2, up/down h*f each, two norm weights
+    head = 0 if cfg.tie_embeddings else v * h
+    return v * h + cfg.n_layers * per_block + h + head
+
+
+def block_parameters(cfg: ModelConfig) -> int:
+    return 4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn + 2 * cfg.hidden
+
+
+def block_activation_bytes(cfg: ModelConfig, act_bytes: int) -> float:
+    """Bytes autograd saves per token in one block (no activation checkpointing).
+
+    The residual stream stays fp32 under autocast (it starts as the fp32 embedding); everything
+    else is in the compute dtype: the block input and the attention residual (fp32, saved by the
+    two LayerNorms), the two normalised inputs, qkv (3h, kept alive by v), rotated q and k (2h),
+    the attention output and its merged-head copy (2h), the MLP's up and GELU outputs (2 ffn),
+    and the attention's log-sum-exp (one fp32 per head; the fused kernels never store T x T).
+    """
+    h, f = cfg.hidden, cfg.ffn
+    return 2 * 4 * h + act_bytes * (2 * h + 3 * h + 2 * h + 2 * h + 2 * f) + 4 * cfg.n_heads
+
+
+@dataclass
+class Estimate:
+    """Per-device memory (bytes) and compute for one training configuration."""
+
+    preset: str
+    parameters: int
+    seq_len: int
+    micro_batch: int
+    precision: str
+    gpus: int
+    parallel: str
+    activation_checkpointing: bool
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    buffers: float
+    peak: float
+    flops_per_token: float  # model FLOPs (6N + attention), the MFU convention
+    hardware_flops_per_token: float  # plus the recomputed forward with activation checkpointing
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def seconds_per_tokens(self, tokens: float, peak_tflops: float, mfu: float) -> float:
+        """Wall time for ``tokens`` training tokens over all devices at ``mfu`` of ``peak_tflops`` each."""
+        return tokens * self.flops_per_token / (self.gpus * peak_tflops * 1e12 * mfu)
+
+
+def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
+             parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda") -> Estimate:
+    """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
+    ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
+    memory beyond the gradients)."""
+    if cfg.vocab_size is None:
+        raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
+    if precision not in PRECISION_BYTES:
+        raise SabError(f"precision={precision!r} is not one of: {', '.join(PRECISION_BYTES)}")
+    if parallel not in PARALLEL:
+        raise SabError(f"parallel={parallel!r} is not one of: {', '.join(PARALLEL)}")
+    for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("gpus", gpus)):
+        if not isinstance(value, int) or value < 1:
+            raise SabError(f"{name}={value!r} must be a positive integer")
+    ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    p = num_parameters(cfg)
+    h, v, L = cfg.hidden, cfg.vocab_size, cfg.n_layers
+    act = PRECISION_BYTES[precision]
+    mixed = precision != "fp32"
+    shard = gpus if parallel == "fsdp" else 1
+
+    weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
+
+    tokens = seq_len * micro_batch
+    per_block = block_activation_bytes(cfg, act)
+    if ac:  # each block keeps only its fp32 input; backward recomputes one block at a time
+        blocks = tokens * (L * 4 * h + per_block)
+    else:
+        blocks = tokens * L * per_block
+    # after the blocks: the final norm's fp32 input and its output in the compute dtype
+    activations = blocks + tokens * (4 * h + act * h)
+    # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
+    # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
+    logits = tokens * v * (12 + (act if mixed else 0))
+
+    matmul_params = p - L * 2 * h - h  # everything but the norm weights
+    buffers_fwd = 0.0
+    if parallel == "fsdp" and gpus > 1:
+        root = p - L * block_parameters(cfg)
+        # two blocks all-gathered at a time (prefetch), in the compute dtype, plus their gradients
+        # before the reduce-scatter (compute dtype, then an fp32 copy), and the root kept gathered
+        buffers_fwd = act * (root + 2 * block_parameters(cfg)) + 2 * block_parameters(cfg) * (act + 4)
+    elif mixed:
+        buffers_fwd = act * matmul_params  # autocast's cached low-precision weight copies
+    ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
+    opt_temp = 4.0 * p / shard if device == "cpu" else 0.0  # foreach AdamW's sqrt(v) temporary; fused on CUDA
+
+    persistent = weights + gradients + optimizer + ddp_buckets
+    peak = persistent + max(activations + logits + buffers_fwd, opt_temp)
+    buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - logits, 0.0)
+
+    attn = 12 * L * h * seq_len / 2  # causal: half of the T x T scores are computed
+    head_params = v * h  # the output matmul (tied or not); the embedding lookup costs nothing
+    dense = p - v * h * (1 if cfg.tie_embeddings else 2) + head_params
+    flops = 6 * dense + attn
+    hw = flops + (2 * dense + attn / 3 if ac else 0)
+    return Estimate(preset=cfg.preset, parameters=p, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
+                    gpus=gpus, parallel=parallel, activation_checkpointing=ac, weights=weights, gradients=gradients,
+                    optimizer=optimizer, activations=activations, logits=logits, buffers=buffers, peak=peak,
+                    flops_per_token=flops, hardware_flops_per_token=hw)
+
+
+def largest_micro_batch(cfg: ModelConfig, seq_len: int, budget: float, effective_batch: int, **kw) -> int:
+    """The largest micro-batch dividing ``effective_batch`` whose estimated peak fits ``budget``
+    bytes; 0 if not even one sequence fits."""
+    best = 0
+    for mb in range(1, effective_batch + 1):
+        if effective_batch % mb:
+            continue
+        if estimate(cfg, seq_len, mb, **kw).peak <= budget:
+            best = mb
+        else:
+            break  # memory grows with the micro-batch
+    return best
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= GiB:
+        return f"{n / GiB:,.1f} GiB"
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# ------------------------------------------------------------------------------ the GPU table
+def epoch_tokens(num_samples: int, seq_len: int, val_fraction: float = 0.1) -> int:
+    """Training tokens in one epoch if every sample filled ``seq_len`` (an upper bound)."""
+    return int(round(num_samples * (1 - val_fraction))) * seq_len
+
+
+def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 0.4,
+              tokens: float = 1e9, precision: str = "bf16") -> str:
+    """Markdown: Lightweight (vocab 96) and 3b (vocab 50,000) on 1, 8 and 64 GPUs, DDP and FSDP,
+    with and without activation checkpointing; micro-batch 4 x 1024 (Lightweight) / 1 x 2048 (3b)."""
+    budget = memory_gb * 1e9
+    rows = ["| model | params | GPUs | parallel | act. ckpt | micro-batch | weights+grads+optim | activations+logits "
+            "| peak / GPU | fits " f"{memory_gb:g} GB | time for {fmt_count(tokens)} tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    setups = (("lightweight", 96, 4, 1024), ("3b", 50000, 1, 2048))
+    for preset, vocab, mb, seq in setups:
+        cfg = ModelConfig.from_name(preset, vocab_size=vocab, max_seq_len=seq)
+        for gpus in (1, 8, 64):
+            for parallel in ("ddp", "fsdp"):
+                if gpus == 1 and parallel == "fsdp":
+                    continue
+                for ac in (False, True):
+                    e = estimate(cfg, seq, mb, precision, gpus, parallel, ac)
+                    fits = "yes" if e.peak <= budget else "no"
+                    t = e.seconds_per_tokens(tokens, peak_tflops, mfu) * e.hardware_flops_per_token / e.flops_per_token
+                    rows.append(f"| {preset} | {fmt_count(e.parameters)} | {gpus} | {parallel} | {'on' if ac else 'off'} "
+                                f"| {mb} x {seq} | {fmt_bytes(e.weights + e.gradients + e.optimizer)} "
+                                f"| {fmt_bytes(e.activations + e.logits)} | {fmt_bytes(e.peak)} | {fits} "
+                                f"| {fmt_duration(t) if fits == 'yes' else '-'} |")
+    return "\n".join(rows)
+
+
+def single_gpu_table(sizes_gb: tuple[float, ...] = (24.0, 80.0), seq_len: int = 1024, precision: str = "bf16") -> str:
+    """Markdown: for each preset, the largest micro-batch of ``seq_len`` tokens one GPU of each size
+    can train (with activation checkpointing off / on); 0 = does not fit."""
+    head = "| preset | params | " + " | ".join(f"{g:g} GB: act. ckpt off / on" for g in sizes_gb) + " |"
+    rows = [head, "|---|---|" + "---|" * len(sizes_gb)]
+    for preset, vocab in (("tiny", 96), ("small", 96), ("lightweight", 96), ("1b", 50000), ("3b", 50000)):
+        cfg = ModelConfig.from_name(preset, vocab_size=vocab, max_seq_len=max(seq_len, 256))
+        cells = []
+        for gb in sizes_gb:
+            mbs = [largest_micro_batch(cfg, seq_len, gb * 1e9, 64, precision=precision, activation_checkpointing=ac)
+                   for ac in (False, True)]
+            cells.append(" / ".join(f"{m}" if m else "no" for m in mbs))
+        rows.append(f"| {preset} | {fmt_count(num_parameters(cfg))} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
