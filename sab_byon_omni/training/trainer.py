@@ -185,11 +185,15 @@ class Trainer:
             log.info("model: preset %s, %s parameters%s; device %s, precision %s, %d process(es)",
                      self.cfg.model.preset, f"{n:,}", _preset_note(self.cfg.model.preset, n), self.device,
                      self.precision.name, self.info.world)
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SabError(f"cannot create train.checkpoint_dir {self.dir}: {e.strerror or e}") from None
 
     def _load(self, path: Path) -> None:
         ck = ckpt_io.load_checkpoint(path)
-        mine, theirs = self.cfg.to_dict()["model"], ck["config"].get("model", {})
+        mine = self.cfg.to_dict()["model"]
+        theirs = ck["config"].get("model", {}) if isinstance(ck["config"], dict) else {}
         arch = ("hidden", "n_heads", "n_layers", "ffn", "vocab_size", "tie_embeddings")
         if any(mine.get(k) != theirs.get(k) for k in arch):
             raise SabError(f"{path}: its model ({', '.join(f'{k}={theirs.get(k)}' for k in arch)}) differs from this run's")
@@ -235,6 +239,10 @@ class Trainer:
                 while st["epoch"] < t.epochs and not self._done(result):
                     self._run_epoch(result)
             except _OOM:
+                raise SabError(self._oom_message()) from None
+            except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
+                if "can't allocate memory" not in str(e):
+                    raise
                 raise SabError(self._oom_message()) from None
         result.seconds = time.perf_counter() - start
         result.global_step = st["global_step"]
@@ -479,8 +487,11 @@ class _Metrics:
         if not self.enabled:
             return
         row["time"] = time.time()
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full or read-only disk: stop with one line, checkpoints untouched
+            raise SabError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v):
