@@ -1,0 +1,164 @@
+"""Sampling: KV-cache equivalence, greedy identity, top-k / top-p / seed, the end token, the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sab_byon_omni.cli import main
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.model.generate import filter_logits, generate_tokens, sample_next
+from sab_byon_omni.model.transformer import CausalTransformer, KVCache
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalTransformer:
+    torch.manual_seed(0)
+    m = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96, max_seq_len=48))
+    with torch.no_grad():  # sharper distributions than the initialisation, so greedy choices are clear
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(6)
+    return m.eval()
+
+
+def test_cached_logits_match_the_full_forward(model):
+    ids = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.empty(model.cfg, 2, 48, torch.device("cpu"), torch.float32)
+        parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]  # prefill, then a chunk
+        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(12, 30)]  # then one token at a time
+    assert cache.pos == 30
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_output_is_identical_with_and_without_the_cache(model):
+    prompt = [5, 17, 42, 8]
+    cached = list(generate_tokens(model, prompt, 40, temperature=0, use_cache=True))
+    plain = list(generate_tokens(model, prompt, 40, temperature=0, use_cache=False))
+    assert len(cached) == 40 and cached == plain
+    assert len(set(cached)) > 1  # not a degenerate constant output
+
+
+def test_generation_runs_past_the_context_limit(model):
+    out = list(generate_tokens(model, [1, 2, 3], 120, temperature=0, use_cache=True))
+    assert len(out) == 120 and all(0 <= t < 96 for t in out)
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=3))[0].tolist()
+    assert kept == [False, True, True, True, False]
+    assert torch.isfinite(filter_logits(logits, top_k=0)).all()  # 0 disables
+
+
+@pytest.mark.parametrize("top_p, keep", [(0.4, {0}), (0.7, {0, 1}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, keep):
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = set(torch.isfinite(filter_logits(logits, top_p=top_p))[0].nonzero().flatten().tolist())
+    assert kept == keep
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, None, top_p, gen)) for _ in range(300)}
+    assert draws == keep  # only kept tokens are ever drawn (and all of them, with 300 draws)
+
+
+def test_top_k_one_equals_greedy(model):
+    prompt = [7, 7, 3]
+    greedy = list(generate_tokens(model, prompt, 20, temperature=0))
+    assert list(generate_tokens(model, prompt, 20, temperature=1.3, top_k=1, seed=9)) == greedy
+
+
+def test_seed_makes_sampling_reproducible(model):
+    a = list(generate_tokens(model, [4, 5], 30, temperature=1.0, top_k=None, seed=123))
+    b = list(generate_tokens(model, [4, 5], 30, temperature=1.0, top_k=None, seed=123))
+    c = list(generate_tokens(model, [4, 5], 30, temperature=1.0, top_k=None, seed=124))
+    assert a == b and a != c
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model whose next token follows a script (to test stopping)."""
+
+    def __init__(self, script: list[int], vocab: int = 10) -> None:
+        super().__init__()
+        self.cfg = ModelConfig.from_name("tiny", vocab_size=vocab)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.calls = script, 0
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            cache.pos += ids.shape[1]
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.cfg.vocab_size)
+        logits[:, -1, self.script[self.calls]] = 10.0
+        self.calls += 1
+        return logits
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_stops_at_the_end_token(use_cache):
+    m = Scripted([4, 5, 1, 6, 7, 8])
+    assert list(generate_tokens(m, [3], 6, temperature=0, eos_id=1, use_cache=use_cache)) == [4, 5, 1]
+    m = Scripted([4, 5, 1, 6, 7, 8])
+    assert list(generate_tokens(m, [3], 6, temperature=0, eos_id=None, use_cache=use_cache)) == [4, 5, 1, 6, 7, 8]
+    m = Scripted([4, 5, 1, 6])
+    assert list(generate_tokens(m, [3], 2, temperature=0, eos_id=1, use_cache=use_cache)) == [4, 5]  # max_new_tokens
+
+
+def test_facade_drops_the_end_token_and_reports_throughput():
+    sab = SABTranscendentV2(preset="tiny", config={"data": {"tokenizer": "byte"}})
+    sab.model = Scripted([ord("h") + 2, ord("i") + 2, 1, ord("x") + 2], vocab=258)
+    pieces: list[str] = []
+    assert sab.generate("a", max_new_tokens=10, temperature=0, stream=pieces.append) == "hi"
+    assert "".join(pieces) == "hi" and sab.last_tokens_per_second > 0
+
+
+# ------------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def checkpoint(in_tmp, capsys):
+    data = in_tmp / "code"
+    data.mkdir()
+    for i in range(4):
+        (data / f"m{i}.py").write_text("import os\n\ndef main():\n    return os.getcwd()\n" * 4, encoding="utf-8")
+    assert main(["train", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "32",
+                 "--batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps", "3",
+                 "--checkpoint_dir", "ck", "--progress", "false"]) == 0
+    capsys.readouterr()
+    return in_tmp / "ck" / "step_3.pt"
+
+
+def generate_cli(ckpt, capsys, *extra: str) -> tuple[str, str]:
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "def ", "--max-new-tokens", "24", *extra]) == 0
+    return capsys.readouterr()
+
+
+def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys):
+    out, err = generate_cli(checkpoint, capsys, "--seed", "3")
+    assert out.startswith("def ") and "tokens/s" in err
+    again, _ = generate_cli(checkpoint, capsys, "--seed", "3")
+    assert again == out
+    greedy, _ = generate_cli(checkpoint, capsys, "--temperature", "0")
+    greedy_plain, _ = generate_cli(checkpoint, capsys, "--temperature", "0", "--no-cache")
+    assert greedy == greedy_plain
+
+
+@pytest.mark.parametrize("args, match", [(["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
+                                         (["--max-new-tokens", "0"], "--max-new-tokens")])
+def test_generate_cli_bad_arguments(checkpoint, capsys, args, match):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "x", *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_sampling_distribution_follows_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    counts = torch.bincount(torch.cat([sample_next(logits, 1.0, None, None, gen) for _ in range(n)]).flatten(),
+                            minlength=3).double() / n
+    want = torch.softmax(logits[0].double(), -1)
+    assert torch.allclose(counts, want, atol=0.03)
+    cold = torch.bincount(torch.cat([sample_next(logits, 0.05, None, None, gen) for _ in range(200)]).flatten(),
+                          minlength=3)
+    assert cold[0] == 200 and math.isclose(float(want.sum()), 1.0)
