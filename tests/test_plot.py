@@ -1,0 +1,95 @@
+"""sab-omni plot / sab_byon_omni.plotting: series from metrics.jsonl and a PNG that shows them."""
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from sab_byon_omni import cli
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.plotting import collect_series, make_figure, plot_metrics, read_metrics
+
+
+def write_run(d, rows, extra_text=""):
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / "metrics.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write(extra_text)
+    return d
+
+
+def interval(step, loss, lr, epoch=1):
+    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": 1.0, "tokens_per_s": 1e3,
+            "memory_mb": 300.0, "skipped": 0, "time": 0.0}
+
+
+ROWS = [interval(s, 4.0 - 0.1 * s, 1e-3 * min(s, 5) / 5) for s in range(1, 21)] + [
+    {"step": 10, "epoch": 1, "val_loss": 3.2, "time": 0.0},
+    {"step": 20, "epoch": 1, "train_loss": 3.1, "val_loss": 2.5, "time": 0.0},
+]
+
+
+def test_series_are_split_and_a_resumed_run_overrides_repeated_steps(tmp_path):
+    rows = ROWS + [interval(19, 9.9, 1e-4), {"step": 21, "epoch": 2, "val_loss": float("nan")}]
+    write_run(tmp_path / "run", rows, extra_text='{"step": 22, "epoch": 2, "lo')  # torn last line
+    s = collect_series(read_metrics(tmp_path / "run" / "metrics.jsonl"))
+    assert s.loss[0] == list(range(1, 21)) and s.loss[1][18] == 9.9  # the later row for step 19 wins
+    assert s.lr[1][4] == pytest.approx(1e-3)
+    assert s.val_loss == ([10, 20], [3.2, 2.5])  # NaN dropped
+    assert s.epoch_train_loss == ([20], [3.1])
+
+
+def test_figure_has_loss_validation_and_learning_rate():
+    fig = make_figure(collect_series(ROWS))
+    loss_ax, lr_ax = fig.axes
+    assert {line.get_label() for line in loss_ax.lines} == {"train loss", "validation loss"}
+    assert [c.get_label() for c in loss_ax.collections] == ["train loss (epoch mean)"]
+    assert [line.get_label() for line in lr_ax.lines] == ["learning rate"]
+    assert lr_ax.get_xlabel() == "optimizer step"
+
+
+def test_no_validation_line_without_validation_rows():
+    fig = make_figure(collect_series(ROWS[:20]))
+    assert {line.get_label() for line in fig.axes[0].lines} == {"train loss"}
+
+
+def test_cli_writes_a_non_empty_png(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "run", ROWS)
+    assert cli.main(["plot", "run"]) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "run" / "metrics.png"
+    assert "run/metrics.png" in out and "best validation loss 2.5000 at step 20" in out
+    img = imread(png)
+    assert img.shape[0] >= 400 and img.shape[1] >= 600
+    assert np.asarray(img)[..., :3].std() > 0.05  # something is drawn
+    # The curves' colours are in the picture: blue train loss, orange validation, green learning rate.
+    rgb = (np.asarray(img)[..., :3] * 255).astype(int).reshape(-1, 3)
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
+        assert (np.abs(rgb - colour).sum(axis=1) < 30).sum() > 50, colour
+    # Plotting again replaces our own PNG.
+    assert cli.main(["plot", "run", "--out", "run/metrics.png", "--title", "again"]) == 0
+
+
+def test_never_overwrites_a_file_that_is_not_a_png(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "run", ROWS)
+    (tmp_path / "notes.png").write_text("my notes")
+    assert cli.main(["plot", "run", "--out", "notes.png"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes.png").read_text() == "my notes"
+    assert cli.main(["plot", "run", "--out", "plot.pdf"]) == 2
+    assert "ending in .png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "not found"),
+    (lambda d: d.mkdir(), "no metrics.jsonl"),
+    (lambda d: write_run(d, [{"step": 1, "epoch": 1, "lr": 1e-3}]), "no loss rows"),
+])
+def test_bad_run_directories_are_one_line_errors(tmp_path, make, message):
+    make(tmp_path / "run")
+    with pytest.raises(SabError, match=message):
+        plot_metrics(tmp_path / "run")
