@@ -27,9 +27,12 @@ def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[tor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, T, D) by the angles of positions given as (T, D) tables."""
+    # x * cos + cat(-x2, x1) * sin == x * cos + roll(x) * cat(-sin1, sin2): one roll and one fused
+    # multiply-add instead of slice, negate, cat, two multiplies and an add (1.36x faster forward +
+    # backward on CPU, benchmarks/levers.py rope).
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(x.dtype)
+    return torch.addcmul(x * cos.to(x.dtype), x.roll(half, dims=-1), sin_signed)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""Micro-benchmarks of the speed levers named in issue 5, each variant interleaved with the others
+in one process (so a busy machine slows all of them alike). Run from the repository root:
+
+    python benchmarks/levers.py optimizer     # AdamW for-loop vs foreach vs fused, Lightweight params
+    python benchmarks/levers.py sdpa          # SDPA backends on CPU: flash kernel vs math
+    python benchmarks/levers.py rope          # rotary embedding implementations, forward + backward
+    python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
+    python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
+
+Each prints the median seconds per call of each variant and the ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.model.transformer import CausalTransformer, apply_rope, rope_tables
+
+
+def interleave(variants: dict[str, Callable[[], object]], reps: int) -> None:
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for i in range(reps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times[names[0]])
+    for name in names:
+        m = statistics.median(times[name])
+        print(f"{name:32s} {m * 1e3:10.1f} ms   {base / m:5.2f}x vs {names[0]}")
+
+
+def lightweight() -> CausalTransformer:
+    return CausalTransformer(ModelConfig.from_name("lightweight", vocab_size=96))
+
+
+def bench_optimizer(reps: int) -> None:
+    variants = {}
+    for kind in ("foreach", "fused", "for-loop"):
+        model = lightweight()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        kw = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[kind]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
+        variants[f"AdamW {kind}"] = opt.step
+    interleave(variants, reps)
+
+
+def bench_sdpa(reps: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, t, d = 1, 12, 1024, 64
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+
+    def run(backend: SDPBackend) -> Callable[[], None]:
+        def fn() -> None:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        return fn
+
+    interleave({"flash (CPU kernel)": run(SDPBackend.FLASH_ATTENTION), "math": run(SDPBackend.MATH)}, reps)
+
+
+def rope_roll(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def bench_rope(reps: int) -> None:
+    b, h, t, d = 4, 12, 1024, 64
+    cos, sin = rope_tables(d, t)
+    sin_signed = torch.cat([-sin[:, : d // 2], sin[:, d // 2:]], dim=-1)
+    x = torch.randn(b, t, 3, h, d)
+    ref = apply_rope(x[:, :, 0].transpose(1, 2), cos, sin)
+    torch.testing.assert_close(rope_roll(x[:, :, 0].transpose(1, 2), cos, sin_signed), ref)
+
+    def run(fn: Callable[..., torch.Tensor], table: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            xx = x.detach().requires_grad_()
+            q, k = xx[:, :, 0].transpose(1, 2), xx[:, :, 1].transpose(1, 2)
+            (fn(q, cos, table).sum() + fn(k, cos, table).sum()).backward()
+        return step
+
+    interleave({"cat (current)": run(apply_rope, sin), "roll + addcmul": run(rope_roll, sin_signed)}, reps)
+
+
+def bench_threads(reps: int) -> None:
+    from sab_byon_omni.training.trainer import causal_lm_loss
+
+    model = lightweight()
+    ids = torch.randint(1, 96, (1, 1024))
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+
+    def step(n: int) -> Callable[[], None]:
+        def fn() -> None:
+            torch.set_num_threads(n)
+            causal_lm_loss(model(ids), ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+
+    interleave({"2 threads": step(2), "1 thread": step(1)}, reps)
+
+
+def bench_vocab(reps: int) -> None:
+    x = torch.randn(4 * 1024, 768, requires_grad=True)
+    labels = torch.randint(1, 96, (4 * 1024,))
+
+    def run(v: int) -> Callable[[], None]:
+        w = (torch.randn(v, 768) * 0.02).requires_grad_()
+
+        def fn() -> None:
+            F.cross_entropy(x @ w.t(), labels).backward()
+        return fn
+
+    interleave({"vocab 96": run(96), "vocab 128 (padded to 64)": run(128)}, reps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab"))
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    globals()[f"bench_{args.lever}"](args.reps)
+
+
+if __name__ == "__main__":
+    main()

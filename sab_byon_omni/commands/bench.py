@@ -1,0 +1,65 @@
+"""sab-omni bench: time the real training step (or KV-cache generation), optionally against
+Hugging Face GPT-2 of the same dimensions, interleaved in the same process.
+
+Reports tokens/s, achieved TFLOP/s (FLOPs per token = 6 x matmul weights + 12 x layers x seq_len x
+hidden), MFU against a matmul peak of the same dtype (measured in this run on CPUs, a per-GPU table
+or --peak-tflops on CUDA) and peak memory (RSS on CPU, max_memory_allocated on CUDA). Absolute
+numbers move with machine load; compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sab_byon_omni.benchmark import BenchOptions, format_report, run_generate_bench, run_train_bench
+from sab_byon_omni.config import PRECISIONS, PRESETS
+
+EXAMPLE = """examples:
+  sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --compare hf
+  sab-omni bench --preset tiny --seq-len 128 --steps 5 --json
+  sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
+  sab-omni bench --preset 1b --precision bf16 --device cuda --peak-tflops 989
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="measure training (or generation) throughput and MFU", description=__doc__,
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("train", "generate"), default="train",
+                   help="time a training step or greedy generation with the KV cache (default: train)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight", help="architecture (default: lightweight)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per step (default: 4)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="as train.precision; auto = bf16 where the hardware has it, else fp32 (default: auto)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (or generations) per model (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first, per model (default: 1)")
+    p.add_argument("--vocab-size", type=int, default=96, help="vocabulary (default: 96, the char96 tokenizer)")
+    p.add_argument("--device", default="auto", help="torch device; auto picks cuda, then mps, then cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (as train.compile); the "
+                   "compile time is reported separately")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--compare", choices=("hf",), default=None,
+                   help="also run Hugging Face GPT-2 with the same dimensions, interleaved (needs transformers)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU (default: measured on CPU, looked up by GPU name on CUDA)")
+    p.add_argument("--prompt-len", type=int, default=64, help="generate mode: prompt tokens (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generate mode: tokens to generate (default: 128)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default: 1234)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = BenchOptions(preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
+                        steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size, device=args.device,
+                        compile=args.compile, activation_checkpointing=args.activation_checkpointing,
+                        compare=args.compare, peak_tflops=args.peak_tflops, threads=args.threads, seed=args.seed)
+    if args.mode == "generate":
+        result = run_generate_bench(opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    else:
+        result = run_train_bench(opts)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0

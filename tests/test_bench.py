@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from sab_byon_omni import benchmark as B
+from sab_byon_omni.cli import main
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.model.transformer import CausalTransformer
+from sab_byon_omni.training.trainer import Trainer
+
+TINY = ["bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
+TRAIN_KEYS = {"tokens_per_s", "tflops", "mfu", "peak_tflops", "peak_source", "peak_memory_mb", "memory_kind",
+              "flops_per_token", "step_s", "params", "precision", "device_name", "threads", "optimizer"}
+
+
+def test_flop_formula_matches_a_hand_count():
+    light = ModelConfig.from_name("lightweight", vocab_size=96)
+    # per block 4*768^2 (qkv + proj) + 2*768*3072 (up + down), 6 blocks, plus the 96 x 768 head
+    assert B.matmul_params(light) == 6 * (4 * 768 * 768 + 2 * 768 * 3072) + 96 * 768 == 42_541_056
+    # 6 x 42.54M + 12 x 6 layers x 1024 x 768 = the issue's ~312 MFLOP per token
+    assert B.train_flops_per_token(light, 1024) == 6 * 42_541_056 + 12 * 6 * 1024 * 768 == 311_869_440
+    tiny = ModelConfig.from_name("tiny", vocab_size=96)
+    assert B.train_flops_per_token(tiny, 128) == 6 * (2 * (4 * 64 * 64 + 2 * 64 * 256) + 96 * 64) + 12 * 2 * 128 * 64
+    assert B.forward_flops_per_token(tiny, 10) == 2 * B.matmul_params(tiny) + 4 * 2 * 10 * 64
+
+
+def test_matmul_params_are_the_models_weight_matrices(tiny_cfg):
+    """Every 2-D weight (the tied embedding counted once, as the head) takes part in one matmul per token."""
+    model = CausalTransformer(tiny_cfg)
+    assert B.matmul_params(tiny_cfg) == sum(p.numel() for p in model.parameters() if p.dim() == 2)
+
+
+def test_bench_prints_a_table(in_tmp, capsys):
+    assert main(TINY) == 0
+    out = capsys.readouterr().out
+    for needle in ("| sab-byon-omni |", "tokens/s", "TFLOP/s", "MFU", "peak RSS", "measured fp32 matmul",
+                   "FLOPs per token"):
+        assert needle in out
+    assert list(in_tmp.iterdir()) == []  # nothing written where it ran
+
+
+def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeypatch):
+    calls = []
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, w: calls.append(1) or real(self, w))
+    assert main([*TINY, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert TRAIN_KEYS <= r.keys()
+    assert len(calls) == 1 + 2  # the Trainer's own step: warm-up + timed
+    assert r["precision"] == "fp32" and r["device"] == "cpu" and r["optimizer"] == "AdamW fused"
+    assert r["flops_per_token"] == B.train_flops_per_token(ModelConfig.from_name("tiny", vocab_size=96), 32)
+    assert r["tokens_per_s"] > 0 and r["peak_tflops"] > 0 and 0 < r["mfu"]
+    assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
+    assert r["peak_memory_mb"] > 0
+
+
+def test_bench_generate_mode(in_tmp, capsys):
+    assert main(["bench", "--mode", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "6",
+                 "--steps", "1", "--warmup", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "generate" and r["new_tokens"] == 6 and r["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "300"], "--seq-len=300 exceeds the tiny preset's max_seq_len=256"),
+    (["--steps", "0"], "--steps=0 must be at least 1"),
+    (["--peak-tflops", "-1"], "--peak-tflops=-1.0 must be positive"),
+])
+def test_bad_options_are_one_error_line(in_tmp, capsys, args, message):
+    assert main([*TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_gpu_peaks_come_from_the_table_by_name():
+    assert B.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4)
+    assert B.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756.0)
+    assert B.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16")[0] == pytest.approx(312.0)
+    assert B.gpu_peak_tflops("Tesla T4", "bf16")[0] is None
+    peak, why = B.gpu_peak_tflops("Some Future GPU", "bf16")
+    assert peak is None and "not in the peak table" in why
+
+
+def test_matmul_peak_is_measured():
+    assert B.measure_matmul_peak(torch.float32, torch.device("cpu"), budget_s=0.05, sizes=(64, 128)) > 0
+
+
+def test_hf_gpt2_has_our_dimensions_and_parameter_count(tiny_cfg):
+    pytest.importorskip("transformers")
+    hf = B.build_hf_gpt2(tiny_cfg)
+    c = hf.config
+    assert (c.n_embd, c.n_layer, c.n_head, c.n_inner, c.vocab_size) == (64, 2, 4, 256, 96)
+    ours = CausalTransformer(tiny_cfg)
+    # the same weight matrices; GPT-2 adds biases, norm biases and learned positions
+    hf_matrices = sum(p.numel() for n, p in hf.named_parameters() if p.dim() == 2 and "wpe" not in n)
+    assert hf_matrices == B.matmul_params(tiny_cfg)
+    hf_total = sum(p.numel() for n, p in hf.named_parameters() if "wpe" not in n)
+    assert hf_total == pytest.approx(ours.num_parameters(), rel=0.03)
+
+
+def test_compare_hf_reports_a_ratio(in_tmp, capsys):
+    pytest.importorskip("transformers")
+    assert main([*TINY, "--compare", "hf", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["hf_tokens_per_s"] > 0
+    assert r["ratio_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    assert main([*TINY, "--compare", "hf"]) == 0
+    assert "| HF GPT-2" in capsys.readouterr().out
