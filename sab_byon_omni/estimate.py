@@ -91,10 +91,12 @@ class Estimate:
 
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
-             parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda") -> Estimate:
+             parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda",
+             fused_optimizer: bool | None = None) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
-    memory beyond the gradients)."""
+    memory beyond the gradients). ``fused_optimizer`` (default: on CUDA) drops foreach AdamW's
+    one parameter-sized temporary."""
     if cfg.vocab_size is None:
         raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
     if precision not in PRECISION_BYTES:
@@ -135,7 +137,9 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     elif mixed:
         buffers_fwd = act * matmul_params  # autocast's cached low-precision weight copies
     ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
-    opt_temp = 4.0 * p / shard if device == "cpu" else 0.0  # foreach AdamW's sqrt(v) temporary; fused on CUDA
+    if fused_optimizer is None:
+        fused_optimizer = device != "cpu"
+    opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary
 
     persistent = weights + gradients + optimizer + ddp_buckets
     peak = persistent + max(activations + logits + buffers_fwd, opt_temp)
@@ -237,3 +241,77 @@ def single_gpu_table(sizes_gb: tuple[float, ...] = (24.0, 80.0), seq_len: int = 
             cells.append(" / ".join(f"{m}" if m else "no" for m in mbs))
         rows.append(f"| {preset} | {fmt_count(num_parameters(cfg))} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ will it fit?
+CUDA_RESERVE = 1.0 * GiB  # CUDA context and allocator slack, not seen by max_memory_allocated
+HEADROOM = 0.9  # use at most 90% of the device
+
+
+def longest_sample(data, seq_len: int) -> int:
+    """The longest sample of a dataset when it says cheaply (synthetic data), else ``seq_len``."""
+    base, idx = getattr(data, "base", None), getattr(data, "indices", None)
+    lengths = getattr(base, "lengths", None) if base is not None else getattr(data, "lengths", None)
+    try:
+        if lengths is not None and len(data):
+            longest = int(lengths[idx].max()) if idx is not None else int(max(lengths))
+            return max(2, min(longest, seq_len))
+    except (TypeError, IndexError, ValueError):
+        pass
+    return seq_len
+
+
+def plan_memory(model, train_data, cfg, device, precision: str, info):
+    """Check that training ``cfg`` fits ``device`` before anything is allocated there, and with
+    ``train.micro_batch_size=auto`` pick the largest micro-batch that fits (dividing
+    batch_size x gradient_accumulation_steps, which stays the same). Returns the (possibly
+    updated) RunConfig; raises SabError with settings that would fit."""
+    import logging
+
+    import torch
+
+    from sab_byon_omni.config import replace
+    from sab_byon_omni.training import distributed as D
+    from sab_byon_omni.training.trainer import make_optimizer
+
+    log = logging.getLogger(__name__)
+    t, m = cfg.train, cfg.model
+    if device.type not in ("cuda", "cpu") or m.vocab_size is None:
+        return cfg
+    budget, what = D.memory_budget(device)
+    if device.type == "cpu":  # the model already sits in RAM: count it as available again
+        budget += sum(p.numel() * p.element_size() for p in model.parameters())
+    usable = budget * HEADROOM - (CUDA_RESERVE if device.type == "cuda" else 0)
+    fused = bool(make_optimizer(torch.nn.Linear(1, 1), cfg, device).defaults.get("fused"))
+    seq = longest_sample(train_data, cfg.data.seq_len)
+    parallel = t.parallel if info.enabled else "ddp"
+    kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world, parallel=parallel,
+              device=device.type, fused_optimizer=fused)
+    effective = t.batch_size * t.gradient_accumulation_steps
+    ac = m.activation_checkpointing
+    if t.micro_batch_size == "auto":
+        mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=ac, **kw)
+        if mb:
+            if (mb, effective // mb) != (t.batch_size, t.gradient_accumulation_steps) and info.is_main:
+                log.info("micro-batch auto: %d x %d accumulation (effective batch %d) fits %s", mb, effective // mb,
+                         effective, what)
+            return replace(cfg, batch_size=mb, gradient_accumulation_steps=effective // mb, micro_batch_size="fixed")
+    e = estimate(m, seq, t.batch_size, activation_checkpointing=ac, **kw)
+    if e.peak <= usable or not t.check_memory:
+        return cfg
+    tips = []
+    mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=ac, **kw)
+    if mb:
+        tips.append(f"--batch_size {mb} --gradient_accumulation_steps {effective // mb} (or --micro-batch-size auto)")
+    if not ac:
+        mb_ac = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=True, **kw)
+        if mb_ac:
+            tips.append(f"--activation_checkpointing true --batch_size {mb_ac} "
+                        f"--gradient_accumulation_steps {effective // mb_ac}")
+    if not tips:
+        tips.append("more memory per device, or more processes with --parallel fsdp (see sab-omni estimate)")
+    raise SabError(
+        f"this run needs about {fmt_bytes(e.peak)} per process (weights {fmt_bytes(e.weights)}, gradients "
+        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, activations {fmt_bytes(e.activations + e.logits)} "
+        f"for micro-batch {t.batch_size} x {seq} tokens) but {what} leaves {fmt_bytes(usable)} usable; "
+        f"settings that fit: {'; or '.join(tips)}; --check_memory false skips this check")
