@@ -105,7 +105,7 @@ class DataConfig:
     bpe_vocab_size: int = fld(8192, "vocabulary size when training a BPE tokenizer")
     text_field: str = fld("text", "field holding the text in .json/.jsonl files")
     csv_column: str = fld("text", "column holding the text in .csv files")
-    cache_dir: str | None = fld(None, "where the tokenised corpus is cached (default: <data>/.sab_cache or ./.sab_cache)")
+    cache_dir: str | None = fld(None, "folder for the tokenised corpus (default: ./.sab_cache/<data name>-<hash>)")
     shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")
     data_seed: int = fld(1234, "seed for data generation, splits and order")
 
