@@ -93,3 +93,23 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, make, message):
     make(tmp_path / "run")
     with pytest.raises(SabError, match=message):
         plot_metrics(tmp_path / "run")
+
+
+def test_a_real_run_logs_every_metric_to_jsonl_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.training.train_3b import train_3b_rapid
+
+    run = tmp_path / "run"
+    train_3b_rapid(SABTranscendentV2(preset="tiny"), epochs=1, batch_size=8, grad_accum=1, seq_len=64,
+                   num_samples=40, learning_rate=3e-3, log_interval=1, checkpoint_dir=str(run), tensorboard=True,
+                   progress=False)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb", "skipped"} <= set(rows[0])
+    assert "val_loss" in rows[-1] and "train_loss" in rows[-1]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "val_loss"} <= set(events.Tags()["scalars"])
+    assert plot_metrics(run).stat().st_size > 10_000
