@@ -106,3 +106,18 @@ def test_help_renders_for_every_command(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "usage: sab-omni " + name in out and "example" in out.lower()
+
+
+def test_preset_table_states_the_true_parameter_counts():
+    import torch
+
+    from sab_byon_omni.config import PRESETS, ModelConfig
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    rows = re.findall(r"^\| `(\w+)` \|.*\| ([\d,]+) \| ([\d,]+) \|$", (ROOT / "docs" / "TRAINING.md").read_text(), re.M)
+    assert {r[0] for r in rows} == set(PRESETS)
+    with torch.device("meta"):
+        for preset, char96, vocab50k in rows:
+            for vocab, stated in ((96, char96), (50_000, vocab50k)):
+                real = CausalTransformer(ModelConfig.from_name(preset, vocab_size=vocab)).num_parameters()
+                assert int(stated.replace(",", "")) == real, (preset, vocab, stated, real)
