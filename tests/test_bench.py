@@ -109,3 +109,48 @@ def test_compare_hf_reports_a_ratio(in_tmp, capsys):
     assert r["ratio_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
     assert main([*TINY, "--compare", "hf"]) == 0
     assert "| HF GPT-2" in capsys.readouterr().out
+
+
+# ---- the speed/memory levers kept in the model must not change the math ------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
+    import torch.nn.functional as F
+
+    from sab_byon_omni.model.transformer import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(tiny_cfg)
+    x = torch.randn(2, 8, 64)
+    grads = []
+    for fast in (True, False):
+        xx = x.clone().requires_grad_()
+        mlp.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = mlp(xx) if fast else mlp.down(F.gelu(mlp.up(xx), approximate="tanh"))
+        (out.float() ** 2).sum().backward()
+        grads.append((out.detach().float(), xx.grad, mlp.up.weight.grad.clone(), mlp.down.weight.grad.clone()))
+    tol = {"rtol": 0, "atol": 0} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_training_keeps_fewer_activations(tiny_cfg):
+    """GELU recomputed in backward and v copied out of the qkv output: per block, 12 tensors of
+    hidden size per token are kept for backward instead of 18."""
+    from sab_byon_omni.model.transformer import Block
+
+    block, rope = Block(tiny_cfg, 0), CausalTransformer(tiny_cfg)
+    x = torch.randn(1, 32, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.numel() >= 32 * 64:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, rope.rope_cos[:32], rope.rope_sin[:32])
+    assert sum(saved.values()) / (32 * 64 * 4) == 12

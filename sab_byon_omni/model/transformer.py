@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
+            if torch.is_grad_enabled():
+                v = v.contiguous()  # else v, a view, keeps the whole qkv output alive for backward
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -83,6 +86,30 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu_tanh(u), weight)`` that keeps only ``u`` for backward and recomputes the GELU
+    there, instead of keeping both ``u`` and ``gelu(u)`` (4 x hidden values per token each). The
+    gradients are the ones autograd computes for the two ops."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u, weight)
+        return F.linear(F.gelu(u, approximate="tanh"), weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        u, weight = ctx.saved_tensors
+        grad = grad.to(u.dtype)  # under autocast the forward matmul ran in u's dtype
+        grad_u = grad_w = None
+        if ctx.needs_input_grad[1]:
+            g = F.gelu(u, approximate="tanh")
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(g.reshape(-1, g.shape[-1])).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.ops.aten.gelu_backward(grad.matmul(weight.to(u.dtype)), u, approximate="tanh")
+        return grad_u, grad_w
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,7 +118,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+        u = self.up(x)
+        if torch.is_grad_enabled():
+            return self.dropout(_GeluLinear.apply(u, self.down.weight))
+        return self.dropout(self.down(F.gelu(u, approximate="tanh")))
 
 
 class Block(nn.Module):
