@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import nbformat
-import pytest
 import torch
 from nbclient import NotebookClient
 
@@ -49,7 +48,8 @@ def test_committed_notebook_is_clean_and_parameterised():
     assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs before committing"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line and not line.startswith("#")}
+    lines = [line for line in tagged[0].source.splitlines() if "=" in line and not line.startswith("#")]
+    names = {line.split("=")[0].strip() for line in lines}
     assert set(TINY) <= names  # every value CI overrides exists in the notebook
     source = "\n".join(c.source for c in code)
     for needle in ("resolve_precision", "train_3b_rapid", 'resume="auto"', "plot_metrics", ".generate(",
@@ -81,7 +81,8 @@ def test_notebook_runs_headless_and_resumes(tmp_path, monkeypatch):
     assert any("loss" in r and "lr" in r for r in rows) and any("val_loss" in r for r in rows)
     png = run / "metrics.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert any(o.output_type == "display_data" and "image/png" in o.data for c in nb.cells for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
     assert sorted(p.name for p in (run / "pretrained").iterdir()) == \
         ["README.md", "config.json", "model.safetensors", "sab_tokenizer.json"]
     assert "Consciousness is" in out

@@ -209,7 +209,8 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         try:
             load_model(self.model, str(weights), strict=True)
         except (RuntimeError, SafetensorError, OSError) as e:
-            raise SabError(f"{weights}: weights do not fit the model in its config: {str(e).splitlines()[0][:200]}") from None
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SabError(f"{weights}: weights do not fit the model in its config: {first}") from None
         if device is not None:
             self.model.to(device)
         self.model.eval()
