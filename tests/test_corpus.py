@@ -371,3 +371,27 @@ def test_tiny_end_to_end_train_on_files(in_tmp, capsys, caplog):
                               "--batch_size", "8", "--epochs", "1", "--checkpoint_dir", "ck2", "--progress", "false", "--val_fraction", "0.34",
                               "--max_steps", "1"], capsys)
     assert code == 0 and "reusing cache" in caplog.text
+
+
+def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch):
+    import threading
+
+    root = make_docs(tmp_path / "d")
+    cfg = cfg_for(root, tmp_path)
+    builds = []
+    real = C._build
+
+    def counting_build(*a, **k):
+        builds.append(1)
+        time.sleep(0.2)  # give the other one time to arrive at the lock
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "_build", counting_build)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(C.open_corpus(cfg))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and len(builds) == 1
+    assert np.array_equal(results[0].train_tokens, results[1].train_tokens)

@@ -31,6 +31,7 @@ because the loss shifts the labels inside the model's window.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import glob
 import hashlib
@@ -553,31 +554,66 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
 
     With ``tokenizer`` given (a checkpoint's), the cache must have been built with exactly that
     tokenizer, or not exist yet; otherwise the tokenizer comes from ``cfg`` and a cache built with
-    a different tokenizer recipe is rebuilt.
+    a different tokenizer recipe is rebuilt. Processes that start together (torchrun) take turns
+    through a lock file: the first builds, the others then reuse its cache.
     """
     files = find_files(cfg.dataset)
     directory = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir(cfg)
     signature = file_signature(files)
     recipe = _recipe(cfg) if tokenizer is None else None
+    found = _reuse(cfg, directory, signature, tokenizer, recipe)
+    if isinstance(found, Corpus):
+        return found
+    docs = Documents(files, cfg)  # validates the input: raises before anything is written
+    log.info("corpus %s: %s", cfg.dataset, docs.stats.summary())
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SabError(f"cannot create the cache folder {directory}: {e.strerror or e}") from None
+    with _lock(directory):
+        again = _reuse(cfg, directory, signature, tokenizer, recipe)  # built meanwhile by another process?
+        if isinstance(again, Corpus):
+            return again
+        if _read_meta(directory) is not None:
+            log.info("corpus: rebuilding cache %s: %s", directory, again)
+        return _build(cfg, docs, signature, directory, tokenizer, recipe)
+
+
+def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokenizer | None,
+           recipe: dict[str, Any] | None) -> Corpus | str:
+    """The cached corpus if it is valid for these files and this tokenizer, else why not."""
     meta = _read_meta(directory)
     stale = _stale_reason(meta, directory, cfg, signature)
-    if tokenizer is not None and meta is not None and stale is None:
+    if stale is not None:
+        return stale
+    assert meta is not None
+    if tokenizer is not None:
         want = tokenizer.to_spec()
         if meta.get("tokenizer_hash") != spec_hash(want):
             raise SabError(f"the data cache {directory} was built with tokenizer {meta.get('tokenizer_desc')}, "
                            f"but the checkpoint's is {describe_tokenizer(want)}: pass --cache-dir to a new folder")
-    if stale is None and recipe is not None and meta.get("recipe") != recipe:
-        stale = f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
-    if stale is None:
-        assert meta is not None
-        if tokenizer is None:
-            tokenizer = _load_cached_tokenizer(directory, meta)
-        log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s)", directory,
-                 f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"])
-        return _open(directory, meta, tokenizer)
-    if meta is not None:
-        log.info("corpus: rebuilding cache %s: %s", directory, stale)
-    return _build(cfg, files, signature, directory, tokenizer, recipe)
+    elif meta.get("recipe") != recipe:
+        return f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
+    else:
+        tokenizer = _load_cached_tokenizer(directory, meta)
+    log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s)", directory,
+             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"])
+    return _open(directory, meta, tokenizer)
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_cached_tokenizer(directory: Path, meta: dict[str, Any]) -> Tokenizer:
@@ -591,11 +627,9 @@ def _load_cached_tokenizer(directory: Path, meta: dict[str, Any]) -> Tokenizer:
     return build_tokenizer(spec["name"])
 
 
-def _build(cfg: DataConfig, files: list[Path], signature: list, directory: Path, tokenizer: Tokenizer | None,
+def _build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, tokenizer: Tokenizer | None,
            recipe: dict[str, Any] | None) -> Corpus:
     t0 = time.perf_counter()
-    docs = Documents(files, cfg)  # validates: raises before anything is written
-    log.info("corpus %s: %s", cfg.dataset, docs.stats.summary())
     if tokenizer is None:
         if cfg.tokenizer == "bpe" and not cfg.tokenizer_path:
             t1 = time.perf_counter()
@@ -606,7 +640,6 @@ def _build(cfg: DataConfig, files: list[Path], signature: list, directory: Path,
             tokenizer = build_tokenizer(cfg.tokenizer, path=cfg.tokenizer_path)
     spec = tokenizer.to_spec()
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    directory.mkdir(parents=True, exist_ok=True)
     (directory / "meta.json").unlink(missing_ok=True)  # an interrupted build leaves no valid cache
     if isinstance(tokenizer, BPETokenizer):
         tokenizer.save(directory / "tokenizer.json")
