@@ -57,6 +57,22 @@ def test_committed_notebook_is_clean_and_parameterised():
         assert needle in source
 
 
+def test_default_parameters_are_the_lightweight_recipe():
+    from sab_byon_omni.config import load_config
+
+    params: dict = {}
+    cell = next(c for c in load().cells if "parameters" in c.metadata.get("tags", []))
+    exec(cell.source, params)
+    cfg = load_config(NOTEBOOK.parents[1] / "configs" / "lightweight.yaml")
+    assert params["PRESET"] == cfg.model.preset
+    assert (params["NUM_SAMPLES"], params["SEQ_LEN"]) == (cfg.data.num_samples, cfg.data.seq_len)
+    t = cfg.train
+    assert (params["EPOCHS"], params["BATCH_SIZE"], params["GRAD_ACCUM"], params["LEARNING_RATE"],
+            params["LR_SCHEDULE"], params["WARMUP_STEPS"], params["WEIGHT_DECAY"]) == \
+        (t.epochs, t.batch_size, t.gradient_accumulation_steps, t.learning_rate, t.lr_schedule, t.warmup_steps,
+         t.weight_decay)
+
+
 def test_runtime_detection_picks_fp16_on_t4_and_bf16_on_a100(monkeypatch):
     """What the notebook's runtime cell reports, with the GPU faked (resolve_precision is the logic)."""
     cuda = torch.device("cuda")
