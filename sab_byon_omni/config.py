@@ -38,6 +38,8 @@ FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("char96", "byte", "bpe")
 SCHEDULES = ("constant", "cosine")
+PARALLEL = ("ddp", "fsdp")
+MICRO_BATCH = ("fixed", "auto")
 
 
 @dataclass
@@ -154,6 +156,12 @@ class TrainConfig:
     tensorboard: bool = fld(False, "also log to TensorBoard in checkpoint_dir/tb")
     seed: int = fld(1234, "seed for initialisation and sampling")
     deterministic: bool = fld(False, "use deterministic algorithms (slower; for bit-exact reproduction)")
+    parallel: str = fld("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp "
+                         "(FSDP2: weights, gradients and optimizer state sharded across processes)")
+    micro_batch_size: str = fld("fixed", "fixed: micro-batches of batch_size; auto: the largest micro-batch the "
+                                "device's memory fits, with gradient_accumulation_steps raised to keep "
+                                "batch_size x gradient_accumulation_steps")
+    check_memory: bool = fld(True, "estimate peak memory before training and stop with advice if it cannot fit")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
@@ -175,6 +183,10 @@ class TrainConfig:
             raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.lr_schedule not in SCHEDULES:
             raise SabError(f"train.lr_schedule={self.lr_schedule!r} is not one of: {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLEL:
+            raise SabError(f"train.parallel={self.parallel!r} is not one of: {', '.join(PARALLEL)}")
+        if self.micro_batch_size not in MICRO_BATCH:
+            raise SabError(f"train.micro_batch_size={self.micro_batch_size!r} is not one of: {', '.join(MICRO_BATCH)}")
         if self.precision not in PRECISIONS:
             raise SabError(f"train.precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
         if not self.checkpoint_dir:

@@ -25,9 +25,10 @@ from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import IGNORE_INDEX, TokenDataset, iterate_batches, micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plan_memory
 from sab_byon_omni.training import checkpoint as ckpt_io
 from sab_byon_omni.training import distributed as D
-from sab_byon_omni.training.precision import Precision, make_precision, resolve_device
+from sab_byon_omni.training.precision import DTYPES, Precision, make_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class Trainer:
         if self.info.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
         self.precision = make_precision(t.precision, self.device)
+        self.fsdp = t.parallel == "fsdp" and self.info.enabled
+        if t.check_memory or t.micro_batch_size == "auto":
+            self.cfg = cfg = plan_memory(model, train_data, cfg, self.device, self.precision.name, self.info)
+            t = cfg.train
         self.dir = Path(t.checkpoint_dir)
         self.resume_from = self._resume_path()  # validated before anything is written
         self.steps_per_epoch = math.ceil(
@@ -152,13 +157,23 @@ class Trainer:
     def _resume_path(self) -> Path | None:
         spec = self.cfg.train.resume
         if spec == "none":
-            existing = ckpt_io.checkpoint_files(self.dir) + list(self.dir.glob("best_model.pt"))
+            existing = (ckpt_io.checkpoint_files(self.dir) + list(self.dir.glob("best_model.pt"))
+                        + D.sharded_checkpoints(self.dir))
             if existing:
                 raise SabError(f"{self.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
                                "to continue that run, or choose another --checkpoint_dir")
             return None
         if spec == "auto":
+            if self.fsdp:
+                sharded = D.sharded_checkpoints(self.dir)
+                return sharded[-1] if sharded else None
             return ckpt_io.latest_checkpoint(self.dir)
+        if Path(spec).is_dir():
+            D.read_sharded_meta(spec)  # fail early, with the directory named
+            return Path(spec)
+        if self.fsdp:
+            raise SabError(f"train.resume={spec}: an FSDP run resumes from a sharded checkpoint directory "
+                           "(*.dcp); resume this single-file checkpoint with --parallel ddp")
         ckpt_io.load_checkpoint(spec)  # fail early, with the file named
         return Path(spec)
 
@@ -170,9 +185,11 @@ class Trainer:
         self.raw.to(self.device)
         if self.cfg.model.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
+        if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
+            D.wrap_fsdp(self.raw, self.info, DTYPES.get(self.precision.name) if self.precision.name != "fp32" else None)
         self.optimizer = make_optimizer(self.raw, self.cfg, self.device)
         self.scaler = self.precision.scaler()
-        self.model = D.wrap_ddp(self.raw, self.info, self.device)
+        self.model = self.raw if self.fsdp else D.wrap_ddp(self.raw, self.info, self.device)
         if t.compile:
             self.model = torch.compile(self.model)
         self.state = {"epoch": 0, "cursor": 0, "global_step": 0, "best_val_loss": math.inf,
@@ -193,7 +210,8 @@ class Trainer:
                 raise SabError(f"cannot create train.checkpoint_dir {self.dir}: {e.strerror or e}") from None
 
     def _load(self, path: Path) -> None:
-        ck = ckpt_io.load_checkpoint(path)
+        sharded = path.is_dir()
+        ck = D.read_sharded_meta(path) if sharded else ckpt_io.load_checkpoint(path)
         mine = self.cfg.to_dict()["model"]
         theirs = ck["config"].get("model", {}) if isinstance(ck["config"], dict) else {}
         arch = ("hidden", "n_heads", "n_layers", "ffn", "vocab_size", "tie_embeddings")
@@ -203,7 +221,10 @@ class Trainer:
             raise SabError(f"{path}: its tokenizer ({ck['tokenizer'].get('name')}) differs from this run's "
                            f"({self.tokenizer.name})")
         try:
-            self.raw.load_state_dict(ck["model_state_dict"])
+            if sharded:  # DCP reshards: any number of processes, FSDP or not
+                D.load_sharded(path, self.raw, self.optimizer, no_dist=not self.info.enabled)
+            else:
+                self.raw.load_state_dict(ck["model_state_dict"])
             if "optimizer_state_dict" in ck:
                 self.optimizer.load_state_dict(ck["optimizer_state_dict"])
             if ck.get("scaler_state_dict"):
@@ -248,7 +269,7 @@ class Trainer:
                 raise SabError(self._oom_message()) from None
         result.seconds = time.perf_counter() - start
         result.global_step = st["global_step"]
-        best = self.dir / "best_model.pt"
+        best = self.dir / ("best_model.dcp" if self.fsdp else "best_model.pt")
         result.best_checkpoint = str(best) if best.exists() else None
         self.metrics.close()
         return result
@@ -370,7 +391,7 @@ class Trainer:
         t = self.cfg.train
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        norm_value = float(norm)  # one host sync per optimizer step
+        norm_value = float(D.full_value(norm))  # one host sync per optimizer step
         if math.isfinite(norm_value):
             self.scaler.step(self.optimizer)
             self._skipped_in_a_row = 0
@@ -407,15 +428,16 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, path: Path, loss: float, val_loss: float | None = None) -> Path:
         st = self.state
-        params = [p.detach() for p in self.raw.parameters()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        params = [D.local(p).detach() for p in self.raw.parameters()]
+        finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if self.fsdp:  # every rank checks its own shard; all must agree before the collective save
+            finite = D.all_reduce_sum([float(not finite)], self.info, self.device)[0] == 0
+        if not finite:
             raise SabError(f"the weights are non-finite at step {st['global_step']}: not saving {path} "
                            "(earlier checkpoints are intact); lower train.learning_rate or use fp32")
         ck = {
             "format": ckpt_io.FORMAT,
             "epoch": st["epoch"],
-            "model_state_dict": self.raw.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
             "loss": loss,
             "val_loss": val_loss,
             "global_step": st["global_step"],
@@ -432,6 +454,13 @@ class Trainer:
             "best_val_loss": st["best_val_loss"] if val_loss is None else min(st["best_val_loss"], val_loss),
             "torch_version": str(torch.__version__),
         }
+        if self.fsdp:
+            path = D.save_sharded(path.with_suffix(D.SHARDED_SUFFIX), self.raw, self.optimizer, ck, self.info)
+            if self.info.is_main and path.name.startswith("step_"):
+                D.prune_sharded_steps(self.dir, self.cfg.train.keep_last)
+            return path
+        ck["model_state_dict"] = self.raw.state_dict()
+        ck["optimizer_state_dict"] = self.optimizer.state_dict()
         if self.info.is_main:
             ckpt_io.atomic_save(ck, path)
         D.barrier(self.info)
