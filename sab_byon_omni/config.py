@@ -298,7 +298,7 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
                 raise SabError(f"{source}: section {key!r} must be a mapping, got {type(value).__name__}")
             for sub, v in value.items():
                 if FIELD_SECTION.get(sub) != key:
-                    raise SabError(f"{source}: unknown key {key}.{sub}")
+                    raise SabError(f"{source}: unknown key {repr(f'{key}.{sub}')}")
                 sectioned[key][sub] = v
         elif isinstance(key, str) and key in FIELD_SECTION:
             sectioned[FIELD_SECTION[key]][key] = value
@@ -321,7 +321,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise SabError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        why = str(getattr(e, "problem", None) or e).strip().splitlines() or ["unreadable"]
+        raise SabError(f"{p}: invalid YAML{at}: {why[0]}") from None
     except UnicodeDecodeError:
         raise SabError(f"{p}: not a UTF-8 text file") from None
     if raw is not None and not isinstance(raw, dict):
@@ -333,10 +334,13 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     """Merge ``{"train.learning_rate": 3e-4}`` or ``{"learning_rate": 3e-4}`` into a raw mapping."""
     merged: dict[str, Any] = {}
     for key, value in raw.items():  # normalise to sectioned form
-        if key in SECTIONS and isinstance(value, dict):
-            merged.setdefault(key, {}).update(value)
+        if key in SECTIONS and (value is None or isinstance(value, dict)):  # "data:" with nothing under it
+            merged.setdefault(key, {}).update(value or {})
         elif key in FIELD_SECTION:
-            merged.setdefault(FIELD_SECTION[key], {})[key] = value
+            section = merged.setdefault(FIELD_SECTION[key], {})
+            if not isinstance(section, dict):
+                raise SabError(f"section {FIELD_SECTION[key]!r} must be a mapping, got {type(section).__name__}")
+            section[key] = value
         else:
             merged[key] = value
     for key, value in overrides.items():

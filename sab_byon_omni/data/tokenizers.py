@@ -95,6 +95,16 @@ class ByteTokenizer:
         return {"name": self.name}
 
 
+def _utf8_safe(text: str) -> str:
+    """Lone surrogates (e.g. from undecodable bytes in ``sys.argv``) have no UTF-8 form and the
+    ``tokenizers`` library rejects them: they become U+FFFD, as undecodable file bytes do."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class BPETokenizer:
     """Byte-level BPE (Hugging Face ``tokenizers``) with ``<PAD>`` = 0 and ``<EOS>`` = 1."""
 
@@ -141,10 +151,10 @@ class BPETokenizer:
         Path(path).write_text(self._tok.to_str(), encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(_utf8_safe(text)).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        return [e.ids for e in self._tok.encode_batch([_utf8_safe(t) for t in texts])]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -1,0 +1,305 @@
+"""Property-based fuzzing (hypothesis) of every door user input comes through: config mappings,
+YAML files, command lines, tokenizer text and data files. Each input must end in its documented
+handling or a SabError (exit 2 at the CLI): never another exception, never a changed user file."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sab_byon_omni.cli import build_parser, main
+from sab_byon_omni.config import FIELD_SECTION, SECTIONS, RunConfig, build_config, load_config
+from sab_byon_omni.data.tokenizers import BPETokenizer, ByteTokenizer, Char96Tokenizer
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.training.trainer import TrainResult
+
+# Modest by default (the whole file runs in well under a minute); SAB_FUZZ_EXAMPLES=2000 digs deeper.
+N = int(os.environ.get("SAB_FUZZ_EXAMPLES", "60"))
+_common = dict(deadline=None, database=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(max_examples=N, **_common)
+SLOW = settings(max_examples=max(N // 3, 10), **_common)
+
+# Values a user might plausibly (or implausibly) write for any field.
+TRICKY = ["auto", "cpu", "cuda:7", "tiny", "3b", "cosine", "none", "null", "", "1e-3", "3", "3.0", "-1", "0",
+          "true", "no", "nan", "inf", "-inf", "1e400", "0x10", "1_000", "~", "synthetic", "bpe", "é", "\x00"]
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 70000),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12), st.sampled_from(TRICKY),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+field_names = st.one_of(st.sampled_from(sorted(FIELD_SECTION)), st.text(max_size=12))
+flat = st.dictionaries(field_names, values, max_size=6)
+sectioned = st.dictionaries(st.one_of(st.sampled_from(sorted(SECTIONS)), st.text(max_size=6)),
+                            st.one_of(values, st.dictionaries(field_names, values, max_size=5)), max_size=4)
+any_mapping = st.one_of(flat, sectioned, st.dictionaries(st.one_of(field_names, st.sampled_from(sorted(SECTIONS))),
+                                                         st.one_of(values, flat), max_size=5))
+
+INPUTS = {"config": 0, "yaml": 0, "cli": 0, "tokenizer": 0, "data": 0}  # examples run, for the report
+
+
+def _check_config(cfg: RunConfig) -> None:
+    """An accepted config is well-typed and survives its own round trip."""
+    for section, cls in SECTIONS.items():
+        for name, value in vars(getattr(cfg, section)).items():
+            assert not isinstance(value, (list, dict)), (section, name, value)
+    assert build_config(cfg.to_dict()) == cfg
+
+
+@FAST
+@given(any_mapping)
+def test_build_config_accepts_or_names_the_problem(raw):
+    INPUTS["config"] += 1
+    try:
+        cfg = build_config(raw, source="fuzz")
+    except SabError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    _check_config(cfg)
+
+
+@FAST
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
+                 any_mapping.map(lambda m: yaml.safe_dump(m, allow_unicode=True)),
+                 st.sampled_from(["a: [1, 2", "model: {hidden: }", "!!python/object/apply:os.system ['true']",
+                                  "train:\n  epochs: 3\n epochs: 4", "- 1\n- 2", "&a [*a]", "%YAML 9.9\n---\n1",
+                                  "epochs: !!binary aGVsbG8=", "? [a, b]\n: c", "train: {resume: auto, epochs: 1e3}"])))
+def test_yaml_files_load_or_name_the_file(text):
+    INPUTS["yaml"] += 1
+    d = Path(tempfile.mkdtemp())
+    try:
+        path = d / "config.yaml"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        before = path.read_bytes()
+        try:
+            _check_config(load_config(path))
+        except SabError as e:
+            assert "\n" not in str(e)
+        assert path.read_bytes() == before
+    finally:
+        shutil.rmtree(d)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_binary_yaml_files(data):
+    INPUTS["yaml"] += 1
+    d = Path(tempfile.mkdtemp())
+    try:
+        path = d / "config.yaml"
+        path.write_bytes(data)
+        try:
+            load_config(path)
+        except SabError as e:
+            assert "config.yaml" in str(e) or "config" in str(e)
+    finally:
+        shutil.rmtree(d)
+
+
+# --------------------------------------------------------------------------------------- CLI
+def _cli_vocabulary() -> tuple[list[str], list[str]]:
+    parser = build_parser()
+    commands, flags = [], ["--help", "-h", "--version", "-q", "--quiet", "--nonexistent"]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name == "bench":  # runs real benchmarks by design; its parsing is the same code
+                    continue
+                commands.append(name)
+                for a in sub._actions:
+                    flags.extend(s for s in a.option_strings if s != "--force")
+    return commands, sorted(set(flags))
+
+
+COMMANDS, FLAGS = _cli_vocabulary()
+ARG_VALUES = TRICKY + ["precious.txt", "ck", "missing.pt", "out.safetensors", "-5", "9999999999", "char96",
+                       "fp16", "bf16", "cosine", "--", "-", "=", "--epochs=2"]
+
+
+@pytest.fixture
+def sandbox(in_tmp, monkeypatch):
+    """The CLI runs for real, except that training stops right after its config is validated."""
+    import sab_byon_omni.commands.train as train_cmd
+
+    def no_training(cfg):
+        assert isinstance(cfg, RunConfig)
+        return None, TrainResult()
+
+    monkeypatch.setattr(train_cmd, "run_training", no_training)
+    Path("precious.txt").write_text("the user's file\n")
+    return in_tmp
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+
+@FAST
+@given(st.one_of(st.sampled_from(COMMANDS), st.text(max_size=8)),
+       st.lists(st.one_of(st.sampled_from(FLAGS), st.sampled_from(ARG_VALUES), st.text(max_size=10)), max_size=8))
+def test_any_command_line_ends_in_0_or_one_error_line(sandbox, capsys, command, rest):
+    INPUTS["cli"] += 1
+    before = _snapshot(sandbox)["precious.txt"]
+    try:
+        rc = main([command, *rest])
+    except SystemExit as e:  # --help and --version print and exit 0, as argparse does
+        assert e.code == 0 and {"--help", "-h", "--version"} & {command, *rest}
+        rc = 0
+    assert rc in (0, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if rc == 2:
+        assert [line for line in err.splitlines() if line.startswith("error: ")], err
+    assert _snapshot(sandbox)["precious.txt"] == before
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(sorted(FIELD_SECTION)), st.one_of(st.sampled_from(ARG_VALUES),
+                                                                          st.text(max_size=6)), max_size=5))
+def test_train_flags_validate_or_name_the_field(sandbox, capsys, overrides):
+    """Every config field as a CLI flag with hostile values."""
+    INPUTS["cli"] += 1
+    argv = ["train"]
+    for k, v in overrides.items():
+        argv.append(f"--{FIELD_SECTION[k]}.{k}={v}")
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc in (0, 2) and "Traceback" not in err
+    if rc == 2:
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: ")
+
+
+# -------------------------------------------------------------------------------- tokenizers
+# any code point, lone surrogates included (they reach us from undecodable bytes in argv)
+any_text = st.lists(st.integers(0, 0x10FFFF).map(chr), max_size=60).map("".join)
+
+
+@FAST
+@given(any_text)
+def test_char96_maps_any_text_onto_its_96_ids(text):
+    INPUTS["tokenizer"] += 1
+    tok = Char96Tokenizer()
+    ids = tok.encode(text)
+    assert all(1 <= i <= 95 for i in ids)
+    decoded = tok.decode(ids)
+    assert decoded == tok.normalize(text)  # documented: lossy by a fixed rule
+    assert tok.normalize(decoded) == decoded  # ...that is idempotent
+    if text.isascii() and text.isprintable():
+        assert decoded == text  # and exact on printable ASCII
+
+
+@FAST
+@given(any_text)
+def test_byte_tokenizer_is_lossless_for_valid_unicode(text):
+    INPUTS["tokenizer"] += 1
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert all(2 <= i < tok.vocab_size for i in ids)
+    decoded = tok.decode(ids)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: documented to come back as U+FFFD
+        assert "\ufffd" in decoded
+    else:
+        assert decoded == text
+
+
+@FAST
+@given(st.lists(st.integers(0, 95), max_size=50), st.lists(st.integers(0, 257), max_size=50))
+def test_decoding_any_in_vocabulary_ids_never_fails(char_ids, byte_ids):
+    INPUTS["tokenizer"] += 1
+    assert isinstance(Char96Tokenizer().decode(char_ids), str)
+    assert isinstance(ByteTokenizer().decode(byte_ids), str)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    return BPETokenizer.train(["Consciousness is awareness.", "def f(x): return x * 2", "héllo wörld ✓ 😀"],
+                              vocab_size=300)
+
+
+@FAST
+@given(any_text)
+def test_bpe_round_trips_valid_unicode_and_replaces_lone_surrogates(bpe, text):
+    INPUTS["tokenizer"] += 1
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    decoded = bpe.decode(ids)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        assert "\ufffd" in decoded
+    else:
+        assert decoded == text
+
+
+# -------------------------------------------------------------------------------- data files
+def _data_cfg(path: Path, cache: Path, tokenizer: str):
+    from sab_byon_omni.config import DataConfig
+
+    return DataConfig(dataset=str(path), seq_len=16, tokenizer=tokenizer, cache_dir=str(cache), bpe_vocab_size=300)
+
+
+file_contents = st.one_of(
+    st.just(b""), st.binary(max_size=3000),
+    any_text.map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.text(max_size=40).map(lambda t: (t * 500).encode("utf-8")),  # long lines
+    st.lists(st.text(max_size=30), max_size=30).map(lambda ls: "\n".join(ls).encode("utf-8")),
+    st.binary(max_size=50).map(lambda b: b"text " * 100 + b"\x00" + b),  # NUL: looks binary
+)
+suffixes = st.sampled_from([".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".html", ".bin", ""])
+
+
+@SLOW
+@given(st.lists(st.tuples(file_contents, suffixes), min_size=1, max_size=3), st.sampled_from(["char96", "byte", "bpe"]))
+def test_data_files_load_or_name_the_problem(files, tokenizer):
+    from sab_byon_omni.data.factory import load_datasets
+
+    INPUTS["data"] += 1
+    d = Path(tempfile.mkdtemp())
+    try:
+        data = d / "data"
+        data.mkdir()
+        for i, (content, suffix) in enumerate(files):
+            (data / f"f{i}{suffix}").write_bytes(content)
+        before = _snapshot(data)
+        try:
+            tok, train, val = load_datasets(_data_cfg(data, d / "cache", tokenizer))
+        except SabError as e:
+            assert str(e) and "\n" not in str(e)
+        else:
+            assert len(train) >= 1 and len(val) >= 1
+            for ds in (train, val):
+                for i in range(min(len(ds), 3)):
+                    sample = ds[i]
+                    assert 1 <= len(sample) <= 16 and int(sample.max()) < tok.vocab_size
+        assert _snapshot(data) == before  # the user's files are never changed
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("tokenizer", ["char96", "byte"])
+def test_one_huge_line_without_newline(tmp_path, tokenizer):
+    """A 3 MiB single line (larger than the reader's chunk) is read, not held whole or refused."""
+    from sab_byon_omni.data.factory import load_datasets
+
+    f = tmp_path / "one_line.txt"
+    f.write_bytes(b"abc def ghi " * (3 * 2**20 // 12))
+    tok, train, val = load_datasets(_data_cfg(f, tmp_path / "cache", tokenizer))
+    assert len(train) > 1000 and len(val) >= 1
+
+
+def test_report_counts():
+    """Runs last in this file: how many fuzzed inputs each property saw (pytest -s shows them)."""
+    print(f"\nfuzzed inputs: {INPUTS} (total {sum(INPUTS.values())})")
+    assert all(v >= 0 for v in INPUTS.values())
