@@ -185,3 +185,67 @@ def test_sigkill_resume_with_torch_compile(tmp_path):
     rc, _, err = _finish(proc_ref, timeout=600)
     assert rc == 0, err
     _assert_identical_runs(ref, run)
+
+
+# ------------------------------------------------------------------ a different number of processes
+def test_the_data_cursor_is_global_so_any_world_size_continues_the_epoch():
+    """Samples consumed by W processes up to a saved cursor, then by W' from it: each sample of the
+    epoch at most once, all but a last chunk smaller than W' (the pure function behind resuming on
+    more or fewer processes)."""
+    import numpy as np
+
+    from sab_byon_omni.data.batching import epoch_order, iterate_batches
+
+    class Numbered:  # sample i is the single token i+1 (0 is padding)
+        def __len__(self):
+            return 53
+
+        def __getitem__(self, i):
+            return np.array([i + 1, i + 1])
+
+    ds = Numbered()
+    for first, then in ((2, 1), (1, 3), (4, 2)):
+        seen, cursor = [], 0
+        for rank in range(first):  # life 1: `first` processes, 3 micro-steps each
+            batches = iterate_batches(ds, 2, pad_id=0, epoch=1, seed=7, world=first, rank=rank)
+            for _ in range(3):
+                b = next(batches)
+                seen += [int(x) - 1 for x in b.input_ids[:, 0] if x]
+                cursor = b.cursor
+        for rank in range(then):  # life 2: `then` processes, from the global cursor to the end
+            for b in iterate_batches(ds, 2, pad_id=0, epoch=1, seed=7, start=cursor, world=then, rank=rank):
+                seen += [int(x) - 1 for x in b.input_ids[:, 0] if x]
+        order = epoch_order(53, 1, 7, True).tolist()
+        assert len(seen) == len(set(seen)), "a sample was visited twice"
+        # every sample once, except a last chunk smaller than the world (no rank may be left empty)
+        assert sorted(seen) == sorted(order[:len(seen)]) and len(order) - len(seen) < then, (first, then)
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_then_more_processes_with_torchrun(tmp_path):
+    """2 processes (torchrun, gloo) for 3 steps, 1 process for 4, 2 again to the end of the epoch:
+    the epoch visits every training sample once (its target-token count matches exactly)."""
+    import shutil
+
+    from sab_byon_omni.config import build_config
+    from sab_byon_omni.data.factory import load_datasets
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not installed")
+    args = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "60", "--seq_len", "32",
+            "--batch_size", "2", "--gradient_accumulation_steps", "2", "--precision", "fp32", "--device", "cpu",
+            "--progress", "false", "--log_interval", "1", "--checkpoint_dir", "ck", "--resume", "auto"]
+    two = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "sab_byon_omni"]
+    one = [sys.executable, "-m", "sab_byon_omni"]
+    for launcher, max_steps in ((two, 3), (one, 7), (two, 9)):
+        r = subprocess.run([*launcher, *args, "--max_steps", str(max_steps)], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ck = load_checkpoint(tmp_path / "ck" / f"step_{max_steps}.pt")
+        assert ck["global_step"] == max_steps
+        assert ck["data_state"]["world_size"] == (2 if launcher is two else 1)
+    # 54 training samples: 3 steps x 8 + 4 steps x 4 + 2 steps (8, then the last 6) = 54
+    assert ck["data_state"]["cursor"] == 54
+    cfg = build_config(ck["config"])
+    _, train, _ = load_datasets(cfg.data)
+    assert ck["data_state"]["epoch_tokens"] == sum(len(train[i]) - 1 for i in range(len(train)))

@@ -69,6 +69,8 @@ def consolidate(src: str | Path, dst: str | Path, weights_only: bool = False) ->
 
 def run(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
+    if not src.name or src.name in (".", ".."):
+        raise SabError(f"checkpoint {args.checkpoint!r}: give the path of a sharded checkpoint directory")
     dst = Path(args.output) if args.output else src.with_suffix(".pt")
     if dst.exists() and not args.force:
         raise SabError(f"{dst} exists; pass --force to overwrite it or -o to choose another file")
