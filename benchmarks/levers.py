@@ -6,6 +6,7 @@ in one process (so a busy machine slows all of them alike). Run from the reposit
     python benchmarks/levers.py rope          # rotary embedding implementations, forward + backward
     python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
+    python benchmarks/levers.py compile       # a Lightweight step (batch 1 x 1024), eager vs torch.compile
 
 Each prints the median seconds per call of each variant and the ratio to the first.
 """
@@ -125,9 +126,30 @@ def bench_vocab(reps: int) -> None:
     interleave({"vocab 96": run(96), "vocab 128 (padded to 64)": run(128)}, reps)
 
 
+def bench_compile(reps: int) -> None:
+    from sab_byon_omni.training.trainer import causal_lm_loss
+
+    model = lightweight()
+    compiled = torch.compile(model)
+    ids = torch.randint(1, 96, (1, 1024))
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+
+    def step(m: torch.nn.Module) -> Callable[[], None]:
+        def fn() -> None:
+            causal_lm_loss(m(ids), ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+
+    t0 = time.perf_counter()
+    step(compiled)()
+    print(f"first compiled step (compile + run): {time.perf_counter() - t0:.1f} s")
+    interleave({"eager": step(model), "torch.compile": step(compiled)}, reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab"))
+    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab", "compile"))
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     globals()[f"bench_{args.lever}"](args.reps)

@@ -86,6 +86,8 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.5,
@@ -430,7 +432,7 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
             @torch.no_grad()
             def run_hf() -> None:
                 with precision.autocast():
-                    out = hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True)
                 assert out.shape[1] == prompt_len + new_tokens
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The measurements behind docs/BENCHMARKS.md, on a CPU machine. Each command interleaves the
+# models it compares in one process; compare ratios within one command's output only.
+set -euo pipefail
+lscpu | grep -E "Model name|^CPU\(s\)|Flags" | sed -E 's/(Flags:).*/\1 see docs/'
+grep -o -w -E "avx2|fma|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+# Training step, Lightweight, batch 4 x 1024, fp32, against HF GPT-2 (default threads, then 1 thread)
+sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf
+sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf --threads 1
+# Memory with activation checkpointing
+sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --threads 1 --activation-checkpointing
+# Generation with the KV cache against HF generate
+for preset in lightweight small tiny; do
+  sab-omni bench --mode generate --preset "$preset" --prompt-len 64 --new-tokens 128 --steps 3 --warmup 1 --compare hf --threads 1
+done
+# Levers, each interleaved in one process
+for lever in optimizer rope sdpa vocab threads compile; do
+  python benchmarks/levers.py "$lever"
+done
