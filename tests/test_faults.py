@@ -390,3 +390,23 @@ def test_best_model_is_replaced_only_by_a_better_finite_one(in_tmp, monkeypatch)
     assert best == [(1, 2.0), (5, 1.5)]
     ck = ckpt_io.load_checkpoint("ck/best_model.pt")
     assert ck["val_loss"] == 1.5 and ck["epoch"] == 5
+
+
+def test_a_second_ctrl_c_stops_at_once(in_tmp, monkeypatch, capsys):
+    """The first SIGINT asks for a save-and-stop after the step; a second one does not wait."""
+    import signal
+
+    real = T.Trainer._optimizer_step
+
+    def step(self):
+        norm = real(self)
+        if self.state["global_step"] + 1 == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return norm
+
+    monkeypatch.setattr(T.Trainer, "_optimizer_step", step)
+    assert main([*BASE, "--checkpoint_dir", "ck", "--save_every", "1"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in Path("ck").iterdir()) == ["metrics.jsonl", "step_1.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

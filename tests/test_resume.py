@@ -249,3 +249,21 @@ def test_resume_on_fewer_then_more_processes_with_torchrun(tmp_path):
     cfg = build_config(ck["config"])
     _, train, _ = load_datasets(cfg.data)
     assert ck["data_state"]["epoch_tokens"] == sum(len(train[i]) - 1 for i in range(len(train)))
+
+
+def test_train_3b_rapid_resumes_exactly(in_tmp):
+    """The Python entry point takes the same ``resume`` option: 3 steps, then resume to 6, equals 6."""
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.training.train_3b import train_3b_rapid
+
+    kw = dict(epochs=1, batch_size=4, grad_accum=1, seq_len=32, num_samples=40, precision="fp32", device="cpu",
+              progress=False, deterministic=True, lr_schedule="cosine", warmup_steps=2, learning_rate=1e-3,
+              dropout=0.1)
+    train_3b_rapid(SABTranscendentV2(preset="tiny"), checkpoint_dir="a", max_steps=3, **kw)
+    resumed = train_3b_rapid(SABTranscendentV2(preset="tiny"), checkpoint_dir="a", max_steps=6, resume="auto", **kw)
+    straight = train_3b_rapid(SABTranscendentV2(preset="tiny"), checkpoint_dir="b", max_steps=6, **kw)
+    assert resumed.global_step == straight.global_step == 6
+    a, b = load_checkpoint("a/step_6.pt"), load_checkpoint("b/step_6.pt")
+    _assert_same_state(a["model_state_dict"], b["model_state_dict"])
+    _assert_same_state(a["optimizer_state_dict"], b["optimizer_state_dict"])
+    assert a["data_state"] == b["data_state"]
