@@ -462,7 +462,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     """A Markdown table (one row per model) and the setup it was measured on."""
-    where = f"{r['device_name']} ({r['device']}, {r['threads']} threads"
+    where = f"{r['device_name']} ({r['device']}, {r['threads']} thread{'' if r['threads'] == 1 else 's'}"
     where += f", {r['cpu_flags']})" if "cpu_flags" in r else ")"
     if r["mode"] == "generate":
         lines = [f"generation: {r['preset']} ({r['params'] / 1e6:.1f}M params), vocab {r['vocab_size']}, prompt "
@@ -478,18 +478,18 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['batch_size']} x {r['seq_len']}, {r['precision']}, {r['optimizer']}, compile {'on' if r['compile'] else 'off'}, "
         f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}; {where}",
         f"FLOPs per token: {r['flops_per_token'] / 1e6:.1f} M (6 x {r['matmul_params'] / 1e6:.2f}M matmul weights "
-        f"+ 12 x layers x seq_len x hidden); peak {_fmt(r['peak_tflops'], '.3f')} TFLOP/s ({r['peak_source']})",
+        f"+ 12 x layers x seq_len x hidden); peak {_fmt(r['peak_tflops'], '.3g')} TFLOP/s ({r['peak_source']})",
         "",
         "| model | tokens/s | step s | TFLOP/s | MFU | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| sab-byon-omni | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tflops']:.4f} | "
+        f"| sab-byon-omni | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tflops']:.3g} | "
         f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {r['peak_memory_mb']:,.0f} ({r['memory_kind']}) |",
     ]
     if "hf_tokens_per_s" in r:
         lines.append(f"| HF GPT-2 ({r['hf_params'] / 1e6:.1f}M params) | {r['hf_tokens_per_s']:,.0f} | "
-                     f"{r['hf_step_s']:.2f} | {r['hf_tflops']:.4f} | {_fmt(r['hf_mfu'] and 100 * r['hf_mfu'], '.1f')}% | - |")
+                     f"{r['hf_step_s']:.2f} | {r['hf_tflops']:.3g} | {_fmt(r['hf_mfu'] and 100 * r['hf_mfu'], '.1f')}% | - |")
     lines.append("")
-    lines.append(f"median of {r['steps']} timed steps after {r['warmup']} warm-up"
+    lines.append(f"median of {r['steps']} timed step(s) after {r['warmup']} warm-up"
                  + (f"; first step {r['first_step_s']:.1f} s" if r.get("first_step_s") else "")
                  + (f", compile about {r['compile_s']:.1f} s" if "compile_s" in r else ""))
     if "ratio_vs_hf" in r:
