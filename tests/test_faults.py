@@ -410,3 +410,17 @@ def test_a_second_ctrl_c_stops_at_once(in_tmp, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in Path("ck").iterdir()) == ["metrics.jsonl", "step_1.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_skipped_step_count_survives_a_resume(in_tmp, monkeypatch):
+    argv = [*BASE, "--checkpoint_dir", "ck", "--save_every", "1", "--resume", "auto"]
+    with monkeypatch.context() as m:
+        _poison(m, {2, 3})
+        assert main([*argv, "--max_steps", "3"]) == 0  # stops after two skipped steps in a row
+    with monkeypatch.context() as m:
+        _poison(m, {4})  # third in a row across the restart: still counted as such
+        assert main([*argv, "--max_steps", "6", "--max_nonfinite_steps", "3"]) == 2
+    rows = {r["step"]: r["skipped"] for r in _rows(Path("ck")) if "lr" in r}
+    assert rows == {1: 0, 2: 1, 3: 2}
+    data = ckpt_io.load_checkpoint("ck/step_3.pt")["data_state"]
+    assert (data["skipped_steps"], data["skipped_in_a_row"]) == (2, 2)

@@ -239,6 +239,8 @@ class Trainer:
                               epoch_loss_sum=float(data.get("epoch_loss_sum", 0.0)) if own else 0.0,
                               epoch_tokens=int(data.get("epoch_tokens", 0)) if own else 0,
                               train_losses=list(hist.get("train_loss", [])), val_losses=list(hist.get("val_loss", [])))
+            self.skipped_total = int(data.get("skipped_steps", 0))  # the "skipped" metric carries on
+            self._skipped_in_a_row = int(data.get("skipped_in_a_row", 0))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise SabError(f"{path}: cannot resume from it ({type(e).__name__}: {first})") from None
@@ -448,7 +450,8 @@ class Trainer:
             "rng_state": ckpt_io.capture_rng(),
             "data_state": {"epoch": st["epoch"], "cursor": st["cursor"], "world_size": self.info.world,
                            "epoch_loss_sum": float(st.get("epoch_loss_sum", 0.0)),
-                           "epoch_tokens": int(st.get("epoch_tokens", 0))},
+                           "epoch_tokens": int(st.get("epoch_tokens", 0)),
+                           "skipped_steps": self.skipped_total, "skipped_in_a_row": self._skipped_in_a_row},
             "tokenizer": self.tokenizer.to_spec(),
             "history": {"train_loss": list(st["train_losses"]), "val_loss": list(st["val_losses"])},
             "best_val_loss": st["best_val_loss"] if val_loss is None else min(st["best_val_loss"], val_loss),
