@@ -210,3 +210,8 @@ def test_nothing_is_fetched_from_the_network(in_tmp, monkeypatch, capsys):
     assert main([*TRAIN, "--checkpoint_dir", "ck"]) == 0
     assert main(["generate", "--checkpoint", "ck/step_3.pt", "--prompt", "Con", "--max-new-tokens", "4"]) == 0
     assert main(["export", "--checkpoint", "ck/step_3.pt", "--out", "m.safetensors"]) == 0
+    sab = SABTranscendentV2.from_checkpoint("ck/step_3.pt")
+    if hasattr(sab, "save_pretrained"):  # the Hub-style folder: a local path never goes online
+        sab.save_pretrained(in_tmp / "shared")
+        again = SABTranscendentV2.from_pretrained(in_tmp / "shared")
+        assert torch.equal(again.model.embed.weight, sab.model.embed.weight)
