@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,26 @@ def test_train_3b_rapid_resumes_exactly(in_tmp):
     _assert_same_state(a["model_state_dict"], b["model_state_dict"])
     _assert_same_state(a["optimizer_state_dict"], b["optimizer_state_dict"])
     assert a["data_state"] == b["data_state"]
+
+
+def test_resume_auto_picks_the_highest_step_even_when_file_times_are_scrambled(in_tmp, capsys):
+    """A folder copied to Drive and back (or unzipped) has new file times in any order; --resume
+    auto must still continue from the furthest checkpoint, not from the most recently touched one."""
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.training.checkpoint import latest_checkpoint
+
+    args = ["-q", "train", "--preset", "tiny", "--num_samples", "40", "--seq_len", "32", "--batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu", "--progress", "false",
+            "--log_interval", "1", "--save_every", "2", "--keep_last", "10", "--checkpoint_dir", "ck"]
+    assert main([*args, "--epochs", "1"]) == 0  # 9 steps: step_2..8.pt, epoch_1.pt (step 9)
+    ck = in_tmp / "ck"
+    copied = in_tmp / "copied"
+    shutil.copytree(ck, copied)
+    t = time.time()
+    for i, name in enumerate(["epoch_1.pt", "step_8.pt", "step_6.pt", "step_4.pt", "step_2.pt"]):
+        os.utime(copied / name, (t + i, t + i))  # the oldest checkpoint now looks newest
+    assert latest_checkpoint(copied) == copied / "epoch_1.pt"
+    assert main([*args, "--checkpoint_dir", "copied", "--epochs", "2", "--max_steps", "12", "--resume", "auto"]) == 0
+    rows = [json.loads(line) for line in (copied / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "lr" in r]
+    assert steps == list(range(1, 13))  # continued at step 10, nothing redone or dropped

@@ -127,16 +127,17 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load with ``weights_only=True``; a missing, truncated, corrupt, unsafe or foreign file is a
-    :class:`SabError` naming it."""
+    :class:`SabError` naming it. ``mmap=True`` maps the tensors instead of reading them (cheap
+    when only the metadata is needed)."""
     p = Path(path)
     if not p.is_file():
         raise SabError(f"checkpoint not found: {p}")
     try:
         with warnings.catch_warnings():  # a raw pickle's protocol note would precede our one-line error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+            ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise SabError(f"{p}: refused to load: it is not a plain checkpoint (weights_only): {first[:160]}") from None
@@ -162,14 +163,24 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest loadable resume point, skipping unreadable files with a warning."""
-    for p in reversed(checkpoint_files(directory)):
+    """The resume point: the readable checkpoint with the highest global step (an epoch file beats
+    the step file of the same step: it was written after the epoch-end evaluation; then the newer
+    file). Ordering by content, not by file times, means a copied or synced folder (file times
+    reset) still resumes from the right file. Unreadable files are skipped with a warning."""
+    best: tuple[tuple[int, bool, int], Path] | None = None
+    for p in checkpoint_files(directory):
         try:
-            load_checkpoint(p)
-            return p
+            ck = load_checkpoint(p, mmap=True)
+            key = (int(ck["global_step"]), bool(_EPOCH_RE.match(p.name)), p.stat().st_mtime_ns)
         except SabError as e:
             log.warning("skipping %s", e)
-    return None
+            continue
+        except (TypeError, ValueError):
+            log.warning("skipping %s: its global_step is not a number", p)
+            continue
+        if best is None or key > best[0]:
+            best = (key, p)
+    return best[1] if best else None
 
 
 def prune_step_checkpoints(directory: str | Path, keep_last: int) -> None:
