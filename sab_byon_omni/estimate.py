@@ -10,13 +10,16 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
   :func:`block_activation_bytes`), or only each block's input with activation checkpointing plus
   one block recomputed in backward;
 * **logits**: the output head's logits, their fp32 log-softmax and its gradient;
+* **workspace**: backward's temporaries in one block (the recomputed GELU and two gradients);
+  the logits are freed before the blocks' backward begins, so the peak holds the larger of the two;
 * **buffers**: what the framework adds: autocast's low-precision weight copies, DDP's gradient
-  buckets, FSDP's all-gathered blocks, and the foreach AdamW temporary (CPU) at the step.
+  buckets, FSDP's all-gathered blocks, and (foreach AdamW only) one temporary at the step.
 
 With ``parallel="fsdp"`` over N devices, weights, gradients and optimizer state are divided by N
 (FSDP2 ``fully_shard`` per block and at the root) and the buffers hold two unsharded blocks plus
 the root's parameters. The peak is the larger of the forward/backward peak and the optimizer-step
-peak. ``tests/test_estimate.py`` checks the total against the measured peak RSS of real training
+peak, ``weights + gradients + optimizer + activations + max(logits, workspace) + buffers``.
+``tests/test_estimate.py`` checks the total against the measured peak RSS of real training
 runs on a CPU.
 """
 
@@ -50,14 +53,15 @@ def block_parameters(cfg: ModelConfig) -> int:
 def block_activation_bytes(cfg: ModelConfig, act_bytes: int) -> float:
     """Bytes autograd saves per token in one block (no activation checkpointing).
 
-    The residual stream stays fp32 under autocast (it starts as the fp32 embedding); everything
-    else is in the compute dtype: the block input and the attention residual (fp32, saved by the
-    two LayerNorms), the two normalised inputs, qkv (3h, kept alive by v), rotated q and k (2h),
-    the attention output and its merged-head copy (2h), the MLP's up and GELU outputs (2 ffn),
-    and the attention's log-sum-exp (one fp32 per head; the fused kernels never store T x T).
+    The residual stream stays fp32 under autocast (it starts as the fp32 embedding): the block
+    input and the attention residual, saved by the two LayerNorms. In the compute dtype: the two
+    normalised inputs of the linears (2h), rotated q and k and the copied-out v (3h), the
+    attention output (h; its merged-head view is free, the fused kernels lay it out as
+    (B, T, H, D)), and the MLP's up projection (ffn; the GELU is recomputed in backward). Plus
+    the attention's log-sum-exp, one fp32 per head; no T x T matrix is ever stored.
     """
     h, f = cfg.hidden, cfg.ffn
-    return 2 * 4 * h + act_bytes * (2 * h + 3 * h + 2 * h + 2 * h + 2 * f) + 4 * cfg.n_heads
+    return 2 * 4 * h + act_bytes * (2 * h + 3 * h + h + f) + 4 * cfg.n_heads
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Estimate:
     optimizer: float
     activations: float
     logits: float
+    workspace: float  # backward's working set in one block (never at the same time as the logits)
     buffers: float
     peak: float
     flops_per_token: float  # model FLOPs (6N + attention), the MFU convention
@@ -95,8 +100,8 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
              fused_optimizer: bool | None = None) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
-    memory beyond the gradients). ``fused_optimizer`` (default: on CUDA) drops foreach AdamW's
-    one parameter-sized temporary."""
+    memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
+    temporaries; foreach AdamW adds one parameter-sized buffer at the step."""
     if cfg.vocab_size is None:
         raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
     if precision not in PRECISION_BYTES:
@@ -126,6 +131,9 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
     # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
     logits = tokens * v * (12 + (act if mixed else 0))
+    # backward of one MLP: the recomputed GELU, the gradient through the down projection and the
+    # GELU's input gradient (3 ffn), plus the residual gradient and its copy (2 fp32 h)
+    workspace = tokens * (3 * act * cfg.ffn + 8 * h)
 
     matmul_params = p - L * 2 * h - h  # everything but the norm weights
     buffers_fwd = 0.0
@@ -137,13 +145,13 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     elif mixed:
         buffers_fwd = act * matmul_params  # autocast's cached low-precision weight copies
     ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
-    if fused_optimizer is None:
-        fused_optimizer = device != "cpu"
+    if fused_optimizer is None:  # the trainer uses fused AdamW wherever torch has it (CUDA, CPU)
+        fused_optimizer = device in ("cuda", "cpu")
     opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary
 
     persistent = weights + gradients + optimizer + ddp_buckets
-    peak = persistent + max(activations + logits + buffers_fwd, opt_temp)
-    buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - logits, 0.0)
+    peak = persistent + max(activations + max(logits, workspace) + buffers_fwd, opt_temp)
+    buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - max(logits, workspace), 0.0)
 
     attn = 12 * L * h * seq_len / 2  # causal: half of the T x T scores are computed
     head_params = v * h  # the output matmul (tied or not); the embedding lookup costs nothing
@@ -152,7 +160,7 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     hw = flops + (2 * dense + attn / 3 if ac else 0)
     return Estimate(preset=cfg.preset, parameters=p, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
                     gpus=gpus, parallel=parallel, activation_checkpointing=ac, weights=weights, gradients=gradients,
-                    optimizer=optimizer, activations=activations, logits=logits, buffers=buffers, peak=peak,
+                    optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers, peak=peak,
                     flops_per_token=flops, hardware_flops_per_token=hw)
 
 
@@ -206,7 +214,7 @@ def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 
     """Markdown: Lightweight (vocab 96) and 3b (vocab 50,000) on 1, 8 and 64 GPUs, DDP and FSDP,
     with and without activation checkpointing; micro-batch 4 x 1024 (Lightweight) / 1 x 2048 (3b)."""
     budget = memory_gb * 1e9
-    rows = ["| model | params | GPUs | parallel | act. ckpt | micro-batch | weights+grads+optim | activations+logits "
+    rows = ["| model | params | GPUs | parallel | act. ckpt | micro-batch | weights+grads+optim | activations "
             "| peak / GPU | fits " f"{memory_gb:g} GB | time for {fmt_count(tokens)} tokens |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     setups = (("lightweight", 96, 4, 1024), ("3b", 50000, 1, 2048))
@@ -222,7 +230,7 @@ def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 
                     t = e.seconds_per_tokens(tokens, peak_tflops, mfu) * e.hardware_flops_per_token / e.flops_per_token
                     rows.append(f"| {preset} | {fmt_count(e.parameters)} | {gpus} | {parallel} | {'on' if ac else 'off'} "
                                 f"| {mb} x {seq} | {fmt_bytes(e.weights + e.gradients + e.optimizer)} "
-                                f"| {fmt_bytes(e.activations + e.logits)} | {fmt_bytes(e.peak)} | {fits} "
+                                f"| {fmt_bytes(e.activations + max(e.logits, e.workspace))} | {fmt_bytes(e.peak)} | {fits} "
                                 f"| {fmt_duration(t) if fits == 'yes' else '-'} |")
     return "\n".join(rows)
 
@@ -312,6 +320,6 @@ def plan_memory(model, train_data, cfg, device, precision: str, info):
         tips.append("more memory per device, or more processes with --parallel fsdp (see sab-omni estimate)")
     raise SabError(
         f"this run needs about {fmt_bytes(e.peak)} per process (weights {fmt_bytes(e.weights)}, gradients "
-        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, activations {fmt_bytes(e.activations + e.logits)} "
+        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, activations {fmt_bytes(e.activations + max(e.logits, e.workspace))} "
         f"for micro-batch {t.batch_size} x {seq} tokens) but {what} leaves {fmt_bytes(usable)} usable; "
         f"settings that fit: {'; or '.join(tips)}; --check_memory false skips this check")

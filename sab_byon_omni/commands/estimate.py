@@ -19,7 +19,7 @@ from sab_byon_omni.estimate import (PARALLEL, PRECISION_BYTES, epoch_tokens, est
 EXAMPLE = """examples:
   sab-omni estimate --preset lightweight --seq-len 1024 --batch-size 4
   sab-omni estimate --preset 3b --vocab-size 50000 --seq-len 2048 --batch-size 1 --gpus 8 --parallel fsdp --activation-checkpointing
-  sab-omni estimate --preset tiny --precision fp32 --device cpu --memory-gb 16
+  sab-omni estimate --preset tiny --precision fp32 --memory-gb 16
   sab-omni estimate --table                          # the GPU-requirements tables of docs/DISTRIBUTED.md
 """
 
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="ddp: every device holds the whole model; fsdp: weights, grads and optimizer sharded (default: ddp)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--vocab-size", type=int, default=96, help="vocabulary size (default: 96, the char96 tokenizer)")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="cpu adds foreach AdamW's temporary (CUDA uses the fused optimizer) (default: cuda)")
+    p.add_argument("--foreach-optimizer", action="store_true",
+                   help="count foreach AdamW's step temporary (the trainer uses fused AdamW on CUDA and CPU)")
     p.add_argument("--memory-gb", type=float, default=80.0, help="memory per device, for the fits/does-not-fit verdict (default: 80)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s per device at this precision (default: 989, H100 SXM bf16)")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise SabError(f"--preset={args.preset!r} is not one of: {', '.join(PRESETS)}")
     cfg = ModelConfig.from_name(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, 2))
     e = estimate(cfg, args.seq_len, args.batch_size, args.precision, args.gpus, args.parallel,
-                 args.activation_checkpointing, device=args.device)
+                 args.activation_checkpointing, fused_optimizer=not args.foreach_optimizer)
     tokens = args.tokens if args.tokens is not None else epoch_tokens(args.num_samples, args.seq_len)
     seconds = e.seconds_per_tokens(tokens, args.peak_tflops, args.mfu) * e.hardware_flops_per_token / e.flops_per_token
     budget = args.memory_gb * 1e9
@@ -80,14 +80,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {args.gpus} device(s), "
           f"{args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
     print("memory per device:")
-    for name in ("weights", "gradients", "optimizer", "activations", "logits", "buffers"):
+    for name in ("weights", "gradients", "optimizer", "activations", "logits", "workspace", "buffers"):
         print(f"  {name:<12} {fmt_bytes(getattr(e, name)):>12}")
+    print("  (peak = weights + gradients + optimizer + activations + the larger of logits and workspace + buffers)")
     verdict = "fits" if e.peak <= budget else "does NOT fit"
     print(f"  {'peak':<12} {fmt_bytes(e.peak):>12}   ({verdict} in {args.memory_gb:g} GB)")
     if e.peak > budget:
         mb = largest_micro_batch(cfg, args.seq_len, budget, args.batch_size, precision=args.precision, gpus=args.gpus,
                                  parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
-                                 device=args.device)
+                                 fused_optimizer=not args.foreach_optimizer)
         hint = f"micro-batch {mb} fits" if mb else "even micro-batch 1 does not fit: try --parallel fsdp, more --gpus or --activation-checkpointing"
         print(f"  hint: {hint}")
     print(f"compute: {e.flops_per_token / 1e9:,.3f} GFLOP per token (6N + attention)"
