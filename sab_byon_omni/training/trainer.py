@@ -174,7 +174,7 @@ class Trainer:
         if self.fsdp:
             raise SabError(f"train.resume={spec}: an FSDP run resumes from a sharded checkpoint directory "
                            "(*.dcp); resume this single-file checkpoint with --parallel ddp")
-        ckpt_io.load_checkpoint(spec)  # fail early, with the file named
+        ckpt_io.load_checkpoint(spec, mmap=True)  # fail early, with the file named (mapped: no full read)
         return Path(spec)
 
     def _setup(self) -> None:
