@@ -136,3 +136,18 @@ def test_bpe_model_vocabulary_follows_the_tokenizer_and_travels_in_the_checkpoin
     assert sab.tokenizer.name == "bpe" and sab.config.model.vocab_size == sab.tokenizer.vocab_size == 300
     cached = BPETokenizer.load(next((in_tmp / ".sab_cache").iterdir()) / "tokenizer.json")
     assert spec_equal(cached.to_spec(), sab.tokenizer.to_spec())
+
+
+def test_a_bpe_corpus_run_resumes_with_the_same_tokenizer(in_tmp, capsys):
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.training.checkpoint import load_checkpoint
+
+    root = word_corpus(in_tmp / "words")
+    args = ["train", "--data", str(root), "--tokenizer", "bpe", "--bpe_vocab_size", "300", "--preset", "tiny",
+            "--seq_len", "16", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--checkpoint_dir", "ck",
+            "--progress", "false"]
+    assert main([*args, "--max_steps", "2"]) == 0
+    assert main([*args, "--max_steps", "4", "--resume", "auto"]) == 0  # cache and tokenizer reused
+    capsys.readouterr()
+    ck = load_checkpoint("ck/step_4.pt")
+    assert ck["global_step"] == 4 and spec_equal(ck["tokenizer"], load_checkpoint("ck/step_2.pt")["tokenizer"])
