@@ -43,7 +43,8 @@ def stream_text(tok, tokens: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------------------- formats
 def test_plain_text_markdown_and_source_are_read_verbatim(tmp_path):
-    for name, text in {"a.txt": "hello\nworld\n", "b.md": "# Title\n\n* item é\n", "c.py": "def f(x):\n\treturn x\n"}.items():
+    files = {"a.txt": "hello\nworld\n", "b.md": "# Title\n\n* item é\n", "c.py": "def f(x):\n\treturn x\n"}
+    for name, text in files.items():
         assert docs_of(write(tmp_path / name, text)) == [text]
 
 
@@ -182,7 +183,8 @@ def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
 def test_no_readable_text_names_the_reasons(tmp_path):
     write(tmp_path / "d" / "a.bin", b"\x00" * 10)
     write(tmp_path / "d" / "b.jsonl", '{"body": "x"}\n')
-    with pytest.raises(SabError, match=r"no readable text in 2 file\(s\) \(1 file\(s\): binary; 1 file\(s\): no 'text'"):
+    want = r"no readable text in 2 file\(s\) \(1 file\(s\): binary; 1 file\(s\): no 'text'"
+    with pytest.raises(SabError, match=want):
         C.Documents(C.find_files(str(tmp_path / "d")), DataConfig(dataset=str(tmp_path / "d")))
 
 
@@ -357,19 +359,18 @@ def test_tiny_end_to_end_train_on_files(in_tmp, capsys, caplog):
     for i in range(6):
         write(data / f"n{i}.md", ("the quick brown fox jumps over the lazy dog. " * 8 + "\n") * 2)
     write(data / "img.png", b"\x89PNG\x00")
-    code, out, err = run_cli(["train", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "32",
-                              "--batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
-                              "--epochs", "2", "--val_fraction", "0.34", "--checkpoint_dir", "ck", "--progress", "false"],
-                             capsys)
+    common = ["train", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "32",
+              "--batch_size", "8", "--val_fraction", "0.34", "--progress", "false"]
+    code, out, err = run_cli([*common, "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
+                              "--epochs", "2", "--checkpoint_dir", "ck"], capsys)
     assert code == 0, err
     assert "skipped 1 (1 binary)" in caplog.text
     losses = [float(x) for x in out.split("validation loss per epoch: ")[1].split(" (")[0].split(", ")]
     assert len(losses) == 2 and losses[1] < losses[0] < 5.6  # learned something (ln 258 = 5.55)
     assert (in_tmp / "ck" / "best_model.pt").is_file()
     assert list((in_tmp / ".sab_cache").iterdir())
-    code, out, err = run_cli(["train", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "32",
-                              "--batch_size", "8", "--epochs", "1", "--checkpoint_dir", "ck2", "--progress", "false", "--val_fraction", "0.34",
-                              "--max_steps", "1"], capsys)
+    caplog.clear()
+    code, out, err = run_cli([*common, "--epochs", "1", "--checkpoint_dir", "ck2", "--max_steps", "1"], capsys)
     assert code == 0 and "reusing cache" in caplog.text
 
 

@@ -142,7 +142,8 @@ def test_eval_with_a_checkpoint_whose_tokenizer_differs_from_the_cache(trained, 
     cache = next((ckpt.parent.parent / ".sab_cache").iterdir())
     # the same corpus, tokenised for another (char96) run into the cache the byte checkpoint would use
     assert main(["train", "--data", str(data), "--tokenizer", "char96", "--preset", "tiny", "--seq_len", "32",
-                 "--val_fraction", "0.34", "--checkpoint_dir", "ck_char", "--max_steps", "1", "--progress", "false"]) == 0
+                 "--val_fraction", "0.34", "--checkpoint_dir", "ck_char", "--max_steps", "1",
+                 "--progress", "false"]) == 0
     capsys.readouterr()
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data)]) == 2
