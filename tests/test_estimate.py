@@ -166,3 +166,32 @@ def test_cli_estimate_bad_input_is_one_error_line(argv, capsys):
     assert main(["estimate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,batch,seq,precision,ac", [
+    ("lightweight", 8, 1024, "bf16", False),
+    ("lightweight", 8, 1024, "bf16", True),
+    ("small", 16, 512, "fp32", False),
+])
+def test_estimate_agrees_with_cuda_max_memory_allocated(preset, batch, seq, precision, ac, tmp_path):
+    import numpy as np
+
+    from sab_byon_omni.data.tokenizers import build_tokenizer
+    from sab_byon_omni.training.trainer import Trainer
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rng = np.random.default_rng(0)
+    data = [rng.integers(1, 96, seq) for _ in range(batch * 4)]
+    cfg = build_config({"model": {"preset": preset, "vocab_size": 96, "max_seq_len": seq, "activation_checkpointing": ac},
+                        "data": {"seq_len": seq},
+                        "train": {"batch_size": batch, "gradient_accumulation_steps": 2, "max_steps": 2,
+                                  "progress": False, "checkpoint_dir": str(tmp_path), "precision": precision,
+                                  "device": "cuda"}})
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    Trainer(CausalTransformer(cfg.model), build_tokenizer("char96"), data, None, cfg).fit()
+    measured = torch.cuda.max_memory_allocated() - base
+    predicted = estimate(cfg.model, seq, batch, precision, activation_checkpointing=ac, device="cuda").peak
+    assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)

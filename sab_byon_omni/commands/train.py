@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 
 from sab_byon_omni.commands.common import add_config_flags, collect_overrides
 from sab_byon_omni.config import load_config
@@ -33,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, collect_overrides(args))
     sab, result = run_training(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports for all
     if result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoints in {cfg.train.checkpoint_dir} "
               "(continue with --resume auto)")
@@ -43,5 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"validation loss per epoch: {fmt(result.val_losses)}"
           + (f" (perplexity {math.exp(result.val_losses[-1]):.3f})" if result.val_losses else ""))
     print(f"{result.global_step} optimizer steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
-          f"({result.tokens_per_second:,.0f} tokens/s)")
+          f"({result.tokens_per_second:,.0f} tokens/s)"
+          + (f" on rank 0; about {result.tokens_per_second * world:,.0f} tokens/s over {world} processes"
+             if world > 1 else ""))
     return 0
