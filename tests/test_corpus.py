@@ -396,3 +396,20 @@ def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch)
         t.join()
     assert len(results) == 2 and len(builds) == 1
     assert np.array_equal(results[0].train_tokens, results[1].train_tokens)
+
+
+def test_a_large_file_read_in_pieces_gets_eos_only_where_it_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "CHUNK_BYTES", 64)
+    big = "".join(f"row {i}\n" for i in range(200))
+    write(tmp_path / "d" / "big.txt", big)
+    write(tmp_path / "d" / "small.txt", "small\n")
+    corpus = C.open_corpus(cfg_for(tmp_path / "d", tmp_path, val_fraction=0.2))
+    assert corpus.meta["documents"] > 10
+    tok = corpus.tokenizer
+    for stream in (corpus.train_tokens, corpus.val_tokens):
+        ids = np.asarray(stream)
+        pieces = [tok.decode(p) for p in np.split(ids, np.flatnonzero(ids == tok.eos_id) + 1)[:-1]]
+        for p in pieces:  # each run between <EOS> is the small file or a contiguous stretch of the big one
+            assert p == "small\n" or p in big
+    n_eos = sum(int((np.asarray(s) == tok.eos_id).sum()) for s in (corpus.train_tokens, corpus.val_tokens))
+    assert n_eos < corpus.meta["documents"]  # not one per piece

@@ -357,18 +357,25 @@ class Documents:
 
     def __iter__(self) -> Iterator[tuple[bool, str]]:
         """(is_validation, text) for every document, in corpus order."""
+        return ((is_val, doc) for is_val, doc, _ in self.pieces())
+
+    def pieces(self) -> Iterator[tuple[bool, str, bool]]:
+        """(is_validation, text, ends): ``ends`` is False only for a piece of a large text file whose
+        next piece follows it in the same split (no ``<EOS>`` goes between them)."""
         i = 0
         for path, n in zip(self.files, self.per_file):
             if n == 0:
                 continue
+            plain = path.suffix.lower() not in JSON_EXT | JSONL_EXT | CSV_EXT | HTML_EXT
             try:
-                for doc in read_documents(path, self.cfg.text_field, self.cfg.csv_column):
+                for j, doc in enumerate(read_documents(path, self.cfg.text_field, self.cfg.csv_column)):
                     if self.single_cut:
-                        yield from zip((False, True), _cut(doc, 1.0 - self.cfg.val_fraction))
+                        yield from zip((False, True), _cut(doc, 1.0 - self.cfg.val_fraction), (True, True))
                         return
-                    if i >= self.n_docs:
+                    if j >= n:
                         raise _SkipFile("it has more documents than before")
-                    yield bool(self.is_val[i]), doc
+                    ends = not plain or j == n - 1 or self.is_val[i + 1] != self.is_val[i]
+                    yield bool(self.is_val[i]), doc, bool(ends)
                     i += 1
             except _SkipFile as e:  # the file changed since pass 1
                 raise SabError(f"{path} changed while the corpus was being read ({e}); run again") from None
@@ -648,24 +655,27 @@ def _build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, t
     nbytes = {"train": 0, "val": 0}
     t1 = time.perf_counter()
     try:
-        pending: dict[str, list[str]] = {"train": [], "val": []}
+        pending: dict[str, list[tuple[str, bool]]] = {"train": [], "val": []}
         size = {"train": 0, "val": 0}
 
         def flush(split: str) -> None:
-            texts = pending[split]
-            if not texts:
+            if not pending[split]:
                 return
+            texts = [t for t, _ in pending[split]]
             if eos.size:  # each document ends with <EOS>
-                for ids in (encode_array(tokenizer, [t]) for t in texts) if not isinstance(tokenizer, BPETokenizer) \
-                        else (np.asarray(x, dtype=np.int64) for x in tokenizer.encode_batch(texts)):
-                    writers[split].write(np.concatenate([ids, eos]))
+                if isinstance(tokenizer, BPETokenizer):
+                    ids = [np.asarray(x, dtype=np.int64) for x in tokenizer.encode_batch(texts)]
+                else:
+                    ids = [encode_array(tokenizer, [t]) for t in texts]
+                parts = [p for x, (_, ends) in zip(ids, pending[split]) for p in ((x, eos) if ends else (x,))]
+                writers[split].write(np.concatenate(parts))
             else:
                 writers[split].write(encode_array(tokenizer, texts))
             pending[split], size[split] = [], 0
 
-        for is_val, doc in docs:
+        for is_val, doc, ends in docs.pieces():
             split = "val" if is_val else "train"
-            pending[split].append(doc)
+            pending[split].append((doc, ends))
             n = len(doc.encode("utf-8"))
             size[split] += n
             nbytes[split] += n
