@@ -18,7 +18,7 @@ The pipeline, for ``data.dataset = PATH`` (a file, a folder searched recursively
    cache directory, from where ``--tokenizer_path`` can reuse it.
 5. **Tokenise once** (pass 2), streaming document by document into ``train.bin`` / ``val.bin``
    (uint16, or uint32 for vocabularies over 65,536 ids); with the byte and BPE tokenizers each
-   document ends with ``<EOS>``. ``meta.json`` is written last and records the tokenizer spec hash
+   document (each file, for a large file read in pieces) ends with ``<EOS>``. ``meta.json`` is written last and records the tokenizer spec hash
    and every source file's size and mtime; a later run with the same settings reuses the cache
    without reading a file, and a changed file, option or tokenizer rebuilds it.
 
