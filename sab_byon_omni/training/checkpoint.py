@@ -82,7 +82,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             raise SabError(f"could not save {path}: {why}; earlier checkpoints are intact") from None
         # torch's zip writer can replace the OSError of a full disk by its own RuntimeError
         # ("[enforce fail at inline_container.cc] unexpected pos ...")
-        if isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("write", "inline_container", "unexpected pos")):
+        torch_write_error = any(w in str(e).lower() for w in ("write", "inline_container", "unexpected pos"))
+        if isinstance(e, RuntimeError) and torch_write_error:
             first = str(e).strip().splitlines()[0][:160]
             raise SabError(f"could not save {path} (disk full?): {first}; earlier checkpoints are intact") from None
         raise
