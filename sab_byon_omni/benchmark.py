@@ -369,7 +369,7 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
             step_s = statistics.median(times[name])
             tps = tokens / step_s
             tflops = tps * flops_tok / 1e12
-            return {"step_s": step_s, "tokens_per_s": tps, "tflops": tflops,
+            return {"step_s": step_s, "step_times_s": times[name], "tokens_per_s": tps, "tflops": tflops,
                     "mfu": tflops / peak if peak else None}
 
         n_params = ours.model.num_parameters()
