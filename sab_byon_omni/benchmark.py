@@ -460,6 +460,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def format_report(r: dict[str, Any]) -> str:
     """A Markdown table (one row per model) and the setup it was measured on."""
     where = f"{r['device_name']} ({r['device']}, {r['threads']} thread{'' if r['threads'] == 1 else 's'}"
@@ -483,11 +487,11 @@ def format_report(r: dict[str, Any]) -> str:
         "| model | tokens/s | step s | TFLOP/s | MFU | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|",
         f"| sab-byon-omni | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {r['tflops']:.3g} | "
-        f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | {r['peak_memory_mb']:,.0f} ({r['memory_kind']}) |",
+        f"{_pct(r['mfu'])} | {r['peak_memory_mb']:,.0f} ({r['memory_kind']}) |",
     ]
     if "hf_tokens_per_s" in r:
         lines.append(f"| HF GPT-2 ({r['hf_params'] / 1e6:.1f}M params) | {r['hf_tokens_per_s']:,.0f} | "
-                     f"{r['hf_step_s']:.2f} | {r['hf_tflops']:.3g} | {_fmt(r['hf_mfu'] and 100 * r['hf_mfu'], '.1f')}% | - |")
+                     f"{r['hf_step_s']:.2f} | {r['hf_tflops']:.3g} | {_pct(r['hf_mfu'])} | - |")
     lines.append("")
     lines.append(f"median of {r['steps']} timed step(s) after {r['warmup']} warm-up"
                  + (f"; first step {r['first_step_s']:.1f} s" if r.get("first_step_s") else "")

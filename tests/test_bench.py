@@ -154,3 +154,21 @@ def test_training_keeps_fewer_activations(tiny_cfg):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, rope.rope_cos[:32], rope.rope_sin[:32])
     assert sum(saved.values()) / (32 * 64 * 4) == 12
+
+
+def test_report_without_a_peak_says_so():
+    r = {"mode": "train", "preset": "1b", "params": 1e9, "matmul_params": 9e8, "vocab_size": 96, "seq_len": 2048,
+         "batch_size": 8, "precision": "bf16", "optimizer": "AdamW fused", "compile": False,
+         "activation_checkpointing": False, "device": "cuda", "device_name": "Some Future GPU", "threads": 16,
+         "flops_per_token": 6e9, "peak_tflops": None, "peak_source": "'Some Future GPU' is not in the peak table",
+         "tokens_per_s": 1e4, "step_s": 1.6, "tflops": 60.0, "mfu": None, "peak_memory_mb": 5e4,
+         "memory_kind": "cuda max_memory_allocated", "steps": 3, "warmup": 1, "first_step_s": 2.0}
+    out = B.format_report(r)
+    assert "not in the peak table" in out and "| - |" in out and "cuda max_memory_allocated" in out
+
+
+@pytest.mark.slow
+def test_bench_compile_reports_compile_time(in_tmp, capsys):
+    assert main([*TINY, "--compile", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["compile"] is True and r["compile_s"] >= 0
