@@ -290,7 +290,10 @@ def plan_memory(model, train_data, cfg, device, precision: str, info):
     if device.type == "cpu":  # the model already sits in RAM: count it as available again
         budget += sum(p.numel() * p.element_size() for p in model.parameters())
     usable = budget * HEADROOM - (CUDA_RESERVE if device.type == "cuda" else 0)
-    fused = bool(make_optimizer(torch.nn.Linear(1, 1), cfg, device).defaults.get("fused"))
+    try:  # ask the trainer which AdamW it builds for this device
+        fused = bool(make_optimizer(torch.nn.Linear(1, 1), cfg, device).defaults.get("fused"))
+    except (RuntimeError, ValueError):
+        fused = device.type == "cuda"
     seq = longest_sample(train_data, cfg.data.seq_len)
     parallel = t.parallel if info.enabled else "ddp"
     kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world, parallel=parallel,

@@ -77,6 +77,7 @@ SCENARIOS = textwrap.dedent("""
     train(checkpoint_dir="ddp_resumed", resume="auto")                   # ... and resumed under torchrun
     train(checkpoint_dir="fsdp", parallel="fsdp", save_every=2)           # FSDP2, sharded checkpoints
     train(checkpoint_dir="fsdp_resumed", parallel="fsdp", resume="fsdp/step_2.dcp")
+    train(checkpoint_dir="fsdp_bf16", parallel="fsdp", precision="bf16", max_steps=2)  # MixedPrecisionPolicy
     D.shutdown()
 """)
 
@@ -145,6 +146,17 @@ def test_a_sharded_checkpoint_also_resumes_in_one_process_without_consolidating(
                         "resume": str(two / "fsdp" / "step_2.dcp")})
     run_training(cfg)
     assert_same_weights(weights(tmp_path / "one" / "epoch_1.pt"), weights(two / "ddp" / "epoch_1.pt"))
+
+
+def test_fsdp_with_a_bf16_mixed_precision_policy_trains_and_consolidates(two, tmp_path):
+    out = tmp_path / "bf16.pt"
+    assert main(["consolidate", str(two / "fsdp_bf16" / "step_2.dcp"), "-o", str(out)]) == 0
+    got = weights(out)
+    assert main(["consolidate", str(two / "fsdp" / "step_2.dcp"), "-o", str(tmp_path / "fp32.pt")]) == 0
+    fp32 = weights(tmp_path / "fp32.pt")
+    for k in fp32:  # fp32 master weights, updated from bf16 compute: close to the fp32 run, not equal
+        assert got[k].dtype == torch.float32 and torch.isfinite(got[k]).all()
+        torch.testing.assert_close(got[k], fp32[k], rtol=0, atol=0.05)
 
 
 def test_consolidate_refuses_to_overwrite_and_names_bad_input(two, tmp_path, capsys):

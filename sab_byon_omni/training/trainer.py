@@ -337,7 +337,7 @@ class Trainer:
                     ckpt_io.prune_step_checkpoints(self.dir, t.keep_last)
             if self._stop_signal is not None or self._done(result):
                 result.stopped_early = self._stop_signal is not None
-                path = self.dir / f"step_{step}.pt"
+                path = self.dir / f"step_{step}{D.SHARDED_SUFFIX if self.fsdp else '.pt'}"
                 if not saved:  # a signal or train.max_steps: keep the work done so far
                     self._keep_epoch_sums(epoch_loss, epoch_tokens)
                     self._save(path, loss=self._global_mean(epoch_loss, epoch_tokens))
