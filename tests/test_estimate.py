@@ -161,6 +161,16 @@ def test_cli_estimate_table(capsys):
     assert "| 3b | 7.45B | 64 | fsdp | on |" in out and "| lightweight | 42.55M | 8 | ddp |" in out
 
 
+def test_the_docs_gpu_tables_are_the_generated_ones():
+    from pathlib import Path
+
+    from sab_byon_omni.estimate import gpu_table, single_gpu_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "DISTRIBUTED.md").read_text(encoding="utf-8")
+    for row in (gpu_table() + "\n" + single_gpu_table()).splitlines():
+        assert row in doc, f"docs/DISTRIBUTED.md is out of date (sab-omni estimate --table): {row}"
+
+
 @pytest.mark.parametrize("argv", [["--preset", "huge"], ["--mfu", "2"], ["--batch-size", "0"], ["--gpus", "0"]])
 def test_cli_estimate_bad_input_is_one_error_line(argv, capsys):
     assert main(["estimate", *argv]) == 2

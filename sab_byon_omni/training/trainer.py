@@ -139,6 +139,9 @@ class Trainer:
             self.device = torch.device("cuda", self.info.local_rank)
         self.precision = make_precision(t.precision, self.device)
         self.fsdp = t.parallel == "fsdp" and self.info.enabled
+        if self.fsdp and self.precision.name == "fp16":
+            raise SabError("train.parallel=fsdp with precision fp16 needs a sharded gradient scaler, which is not "
+                           "supported; use --precision bf16 (or fp32)")
         if t.check_memory or t.micro_batch_size == "auto":
             self.cfg = cfg = plan_memory(model, train_data, cfg, self.device, self.precision.name, self.info)
             t = cfg.train
