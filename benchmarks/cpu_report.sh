@@ -7,8 +7,11 @@ grep -o -w -E "avx2|fma|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile" /proc
 # Training step, Lightweight, batch 4 x 1024, fp32, against HF GPT-2 (default threads, then 1 thread)
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf --threads 1
-# Memory with activation checkpointing
+# Memory with activation checkpointing; then with a fixed mmap threshold, so RSS follows the live tensors
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --threads 1 --activation-checkpointing
+for ac in "" --activation-checkpointing; do
+  MALLOC_MMAP_THRESHOLD_=65536 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --threads 1 $ac
+done
 # Generation with the KV cache against HF generate
 for preset in lightweight small tiny; do
   sab-omni bench --mode generate --preset "$preset" --prompt-len 64 --new-tokens 128 --steps 3 --warmup 1 --compare hf --threads 1
