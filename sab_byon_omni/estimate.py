@@ -160,7 +160,8 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     hw = flops + (2 * dense + attn / 3 if ac else 0)
     return Estimate(preset=cfg.preset, parameters=p, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
                     gpus=gpus, parallel=parallel, activation_checkpointing=ac, weights=weights, gradients=gradients,
-                    optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers, peak=peak,
+                    optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers,
+                    peak=peak,
                     flops_per_token=flops, hardware_flops_per_token=hw)
 
 
@@ -228,9 +229,11 @@ def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 
                     e = estimate(cfg, seq, mb, precision, gpus, parallel, ac)
                     fits = "yes" if e.peak <= budget else "no"
                     t = e.seconds_per_tokens(tokens, peak_tflops, mfu) * e.hardware_flops_per_token / e.flops_per_token
-                    rows.append(f"| {preset} | {fmt_count(e.parameters)} | {gpus} | {parallel} | {'on' if ac else 'off'} "
+                    rows.append(f"| {preset} | {fmt_count(e.parameters)} | {gpus} | {parallel} "
+                                f"| {'on' if ac else 'off'} "
                                 f"| {mb} x {seq} | {fmt_bytes(e.weights + e.gradients + e.optimizer)} "
-                                f"| {fmt_bytes(e.activations + max(e.logits, e.workspace))} | {fmt_bytes(e.peak)} | {fits} "
+                                f"| {fmt_bytes(e.activations + max(e.logits, e.workspace))} "
+                                f"| {fmt_bytes(e.peak)} | {fits} "
                                 f"| {fmt_duration(t) if fits == 'yes' else '-'} |")
     return "\n".join(rows)
 
@@ -323,6 +326,7 @@ def plan_memory(model, train_data, cfg, device, precision: str, info):
         tips.append("more memory per device, or more processes with --parallel fsdp (see sab-omni estimate)")
     raise SabError(
         f"this run needs about {fmt_bytes(e.peak)} per process (weights {fmt_bytes(e.weights)}, gradients "
-        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, activations {fmt_bytes(e.activations + max(e.logits, e.workspace))} "
+        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, "
+        f"activations {fmt_bytes(e.activations + max(e.logits, e.workspace))} "
         f"for micro-batch {t.batch_size} x {seq} tokens) but {what} leaves {fmt_bytes(usable)} usable; "
         f"settings that fit: {'; or '.join(tips)}; --check_memory false skips this check")

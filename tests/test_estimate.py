@@ -194,7 +194,8 @@ def test_estimate_agrees_with_cuda_max_memory_allocated(preset, batch, seq, prec
         pytest.skip("needs CUDA")
     rng = np.random.default_rng(0)
     data = [rng.integers(1, 96, seq) for _ in range(batch * 4)]
-    cfg = build_config({"model": {"preset": preset, "vocab_size": 96, "max_seq_len": seq, "activation_checkpointing": ac},
+    cfg = build_config({"model": {"preset": preset, "vocab_size": 96, "max_seq_len": seq,
+                                  "activation_checkpointing": ac},
                         "data": {"seq_len": seq},
                         "train": {"batch_size": batch, "gradient_accumulation_steps": 2, "max_steps": 2,
                                   "progress": False, "checkpoint_dir": str(tmp_path), "precision": precision,

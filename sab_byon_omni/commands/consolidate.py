@@ -31,7 +31,8 @@ EXAMPLE = """examples:
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="merge a sharded FSDP checkpoint into one file",
                        description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="DIR", help="a sharded checkpoint directory (*.dcp) written by train --parallel fsdp")
+    p.add_argument("checkpoint", metavar="DIR",
+                   help="a sharded checkpoint directory (*.dcp) written by train --parallel fsdp")
     p.add_argument("-o", "--output", metavar="FILE", help="the file to write (default: DIR with the suffix .pt)")
     p.add_argument("--weights-only", action="store_true", help="leave out the optimizer state (a smaller file)")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")

@@ -18,7 +18,8 @@ from sab_byon_omni.estimate import (PARALLEL, PRECISION_BYTES, epoch_tokens, est
 
 EXAMPLE = """examples:
   sab-omni estimate --preset lightweight --seq-len 1024 --batch-size 4
-  sab-omni estimate --preset 3b --vocab-size 50000 --seq-len 2048 --batch-size 1 --gpus 8 --parallel fsdp --activation-checkpointing
+  sab-omni estimate --preset 3b --vocab-size 50000 --seq-len 2048 --batch-size 1 --gpus 8 \\
+      --parallel fsdp --activation-checkpointing
   sab-omni estimate --preset tiny --precision fp32 --memory-gb 16
   sab-omni estimate --table                          # the GPU-requirements tables of docs/DISTRIBUTED.md
 """
@@ -34,17 +35,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="compute precision; weights, gradients and AdamW state stay fp32 (default: bf16)")
     p.add_argument("--gpus", type=int, default=1, help="devices (processes) in total (default: 1)")
     p.add_argument("--parallel", default="ddp", choices=PARALLEL,
-                   help="ddp: every device holds the whole model; fsdp: weights, grads and optimizer sharded (default: ddp)")
+                   help="ddp: every device holds the whole model; fsdp: weights, grads and optimizer sharded "
+                        "(default: ddp)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--vocab-size", type=int, default=96, help="vocabulary size (default: 96, the char96 tokenizer)")
     p.add_argument("--foreach-optimizer", action="store_true",
                    help="count foreach AdamW's step temporary (the trainer uses fused AdamW on CUDA and CPU)")
-    p.add_argument("--memory-gb", type=float, default=80.0, help="memory per device, for the fits/does-not-fit verdict (default: 80)")
+    p.add_argument("--memory-gb", type=float, default=80.0,
+                   help="memory per device, for the fits/does-not-fit verdict (default: 80)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s per device at this precision (default: 989, H100 SXM bf16)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation you expect, in (0, 1] (default: 0.4)")
-    p.add_argument("--num-samples", type=int, default=5000, help="samples per epoch, 90%% of them trained on (default: 5000)")
-    p.add_argument("--tokens", type=float, default=None, help="training tokens per epoch (default: from --num-samples x --seq-len)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation you expect, in (0, 1] (default: 0.4)")
+    p.add_argument("--num-samples", type=int, default=5000,
+                   help="samples per epoch, 90%% of them trained on (default: 5000)")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="training tokens per epoch (default: from --num-samples x --seq-len)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--table", action="store_true", help="print the markdown GPU-requirements tables and exit")
     return p
@@ -59,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab_size < 1 or args.num_samples < 1:
         raise SabError("--vocab-size and --num-samples must be positive")
     if args.table:
-        print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per GPU\n")
+        print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of "
+              f"{args.peak_tflops:g} TFLOP/s per GPU\n")
         print(gpu_table(args.memory_gb, args.peak_tflops, args.mfu, precision=args.precision))
-        print(f"\nLargest micro-batch of {args.seq_len} tokens on one GPU (DDP-style, {args.precision}); no = does not fit\n")
+        print(f"\nLargest micro-batch of {args.seq_len} tokens on one GPU (DDP-style, {args.precision}); "
+              "no = does not fit\n")
         print(single_gpu_table(seq_len=args.seq_len, precision=args.precision))
         return 0
     if args.preset not in PRESETS:
@@ -89,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         mb = largest_micro_batch(cfg, args.seq_len, budget, args.batch_size, precision=args.precision, gpus=args.gpus,
                                  parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
                                  fused_optimizer=not args.foreach_optimizer)
-        hint = f"micro-batch {mb} fits" if mb else "even micro-batch 1 does not fit: try --parallel fsdp, more --gpus or --activation-checkpointing"
+        hint = (f"micro-batch {mb} fits" if mb else
+                "even micro-batch 1 does not fit: try --parallel fsdp, more --gpus or --activation-checkpointing")
         print(f"  hint: {hint}")
     print(f"compute: {e.flops_per_token / 1e9:,.3f} GFLOP per token (6N + attention)"
           + (f", {e.hardware_flops_per_token / 1e9:,.3f} with recomputation" if e.activation_checkpointing else ""))

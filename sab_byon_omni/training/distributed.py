@@ -162,7 +162,8 @@ def read_sharded_meta(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(meta, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged file
-        raise SabError(f"{meta}: not readable: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise SabError(f"{meta}: not readable: {why}") from None
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -232,7 +233,8 @@ def memory_budget(device: torch.device) -> tuple[float, str]:
     if available is None:
         return float("inf"), "unknown RAM"
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return available / local, f"available RAM ({available / 2**30:.1f} GiB" + (f" / {local} processes)" if local > 1 else ")")
+    share = f" / {local} processes)" if local > 1 else ")"
+    return available / local, f"available RAM ({available / 2**30:.1f} GiB{share}"
 
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
