@@ -3,9 +3,12 @@ import os
 import pytest
 import torch
 
+# CI has 2 cores and pytest-xdist runs 2 workers: one thread per process, subprocesses included
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from sab_byon_omni.config import ModelConfig
 
-torch.set_num_threads(1)  # CI has 2 cores and pytest-xdist runs 2 workers
+torch.set_num_threads(1)
 
 
 @pytest.fixture

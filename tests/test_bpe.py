@@ -151,3 +151,19 @@ def test_a_bpe_corpus_run_resumes_with_the_same_tokenizer(in_tmp, capsys):
     capsys.readouterr()
     ck = load_checkpoint("ck/step_4.pt")
     assert ck["global_step"] == 4 and spec_equal(ck["tokenizer"], load_checkpoint("ck/step_2.pt")["tokenizer"])
+
+
+def test_resume_tokenises_with_the_checkpoints_tokenizer_even_if_settings_changed(in_tmp, capsys):
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.training.checkpoint import load_checkpoint
+
+    root = word_corpus(in_tmp / "words")
+    args = ["train", "--data", str(root), "--tokenizer", "bpe", "--preset", "tiny", "--seq_len", "16",
+            "--batch_size", "2", "--gradient_accumulation_steps", "1", "--checkpoint_dir", "ck", "--progress", "false"]
+    assert main([*args, "--bpe_vocab_size", "300", "--max_steps", "2"]) == 0
+    caches = sorted(p.name for p in (in_tmp / ".sab_cache").iterdir())
+    # a different vocabulary size on resume: the run continues with the tokenizer it began with
+    assert main([*args, "--bpe_vocab_size", "304", "--max_steps", "4", "--resume", "auto"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (in_tmp / ".sab_cache").iterdir()) == caches  # no BPE retrained, no new cache
+    assert spec_equal(load_checkpoint("ck/step_4.pt")["tokenizer"], load_checkpoint("ck/step_2.pt")["tokenizer"])

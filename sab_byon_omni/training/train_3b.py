@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.factory import load_datasets
-from sab_byon_omni.data.tokenizers import spec_equal
+from sab_byon_omni.data.tokenizers import Tokenizer, from_spec, spec_equal
+from sab_byon_omni.training import checkpoint as ckpt_io
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,19 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4,
 
 def run_training(cfg: RunConfig) -> tuple[SABTranscendentV2, TrainResult]:
     """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
-    tokenizer, train, val = load_datasets(cfg.data)
+    tokenizer, train, val = load_datasets(cfg.data, _resume_tokenizer(cfg))
     sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
     return sab, Trainer(sab.model, tokenizer, train, val, sab.config).fit()
+
+
+def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    """When resuming from a single-file checkpoint, its tokenizer: the data is then tokenised the way
+    the run began (no BPE retraining, no cache rebuilt with other settings)."""
+    resume = cfg.train.resume
+    if resume == "none":
+        return None
+    path = ckpt_io.latest_checkpoint(cfg.train.checkpoint_dir) if resume == "auto" else Path(resume)
+    if path is None or not path.is_file():
+        return None  # nothing to resume, or a sharded (FSDP) checkpoint: the trainer checks those
+    spec = ckpt_io.load_checkpoint(path, mmap=True).get("tokenizer")
+    return from_spec(spec) if spec is not None else None
