@@ -313,7 +313,8 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def _peak(precision: str, device: torch.device, override: float | None, measure: bool = True) -> tuple[float | None, str]:
+def _peak(precision: str, device: torch.device, override: float | None,
+          measure: bool = True) -> tuple[float | None, str]:
     """Peak TFLOP/s for MFU and where it came from."""
     if override is not None:
         return override, "user (--peak-tflops)"
@@ -381,7 +382,8 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
             "steps": opts.steps, "warmup": opts.warmup, **_machine(device, precision.name),
             "flops_per_token": flops_tok, "peak_tflops": peak, "peak_source": peak_src,
             **summary("ours"),
-            "peak_memory_mb": memory, "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+            "peak_memory_mb": memory,
+            "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
             "first_step_s": first,
         }
         if opts.compile and first is not None:
@@ -432,7 +434,8 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
             @torch.no_grad()
             def run_hf() -> None:
                 with precision.autocast():
-                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True)
                 assert out.shape[1] == prompt_len + new_tokens
 
@@ -479,7 +482,8 @@ def format_report(r: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines = [
         f"training step: {r['preset']} ({r['params'] / 1e6:.1f}M params), vocab {r['vocab_size']}, batch "
-        f"{r['batch_size']} x {r['seq_len']}, {r['precision']}, {r['optimizer']}, compile {'on' if r['compile'] else 'off'}, "
+        f"{r['batch_size']} x {r['seq_len']}, {r['precision']}, {r['optimizer']}, "
+        f"compile {'on' if r['compile'] else 'off'}, "
         f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}; {where}",
         f"FLOPs per token: {r['flops_per_token'] / 1e6:.1f} M (6 x {r['matmul_params'] / 1e6:.2f}M matmul weights "
         f"+ 12 x layers x seq_len x hidden); peak {_fmt(r['peak_tflops'], '.3g')} TFLOP/s ({r['peak_source']})",

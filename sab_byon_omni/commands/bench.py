@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("train", "generate"), default="train",
                    help="time a training step or greedy generation with the KV cache (default: train)")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight", help="architecture (default: lightweight)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight",
+                   help="architecture (default: lightweight)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (default: 4)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
