@@ -95,6 +95,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, dtype: str = "ke
     tokenizer, epoch and global step as header metadata. Returns ``out``."""
     from safetensors.torch import save_model
 
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
     from sab_byon_omni.training.checkpoint import load_checkpoint
 
     src, out = Path(checkpoint), Path(out)
@@ -102,7 +103,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, dtype: str = "ke
         raise SabError(f"--dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
     _check_out(out, src, overwrite)
     ck = load_checkpoint(src)
-    sab = _model_from(ck, src)
+    sab = SABTranscendentV2.from_checkpoint_dict(ck, source=str(src))
     if DTYPES[dtype] is not None:
         sab.model.to(DTYPES[dtype])
     meta = {"format": META_FORMAT, "config": json.dumps(sab.config.to_dict()),
@@ -111,24 +112,6 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, dtype: str = "ke
     _write_atomically(out, lambda tmp: save_model(sab.model, tmp, metadata=meta))
     log.info("exported %s (%s parameters) to %s", src, f"{sab.model.num_parameters():,}", out)
     return out
-
-
-def _model_from(ck: dict[str, Any], src: Path) -> Any:
-    from sab_byon_omni.config import build_config
-    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-    from sab_byon_omni.data.tokenizers import build_tokenizer, from_spec
-
-    try:
-        cfg = build_config(ck["config"], source=str(src))
-    except SabError as e:
-        raise SabError(f"{src}: bad config inside the checkpoint: {e}") from None
-    tok = from_spec(ck["tokenizer"]) if "tokenizer" in ck else build_tokenizer(cfg.data.tokenizer)
-    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    try:
-        sab.model.load_state_dict(ck["model_state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise SabError(f"{src}: weights do not fit the model in its config: {str(e).splitlines()[0][:160]}") from None
-    return sab
 
 
 def import_safetensors(path: str | Path, out: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:

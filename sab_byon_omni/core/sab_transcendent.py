@@ -98,19 +98,25 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> "SABTranscendentV2":
         """Rebuild model, tokenizer and config from one checkpoint file."""
-        ck = load_checkpoint(path)
+        self = cls.from_checkpoint_dict(load_checkpoint(path), source=str(path))
+        if device is not None:
+            self.model.to(device)
+        return self
+
+    @classmethod
+    def from_checkpoint_dict(cls, ck: dict[str, Any], source: str = "checkpoint") -> "SABTranscendentV2":
+        """Rebuild from an already-loaded checkpoint dict; ``source`` names it in errors."""
         try:
-            cfg = build_config(ck["config"], source=str(path))
+            cfg = build_config(ck["config"], source=source)
         except SabError as e:
-            raise SabError(f"{path}: bad config inside the checkpoint: {e}") from None
+            raise SabError(f"{source}: bad config inside the checkpoint: {e}") from None
         tok = from_spec(ck["tokenizer"]) if "tokenizer" in ck else build_tokenizer(cfg.data.tokenizer)
         self = cls(config=cfg, tokenizer=tok)
         try:
             self.model.load_state_dict(ck["model_state_dict"])
-        except RuntimeError as e:
-            raise SabError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
-        if device is not None:
-            self.model.to(device)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise SabError(f"{source}: weights do not fit the model in its config: "
+                           f"{str(e).splitlines()[0][:160]}") from None
         return self
 
     # ------------------------------------------------------------------------ save and share

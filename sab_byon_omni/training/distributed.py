@@ -171,9 +171,6 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     """Load a sharded checkpoint into ``model`` (FSDP2-wrapped, or a plain module when
     ``no_dist``) and ``optimizer``; DCP reshards, so the number of ranks may differ from the
     saving run's. Returns the meta dict."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     meta = read_sharded_meta(path)
     if no_dist:
         import warnings
