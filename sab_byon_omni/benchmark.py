@@ -36,6 +36,7 @@ from sab_byon_omni.config import PRESETS, ModelConfig, RunConfig, build_config
 from sab_byon_omni.data.batching import Batch, collate
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import forward_flops_per_token, matmul_params, train_flops_per_token
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.precision import DTYPES, Precision, cpu_has_native_bf16, make_precision, resolve_device
@@ -59,29 +60,6 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 
 # ------------------------------------------------------------------------------------ FLOP model
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that multiply every token once: each block's qkv, output, up and down projections
-    (4 d^2 + 2 d f) and the output head (V d). Norm gains and the embedding lookup do no matmul."""
-    d, f, layers, vocab = cfg.hidden, cfg.ffn, cfg.n_layers, cfg.vocab_size
-    return layers * (4 * d * d + 2 * d * f) + vocab * d
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """FLOPs of one training token: ``6 * matmul_params + 12 * n_layers * seq_len * hidden``.
-
-    6 = 2 (multiply-add) x 3 (forward, and backward for inputs and for weights). The attention term
-    counts QK^T and attention-times-V over the whole ``seq_len`` window as if not causal (the PaLM
-    convention, so MFU figures stay comparable across code bases). Lightweight with the 96-token
-    vocabulary at 1024 tokens: 6 x 42.54M + 56.6M = 311.9 MFLOP per token.
-    """
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * seq_len * cfg.hidden
-
-
-def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
-    """FLOPs of one forward token attending to ``context`` positions (used for generation)."""
-    return 2 * matmul_params(cfg) + 4 * cfg.n_layers * context * cfg.hidden
-
-
 # ------------------------------------------------------------------------------------ the machine
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
