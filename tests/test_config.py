@@ -60,7 +60,7 @@ def test_changing_the_preset_resets_its_fields():
     ({"train": {"epochs": "three"}}, "train.epochs='three' must be an integer"),
     ({"train": {"epochs": 0}}, "train.epochs=0 must be a positive integer"),
     ({"train": {"precision": "fp8"}}, "train.precision='fp8' is not one of"),
-    ({"train": {"learnin_rate": 1}}, "unknown key train.learnin_rate"),
+    ({"train": {"learnin_rate": 1}}, "unknown key 'train.learnin_rate'"),
     ({"optimizer": {}}, "unknown key 'optimizer'"),
     ({"train": [1, 2]}, "section 'train' must be a mapping"),
     ({"train": {"max_grad_norm": float("nan")}}, "train.max_grad_norm=nan must be a finite number"),
