@@ -36,7 +36,7 @@ from sab_byon_omni.config import PRESETS, ModelConfig, RunConfig, build_config
 from sab_byon_omni.data.batching import Batch, collate
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import forward_flops_per_token, matmul_params, train_flops_per_token
+from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.precision import DTYPES, Precision, cpu_has_native_bf16, make_precision, resolve_device

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,18 +160,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
 def _atomic_savefig(fig: Any, dest: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from sab_byon_omni.training.checkpoint import atomic_write
+
     FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend is ever selected
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    except OSError as e:
-        raise SabError(f"cannot write {dest}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, dest)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SabError(f"cannot write {dest}: {e.strerror or e}") from None
-        raise
+    atomic_write(dest, lambda f: fig.savefig(f, format="png"), what="plot")

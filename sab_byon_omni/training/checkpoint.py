@@ -16,8 +16,9 @@ import random
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -56,7 +57,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """Write to a temporary file in the same directory, fsync, then ``os.replace``.
+    """``torch.save`` through :func:`atomic_write`: the previous checkpoint at ``path`` survives any failure."""
+    return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint", kept="earlier checkpoints are intact")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], what: str = "file",
+                 kept: str = "the previous file is intact") -> Path:
+    """Call ``write(f)`` on a temporary file in the same directory, fsync, then ``os.replace``.
 
     On any failure (full disk, permissions) the temporary file is removed, the previous file at
     ``path`` is untouched, and a :class:`SabError` names the problem.
@@ -66,10 +73,10 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise SabError(f"cannot write checkpoint directory {path.parent}: {e.strerror or e}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,13 +86,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         os_err = _os_error_in(e)
         if os_err is not None:
             why = "disk full" if os_err.errno == errno.ENOSPC else (os_err.strerror or str(os_err))
-            raise SabError(f"could not save {path}: {why}; earlier checkpoints are intact") from None
+            raise SabError(f"could not save {path}: {why}; {kept}") from None
         # torch's zip writer can replace the OSError of a full disk by its own RuntimeError
         # ("[enforce fail at inline_container.cc] unexpected pos ...")
         torch_write_error = any(w in str(e).lower() for w in ("write", "inline_container", "unexpected pos"))
         if isinstance(e, RuntimeError) and torch_write_error:
             first = str(e).strip().splitlines()[0][:160]
-            raise SabError(f"could not save {path} (disk full?): {first}; earlier checkpoints are intact") from None
+            raise SabError(f"could not save {path} (disk full?): {first}; {kept}") from None
         raise
     return path
 
