@@ -90,6 +90,11 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
             cfg = replace(cfg, **{"model.max_seq_len": cfg.data.seq_len})
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         self.config, self.tokenizer = cfg, tokenizer
+        if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
+            with torch.device("meta"):
+                self.model = CausalTransformer(cfg.model)
+            return
+        _check_weights_fit(cfg)
         self.model = CausalTransformer(cfg.model)
         if device is not None:
             self.model.to(device)
@@ -266,3 +271,16 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         m = self.config.model
         return (f"SABTranscendentV2(preset={m.preset!r}, hidden={m.hidden}, layers={m.n_layers}, heads={m.n_heads}, "
                 f"ffn={m.ffn}, vocab={m.vocab_size}, params={self.num_parameters():,})")
+
+
+def _check_weights_fit(cfg: RunConfig) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed the available RAM."""
+    from sab_byon_omni.estimate import num_parameters
+    from sab_byon_omni.training.distributed import memory_budget
+
+    need = 4.0 * num_parameters(cfg.model)
+    budget, what = memory_budget(torch.device("cpu"))
+    if need > budget:
+        raise SabError(f"the {cfg.model.preset!r} preset needs {need / 2**30:.1f} GiB for its fp32 weights alone, "
+                       f"more than the {what}; inspect it with device='meta', see `sab-omni estimate`, "
+                       "or use a smaller preset")
