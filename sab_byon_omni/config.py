@@ -109,6 +109,8 @@ class DataConfig:
     csv_column: str = fld("text", "column holding the text in .csv files")
     cache_dir: str | None = fld(None, "folder for the tokenised corpus (default: ./.sab_cache/<data name>-<hash>)")
     shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")
+    length_bucketing: int = fld(0, "sort each run of N shuffled samples by length before batching, so batches "
+                                   "pad less (0: off; variable-length data such as the synthetic set)")
     data_seed: int = fld(1234, "seed for data generation, splits and order")
 
     def __post_init__(self) -> None:
@@ -121,6 +123,8 @@ class DataConfig:
             raise SabError(f"data.tokenizer={self.tokenizer!r} is not one of: {', '.join(TOKENIZERS)}")
         if self.bpe_vocab_size < 300:
             raise SabError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 300 (256 bytes + specials + merges)")
+        if self.length_bucketing < 0:
+            raise SabError(f"data.length_bucketing={self.length_bucketing} must not be negative")
         if not self.dataset:
             raise SabError("data.dataset is empty: use 'synthetic' or a path")
 

@@ -106,6 +106,10 @@ class Subset:
         return self.base[int(self.indices[i])]
 
     @property
+    def lengths(self) -> np.ndarray:
+        return self.base.lengths[self.indices]
+
+    @property
     def num_tokens(self) -> int:
         return int(self.base.lengths[self.indices].sum())
 

@@ -297,7 +297,7 @@ class Trainer:
         epoch = st["epoch"]
         batches = iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
                                   seed=self.cfg.data.data_seed, shuffle=self.cfg.data.shuffle, start=st["cursor"],
-                                  world=info.world, rank=info.rank)
+                                  world=info.world, rank=info.rank, bucket=self.cfg.data.length_bucketing)
         done_steps = round(st["cursor"] / (t.batch_size * info.world * t.gradient_accumulation_steps))
         bar = _progress(self.steps_per_epoch, done_steps, f"epoch {epoch + 1}/{t.epochs}", info.is_main and t.progress)
         # the epoch's loss so far (global sums; restored on resume so the epoch mean is exact)
