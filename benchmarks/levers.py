@@ -72,17 +72,19 @@ def bench_sdpa(reps: int) -> None:
     interleave({"flash (CPU kernel)": run(SDPBackend.FLASH_ATTENTION), "math": run(SDPBackend.MATH)}, reps)
 
 
-def rope_roll(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+def rope_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The textbook form: x * cos + cat(-x2, x1) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def bench_rope(reps: int) -> None:
     b, h, t, d = 4, 12, 1024, 64
-    cos, sin = rope_tables(d, t)
-    sin_signed = torch.cat([-sin[:, : d // 2], sin[:, d // 2:]], dim=-1)
+    cos, sin_signed = rope_tables(d, t)
+    sin = torch.cat([-sin_signed[:, : d // 2], sin_signed[:, d // 2:]], dim=-1)
     x = torch.randn(b, t, 3, h, d)
-    ref = apply_rope(x[:, :, 0].transpose(1, 2), cos, sin)
-    torch.testing.assert_close(rope_roll(x[:, :, 0].transpose(1, 2), cos, sin_signed), ref)
+    ref = rope_cat(x[:, :, 0].transpose(1, 2), cos, sin)
+    torch.testing.assert_close(apply_rope(x[:, :, 0].transpose(1, 2), cos, sin_signed), ref)
 
     def run(fn: Callable[..., torch.Tensor], table: torch.Tensor) -> Callable[[], None]:
         def step() -> None:
@@ -91,7 +93,7 @@ def bench_rope(reps: int) -> None:
             (fn(q, cos, table).sum() + fn(k, cos, table).sum()).backward()
         return step
 
-    interleave({"cat (current)": run(apply_rope, sin), "roll + addcmul": run(rope_roll, sin_signed)}, reps)
+    interleave({"cat": run(rope_cat, sin), "roll + addcmul (apply_rope)": run(apply_rope, sin_signed)}, reps)
 
 
 def bench_threads(reps: int) -> None:

@@ -98,6 +98,31 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: floa
     return best
 
 
+def measure_read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Best rate (bytes/s) of reading a buffer far larger than the caches (``sum`` over it), the
+    ceiling for generation, where every new token reads all the weights once."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def decode_bytes_per_token(model: nn.Module, context: float) -> float:
+    """Bytes one decoding step reads: every parameter once, plus keys and values of ``context``
+    cached positions in every layer (in the parameters' dtype)."""
+    cfg = model.cfg
+    size = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * size
+    return weights + 2 * cfg.n_layers * context * cfg.hidden * size
+
+
 def gpu_peak_tflops(name: str, precision: str) -> tuple[float | None, str]:
     """(peak TFLOP/s, the table row used) for a CUDA device name, or (None, why not)."""
     key = precision
@@ -422,16 +447,26 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
             for fn in runners.values():
                 _timed(fn, device)
         times = _interleave(runners, opts.steps, device)
+        bandwidth = measure_read_bandwidth(device)
+        bytes_tok = decode_bytes_per_token(ours, prompt_len + new_tokens / 2)
         result: dict[str, Any] = {
             "mode": "generate", "preset": opts.preset, "params": ours.num_parameters(), "vocab_size": opts.vocab_size,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "batch_size": 1, "precision": precision.name,
             "steps": opts.steps, "warmup": opts.warmup, **_machine(device, precision.name),
+            "bytes_per_token": bytes_tok, "read_bandwidth_gbs": bandwidth / 1e9,
             "seconds": statistics.median(times["ours"]),
         }
-        result["tokens_per_s"] = new_tokens / result["seconds"]
+
+        def rates(prefix: str, seconds: float) -> None:
+            tps = new_tokens / seconds
+            result[f"{prefix}tokens_per_s"] = tps
+            result[f"{prefix}gbs"] = tps * bytes_tok / 1e9  # prefill time included: a lower bound
+            result[f"{prefix}mbu"] = tps * bytes_tok / bandwidth
+
+        rates("", result["seconds"])
         if "hf" in times:
             result["hf_seconds"] = statistics.median(times["hf"])
-            result["hf_tokens_per_s"] = new_tokens / result["hf_seconds"]
+            rates("hf_", result["hf_seconds"])
             result["ratio_vs_hf"] = result["tokens_per_s"] / result["hf_tokens_per_s"]
         return result
 
@@ -452,10 +487,14 @@ def format_report(r: dict[str, Any]) -> str:
     if r["mode"] == "generate":
         lines = [f"generation: {r['preset']} ({r['params'] / 1e6:.1f}M params), vocab {r['vocab_size']}, prompt "
                  f"{r['prompt_len']} + {r['new_tokens']} new tokens, batch 1, greedy, {r['precision']}; {where}",
-                 "", "| model | new tokens/s | seconds |", "|---|---:|---:|",
-                 f"| sab-byon-omni (KV cache) | {r['tokens_per_s']:,.1f} | {r['seconds']:.2f} |"]
+                 f"each new token reads {r['bytes_per_token'] / 1e6:.1f} MB (weights + KV cache); read bandwidth "
+                 f"{r['read_bandwidth_gbs']:.1f} GB/s (measured, this run); MBU = achieved / measured bandwidth",
+                 "", "| model | new tokens/s | seconds | GB/s | MBU |", "|---|---:|---:|---:|---:|",
+                 f"| sab-byon-omni (KV cache) | {r['tokens_per_s']:,.1f} | {r['seconds']:.2f} | {r['gbs']:.1f} | "
+                 f"{_pct(r['mbu'])} |"]
         if "hf_tokens_per_s" in r:
-            lines.append(f"| HF GPT-2 generate | {r['hf_tokens_per_s']:,.1f} | {r['hf_seconds']:.2f} |")
+            lines.append(f"| HF GPT-2 generate | {r['hf_tokens_per_s']:,.1f} | {r['hf_seconds']:.2f} | "
+                         f"{r['hf_gbs']:.1f} | {_pct(r['hf_mbu'])} |")
             lines += ["", f"ratio (ours / HF): {r['ratio_vs_hf']:.2f}x, median of {r['steps']} interleaved runs"]
         return "\n".join(lines)
     lines = [

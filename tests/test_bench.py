@@ -63,6 +63,20 @@ def test_bench_generate_mode(in_tmp, capsys):
                  "--steps", "1", "--warmup", "0", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "generate" and r["new_tokens"] == 6 and r["tokens_per_s"] > 0
+    # MBU = bytes read per token x tokens/s / the read bandwidth measured in the same run.
+    cfg = ModelConfig.from_name("tiny", vocab_size=96)
+    assert r["bytes_per_token"] == B.decode_bytes_per_token(CausalTransformer(cfg), 4 + 6 / 2)
+    assert r["read_bandwidth_gbs"] > 0
+    assert r["mbu"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
+
+
+def test_decode_bytes_per_token_counts_weights_once_and_the_cache():
+    cfg = ModelConfig.from_name("tiny", vocab_size=96)  # hidden 64, 2 layers, tied head
+    model = CausalTransformer(cfg)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    assert B.decode_bytes_per_token(model, 0) == weights
+    assert B.decode_bytes_per_token(model, 10) == weights + 4 * 2 * 2 * 10 * 64
+    assert B.decode_bytes_per_token(model.to(torch.bfloat16), 0) == weights // 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sab_byon_omni.config import ModelConfig
-from sab_byon_omni.model.transformer import CausalTransformer, apply_rope, rope_tables
+from sab_byon_omni.model.transformer import CausalTransformer, KVCache, apply_rope, linear, rope_tables
 
 
 def test_logits_shape_and_dtype(tiny_cfg):
@@ -86,3 +86,54 @@ def test_padding_after_a_sequence_does_not_change_its_logits(tiny_cfg):
     ids = torch.randint(1, 96, (1, 10))
     padded = F.pad(ids, (0, 6), value=0)
     torch.testing.assert_close(model(ids), model(padded)[:, :10], rtol=0, atol=1e-6)
+
+
+def test_rope_equals_the_textbook_rotation():
+    # x * cos + cat(-x2, x1) * sin, with the unsigned sine of the angles pos * base^(-2i/D).
+    d, t = 16, 10
+    cos, sin_signed = rope_tables(d, t)
+    ang = torch.outer(torch.arange(t, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    sin = torch.cat([ang, ang], dim=-1).sin()
+    x = torch.randn(2, 3, t, d)
+    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin_signed), x * cos + rotated * sin)
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_single_row_linear_split_across_threads_matches_f_linear(threads, n_threads, monkeypatch):
+    threads(n_threads)
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+    weight = torch.randn(768, 256)
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        out = linear(x, weight)
+    assert calls, "one row on several threads takes the bmm path"
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    # Training and batches keep F.linear (and its autograd).
+    calls.clear()
+    w = weight.clone().requires_grad_()
+    linear(x, w).sum().backward()
+    linear(torch.randn(4, 256), weight)
+    assert not calls
+    torch.testing.assert_close(w.grad, x.reshape(1, -1).expand(768, -1))
+
+
+def test_cached_decoding_on_several_threads_matches_the_full_forward(threads):
+    threads(2)
+    torch.manual_seed(0)
+    model = CausalTransformer(ModelConfig.from_name("small", vocab_size=96, max_seq_len=40)).eval()
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(ids)
+        cache = KVCache.empty(model.cfg, 1, 40, torch.device("cpu"), torch.float32)
+        parts = [model(ids[:, :8], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(8, 24)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)

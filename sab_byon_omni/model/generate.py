@@ -32,7 +32,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_tokens(model: CausalTransformer, prompt_ids: list[int], max_new_tokens: int = 200,
                     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                     seed: int | None = None, eos_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
