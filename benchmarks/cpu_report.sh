@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # The measurements behind docs/BENCHMARKS.md, on a CPU machine. Each command interleaves the
-# models it compares in one process; compare ratios within one command's output only.
+# variants it compares in one process; compare ratios within one command's output only.
 set -euo pipefail
-lscpu | grep -E "Model name|^CPU\(s\)|Flags" | sed -E 's/(Flags:).*/\1 see docs/'
+lscpu | grep -E "Model name|^CPU\(s\)|L3"
 grep -o -w -E "avx2|fma|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+uptime
 # Training step, Lightweight, batch 4 x 1024, fp32, against HF GPT-2 (default threads, then 1 thread)
-sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf
+sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 5 --warmup 1 --compare hf
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf --threads 1
+# The default job (configs/default.yaml): optimizer steps of the real job, projected to an epoch
+for b in 0 64; do
+  sab-omni bench --mode epoch --config configs/default.yaml --steps 8 --warmup 1 --set data.length_bucketing=$b
+done
 # Memory with activation checkpointing; then with a fixed mmap threshold, so RSS follows the live tensors
-sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --threads 1 --activation-checkpointing
+sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --activation-checkpointing
 for ac in "" --activation-checkpointing; do
-  MALLOC_MMAP_THRESHOLD_=65536 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --threads 1 $ac
+  MALLOC_MMAP_THRESHOLD_=65536 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 $ac
 done
-# Generation with the KV cache against HF generate
+# Generation with the KV cache against HF generate (default threads, then 1 thread)
 for preset in lightweight small tiny; do
-  sab-omni bench --mode generate --preset "$preset" --prompt-len 64 --new-tokens 128 --steps 3 --warmup 1 --compare hf --threads 1
+  sab-omni bench --mode generate --preset "$preset" --prompt-len 64 --new-tokens 128 --steps 5 --warmup 1 --compare hf
 done
+sab-omni bench --mode generate --preset lightweight --prompt-len 64 --new-tokens 128 --steps 5 --warmup 1 --compare hf --threads 1
 # Levers, each interleaved in one process
-for lever in optimizer rope sdpa vocab threads compile; do
+for lever in optimizer rope sdpa attention gemv vocab threads compile; do
+  echo "## lever: $lever"
   python benchmarks/levers.py "$lever"
 done
+uptime

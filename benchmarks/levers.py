@@ -7,6 +7,8 @@ in one process (so a busy machine slows all of them alike). Run from the reposit
     python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
     python benchmarks/levers.py compile       # a Lightweight step (batch 1 x 1024), eager vs torch.compile
+    python benchmarks/levers.py gemv          # one-token decoding's matmuls: F.linear vs rows split over threads
+    python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
 
 Each prints the median seconds per call of each variant and the ratio to the first.
 """
@@ -149,9 +151,82 @@ def bench_compile(reps: int) -> None:
     interleave({"eager": step(model), "torch.compile": step(compiled)}, reps)
 
 
+def bench_gemv(reps: int) -> None:
+    """Lightweight's 24 block weights times one row (a decoding step's matmuls, 170 MB of fp32)."""
+    from sab_byon_omni.model.transformer import linear
+
+    model = lightweight()
+    weights = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    x = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in weights}
+    print(f"{len(weights)} weights, {sum(w.numel() for w in weights) * 4 / 1e6:.0f} MB, "
+          f"{torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        interleave({"F.linear": lambda: [F.linear(x[w.shape[1]], w) for w in weights],
+                    "linear (rows split over threads)": lambda: [linear(x[w.shape[1]], w) for w in weights]}, reps)
+
+
+class _ChunkedCausal(torch.autograd.Function):
+    """Causal attention by query chunks of ``c`` against the keys up to each chunk's end, with
+    bmm; backward recomputes the probabilities from the saved log-sum-exp (flash style)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c):  # type: ignore[override]
+        t, scale = q.shape[2], q.shape[-1] ** -0.5
+        out, lse = torch.empty_like(q), torch.empty(*q.shape[:3], 1)
+        tri = torch.ones(c, c, dtype=torch.bool).triu(1)
+        for s0 in range(0, t, c):
+            e = min(s0 + c, t)
+            s = torch.matmul(q[:, :, s0:e], k[:, :, :e].transpose(-1, -2)).mul_(scale)
+            s[..., s0:e].masked_fill_(tri[:e - s0, :e - s0], float("-inf"))
+            lse[:, :, s0:e] = torch.logsumexp(s, -1, keepdim=True)
+            out[:, :, s0:e] = torch.matmul(s.sub_(lse[:, :, s0:e]).exp_(), v[:, :, :e])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.c = c
+        return out
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        c, t, scale = ctx.c, q.shape[2], q.shape[-1] ** -0.5
+        do = do.contiguous()
+        delta = (do * out).sum(-1, keepdim=True)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        tri = torch.ones(c, c, dtype=torch.bool).triu(1)
+        for s0 in range(0, t, c):
+            e = min(s0 + c, t)
+            qi, doi = q[:, :, s0:e], do[:, :, s0:e]
+            p = torch.matmul(qi, k[:, :, :e].transpose(-1, -2)).mul_(scale)
+            p[..., s0:e].masked_fill_(tri[:e - s0, :e - s0], float("-inf"))
+            p.sub_(lse[:, :, s0:e]).exp_()
+            dv[:, :, :e] += torch.matmul(p.transpose(-1, -2), doi)
+            ds = torch.matmul(doi, v[:, :, :e].transpose(-1, -2)).sub_(delta[:, :, s0:e]).mul_(p).mul_(scale)
+            dq[:, :, s0:e] = torch.matmul(ds, k[:, :, :e])
+            dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), qi)
+        return dq, dk, dv, None
+
+
+def bench_attention(reps: int) -> None:
+    b, h, t, d = 4, 12, 1024, 64
+    qkv = torch.randn(b, t, 3, h, d)
+    grad = torch.randn(b, h, t, d)
+
+    def run(fn: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            x = qkv.clone().requires_grad_()
+            q, k, v = x.permute(2, 0, 3, 1, 4)
+            fn(q, k, v.contiguous()).backward(grad)
+            return x.grad
+        return step
+
+    sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    chunked = {c: run(lambda q, k, v, c=c: _ChunkedCausal.apply(q, k, v, c)) for c in (128, 256)}
+    torch.testing.assert_close(chunked[128](), sdpa(), rtol=1e-4, atol=1e-4)
+    interleave({"SDPA (CPU flash kernel)": sdpa, **{f"chunked bmm, chunk {c}": f for c, f in chunked.items()}}, reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab", "compile"))
+    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab", "compile", "gemv", "attention"))
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     globals()[f"bench_{args.lever}"](args.reps)

@@ -399,6 +399,69 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
         return result
 
 
+def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, warmup: int,
+                    threads: int | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
+    """Time optimizer steps of a real job (its config, data, batching and accumulation) and project
+    the first epoch's time against its matmul bound: the epoch's real tokens x FLOPs per token /
+    the measured matmul peak. The steps timed are the epoch's first ``warmup + steps`` windows."""
+    from sab_byon_omni.config import load_config
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.data.batching import iterate_batches
+    from sab_byon_omni.data.factory import load_datasets
+
+    if steps < 1 or warmup < 0:
+        raise SabError(f"--steps={steps} must be at least 1 and --warmup={warmup} not negative")
+    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, _threads(threads):
+        cfg = load_config(config, {**overrides, "train.checkpoint_dir": os.path.join(tmp, "ckpt"),
+                                   "train.resume": "none", "train.progress": "false"})
+        tokenizer, train, _ = load_datasets(cfg.data)
+        sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
+        trainer = Trainer(sab.model, tokenizer, train, None, sab.config)
+        trainer._setup()
+        t, d = sab.config.train, sab.config.data
+        if trainer.info.enabled:
+            raise SabError("--mode epoch runs in one process")
+        batches = list(iterate_batches(train, t.batch_size, pad_id=tokenizer.pad_id, epoch=0, seed=d.data_seed,
+                                       shuffle=d.shuffle, bucket=d.length_bucketing))
+        windows = [batches[i:i + t.gradient_accumulation_steps]
+                   for i in range(0, len(batches), t.gradient_accumulation_steps)]
+        if warmup + steps > len(windows):
+            raise SabError(f"--warmup + --steps = {warmup + steps} exceeds the epoch's {len(windows)} optimizer steps")
+
+        def real(ws: list[list[Batch]]) -> int:  # non-padding input positions
+            return sum(int((b.labels != -100).sum()) for w in ws for b in w)
+
+        def positions(ws: list[list[Batch]]) -> int:
+            return sum(b.input_ids.numel() for w in ws for b in w)
+
+        device, precision = trainer.device, trainer.precision
+        peak_a, peak_src = _peak(precision.name, device, peak_tflops)
+        for w in windows[:warmup]:
+            _timed(lambda w=w: trainer.train_step(w), device)
+        timed = windows[warmup:warmup + steps]
+        seconds = sum(_timed(lambda w=w: trainer.train_step(w), device) for w in timed)
+        peak_b, _ = _peak(precision.name, device, peak_tflops)
+        peak = max(peak_a, peak_b) if peak_a is not None and peak_b is not None else (peak_a or peak_b)
+        epoch_real, timed_real = real(windows), real(timed)
+        mean_len = epoch_real / sum(b.input_ids.shape[0] for w in windows for b in w)
+        flops_tok = train_flops_per_token(sab.config.model, round(mean_len))
+        tps = timed_real / seconds
+        result: dict[str, Any] = {
+            "mode": "epoch", "config": config or "(defaults)", "preset": sab.config.model.preset,
+            "precision": precision.name, "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "length_bucketing": d.length_bucketing,
+            **_machine(device, precision.name),
+            "optimizer_steps_per_epoch": len(windows), "steps": steps, "warmup": warmup,
+            "epoch_real_tokens": epoch_real, "epoch_positions": positions(windows), "mean_sample_len": mean_len,
+            "flops_per_token": flops_tok, "peak_tflops": peak, "peak_source": peak_src,
+            "tokens_per_s": tps, "timed_s": seconds, "epoch_s": epoch_real / tps,
+            "mfu": tps * flops_tok / (peak * 1e12) if peak else None,
+        }
+        result["bound_s"] = epoch_real * flops_tok / (peak * 1e12) if peak else None
+        result["epoch_over_bound"] = result["epoch_s"] / result["bound_s"] if peak else None
+        return result
+
+
 def _optimizer_kind(ours: OursStep) -> str:
     d = ours.trainer.optimizer.defaults
     return "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
@@ -484,6 +547,20 @@ def format_report(r: dict[str, Any]) -> str:
     """A Markdown table (one row per model) and the setup it was measured on."""
     where = f"{r['device_name']} ({r['device']}, {r['threads']} thread{'' if r['threads'] == 1 else 's'}"
     where += f", {r['cpu_flags']})" if "cpu_flags" in r else ")"
+    if r["mode"] == "epoch":
+        return "\n".join([
+            f"one epoch of {r['config']}: {r['preset']}, batch {r['batch_size']} x accumulation "
+            f"{r['gradient_accumulation_steps']}, {r['precision']}, length bucketing {r['length_bucketing']}; {where}",
+            f"{r['optimizer_steps_per_epoch']} optimizer steps, {r['epoch_real_tokens']:,} real tokens in "
+            f"{r['epoch_positions']:,} positions ({100 * (r['epoch_positions'] / r['epoch_real_tokens'] - 1):.1f}% "
+            f"padding), mean sample {r['mean_sample_len']:.1f} tokens, {r['flops_per_token'] / 1e6:.1f} MFLOP per "
+            f"token; peak {_fmt(r['peak_tflops'], '.3g')} TFLOP/s ({r['peak_source']})",
+            "", "| real tokens/s | MFU | epoch s (projected) | matmul bound s | epoch / bound |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {r['tokens_per_s']:,.0f} | {_pct(r['mfu'])} | {r['epoch_s']:,.0f} | {_fmt(r['bound_s'], ',.0f')} | "
+            f"{_fmt(r['epoch_over_bound'], '.2f')}x |",
+            "", f"{r['steps']} optimizer step(s) timed after {r['warmup']} warm-up ({r['timed_s']:.1f} s); the epoch "
+            "is projected from their real tokens/s"])
     if r["mode"] == "generate":
         lines = [f"generation: {r['preset']} ({r['params'] / 1e6:.1f}M params), vocab {r['vocab_size']}, prompt "
                  f"{r['prompt_len']} + {r['new_tokens']} new tokens, batch 1, greedy, {r['precision']}; {where}",

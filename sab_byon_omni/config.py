@@ -109,8 +109,10 @@ class DataConfig:
     csv_column: str = fld("text", "column holding the text in .csv files")
     cache_dir: str | None = fld(None, "folder for the tokenised corpus (default: ./.sab_cache/<data name>-<hash>)")
     shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")
-    length_bucketing: int = fld(0, "sort each run of N shuffled samples by length before batching, so batches "
-                                   "pad less (0: off; variable-length data such as the synthetic set)")
+    length_bucketing: int = fld(64, "sort each run of N shuffled samples by length before batching, so batches "
+                                    "pad less (0: off; variable-length data such as the synthetic set). With N = "
+                                    "batch_size x gradient_accumulation_steps (the default job's 64) each optimizer "
+                                    "step sums the same samples as without it")
     data_seed: int = fld(1234, "seed for data generation, splits and order")
 
     def __post_init__(self) -> None:

@@ -187,3 +187,33 @@ def test_bench_compile_reports_compile_time(in_tmp, capsys):
     assert main([*TINY, "--compile", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["compile"] is True and r["compile_s"] >= 0
+
+
+def test_epoch_mode_projects_a_real_job_against_its_matmul_bound(in_tmp, capsys):
+    args = ["bench", "--mode", "epoch", "--steps", "2", "--warmup", "1", "--json", "--set", "model.preset=tiny",
+            "--set", "data.num_samples=300", "--set", "train.gradient_accumulation_steps=2", "--peak-tflops", "0.05"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    # 270 training samples, 4 x 2 per optimizer step
+    assert r["mode"] == "epoch" and r["optimizer_steps_per_epoch"] == 34 and r["length_bucketing"] == 64
+    assert r["epoch_positions"] >= r["epoch_real_tokens"] > 270 * 40  # synthetic samples are 46-97 chars
+    assert r["epoch_s"] == pytest.approx(r["epoch_real_tokens"] / r["tokens_per_s"])
+    cfg = ModelConfig.from_name("tiny", vocab_size=96)
+    assert r["flops_per_token"] == B.train_flops_per_token(cfg, round(r["mean_sample_len"]))
+    assert r["bound_s"] == pytest.approx(r["epoch_real_tokens"] * r["flops_per_token"] / 0.05e12)
+    assert r["epoch_over_bound"] == pytest.approx(r["epoch_s"] / r["bound_s"])
+    assert list(in_tmp.iterdir()) == []  # the job's checkpoints went to a temporary folder
+    # without bucketing the same job pads more
+    assert main([*args, "--set", "data.length_bucketing=0"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch_positions"] > r["epoch_positions"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "nonsense"], "--set 'nonsense': expected KEY=VALUE"),
+    (["--set", "data.num_samples=300", "--steps", "99"], "exceeds the epoch's 5 optimizer steps"),
+    (["--set", "train.batch_sise=3"], "batch_sise"),
+])
+def test_epoch_mode_bad_input_is_one_error_line(in_tmp, capsys, args, message):
+    assert main(["bench", "--mode", "epoch", "--set", "model.preset=tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -12,22 +12,30 @@ from __future__ import annotations
 import argparse
 import json
 
-from sab_byon_omni.benchmark import BenchOptions, format_report, run_generate_bench, run_train_bench
+from sab_byon_omni.benchmark import BenchOptions, format_report, run_epoch_bench, run_generate_bench, run_train_bench
 from sab_byon_omni.config import PRECISIONS, PRESETS
+from sab_byon_omni.errors import SabError
 
 EXAMPLE = """examples:
   sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --compare hf
   sab-omni bench --preset tiny --seq-len 128 --steps 5 --json
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
   sab-omni bench --preset 1b --precision bf16 --device cuda --peak-tflops 989
+  sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucketing=64
 """
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure training (or generation) throughput and MFU", description=__doc__,
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("train", "generate"), default="train",
-                   help="time a training step or greedy generation with the KV cache (default: train)")
+    p.add_argument("--mode", choices=("train", "generate", "epoch"), default="train",
+                   help="train: one training step of a preset on random full-length rows; generate: greedy "
+                   "generation with the KV cache; epoch: optimizer steps of a real job (--config), projected to an "
+                   "epoch against its matmul bound (default: train)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="epoch mode: the job's YAML config (default: the built-in defaults = configs/default.yaml)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="epoch mode: override a config field, e.g. --set data.length_bucketing=64 (repeatable)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight",
                    help="architecture (default: lightweight)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
@@ -60,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
                         compare=args.compare, peak_tflops=args.peak_tflops, threads=args.threads, seed=args.seed)
     if args.mode == "generate":
         result = run_generate_bench(opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    elif args.mode == "epoch":
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.length_bucketing=64")
+            overrides[key] = value
+        result = run_epoch_bench(args.config, overrides, args.steps, args.warmup, args.threads, args.peak_tflops)
     else:
         result = run_train_bench(opts)
     print(json.dumps(result) if args.json else format_report(result))
