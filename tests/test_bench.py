@@ -212,6 +212,9 @@ def test_epoch_mode_projects_a_real_job_against_its_matmul_bound(in_tmp, capsys)
     (["--set", "nonsense"], "--set 'nonsense': expected KEY=VALUE"),
     (["--set", "data.num_samples=300", "--steps", "99"], "exceeds the epoch's 5 optimizer steps"),
     (["--set", "train.batch_sise=3"], "batch_sise"),
+    (["--batch-size", "8"], "--batch-size does not apply to --mode epoch, whose config decides it: use --set "
+                            "train.batch_size=..."),
+    (["--compare", "hf"], "--compare does not apply to --mode epoch"),
 ])
 def test_epoch_mode_bad_input_is_one_error_line(in_tmp, capsys, args, message):
     assert main(["bench", "--mode", "epoch", "--set", "model.preset=tiny", *args]) == 2

@@ -10,6 +10,7 @@ numbers move with machine load; compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from sab_byon_omni.benchmark import BenchOptions, format_report, run_epoch_bench, run_generate_bench, run_train_bench
@@ -61,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchOptions)}
+
+
 def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
                         steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size, device=args.device,
@@ -69,6 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "generate":
         result = run_generate_bench(opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     elif args.mode == "epoch":
+        for flag, key in (("preset", "model.preset"), ("seq_len", "data.seq_len"), ("batch_size", "train.batch_size"),
+                          ("precision", "train.precision"), ("device", "train.device"),
+                          ("vocab_size", "model.vocab_size"), ("compile", "train.compile"),
+                          ("activation_checkpointing", "model.activation_checkpointing")):
+            if getattr(args, flag) != DEFAULTS[flag]:
+                raise SabError(f"--{flag.replace('_', '-')} does not apply to --mode epoch, whose config decides it: "
+                               f"use --set {key}=...")
+        if args.compare:
+            raise SabError("--compare does not apply to --mode epoch (the peer has no equivalent of a whole job)")
         overrides = {}
         for item in args.set:
             key, sep, value = item.partition("=")
