@@ -40,7 +40,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Decoding one token multiplies one row by every weight matrix. CPU BLAS runs that
     matrix-vector product on one thread, at about half of the machine's memory bandwidth; viewing
-    the weight's rows as ``threads`` blocks lets ``bmm`` spread it over every thread (1.5x on a
+    the weight's rows as ``threads`` blocks lets ``bmm`` spread it over every thread (1.7x on a
     2-core EPYC: ``python benchmarks/levers.py gemv``). The result is the same dot products.
     Training, batches and other devices take ``F.linear``.
     """
