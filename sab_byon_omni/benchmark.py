@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.config import PRESETS, ModelConfig, RunConfig, build_config
-from sab_byon_omni.data.batching import Batch, collate
+from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
@@ -406,7 +406,6 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
     the measured matmul peak. The steps timed are the epoch's first ``warmup + steps`` windows."""
     from sab_byon_omni.config import load_config
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-    from sab_byon_omni.data.batching import iterate_batches
     from sab_byon_omni.data.factory import load_datasets
 
     if steps < 1 or warmup < 0:
@@ -421,15 +420,14 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
         t, d = sab.config.train, sab.config.data
         if trainer.info.enabled:
             raise SabError("--mode epoch runs in one process")
-        batches = list(iterate_batches(train, t.batch_size, pad_id=tokenizer.pad_id, epoch=0, seed=d.data_seed,
-                                       shuffle=d.shuffle, bucket=d.length_bucketing))
+        batches = list(trainer.epoch_batches(0))
         windows = [batches[i:i + t.gradient_accumulation_steps]
                    for i in range(0, len(batches), t.gradient_accumulation_steps)]
         if warmup + steps > len(windows):
             raise SabError(f"--warmup + --steps = {warmup + steps} exceeds the epoch's {len(windows)} optimizer steps")
 
         def real(ws: list[list[Batch]]) -> int:  # non-padding input positions
-            return sum(int((b.labels != -100).sum()) for w in ws for b in w)
+            return sum(int((b.labels != IGNORE_INDEX).sum()) for w in ws for b in w)
 
         def positions(ws: list[list[Batch]]) -> int:
             return sum(b.input_ids.numel() for w in ws for b in w)

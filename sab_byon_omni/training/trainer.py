@@ -12,6 +12,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sab_byon_omni.config import RunConfig
-from sab_byon_omni.data.batching import IGNORE_INDEX, TokenDataset, iterate_batches, micro_steps_per_epoch
+from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, TokenDataset, iterate_batches, micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import plan_memory
@@ -295,9 +296,7 @@ class Trainer:
     def _run_epoch(self, result: TrainResult) -> None:
         t, st, info = self.cfg.train, self.state, self.info
         epoch = st["epoch"]
-        batches = iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
-                                  seed=self.cfg.data.data_seed, shuffle=self.cfg.data.shuffle, start=st["cursor"],
-                                  world=info.world, rank=info.rank, bucket=self.cfg.data.length_bucketing)
+        batches = self.epoch_batches(epoch, st["cursor"])
         done_steps = round(st["cursor"] / (t.batch_size * info.world * t.gradient_accumulation_steps))
         bar = _progress(self.steps_per_epoch, done_steps, f"epoch {epoch + 1}/{t.epochs}", info.is_main and t.progress)
         # the epoch's loss so far (global sums; restored on resume so the epoch mean is exact)
@@ -368,6 +367,13 @@ class Trainer:
         if info.is_main:
             log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", epoch + 1, t.epochs,
                      train_loss, val_loss, path)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This process's micro-batches of ``epoch`` from global cursor ``start``."""
+        t, d = self.cfg.train, self.cfg.data
+        return iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
+                               seed=d.data_seed, shuffle=d.shuffle, start=start, world=self.info.world,
+                               rank=self.info.rank, bucket=d.length_bucketing)
 
     def train_step(self, window: list) -> tuple[torch.Tensor, int, float]:
         """One optimizer step over an accumulation window: (loss sum as a tensor, this rank's target
