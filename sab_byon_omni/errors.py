@@ -1,7 +1,34 @@
-"""The one exception type that user-facing entry points turn into ``error: ...`` and exit 2."""
+"""The one exception type that user-facing entry points turn into ``error: ...`` and exit 2, and
+the helpers that keep every message short whatever the input was."""
 
 from __future__ import annotations
+
+import reprlib
+
+MAX_FIRST_LINE = 160
+
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 2
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
 
 
 class SabError(Exception):
     """Bad input from the user (config, data, checkpoint, CLI): one clear line, no traceback."""
+
+
+def first_line(e: BaseException | str, limit: int = MAX_FIRST_LINE) -> str:
+    """The first non-empty line of an exception's message (or its type name), at most ``limit`` chars."""
+    text = e if isinstance(e, str) else str(e)
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__ if not isinstance(e, str) else ""
+
+
+def bounded(value: object) -> str:
+    """A short ``repr`` of any value, safe for error messages: nested, aliased or huge structures
+    are cut at a few items and characters instead of being expanded."""
+    try:
+        return _repr.repr(value)
+    except Exception:  # a hostile __repr__
+        return f"<{type(value).__name__}>"
