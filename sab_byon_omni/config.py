@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.errors import SabError, bounded
 
 
-def fld(default: Any, help: str, **kw: Any) -> Any:
+def fld(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line help text."""
-    return field(default=default, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help})
 
 
 # Architecture presets. "3b" keeps its historical name; with FFN 16,384 it has ~7.5B parameters.
@@ -40,6 +40,7 @@ TOKENIZERS = ("char96", "byte", "bpe")
 SCHEDULES = ("constant", "cosine")
 PARALLEL = ("ddp", "fsdp")
 MICRO_BATCH = ("fixed", "auto")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise SabError(f"model.preset={self.preset!r} is not one of: {', '.join(PRESETS)}")
+            raise SabError(f"model.preset={bounded(self.preset)} is not one of: {', '.join(PRESETS)}")
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -80,7 +81,7 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.fragmergent_mode not in FRAGMERGENT_MODES:
-            raise SabError(f"model.fragmergent_mode={self.fragmergent_mode!r} is not one of: {', '.join(FRAGMERGENT_MODES)}")
+            raise SabError(f"model.fragmergent_mode={bounded(self.fragmergent_mode)} is not one of: {', '.join(FRAGMERGENT_MODES)}")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
 
@@ -119,12 +120,14 @@ class DataConfig:
         _positive("data.num_samples", self.num_samples)
         if self.seq_len < 2:
             raise SabError(f"data.seq_len={self.seq_len} must be at least 2 (one input and one target)")
+        _positive("data.seq_len", self.seq_len)
         if not 0.0 < self.val_fraction < 1.0:
             raise SabError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.tokenizer not in TOKENIZERS:
-            raise SabError(f"data.tokenizer={self.tokenizer!r} is not one of: {', '.join(TOKENIZERS)}")
+            raise SabError(f"data.tokenizer={bounded(self.tokenizer)} is not one of: {', '.join(TOKENIZERS)}")
         if self.bpe_vocab_size < 300:
             raise SabError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 300 (256 bytes + specials + merges)")
+        _positive("data.bpe_vocab_size", self.bpe_vocab_size)
         if self.length_bucketing < 0:
             raise SabError(f"data.length_bucketing={self.length_bucketing} must not be negative")
         if not self.dataset:
@@ -159,7 +162,9 @@ class TrainConfig:
     max_nonfinite_steps: int = fld(5, "abort after this many consecutive non-finite steps")
     max_steps: int = fld(0, "stop after this many optimizer steps (0: no limit)")
     progress: bool = fld(True, "show a progress bar on stderr")
-    tensorboard: bool = fld(False, "also log to TensorBoard in checkpoint_dir/tb")
+    report_to: str = fld("none", "also send the metric rows to: none, or a comma-separated list of tensorboard "
+                                 "(checkpoint_dir/tb) and wandb (WANDB_MODE=offline works without a network)")
+    tensorboard: bool = fld(False, "also log to TensorBoard in checkpoint_dir/tb (the same as --report_to tensorboard)")
     seed: int = fld(1234, "seed for initialisation and sampling")
     deterministic: bool = fld(False, "use deterministic algorithms (slower; for bit-exact reproduction)")
     parallel: str = fld("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp "
@@ -188,15 +193,18 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.lr_schedule not in SCHEDULES:
-            raise SabError(f"train.lr_schedule={self.lr_schedule!r} is not one of: {', '.join(SCHEDULES)}")
+            raise SabError(f"train.lr_schedule={bounded(self.lr_schedule)} is not one of: {', '.join(SCHEDULES)}")
         if self.parallel not in PARALLEL:
-            raise SabError(f"train.parallel={self.parallel!r} is not one of: {', '.join(PARALLEL)}")
+            raise SabError(f"train.parallel={bounded(self.parallel)} is not one of: {', '.join(PARALLEL)}")
         if self.micro_batch_size not in MICRO_BATCH:
-            raise SabError(f"train.micro_batch_size={self.micro_batch_size!r} is not one of: {', '.join(MICRO_BATCH)}")
+            raise SabError(f"train.micro_batch_size={bounded(self.micro_batch_size)} is not one of: {', '.join(MICRO_BATCH)}")
         if self.precision not in PRECISIONS:
-            raise SabError(f"train.precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
+            raise SabError(f"train.precision={bounded(self.precision)} is not one of: {', '.join(PRECISIONS)}")
         if not self.checkpoint_dir:
             raise SabError("train.checkpoint_dir is empty")
+        for name in (n.strip() for n in self.report_to.split(",")):
+            if name not in (*TRACKERS, "none", ""):
+                raise SabError(f"train.report_to: unknown tracker {bounded(name)} (known: {', '.join(TRACKERS)}, none)")
         if not self.resume:
             raise SabError("train.resume is empty: use none, auto or a checkpoint path")
 
@@ -224,14 +232,32 @@ FIELD_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in
 assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "field names must be unique"
 
 
+# Upper limits far beyond any real run, so that a typo (or a hostile file) is an error, not a
+# 100 GB allocation or an hour-long loop.
+LIMITS = {"hidden": 1 << 16, "n_heads": 1 << 12, "n_layers": 1 << 12, "ffn": 1 << 18, "max_seq_len": 1 << 20,
+          "seq_len": 1 << 20, "vocab_size": 1 << 24, "bpe_vocab_size": 1 << 20, "batch_size": 1 << 20,
+          "gradient_accumulation_steps": 1 << 20, "epochs": 1 << 20, "num_samples": 1 << 31}
+
+
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SabError(f"{name}={value!r} must be a positive integer")
+        raise SabError(f"{name}={bounded(value)} must be a positive integer")
+    limit = LIMITS.get(name.rpartition(".")[2])
+    if limit is not None and value > limit:
+        raise SabError(f"{name}={value} is larger than this project supports ({limit:,})")
+
+
+def did_you_mean(word: str, options: Any) -> str:
+    """`` (did you mean 'x'?)`` for a close match among ``options``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word)[:100], [str(o) for o in options], n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _finite(name: str, value: Any) -> None:
     if not math.isfinite(value):
-        raise SabError(f"{name}={value!r} must be a finite number")
+        raise SabError(f"{name}={bounded(value)} must be a finite number")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -252,10 +278,10 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise SabError(f"{name}={value!r} must be true or false")
+        raise SabError(f"{name}={bounded(value)} must be true or false")
     if base is int:
         if isinstance(value, bool):
-            raise SabError(f"{name}={value!r} must be an integer")
+            raise SabError(f"{name}={bounded(value)} must be an integer")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -270,10 +296,10 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
                     f = math.nan
                 if math.isfinite(f) and f.is_integer():
                     return int(f)
-        raise SabError(f"{name}={value!r} must be an integer")
+        raise SabError(f"{name}={bounded(value)} must be an integer")
     if base is float:
         if isinstance(value, bool):
-            raise SabError(f"{name}={value!r} must be a number")
+            raise SabError(f"{name}={bounded(value)} must be a number")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -281,11 +307,11 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise SabError(f"{name}={value!r} must be a number")
+        raise SabError(f"{name}={bounded(value)} must be a number")
     if base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise SabError(f"{name}={value!r} must be a string")
+        raise SabError(f"{name}={bounded(value)} must be a string")
     raise TypeError(f"unsupported annotation {annotation!r} for {name}")  # programming error
 
 
@@ -301,15 +327,16 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise SabError(f"{source}: section {key!r} must be a mapping, got {type(value).__name__}")
+                raise SabError(f"{source}: section {bounded(key)} must be a mapping, got {type(value).__name__}")
             for sub, v in value.items():
                 if FIELD_SECTION.get(sub) != key:
-                    raise SabError(f"{source}: unknown key {repr(f'{key}.{sub}')}")
+                    known = [f.name for f in fields(SECTIONS[key])]
+                    raise SabError(f"{source}: unknown key {bounded(f'{key}.{sub}')}{did_you_mean(sub, known)}")
                 sectioned[key][sub] = v
         elif isinstance(key, str) and key in FIELD_SECTION:
             sectioned[FIELD_SECTION[key]][key] = value
         else:
-            raise SabError(f"{source}: unknown key {key!r}")
+            raise SabError(f"{source}: unknown key {bounded(key)}{did_you_mean(key, [*SECTIONS, *FIELD_SECTION])}")
     built = {}
     for section, cls in SECTIONS.items():
         hints = _field_types(cls)
@@ -318,19 +345,61 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
     return RunConfig(**built)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a config is small and flat, and an alias is how a
+    few hundred bytes of YAML expand into gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in a config (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def config_dirs() -> list[Path]:
+    """Where named configs live: inside the installed package, or the repository's configs/."""
+    here = Path(__file__).resolve().parent
+    return [here / "configs", here.parent / "configs"]
+
+
+def named_configs() -> list[str]:
+    return sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A config file by path, or by name (``lightweight``, ``default``) from the shipped configs."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    if p.parent == Path(".") and not p.exists():
+        for d in config_dirs():
+            for candidate in (d / p.name, d / f"{p.name}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    raise SabError(f"config file not found: {bounded(str(name))} (a path, or one of the shipped configs: "
+                   f"{', '.join(named_configs()) or 'none found'})")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SabError(f"config file not found: {p}")
+    p = resolve_config(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise SabError(f"{p}: {p.stat().st_size:,} bytes is too large for a config file")
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         why = str(getattr(e, "problem", None) or e).strip().splitlines() or ["unreadable"]
-        raise SabError(f"{p}: invalid YAML{at}: {why[0]}") from None
+        raise SabError(f"{p}: invalid YAML{at}: {why[0][:160]}") from None
     except UnicodeDecodeError:
         raise SabError(f"{p}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise SabError(f"{p}: nested too deeply to be a config") from None
+    except OSError as e:
+        raise SabError(f"cannot read {p}: {e.strerror or e}") from None
     if raw is not None and not isinstance(raw, dict):
         raise SabError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
     return raw or {}
@@ -345,7 +414,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         elif key in FIELD_SECTION:
             section = merged.setdefault(FIELD_SECTION[key], {})
             if not isinstance(section, dict):
-                raise SabError(f"section {FIELD_SECTION[key]!r} must be a mapping, got {type(section).__name__}")
+                raise SabError(f"section {bounded(FIELD_SECTION[key])} must be a mapping, got {type(section).__name__}")
             section[key] = value
         else:
             merged[key] = value
@@ -353,9 +422,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         section, _, name = key.rpartition(".")
         section = section or FIELD_SECTION.get(name, "")
         if FIELD_SECTION.get(name) != section:
-            raise SabError(f"unknown option {key!r}")
+            raise SabError(f"unknown option {bounded(key)}{did_you_mean(name, FIELD_SECTION)}")
         if not isinstance(merged.get(section, {}), dict):
-            raise SabError(f"section {section!r} must be a mapping")
+            raise SabError(f"section {bounded(section)} must be a mapping")
         merged.setdefault(section, {})[name] = value
     return merged
 

@@ -186,18 +186,31 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
                     flops_per_token=flops, hardware_flops_per_token=hw)
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order (O(sqrt n), fine for any batch size)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
 def largest_micro_batch(cfg: ModelConfig, seq_len: int, budget: float, effective_batch: int, **kw) -> int:
     """The largest micro-batch dividing ``effective_batch`` whose estimated peak fits ``budget``
-    bytes; 0 if not even one sequence fits."""
-    best = 0
-    for mb in range(1, effective_batch + 1):
-        if effective_batch % mb:
-            continue
-        if estimate(cfg, seq_len, mb, **kw).peak <= budget:
-            best = mb
+    bytes; 0 if not even one sequence fits. Memory grows with the micro-batch: a binary search."""
+    options = divisors(effective_batch)
+    lo, hi = 0, len(options)  # options[:lo] fit, options[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if estimate(cfg, seq_len, options[mid], **kw).peak <= budget:
+            lo = mid + 1
         else:
-            break  # memory grows with the micro-batch
-    return best
+            hi = mid
+    return options[lo - 1] if lo else 0
 
 
 def fmt_bytes(n: float) -> str:
@@ -273,81 +286,3 @@ def single_gpu_table(sizes_gb: tuple[float, ...] = (24.0, 80.0), seq_len: int = 
             cells.append(" / ".join(f"{m}" if m else "no" for m in mbs))
         rows.append(f"| {preset} | {fmt_count(num_parameters(cfg))} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-# ------------------------------------------------------------------------------ will it fit?
-CUDA_RESERVE = 1.0 * GiB  # CUDA context and allocator slack, not seen by max_memory_allocated
-HEADROOM = 0.9  # use at most 90% of the device
-
-
-def longest_sample(data, seq_len: int) -> int:
-    """The longest sample of a dataset when it says cheaply (synthetic data), else ``seq_len``."""
-    base, idx = getattr(data, "base", None), getattr(data, "indices", None)
-    lengths = getattr(base, "lengths", None) if base is not None else getattr(data, "lengths", None)
-    try:
-        if lengths is not None and len(data):
-            longest = int(lengths[idx].max()) if idx is not None else int(max(lengths))
-            return max(2, min(longest, seq_len))
-    except (TypeError, IndexError, ValueError):
-        pass
-    return seq_len
-
-
-def plan_memory(model, train_data, cfg, device, precision: str, info):
-    """Check that training ``cfg`` fits ``device`` before anything is allocated there, and with
-    ``train.micro_batch_size=auto`` pick the largest micro-batch that fits (dividing
-    batch_size x gradient_accumulation_steps, which stays the same). Returns the (possibly
-    updated) RunConfig; raises SabError with settings that would fit."""
-    import logging
-
-    import torch
-
-    from sab_byon_omni.config import replace
-    from sab_byon_omni.training import distributed as D
-    from sab_byon_omni.training.trainer import make_optimizer
-
-    log = logging.getLogger(__name__)
-    t, m = cfg.train, cfg.model
-    if device.type not in ("cuda", "cpu") or m.vocab_size is None:
-        return cfg
-    budget, what = D.memory_budget(device)
-    if device.type == "cpu":  # the model already sits in RAM: count it as available again
-        budget += sum(p.numel() * p.element_size() for p in model.parameters())
-    usable = budget * HEADROOM - (CUDA_RESERVE if device.type == "cuda" else 0)
-    try:  # ask the trainer which AdamW it builds for this device
-        fused = bool(make_optimizer(torch.nn.Linear(1, 1), cfg, device).defaults.get("fused"))
-    except (RuntimeError, ValueError):
-        fused = device.type == "cuda"
-    seq = longest_sample(train_data, cfg.data.seq_len)
-    parallel = t.parallel if info.enabled else "ddp"
-    kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world, parallel=parallel,
-              device=device.type, fused_optimizer=fused)
-    effective = t.batch_size * t.gradient_accumulation_steps
-    ac = m.activation_checkpointing
-    if t.micro_batch_size == "auto":
-        mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=ac, **kw)
-        if mb:
-            if (mb, effective // mb) != (t.batch_size, t.gradient_accumulation_steps) and info.is_main:
-                log.info("micro-batch auto: %d x %d accumulation (effective batch %d) fits %s", mb, effective // mb,
-                         effective, what)
-            return replace(cfg, batch_size=mb, gradient_accumulation_steps=effective // mb, micro_batch_size="fixed")
-    e = estimate(m, seq, t.batch_size, activation_checkpointing=ac, **kw)
-    if e.peak <= usable or not t.check_memory:
-        return cfg
-    tips = []
-    mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=ac, **kw)
-    if mb:
-        tips.append(f"--batch_size {mb} --gradient_accumulation_steps {effective // mb} (or --micro-batch-size auto)")
-    if not ac:
-        mb_ac = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=True, **kw)
-        if mb_ac:
-            tips.append(f"--activation_checkpointing true --batch_size {mb_ac} "
-                        f"--gradient_accumulation_steps {effective // mb_ac}")
-    if not tips:
-        tips.append("more memory per device, or more processes with --parallel fsdp (see sab-omni estimate)")
-    raise SabError(
-        f"this run needs about {fmt_bytes(e.peak)} per process (weights {fmt_bytes(e.weights)}, gradients "
-        f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, "
-        f"activations {fmt_bytes(e.activations + max(e.logits, e.workspace))} "
-        f"for micro-batch {t.batch_size} x {seq} tokens) but {what} leaves {fmt_bytes(usable)} usable; "
-        f"settings that fit: {'; or '.join(tips)}; --check_memory false skips this check")

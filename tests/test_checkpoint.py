@@ -6,7 +6,8 @@ import torch
 from sab_byon_omni.config import build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training.checkpoint import atomic_save, load_checkpoint, prune_step_checkpoints
+from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.train_3b import train_3b_rapid
 
 GUIDE_KEYS = {"epoch", "model_state_dict", "optimizer_state_dict", "loss", "global_step", "config"}
@@ -71,28 +72,28 @@ def test_compiled_model_saves_plain_keys(tmp_path):
                                   "compile": True, "checkpoint_dir": str(tmp_path), "progress": False}})
     from tests.test_trainer import make_trainer
     trainer = make_trainer(cfg)
-    trainer._setup()
-    trainer._save(tmp_path / "c.pt", loss=0.0)
+    trainer.setup()
+    trainer.save_checkpoint("c", loss=0.0)
     keys = torch.load(tmp_path / "c.pt")["model_state_dict"].keys()
     assert "embed.weight" in keys and not any("_orig_mod" in k for k in keys)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "x.pt"
-    atomic_save({"a": torch.ones(2)}, path)
+    save_checkpoint({"a": torch.ones(2)}, path)
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "fsync", broken)
     with pytest.raises(SabError, match="disk full"):
-        atomic_save({"a": torch.zeros(2)}, path)
+        save_checkpoint({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
 
 
 def test_load_rejects_truncated_and_foreign_files(tmp_path):
     good = tmp_path / "good.pt"
-    atomic_save({"epoch": 1, "model_state_dict": {}, "global_step": 0, "config": {}}, good)
+    save_checkpoint({"epoch": 1, "model_state_dict": {}, "global_step": 0, "config": {}}, good)
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(good.read_bytes()[:50])
     with pytest.raises(SabError, match="trunc.pt"):
@@ -105,9 +106,13 @@ def test_load_rejects_truncated_and_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def _fake_checkpoint(path, step):
+    save_checkpoint({"epoch": 0, "model_state_dict": {}, "global_step": step, "config": {}}, path)
+
+
 def test_prune_keeps_the_newest_step_checkpoints(tmp_path):
     for s in (5, 10, 15, 20):
-        (tmp_path / f"step_{s}.pt").write_bytes(b"x")
-    (tmp_path / "epoch_1.pt").write_bytes(b"x")
-    prune_step_checkpoints(tmp_path, 2)
+        _fake_checkpoint(tmp_path / f"step_{s}.pt", s)
+    _fake_checkpoint(tmp_path / "epoch_1.pt", 12)
+    Checkpointer(tmp_path, keep_last=2).prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "step_15.pt", "step_20.pt"]

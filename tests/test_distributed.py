@@ -16,9 +16,10 @@ from sab_byon_omni.config import ModelConfig, build_config
 from sab_byon_omni.data.batching import iterate_batches, micro_steps_per_epoch
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training import distributed as D
-from sab_byon_omni.training.checkpoint import load_checkpoint
+from sab_byon_omni.io.checkpoint import load_checkpoint
 from sab_byon_omni.training.train_3b import run_training
-from sab_byon_omni.training.trainer import apply_activation_checkpointing, causal_lm_loss
+from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.training.memory import apply_activation_checkpointing
 
 # fp32 on CPU; two ranks sum gradients in another order than one process does, and AdamW's
 # normalisation amplifies those last-bit differences a little over a few steps.

@@ -15,7 +15,7 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.config import PRESETS, ModelConfig, build_config
 from sab_byon_omni.estimate import estimate, largest_micro_batch, num_parameters
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.trainer import make_optimizer
+from sab_byon_omni.training.optim import make_optimizer
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -126,7 +126,7 @@ def measure_training_peak(preset: str, batch: int, seq: int, ac: bool) -> float:
 ])
 def test_estimate_agrees_with_measured_cpu_peak_within_15_percent(preset, batch, seq, ac):
     cfg = ModelConfig.from_name(preset, vocab_size=96, max_seq_len=max(seq, 256))
-    fused = make_optimizer(torch.nn.Linear(1, 1), build_config({}), torch.device("cpu")).defaults.get("fused")
+    fused = make_optimizer(torch.nn.Linear(1, 1), build_config({}).train, torch.device("cpu")).defaults.get("fused")
     predicted = estimate(cfg, seq, batch, "fp32", activation_checkpointing=ac, device="cpu",
                          fused_optimizer=bool(fused)).peak
     measured = measure_training_peak(preset, batch, seq, ac)

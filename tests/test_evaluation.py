@@ -16,7 +16,7 @@ from sab_byon_omni.data.batching import collate
 from sab_byon_omni.data.corpus import TokenWindows
 from sab_byon_omni.evaluation import EvalResult, evaluate_stream, stream_loss, window_spans
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.trainer import causal_lm_loss
+from sab_byon_omni.training.loss import causal_lm_loss
 
 
 @pytest.fixture(scope="module")

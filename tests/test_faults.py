@@ -19,7 +19,9 @@ import torch
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training import checkpoint as ckpt_io
+from sab_byon_omni.io import atomic as atomic_io
+from sab_byon_omni.io import checkpoint as ckpt_io
+from sab_byon_omni.training import checkpointer as checkpointer_mod
 from sab_byon_omni.training import trainer as T
 
 # 36 training samples, 4 per step: 9 optimizer steps.
@@ -194,29 +196,29 @@ def test_full_disk_during_a_save_stops_cleanly(in_tmp, monkeypatch, capsys, wher
             _enospc()
         return real(*a, **k)
 
-    target = {"torch.save": (ckpt_io.torch, "save"), "fsync": (ckpt_io.os, "fsync"), "replace": (ckpt_io.os, "replace")}
+    target = {"torch.save": (ckpt_io.torch, "save"), "fsync": (atomic_io.os, "fsync"), "replace": (atomic_io.os, "replace")}
     with monkeypatch.context() as m:
         m.setattr(*target[where], failing)
         assert main([*BASE, "--checkpoint_dir", "ck", "--save_every", "3"]) == 2
     one_error_line(capsys.readouterr().err, "step_6.pt", "disk full", "earlier checkpoints are intact")
     ck = Path("ck")
-    assert sorted(p.name for p in ck.iterdir()) == ["metrics.jsonl", "step_3.pt"]  # no temporary file left
+    assert sorted(p.name for p in ck.iterdir()) == [".lock", "config.yaml", "metrics.jsonl", "step_3.pt"]  # no temp
     assert ckpt_io.load_checkpoint(ck / "step_3.pt")["global_step"] == 3
 
 
 def test_full_disk_keeps_the_previous_file_at_the_same_path(in_tmp, monkeypatch):
     path = in_tmp / "best_model.pt"
-    ckpt_io.atomic_save({"v": torch.ones(3)}, path)
+    ckpt_io.save_checkpoint({"v": torch.ones(3)}, path)
     before = path.read_bytes()
     monkeypatch.setattr(ckpt_io.torch, "save", _enospc)
     with pytest.raises(SabError, match="disk full"):
-        ckpt_io.atomic_save({"v": torch.zeros(3)}, path)
+        ckpt_io.save_checkpoint({"v": torch.zeros(3)}, path)
     assert path.read_bytes() == before and os.listdir(in_tmp) == ["best_model.pt"]
 
 
 def test_interrupt_during_a_save_removes_the_temporary_file(in_tmp, monkeypatch):
     path = in_tmp / "step_1.pt"
-    ckpt_io.atomic_save({"v": torch.ones(3)}, path)
+    ckpt_io.save_checkpoint({"v": torch.ones(3)}, path)
 
     def interrupted(obj, f):
         f.write(b"partial")
@@ -224,7 +226,7 @@ def test_interrupt_during_a_save_removes_the_temporary_file(in_tmp, monkeypatch)
 
     monkeypatch.setattr(ckpt_io.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ckpt_io.atomic_save({"v": torch.zeros(3)}, path)
+        ckpt_io.save_checkpoint({"v": torch.zeros(3)}, path)
     assert os.listdir(in_tmp) == ["step_1.pt"]
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
 
@@ -265,25 +267,25 @@ def test_read_only_checkpoint_file_location(in_tmp, monkeypatch):
     def denied(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(atomic_io.tempfile, "mkstemp", denied)
     with pytest.raises(SabError, match="cannot write checkpoint directory .*Read-only file system"):
-        ckpt_io.atomic_save({"v": torch.ones(1)}, in_tmp / "x.pt")
+        ckpt_io.save_checkpoint({"v": torch.ones(1)}, in_tmp / "x.pt")
 
 
 # ------------------------------------------------------------------------ non-finite steps
 def _poison(monkeypatch, bad_steps: set[int]) -> None:
     """Make the loss and every gradient NaN on the chosen (1-based) optimizer steps."""
-    real = T.Trainer._accumulate
+    real = T.Trainer.forward_backward
 
     def accumulate(self, window):
         total, n = real(self, window)
-        if self.state["global_step"] + 1 in bad_steps:
+        if self.state.global_step + 1 in bad_steps:
             for p in self.raw.parameters():
                 p.grad.mul_(math.nan)
             total = total * math.nan
         return total, n
 
-    monkeypatch.setattr(T.Trainer, "_accumulate", accumulate)
+    monkeypatch.setattr(T.Trainer, "forward_backward", accumulate)
 
 
 def _rows(ck: Path) -> list[dict]:
@@ -330,16 +332,16 @@ def test_too_many_non_finite_steps_in_a_row_abort_without_saving_them(in_tmp, mo
 
 def test_non_finite_weights_are_never_saved(in_tmp, monkeypatch, capsys):
     """A finite gradient can still blow the weights up (e.g. a huge learning rate)."""
-    real = T.Trainer._optimizer_step
+    real = T.Trainer.optimizer_step
 
     def step(self):
         norm = real(self)
-        if self.state["global_step"] + 1 == 3:
+        if self.state.global_step + 1 == 3:
             with torch.no_grad():
                 next(self.raw.parameters()).view(-1)[0] = math.inf
         return norm
 
-    monkeypatch.setattr(T.Trainer, "_optimizer_step", step)
+    monkeypatch.setattr(T.Trainer, "optimizer_step", step)
     assert main([*BASE, "--checkpoint_dir", "ck", "--save_every", "1", "--keep_last", "20"]) == 2
     one_error_line(capsys.readouterr().err, "non-finite", "not saving", "step_3.pt")
     ck = Path("ck")
@@ -378,13 +380,13 @@ def test_best_model_is_replaced_only_by_a_better_finite_one(in_tmp, monkeypatch)
     scripted = iter([2.0, math.nan, 3.0, math.inf, 1.5])
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(scripted))
     writes = []
-    real = ckpt_io.atomic_save
+    real = checkpointer_mod.save_checkpoint
 
     def recording(obj, path):
         writes.append((Path(path).name, obj["epoch"], obj.get("val_loss")))
         return real(obj, path)
 
-    monkeypatch.setattr(ckpt_io, "atomic_save", recording)
+    monkeypatch.setattr(checkpointer_mod, "save_checkpoint", recording)
     assert main([*BASE, "--checkpoint_dir", "ck", "--epochs", "5", "--num_samples", "20"]) == 0
     best = [(epoch, v) for name, epoch, v in writes if name == "best_model.pt"]
     assert best == [(1, 2.0), (5, 1.5)]
@@ -396,16 +398,16 @@ def test_a_second_ctrl_c_stops_at_once(in_tmp, monkeypatch, capsys):
     """The first SIGINT asks for a save-and-stop after the step; a second one does not wait."""
     import signal
 
-    real = T.Trainer._optimizer_step
+    real = T.Trainer.optimizer_step
 
     def step(self):
         norm = real(self)
-        if self.state["global_step"] + 1 == 2:
+        if self.state.global_step + 1 == 2:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
         return norm
 
-    monkeypatch.setattr(T.Trainer, "_optimizer_step", step)
+    monkeypatch.setattr(T.Trainer, "optimizer_step", step)
     assert main([*BASE, "--checkpoint_dir", "ck", "--save_every", "1"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in Path("ck").iterdir()) == ["metrics.jsonl", "step_1.pt"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sab_byon_omni.training.checkpoint import load_checkpoint
+from sab_byon_omni.io.checkpoint import load_checkpoint
 
 # The child runs the real CLI. Environment knobs let a test kill it at an exact point with a real
 # SIGKILL (no handler, no cleanup can run), or send itself SIGTERM/SIGINT after a chosen step.
@@ -27,17 +27,17 @@ CHILD = textwrap.dedent('''
     kill_at = int(os.environ.get("SAB_KILL_AT_STEP", "0"))
     signal_at, _, signame = os.environ.get("SAB_SIGNAL_AT_STEP", "0:TERM").partition(":")
     kill_replace = os.environ.get("SAB_KILL_IN_REPLACE", "")
-    original_step = T.Trainer._optimizer_step
+    original_step = T.Trainer.optimizer_step
 
     def step(self):
         norm = original_step(self)
-        if kill_at and self.state["global_step"] + 1 == kill_at:
+        if kill_at and self.state.global_step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if int(signal_at) and self.state["global_step"] + 1 == int(signal_at):
+        if int(signal_at) and self.state.global_step + 1 == int(signal_at):
             os.kill(os.getpid(), getattr(signal, "SIG" + signame))  # as if sent by SLURM or Ctrl-C
         return norm
 
-    T.Trainer._optimizer_step = step
+    T.Trainer.optimizer_step = step
     if kill_replace:
         real_replace = os.replace
         def replace(src, dst):
@@ -287,7 +287,7 @@ def test_resume_auto_picks_the_highest_step_even_when_file_times_are_scrambled(i
     """A folder copied to Drive and back (or unzipped) has new file times in any order; --resume
     auto must still continue from the furthest checkpoint, not from the most recently touched one."""
     from sab_byon_omni.cli import main
-    from sab_byon_omni.training.checkpoint import latest_checkpoint
+    from sab_byon_omni.training.checkpointer import Checkpointer
 
     args = ["-q", "train", "--preset", "tiny", "--num_samples", "40", "--seq_len", "32", "--batch_size", "4",
             "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu", "--progress", "false",
@@ -299,7 +299,7 @@ def test_resume_auto_picks_the_highest_step_even_when_file_times_are_scrambled(i
     t = time.time()
     for i, name in enumerate(["epoch_1.pt", "step_8.pt", "step_6.pt", "step_4.pt", "step_2.pt"]):
         os.utime(copied / name, (t + i, t + i))  # the oldest checkpoint now looks newest
-    assert latest_checkpoint(copied) == copied / "epoch_1.pt"
+    assert Checkpointer(copied).latest() == copied / "epoch_1.pt"
     assert main([*args, "--checkpoint_dir", "copied", "--epochs", "2", "--max_steps", "12", "--resume", "auto"]) == 0
     rows = [json.loads(line) for line in (copied / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "lr" in r]

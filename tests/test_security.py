@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import sab_byon_omni
 from sab_byon_omni.cli import main
-from sab_byon_omni.commands.export import export_safetensors, import_safetensors
+from sab_byon_omni.core.export import export_safetensors, import_safetensors
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpoint import load_checkpoint

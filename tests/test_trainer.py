@@ -8,7 +8,9 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import collate
 from sab_byon_omni.data.factory import load_datasets
-from sab_byon_omni.training.trainer import Trainer, causal_lm_loss, lr_at
+from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.training.optim import lr_at
+from sab_byon_omni.training.trainer import Trainer
 
 
 def tiny_run(tmp_path, **train) -> RunConfig:
@@ -37,13 +39,13 @@ def test_loss_is_the_guide_shift_and_ignores_padding():
 
 def _grads(trainer, window):
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate(window)
+    trainer.forward_backward(window)
     return [p.grad.clone() for p in trainer.raw.parameters()]
 
 
 def test_accumulating_16_micro_batches_of_4_equals_one_batch_of_64(tmp_path):
     trainer = make_trainer(tiny_run(tmp_path))
-    trainer._setup()
+    trainer.setup()
     rng = np.random.default_rng(0)
     rows = [rng.integers(1, 96, size=int(rng.integers(5, 60))) for _ in range(64)]  # very uneven lengths
     small = [collate(rows[i:i + 4], pad_id=0) for i in range(0, 64, 4)]
@@ -57,9 +59,9 @@ def test_accumulating_16_micro_batches_of_4_equals_one_batch_of_64(tmp_path):
 
 def test_lr_schedule_is_a_pure_function_of_the_step(tmp_path):
     const = tiny_run(tmp_path)
-    assert [lr_at(s, const, 100) for s in (0, 50, 99)] == [3e-3] * 3
+    assert [lr_at(s, const.train, 100) for s in (0, 50, 99)] == [3e-3] * 3
     cos = tiny_run(tmp_path, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
-    lrs = [lr_at(s, cos, 100) for s in range(100)]
+    lrs = [lr_at(s, cos.train, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(3e-4) and lrs[9] == pytest.approx(3e-3)
     assert lrs[-1] == pytest.approx(3e-4, rel=0.01)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -102,7 +104,7 @@ def test_no_host_sync_inside_the_accumulation_window(tmp_path, monkeypatch):
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         counting(name)
-    accumulate = trainer._accumulate
+    accumulate = trainer.forward_backward
 
     def watched(window):
         state["inside"], state["windows"] = True, state["windows"] + 1
@@ -111,18 +113,18 @@ def test_no_host_sync_inside_the_accumulation_window(tmp_path, monkeypatch):
         finally:
             state["inside"] = False
 
-    monkeypatch.setattr(trainer, "_accumulate", watched)
+    monkeypatch.setattr(trainer, "forward_backward", watched)
     trainer.fit()
     assert state["windows"] == 2 and state["syncs"] == 0
 
 
-def test_step_mode_modulation_follows_the_optimizer_step(tmp_path):
+def test_step_mode_modulation_follows_theoptimizer_step(tmp_path):
     trainer = make_trainer(tiny_run(tmp_path, max_steps=5))
     trainer.fit()
     assert float(trainer.raw.fragmergent.step) == 5.0
 
 
-def test_bucketing_by_the_optimizer_step_keeps_the_training_trajectory(tmp_path):
+def test_bucketing_by_theoptimizer_step_keeps_the_training_trajectory(tmp_path):
     # length_bucketing = batch x accumulation only regroups the samples inside each step, whose
     # gradient is the sum over the window: same weights up to rounding, with less padding.
     def run(bucket):

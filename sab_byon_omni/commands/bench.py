@@ -10,10 +10,9 @@ numbers move with machine load; compare ratios from one run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-from sab_byon_omni.benchmark import BenchOptions, format_report, run_epoch_bench, run_generate_bench, run_train_bench
+from sab_byon_omni.commands.common import add_config_flags, collect_overrides
 from sab_byon_omni.config import PRECISIONS, PRESETS
 from sab_byon_omni.errors import SabError
 
@@ -36,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="epoch mode: the job's YAML config (default: the built-in defaults = configs/default.yaml)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                   help="epoch mode: override a config field, e.g. --set data.length_bucketing=64 (repeatable)")
+                   help="epoch mode: override a config field, e.g. --set data.length_bucketing=64 (repeatable; "
+                        "the same as train's --data.length_bucketing 64, also accepted here)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight",
                    help="architecture (default: lightweight)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
@@ -51,45 +51,62 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "compile time is reported separately")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--compare", choices=("hf",), default=None,
-                   help="also run Hugging Face GPT-2 with the same dimensions, interleaved (needs transformers)")
+    p.add_argument("--compare", metavar="PEER[,PEER]", default="",
+                   help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, needs "
+                        "transformers), minimal (a plain textbook GPT); e.g. --compare hf,minimal")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: measured on CPU, looked up by GPU name on CUDA)")
     p.add_argument("--prompt-len", type=int, default=64, help="generate mode: prompt tokens (default: 64)")
     p.add_argument("--new-tokens", type=int, default=128, help="generate mode: tokens to generate (default: 128)")
     p.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default: 1234)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    add_config_flags(p, dotted_only=True)
     return p
 
 
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchOptions)}
+PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", 1024),
+                "batch_size": ("train.batch_size", 4), "precision": ("train.precision", "auto"),
+                "device": ("train.device", "auto"), "vocab_size": ("model.vocab_size", 96),
+                "compile": ("train.compile", False), "activation_checkpointing": ("model.activation_checkpointing", False)}
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = BenchOptions(preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size, precision=args.precision,
-                        steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size, device=args.device,
-                        compile=args.compile, activation_checkpointing=args.activation_checkpointing,
-                        compare=args.compare, peak_tflops=args.peak_tflops, threads=args.threads, seed=args.seed)
-    if args.mode == "generate":
-        result = run_generate_bench(opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-    elif args.mode == "epoch":
-        for flag, key in (("preset", "model.preset"), ("seq_len", "data.seq_len"), ("batch_size", "train.batch_size"),
-                          ("precision", "train.precision"), ("device", "train.device"),
-                          ("vocab_size", "model.vocab_size"), ("compile", "train.compile"),
-                          ("activation_checkpointing", "model.activation_checkpointing")):
-            if getattr(args, flag) != DEFAULTS[flag]:
-                raise SabError(f"--{flag.replace('_', '-')} does not apply to --mode epoch, whose config decides it: "
-                               f"use --set {key}=...")
-        if args.compare:
-            raise SabError("--compare does not apply to --mode epoch (the peer has no equivalent of a whole job)")
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise SabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.length_bucketing=64")
-            overrides[key] = value
-        result = run_epoch_bench(args.config, overrides, args.steps, args.warmup, args.threads, args.peak_tflops)
+    from sab_byon_omni.benchmark.common import BenchOptions
+    from sab_byon_omni.benchmark.report import format_report
+    from sab_byon_omni.benchmark.results import to_json
+
+    compare = tuple(c.strip() for c in args.compare.split(",") if c.strip())
+    bench = dict(steps=args.steps, warmup=args.warmup, compare=compare, peak_tflops=args.peak_tflops,
+                 threads=args.threads)
+    if args.mode == "epoch":
+        result = _epoch(args, compare)
     else:
-        result = run_train_bench(opts)
-    print(json.dumps(result) if args.json else format_report(result))
+        opts = BenchOptions.for_preset(**{k: getattr(args, k) for k in PRESET_FLAGS}, seed=args.seed, **bench)
+        if args.mode == "generate":
+            from sab_byon_omni.benchmark.generate import run_generate_bench
+
+            result = run_generate_bench(opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        else:
+            from sab_byon_omni.benchmark.train import run_train_bench
+
+            result = run_train_bench(opts)
+    print(json.dumps(to_json(result)) if args.json else format_report(result))
     return 0
+
+
+def _epoch(args: argparse.Namespace, compare: tuple[str, ...]) -> object:
+    from sab_byon_omni.benchmark.epoch import run_epoch_bench
+
+    for flag, (key, default) in PRESET_FLAGS.items():
+        if getattr(args, flag) != default:
+            raise SabError(f"--{flag.replace('_', '-')} does not apply to --mode epoch, whose config decides it: "
+                           f"use --set {key}=... (or --{key} ...)")
+    if compare:
+        raise SabError("--compare does not apply to --mode epoch (the peer has no equivalent of a whole job)")
+    overrides = collect_overrides(args)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.length_bucketing=64")
+        overrides[key] = value
+    return run_epoch_bench(args.config, overrides, args.steps, args.warmup, args.threads, args.peak_tflops)

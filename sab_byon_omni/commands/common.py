@@ -17,15 +17,19 @@ def _type_name(annotation: Any) -> str:
     return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(base, "VALUE")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
+                     dotted_only: bool = False) -> None:
     """One flag per config field: ``--train.learning_rate``, also ``--learning_rate`` and
-    ``--learning-rate``. Help text and defaults come from the dataclass."""
+    ``--learning-rate`` (only the dotted form with ``dotted_only``, where the short names are
+    taken by the command's own flags). Help text and defaults come from the dataclass."""
     for section in sections:
         group = parser.add_argument_group(f"{section} options", SECTIONS[section].__doc__)
         for name, default, help_text, annotation in field_help(SECTIONS[section]):
-            flags = [f"--{section}.{name}", f"--{name}"]
-            if "_" in name:
-                flags.append(f"--{name.replace('_', '-')}")
+            flags = [f"--{section}.{name}"]
+            if not dotted_only:
+                flags.append(f"--{name}")
+                if "_" in name:
+                    flags.append(f"--{name.replace('_', '-')}")
             kind = _type_name(annotation)
             extra: dict[str, Any] = {"nargs": "?", "const": "true"} if kind == "BOOL" else {}
             group.add_argument(*flags, dest=f"{PREFIX}{section}.{name}", metavar=kind, default=argparse.SUPPRESS,

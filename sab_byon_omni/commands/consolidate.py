@@ -9,18 +9,9 @@ process resumes training from it with ``--resume FILE``. Run it in one process, 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-import torch
-
-from sab_byon_omni.config import build_config
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training import checkpoint as ckpt_io
-from sab_byon_omni.training import distributed as D
-
-log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
   sab-omni consolidate checkpoints/epoch_3.dcp                 # writes checkpoints/epoch_3.pt
@@ -39,43 +30,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def consolidate(src: str | Path, dst: str | Path, weights_only: bool = False) -> Path:
-    """Read every shard of ``src`` into a plain model (and AdamW) in this process and write ``dst``."""
-    from sab_byon_omni.training.trainer import make_optimizer
-
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise SabError(f"{src}: not a directory (a sharded checkpoint is a *.dcp directory)")
-    meta = D.read_sharded_meta(src)
-    try:
-        cfg = build_config(meta["config"], source=str(src))
-    except (KeyError, SabError) as e:
-        raise SabError(f"{src}: bad config in {D.META}: {e}") from None
-    model = CausalTransformer(cfg.model)
-    optimizer = None if weights_only else make_optimizer(model, cfg, torch.device("cpu"))
-    try:
-        D.load_sharded(src, model, optimizer, no_dist=True)
-    except SabError:
-        raise
-    except Exception as e:  # missing or damaged shard files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SabError(f"{src}: cannot read the shards: {first}") from None
-    ck = {k: v for k, v in meta.items() if k != "sharded"}
-    ck["model_state_dict"] = model.state_dict()
-    if optimizer is not None:
-        ck["optimizer_state_dict"] = optimizer.state_dict()
-    ck["config"] = cfg.to_dict()
-    return ckpt_io.atomic_save(ck, dst)
-
-
 def run(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
     if not src.name or src.name in (".", ".."):
         raise SabError(f"checkpoint {args.checkpoint!r}: give the path of a sharded checkpoint directory")
+    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.training.consolidate import consolidate
+
     dst = Path(args.output) if args.output else src.with_suffix(".pt")
-    if dst.exists() and not args.force:
-        raise SabError(f"{dst} exists; pass --force to overwrite it or -o to choose another file")
-    out = consolidate(src, dst, weights_only=args.weights_only)
-    n = sum(t.numel() for t in torch.load(out, weights_only=True)["model_state_dict"].values())
+    out = consolidate(src, dst, weights_only=args.weights_only, overwrite=args.force)
+    n = sum(t.numel() for t in load_checkpoint(out, mmap=True)["model_state_dict"].values())
     print(f"wrote {out} ({n:,} values in the model state dict)")
     return 0

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 
 from sab_byon_omni.commands.common import add_config_flags, collect_overrides
 from sab_byon_omni.config import load_config
-from sab_byon_omni.training.train_3b import run_training
-
-log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
   sab-omni train                                   # the guide's job: configs/default.yaml defaults
@@ -32,22 +28,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sab_byon_omni.training.signals import EXIT_STOPPED
+    from sab_byon_omni.training.train_3b import run_training
+
     cfg = load_config(args.config, collect_overrides(args))
-    sab, result = run_training(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sab, result = run_training(cfg, resume_hint="continue with --resume auto")
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun, rank 0 reports for all
+        return EXIT_STOPPED if result.stopped_early else 0  # under torchrun, rank 0 reports for all
     if result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoints in {cfg.train.checkpoint_dir} "
               "(continue with --resume auto)")
-        return 0
+        return EXIT_STOPPED
     fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs) if xs else "-"  # noqa: E731
     print(f"checkpoints: {cfg.train.checkpoint_dir} ({', '.join(p.rsplit('/', 1)[-1] for p in result.checkpoints) or 'none new'})")
     print(f"train loss per epoch: {fmt(result.train_losses)}")
     print(f"validation loss per epoch: {fmt(result.val_losses)}"
           + (f" (perplexity {math.exp(result.val_losses[-1]):.3f})" if result.val_losses else ""))
     print(f"{result.global_step} optimizer steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
-          f"({result.tokens_per_second:,.0f} tokens/s)"
-          + (f" on rank 0; about {result.tokens_per_second * world:,.0f} tokens/s over {world} processes"
-             if world > 1 else ""))
+          f"({result.tokens_per_second:,.0f} tokens/s)")
     return 0

@@ -22,7 +22,7 @@ from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.checkpoint import load_checkpoint
+from sab_byon_omni.io.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
 def _check_weights_fit(cfg: RunConfig) -> None:
     """Refuse, before allocating, a model whose fp32 weights alone exceed the available RAM."""
     from sab_byon_omni.estimate import num_parameters
-    from sab_byon_omni.training.distributed import memory_budget
+    from sab_byon_omni.machine import memory_budget
 
     need = 4.0 * num_parameters(cfg.model)
     budget, what = memory_budget(torch.device("cpu"))

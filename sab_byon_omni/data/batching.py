@@ -28,14 +28,23 @@ class Batch:
     labels: torch.Tensor  # (B, T) int64, = input_ids with padding set to IGNORE_INDEX
     n_targets: int  # tokens that contribute to the loss (labels[:, 1:] != IGNORE_INDEX)
     cursor: int  # the global cursor after this micro-step (all ranks together)
+    global_targets: int = -1  # n_targets summed over every process's part of this micro-step
+
+    def __post_init__(self) -> None:
+        if self.global_targets < 0:
+            self.global_targets = self.n_targets
 
     def to(self, device: torch.device) -> "Batch":
-        nb = device.type == "cuda"
-        return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
-                     self.n_targets, self.cursor)
+        """On CUDA, copied from pinned memory without blocking the host."""
+        if device.type != "cuda":
+            return Batch(self.input_ids.to(device), self.labels.to(device), self.n_targets, self.cursor,
+                         self.global_targets)
+        return Batch(self.input_ids.pin_memory().to(device, non_blocking=True),
+                     self.labels.pin_memory().to(device, non_blocking=True), self.n_targets, self.cursor,
+                     self.global_targets)
 
 
-def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0) -> Batch:
+def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_targets: int = -1) -> Batch:
     """Pad to the longest row of this batch (never to seq_len) and mask the padding."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -44,7 +53,7 @@ def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0) -> Batch:
         ids[i, :len(r)] = r
         labels[i, :len(r)] = r
     n_targets = int(sum(max(len(r) - 1, 0) for r in rows))
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets)
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool, lengths: np.ndarray | None = None,
@@ -84,11 +93,17 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
     :func:`epoch_order` (for datasets with a ``lengths`` array, such as the synthetic one).
     """
     per_step = batch_size * world
-    lengths = getattr(dataset, "lengths", None) if bucket > 1 else None  # variable-length datasets only
-    order = epoch_order(len(dataset), epoch, seed, shuffle, lengths, bucket)
+    lengths = getattr(dataset, "lengths", None)  # variable-length datasets (synthetic) say it cheaply
+    order = epoch_order(len(dataset), epoch, seed, shuffle, lengths if bucket > 1 else None, bucket)
     cursor = start
     while len(order) - cursor >= world and cursor < len(order):
         chunk = order[cursor:cursor + per_step]
-        part = np.array_split(chunk, world)[rank]
+        parts = np.array_split(chunk, world)
         cursor += len(chunk)
-        yield collate([dataset[int(i)] for i in part], pad_id, cursor)
+        rows = [dataset[int(i)] for i in parts[rank]]
+        total = -1
+        if world > 1:  # every process knows the whole step's token count: no collective needed
+            size = (lambda i: int(lengths[i])) if lengths is not None else (lambda i: len(dataset[int(i)]))
+            total = sum(max(size(i) - 1, 0) for r, part in enumerate(parts) if r != rank for i in part)
+            total += sum(max(len(row) - 1, 0) for row in rows)
+        yield collate(rows, pad_id, cursor, total)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.machine import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,8 +26,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise SabError(f"train.device={name!r} is not a valid torch device") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise SabError(f"train.device={name[:40]!r} is not a valid torch device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SabError(f"train.device={name[:40]!r}: training and sampling run on cpu, cuda or mps, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SabError(f"train.device={name!r} but CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -35,25 +37,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX (where bf16 matmuls beat fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def native_cuda_bf16(device: torch.device) -> bool:
+    """bf16 in hardware (sm_80+). ``torch.cuda.is_bf16_supported()`` also counts emulation, so a
+    T4 or V100 would pass and then run bf16 slowly, with attention falling back to the math kernel."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 on bf16-capable GPUs, fp16 on older GPUs (T4, V100), bf16 on CPUs with native
     bf16 (AMX / AVX-512 BF16), fp32 elsewhere."""
     if name != "auto":
-        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise SabError("train.precision=bf16 but this GPU does not support bf16; use fp16")
+        if name == "bf16" and device.type == "cuda" and not native_cuda_bf16(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise SabError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no "
+                           "native bf16 (it needs sm_80 or newer: A100, L4, H100...); use --precision fp16, which "
+                           "trains with a GradScaler, or fp32")
         return name
-    if device.type == "cuda":  # native bf16 only: a T4 (sm_75) "supports" it by slow emulation
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "cuda":
+        return "bf16" if native_cuda_bf16(device) else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
@@ -76,3 +77,15 @@ class Precision:
 
 def make_precision(name: str, device: torch.device) -> Precision:
     return Precision(resolve_precision(name, device), device)
+
+
+def set_deterministic(device: torch.device) -> None:
+    """Deterministic kernels everywhere, so that a resumed run is bitwise equal to an uninterrupted one.
+
+    On CUDA, cuBLAS needs a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when its handle is
+    created, so this must run before the first matmul), and attention's backward takes its
+    deterministic path only when non-deterministic kernels are errors rather than warnings.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cuda")

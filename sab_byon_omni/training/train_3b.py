@@ -10,7 +10,7 @@ from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec, spec_equal
-from sab_byon_omni.training import checkpoint as ckpt_io
+from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,12 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4,
     return Trainer(sab.model, tokenizer, train, val, cfg).fit()
 
 
-def run_training(cfg: RunConfig) -> tuple[SABTranscendentV2, TrainResult]:
+def run_training(cfg: RunConfig, notes: list[str] | None = None,
+                 resume_hint: str = "continue with --resume auto") -> tuple[SABTranscendentV2, TrainResult]:
     """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
     tokenizer, train, val = load_datasets(cfg.data, _resume_tokenizer(cfg))
     sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
-    return sab, Trainer(sab.model, tokenizer, train, val, sab.config).fit()
+    return sab, Trainer(sab.model, tokenizer, train, val, sab.config, notes=notes, resume_hint=resume_hint).fit()
 
 
 def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:
@@ -59,8 +60,8 @@ def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:
     resume = cfg.train.resume
     if resume == "none":
         return None
-    path = ckpt_io.latest_checkpoint(cfg.train.checkpoint_dir) if resume == "auto" else Path(resume)
+    path = Checkpointer(cfg.train.checkpoint_dir).latest() if resume == "auto" else Path(resume)
     if path is None or not path.is_file():
         return None  # nothing to resume, or a sharded (FSDP) checkpoint: the trainer checks those
-    spec = ckpt_io.load_checkpoint(path, mmap=True).get("tokenizer")
+    spec = Checkpointer(cfg.train.checkpoint_dir).read_meta(path).get("tokenizer")
     return from_spec(spec) if spec is not None else None

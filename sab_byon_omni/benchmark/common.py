@@ -1,0 +1,124 @@
+"""What every benchmark mode shares: the options, timing (interleaved, so a busy machine slows
+every model alike), thread settings and the peak an MFU is measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sab_byon_omni.config import PRESETS, RunConfig, build_config
+from sab_byon_omni.data.batching import Batch, collate
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.machine import device_name, gpu_peak_tflops, measure_matmul_peak, sync
+from sab_byon_omni.training.precision import DTYPES
+
+PEERS = ("hf", "minimal")
+
+
+@dataclass
+class BenchOptions:
+    """What to benchmark: ``run`` is the RunConfig ``sab-omni train`` would use (model, sequence,
+    micro-batch, precision, device, compile); the rest is about the measurement."""
+
+    run: RunConfig
+    steps: int = 3
+    warmup: int = 1
+    compare: tuple[str, ...] = field(default_factory=tuple)
+    peak_tflops: float | None = None
+    threads: int | None = None
+
+    @classmethod
+    def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
+                   precision: str = "auto", vocab_size: int = 96, device: str = "auto", compile: bool = False,
+                   activation_checkpointing: bool = False, seed: int = 1234, **bench: Any) -> "BenchOptions":
+        if preset not in PRESETS:
+            raise SabError(f"--preset={preset!r} is not one of: {', '.join(PRESETS)}")
+        for name, value in (("seq-len", seq_len), ("batch-size", batch_size), ("vocab-size", vocab_size),
+                            ("steps", bench.get("steps", 3))):
+            if value < 1:
+                raise SabError(f"--{name}={value} must be at least 1")
+        if seq_len < 2:
+            raise SabError(f"--seq-len={seq_len} must be at least 2 (one input and one target)")
+        max_len = PRESETS[preset]["max_seq_len"]
+        if seq_len > max_len:
+            raise SabError(f"--seq-len={seq_len} exceeds the {preset} preset's max_seq_len={max_len}")
+        run = build_config({
+            "model": {"preset": preset, "vocab_size": vocab_size, "activation_checkpointing": activation_checkpointing},
+            "data": {"seq_len": seq_len},
+            "train": {"batch_size": batch_size, "gradient_accumulation_steps": 1, "precision": precision,
+                      "device": device, "compile": compile, "progress": False, "seed": seed},
+        }, source="bench")
+        return cls(run=run, **bench).checked()
+
+    def checked(self) -> "BenchOptions":
+        if self.steps < 1:
+            raise SabError(f"--steps={self.steps} must be at least 1")
+        if self.warmup < 0:
+            raise SabError(f"--warmup={self.warmup} must not be negative")
+        if self.threads is not None and self.threads < 1:
+            raise SabError(f"--threads={self.threads} must be at least 1")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise SabError(f"--peak-tflops={self.peak_tflops} must be positive")
+        for peer in self.compare:
+            if peer not in PEERS:
+                raise SabError(f"--compare {peer!r} is not one of: {', '.join(PEERS)}")
+        return self
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:
+    """Full-length rows of random non-padding ids (every position is a real token)."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(1, vocab_size, seq_len, dtype=np.int64) for _ in range(batch_size)]
+    return collate(rows, pad_id=0)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.device) -> dict[str, list[float]]:
+    """``steps`` timed calls of each runner, alternating which goes first (ABBA) so that a slow
+    spell on a shared machine hits all of them."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    names = list(runners)
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(timed(runners[name], device))
+    return times
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def peak(precision: str, device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """Peak TFLOP/s for MFU and where it came from: the user's, a GPU's data sheet, or a CPU
+    matmul measured now in the run's dtype."""
+    if override is not None:
+        return override, "user (--peak-tflops)"
+    if device.type == "cuda":
+        return gpu_peak_tflops(device_name(device), precision)
+    return measure_matmul_peak(DTYPES[precision], device) / 1e12, f"measured {precision} matmul, this run"
+
+
+def best_peak(*measured: tuple[float | None, str]) -> tuple[float | None, str]:
+    """The higher of peaks measured before and after the timed steps (a quiet moment's)."""
+    values = [m for m in measured if m[0] is not None]
+    return max(values, key=lambda m: m[0]) if values else measured[0]

@@ -1,0 +1,79 @@
+"""Benchmark results as Markdown for people (``--json`` prints :func:`results.to_json` instead)."""
+
+from __future__ import annotations
+
+from sab_byon_omni.benchmark.results import EpochBench, GenerateBench, Result, TrainBench
+
+PEER_NAMES = {"hf": "HF GPT-2", "minimal": "plain reference GPT"}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_report(r: Result) -> str:
+    """A Markdown table (one row per model) and the set-up it was measured on."""
+    if isinstance(r, EpochBench):
+        return _epoch(r)
+    if isinstance(r, GenerateBench):
+        return _generate(r)
+    return _train(r)
+
+
+def _epoch(r: EpochBench) -> str:
+    return "\n".join([
+        f"one epoch of {r.config}: {r.preset}, batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}, "
+        f"{r.precision}, length bucketing {r.length_bucketing}; {r.machine.describe()}",
+        f"{r.optimizer_steps_per_epoch} optimizer steps, {r.epoch_real_tokens:,} real tokens in "
+        f"{r.epoch_positions:,} positions ({100 * (r.epoch_positions / r.epoch_real_tokens - 1):.1f}% padding), "
+        f"mean sample {r.mean_sample_len:.1f} tokens, {r.flops_per_token / 1e6:.1f} MFLOP per token; peak "
+        f"{_fmt(r.peak_tflops, '.3g')} TFLOP/s ({r.peak_source})",
+        "", "| real tokens/s | MFU | epoch s (projected) | matmul bound s | epoch / bound |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {r.tokens_per_s:,.0f} | {_pct(r.mfu)} | {r.epoch_s:,.0f} | {_fmt(r.bound_s, ',.0f')} | "
+        f"{_fmt(r.epoch_over_bound, '.2f')}x |",
+        "", f"{r.steps} optimizer step(s) timed after {r.warmup} warm-up ({r.timed_s:.1f} s); the epoch is projected "
+            "from their real tokens/s"])
+
+
+def _generate(r: GenerateBench) -> str:
+    lines = [f"generation: {r.preset} ({r.params / 1e6:.1f}M params), vocab {r.vocab_size}, prompt {r.prompt_len} + "
+             f"{r.new_tokens} new tokens, batch 1, greedy, {r.precision}; {r.machine.describe()}",
+             f"each new token reads {r.bytes_per_token / 1e6:.1f} MB (weights + KV cache); read bandwidth "
+             f"{r.read_bandwidth_gbs:.1f} GB/s (measured, this run); MBU = achieved / measured bandwidth",
+             "", "| model | new tokens/s | seconds | GB/s | MBU |", "|---|---:|---:|---:|---:|",
+             f"| sab-byon-omni (KV cache) | {r.tokens_per_s:,.1f} | {r.seconds:.2f} | {r.gbs:.1f} | {_pct(r.mbu)} |"]
+    if r.hf_tokens_per_s:
+        lines.append(f"| HF GPT-2 generate | {r.hf_tokens_per_s:,.1f} | {r.hf_seconds:.2f} | {r.hf_gbs:.1f} | "
+                     f"{_pct(r.hf_mbu)} |")
+        lines += ["", f"ratio (ours / HF): {r.tokens_per_s / r.hf_tokens_per_s:.2f}x, median of {r.steps} "
+                      "interleaved runs"]
+    return "\n".join(lines)
+
+
+def _train(r: TrainBench) -> str:
+    lines = [
+        f"training step: {r.preset} ({r.params / 1e6:.1f}M params), vocab {r.vocab_size}, batch {r.batch_size} x "
+        f"{r.seq_len}, {r.precision}, {r.optimizer}, compile {'on' if r.compile else 'off'}, activation "
+        f"checkpointing {'on' if r.activation_checkpointing else 'off'}; {r.machine.describe()}",
+        f"FLOPs per token: {r.flops_per_token / 1e6:.1f} M (6 x {r.matmul_params / 1e6:.2f}M matmul weights "
+        f"+ 12 x layers x seq_len x hidden); peak {_fmt(r.peak_tflops, '.3g')} TFLOP/s ({r.peak_source})",
+        "", "| model | tokens/s | step s | TFLOP/s | MFU | peak memory MB |", "|---|---:|---:|---:|---:|---:|",
+        f"| sab-byon-omni | {r.ours.tokens_per_s:,.0f} | {r.ours.step_s:.2f} | {r.ours.tflops:.3g} | "
+        f"{_pct(r.ours.mfu)} | {r.peak_memory_mb:,.0f} ({r.memory_kind}) |",
+    ]
+    for name, s in r.peers.items():
+        lines.append(f"| {PEER_NAMES.get(name, name)} ({s.params / 1e6:.1f}M params) | {s.tokens_per_s:,.0f} | "
+                     f"{s.step_s:.2f} | {s.tflops:.3g} | {_pct(s.mfu)} | - |")
+    lines.append("")
+    lines.append(f"median of {r.steps} timed step(s) after {r.warmup} warm-up"
+                 + (f"; first step {r.first_step_s:.1f} s" if r.first_step_s else "")
+                 + (f", compile about {r.compile_s:.1f} s" if r.compile_s is not None else ""))
+    for name in r.peers:
+        lines.append(f"ratio (ours / {PEER_NAMES.get(name, name)} tokens/s): {r.ratio(name):.2f}x, steps interleaved "
+                     "in one process")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""What a benchmark measured, as typed results: one dataclass per mode, flattened to one JSON
+object (``--json``) and rendered as a Markdown table for people."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sab_byon_omni.machine import cpu_flags_summary, cpu_has_native_bf16, device_name
+
+
+@dataclass
+class Machine:
+    device: str
+    device_name: str
+    threads: int
+    torch: str
+    cpu_flags: str | None = None
+    cpu_native_bf16: bool | None = None
+
+    @classmethod
+    def of(cls, device: torch.device) -> "Machine":
+        cpu = device.type == "cpu"
+        return cls(device.type, device_name(device), torch.get_num_threads(), torch.__version__,
+                   cpu_flags_summary() if cpu else None, cpu_has_native_bf16() if cpu else None)
+
+    def describe(self) -> str:
+        where = f"{self.device_name} ({self.device}, {self.threads} thread{'' if self.threads == 1 else 's'}"
+        return where + (f", {self.cpu_flags})" if self.cpu_flags is not None else ")")
+
+
+@dataclass
+class Speed:
+    """One model's timed training steps."""
+
+    step_s: float  # median
+    step_times_s: list[float]
+    tokens_per_s: float
+    tflops: float
+    mfu: float | None
+    params: int = 0
+
+
+@dataclass
+class TrainBench:
+    preset: str
+    params: int
+    matmul_params: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    precision: str
+    compile: bool
+    activation_checkpointing: bool
+    optimizer: str
+    steps: int
+    warmup: int
+    machine: Machine
+    flops_per_token: float
+    peak_tflops: float | None
+    peak_source: str
+    ours: Speed
+    peak_memory_mb: float
+    memory_kind: str
+    first_step_s: float | None = None
+    compile_s: float | None = None
+    peers: dict[str, Speed] = field(default_factory=dict)  # "hf", "minimal"
+    mode: str = "train"
+
+    def ratio(self, peer: str) -> float:
+        return self.ours.tokens_per_s / self.peers[peer].tokens_per_s
+
+
+@dataclass
+class GenerateBench:
+    preset: str
+    params: int
+    vocab_size: int
+    prompt_len: int
+    new_tokens: int
+    batch_size: int
+    precision: str
+    steps: int
+    warmup: int
+    machine: Machine
+    bytes_per_token: float
+    read_bandwidth_gbs: float
+    seconds: float
+    tokens_per_s: float
+    gbs: float
+    mbu: float
+    hf_seconds: float | None = None
+    hf_tokens_per_s: float | None = None
+    hf_gbs: float | None = None
+    hf_mbu: float | None = None
+    mode: str = "generate"
+
+
+@dataclass
+class EpochBench:
+    config: str
+    preset: str
+    precision: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    length_bucketing: int
+    machine: Machine
+    optimizer_steps_per_epoch: int
+    steps: int
+    warmup: int
+    epoch_real_tokens: int
+    epoch_positions: int
+    mean_sample_len: float
+    flops_per_token: float
+    peak_tflops: float | None
+    peak_source: str
+    tokens_per_s: float
+    timed_s: float
+    epoch_s: float
+    mfu: float | None
+    bound_s: float | None
+    epoch_over_bound: float | None
+    mode: str = "epoch"
+
+
+Result = TrainBench | GenerateBench | EpochBench
+
+
+def to_json(r: Result) -> dict[str, Any]:
+    """One flat object: the machine's fields and our speed at the top level, each peer's speed
+    prefixed with its name (``hf_tokens_per_s``) and its ratio (``ratio_vs_hf``)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(r):
+        value = getattr(r, f.name)
+        if f.name in ("machine", "ours"):
+            out.update(dataclasses.asdict(value))
+        elif f.name == "peers":
+            for peer, speed in value.items():
+                out.update({f"{peer}_{k}": v for k, v in dataclasses.asdict(speed).items()})
+                out[f"ratio_vs_{peer}"] = r.ratio(peer)
+        else:
+            out[f.name] = value
+    if isinstance(r, GenerateBench) and r.hf_tokens_per_s:
+        out["ratio_vs_hf"] = r.tokens_per_s / r.hf_tokens_per_s
+    return out

@@ -1,0 +1,102 @@
+"""``bench --mode train``: the real training step of a preset, against its peers.
+
+The step timed is :meth:`Trainer.train_step`, the very code ``sab-omni train`` runs: forward,
+``causal_lm_loss``, backward, gradient clipping and the optimizer, under the run's precision.
+FLOPs per token follow one formula (:func:`~sab_byon_omni.estimate.train_flops_per_token`) for
+every model; MFU is against a matmul peak of the same dtype (measured in the run on CPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sab_byon_omni.benchmark.common import BenchOptions, best_peak, interleave, peak, random_batch, threads, timed
+from sab_byon_omni.benchmark.peers import PEER_STEPS
+from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
+from sab_byon_omni.config import RunConfig, replace
+from sab_byon_omni.data.batching import Batch
+from sab_byon_omni.data.tokenizers import Char96Tokenizer
+from sab_byon_omni.estimate import matmul_params, train_flops_per_token
+from sab_byon_omni.machine import cpu_has_native_bf16
+from sab_byon_omni.model.transformer import CausalTransformer
+from sab_byon_omni.training.memory import peak_memory_mb
+from sab_byon_omni.training.precision import make_precision, resolve_device
+from sab_byon_omni.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class OursStep:
+    """One optimizer step of this package's Trainer on a fixed batch."""
+
+    def __init__(self, cfg: RunConfig, batch: Batch) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.model = CausalTransformer(cfg.model)
+        rows = [r.numpy() for r in batch.input_ids]
+        self.trainer = Trainer(self.model, Char96Tokenizer(), rows, None, cfg)
+        self.trainer.setup()
+        self.window = [batch]
+
+    def __call__(self) -> None:
+        self.trainer.train_step(self.window)
+
+    def optimizer_kind(self) -> str:
+        d = self.trainer.optimizer.defaults
+        return "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
+
+
+def run_train_bench(opts: BenchOptions) -> TrainBench:
+    """Time ``opts.steps`` training steps of ours and each peer (after ``opts.warmup``), interleaved."""
+    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(opts.threads):
+        cfg = replace(opts.run, checkpoint_dir=str(Path(tmp) / "ckpt"))
+        m, t = cfg.model, cfg.train
+        device = resolve_device(t.device)
+        precision = make_precision(t.precision, device)
+        if device.type == "cpu" and precision.name != "fp32" and not cpu_has_native_bf16():
+            log.warning("this CPU has no native bf16/fp16 matmul (no AVX-512-BF16 or AMX): %s runs emulated and "
+                        "far slower than fp32", precision.name)
+        batch = random_batch(t.batch_size, cfg.data.seq_len, m.vocab_size, t.seed)
+        flops_tok = train_flops_per_token(m, cfg.data.seq_len)
+        peak_before = peak(precision.name, device, opts.peak_tflops)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ours = OursStep(cfg, batch)
+        times_first = [timed(ours, device) for _ in range(opts.warmup)]
+        # Memory now, before any peer exists (and after at least one step: optimizer state, gradients
+        # and activations have peaked).
+        memory = peak_memory_mb(device) if opts.warmup else None
+        runners = {"ours": ours}
+        for name in opts.compare:
+            runners[name] = PEER_STEPS[name](cfg, batch, precision)
+            for _ in range(opts.warmup):
+                timed(runners[name], device)
+        times = interleave(runners, opts.steps, device)
+        if memory is None:
+            memory = peak_memory_mb(device)
+        top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
+        tokens = t.batch_size * cfg.data.seq_len
+
+        def speed(name: str) -> Speed:
+            step_s = statistics.median(times[name])
+            tflops = tokens / step_s * flops_tok / 1e12
+            params = sum(p.numel() for p in (ours.model if name == "ours" else runners[name].model).parameters())
+            return Speed(step_s, times[name], tokens / step_s, tflops, tflops / top if top else None, params)
+
+        result = TrainBench(
+            preset=m.preset, params=ours.model.num_parameters(), matmul_params=matmul_params(m),
+            vocab_size=m.vocab_size, seq_len=cfg.data.seq_len, batch_size=t.batch_size, precision=precision.name,
+            compile=t.compile, activation_checkpointing=m.activation_checkpointing, optimizer=ours.optimizer_kind(),
+            steps=opts.steps, warmup=opts.warmup, machine=Machine.of(device), flops_per_token=flops_tok,
+            peak_tflops=top, peak_source=source, ours=speed("ours"), peak_memory_mb=memory,
+            memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+            first_step_s=times_first[0] if times_first else None,
+            peers={name: speed(name) for name in opts.compare})
+        if t.compile and result.first_step_s is not None:
+            result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
+        return result

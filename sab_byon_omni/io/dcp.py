@@ -1,0 +1,168 @@
+"""Sharded checkpoints (FSDP2): ``torch.distributed.checkpoint`` folders, read without running code.
+
+A sharded checkpoint is a folder ``<name>.dcp`` holding DCP's ``.metadata`` and one shard file per
+rank, plus ``meta.pt``: the rest of the guide's checkpoint dict (epoch, config, tokenizer, ...),
+an ordinary weights-only file.
+
+DCP's own reader is not safe for files from elsewhere: it reads ``.metadata`` with plain
+``pickle.load`` and the non-tensor entries of a state dict (the optimizer's hyper-parameters)
+with ``torch.load(weights_only=False)``, so a crafted folder runs code. Here ``.metadata`` is
+unpickled through an allow-list of DCP's metadata classes and the byte entries are loaded with
+``weights_only=True``; anything else is refused with a :class:`SabError`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.io.checkpoint import check_format, read_file, save_checkpoint, verify
+
+SUFFIX = ".dcp"
+META = "meta.pt"
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8",
+              "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
+
+
+def _safe_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"the .metadata file holds a {type(metadata).__name__}, not DCP Metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner_helpers import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)  # DCP's own planner uses weights_only=False
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of a sharded checkpoint, without the two state dicts."""
+    p = Path(path)
+    if not (p / META).is_file():
+        raise SabError(f"{p}: not a sharded checkpoint (no {META})")
+    if not (p / ".metadata").is_file():
+        raise SabError(f"{p}: not a sharded checkpoint (no .metadata; an interrupted save?)")
+    ck = read_file(p / META)  # weights-only
+    if isinstance(ck, dict):
+        ck.setdefault("model_state_dict", {})  # the weights are in the shards
+    check_format(ck, str(p / META))
+    verify(ck, str(p / META))
+    return ck
+
+
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+         is_main: bool, barrier: Any) -> Path:
+    """All ranks write their shards into ``path`` via a temporary sibling that rank 0 renames once
+    every rank is done; ``meta`` goes to ``path/meta.pt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    if is_main:
+        save_checkpoint({**meta, "model_state_dict": {}, "sharded": True}, tmp / META)
+        old = path.with_name(f".{path.name}.old.tmp")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
+    return path
+
+
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         no_dist: bool = False) -> dict[str, Any]:
+    """Load a sharded checkpoint into ``model`` (FSDP2-wrapped, or a plain module when ``no_dist``)
+    and ``optimizer``; DCP reshards, so the number of ranks may differ from the saving run's.
+    Returns the meta dict. A hostile or damaged folder is a SabError; no pickled code runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = read_meta(path)
+    path = Path(path)
+    if optimizer is None:
+        state = {"model": model.state_dict()}
+    else:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optimizer": osd}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner(), no_dist=no_dist)
+    except pickle.UnpicklingError as e:
+        raise SabError(f"{path}: refused to load: {first_line(e)}") from None
+    except Exception as e:  # missing or damaged shard files; DCP wraps errors in its own types
+        raise SabError(f"{path}: cannot read the shards: {_dcp_reason(e)}") from None
+    if optimizer is None:
+        model.load_state_dict(state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return meta
+
+
+def _dcp_reason(e: BaseException) -> str:
+    """DCP reports a rank's failure as a CheckpointException holding the original exceptions."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, pickle.UnpicklingError) or "UnpicklingError" in str(inner):
+            return f"refused: {first_line(str(inner))}"
+        return first_line(str(inner))
+    return first_line(e)

@@ -1,0 +1,160 @@
+"""Facts about the machine a run or a benchmark uses: CPU name and matmul extensions, GPU name and
+data-sheet peak, and the peaks measured in the run (matmul FLOP/s, memory read bandwidth)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) matmul peaks in TFLOP/s from the vendors' data sheets. A row matches a device
+# name (``torch.cuda.get_device_name()``) only as whole words, the most specific row first: "NVIDIA
+# L40S" is not the L40 or the L4, "RTX A1000" is not the A100, "H100 NVL" is not the SXM part.
+# "fp32" is the plain FP32 rate, "tf32" the tensor-core rate used when TF32 matmuls are allowed.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM ("NVIDIA H100 80GB HBM3")
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "T4": {"fp16": 65.0, "fp32": 8.1},
+}
+
+
+def gpu_peak_tflops(name: str, precision: str, allow_tf32: bool | None = None) -> tuple[float | None, str]:
+    """(data-sheet peak TFLOP/s, the table row used) for a CUDA device name, or (None, why not)."""
+    key = precision
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+    if precision == "fp32" and tf32:
+        key = "tf32"
+    words = re.sub(r"[^A-Za-z0-9]+", " ", name).upper().split()
+    for row, peaks in GPU_PEAK_TFLOPS.items():
+        want = row.upper().split()
+        if any(words[i:i + len(want)] == want for i in range(len(words))):
+            if key in peaks:
+                return peaks[key], f"table: {row} {key}"
+            return None, f"table: {row} has no {key} figure"
+    return None, f"{name!r} is not in the peak table"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_flags_summary() -> str:
+    """The SIMD/matrix extensions that decide CPU matmul speed, as listed in /proc/cpuinfo."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+    flags = cpu_flags()
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX-512 BF16 or AMX (where bf16 matmuls beat fp32)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name() if device.type == "cpu" else device.type
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.5,
+                        sizes: tuple[int, ...] = (256, 512, 1024, 2048)) -> float:
+    """Best square-matmul rate (FLOP/s) of ``dtype`` on ``device``, within about ``budget_s``.
+
+    Sizes grow while one multiply stays cheap, so a dtype that runs emulated (bf16 on a CPU
+    without AVX-512-BF16/AMX) is measured on small matrices instead of stalling the run.
+    """
+    best = 0.0
+    per_size = budget_s / len(sizes)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm-up (and a first estimate of the cost)
+        sync(device)
+        spent, single = 0.0, float("inf")
+        while spent < per_size or single == float("inf"):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            sync(device)
+            dt = time.perf_counter() - t0
+            spent += dt
+            single = min(single, dt)
+        best = max(best, 2 * n**3 / single)
+        if single > per_size / 4:
+            break  # the next size would take too long
+    return best
+
+
+def measure_read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Best rate (bytes/s) of reading a buffer far larger than the caches (``sum`` over it), the
+    ceiling for generation, where every new token reads all the weights once."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def memory_budget(device: torch.device) -> tuple[float, str]:
+    """(bytes this process may use, a description): a CUDA device's total memory, or the
+    available RAM (divided among the processes of this machine) on CPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return float(total), f"{torch.cuda.get_device_name(device)} ({total / 2**30:.1f} GiB)"
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        return float("inf"), "unknown RAM"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = f" / {local} processes)" if local > 1 else ")"
+    return available / local, f"available RAM ({available / 2**30:.1f} GiB{share}"

@@ -1,0 +1,184 @@
+"""The run folder's checkpoints: save, load, find the resume point, prune, rewind, and one run per folder.
+
+Names: ``step_<N>`` (every ``train.save_every`` steps, and when a run stops early), ``epoch_<N>``
+(each epoch's end) and ``best_model`` (the best validation loss so far); ``.pt`` files, or ``.dcp``
+folders for FSDP. One rule orders them, for resuming and pruning alike: the *loadable* checkpoint
+with the highest global step wins (an epoch file beats the step file of the same step, then the
+newer file). Damaged files are skipped with a warning and never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.io import dcp
+from sab_byon_omni.io.atomic import remove_stale_temps
+from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^(step|epoch)_(\d+)(\.pt|\.dcp)$")
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A loadable checkpoint and where it ranks."""
+
+    path: Path
+    global_step: int
+    is_epoch: bool
+    mtime: int
+
+    @property
+    def rank(self) -> tuple[int, bool, int]:
+        return self.global_step, self.is_epoch, self.mtime
+
+
+class Checkpointer:
+    """Checkpoints of one run folder. ``sharded``: FSDP ``.dcp`` folders instead of ``.pt`` files.
+    Only the main process writes single files; every process takes part in a sharded save."""
+
+    def __init__(self, directory: str | Path, *, is_main: bool = True, sharded: bool = False, keep_last: int = 3,
+                 barrier: Callable[[], None] = lambda: None) -> None:
+        self.dir, self.is_main, self.sharded = Path(directory), is_main, sharded
+        self.keep_last, self.barrier = keep_last, barrier
+        self.suffix = dcp.SUFFIX if sharded else ".pt"
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------- finding
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}{self.suffix}"
+
+    def existing(self) -> list[Path]:
+        """Every checkpoint-like entry of the folder, loadable or not."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name) or p.stem == "best_model")
+
+    def entries(self) -> list[Entry]:
+        """The loadable step/epoch checkpoints of this run's kind, best resume candidate last."""
+        found = []
+        for p in self.existing():
+            m = _NAME.match(p.name)
+            if not m or m.group(3) != self.suffix:
+                continue
+            try:
+                meta = dcp.read_meta(p) if self.sharded else load_checkpoint(p, mmap=True)
+                found.append(Entry(p, meta["global_step"], m.group(1) == "epoch", p.stat().st_mtime_ns))
+            except (SabError, OSError) as e:
+                log.warning("skipping %s", e)
+        return sorted(found, key=lambda e: e.rank)
+
+    def latest(self) -> Path | None:
+        """What ``--resume auto`` picks: the loadable checkpoint with the highest global step."""
+        entries = self.entries()
+        return entries[-1].path if entries else None
+
+    def newer_than(self, step: int) -> list[Entry]:
+        return [e for e in self.entries() if e.global_step > step]
+
+    # ------------------------------------------------------------------------------- the folder
+    def lock(self) -> None:
+        """One run per folder: an advisory lock that the OS drops when the process dies."""
+        if not self.is_main or self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process lock
+            return
+        self.make_dir()
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SabError(f"{self.dir} is in use by another training run (pid {holder}); wait for it to finish, "
+                           "stop it, or choose another --checkpoint_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def make_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SabError(f"cannot create train.checkpoint_dir {self.dir}: {e.strerror or e}") from None
+
+    def clean(self) -> None:
+        """Remove what an interrupted save left behind (temporary files and folders only)."""
+        if self.is_main:
+            remove_stale_temps(self.dir)
+
+    def set_aside(self, entries: list[Entry], why: str) -> Path | None:
+        """Move checkpoints (never delete them) into ``rewound-<time>/`` so that ``--resume auto``
+        no longer prefers them."""
+        if not entries or not self.is_main:
+            return None
+        dest = self.dir / time.strftime("rewound-%Y%m%d-%H%M%S")
+        dest.mkdir(exist_ok=True)
+        for e in entries:
+            os.replace(e.path, dest / e.path.name)
+        log.warning("moved %d newer checkpoint(s) (%s) to %s: %s", len(entries),
+                    ", ".join(e.path.name for e in entries), dest, why)
+        return dest
+
+    # ------------------------------------------------------------------------------- saving
+    def save(self, name: str, payload: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+        """Write checkpoint ``name`` (``step_12``, ``epoch_1``, ``best_model``). ``payload`` holds
+        everything but the two state dicts, which come from ``model`` and ``optimizer``."""
+        path = self.path(name)
+        if self.sharded:
+            dcp.save(path, model, optimizer, payload, self.is_main, self.barrier)
+        else:
+            if self.is_main:
+                save_checkpoint({**payload, "model_state_dict": model.state_dict(),
+                                 "optimizer_state_dict": optimizer.state_dict()}, path)
+            self.barrier()
+        if name.startswith("step_"):
+            self.prune()
+        return path
+
+    def prune(self) -> list[Path]:
+        """Keep the newest ``keep_last`` loadable step checkpoints and delete older ones; never the
+        newest loadable checkpoint of any kind (the resume point), never a damaged file, never an
+        epoch or best checkpoint."""
+        if not self.is_main:
+            return []
+        entries = self.entries()
+        keep = {e.path for e in entries[-1:]}
+        steps = [e for e in entries if not e.is_epoch]
+        keep |= {e.path for e in steps[len(steps) - self.keep_last:]} if self.keep_last else set()
+        removed = [e.path for e in steps if e.path not in keep]
+        for p in removed:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return removed
+
+    # ------------------------------------------------------------------------------- loading
+    def read(self, path: Path) -> dict[str, Any]:
+        """The checkpoint dict at ``path``, its tensors checked against their checksum (for a sharded
+        one, its meta: the shards load into a model). Mapped, not read into memory first."""
+        return dcp.read_meta(path) if dcp.is_sharded(path) else load_checkpoint(path, mmap=True, verify_tensors=True)
+
+    @staticmethod
+    def read_meta(path: Path) -> dict[str, Any]:
+        """The checkpoint dict without reading or checking its tensors (cheap)."""
+        return dcp.read_meta(path) if dcp.is_sharded(path) else load_checkpoint(path, mmap=True)

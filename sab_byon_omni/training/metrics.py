@@ -1,0 +1,128 @@
+"""The run's metrics: one definition of each row, written to ``metrics.jsonl`` (and to the trackers
+the run reports to), reconciled with the checkpoint a run starts from.
+
+Rows (each also carries ``time``, seconds since the epoch):
+
+* :class:`StepRow`  every ``train.log_interval`` steps: step, epoch, loss, lr, grad_norm,
+  tokens_per_s, memory_mb, skipped;
+* :class:`EvalRow`  every ``train.eval_interval`` steps: step, epoch, val_loss;
+* :class:`EpochRow` at each epoch's end: step, epoch, train_loss, val_loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.io.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class StepRow:
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    memory_mb: float
+    skipped: int
+
+
+@dataclass
+class EvalRow:
+    step: int
+    epoch: int
+    val_loss: float
+
+
+@dataclass
+class EpochRow:
+    step: int
+    epoch: int
+    train_loss: float
+    val_loss: float
+
+
+Row = StepRow | EvalRow | EpochRow
+
+
+class Tracker(Protocol):
+    """Somewhere else the rows go (TensorBoard, Weights & Biases, ...)."""
+
+    def log(self, row: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run folder (rank 0 only), plus optional trackers."""
+
+    def __init__(self, directory: Path, enabled: bool, trackers: list[Tracker] | None = None) -> None:
+        self.path, self.enabled, self.trackers = Path(directory) / METRICS_FILE, enabled, trackers or []
+
+    def write(self, row: Row) -> None:
+        if not self.enabled:
+            return
+        data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON: no NaN
+                for k, v in dataclasses.asdict(row).items()}
+        data["time"] = time.time()
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(data) + "\n")
+        except OSError as e:  # a full or read-only disk: stop with one line, checkpoints untouched
+            raise SabError(f"cannot write {self.path}: {e.strerror or e}") from None
+        for t in self.trackers:
+            t.log(data)
+
+    def reconcile(self, step: int) -> None:
+        """Make the file hold exactly the rows of steps 1..``step`` (the checkpoint this run starts
+        from; 0 for a fresh start), each once: rows of work a crash threw away, rows a killed save
+        repeated, and a line cut short are dropped."""
+        if not self.enabled or not self.path.is_file():
+            return
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise SabError(f"cannot read {self.path}: {e.strerror or e}") from None
+        kept: dict[tuple, str] = {}
+        dropped = 0
+        for line in text.splitlines():
+            key = _row_key(line, step)
+            if key is None:
+                dropped += 1
+            else:
+                dropped += key in kept
+                kept[key] = line  # a repeated row: the last one written wins
+        if dropped:
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept.values()), what="metrics")
+            log.info("%s: dropped %d row(s) after step %d or repeated (work lost with an interruption)",
+                     METRICS_FILE, dropped, step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+
+
+def _row_key(line: str, step: int) -> tuple | None:
+    """(kind, step) of a row to keep, or None for a row past ``step`` or one that is not a row."""
+    try:
+        row = json.loads(line)
+        s = row["step"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 < s <= step:
+        return None
+    kind = next((k for k in ("lr", "train_loss", "val_loss") if k in row), "other")
+    return kind, s
+

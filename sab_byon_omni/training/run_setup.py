@@ -1,0 +1,278 @@
+"""Setting up a run, before the first step: device, processes, precision, the memory plan, the
+model's wrapping, the optimizer, the resume point and the run folder.
+
+Bad input is found here and reported as a SabError before anything is written; the run folder is
+locked (one run per folder) before it is read, and removed again if this run created it and fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from sab_byon_omni.config import RunConfig
+from sab_byon_omni.data.batching import micro_steps_per_epoch
+from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
+from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.estimate import fmt_bytes, fmt_count
+from sab_byon_omni.io import dcp
+from sab_byon_omni.io.atomic import atomic_write_text
+from sab_byon_omni.machine import device_name
+from sab_byon_omni.training import distributed as D
+from sab_byon_omni.training import trackers
+from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
+from sab_byon_omni.training.console import data_summary
+from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
+from sab_byon_omni.training.metrics import MetricsLog
+from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
+from sab_byon_omni.training.precision import DTYPES, make_precision, resolve_device, set_deterministic
+from sab_byon_omni.training.state import TrainState, restore_rng
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"
+ARCH_KEYS = ("hidden", "n_heads", "n_layers", "ffn", "vocab_size", "tie_embeddings")
+
+
+class RunSetup:
+    """Everything a run needs before its first step, built in that order."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: Any, cfg: RunConfig) -> None:
+        self.raw, self.tokenizer, self.train_data = model, tokenizer, train_data
+        self._place(cfg)
+        self._plan_steps()
+        self.tracker_names = trackers.check(self.cfg.train)  # a missing package: before anything is written
+        t = self.cfg.train
+        self.checkpointer = Checkpointer(t.checkpoint_dir, is_main=self.info.is_main, sharded=self.fsdp,
+                                         keep_last=t.keep_last, barrier=lambda: D.barrier(self.info))
+        created = not self.checkpointer.dir.exists()
+        try:
+            self.checkpointer.lock()
+            self.resume_from = self._resume_point()
+            self._build()
+            self.state = TrainState()
+            if self.resume_from is not None:
+                self._restore(self.resume_from)
+            self._sync_schedule()
+            self._open_folder()
+        except BaseException:
+            self.close()
+            if created and self.info.is_main:
+                _remove_if_only_lock(self.checkpointer.dir)
+            raise
+
+    # ------------------------------------------------------------------------------- placement
+    def _place(self, cfg: RunConfig) -> None:
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.info = D.init_distributed(self.device.type)
+        self._own_process_group = self.info.enabled
+        if self.info.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+        self.precision = make_precision(t.precision, self.device)
+        self.fsdp = t.parallel == "fsdp" and self.info.enabled
+        if self.fsdp and self.precision.name == "fp16":
+            raise SabError("train.parallel=fsdp with precision fp16 needs a sharded gradient scaler, which is not "
+                           "supported; use --precision bf16 on GPUs that have it (A100, H100, L4...), or --parallel "
+                           "ddp with fp16 on older ones (T4, V100)")
+        self.memory = plan_memory(self.raw, self.train_data, cfg, self.device, self.precision.name, self.info)
+        self.cfg = self.memory.cfg
+
+    def _plan_steps(self) -> None:
+        t = self.cfg.train
+        micro = micro_steps_per_epoch(len(self.train_data), t.batch_size, self.info.world)
+        self.steps_per_epoch = math.ceil(micro / t.gradient_accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise SabError(f"the training set ({len(self.train_data)} samples) is too small for "
+                           f"{self.info.world} process(es)")
+        self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+
+    def _build(self) -> None:
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            set_deterministic(self.device)
+        self.raw.to(self.device)
+        if self.cfg.model.activation_checkpointing:
+            apply_activation_checkpointing(self.raw)
+        if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
+            D.wrap_fsdp(self.raw, self.info, DTYPES[self.precision.name] if self.precision.name != "fp32" else None)
+        self.optimizer = make_optimizer(self.raw, t, self.device)
+        self.scaler = self.precision.scaler()
+        self.model = self.raw if self.fsdp else D.wrap_ddp(self.raw, self.info, self.device)
+        if t.compile:
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------------------------- resuming
+    def _resume_point(self) -> Path | None:
+        spec, ck = self.cfg.train.resume, self.checkpointer
+        if spec == "none":
+            existing = ck.existing()
+            if existing:
+                raise SabError(f"{ck.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
+                               "to continue that run, or choose another --checkpoint_dir")
+            return None
+        if spec == "auto":
+            latest = ck.latest()
+            other = [p.name for p in ck.existing() if p.suffix in (".pt", dcp.SUFFIX) and p.suffix != ck.suffix]
+            if latest is None and other and not any(p.stem == "best_model" for p in map(Path, other)):
+                kind = "sharded (FSDP)" if ck.suffix == ".pt" else "single-file"
+                raise SabError(f"{ck.dir} holds only {kind} checkpoints ({other[-1]}); resume them with "
+                               f"{'--parallel fsdp under torchrun, or sab-omni consolidate' if ck.suffix == '.pt' else '--parallel ddp'}")
+            return latest
+        path = Path(spec)
+        if self.fsdp and not dcp.is_sharded(path):
+            raise SabError(f"train.resume={spec}: an FSDP run resumes from a sharded checkpoint directory "
+                           "(*.dcp); resume this single-file checkpoint with --parallel ddp")
+        ck.read(path)  # fail early, with the file named
+        return path
+
+    def _restore(self, path: Path) -> None:
+        ck = self.checkpointer.read(path)
+        self._check_compatible(ck, path)
+        try:
+            if dcp.is_sharded(path):  # DCP reshards: any number of processes, FSDP or not
+                dcp.load(path, self.raw, self.optimizer, no_dist=not self.info.enabled)
+            else:
+                self.raw.load_state_dict(ck["model_state_dict"])
+                if "optimizer_state_dict" in ck:
+                    self.optimizer.load_state_dict(ck["optimizer_state_dict"])
+            if ck.get("scaler_state_dict"):
+                self.scaler.load_state_dict(ck["scaler_state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise SabError(f"{path}: cannot resume from it ({type(e).__name__}: {first_line(e)})") from None
+        if "rng_state" in ck:
+            restore_rng(ck["rng_state"], self.device, str(path))
+        self.state = TrainState.from_checkpoint(ck, str(path), len(self.train_data))
+        if not self.info.is_main:  # the epoch sums are global: one process carries them
+            self.state.epoch_loss_sum, self.state.epoch_tokens = 0.0, 0
+        self._check_schedule(ck.get("scheduler_state_dict"), path)
+        if self.info.is_main:
+            log.info("resumed from %s: epoch %d, step %s, sample %s of the epoch", path, self.state.epoch + 1,
+                     f"{self.state.global_step:,}", f"{self.state.cursor:,}")
+
+    def _check_compatible(self, ck: dict[str, Any], path: Path) -> None:
+        mine, theirs = self.cfg.to_dict()["model"], ck["config"].get("model", {})
+        theirs = theirs if isinstance(theirs, dict) else {}
+        if any(mine.get(k) != theirs.get(k) for k in ARCH_KEYS):
+            raise SabError(f"{path}: its model ({', '.join(f'{k}={theirs.get(k)}' for k in ARCH_KEYS)}) differs from "
+                           f"this run's; resume with the run's own settings: --config {path.parent / CONFIG_FILE}")
+        spec = ck.get("tokenizer")
+        if isinstance(spec, dict) and not spec_equal(spec, self.tokenizer.to_spec()):
+            raise SabError(f"{path}: its tokenizer ({spec.get('name')}) differs from this run's ({self.tokenizer.name}); "
+                           f"resume with the run's own settings: --config {path.parent / CONFIG_FILE}")
+
+    def _check_schedule(self, sched: Any, path: Path) -> None:
+        """Warn when the resumed run plans another length than the saved one (a cosine decay then
+        follows the new plan from here on)."""
+        if isinstance(sched, dict) and sched.get("total_steps") not in (None, self.total_steps) and self.info.is_main:
+            log.warning("%s was planned for %s optimizer steps, this run for %s: the learning-rate schedule follows "
+                        "the new plan from here on", path.name, sched.get("total_steps"), f"{self.total_steps:,}")
+
+    def _sync_schedule(self) -> None:
+        self.raw.fragmergent.set_step(self.state.global_step)
+        set_lr(self.optimizer, lr_at(self.state.global_step, self.cfg.train, self.total_steps))
+
+    # ------------------------------------------------------------------------------- the folder
+    def _open_folder(self) -> None:
+        ck = self.checkpointer
+        if self.resume_from is not None and self.cfg.train.resume not in ("none", "auto"):
+            ck.set_aside(ck.newer_than(self.state.global_step),
+                         f"this run resumes from {self.resume_from} at step {self.state.global_step}, and --resume "
+                         "auto would otherwise prefer them later")
+        ck.clean()
+        self.metrics = MetricsLog(ck.dir, self.info.is_main, trackers.open_all(self.tracker_names, ck.dir, self.cfg,
+                                                                                self.info.is_main))
+        self.metrics.reconcile(self.state.global_step)
+        if self.info.is_main:
+            text = (f"# The resolved configuration of this run. `sab-omni train --config {ck.dir / CONFIG_FILE}` "
+                    "continues it.\n" + yaml.safe_dump({**self.cfg.to_dict(), "train": {**self.cfg.to_dict()["train"],
+                                                                                         "resume": "auto"}},
+                                                       sort_keys=False))
+            atomic_write_text(ck.dir / CONFIG_FILE, text, what="config")
+
+    def close(self) -> None:
+        """Release the folder lock, and the process group if this run joined it."""
+        self.checkpointer.unlock() if hasattr(self, "checkpointer") else None
+        if getattr(self, "_own_process_group", False):
+            D.shutdown()
+            self._own_process_group = False
+
+    # ------------------------------------------------------------------------------- during the run
+    def agree(self, norm: torch.Tensor, stop: bool) -> tuple[float, int]:
+        """(gradient norm, a stop signal any process received or 0): one host sync, one tiny
+        collective under torchrun so that every process stops at the same step."""
+        if not self.info.enabled:
+            return float(norm), 0
+        import torch.distributed as dist
+
+        flags = torch.stack([norm.detach().float().reshape(()), torch.tensor(float(stop), device=norm.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        value, any_stop = flags.tolist()
+        return value, 15 if any_stop else 0  # SIGTERM: what torchrun sends
+
+    def check_finite(self, name: str) -> None:
+        """Refuse to save non-finite weights (every process checks its own shard)."""
+        params = [D.local(p).detach() for p in self.raw.parameters()]
+        finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if self.fsdp:
+            finite = D.all_reduce_sum([float(not finite)], self.info, self.device)[0] == 0
+        if not finite:
+            raise SabError(f"the weights are non-finite at step {self.state.global_step}: not saving {name} "
+                           "(earlier checkpoints are intact); lower train.learning_rate or use fp32")
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.device)
+
+    def oom_message(self, step: int) -> str:
+        t = self.cfg.train
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller, more = max(t.batch_size // 2, 1), t.gradient_accumulation_steps * (2 if t.batch_size > 1 else 1)
+        return (f"out of memory on {self.device} at step {step + 1} with train.batch_size={t.batch_size}: use a smaller "
+                f"batch with more accumulation, e.g. --batch_size {smaller} --gradient_accumulation_steps {more} "
+                "(same effective batch), or --activation_checkpointing true or a shorter --seq_len; "
+                "--resume auto continues from the last checkpoint")
+
+    def banner_lines(self, notes: list[str], val_data: Any) -> list[tuple[str, str]]:
+        m, d, t = self.cfg.model, self.cfg.data, self.cfg.train
+        n = sum(p.numel() for p in self.raw.parameters())
+        eff = t.batch_size * t.gradient_accumulation_steps * self.info.world
+        start = f"resuming from {self.resume_from} (step {self.state.global_step:,})" if self.resume_from else "new run"
+        return [
+            ("run folder", f"{self.checkpointer.dir} ({start})"),
+            ("data", f"{d.dataset}: {data_summary(self.train_data, val_data)}"),
+            ("tokenizer", f"{self.tokenizer.name}, {self.tokenizer.vocab_size:,} ids"),
+            ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
+                      f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
+            ("device", f"{self.device} ({device_name(self.device)}), {self.precision.name}, {torch.get_num_threads()} thread(s), "
+                       f"{self.info.world} process(es)" + (" with FSDP" if self.fsdp else "")),
+            ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
+                      + (f" x {self.info.world} processes" if self.info.enabled else "")
+                      + f" = {eff} samples per optimizer step (up to {eff * d.seq_len:,} tokens)"),
+            ("steps", f"{self.steps_per_epoch:,} per epoch x {t.epochs} epoch(s)"
+                      + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
+                      + f": {self.total_steps:,} optimizer steps"),
+            ("schedule", f"AdamW peak lr {t.learning_rate:g}, {t.lr_schedule}"
+                         + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "")
+                         + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
+            ("memory", f"estimated peak {fmt_bytes(self.memory.peak)} of {fmt_bytes(self.memory.usable)} usable "
+                       f"({self.memory.what})" if math.isfinite(self.memory.peak) else "no estimate for this device"),
+            *[("recipe", note) for note in notes],
+            ("time", "measured after the first steps"),
+        ]
+
+
+def _remove_if_only_lock(d: Path) -> None:
+    """Undo the creation of a run folder by a run that failed before writing anything else."""
+    try:
+        if {p.name for p in d.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
