@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import corpus as C
-from sab_byon_omni.data.tokenizers import BPETokenizer, ByteTokenizer, Char96Tokenizer, from_spec, spec_equal
+from sab_byon_omni.data.tokenizers import BPETokenizer, ByteTokenizer, Char96Tokenizer, from_spec, spec_equal, spec_hash
 
 TRAIN_TEXT = [
     "def add(a, b):\n    return a + b\n",
@@ -50,7 +50,7 @@ def test_bpe_round_trip(bpe, text):
 @given(text=texts)
 def test_corpus_fast_paths_equal_encode(bpe, text):
     for tok in (ByteTokenizer(), Char96Tokenizer(), bpe):
-        assert C.encode_array(tok, [text]).tolist() == tok.encode(text)
+        assert tok.encode_array([text]).tolist() == tok.encode(text)
 
 
 def test_special_token_text_is_ordinary_text(bpe):
@@ -71,7 +71,7 @@ def test_spec_round_trip_and_save_load(bpe, tmp_path):
     bpe.save(tmp_path / "tokenizer.json")
     loaded = BPETokenizer.load(tmp_path / "tokenizer.json")
     assert loaded.encode("def add(x):") == bpe.encode("def add(x):")
-    assert C.spec_hash(loaded.to_spec()) == C.spec_hash(bpe.to_spec())
+    assert spec_hash(loaded.to_spec()) == spec_hash(bpe.to_spec())
 
 
 # ------------------------------------------------------------------------- BPE inside the corpus

@@ -13,8 +13,11 @@ import pytest
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data import cache as corpus_cache
 from sab_byon_omni.data import corpus as C
+from sab_byon_omni.data import readers as R
 from sab_byon_omni.data.tokenizers import ByteTokenizer, Char96Tokenizer
+from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.errors import SabError
 
 
@@ -28,7 +31,7 @@ def write(path: Path, content: str | bytes) -> Path:
 
 
 def docs_of(path: Path, **kw) -> list[str]:
-    return list(C.read_documents(path, **kw))
+    return list(R.read_documents(path, **kw))
 
 
 def cfg_for(data: Path | str, tmp: Path, **kw) -> DataConfig:
@@ -53,9 +56,9 @@ def test_json_records_list_single_object_and_strings(tmp_path):
     assert docs_of(p) == ["one", "two", "three"]
     p = write(tmp_path / "b.json", json.dumps({"content": "single"}))
     assert docs_of(p, text_field="content") == ["single"]
-    with pytest.raises(C._SkipFile, match="no 'text' field"):
+    with pytest.raises(R.SkipFile, match="no 'text' field"):
         docs_of(p)
-    with pytest.raises(C._SkipFile, match="invalid JSON"):
+    with pytest.raises(R.SkipFile, match="invalid JSON"):
         docs_of(write(tmp_path / "bad.json", "{not json"))
 
 
@@ -67,7 +70,7 @@ def test_jsonl_with_a_configurable_field_skips_bad_lines(tmp_path):
 def test_csv_column_with_quoted_newlines(tmp_path):
     p = write(tmp_path / "a.csv", 'id,content\n1,"first, with comma"\n2,"multi\nline"\n3,\n')
     assert docs_of(p, csv_column="content") == ["first, with comma", "multi\nline"]
-    with pytest.raises(C._SkipFile, match="no 'text' column"):
+    with pytest.raises(R.SkipFile, match="no 'text' column"):
         docs_of(p)
 
 
@@ -81,20 +84,46 @@ def test_html_visible_text_only(tmp_path):
 
 def test_bad_utf8_is_replaced_and_counted(tmp_path):
     p = write(tmp_path / "latin1.txt", "caf\xe9 ok\n".encode("latin-1") + "real \ufffd kept\n".encode())
-    before = C._BadBytes.count
-    assert docs_of(p) == ["caf\ufffd ok\nreal \ufffd kept\n"]
-    assert C._BadBytes.count - before == 1  # only the invalid byte, not the genuine U+FFFD
+    stats = R.ReadStats()
+    assert docs_of(p, stats=stats) == ["caf\ufffd ok\nreal \ufffd kept\n"]
+    assert stats.bad_bytes == 1  # only the invalid byte, not the genuine U+FFFD
+
+
+def test_lone_surrogates_in_json_become_one_replacement_each_and_are_counted(tmp_path):
+    p = write(tmp_path / "a.jsonl", '{"text": "x\\ud800y \\ud83d\\ude00 \\udce9\\udcff"}\n')
+    stats = R.ReadStats()
+    assert docs_of(p, stats=stats) == ["x\ufffdy \U0001f600 \ufffd\ufffd"]
+    assert stats.bad_bytes == 3
+
+
+def test_interleaved_reads_count_their_own_bad_bytes(tmp_path):
+    a = write(tmp_path / "a.txt", b"\xff1\n" * 3)
+    b = write(tmp_path / "b.txt", b"ok\n")
+    sa, sb = R.ReadStats(), R.ReadStats()
+    ra, rb = R.read_documents(a, stats=sa), R.read_documents(b, stats=sb)
+    assert next(rb) == "ok\n" and next(ra) == "\ufffd1\n" * 3
+    assert (sa.bad_bytes, sb.bad_bytes) == (3, 0)
+
+
+def test_importing_the_data_package_registers_nothing():
+    import subprocess
+    import sys
+
+    code = ("import codecs, sab_byon_omni.data.corpus, sab_byon_omni.data.factory\n"
+            "try:\n    codecs.lookup_error('sab_count_replace')\nexcept LookupError:\n    print('clean')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "clean"
 
 
 def test_binary_files_are_skipped(tmp_path):
-    with pytest.raises(C._SkipFile, match="binary"):
+    with pytest.raises(R.SkipFile, match="binary"):
         docs_of(write(tmp_path / "x.dat", b"abc\x00def"))
-    with pytest.raises(C._SkipFile, match="binary"):
+    with pytest.raises(R.SkipFile, match="binary"):
         docs_of(write(tmp_path / "x.png", b"looks like text"))
 
 
 def test_large_text_files_stream_as_chunks_of_whole_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(R, "CHUNK_BYTES", 64)
     text = "".join(f"line number {i}\n" for i in range(100))
     chunks = docs_of(write(tmp_path / "big.txt", text))
     assert len(chunks) > 5 and "".join(chunks) == text
@@ -108,16 +137,16 @@ def test_folder_is_recursive_and_skips_hidden_and_pycache(tmp_path):
     write(tmp_path / "d" / ".git" / "c.txt", "c")
     write(tmp_path / "d" / "__pycache__" / "d.txt", "d")
     write(tmp_path / "d" / ".hidden.txt", "e")
-    assert [p.name for p in C.find_files(str(tmp_path / "d"))] == ["a.txt", "b.py"]
+    assert [p.name for p in R.find_files(str(tmp_path / "d"))] == ["a.txt", "b.py"]
 
 
 def test_glob_and_single_file(tmp_path):
     for n in ("a.py", "b.py", "c.txt"):
         write(tmp_path / "g" / n, n)
     write(tmp_path / "g" / "sub" / "d.py", "d")
-    assert [p.name for p in C.find_files(str(tmp_path / "g" / "*.py"))] == ["a.py", "b.py"]
-    assert [p.name for p in C.find_files(str(tmp_path / "g" / "**" / "*.py"))] == ["a.py", "b.py", "d.py"]
-    assert [p.name for p in C.find_files(str(tmp_path / "g" / "c.txt"))] == ["c.txt"]
+    assert [p.name for p in R.find_files(str(tmp_path / "g" / "*.py"))] == ["a.py", "b.py"]
+    assert [p.name for p in R.find_files(str(tmp_path / "g" / "**" / "*.py"))] == ["a.py", "b.py", "d.py"]
+    assert [p.name for p in R.find_files(str(tmp_path / "g" / "c.txt"))] == ["c.txt"]
 
 
 @pytest.mark.parametrize("make, match", [
@@ -127,7 +156,7 @@ def test_glob_and_single_file(tmp_path):
 ])
 def test_find_files_errors(tmp_path, make, match):
     with pytest.raises(SabError, match=match):
-        C.find_files(str(make(tmp_path)))
+        R.find_files(str(make(tmp_path)))
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -139,22 +168,22 @@ def make_docs(root: Path, n: int = 20) -> Path:
 
 def test_split_is_by_document_and_deterministic_for_a_seed(tmp_path):
     root = make_docs(tmp_path / "d")
-    files = C.find_files(str(root))
+    files = R.find_files(str(root))
 
     def val_set(seed: int) -> set[str]:
-        docs = C.Documents(files, DataConfig(dataset=str(root), val_fraction=0.2, data_seed=seed))
+        docs = R.Documents(files, DataConfig(dataset=str(root), val_fraction=0.2, data_seed=seed))
         return {d for v, d in docs if v}
 
     a, b, c = val_set(1), val_set(1), val_set(2)
     assert a == b and len(a) == 4 and a != c
-    all_docs = [d for _, d in C.Documents(files, DataConfig(dataset=str(root)))]
+    all_docs = [d for _, d in R.Documents(files, DataConfig(dataset=str(root)))]
     assert sorted(all_docs) == sorted(p.read_text() for p in files)  # each document whole, exactly once
 
 
 def test_a_single_document_is_cut_at_a_line_break(tmp_path):
     text = "".join(f"line {i}\n" for i in range(100))
     p = write(tmp_path / "one.txt", text)
-    docs = list(C.Documents([p], DataConfig(dataset=str(p), val_fraction=0.1)))
+    docs = list(R.Documents([p], DataConfig(dataset=str(p), val_fraction=0.1)))
     (tv, train), (vv, val) = docs
     assert (tv, vv) == (False, True) and train + val == text
     assert train.endswith("\n") and 5 <= val.count("\n") <= 15
@@ -166,15 +195,15 @@ def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
     write(root / "pic.png", b"png")
     write(root / "bad.txt", b"x\xff\xfey\n")
     write(root / "locked.txt", "secret")
-    real = C._sniff
+    real = R._sniff
 
     def sniff(path):
         if path.name == "locked.txt":
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(C, "_sniff", sniff)
-    docs = C.Documents(C.find_files(str(root)), DataConfig(dataset=str(root)))
+    monkeypatch.setattr(R, "_sniff", sniff)
+    docs = R.Documents(R.find_files(str(root)), DataConfig(dataset=str(root)))
     assert docs.stats.skipped == {"binary": 2, "unreadable (Permission denied)": 1}
     assert docs.stats.files == 5 and docs.stats.bad_bytes == 2  # two invalid bytes
     assert "skipped 3 (2 binary, 1 unreadable" in docs.stats.summary()
@@ -185,7 +214,7 @@ def test_no_readable_text_names_the_reasons(tmp_path):
     write(tmp_path / "d" / "b.jsonl", '{"body": "x"}\n')
     want = r"no readable text in 2 file\(s\) \(1 file\(s\): binary; 1 file\(s\): no 'text'"
     with pytest.raises(SabError, match=want):
-        C.Documents(C.find_files(str(tmp_path / "d")), DataConfig(dataset=str(tmp_path / "d")))
+        R.Documents(R.find_files(str(tmp_path / "d")), DataConfig(dataset=str(tmp_path / "d")))
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -210,7 +239,7 @@ def test_second_run_reuses_the_cache_without_reading_files(tmp_path, monkeypatch
     root = make_docs(tmp_path / "d")
     cfg = cfg_for(root, tmp_path)
     first = C.open_corpus(cfg)
-    monkeypatch.setattr(C, "read_documents", lambda *a, **k: pytest.fail("the cache was not reused"))
+    monkeypatch.setattr(R, "read_documents", lambda *a, **k: pytest.fail("the cache was not reused"))
     second = C.open_corpus(cfg)
     assert np.array_equal(first.train_tokens, second.train_tokens)
     assert np.array_equal(first.val_tokens, second.val_tokens)
@@ -245,7 +274,7 @@ def test_cache_is_rebuilt_when_something_changed(tmp_path, change):
             f.truncate(10)
     corpus = C.open_corpus(cfg)
     assert _mtime(cache) != stamp
-    assert corpus.meta["files"] == C.file_signature(C.find_files(str(root)))
+    assert corpus.meta["files"] == R.file_signature(R.find_files(str(root)))
     if change == "tokenizer":
         assert isinstance(corpus.tokenizer, Char96Tokenizer)
 
@@ -278,17 +307,17 @@ def test_too_short_for_seq_len_is_a_clear_error(tmp_path):
 def test_default_cache_dir_is_under_cwd_and_named_after_the_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = make_docs(tmp_path / "mydocs", 3)
-    d = C.default_cache_dir(DataConfig(dataset=str(root)))
+    d = corpus_cache.default_cache_dir(DataConfig(dataset=str(root)))
     assert d.parts[0] == ".sab_cache" and d.name.startswith("mydocs-")
-    assert C.default_cache_dir(DataConfig(dataset=str(root / "*.txt"))).name.startswith("mydocs-")
-    assert C.default_cache_dir(DataConfig(dataset=str(root), data_seed=5)) != d
+    assert corpus_cache.default_cache_dir(DataConfig(dataset=str(root / "*.txt"))).name.startswith("mydocs-")
+    assert corpus_cache.default_cache_dir(DataConfig(dataset=str(root), data_seed=5)) != d
 
 
 # ---------------------------------------------------------------------------------------- windows
 @pytest.mark.parametrize("n, seq_len", [(2, 2), (17, 4), (100, 16), (101, 11), (10, 20)])
 def test_training_windows_cover_every_target_once_without_padding(n, seq_len):
     tokens = np.arange(n, dtype=np.uint16)
-    w = C.TokenWindows(tokens, seq_len, drop_last=True)
+    w = TokenWindows(tokens, seq_len, drop_last=True)
     targets = []
     for i in range(len(w)):
         win = w[i]
@@ -303,7 +332,7 @@ def test_training_windows_cover_every_target_once_without_padding(n, seq_len):
 
 @pytest.mark.parametrize("n, seq_len", [(2, 2), (17, 4), (101, 11), (10, 20)])
 def test_validation_windows_cover_all_targets(n, seq_len):
-    w = C.TokenWindows(np.arange(n), seq_len, drop_last=False)
+    w = TokenWindows(np.arange(n), seq_len, drop_last=False)
     targets = [t for i in range(len(w)) for t in w[i][1:].tolist()]
     assert targets == list(range(1, n))
     with pytest.raises(IndexError):
@@ -380,14 +409,14 @@ def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch)
     root = make_docs(tmp_path / "d")
     cfg = cfg_for(root, tmp_path)
     builds = []
-    real = C._build
+    real = corpus_cache.build
 
     def counting_build(*a, **k):
         builds.append(1)
         time.sleep(0.2)  # give the other one time to arrive at the lock
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "_build", counting_build)
+    monkeypatch.setattr(corpus_cache, "build", counting_build)
     results: list = []
     threads = [threading.Thread(target=lambda: results.append(C.open_corpus(cfg))) for _ in range(2)]
     for t in threads:
@@ -399,7 +428,7 @@ def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch)
 
 
 def test_a_large_file_read_in_pieces_gets_eos_only_where_it_ends(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(R, "CHUNK_BYTES", 64)
     big = "".join(f"row {i}\n" for i in range(200))
     write(tmp_path / "d" / "big.txt", big)
     write(tmp_path / "d" / "small.txt", "small\n")

@@ -13,7 +13,7 @@ import torch
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.data.batching import collate
-from sab_byon_omni.data.corpus import TokenWindows
+from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.evaluation import EvalResult, evaluate_stream, stream_loss, window_spans
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.loss import causal_lm_loss

@@ -1,9 +1,17 @@
+import json
+import re
 import string
 
-from hypothesis import given, settings
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sab_byon_omni.data.tokenizers import ByteTokenizer, Char96Tokenizer, from_spec
+from sab_byon_omni import config
+from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data.tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, Char96Tokenizer, build_tokenizer,
+                                           from_spec, spec_equal, utf8_safe)
+from sab_byon_omni.errors import SabError
 
 PRINTABLE = "".join(chr(c) for c in range(32, 127))
 
@@ -58,3 +66,90 @@ def test_specs_round_trip():
         again = from_spec(tok.to_spec())
         assert type(again) is type(tok)
         assert again.encode(string.ascii_letters) == tok.encode(string.ascii_letters)
+
+
+# ------------------------------------------------------------------ encode_array and the registry
+# any code point (lone surrogates included) mixed with the BPE fixture's training text, so that
+# merges can span two texts; empty strings are frequent
+any_char = st.one_of(st.sampled_from("Consciousness is awareness. def f(x): héllo ✓😀"),
+                     st.integers(0, 0x10FFFF).map(chr))
+any_texts = st.lists(st.one_of(st.just(""), st.text(any_char, max_size=20)), max_size=6)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    return BPETokenizer.train(["Consciousness is awareness.", "def f(x): return x * 2", "héllo wörld ✓ 😀"] * 3,
+                              vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def all_tokenizers(bpe):
+    return [Char96Tokenizer(), ByteTokenizer(), bpe]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=any_texts)
+@example(texts=["Conscious", "ness", "", "\ud800", "\udc00"])
+def test_encode_array_is_the_concatenation_of_encode(all_tokenizers, texts):
+    for tok in all_tokenizers:
+        ids = tok.encode_array(texts)
+        assert ids.dtype == np.int64 and ids.ndim == 1, tok.name
+        assert ids.tolist() == [i for t in texts for i in tok.encode(t)], tok.name
+        assert [b.tolist() for b in tok.encode_batch(texts)] == [tok.encode(t) for t in texts], tok.name
+
+
+def test_encode_array_of_nothing_is_empty(all_tokenizers):
+    for tok in all_tokenizers:
+        for texts in ([], [""], ["", ""]):
+            ids = tok.encode_array(texts)
+            assert ids.dtype == np.int64 and ids.shape == (0,), (tok.name, texts)
+
+
+def test_every_registered_tokenizer_round_trips_through_its_spec(bpe):
+    made = {name: (bpe if cls.needs_file else build_tokenizer(name)) for name, cls in TOKENIZERS.items()}
+    assert tuple(TOKENIZERS) == config.TOKENIZERS  # the config accepts exactly the registered names
+    for name, tok in made.items():
+        assert type(tok) is TOKENIZERS[name] and tok.name == name
+        again = from_spec(json.loads(json.dumps(tok.to_spec())))  # specs are plain JSON data
+        assert type(again) is type(tok) and spec_equal(again.to_spec(), tok.to_spec())
+        assert again.encode("héllo, wörld\n") == tok.encode("héllo, wörld\n")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"name": "nope"}, "unknown tokenizer 'nope': use one of char96, byte, bpe"),
+    ({"name": ["char96"] * 1000}, "unknown tokenizer"),
+    (["char96"], "invalid tokenizer spec: expected a mapping with a 'name', got list"),
+    ("char96", "invalid tokenizer spec"),
+    (None, "invalid tokenizer spec"),
+    ({"json": "{}"}, "invalid tokenizer spec"),
+    ({"name": "bpe"}, "BPE tokenizer spec has no 'json' field"),
+    ({"name": "bpe", "json": "{not json" + "x" * 5000}, "invalid BPE tokenizer JSON"),
+])
+def test_a_bad_spec_is_a_short_sab_error(spec, match):
+    with pytest.raises(SabError, match=re.escape(match)) as e:
+        from_spec(spec)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_build_tokenizer_by_name_or_config(bpe, tmp_path):
+    assert type(build_tokenizer("byte")) is ByteTokenizer
+    assert type(build_tokenizer(DataConfig(tokenizer="char96"))) is Char96Tokenizer
+    with pytest.raises(SabError, match="not one of: char96, byte, bpe"):
+        build_tokenizer("nope")
+    with pytest.raises(SabError, match="bpe needs a trained tokenizer: set data.tokenizer_path"):
+        build_tokenizer("bpe")
+    bpe.save(tmp_path / "tok.json")
+    loaded = build_tokenizer(DataConfig(tokenizer="bpe", tokenizer_path=str(tmp_path / "tok.json")), texts=["unused"])
+    assert spec_equal(loaded.to_spec(), bpe.to_spec())  # a file wins over training texts
+    trained = build_tokenizer(DataConfig(tokenizer="bpe", bpe_vocab_size=300), texts=iter([["abc abd"] * 10]))
+    assert trained.vocab_size <= 300 and trained.decode(trained.encode("abc abd")) == "abc abd"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("plain é 🙂", "plain é 🙂"),
+    ("a\ud800b", "a\ufffdb"),  # one U+FFFD per lone surrogate
+    ("\udce9\udcff", "\ufffd\ufffd"),  # undecodable argv bytes (surrogateescape)
+    ("\ud83d\ude00", "\U0001f600"),  # a surrogate pair is the character it encodes
+])
+def test_utf8_safe_replaces_each_lone_surrogate(text, want):
+    assert utf8_safe(text) == want

@@ -77,10 +77,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         if preset is not None:
             cfg = replace(cfg, **{"model.preset": preset})
         if tokenizer is None:
-            if cfg.data.tokenizer == "bpe" and not cfg.data.tokenizer_path:
-                raise SabError("a BPE model needs a trained tokenizer: pass tokenizer=..., set data.tokenizer_path, "
-                               "or let train_3b_rapid(data=...) train one")
-            tokenizer = build_tokenizer(cfg.data.tokenizer, path=cfg.data.tokenizer_path)
+            tokenizer = build_tokenizer(cfg.data)
         if cfg.model.vocab_size is None:
             cfg = replace(cfg, **{"model.vocab_size": tokenizer.vocab_size})
         elif cfg.model.vocab_size < tokenizer.vocab_size:

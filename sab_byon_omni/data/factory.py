@@ -13,10 +13,7 @@ def load_datasets(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[
     """Build (or reuse) the tokenizer and the train/validation splits that ``cfg`` describes."""
     if cfg.dataset == "synthetic":
         if tokenizer is None:
-            if cfg.tokenizer == "bpe" and not cfg.tokenizer_path:
-                raise SabError("data.tokenizer=bpe needs a corpus to train on (data.dataset=PATH) "
-                               "or data.tokenizer_path")
-            tokenizer = build_tokenizer(cfg.tokenizer, path=cfg.tokenizer_path)
+            tokenizer = build_tokenizer(cfg)
         ds = MultimodalConsciousnessDataset(tokenizer, cfg.num_samples, cfg.seq_len, cfg.data_seed)
         if len(ds) < 2:
             raise SabError(f"data.num_samples={cfg.num_samples} leaves no validation sample; use at least 2")

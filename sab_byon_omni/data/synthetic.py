@@ -61,11 +61,10 @@ class MultimodalConsciousnessDataset:
             template, slots = TEMPLATES[mode]
             self.modes.append(mode)
             self.texts.append(template.format(*(rng.choice(s) for s in slots)))
-        ids = [tokenizer.encode(t)[:seq_len] for t in self.texts]
+        ids = [x[:seq_len] for x in tokenizer.encode_batch(self.texts)]
         self.lengths = np.array([len(x) for x in ids], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.tokens = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(self.offsets[-1]))
-        self.tokenizer_name = tokenizer.name
+        self.tokens = np.concatenate([np.zeros(0, dtype=np.int64), *ids])
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: ``encode``, ``decode``, ``vocab_size``, ``pad_id``, ``eos_id``,
+"""Tokenizers behind one interface, each owning its encoding: ``encode``, ``encode_array`` (many
+texts at once, vectorised), ``encode_batch``, ``decode``, ``vocab_size``, ``pad_id``, ``eos_id``,
 and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint as plain data.
 
 * ``char96``: the guide's. id 0 is ``<PAD>``, ids 1..95 are ASCII 32..126. It is lossy outside
@@ -7,39 +8,100 @@ and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint a
   and what is still not printable ASCII becomes ``?``. Decoding skips ``<PAD>``.
 * ``byte``: ``<PAD>`` = 0, ``<EOS>`` = 1, then the 256 byte values: lossless for any text.
 * ``bpe``: byte-level BPE trained with Hugging Face ``tokenizers``; ``<PAD>`` = 0, ``<EOS>`` = 1.
+
+:data:`TOKENIZERS` maps each name to its class; :func:`from_spec` rebuilds one from its spec and
+:func:`build_tokenizer` makes one from a name or a :class:`~sab_byon_omni.config.DataConfig`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import time
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from sab_byon_omni.errors import SabError
+import numpy as np
+
+from sab_byon_omni.config import DataConfig
+from sab_byon_omni.errors import SabError, bounded, first_line
+
+log = logging.getLogger(__name__)
 
 PAD, EOS = "<PAD>", "<EOS>"
 
 
 class Tokenizer(Protocol):
+    """What every tokenizer offers; each class also has the classmethods ``from_spec(spec)`` and
+    ``build(cfg, texts)`` that :func:`from_spec` and :func:`build_tokenizer` dispatch to."""
+
     name: str
     vocab_size: int
     pad_id: int
     eos_id: int | None
+    needs_file: bool  # its vocabulary was learned: a corpus cache keeps it as a file (save/load)
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_array(self, texts: list[str]) -> np.ndarray: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def to_spec(self) -> dict[str, Any]: ...
 
 
-class Char96Tokenizer:
-    """``<PAD>`` + printable ASCII 32..126: 96 ids."""
+def utf8_safe(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD; the one rule for text that has no UTF-8
+    form. Lone surrogates come from undecodable bytes in ``sys.argv`` (one per byte) and from JSON
+    escapes such as ``"\\ud800"``; a pair of surrogates becomes the character it encodes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _uint8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+
+class _FixedVocabulary:
+    """A tokenizer whose vocabulary is a rule, not learned: nothing to train, its spec is its name."""
+
+    name: ClassVar[str]
+    vocab_size: ClassVar[int]
+    pad_id: ClassVar[int] = 0
+    eos_id: ClassVar[int | None] = None
+    needs_file: ClassVar[bool] = False
+
+    def encode_array(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array([text]).tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array([t]) for t in texts]
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "_FixedVocabulary":
+        return cls()
+
+    @classmethod
+    def build(cls, cfg: DataConfig, texts: Iterable[Any] | None = None) -> "_FixedVocabulary":
+        return cls()
+
+
+class Char96Tokenizer(_FixedVocabulary):
+    """``<PAD>`` + printable ASCII 32..126: 96 ids; id = ASCII code - 31."""
 
     name = "char96"
     vocab_size = 96
-    pad_id = 0
-    eos_id = None
+    OFFSET = 31
 
     @staticmethod
     def normalize(text: str) -> str:
@@ -58,8 +120,8 @@ class Char96Tokenizer:
                 out.append(base or "?")
         return "".join(out)
 
-    def encode(self, text: str) -> list[int]:
-        return [b - 31 for b in self.normalize(text).encode("ascii")]
+    def encode_array(self, texts: list[str]) -> np.ndarray:
+        return _uint8(self.normalize("".join(texts)).encode("ascii")) - self.OFFSET
 
     def decode(self, ids: Iterable[int]) -> str:
         chars = []
@@ -69,40 +131,24 @@ class Char96Tokenizer:
                 continue
             if not 0 < i < self.vocab_size:
                 raise ValueError(f"id {i} is outside the char96 vocabulary")
-            chars.append(chr(i + 31))
+            chars.append(chr(i + self.OFFSET))
         return "".join(chars)
 
-    def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name}
 
-
-class ByteTokenizer:
+class ByteTokenizer(_FixedVocabulary):
     """``<PAD>`` = 0, ``<EOS>`` = 1, byte b = b + 2: lossless for any text and code."""
 
     name = "byte"
     vocab_size = 258
-    pad_id = 0
     eos_id = 1
+    OFFSET = 2
 
-    def encode(self, text: str) -> list[int]:
-        return [b + 2 for b in text.encode("utf-8", errors="surrogatepass")]
+    def encode_array(self, texts: list[str]) -> np.ndarray:
+        return _uint8("".join(texts).encode("utf-8", errors="surrogatepass")) + self.OFFSET
 
     def decode(self, ids: Iterable[int]) -> str:
-        data = bytes(int(i) - 2 for i in ids if int(i) >= 2)
+        data = bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET)
         return data.decode("utf-8", errors="replace")
-
-    def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name}
-
-
-def _utf8_safe(text: str) -> str:
-    """Lone surrogates (e.g. from undecodable bytes in ``sys.argv``) have no UTF-8 form and the
-    ``tokenizers`` library rejects them: they become U+FFFD, as undecodable file bytes do."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class BPETokenizer:
@@ -111,6 +157,7 @@ class BPETokenizer:
     name = "bpe"
     pad_id = 0
     eos_id = 1
+    needs_file = True
 
     def __init__(self, tok: Any) -> None:
         self._tok = tok
@@ -120,7 +167,8 @@ class BPETokenizer:
             raise SabError("BPE tokenizer must have <PAD> as id 0 and <EOS> as id 1")
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8192) -> "BPETokenizer":
+    def train(cls, texts: Iterable[Any], vocab_size: int = 8192) -> "BPETokenizer":
+        """Learn merges from ``texts`` (strings, or lists of strings)."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = HFTokenizer(models.BPE())
@@ -132,17 +180,37 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
+    def build(cls, cfg: DataConfig, texts: Iterable[Any] | None = None) -> "BPETokenizer":
+        """Loaded from ``data.tokenizer_path`` if set, else trained on ``texts``."""
+        if cfg.tokenizer_path:
+            return cls.load(cfg.tokenizer_path)
+        if texts is None:
+            raise SabError("data.tokenizer=bpe needs a trained tokenizer: set data.tokenizer_path to a "
+                           "tokenizer.json, or train one on your files (data.dataset=PATH)")
+        t0 = time.perf_counter()
+        tok = cls.train(texts, cfg.bpe_vocab_size)
+        log.info("trained a BPE tokenizer (%d ids) on the training documents in %.1f s", tok.vocab_size,
+                 time.perf_counter() - t0)
+        return tok
+
+    @classmethod
     def from_json(cls, text: str) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
             return cls(HFTokenizer.from_str(text))
         except Exception as e:  # the library raises its own exception types
-            raise SabError(f"invalid BPE tokenizer JSON: {e}") from None
+            raise SabError(f"invalid BPE tokenizer JSON: {first_line(e)}") from None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "BPETokenizer":
+        if not isinstance(spec.get("json"), str):
+            raise SabError("BPE tokenizer spec has no 'json' field")
+        return cls.from_json(spec["json"])
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
             raise SabError(f"tokenizer file not found: {p}")
         return cls.from_json(p.read_text(encoding="utf-8"))
@@ -151,10 +219,14 @@ class BPETokenizer:
         Path(path).write_text(self._tok.to_str(), encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(_utf8_safe(text)).ids
+        return self._tok.encode(utf8_safe(text)).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch([_utf8_safe(t) for t in texts])]
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self._tok.encode_batch([utf8_safe(t) for t in texts])
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def encode_array(self, texts: list[str]) -> np.ndarray:
+        return np.concatenate([np.zeros(0, dtype=np.int64), *self.encode_batch(texts)])
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -163,37 +235,47 @@ class BPETokenizer:
         return {"name": self.name, "json": self._tok.to_str()}
 
 
+# ------------------------------------------------------------------------------------- registry
+TOKENIZERS: dict[str, type] = {cls.name: cls for cls in (Char96Tokenizer, ByteTokenizer, BPETokenizer)}
+
+
+def tokenizer_class(name: Any) -> Any:
+    """The class registered under ``name``."""
+    cls = TOKENIZERS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise SabError(f"unknown tokenizer {bounded(name)}: use one of {', '.join(TOKENIZERS)}")
+    return cls
+
+
 def from_spec(spec: Any) -> Tokenizer:
     """Rebuild a tokenizer from ``to_spec()`` output (as stored in checkpoints)."""
     if not isinstance(spec, dict) or "name" not in spec:
-        raise SabError(f"invalid tokenizer spec: {str(spec)[:80]!r}")
-    name = spec["name"]
-    if name == "char96":
-        return Char96Tokenizer()
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "bpe":
-        if not isinstance(spec.get("json"), str):
-            raise SabError("BPE tokenizer spec has no 'json' field")
-        return BPETokenizer.from_json(spec["json"])
-    raise SabError(f"unknown tokenizer {name!r}")
+        raise SabError(f"invalid tokenizer spec: expected a mapping with a 'name', got {type(spec).__name__}")
+    return tokenizer_class(spec["name"]).from_spec(spec)
 
 
-def build_tokenizer(name: str, texts: Iterable[str] | None = None, vocab_size: int = 8192,
-                    path: str | None = None) -> Tokenizer:
-    """A tokenizer by name; ``bpe`` loads ``path`` if given, else trains on ``texts``."""
-    if name == "char96":
-        return Char96Tokenizer()
-    if name == "byte":
-        return ByteTokenizer()
-    if name == "bpe":
-        if path:
-            return BPETokenizer.load(path)
-        if texts is None:
-            raise SabError("a BPE tokenizer needs training texts or data.tokenizer_path")
-        return BPETokenizer.train(texts, vocab_size)
-    raise SabError(f"unknown tokenizer {name!r}")
+def build_tokenizer(source: str | DataConfig, texts: Iterable[Any] | None = None) -> Tokenizer:
+    """The tokenizer that a name or ``data`` config asks for. ``bpe`` is loaded from
+    ``data.tokenizer_path`` if set, else trained on ``texts`` (strings or lists of strings, only
+    consumed when training) with ``data.bpe_vocab_size`` ids."""
+    cfg = DataConfig(tokenizer=source) if isinstance(source, str) else source
+    return tokenizer_class(cfg.tokenizer).build(cfg, texts)
 
 
 def spec_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_tokenizer(spec: dict[str, Any]) -> str:
+    """``bpe, 8,192 ids, spec 0123abcd...``: a spec in a few words, for logs and errors."""
+    vocab = ""
+    if spec.get("name") == BPETokenizer.name:
+        try:
+            vocab = f", {len(json.loads(spec['json'])['model']['vocab']):,} ids"
+        except (KeyError, TypeError, ValueError):
+            pass
+    return f"{spec.get('name')}{vocab}, spec {spec_hash(spec)}"

@@ -1,0 +1,403 @@
+"""Local files -> documents: finding the files, skipping binaries, reading each format, and the
+corpus's documents in a fixed order with their train/validation split (see :mod:`.corpus`).
+
+Text is read as UTF-8 (a leading byte-order mark is dropped); every invalid byte sequence becomes
+U+FFFD and is counted in the :class:`ReadStats` of the read that decoded it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextvars
+import csv
+import functools
+import glob
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data.tokenizers import utf8_safe
+from sab_byon_omni.errors import SabError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # text files above this are read as several documents of whole lines
+SNIFF_BYTES = 8192
+SKIP_DIRS = {"__pycache__", "node_modules"}
+BINARY_EXTENSIONS = {
+    ".pyc", ".pyo", ".pyd", ".so", ".o", ".a", ".dll", ".dylib", ".exe", ".bin", ".class", ".jar",
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ico", ".webp", ".tif", ".tiff", ".pdf", ".psd",
+    ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".whl", ".egg", ".rar",
+    ".npy", ".npz", ".pt", ".pth", ".ckpt", ".safetensors", ".onnx", ".pkl", ".pickle", ".h5",
+    ".mp3", ".mp4", ".wav", ".flac", ".ogg", ".avi", ".mov", ".mkv", ".ttf", ".otf", ".woff", ".woff2",
+    ".db", ".sqlite", ".sqlite3", ".parquet", ".arrow",
+}
+JSON_EXT, JSONL_EXT, CSV_EXT, HTML_EXT = {".json"}, {".jsonl", ".ndjson"}, {".csv"}, {".html", ".htm"}
+
+
+@dataclass
+class ReadStats:
+    """What reading the corpus found; logged, stored in the cache metadata, used in error messages."""
+
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    bad_bytes: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> files
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return (f"{self.files} files, {self.documents:,} documents, {self.bytes / 1e6:.2f} MB"
+                + (f"; skipped {skipped} ({why})" if skipped else "")
+                + (f"; {self.bad_bytes} invalid UTF-8 sequences replaced by U+FFFD" if self.bad_bytes else ""))
+
+
+class SkipFile(Exception):
+    """This file holds no usable text (the message is the reason, counted in ReadStats)."""
+
+
+# ------------------------------------------------------------------------------------ decoding
+# The ReadStats of the read now decoding in this thread, set by _counted around each step of it.
+_READING: contextvars.ContextVar[ReadStats | None] = contextvars.ContextVar("sab_reading", default=None)
+
+
+def _count_bad(n: int) -> None:
+    stats = _READING.get()
+    if stats is not None:
+        stats.bad_bytes += n
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    _count_bad(1)
+    return "\ufffd", err.end  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _errors() -> str:
+    """The name of the codec error handler that replaces and counts; registered on first use."""
+    codecs.register_error("sab_count_replace", _replace_and_count)
+    return "sab_count_replace"
+
+
+def _counted(docs: Iterator[str], stats: ReadStats | None) -> Iterator[str]:
+    """``docs``, with what decoding them replaced counted in ``stats`` (even when reads interleave)."""
+    while True:
+        token = _READING.set(stats)
+        try:
+            doc = next(docs)
+        except StopIteration:
+            return
+        finally:
+            _READING.reset(token)
+        yield doc
+
+
+def _open_text(path: Path) -> io.TextIOWrapper:
+    return io.TextIOWrapper(open(path, "rb"), encoding="utf-8-sig", errors=_errors(), newline="")
+
+
+def _clean(text: str) -> str:
+    """``text`` (a JSON string) as valid UTF-8; each lone surrogate is replaced and counted."""
+    safe = utf8_safe(text)
+    if safe is not text:
+        _count_bad(safe.count("\ufffd") - text.count("\ufffd"))
+    return safe
+
+
+# --------------------------------------------------------------------------------------- html
+class _VisibleText(HTMLParser):
+    """The text a browser would show: no script/style/head, line breaks at block elements."""
+
+    HIDDEN = {"script", "style", "head", "noscript", "template", "svg"}
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "pre", "blockquote",
+             "h1", "h2", "h3", "h4", "h5", "h6", "hr", "header", "footer", "title", "dd", "dt"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self.HIDDEN:
+            self.hidden += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.HIDDEN:
+            self.hidden = max(self.hidden - 1, 0)
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.hidden:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = (" ".join(line.split()) for line in "".join(self.parts).splitlines())
+        out, blank = [], False
+        for line in lines:
+            if line or not blank:
+                out.append(line)
+            blank = not line
+        return "\n".join(out).strip("\n")
+
+
+def html_visible_text(html: str) -> str:
+    parser = _VisibleText()
+    parser.feed(html)
+    parser.close()
+    return parser.text()
+
+
+# ------------------------------------------------------------------------------------ formats
+def _sniff(path: Path) -> None:
+    if path.suffix.lower() in BINARY_EXTENSIONS:
+        raise SkipFile("binary")
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        raise SkipFile("binary")
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The file as pieces of about CHUNK_BYTES ending at line breaks (one piece if it is small)."""
+    with _open_text(path) as f:
+        rest = ""
+        while True:
+            block = f.read(CHUNK_BYTES)
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind("\n") + 1
+            if cut == 0 or len(block) < CHUNK_BYTES // 2:  # no line break yet, or still small
+                rest = block
+                continue
+            rest = block[cut:]
+            yield block[:cut]
+        if rest:
+            yield rest
+
+
+def _html_text(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        text = html_visible_text(f.read())
+    if text:
+        yield text
+
+
+def _json_records(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SkipFile(f"invalid JSON (line {e.lineno})") from None
+    records = data if isinstance(data, list) else [data]
+    yield from _record_texts(records, text_field)
+
+
+def _jsonl_records(path: Path, text_field: str) -> Iterator[str]:
+    def parsed() -> Iterator[Any]:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        log.warning("%s:%d: invalid JSON line skipped", path, n)
+    yield from _record_texts(parsed(), text_field)
+
+
+def _record_texts(records: Any, text_field: str) -> Iterator[str]:
+    found = 0
+    for rec in records:
+        if isinstance(rec, str):
+            value = rec
+        elif isinstance(rec, dict) and isinstance(rec.get(text_field), str):
+            value = rec[text_field]
+        else:
+            continue
+        found += 1
+        if value:
+            yield _clean(value)
+    if not found:
+        raise SkipFile(f"no {text_field!r} field (set data.text_field)")
+
+
+def _csv_rows(path: Path, column: str) -> Iterator[str]:
+    csv.field_size_limit(2**31 - 1)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise SkipFile(f"no {column!r} column (set data.csv_column)")
+        for row in reader:
+            value = row.get(column)
+            if value:
+                yield value
+
+
+def _documents(path: Path, text_field: str, csv_column: str) -> Iterator[str]:
+    ext = path.suffix.lower()
+    try:
+        _sniff(path)
+        if ext in JSON_EXT:
+            yield from _json_records(path, text_field)
+        elif ext in JSONL_EXT:
+            yield from _jsonl_records(path, text_field)
+        elif ext in CSV_EXT:
+            yield from _csv_rows(path, csv_column)
+        elif ext in HTML_EXT:
+            yield from _html_text(path)
+        else:
+            yield from _text_chunks(path)
+    except OSError as e:
+        raise SkipFile(f"unreadable ({e.strerror or type(e).__name__})") from None
+    except csv.Error as e:
+        raise SkipFile(f"invalid CSV ({e})") from None
+
+
+def read_documents(path: Path, text_field: str = "text", csv_column: str = "text",
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """The documents of one file; invalid UTF-8 sequences replaced are added to ``stats.bad_bytes``.
+    Raises SkipFile (binary, unreadable, no such field/column) while iterating."""
+    return _counted(_documents(path, text_field, csv_column), stats)
+
+
+def is_plain_text(path: Path) -> bool:
+    """Read as text pieces (not records): a large one is several documents of one file."""
+    return path.suffix.lower() not in JSON_EXT | JSONL_EXT | CSV_EXT | HTML_EXT
+
+
+# ------------------------------------------------------------------------------------ finding
+def is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
+        for name in filenames:
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def find_files(spec: str) -> list[Path]:
+    """The files that ``data.dataset`` names, sorted; a clear SabError if there are none."""
+    expanded = os.path.expanduser(spec)
+    if is_glob(expanded):
+        matches = sorted(glob.glob(expanded, recursive=True))
+        if not matches:
+            raise SabError(f"data.dataset={spec!r}: the pattern matches no file")
+        files: list[Path] = []
+        for m in matches:
+            p = Path(m)
+            files.extend(_walk(p) if p.is_dir() else [p] if p.is_file() else [])
+    else:
+        p = Path(expanded)
+        if not p.exists():
+            raise SabError(f"data.dataset={spec!r}: no such file or folder")
+        files = list(_walk(p)) if p.is_dir() else [p]
+        if not files:
+            raise SabError(f"data.dataset={spec!r}: the folder holds no files")
+    files = sorted(set(f.resolve() for f in files if f.is_file()))
+    if not files:
+        raise SabError(f"data.dataset={spec!r}: no files found")
+    return files
+
+
+def file_signature(files: list[Path]) -> list[list[Any]]:
+    """[path, size, mtime_ns] per file: what a cache is valid for."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append([str(f), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(f), -1, -1])
+    return out
+
+
+# ------------------------------------------------------------------------------ documents/split
+class Documents:
+    """Streams the corpus's documents in a fixed order; pass 1 counts them and chooses the split."""
+
+    def __init__(self, files: list[Path], cfg: DataConfig) -> None:
+        self.files, self.cfg = files, cfg
+        self.stats = ReadStats()
+        self.per_file = [self._count(path) for path in files]  # documents per file (0: skipped)
+        n_docs = sum(self.per_file)
+        if n_docs == 0:
+            why = "; ".join(f"{n} file(s): {reason}" for reason, n in sorted(self.stats.skipped.items()))
+            raise SabError(f"data.dataset={cfg.dataset!r}: no readable text in {len(files)} file(s)"
+                           + (f" ({why})" if why else " (all empty)"))
+        self.single_cut = n_docs == 1
+        self.n_docs = 2 if self.single_cut else n_docs
+        self.stats.documents = self.n_docs
+        self.is_val = np.zeros(self.n_docs, dtype=bool)
+        if self.single_cut:
+            self.is_val[1] = True
+        else:
+            n_val = min(max(1, round(self.n_docs * cfg.val_fraction)), self.n_docs - 1)
+            self.is_val[np.random.default_rng(cfg.data_seed).permutation(self.n_docs)[:n_val]] = True
+
+    def _count(self, path: Path) -> int:
+        """Pass 1 over one file: its documents (0 if it is skipped), adding to ``self.stats``."""
+        n = 0
+        try:
+            for doc in read_documents(path, self.cfg.text_field, self.cfg.csv_column, self.stats):
+                n += 1
+                self.stats.bytes += len(doc.encode("utf-8"))
+        except SkipFile as e:
+            self.stats.skipped[str(e)] += 1
+            log.debug("skipping %s: %s", path, e)
+            n = 0
+        self.stats.files += n > 0
+        return n
+
+    def __iter__(self) -> Iterator[tuple[bool, str]]:
+        """(is_validation, text) for every document, in corpus order."""
+        return ((is_val, doc) for is_val, doc, _ in self.pieces())
+
+    def pieces(self) -> Iterator[tuple[bool, str, bool]]:
+        """(is_validation, text, ends): ``ends`` is False only for a piece of a large text file whose
+        next piece follows it in the same split (no ``<EOS>`` goes between them)."""
+        i = 0
+        for path, n in zip(self.files, self.per_file):
+            if n == 0:
+                continue
+            plain = is_plain_text(path)
+            try:
+                for j, doc in enumerate(read_documents(path, self.cfg.text_field, self.cfg.csv_column)):
+                    if self.single_cut:
+                        yield from zip((False, True), _cut(doc, 1.0 - self.cfg.val_fraction), (True, True))
+                        return
+                    if j >= n:
+                        raise SkipFile("it has more documents than before")
+                    ends = not plain or j == n - 1 or self.is_val[i + 1] != self.is_val[i]
+                    yield bool(self.is_val[i]), doc, bool(ends)
+                    i += 1
+            except SkipFile as e:  # the file changed since pass 1
+                raise SabError(f"{path} changed while the corpus was being read ({e}); run again") from None
+
+    def texts(self, validation: bool) -> Iterator[str]:
+        return (doc for is_val, doc in self if is_val == validation)
+
+
+def _cut(text: str, frac: float) -> tuple[str, str]:
+    """Split one document near ``frac`` of its length, at a line break when there is one."""
+    target = min(max(int(len(text) * frac), 1), len(text) - 1) if len(text) > 1 else len(text)
+    before, after = text.rfind("\n", 0, target), text.find("\n", target)
+    candidates = [c + 1 for c in (before, after) if 0 <= c < len(text) - 1]
+    cut = min(candidates, key=lambda c: abs(c - target)) if candidates else target
+    return text[:cut], text[cut:]
