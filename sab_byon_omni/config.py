@@ -379,7 +379,7 @@ def resolve_config(name: str | Path) -> Path:
             for candidate in (d / p.name, d / f"{p.name}.yaml"):
                 if candidate.is_file():
                     return candidate
-    raise SabError(f"config file not found: {bounded(str(name))} (a path, or one of the shipped configs: "
+    raise SabError(f"config file not found: {str(name)[:200]} (a path, or one of the shipped configs: "
                    f"{', '.join(named_configs()) or 'none found'})")
 
 

@@ -3,8 +3,12 @@ import json
 import pytest
 import torch
 
-from sab_byon_omni import benchmark as B
 from sab_byon_omni import estimate
+from sab_byon_omni import machine as M
+from sab_byon_omni.benchmark.generate import decode_bytes_per_token
+from sab_byon_omni.benchmark.peers import build_hf_gpt2
+from sab_byon_omni.benchmark.report import format_report
+from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.transformer import CausalTransformer
@@ -18,18 +22,18 @@ TRAIN_KEYS = {"tokens_per_s", "tflops", "mfu", "peak_tflops", "peak_source", "pe
 def test_flop_formula_matches_a_hand_count():
     light = ModelConfig.from_name("lightweight", vocab_size=96)
     # per block 4*768^2 (qkv + proj) + 2*768*3072 (up + down), 6 blocks, plus the 96 x 768 head
-    assert B.matmul_params(light) == 6 * (4 * 768 * 768 + 2 * 768 * 3072) + 96 * 768 == 42_541_056
+    assert estimate.matmul_params(light) == 6 * (4 * 768 * 768 + 2 * 768 * 3072) + 96 * 768 == 42_541_056
     # 6 x 42.54M + 12 x 6 layers x 1024 x 768 = the issue's ~312 MFLOP per token
-    assert B.train_flops_per_token(light, 1024) == 6 * 42_541_056 + 12 * 6 * 1024 * 768 == 311_869_440
+    assert estimate.train_flops_per_token(light, 1024) == 6 * 42_541_056 + 12 * 6 * 1024 * 768 == 311_869_440
     tiny = ModelConfig.from_name("tiny", vocab_size=96)
-    assert B.train_flops_per_token(tiny, 128) == 6 * (2 * (4 * 64 * 64 + 2 * 64 * 256) + 96 * 64) + 12 * 2 * 128 * 64
-    assert estimate.forward_flops_per_token(tiny, 10) == 2 * B.matmul_params(tiny) + 4 * 2 * 10 * 64
+    assert estimate.train_flops_per_token(tiny, 128) == 6 * (2 * (4 * 64 * 64 + 2 * 64 * 256) + 96 * 64) + 12 * 2 * 128 * 64
+    assert estimate.forward_flops_per_token(tiny, 10) == 2 * estimate.matmul_params(tiny) + 4 * 2 * 10 * 64
 
 
 def test_matmul_params_are_the_models_weight_matrices(tiny_cfg):
     """Every 2-D weight (the tied embedding counted once, as the head) takes part in one matmul per token."""
     model = CausalTransformer(tiny_cfg)
-    assert B.matmul_params(tiny_cfg) == sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert estimate.matmul_params(tiny_cfg) == sum(p.numel() for p in model.parameters() if p.dim() == 2)
 
 
 def test_bench_prints_a_table(in_tmp, capsys):
@@ -52,7 +56,7 @@ def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeyp
     assert TRAIN_KEYS <= r.keys()
     assert len(calls) == 1 + 2  # the Trainer's own step: warm-up + timed
     assert r["precision"] == "fp32" and r["device"] == "cpu" and r["optimizer"] == "AdamW fused"
-    assert r["flops_per_token"] == B.train_flops_per_token(ModelConfig.from_name("tiny", vocab_size=96), 32)
+    assert r["flops_per_token"] == estimate.train_flops_per_token(ModelConfig.from_name("tiny", vocab_size=96), 32)
     assert r["tokens_per_s"] > 0 and r["peak_tflops"] > 0 and 0 < r["mfu"]
     assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
     assert r["peak_memory_mb"] > 0
@@ -65,7 +69,7 @@ def test_bench_generate_mode(in_tmp, capsys):
     assert r["mode"] == "generate" and r["new_tokens"] == 6 and r["tokens_per_s"] > 0
     # MBU = bytes read per token x tokens/s / the read bandwidth measured in the same run.
     cfg = ModelConfig.from_name("tiny", vocab_size=96)
-    assert r["bytes_per_token"] == B.decode_bytes_per_token(CausalTransformer(cfg), 4 + 6 / 2)
+    assert r["bytes_per_token"] == decode_bytes_per_token(CausalTransformer(cfg), 4 + 6 / 2)
     assert r["read_bandwidth_gbs"] > 0
     assert r["mbu"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
 
@@ -74,9 +78,9 @@ def test_decode_bytes_per_token_counts_weights_once_and_the_cache():
     cfg = ModelConfig.from_name("tiny", vocab_size=96)  # hidden 64, 2 layers, tied head
     model = CausalTransformer(cfg)
     weights = 4 * sum(p.numel() for p in model.parameters())
-    assert B.decode_bytes_per_token(model, 0) == weights
-    assert B.decode_bytes_per_token(model, 10) == weights + 4 * 2 * 2 * 10 * 64
-    assert B.decode_bytes_per_token(model.to(torch.bfloat16), 0) == weights // 2
+    assert decode_bytes_per_token(model, 0) == weights
+    assert decode_bytes_per_token(model, 10) == weights + 4 * 2 * 2 * 10 * 64
+    assert decode_bytes_per_token(model.to(torch.bfloat16), 0) == weights // 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -91,27 +95,27 @@ def test_bad_options_are_one_error_line(in_tmp, capsys, args, message):
 
 
 def test_gpu_peaks_come_from_the_table_by_name():
-    assert B.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4)
-    assert B.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756.0)
-    assert B.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16")[0] == pytest.approx(312.0)
-    assert B.gpu_peak_tflops("Tesla T4", "bf16")[0] is None
-    peak, why = B.gpu_peak_tflops("Some Future GPU", "bf16")
+    assert M.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4)
+    assert M.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756.0)
+    assert M.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16")[0] == pytest.approx(312.0)
+    assert M.gpu_peak_tflops("Tesla T4", "bf16")[0] is None
+    peak, why = M.gpu_peak_tflops("Some Future GPU", "bf16")
     assert peak is None and "not in the peak table" in why
 
 
 def test_matmul_peak_is_measured():
-    assert B.measure_matmul_peak(torch.float32, torch.device("cpu"), budget_s=0.05, sizes=(64, 128)) > 0
+    assert M.measure_matmul_peak(torch.float32, torch.device("cpu"), budget_s=0.05, sizes=(64, 128)) > 0
 
 
 def test_hf_gpt2_has_our_dimensions_and_parameter_count(tiny_cfg):
     pytest.importorskip("transformers")
-    hf = B.build_hf_gpt2(tiny_cfg)
+    hf = build_hf_gpt2(tiny_cfg)
     c = hf.config
     assert (c.n_embd, c.n_layer, c.n_head, c.n_inner, c.vocab_size) == (64, 2, 4, 256, 96)
     ours = CausalTransformer(tiny_cfg)
     # the same weight matrices; GPT-2 adds biases, norm biases and learned positions
     hf_matrices = sum(p.numel() for n, p in hf.named_parameters() if p.dim() == 2 and "wpe" not in n)
-    assert hf_matrices == B.matmul_params(tiny_cfg)
+    assert hf_matrices == estimate.matmul_params(tiny_cfg)
     hf_total = sum(p.numel() for n, p in hf.named_parameters() if "wpe" not in n)
     assert hf_total == pytest.approx(ours.num_parameters(), rel=0.03)
 
@@ -172,13 +176,13 @@ def test_training_keeps_fewer_activations(tiny_cfg):
 
 
 def test_report_without_a_peak_says_so():
-    r = {"mode": "train", "preset": "1b", "params": 1e9, "matmul_params": 9e8, "vocab_size": 96, "seq_len": 2048,
-         "batch_size": 8, "precision": "bf16", "optimizer": "AdamW fused", "compile": False,
-         "activation_checkpointing": False, "device": "cuda", "device_name": "Some Future GPU", "threads": 16,
-         "flops_per_token": 6e9, "peak_tflops": None, "peak_source": "'Some Future GPU' is not in the peak table",
-         "tokens_per_s": 1e4, "step_s": 1.6, "tflops": 60.0, "mfu": None, "peak_memory_mb": 5e4,
-         "memory_kind": "cuda max_memory_allocated", "steps": 3, "warmup": 1, "first_step_s": 2.0}
-    out = B.format_report(r)
+    r = TrainBench(preset="1b", params=10**9, matmul_params=9 * 10**8, vocab_size=96, seq_len=2048, batch_size=8,
+                   precision="bf16", compile=False, activation_checkpointing=False, optimizer="AdamW fused", steps=3,
+                   warmup=1, machine=Machine("cuda", "Some Future GPU", 16, "2.x"), flops_per_token=6e9,
+                   peak_tflops=None, peak_source="'Some Future GPU' is not in the peak table",
+                   ours=Speed(1.6, [1.6], 1e4, 60.0, None, 10**9), peak_memory_mb=5e4,
+                   memory_kind="cuda max_memory_allocated", first_step_s=2.0)
+    out = format_report(r)
     assert "not in the peak table" in out and "| - |" in out and "cuda max_memory_allocated" in out
 
 
@@ -199,7 +203,7 @@ def test_epoch_mode_projects_a_real_job_against_its_matmul_bound(in_tmp, capsys)
     assert r["epoch_positions"] >= r["epoch_real_tokens"] > 270 * 40  # synthetic samples are 46-97 chars
     assert r["epoch_s"] == pytest.approx(r["epoch_real_tokens"] / r["tokens_per_s"])
     cfg = ModelConfig.from_name("tiny", vocab_size=96)
-    assert r["flops_per_token"] == B.train_flops_per_token(cfg, round(r["mean_sample_len"]))
+    assert r["flops_per_token"] == estimate.train_flops_per_token(cfg, round(r["mean_sample_len"]))
     assert r["bound_s"] == pytest.approx(r["epoch_real_tokens"] * r["flops_per_token"] / 0.05e12)
     assert r["epoch_over_bound"] == pytest.approx(r["epoch_s"] / r["bound_s"])
     assert list(in_tmp.iterdir()) == []  # the job's checkpoints went to a temporary folder

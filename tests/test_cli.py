@@ -16,7 +16,7 @@ def test_end_to_end_train_then_generate(in_tmp, capsys):
     out = capsys.readouterr().out
     assert "train loss per epoch" in out and "validation loss per epoch" in out and "tokens/s" in out
     names = sorted(p.name for p in (in_tmp / "run").iterdir())
-    assert names == ["best_model.pt", "epoch_1.pt", "epoch_2.pt", "metrics.jsonl"]
+    assert names == [".lock", "best_model.pt", "config.yaml", "epoch_1.pt", "epoch_2.pt", "metrics.jsonl"]
     rows = [json.loads(line) for line in (in_tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"} <= rows[0].keys()
     assert main(["generate", "--checkpoint", "run/best_model.pt", "--prompt", "[IMAGE]", "--max-new-tokens", "20",

@@ -3,7 +3,7 @@ import torch
 
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training import distributed
+from sab_byon_omni import machine
 
 
 def test_default_is_the_lightweight_preset_with_char96():
@@ -20,7 +20,7 @@ def test_the_3b_preset_can_be_inspected_without_memory():
 
 
 def test_a_model_too_big_for_ram_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(distributed, "memory_budget", lambda device: (1e5, "available RAM (0.0 GiB)"))
+    monkeypatch.setattr(machine, "memory_budget", lambda device: (1e5, "available RAM (0.0 GiB)"))
     with pytest.raises(SabError, match="'tiny' preset needs .* more than the available RAM"):
         SABTranscendentV2(preset="tiny")
 

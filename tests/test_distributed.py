@@ -19,6 +19,7 @@ from sab_byon_omni.training import distributed as D
 from sab_byon_omni.io.checkpoint import load_checkpoint
 from sab_byon_omni.training.train_3b import run_training
 from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.training import memory as memory_mod
 from sab_byon_omni.training.memory import apply_activation_checkpointing
 
 # fp32 on CPU; two ranks sum gradients in another order than one process does, and AdamW's
@@ -171,7 +172,7 @@ def test_consolidate_refuses_to_overwrite_and_names_bad_input(two, tmp_path, cap
 
 def test_only_rank0_writes_files(two):
     names = {p.name for p in (two / "ddp").iterdir()}
-    assert names == {"epoch_1.pt", "best_model.pt", "metrics.jsonl"}
+    assert names == {"epoch_1.pt", "best_model.pt", "metrics.jsonl", "config.yaml", ".lock"}
     rows = (two / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len([r for r in rows if '"loss"' in r]) == 5  # one line per step, not one per rank
 
@@ -228,7 +229,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg):
 
 # ------------------------------------------------------------------------------- will it fit?
 def test_training_that_cannot_fit_stops_before_allocating_with_settings_that_fit(in_tmp, capsys, monkeypatch):
-    monkeypatch.setattr(D, "memory_budget", lambda device: (1.2e9, "a small test device (1.2 GB)"))
+    monkeypatch.setattr(memory_mod, "memory_budget", lambda device: (1.2e9, "a small test device (1.2 GB)"))
     code = main(["train", *flags(**{**RUN, "preset": "lightweight", "batch_size": 512, "checkpoint_dir": "c"})])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: this run needs about") and err.count("\n") == 1
@@ -242,7 +243,7 @@ def test_micro_batch_auto_keeps_the_effective_batch(in_tmp, monkeypatch):
     m = ModelConfig.from_name("tiny", vocab_size=96, max_seq_len=256)
     # a budget where 4 sequences fit and 8 do not
     need4 = estimate(m, 64, 4, "fp32", device="cpu", fused_optimizer=True).peak
-    monkeypatch.setattr(D, "memory_budget", lambda device: ((need4 * 1.05 - 5e5) / 0.9, "test"))
+    monkeypatch.setattr(memory_mod, "memory_budget", lambda device: ((need4 * 1.05 - 5e5) / 0.9, "test"))
     cfg = build_config({**RUN, "batch_size": 16, "gradient_accumulation_steps": 1, "micro_batch_size": "auto",
                         "max_steps": 1, "checkpoint_dir": "c", "num_samples": 80})
     from sab_byon_omni.training.trainer import Trainer
@@ -252,6 +253,7 @@ def test_micro_batch_auto_keeps_the_effective_batch(in_tmp, monkeypatch):
     tok, train, val = load_datasets(cfg.data)
     sab = SABTranscendentV2(config=cfg, tokenizer=tok)
     trainer = Trainer(sab.model, tok, train, val, sab.config)
+    trainer.setup()
     t = trainer.cfg.train
     assert t.batch_size * t.gradient_accumulation_steps == 16
     assert t.batch_size < 16 and t.batch_size >= 2

@@ -76,9 +76,10 @@ def test_default_parameters_are_the_lightweight_recipe():
 def test_runtime_detection_picks_fp16_on_t4_and_bf16_on_a100(monkeypatch):
     """What the notebook's runtime cell reports, with the GPU faked (resolve_precision is the logic)."""
     cuda = torch.device("cuda")
-    for native_bf16, expected in ((False, "fp16"), (True, "bf16")):  # T4 / V100, then A100 / H100
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                            lambda including_emulation=True, n=native_bf16: n or including_emulation)
+    for capability, expected in (((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        # T4, V100 (whose is_bf16_supported() is True through emulation), then A100, H100
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert P.resolve_precision("auto", cuda) == expected
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(P, "cpu_has_native_bf16", lambda n=native: n)

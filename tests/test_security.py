@@ -21,7 +21,7 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.core.export import export_safetensors, import_safetensors
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training.checkpoint import load_checkpoint
+from sab_byon_omni.io.checkpoint import load_checkpoint
 
 TRAIN = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "24", "--seq_len", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
@@ -113,11 +113,24 @@ def test_malicious_checkpoint_is_refused_and_never_runs(in_tmp, kind, capsys, tr
     assert not Path("m.safetensors").exists()
 
 
+def _allow_listed_unpicklers(tree: ast.AST) -> set[int]:
+    """Lines of ``pickle.Unpickler`` used as the base of a class that overrides ``find_class``
+    (an allow-list of the globals it may load): the one safe way to read a pickle."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "find_class"
+                                                  for f in node.body):
+            lines |= {b.lineno for b in node.bases}
+    return lines
+
+
 def test_every_torch_load_in_the_package_is_weights_only():
     root = Path(sab_byon_omni.__file__).parent
     calls = 0
     for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        allowed = _allow_listed_unpicklers(tree)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 calls += 1
@@ -125,7 +138,8 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 assert "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) \
                     and kw["weights_only"].value is True, f"{path}:{node.lineno} torch.load without weights_only=True"
             if isinstance(node, ast.Attribute) and node.attr in ("loads", "load", "Unpickler") \
-                    and isinstance(node.value, ast.Name) and node.value.id in ("pickle", "dill", "cloudpickle"):
+                    and isinstance(node.value, ast.Name) and node.value.id in ("pickle", "dill", "cloudpickle") \
+                    and not (node.attr == "Unpickler" and node.lineno in allowed):
                 pytest.fail(f"{path}:{node.lineno} uses pickle.{node.attr}")
     assert calls >= 1
 

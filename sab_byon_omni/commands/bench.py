@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "epoch":
         result = _epoch(args, compare)
     else:
-        opts = BenchOptions.for_preset(**{k: getattr(args, k) for k in PRESET_FLAGS}, seed=args.seed, **bench)
+        flags = {k: getattr(args, k) for k in PRESET_FLAGS}
+        if args.mode == "generate":  # the sequence is the prompt and the new tokens
+            flags["seq_len"] = min(max(args.prompt_len + args.new_tokens, 2), PRESETS[args.preset]["max_seq_len"])
+        opts = BenchOptions.for_preset(**flags, seed=args.seed, **bench)
         if args.mode == "generate":
             from sab_byon_omni.benchmark.generate import run_generate_bench
 

@@ -28,11 +28,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sab_byon_omni.training import train_3b
+    from sab_byon_omni.training.distributed import shutdown
     from sab_byon_omni.training.signals import EXIT_STOPPED
-    from sab_byon_omni.training.train_3b import run_training
 
     cfg = load_config(args.config, collect_overrides(args))
-    sab, result = run_training(cfg, resume_hint="continue with --resume auto")
+    try:
+        sab, result = train_3b.run_training(cfg, resume_hint="continue with --resume auto")
+    finally:
+        shutdown()  # leave the torchrun process group, if the run joined one
     if int(os.environ.get("RANK", "0")) != 0:
         return EXIT_STOPPED if result.stopped_early else 0  # under torchrun, rank 0 reports for all
     if result.stopped_early:

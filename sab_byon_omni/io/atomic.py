@@ -34,7 +34,7 @@ def _temp_in(path: Path, what: str, directory: bool = False) -> Path:
         os.close(fd)
         return Path(tmp)
     except OSError as e:
-        raise SabError(f"cannot write {what} in {path.parent}: {e.strerror or e}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {e.strerror or e}") from None
 
 
 def _os_error_in(e: BaseException | None) -> OSError | None:

@@ -69,15 +69,16 @@ def _safe_reader(path: Path) -> Any:
 
 def _safe_planner() -> Any:
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.planner_helpers import set_element
 
     class SafePlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            obj = torch.load(value, weights_only=True)  # DCP's own planner uses weights_only=False
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
+            # DCP's own planner reads these entries with weights_only=False. Read them safely here,
+            # and hand DCP a copy written by us from the plain object that came out.
+            obj = torch.load(value, weights_only=True)
+            clean = io.BytesIO()
+            torch.save(obj, clean)
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
 
     return SafePlanner()
 

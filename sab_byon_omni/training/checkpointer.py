@@ -166,7 +166,7 @@ class Checkpointer:
         entries = self.entries()
         keep = {e.path for e in entries[-1:]}
         steps = [e for e in entries if not e.is_epoch]
-        keep |= {e.path for e in steps[len(steps) - self.keep_last:]} if self.keep_last else set()
+        keep |= {e.path for e in steps[max(len(steps) - self.keep_last, 0):]} if self.keep_last else set()
         removed = [e.path for e in steps if e.path not in keep]
         for p in removed:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

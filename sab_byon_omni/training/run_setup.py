@@ -72,7 +72,6 @@ class RunSetup:
         t = cfg.train
         self.device = resolve_device(t.device)
         self.info = D.init_distributed(self.device.type)
-        self._own_process_group = self.info.enabled
         if self.info.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
         self.precision = make_precision(t.precision, self.device)
@@ -171,7 +170,8 @@ class RunSetup:
     def _check_schedule(self, sched: Any, path: Path) -> None:
         """Warn when the resumed run plans another length than the saved one (a cosine decay then
         follows the new plan from here on)."""
-        if isinstance(sched, dict) and sched.get("total_steps") not in (None, self.total_steps) and self.info.is_main:
+        if (isinstance(sched, dict) and sched.get("total_steps") not in (None, self.total_steps) and self.info.is_main
+                and self.cfg.train.lr_schedule != "constant"):
             log.warning("%s was planned for %s optimizer steps, this run for %s: the learning-rate schedule follows "
                         "the new plan from here on", path.name, sched.get("total_steps"), f"{self.total_steps:,}")
 
@@ -198,11 +198,10 @@ class RunSetup:
             atomic_write_text(ck.dir / CONFIG_FILE, text, what="config")
 
     def close(self) -> None:
-        """Release the folder lock, and the process group if this run joined it."""
-        self.checkpointer.unlock() if hasattr(self, "checkpointer") else None
-        if getattr(self, "_own_process_group", False):
-            D.shutdown()
-            self._own_process_group = False
+        """Release the folder lock. (The process group stays: a program may train again in it;
+        ``sab-omni train`` leaves it when the run ends.)"""
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.unlock()
 
     # ------------------------------------------------------------------------------- during the run
     def agree(self, norm: torch.Tensor, stop: bool) -> tuple[float, int]:

@@ -203,8 +203,8 @@ class Trainer:
             self._record(out, window, epoch_sums, result)
             bar.update(1)
             self._after_step(epoch_sums, bar)
-            if self._should_stop():
-                finished = next(batches, None) is None
+            if self._should_stop():  # a signal or train.max_steps: a step checkpoint, even at an epoch's end
+                finished = False
                 break
         bar.close()
         self._flush_log(bar)
