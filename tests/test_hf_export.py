@@ -72,7 +72,8 @@ def exported(tmp_path_factory):
     ("lightweight", {}),
 ])
 def test_transformers_logits_equal_ours(tmp_path, preset, model_kw):
-    model = _model(preset, **model_kw)
+    # sharpened weights: at the initialisation's scale even the erf GELU would pass 1e-4 on tiny
+    model = _model(preset, sharpen=3.0, **model_kw)
     assert model.cfg.fragmergent_mode == "off" or model.fragmergent.scale() != 1.0
     save_hf(model, Char96Tokenizer(), tmp_path / "m")
     hf = _hf_model(tmp_path / "m")
@@ -232,6 +233,16 @@ def _nonzero_bias(path):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _tokenizer_json(model_type):
+    def edit(path):
+        from tokenizers import Tokenizer, models
+
+        model = models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>") if model_type == "WordLevel" else \
+            models.BPE({"<unk>": 0, "a": 1}, merges=[])
+        (path / "tokenizer.json").write_text(Tokenizer(model).to_str())
+    return edit
+
+
 @pytest.mark.parametrize("edit, message", [
     (_edit_config(use_parallel_residual=True), "use_parallel_residual"),
     (_edit_config(hidden_act="gelu"), "hidden_act"),
@@ -242,7 +253,9 @@ def _nonzero_bias(path):
     (_edit_config(model_type="llama"), "not gpt_neox"),
     (_edit_config(num_hidden_layers=3), "no layers.2"),
     (_nonzero_bias, "dense_h_to_4h.bias is not zero"),
-], ids=["parallel", "gelu", "partial-rotary", "theta", "llama", "layers", "bias"])
+    (_tokenizer_json("WordLevel"), "WordLevel'? is not one of ours"),
+    (_tokenizer_json("BPE"), "<PAD> as id 0"),
+], ids=["parallel", "gelu", "partial-rotary", "theta", "llama", "layers", "bias", "wordlevel", "bpe-ids"])
 def test_a_gpt_neox_that_does_not_fit_is_refused(tmp_path, exported, edit, message):
     import shutil
 

@@ -229,7 +229,9 @@ def check_neox_config(conf: Any, source: str) -> dict[str, Any]:
     if missing:
         raise SabError(f"{source}: no {missing[0]}")
     dims = {mine: conf[theirs] for mine, theirs in names.items()}
-    preset = next((name for name, p in PRESETS.items() if all(dims[k] == v for k, v in p.items())), "lightweight")
+    # the preset whose shape it has (only a label: every dimension is set explicitly)
+    shape = ("hidden", "n_heads", "n_layers", "ffn")
+    preset = next((name for name, p in PRESETS.items() if all(dims[k] == p[k] for k in shape)), "lightweight")
     return {"preset": preset, **dims, "dropout": conf.get("hidden_dropout") or 0.0}
 
 
