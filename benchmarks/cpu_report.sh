@@ -10,7 +10,7 @@ sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 3 --warmup 1 --compare hf --threads 1
 # The default job (configs/default.yaml): optimizer steps of the real job, projected to an epoch
 for b in 0 64; do
-  sab-omni bench --mode epoch --config configs/default.yaml --steps 8 --warmup 1 --set data.length_bucketing=$b
+  sab-omni bench --mode epoch --config configs/default.yaml --steps 8 --warmup 1 --set data.length_bucket_size=$b
 done
 # Memory with activation checkpointing; then with a fixed mmap threshold, so RSS follows the live tensors
 sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --steps 1 --warmup 1 --activation-checkpointing

@@ -39,7 +39,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("char96", "byte", "bpe")
 SCHEDULES = ("constant", "cosine")
 PARALLEL = ("ddp", "fsdp")
-MICRO_BATCH = ("fixed", "auto")
 TRACKERS = ("tensorboard", "wandb")
 
 
@@ -110,7 +109,7 @@ class DataConfig:
     csv_column: str = fld("text", "column holding the text in .csv files")
     cache_dir: str | None = fld(None, "folder for the tokenised corpus (default: ./.sab_cache/<data name>-<hash>)")
     shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")
-    length_bucketing: int = fld(64, "sort each run of N shuffled samples by length before batching, so batches "
+    length_bucket_size: int = fld(64, "sort each run of N shuffled samples by length before batching, so batches "
                                     "pad less (0: off; variable-length data such as the synthetic set). With N = "
                                     "batch_size x gradient_accumulation_steps (the default job's 64) each optimizer "
                                     "step sums the same samples as without it")
@@ -128,8 +127,8 @@ class DataConfig:
         if self.bpe_vocab_size < 300:
             raise SabError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 300 (256 bytes + specials + merges)")
         _positive("data.bpe_vocab_size", self.bpe_vocab_size)
-        if self.length_bucketing < 0:
-            raise SabError(f"data.length_bucketing={self.length_bucketing} must not be negative")
+        if self.length_bucket_size < 0:
+            raise SabError(f"data.length_bucket_size={self.length_bucket_size} must not be negative")
         if not self.dataset:
             raise SabError("data.dataset is empty: use 'synthetic' or a path")
 
@@ -169,9 +168,8 @@ class TrainConfig:
     deterministic: bool = fld(False, "use deterministic algorithms (slower; for bit-exact reproduction)")
     parallel: str = fld("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp "
                          "(FSDP2: weights, gradients and optimizer state sharded across processes)")
-    micro_batch_size: str = fld("fixed", "fixed: micro-batches of batch_size; auto: the largest micro-batch the "
-                                "device's memory fits, with gradient_accumulation_steps raised to keep "
-                                "batch_size x gradient_accumulation_steps")
+    auto_micro_batch: bool = fld(False, "use the largest micro-batch the device's memory fits, raising "
+                                 "gradient_accumulation_steps to keep batch_size x gradient_accumulation_steps")
     check_memory: bool = fld(True, "estimate peak memory before training and stop with advice if it cannot fit")
 
     def __post_init__(self) -> None:
@@ -196,8 +194,6 @@ class TrainConfig:
             raise SabError(f"train.lr_schedule={bounded(self.lr_schedule)} is not one of: {', '.join(SCHEDULES)}")
         if self.parallel not in PARALLEL:
             raise SabError(f"train.parallel={bounded(self.parallel)} is not one of: {', '.join(PARALLEL)}")
-        if self.micro_batch_size not in MICRO_BATCH:
-            raise SabError(f"train.micro_batch_size={bounded(self.micro_batch_size)} is not one of: {', '.join(MICRO_BATCH)}")
         if self.precision not in PRECISIONS:
             raise SabError(f"train.precision={bounded(self.precision)} is not one of: {', '.join(PRECISIONS)}")
         if not self.checkpoint_dir:
@@ -227,6 +223,26 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _micro_batch_mode(value: Any) -> Any:
+    return {"auto": True, "fixed": False}.get(value, value) if isinstance(value, str) else value
+
+
+# Keys renamed to say what they are; the old spellings (in configs, flags and the checkpoints of
+# earlier versions) keep working.
+RENAMED: dict[str, tuple[str, Any]] = {
+    "length_bucketing": ("length_bucket_size", lambda v: v),
+    "micro_batch_size": ("auto_micro_batch", _micro_batch_mode),
+}
+
+
+def renamed(name: str, value: Any) -> tuple[str, Any]:
+    """(current name, value) for a possibly old key."""
+    if name in RENAMED:
+        new, convert = RENAMED[name]
+        return new, convert(value)
+    return name, value
 # field name -> section, for flat keys and short CLI flags; names are unique across sections.
 FIELD_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
 assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "field names must be unique"
@@ -323,12 +339,14 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
         raise SabError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     sectioned: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in raw.items():
+        key, value = renamed(key, value) if isinstance(key, str) else (key, value)
         if key in SECTIONS:
             if value is None:
                 continue
             if not isinstance(value, dict):
                 raise SabError(f"{source}: section {bounded(key)} must be a mapping, got {type(value).__name__}")
             for sub, v in value.items():
+                sub, v = renamed(sub, v) if isinstance(sub, str) else (sub, v)
                 if FIELD_SECTION.get(sub) != key:
                     known = [f.name for f in fields(SECTIONS[key])]
                     raise SabError(f"{source}: unknown key {bounded(f'{key}.{sub}')}{did_you_mean(sub, known)}")
@@ -420,6 +438,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             merged[key] = value
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
+        name, value = renamed(name, value)
         section = section or FIELD_SECTION.get(name, "")
         if FIELD_SECTION.get(name) != section:
             raise SabError(f"unknown option {bounded(key)}{did_you_mean(name, FIELD_SECTION)}")

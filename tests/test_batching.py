@@ -70,7 +70,7 @@ class Lengthy(list):
         return np.array([len(r) for r in self])
 
 
-def test_length_bucketing_is_a_deterministic_permutation_with_less_padding():
+def test_length_bucket_size_is_a_deterministic_permutation_with_less_padding():
     data = Lengthy(rows(400, seed=2))
     order = epoch_order(400, 1, 9, True, data.lengths, bucket=64)
     assert sorted(order.tolist()) == list(range(400))

@@ -199,7 +199,7 @@ def test_epoch_mode_projects_a_real_job_against_its_matmul_bound(in_tmp, capsys)
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     # 270 training samples, 4 x 2 per optimizer step
-    assert r["mode"] == "epoch" and r["optimizer_steps_per_epoch"] == 34 and r["length_bucketing"] == 64
+    assert r["mode"] == "epoch" and r["optimizer_steps_per_epoch"] == 34 and r["length_bucket_size"] == 64
     assert r["epoch_positions"] >= r["epoch_real_tokens"] > 270 * 40  # synthetic samples are 46-97 chars
     assert r["epoch_s"] == pytest.approx(r["epoch_real_tokens"] / r["tokens_per_s"])
     cfg = ModelConfig.from_name("tiny", vocab_size=96)
@@ -208,7 +208,7 @@ def test_epoch_mode_projects_a_real_job_against_its_matmul_bound(in_tmp, capsys)
     assert r["epoch_over_bound"] == pytest.approx(r["epoch_s"] / r["bound_s"])
     assert list(in_tmp.iterdir()) == []  # the job's checkpoints went to a temporary folder
     # without bucketing the same job pads more
-    assert main([*args, "--set", "data.length_bucketing=0"]) == 0
+    assert main([*args, "--set", "data.length_bucket_size=0"]) == 0
     assert json.loads(capsys.readouterr().out)["epoch_positions"] > r["epoch_positions"]
 
 

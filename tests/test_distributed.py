@@ -244,7 +244,7 @@ def test_micro_batch_auto_keeps_the_effective_batch(in_tmp, monkeypatch):
     # a budget where 4 sequences fit and 8 do not
     need4 = estimate(m, 64, 4, "fp32", device="cpu", fused_optimizer=True).peak
     monkeypatch.setattr(memory_mod, "memory_budget", lambda device: ((need4 * 1.05 - 5e5) / 0.9, "test"))
-    cfg = build_config({**RUN, "batch_size": 16, "gradient_accumulation_steps": 1, "micro_batch_size": "auto",
+    cfg = build_config({**RUN, "batch_size": 16, "gradient_accumulation_steps": 1, "auto_micro_batch": True,
                         "max_steps": 1, "checkpoint_dir": "c", "num_samples": 80})
     from sab_byon_omni.training.trainer import Trainer
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2

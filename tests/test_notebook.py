@@ -11,7 +11,7 @@ import nbformat
 import torch
 from nbclient import NotebookClient
 
-from sab_byon_omni.training import precision as P
+from sab_byon_omni import device as P
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "colab" / "SAB_BYON_OMNI_v2.ipynb"
 TINY = dict(PRESET="tiny", EPOCHS=1, BATCH_SIZE=8, GRAD_ACCUM=2, SEQ_LEN=128, NUM_SAMPLES=120,

@@ -180,7 +180,7 @@ def test_sigkill_resume_with_torch_compile(tmp_path, bucketing):
     bucketing) it ends bitwise identical to an uninterrupted compiled run. With shapes that vary,
     the kernels Inductor generates depend on the shapes a process has seen (its size hints), so a
     resumed process may round differently: the runs then agree to rounding only."""
-    extra = ["--compile", "true", "--length_bucketing", bucketing]
+    extra = ["--compile", "true", "--length_bucket_size", bucketing]
     ref = tmp_path / "ref"
     proc_ref = _start(ref, extra)
     run = tmp_path / "run"

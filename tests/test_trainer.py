@@ -125,12 +125,12 @@ def test_step_mode_modulation_follows_theoptimizer_step(tmp_path):
 
 
 def test_bucketing_by_theoptimizer_step_keeps_the_training_trajectory(tmp_path):
-    # length_bucketing = batch x accumulation only regroups the samples inside each step, whose
+    # length_bucket_size = batch x accumulation only regroups the samples inside each step, whose
     # gradient is the sum over the window: same weights up to rounding, with less padding.
     def run(bucket):
         cfg = tiny_run(tmp_path / str(bucket), max_steps=4, gradient_accumulation_steps=4, batch_size=2,
                        lr_schedule="constant")
-        cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "length_bucketing": bucket}})
+        cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "length_bucket_size": bucket}})
         trainer = make_trainer(cfg)
         trainer.fit()
         return [p.detach().clone() for p in trainer.raw.parameters()]

@@ -59,7 +59,7 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
         return EpochBench(
             config=config or "(defaults)", preset=trainer.cfg.model.preset, precision=precision.name,
             batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            length_bucketing=d.length_bucketing, machine=Machine.of(device), optimizer_steps_per_epoch=len(windows),
+            length_bucket_size=d.length_bucket_size, machine=Machine.of(device), optimizer_steps_per_epoch=len(windows),
             steps=steps, warmup=warmup, epoch_real_tokens=epoch_real,
             epoch_positions=sum(b.input_ids.numel() for w in windows for b in w), mean_sample_len=mean_len,
             flops_per_token=flops_tok, peak_tflops=top, peak_source=source, tokens_per_s=tps, timed_s=seconds,

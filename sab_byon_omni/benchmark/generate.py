@@ -22,7 +22,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import measure_read_bandwidth
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.precision import make_precision, resolve_device
+from sab_byon_omni.device import make_precision, resolve_device
 
 
 def decode_bytes_per_token(model: nn.Module, context: float) -> float:

@@ -14,7 +14,7 @@ from torch import nn
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training.precision import Precision
+from sab_byon_omni.device import Precision
 
 
 def hf_gpt2_config(cfg: ModelConfig) -> Any:

@@ -106,7 +106,7 @@ class EpochBench:
     precision: str
     batch_size: int
     gradient_accumulation_steps: int
-    length_bucketing: int
+    length_bucket_size: int
     machine: Machine
     optimizer_steps_per_epoch: int
     steps: int

@@ -26,7 +26,7 @@ from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.memory import peak_memory_mb
-from sab_byon_omni.training.precision import make_precision, resolve_device
+from sab_byon_omni.device import make_precision, resolve_device
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)

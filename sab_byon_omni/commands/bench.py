@@ -21,13 +21,13 @@ EXAMPLE = """examples:
   sab-omni bench --preset tiny --seq-len 128 --steps 5 --json
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
   sab-omni bench --preset 1b --precision bf16 --device cuda --peak-tflops 989
-  sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucketing=64
+  sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucket_size=64
 """
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure training (or generation) throughput and MFU", description=__doc__,
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EXAMPLE)
     p.add_argument("--mode", choices=("train", "generate", "epoch"), default="train",
                    help="train: one training step of a preset on random full-length rows; generate: greedy "
                    "generation with the KV cache; epoch: optimizer steps of a real job (--config), projected to an "
@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="epoch mode: the job's YAML config (default: the built-in defaults = configs/default.yaml)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                   help="epoch mode: override a config field, e.g. --set data.length_bucketing=64 (repeatable; "
-                        "the same as train's --data.length_bucketing 64, also accepted here)")
+                   help="epoch mode: override a config field, e.g. --set data.length_bucket_size=64 (repeatable; "
+                        "the same as train's --data.length_bucket_size 64, also accepted here)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight",
                    help="architecture (default: lightweight)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
@@ -110,6 +110,6 @@ def _epoch(args: argparse.Namespace, compare: tuple[str, ...]) -> object:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.length_bucketing=64")
+            raise SabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set data.length_bucket_size=64")
         overrides[key] = value
     return run_epoch_bench(args.config, overrides, args.steps, args.warmup, args.threads, args.peak_tflops)

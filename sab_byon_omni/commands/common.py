@@ -6,7 +6,7 @@ import argparse
 import typing
 from typing import Any
 
-from sab_byon_omni.config import SECTIONS, field_help
+from sab_byon_omni.config import FIELD_SECTION, RENAMED, SECTIONS, field_help
 
 PREFIX = "cfg:"
 
@@ -25,15 +25,20 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
     for section in sections:
         group = parser.add_argument_group(f"{section} options", SECTIONS[section].__doc__)
         for name, default, help_text, annotation in field_help(SECTIONS[section]):
-            flags = [f"--{section}.{name}"]
-            if not dotted_only:
-                flags.append(f"--{name}")
-                if "_" in name:
-                    flags.append(f"--{name.replace('_', '-')}")
+            flags = [f"--{section}.{name}"] if dotted_only else [f"--{name}", f"--{section}.{name}"]
             kind = _type_name(annotation)
             extra: dict[str, Any] = {"nargs": "?", "const": "true"} if kind == "BOOL" else {}
+            shown = "" if default is None or "default" in help_text else f" (default: {_shown(default)})"
             group.add_argument(*flags, dest=f"{PREFIX}{section}.{name}", metavar=kind, default=argparse.SUPPRESS,
-                               help=f"{help_text} (default: {default})", **extra)
+                               help=f"{help_text}{shown}", **extra)
+    for old, (new, _) in RENAMED.items():  # earlier spellings keep working (hidden from --help)
+        section = FIELD_SECTION[new]
+        flags = [f"--{section}.{old}"] if dotted_only else [f"--{old}", f"--{section}.{old}"]
+        parser.add_argument(*flags, dest=f"{PREFIX}{section}.{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _shown(default: Any) -> str:
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:

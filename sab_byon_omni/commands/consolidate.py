@@ -21,7 +21,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="merge a sharded FSDP checkpoint into one file",
-                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EXAMPLE)
     p.add_argument("checkpoint", metavar="DIR",
                    help="a sharded checkpoint directory (*.dcp) written by train --parallel fsdp")
     p.add_argument("-o", "--output", metavar="FILE", help="the file to write (default: DIR with the suffix .pt)")

@@ -27,7 +27,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="parameters, memory per device, FLOPs and time per epoch",
-                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EXAMPLE)
     p.add_argument("--preset", default="lightweight", help=f"model preset: {', '.join(PRESETS)} (default: lightweight)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per device (default: 4)")

@@ -16,7 +16,7 @@ from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.corpus import open_corpus
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import EvalResult, evaluate_stream
-from sab_byon_omni.training.precision import make_precision, resolve_device
+from sab_byon_omni.device import make_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a corpus",
-                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EXAMPLE)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by train")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="file, folder or glob (default: the dataset the checkpoint was trained on)")

@@ -29,7 +29,7 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export weights to safetensors, or import them back",
-                       description=__doc__, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, epilog=EXAMPLE)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by train: write its weights to --out")
     src.add_argument("--from-safetensors", metavar="PATH",

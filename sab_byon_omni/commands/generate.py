@@ -7,7 +7,7 @@ import sys
 
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.training.precision import resolve_device
+from sab_byon_omni.device import resolve_device
 
 EXAMPLE = """examples:
   sab-omni generate --checkpoint checkpoints/best_model.pt --prompt "Consciousness is"
@@ -16,8 +16,7 @@ EXAMPLE = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help="sample text from a checkpoint", description=__doc__, epilog=EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("generate", help="sample text from a checkpoint", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by train")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")

@@ -18,7 +18,7 @@ EXAMPLE = f"""examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot loss and learning rate of a run to a PNG", description=__doc__,
-                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EXAMPLE)
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a checkpoint_dir written by train (or its metrics.jsonl file)")
     p.add_argument("--out", metavar="PNG", default=None,

@@ -18,8 +18,7 @@ EXAMPLE = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a model", description=__doc__, epilog=EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="train a model", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--config", metavar="FILE", help="YAML config (sectioned or flat guide keys); flags override it")
     p.add_argument("--data", dest="cfg:data.dataset", metavar="PATH", default=argparse.SUPPRESS,
                    help="train on your own files (a file, folder or glob) instead of the synthetic dataset")

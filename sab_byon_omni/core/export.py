@@ -57,7 +57,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, dtype: str = "ke
             "global_step": str(int(ck.get("global_step", 0))), "source": src.name}
     with atomic_path(out, what="safetensors file", kept="nothing was written") as tmp:
         save_model(sab.model, str(tmp), metadata=meta)
-    log.info("exported %s (%s parameters) to %s", src, f"{sab.model.num_parameters():,}", out)
+    log.debug("exported %s (%s parameters) to %s", src, f"{sab.model.num_parameters():,}", out)
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,7 +20,8 @@ from huggingface_hub import ModelCard, ModelHubMixin
 
 from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config, replace
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.device import make_precision
+from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.io.checkpoint import load_checkpoint
@@ -234,40 +236,68 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
     # ------------------------------------------------------------------------------ sampling
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
                  top_p: float | None = None, seed: int | None = None, stream: bool | Callable[[str], Any] = False,
-                 use_cache: bool = True, stop_at_eos: bool = True) -> str:
+                 use_cache: bool = True, stop_at_eos: bool = True, precision: str = "auto") -> str:
         """Sample a continuation of ``prompt`` from the model (the prompt is not repeated).
 
         ``stream=True`` writes text to stdout as it is produced; a callable receives each piece.
-        The throughput of the last call is in ``self.last_tokens_per_second``.
+        ``precision``: as ``train.precision`` (``auto``: bf16/fp16 autocast on GPUs, fp32 on most
+        CPUs). The throughput of the last call is in ``self.last_tokens_per_second``.
         """
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise SabError("the prompt is empty after tokenisation")
+        if len(ids) > 8 * self.config.model.max_seq_len:
+            ids = ids[-self.config.model.max_seq_len:]  # only the last max_seq_len tokens are ever seen
         sink = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream is True else (stream or None)
         out: list[int] = []
-        printed = ""
         t0 = time.perf_counter()
         eos = self.tokenizer.eos_id if stop_at_eos else None
+        try:
+            with make_precision(precision, self.device).autocast():
+                tokens = list(self._sample(ids, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache,
+                                           sink, out))
+        except ValueError as e:  # non-finite logits from damaged weights
+            raise SabError(f"cannot sample: {first_line(e)}") from None
+        elapsed = time.perf_counter() - t0
+        self.last_tokens_per_second = len(tokens) / elapsed if elapsed > 0 else 0.0
+        text = self.tokenizer.decode(out)
+        if sink and len(text) > len(self._printed):
+            sink(text[len(self._printed):])
+        return text
+
+    def _sample(self, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None, seed: int | None, eos: int | None, use_cache: bool, sink: Any,
+                out: list[int]) -> Any:
+        """Yield new ids as they come, appending to ``out`` and streaming the text to ``sink``."""
+        self._printed = ""
         for tok in generate_tokens(self.model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache):
             if tok == eos:
-                break
+                return
             out.append(tok)
+            yield tok
             if sink:
                 text = self.tokenizer.decode(out)
-                if len(text) > len(printed) and not text.endswith("\ufffd"):
-                    sink(text[len(printed):])
-                    printed = text
-        elapsed = time.perf_counter() - t0
-        self.last_tokens_per_second = len(out) / elapsed if elapsed > 0 else 0.0
-        text = self.tokenizer.decode(out)
-        if sink and len(text) > len(printed):
-            sink(text[len(printed):])
-        return text
+                if len(text) > len(self._printed) and not text.endswith("\ufffd"):
+                    sink(text[len(self._printed):])
+                    self._printed = text
 
     def __repr__(self) -> str:
         m = self.config.model
         return (f"SABTranscendentV2(preset={m.preset!r}, hidden={m.hidden}, layers={m.n_layers}, heads={m.n_heads}, "
                 f"ffn={m.ffn}, vocab={m.vocab_size}, params={self.num_parameters():,})")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling options, checked before any work (one clear line each)."""
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 10**7:
+        raise SabError(f"max_new_tokens={bounded(max_new_tokens)} must be an integer in [1, 10,000,000]")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise SabError(f"temperature={bounded(temperature)} must be a finite number >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise SabError(f"top_k={bounded(top_k)} must be a non-negative integer (0 or None: off)")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise SabError(f"top_p={bounded(top_p)} must be in (0, 1]")
 
 
 def _check_weights_fit(cfg: RunConfig) -> None:

@@ -25,11 +25,25 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B, 1) ids; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    """(B, V) logits -> (B, 1) ids; temperature 0 is greedy (and so is the limit of a temperature
+    too small to divide by). Non-finite logits mean damaged weights: a ValueError."""
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model produced non-finite logits (NaN or infinite weights?)")
+    if temperature > 0:
+        scaled = logits / temperature
+        if bool(torch.isfinite(scaled).all()):
+            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+            return torch.multinomial(probs, 1, generator=generator)
+    return logits.argmax(-1, keepdim=True)
+
+
+def cache_dtype(model: CausalTransformer, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in: autocast's when it is on (so no decoded token converts the
+    whole cache in every layer), else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
 
 
 @torch.inference_mode()
@@ -60,7 +74,7 @@ def generate_tokens(model: CausalTransformer, prompt_ids: list[int], max_new_tok
                 logits = model(torch.tensor([window], device=device))[:, -1]
             elif cache is None or cache.pos >= limit:
                 window = context[-(limit // 2 if cache is not None else limit):]
-                cache = KVCache.empty(model.cfg, 1, limit, device, next(model.parameters()).dtype)
+                cache = KVCache.empty(model.cfg, 1, limit, device, cache_dtype(model, device))
                 logits = model(torch.tensor([window], device=device), cache=cache)[:, -1]
             else:
                 logits = model(torch.tensor([[context[-1]]], device=device), cache=cache)[:, -1]

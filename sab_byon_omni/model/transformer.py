@@ -69,10 +69,6 @@ class KVCache:
         return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
                    [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -99,6 +95,8 @@ class Attention(nn.Module):
             k_all, v_all = cache.k[layer][:, :, :start + t], cache.v[layer][:, :, :start + t]
             if t == 1:
                 y = F.scaled_dot_product_attention(q, k_all, v_all)
+            elif start == 0:  # the prompt: plain causal attention (the flash kernels, no mask built)
+                y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
             else:  # a chunk after a prefix: query i sees keys 0 .. start + i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)

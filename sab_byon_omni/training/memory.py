@@ -72,7 +72,7 @@ class MemoryPlan:
 def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch.device, precision: str,
                 info: DistInfo) -> MemoryPlan:
     """Check that training ``cfg`` fits ``device`` before anything is allocated there, and with
-    ``train.micro_batch_size=auto`` pick the largest micro-batch that fits (dividing
+    ``train.auto_micro_batch=true`` pick the largest micro-batch that fits (dividing
     batch_size x gradient_accumulation_steps, which stays the same). Raises SabError with settings
     that would fit."""
     t, m = cfg.train, cfg.model
@@ -85,13 +85,13 @@ def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch
               fused_optimizer=uses_fused_adamw(device))
     effective = t.batch_size * t.gradient_accumulation_steps
     ac = m.activation_checkpointing
-    if t.micro_batch_size == "auto":
+    if t.auto_micro_batch:
         mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=ac, **kw)
         if mb:
             if (mb, effective // mb) != (t.batch_size, t.gradient_accumulation_steps) and info.is_main:
                 log.info("micro-batch auto: %d x %d accumulation (effective batch %d) fits %s", mb, effective // mb,
                          effective, what)
-            cfg = replace(cfg, batch_size=mb, gradient_accumulation_steps=effective // mb, micro_batch_size="fixed")
+            cfg = replace(cfg, batch_size=mb, gradient_accumulation_steps=effective // mb, auto_micro_batch=False)
             t = cfg.train
     e = estimate(m, seq, t.batch_size, activation_checkpointing=ac, **kw)
     if e.peak <= usable or not t.check_memory:
@@ -110,7 +110,7 @@ def _tips(cfg: RunConfig, seq: int, usable: float, effective: int, kw: dict[str,
     tips = []
     mb = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=m.activation_checkpointing, **kw)
     if mb:
-        tips.append(f"--batch_size {mb} --gradient_accumulation_steps {effective // mb} (or --micro-batch-size auto)")
+        tips.append(f"--batch_size {mb} --gradient_accumulation_steps {effective // mb} (or --auto-micro-batch true)")
     if not m.activation_checkpointing:
         mb_ac = largest_micro_batch(m, seq, usable, effective, activation_checkpointing=True, **kw)
         if mb_ac:

@@ -32,7 +32,7 @@ from sab_byon_omni.training.console import data_summary
 from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
 from sab_byon_omni.training.metrics import MetricsLog
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
-from sab_byon_omni.training.precision import DTYPES, make_precision, resolve_device, set_deterministic
+from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.training.state import TrainState, restore_rng
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
-from sab_byon_omni.training.precision import Precision
+from sab_byon_omni.device import Precision
 from sab_byon_omni.training.run_setup import RunSetup
 from sab_byon_omni.training.signals import StopRequest, signal_name
 from sab_byon_omni.training.state import TrainState, capture_rng, restore_rng
@@ -149,7 +149,7 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         return iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
                                seed=d.data_seed, shuffle=d.shuffle, start=start, world=self.info.world,
-                               rank=self.info.rank, bucket=d.length_bucketing)
+                               rank=self.info.rank, bucket=d.length_bucket_size)
 
     # ------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:

@@ -1,4 +1,4 @@
-"""Device and precision, decided once: one autocast context and one GradScaler."""
+"""Device and precision, decided once: the device, one autocast context and one GradScaler."""
 
 from __future__ import annotations
 
