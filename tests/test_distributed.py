@@ -30,6 +30,10 @@ RUN = dict(preset="tiny", num_samples=40, seq_len=64, epochs=1, gradient_accumul
            learning_rate=3e-3, precision="fp32", device="cpu", progress=False, log_interval=1, seed=7)
 
 
+# FSDP's meta-device build: a vocabulary of 101 rows splits 51 / 50 over two ranks
+INIT = dict(batch_size=2, parallel="fsdp", vocab_size=101, checkpoint_dir="fsdp_init")
+
+
 def flags(**kw):
     return [f"--{k}={v}" for k, v in kw.items()]
 
@@ -71,8 +75,30 @@ SCENARIOS = textwrap.dedent("""
     from sab_byon_omni.training.train_3b import run_training
     from sab_byon_omni.training import distributed as D
     RUN = %r
+    INIT = %r
     def train(**kw):
         run_training(build_config({**RUN, "batch_size": 2, **kw}))
+    def fsdp_initial_weights():  # built on meta, sharded, each rank initialising only its own rows
+        import torch
+        from sab_byon_omni.data.factory import load_datasets
+        from sab_byon_omni.model import init
+        from sab_byon_omni.training.train_3b import new_model
+        from sab_byon_omni.training.trainer import Trainer
+        init.BLOCK_ELEMENTS = 1000  # shards of 51 and 50 rows cross blocks of 15 rows
+        cfg = build_config({**RUN, **INIT})
+        tok, tr, va = load_datasets(cfg.data)
+        sab = new_model(cfg, tok)
+        assert next(sab.model.parameters()).is_meta
+        trainer = Trainer(sab.model, tok, tr, va, sab.config)
+        trainer.setup()
+        assert sab.model.head.weight is sab.model.embed.weight
+        state = {n: p.full_tensor() for n, p in sab.model.named_parameters()}
+        state.update({n: b.clone() for n, b in sab.model.named_buffers()})
+        if trainer.info.is_main:
+            torch.save({**state, "local_embed_rows": sab.model.embed.weight.to_local().shape[0]}, "fsdp_init.pt")
+        trainer.run.close()
+        init.BLOCK_ELEMENTS = 1 << 20
+    fsdp_initial_weights()
     train(checkpoint_dir="ddp")                                          # the whole epoch
     train(checkpoint_dir="ddp_resumed", max_steps=2, save_every=2)       # stopped after step 2 ...
     train(checkpoint_dir="ddp_resumed", resume="auto")                   # ... and resumed under torchrun
@@ -87,7 +113,7 @@ SCENARIOS = textwrap.dedent("""
 def two(tmp_path_factory):
     """All two-process runs, in one torchrun launch (starting processes is the slow part here)."""
     d = tmp_path_factory.mktemp("two")
-    (d / "scenarios.py").write_text(SCENARIOS % RUN)
+    (d / "scenarios.py").write_text(SCENARIOS % (RUN, INIT))
     torchrun(["scenarios.py"], cwd=d)
     return d
 
@@ -130,6 +156,20 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoint_resumes(two):
     # resumed by two FSDP ranks from step_2.dcp: the same weights as the uninterrupted run
     assert main(["consolidate", str(two / "fsdp_resumed" / "epoch_1.dcp"), "-o", str(two / "r.pt")]) == 0
     assert_same_weights(weights(two / "r.pt"), ck["model_state_dict"], atol=1e-6)
+
+
+def test_fsdp_builds_on_meta_and_each_rank_initialises_its_shards_like_a_normal_build(two, monkeypatch):
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.model import init
+
+    monkeypatch.setattr(init, "BLOCK_ELEMENTS", 1000)
+    normal = SABTranscendentV2(config=build_config({**RUN, **INIT})).model  # one process, the same seed
+    got = torch.load(two / "fsdp_init.pt", weights_only=True)
+    assert got.pop("local_embed_rows") == 51  # rank 0's shard: the model really was sharded
+    names = [n for n, _ in normal.named_parameters()] + [n for n, _ in normal.named_buffers()]
+    assert sorted(got) == sorted(names)
+    for name, want in [*normal.named_parameters(), *normal.named_buffers()]:
+        assert torch.equal(got[name], want), name
 
 
 def test_consolidated_fsdp_checkpoint_loads_and_resumes_in_one_process(two, tmp_path):

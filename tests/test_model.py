@@ -137,3 +137,47 @@ def test_cached_decoding_on_several_threads_matches_the_full_forward(threads):
         cache = KVCache.empty(model.cfg, 1, 40, torch.device("cpu"), torch.float32)
         parts = [model(ids[:, :8], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(8, 24)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- initial weights
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_initial_weights_are_the_same_in_any_split_of_rows(threads, n_threads, monkeypatch):
+    """Any rows of a parameter can be drawn on their own (an FSDP shard) and equal the same rows of
+    the whole parameter, across block boundaries and on any number of threads."""
+    from sab_byon_omni.model import init as I
+
+    monkeypatch.setattr(I, "BLOCK_ELEMENTS", 100)  # 7 rows of 14 per block: shards cross blocks
+    threads(n_threads)
+    shape = (61, 14)
+    full = torch.empty(shape)
+    I.init_rows(full, shape, seed=5, index=3, std=0.02)
+    for cuts in ([0, 61], [0, 31, 61], [0, 3, 10, 29, 60, 61], [0, 0, 61, 61]):
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            part = torch.full((b - a, 14), float("nan"), dtype=torch.float64)
+            I.init_rows(part, shape, seed=5, index=3, std=0.02, start=a)
+            parts.append(part.float())
+        assert torch.equal(torch.cat(parts), full), cuts
+    other = torch.empty(shape)
+    I.init_rows(other, shape, seed=5, index=4, std=0.02)
+    assert not torch.equal(other, full)  # each parameter has its own numbers
+    assert abs(float(full.std()) - 0.02) < 0.003
+
+
+def test_a_model_built_on_the_meta_device_materialises_to_the_normal_build(tiny_cfg):
+    from sab_byon_omni.training.distributed import is_meta, materialize
+
+    torch.manual_seed(11)
+    normal = CausalTransformer(tiny_cfg)
+    torch.manual_seed(11)
+    with torch.device("meta"):
+        meta = CausalTransformer(tiny_cfg)
+    assert is_meta(meta) and not is_meta(normal)
+    materialize(meta, torch.device("cpu"))
+    assert meta.head.weight is meta.embed.weight  # still tied
+    for (name, a), b in zip(normal.state_dict(keep_vars=True).items(), meta.state_dict(keep_vars=True).values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(normal.named_buffers(), meta.buffers()):  # RoPE tables (not saved) too
+        assert torch.equal(a, b), name
+    torch.manual_seed(12)
+    assert not torch.equal(CausalTransformer(tiny_cfg).embed.weight, normal.embed.weight)

@@ -8,6 +8,7 @@ applied from outside (see ``sab_byon_omni.training``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.fragmergent import Fragmergent
+from sab_byon_omni.model.init import init_rows
 
 
 def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +165,9 @@ class CausalTransformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
+        # Drawn first from torch's global generator: the initial weights follow from it alone (see
+        # model/init.py), so a model built on the meta device and initialised later (FSDP) equals this one.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.fragmergent = Fragmergent(cfg.fragmergent_mode, cfg.fragmergent_t, cfg.fragmergent_alpha,
                                        cfg.fragmergent_lambda, cfg.fragmergent_omega, cfg.fragmergent_strength)
@@ -172,18 +177,32 @@ class CausalTransformer(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        if not self.embed.weight.is_meta:
+            self.reset_parameters()
+            self.reset_buffers()
 
+    def init_plan(self) -> Iterator[tuple[int, nn.Parameter, float | None]]:
+        """(index, parameter, std) of every parameter in a fixed order: N(0, 0.02) for matrices,
+        0.02 / sqrt(2 n_layers) for the residual projections, ones for the norm gains (std None)."""
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for index, (name, p) in enumerate(self.named_parameters()):
+            std = None if p.dim() < 2 else resid_std if name.endswith(("proj.weight", "down.weight")) else 0.02
+            yield index, p, std
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = 0.02
-        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norms keep weight 1
-            nn.init.normal_(p, mean=0.0, std=resid_std if name.endswith(("proj.weight", "down.weight")) else std)
+        for index, p, std in self.init_plan():
+            init_rows(p, p.shape, self.init_seed, index, std)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The RoPE tables and the fragmergent step of a new model (after ``to_empty``, say)."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        self.fragmergent.set_step(0)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""

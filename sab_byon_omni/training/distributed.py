@@ -85,6 +85,51 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, compute_dtype: torch.dtype | Non
     return model
 
 
+def is_meta(model: nn.Module) -> bool:
+    """A model built on the meta device (shapes only), to be materialised after sharding."""
+    return any(p.is_meta for p in model.parameters())
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, init_weights: bool = True) -> None:
+    """Allocate a meta-built model (FSDP2-sharded or not) on ``device`` and give it the values a
+    normal build with the same seed has: each rank draws only the rows of its own shards (see
+    :mod:`sab_byon_omni.model.init`), so neither the host nor the GPU ever holds the whole model.
+    ``init_weights=False`` (a resume loads them next) sets only the buffers."""
+    from sab_byon_omni.model.init import init_rows
+
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # keep each Parameter object: ties survive
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    if init_weights:
+        for index, p, std in model.init_plan():
+            local, start = _local_rows(p)
+            init_rows(local, p.shape, model.init_seed, index, std, start)
+    model.reset_buffers()
+
+
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part of ``p``, its first row in the full parameter): FSDP2 shards dim 0 in
+    ``torch.chunk`` pieces; a plain tensor is all of itself."""
+    if not hasattr(p, "device_mesh"):
+        return p, 0
+    from torch.distributed.tensor import Shard
+
+    local = p.to_local()
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(f"materialising a DTensor placed {p.placements} on a {mesh.ndim}-d mesh")
+    rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    if local.shape[0] != min(chunk, rows - start):
+        raise RuntimeError(f"unexpected FSDP shard: {tuple(local.shape)} of {tuple(p.shape)} on rank {rank}/{world}")
+    return local, start
+
+
 def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:
     """DDP's ``no_sync`` on non-final micro-steps (gradients all-reduced once per optimizer step).
 

@@ -55,7 +55,7 @@ def usable_bytes(model: nn.Module, device: torch.device) -> tuple[float, str]:
     """(bytes training may use on ``device``, a description of the device's memory)."""
     budget, what = memory_budget(device)
     if device.type == "cpu":  # the model already sits in RAM: count it as available again
-        budget += sum(p.numel() * p.element_size() for p in model.parameters())
+        budget += sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     return budget * HEADROOM - (CUDA_RESERVE if device.type == "cuda" else 0), what
 
 

@@ -97,11 +97,15 @@ class RunSetup:
         torch.manual_seed(t.seed)
         if t.deterministic:
             set_deterministic(self.device)
-        self.raw.to(self.device)
+        meta = D.is_meta(self.raw)  # built on the meta device (FSDP): materialised after sharding
+        if not meta:
+            self.raw.to(self.device)
         if self.cfg.model.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
             D.wrap_fsdp(self.raw, self.info, DTYPES[self.precision.name] if self.precision.name != "fp32" else None)
+        if meta:
+            D.materialize(self.raw, self.device, init_weights=self.resume_from is None)
         self.optimizer = make_optimizer(self.raw, t, self.device)
         self.scaler = self.precision.scaler()
         self.model = self.raw if self.fsdp else D.wrap_ddp(self.raw, self.info, self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,16 @@ def run_training(cfg: RunConfig, notes: list[str] | None = None,
                  resume_hint: str = "continue with --resume auto") -> tuple[SABTranscendentV2, TrainResult]:
     """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
     tokenizer, train, val = load_datasets(cfg.data, _resume_tokenizer(cfg))
-    sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
+    sab = new_model(cfg, tokenizer)
     return sab, Trainer(sab.model, tokenizer, train, val, sab.config, notes=notes, resume_hint=resume_hint).fit()
+
+
+def new_model(cfg: RunConfig, tokenizer: Tokenizer) -> SABTranscendentV2:
+    """A fresh model for ``cfg``. Under torchrun with ``parallel: fsdp`` it is built on the meta
+    device (shapes only): the trainer shards it, then each rank allocates and initialises only its
+    own shards, to the values of a normal build with the same seed."""
+    fsdp = cfg.train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return SABTranscendentV2(config=cfg, tokenizer=tokenizer, device="meta" if fsdp else None)
 
 
 def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:
