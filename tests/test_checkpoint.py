@@ -6,7 +6,7 @@ import torch
 from sab_byon_omni.config import build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.train_3b import train_3b_rapid
 
@@ -31,6 +31,35 @@ def test_epoch_checkpoints_have_the_guide_keys_and_plain_primitives(trained):
         assert isinstance(ck["config"], dict) and ck["config"]["train"]["learning_rate"] == 3e-3
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model_state_dict"])
     assert [torch.load(p)["epoch"] for p in result.checkpoints] == [1, 2]
+
+
+def saved_locations(path) -> set[str]:
+    """The device every tensor of a checkpoint file was saved from ('cpu', 'cuda:0', ...), read
+    without moving anything (works on a machine without CUDA)."""
+    seen = set()
+
+    def where(storage, location):
+        seen.add(location)
+        return storage
+
+    torch.load(path, map_location=where, weights_only=True)
+    return seen
+
+
+def test_checkpoints_hold_cpu_tensors_only(trained):
+    """A plain torch.load works on a CPU-only machine (tests/gpu saves them from a CUDA model)."""
+    sab, result, d = trained
+    for path in result.checkpoints:
+        assert saved_locations(path) == {"cpu"}
+
+
+def test_to_cpu_keeps_the_structure_and_state_dict_metadata():
+    sd = torch.nn.LayerNorm(4).state_dict()
+    ck = {"model": sd, "rng": (3, (1, 2), None), "opt": {"state": {0: {"step": torch.tensor(2.0)}}}, "n": 1}
+    out = to_cpu(ck)
+    assert out["n"] == 1 and type(out["model"]) is type(sd) and out["model"]._metadata == sd._metadata
+    assert out["rng"] == (3, (1, 2), None) and torch.equal(out["opt"]["state"][0]["step"], torch.tensor(2.0))
+    assert out["model"]["weight"] is sd["weight"]  # CPU tensors are not copied
 
 
 def test_the_guides_loading_snippet_works_verbatim(trained):

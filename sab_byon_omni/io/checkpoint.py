@@ -15,6 +15,7 @@ import math
 import pickle
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,27 @@ def verify(ck: dict[str, Any], source: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ files
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside nested dicts, lists and tuples copied to the CPU (CPU
+    tensors and other values as they are; a state dict keeps its ``_metadata``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items()) if type(obj) in (dict, OrderedDict) else \
+            {k: to_cpu(v) for k, v in obj.items()}
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(ck: dict[str, Any], path: str | Path) -> Path:
-    """Tag, checksum and write ``ck`` atomically: the previous file at ``path`` survives any failure."""
-    ck = {**ck, "format": FORMAT}
+    """Tag, checksum and write ``ck`` atomically: the previous file at ``path`` survives any failure.
+    Tensors are written as CPU tensors (saved from a GPU too), so a plain ``torch.load`` works on
+    any machine, one without CUDA included."""
+    ck = {**to_cpu(ck), "format": FORMAT}
     ck["checksum"] = {"algo": CHECKSUM_ALGO, "value": checksum(ck)}
     return atomic_write(path, lambda f: torch.save(ck, f), what="checkpoint", kept="earlier checkpoints are intact")
 
