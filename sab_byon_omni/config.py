@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, n_heads=4, n_layers=2, ffn=256, max_seq_len=256),
     "small": dict(hidden=256, n_heads=4, n_layers=4, ffn=1024, max_seq_len=1024),
     "lightweight": dict(hidden=768, n_heads=12, n_layers=6, ffn=3072, max_seq_len=1024),
-    "1b": dict(hidden=2048, n_heads=16, n_layers=18, ffn=8192, max_seq_len=2048),
+    "1b": dict(hidden=2048, n_heads=16, n_layers=24, ffn=8192, max_seq_len=2048),
     "3b": dict(hidden=4096, n_heads=64, n_layers=36, ffn=16384, max_seq_len=2048),
 }
 
