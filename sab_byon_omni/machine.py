@@ -103,10 +103,11 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: floa
     """
     best = 0.0
     per_size = budget_s / len(sizes)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    on = device if device.type == "cuda" else torch.device("cpu")  # a GPU draws its own (8192^2 is slow on a CPU)
+    gen = torch.Generator(device=on).manual_seed(0)
     for n in sizes:
-        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        a = torch.randn(n, n, generator=gen, device=on).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen, device=on).to(device=device, dtype=dtype)
         out = torch.empty(n, n, device=device, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up (and a first estimate of the cost)
         sync(device)

@@ -60,6 +60,8 @@ def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeyp
     assert r["tokens_per_s"] > 0 and r["peak_tflops"] > 0 and 0 < r["mfu"]
     assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
     assert r["peak_memory_mb"] > 0
+    # on a CPU the peak is measured in the run, so both MFU figures are against it
+    assert r["measured_peak_tflops"] == r["peak_tflops"] and r["measured_mfu"] == r["mfu"]
 
 
 def test_bench_generate_mode(in_tmp, capsys):
@@ -80,6 +82,7 @@ def test_decode_bytes_per_token_counts_weights_once_and_the_cache():
     weights = 4 * sum(p.numel() for p in model.parameters())
     assert decode_bytes_per_token(model, 0) == weights
     assert decode_bytes_per_token(model, 10) == weights + 4 * 2 * 2 * 10 * 64
+    assert decode_bytes_per_token(model, 10, torch.bfloat16) == (weights + 4 * 2 * 2 * 10 * 64) // 2  # autocast
     assert decode_bytes_per_token(model.to(torch.bfloat16), 0) == weights // 2
 
 

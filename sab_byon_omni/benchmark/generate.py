@@ -22,14 +22,16 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import measure_read_bandwidth
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.device import make_precision, resolve_device
+from sab_byon_omni.device import DTYPES, make_precision, resolve_device
 
 
-def decode_bytes_per_token(model: nn.Module, context: float) -> float:
+def decode_bytes_per_token(model: nn.Module, context: float, dtype: torch.dtype | None = None) -> float:
     """Bytes one decoding step reads: every parameter once, plus keys and values of ``context``
-    cached positions in every layer (in the parameters' dtype)."""
+    cached positions in every layer, in ``dtype`` (default: the parameters'). Under autocast that
+    is the compute dtype: autocast casts each weight once per generation and reads the cached
+    copy for every token after, and the cache is allocated in that dtype."""
     cfg = model.cfg
-    size = next(model.parameters()).element_size()
+    size = torch.empty((), dtype=dtype).element_size() if dtype is not None else next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters()) * size
     return weights + 2 * cfg.n_layers * context * cfg.hidden * size
 
@@ -64,7 +66,8 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
                 timed(fn, device)
         times = interleave(runners, opts.steps, device)
         bandwidth = measure_read_bandwidth(device)
-        bytes_tok = decode_bytes_per_token(ours, prompt_len + new_tokens / 2)
+        compute = DTYPES[precision.name] if precision.name != "fp32" else None
+        bytes_tok = decode_bytes_per_token(ours, prompt_len + new_tokens / 2, compute)
 
         def rates(seconds: float) -> tuple[float, float, float]:
             tps = new_tokens / seconds  # prefill time included: a lower bound

@@ -68,10 +68,15 @@ class TrainBench:
     first_step_s: float | None = None
     compile_s: float | None = None
     peers: dict[str, Speed] = field(default_factory=dict)  # "hf", "minimal"
+    measured_peak_tflops: float | None = None  # the dtype's matmul rate measured in the run
     mode: str = "train"
 
     def ratio(self, peer: str) -> float:
         return self.ours.tokens_per_s / self.peers[peer].tokens_per_s
+
+    def measured_mfu(self, speed: Speed) -> float | None:
+        """MFU against the matmul peak measured in the run (the data-sheet one is ``speed.mfu``)."""
+        return speed.tflops / self.measured_peak_tflops if self.measured_peak_tflops else None
 
 
 @dataclass
@@ -137,9 +142,12 @@ def to_json(r: Result) -> dict[str, Any]:
         value = getattr(r, f.name)
         if f.name in ("machine", "ours"):
             out.update(dataclasses.asdict(value))
+            if f.name == "ours":
+                out["measured_mfu"] = r.measured_mfu(value)
         elif f.name == "peers":
             for peer, speed in value.items():
                 out.update({f"{peer}_{k}": v for k, v in dataclasses.asdict(speed).items()})
+                out[f"{peer}_measured_mfu"] = r.measured_mfu(speed)
                 out[f"ratio_vs_{peer}"] = r.ratio(peer)
         else:
             out[f.name] = value

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sab_byon_omni.benchmark.common import BenchOptions, best_peak, interleave, peak, random_batch, threads, timed
+from sab_byon_omni.benchmark.common import (BenchOptions, best_peak, interleave, measured_peak, peak, random_batch,
+                                            threads, timed)
 from sab_byon_omni.benchmark.peers import PEER_STEPS
 from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.config import RunConfig, replace
@@ -80,6 +81,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         if memory is None:
             memory = peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
+        measured = top if source.startswith("measured") else measured_peak(precision.name, device)
         tokens = t.batch_size * cfg.data.seq_len
 
         def speed(name: str) -> Speed:
@@ -96,7 +98,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             peak_tflops=top, peak_source=source, ours=speed("ours"), peak_memory_mb=memory,
             memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
             first_step_s=times_first[0] if times_first else None,
-            peers={name: speed(name) for name in opts.compare})
+            peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
         return result
