@@ -50,7 +50,8 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
         device = resolve_device(cfg.train.device)
         precision = make_precision(cfg.train.precision, device)
         torch.manual_seed(cfg.train.seed)
-        ours = CausalTransformer(cfg.model).to(device).eval()
+        with torch.device(device):
+            ours = CausalTransformer(cfg.model).eval()
         prompt = random_batch(1, prompt_len, m.vocab_size, cfg.train.seed).input_ids.to(device)
 
         def run_ours() -> None:
@@ -84,7 +85,8 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
 
 
 def _hf_runner(m: Any, device: torch.device, precision: Any, prompt: torch.Tensor, new_tokens: int) -> Any:
-    hf = build_hf_gpt2(m).to(device).eval()
+    with torch.device(device):
+        hf = build_hf_gpt2(m).to(device).eval()
     hf.generation_config.pad_token_id = 0
 
     @torch.no_grad()

@@ -38,7 +38,8 @@ class OursStep:
 
     def __init__(self, cfg: RunConfig, batch: Batch) -> None:
         torch.manual_seed(cfg.train.seed)
-        self.model = CausalTransformer(cfg.model)
+        with torch.device(resolve_device(cfg.train.device)):  # allocated there: a 1B model builds in seconds on a GPU
+            self.model = CausalTransformer(cfg.model)
         rows = [r.numpy() for r in batch.input_ids]
         self.trainer = Trainer(self.model, Char96Tokenizer(), rows, None, cfg)
         self.trainer.setup()

@@ -199,7 +199,8 @@ class CausalTransformer(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """The RoPE tables and the fragmergent step of a new model (after ``to_empty``, say)."""
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len)
+        with torch.device("cpu"):  # the same tables whatever device context the model is built in
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         self.fragmergent.set_step(0)

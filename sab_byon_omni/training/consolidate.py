@@ -18,6 +18,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.checkpoint import save_checkpoint
 from sab_byon_omni.model.transformer import CausalTransformer
+from sab_byon_omni.training.distributed import materialize
 from sab_byon_omni.training.optim import make_optimizer
 
 
@@ -33,7 +34,9 @@ def consolidate(src: str | Path, dst: str | Path, weights_only: bool = False, ov
         cfg = build_config(meta["config"], source=f"{src}/{dcp.META}")
     except SabError as e:
         raise SabError(f"{src}: bad config in {dcp.META}: {e}") from None
-    model = CausalTransformer(cfg.model)
+    with torch.device("meta"):  # every value comes from the shards: no initialisation to pay for
+        model = CausalTransformer(cfg.model)
+    materialize(model, torch.device("cpu"), init_weights=False)
     optimizer = None if weights_only else make_optimizer(model, cfg.train, torch.device("cpu"))
     dcp.load(src, model, optimizer, no_dist=True)
     ck = {k: v for k, v in meta.items() if k not in ("sharded", "checksum", "format")}

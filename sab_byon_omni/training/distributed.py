@@ -66,15 +66,16 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     return DDP(model, device_ids=ids)
 
 
-def wrap_fsdp(model: nn.Module, info: DistInfo, compute_dtype: torch.dtype | None) -> nn.Module:
+def wrap_fsdp(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
     """FSDP2: ``fully_shard`` every block, then the root (embedding, final norm, tied head).
 
     Parameters, gradients and optimizer state are split across ranks; each block is all-gathered
     just before its forward and backward. ``compute_dtype`` (bf16/fp16, or None for fp32) is the
     MixedPrecisionPolicy's parameter dtype; gradients are reduced in fp32. Wrap *before* building
-    the optimizer: fully_shard replaces the parameters with sharded DTensors.
+    the optimizer: fully_shard replaces the parameters with sharded DTensors. Any process group
+    will do, a world of one included (the GPU check runs FSDP2 so on one GPU).
     """
-    if not info.enabled:
+    if not dist.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -103,7 +103,7 @@ class RunSetup:
         if self.cfg.model.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
-            D.wrap_fsdp(self.raw, self.info, DTYPES[self.precision.name] if self.precision.name != "fp32" else None)
+            D.wrap_fsdp(self.raw, DTYPES[self.precision.name] if self.precision.name != "fp32" else None)
         if meta:
             D.materialize(self.raw, self.device, init_weights=self.resume_from is None)
         self.optimizer = make_optimizer(self.raw, t, self.device)
