@@ -42,18 +42,18 @@ if [[ $DRY == 1 ]]; then
   export SAB_GPU_CHECK_DRY_RUN=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   LANES=2
   DEVICE=cpu; LIGHT=(--preset tiny --seq-len 32 --batch-size 2); BIG=(--preset tiny --seq-len 64 --batch-size 2)
-  STEPS=(--steps 1 --warmup 1); TESTS_K=(-k "not sigkill and not fsdp2"); NOCOMPILE=(env TORCHDYNAMO_DISABLE=1)
+  STEPS=(--steps 1 --warmup 1); TEST_ARGS=(-k "not sigkill and not fsdp2"); NOCOMPILE=(env TORCHDYNAMO_DISABLE=1)
   GEN_LIGHT=(--preset tiny --prompt-len 8 --new-tokens 8); GEN_BIG=(--preset tiny --prompt-len 16 --new-tokens 8)
   L_FACTS=60; L_TESTS=150; L_LIGHT=90; L_BIG=90; L_COMPILE=90; L_FP16=90; L_GEN=90; L_GEN_BIG=90
 else
   DEVICE=cuda; B1=${GPU_CHECK_1B_BATCH:-4}; LANES=1  # one part at a time: the timings are the point
   LIGHT=(--preset lightweight --seq-len 1024 --batch-size 64)
   BIG=(--preset 1b --vocab-size 50000 --seq-len 2048 --batch-size "$B1")
-  STEPS=(--steps 3 --warmup 1); TESTS_K=(); NOCOMPILE=()
+  STEPS=(--steps 3 --warmup 1); TEST_ARGS=(-n 3 --dist loadfile); NOCOMPILE=()  # xdist: tests side by side
   GEN_LIGHT=(--preset lightweight --prompt-len 128 --new-tokens 256)
   GEN_BIG=(--preset 1b --vocab-size 50000 --prompt-len 128 --new-tokens 256)
   # 460 s in all: the check ends within 8 minutes whatever happens inside a part.
-  L_FACTS=20; L_TESTS=140; L_LIGHT=40; L_BIG=50; L_COMPILE=100; L_FP16=50; L_GEN=25; L_GEN_BIG=35
+  L_FACTS=15; L_TESTS=130; L_LIGHT=35; L_BIG=45; L_COMPILE=130; L_FP16=45; L_GEN=25; L_GEN_BIG=35
 fi
 
 cat >"$WORK/meta.json" <<EOF
@@ -106,7 +106,7 @@ BENCH=("$PY" -m sab_byon_omni bench --device "$DEVICE" --json)
 
 part facts "$L_FACTS" "$PY" "$ROOT/benchmarks/gpu_report.py" facts
 part gpu_tests "$L_TESTS" "$PY" -m pytest "$ROOT/tests/gpu" -m gpu -q -rA -p no:cacheprovider \
-  --rootdir "$ROOT" --junitxml "$WORK/junit.xml" "${TESTS_K[@]}"
+  --rootdir "$ROOT" --junitxml "$WORK/junit.xml" "${TEST_ARGS[@]}"
 part bench_lightweight_bf16 "$L_LIGHT" "${BENCH[@]}" "${LIGHT[@]}" --precision bf16 "${STEPS[@]}" --compare hf
 part bench_1b_bf16 "$L_BIG" "${BENCH[@]}" "${BIG[@]}" --precision bf16 "${STEPS[@]}" --compare hf
 part bench_1b_bf16_compile "$L_COMPILE" "${NOCOMPILE[@]}" "${BENCH[@]}" "${BIG[@]}" --precision bf16 "${STEPS[@]}" \

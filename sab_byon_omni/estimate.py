@@ -286,3 +286,37 @@ def single_gpu_table(sizes_gb: tuple[float, ...] = (24.0, 80.0), seq_len: int = 
             cells.append(" / ".join(f"{m}" if m else "no" for m in mbs))
         rows.append(f"| {preset} | {fmt_count(num_parameters(cfg))} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ the Colab table
+# (name, GiB of memory, the precision the trainer picks there, dense data-sheet TFLOP/s in it)
+COLAB_GPUS = (("T4", 16, "fp16", 65.0), ("A100", 40, "bf16", 312.0), ("A100", 80, "bf16", 312.0),
+              ("H100 SXM", 80, "bf16", 989.4))
+
+
+def colab_table(job_tokens: int, job_mean_len: int, mfu: float = 0.3, headroom: float = 0.9,
+                reserve: float = 1.0 * GiB) -> str:
+    """Markdown: on each Colab GPU, the largest micro-batch of 1024 tokens Lightweight, 1b and 3b
+    train with (what the trainer's memory check accepts: ``headroom`` x memory - ``reserve``), and
+    compute-bound times at ``mfu``: the default job's epoch (``job_tokens`` of Lightweight at
+    ``job_mean_len`` tokens a sample) and 100M tokens of 1b at 2048."""
+    rows = ["| GPU | precision | peak TFLOP/s | lightweight: micro-batch x 1024, act. ckpt off / on "
+            "| 1b (50k vocab): the same | 3b (50k vocab): the same | default-job epoch (Lightweight) "
+            "| 1b: 100M tokens of 2048 |",
+            "|---|---|---:|---|---|---|---:|---:|"]
+    light = ModelConfig.from_name("lightweight", vocab_size=96)
+    big = ModelConfig.from_name("1b", vocab_size=50000)
+    for name, gib, precision, peak in COLAB_GPUS:
+        usable = gib * GiB * headroom - reserve
+        cells = []
+        for preset, vocab in (("lightweight", 96), ("1b", 50000), ("3b", 50000)):
+            cfg = ModelConfig.from_name(preset, vocab_size=vocab)
+            mbs = [largest_micro_batch(cfg, 1024, usable, 64, precision=precision, activation_checkpointing=ac)
+                   for ac in (False, True)]
+            cells.append(" / ".join(str(m) if m else "no" for m in mbs))
+        epoch = estimate(light, job_mean_len, 1, precision).seconds_per_tokens(job_tokens, peak, mfu)
+        fits_1b = cells[1] != "no / no"
+        big_s = estimate(big, 2048, 1, precision).seconds_per_tokens(1e8, peak, mfu) if fits_1b else math.inf
+        rows.append(f"| {name} {gib} GB | {precision} | {peak:g} | {' | '.join(cells)} | {epoch:.1f} s "
+                    f"| {fmt_duration(big_s)} |")
+    return "\n".join(rows)

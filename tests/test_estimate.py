@@ -182,6 +182,25 @@ def test_the_docs_gpu_tables_are_the_generated_ones():
         assert row in doc, f"docs/DISTRIBUTED.md is out of date (sab-omni estimate --table): {row}"
 
 
+def test_the_colab_guides_table_is_the_generated_one_with_the_trainers_memory_check():
+    import inspect
+    from pathlib import Path
+
+    from sab_byon_omni.data.synthetic import MultimodalConsciousnessDataset
+    from sab_byon_omni.data.tokenizers import Char96Tokenizer
+    from sab_byon_omni.estimate import colab_table
+    from sab_byon_omni.training import memory
+
+    defaults = inspect.signature(colab_table).parameters  # the same "fits" as plan_memory's check
+    assert (defaults["headroom"].default, defaults["reserve"].default) == (memory.HEADROOM, memory.CUDA_RESERVE)
+    train, _ = MultimodalConsciousnessDataset(Char96Tokenizer(), 5000, 1024, seed=1234).split(0.1)
+    doc = (Path(__file__).resolve().parents[1] / "COLAB_GUIDE.md").read_text(encoding="utf-8")
+    rows = colab_table(train.num_tokens, round(train.num_tokens / len(train))).splitlines()
+    assert len(rows) == 6
+    for row in rows:
+        assert row in doc, f"COLAB_GUIDE.md is out of date (estimate.colab_table): {row}"
+
+
 @pytest.mark.parametrize("argv", [["--preset", "huge"], ["--mfu", "2"], ["--batch-size", "0"], ["--gpus", "0"]])
 def test_cli_estimate_bad_input_is_one_error_line(argv, capsys):
     assert main(["estimate", *argv]) == 2

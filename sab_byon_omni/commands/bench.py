@@ -3,7 +3,7 @@ Hugging Face GPT-2 of the same dimensions, interleaved in the same process.
 
 Reports tokens/s, achieved TFLOP/s (FLOPs per token = 6 x matmul weights + 12 x layers x seq_len x
 hidden), MFU against a matmul peak of the same dtype (measured in this run on CPUs, a per-GPU table
-or --peak-tflops on CUDA) and peak memory (RSS on CPU, max_memory_allocated on CUDA). Absolute
+or --peak-tflops on CUDA, and on CUDA also against a matmul measured in this run) and peak memory (RSS on CPU, max_memory_allocated on CUDA). Absolute
 numbers move with machine load; compare ratios from one run.
 """
 
@@ -20,7 +20,7 @@ EXAMPLE = """examples:
   sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --compare hf
   sab-omni bench --preset tiny --seq-len 128 --steps 5 --json
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
-  sab-omni bench --preset 1b --precision bf16 --device cuda --peak-tflops 989
+  sab-omni bench --preset 1b --vocab-size 50000 --seq-len 2048 --batch-size 4 --precision bf16 --device cuda --compare hf
   sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucket_size=64
 """
 

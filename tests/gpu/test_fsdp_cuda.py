@@ -78,8 +78,8 @@ SCRIPT = textwrap.dedent('''
     again, opt2 = sharded(99, init=False)
     dcp.load(path, again, opt2)
     assert all(torch.equal(w, weights[n]) for n, w in full(again).items()), "reloaded weights differ"
-    json.dump({"backend": dist.get_backend(), "losses": losses, "files": sorted(p.name for p in path.iterdir())},
-              open("result.json", "w"))
+    Path("result.json").write_text(json.dumps({"backend": dist.get_backend(), "losses": losses,
+                                               "files": sorted(p.name for p in path.iterdir())}))
     dist.destroy_process_group()
 ''')
 

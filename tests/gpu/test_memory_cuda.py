@@ -3,6 +3,8 @@ Lightweight and for the 1b preset, in bf16, measured over real Trainer steps."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ def test_estimated_peak_is_within_10_percent_of_max_memory_allocated(cuda_only, 
     opts = BenchOptions.for_preset(preset=preset, seq_len=seq_len, batch_size=batch, precision="bf16",
                                    vocab_size=vocab, device="cuda")
     cfg = replace(opts.run, checkpoint_dir=str(tmp_path / "ck"))
+    gc.collect()  # earlier tests' models, so that the peak is this run's alone
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(cuda_only)
     step = OursStep(cfg, random_batch(batch, seq_len, vocab, 1))
