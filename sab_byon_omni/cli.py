@@ -86,6 +86,8 @@ def build_parser() -> Parser:
                 continue  # command not available in this build
             raise
         p = module.register(sub)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="log warnings and errors only")
         p.set_defaults(_run=module.run)
         p.accept_both_spellings()
     return parser
