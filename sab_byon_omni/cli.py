@@ -16,7 +16,9 @@ import difflib
 import importlib
 import logging
 import re
+import signal
 import sys
+import threading
 
 from sab_byon_omni import __version__
 from sab_byon_omni.errors import SabError
@@ -68,9 +70,13 @@ class Parser(argparse.ArgumentParser):
             for opt in list(action.option_strings):
                 if not opt.startswith("--"):
                     continue
-                for alt in (opt.replace("-", "_"), "--" + opt[2:].replace("_", "-")):
+                for alt in ("--" + opt[2:].replace("-", "_"), "--" + opt[2:].replace("_", "-")):
                     if alt not in self._option_string_actions:
                         self._option_string_actions[alt] = action
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def build_parser() -> Parser:
@@ -96,7 +102,10 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's own parser, which knows its flags (for "did you mean")
+            command = _subparsers(parser).choices.get(getattr(args, "command", None) or "", parser)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
@@ -112,5 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``sab-omni`` program: :func:`main`, then deaf to Ctrl-C while the interpreter shuts down,
+    so that a late second Ctrl-C cannot turn a clean exit (0, 2 or 130) into a crash."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -14,6 +14,7 @@ accepts the same sources:
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def locate(source: str | Path) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(text, local_files_only=True))
+            # the cache folder as the environment says now (huggingface_hub reads it once, at import)
+            return Path(snapshot_download(text, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
         except Exception as e:  # not in the cache (LocalEntryNotFoundError), or a malformed id
             raise SabError(f"{text}: not found as a file or folder, nor in the local Hugging Face cache "
                            f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`): "
