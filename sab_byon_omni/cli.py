@@ -64,6 +64,10 @@ class Parser(argparse.ArgumentParser):
                                           cutoff=0.75)
         return f" (did you mean {known[[k.replace('-', '_') for k in known].index(close[0])]}?)" if close else ""
 
+    def alias(self, old: str, new: str) -> None:
+        """Accept ``old`` as an earlier spelling of the flag ``new`` (not shown in --help)."""
+        self._option_string_actions[old] = self._option_string_actions[new]
+
     def accept_both_spellings(self) -> None:
         """Register ``--a_b`` for every ``--a-b`` (and the reverse), without showing both in --help."""
         for action in list(self._actions):

@@ -37,13 +37,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="the same as --checkpoint PATH (the earlier spelling of importing a .safetensors file)")
     p.add_argument("-o", "--output", required=False, metavar="PATH",
                    help="the file or folder to write (never replaced without --force)")
-    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)  # the earlier spelling of --output
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="safetensors, hf (a transformers folder) or pt (a checkpoint); by default .safetensors and "
                         ".pt names choose theirs and anything else is an hf folder")
     p.add_argument("--dtype", choices=DTYPES, default="keep",
                    help="store the weights in this dtype (safetensors and hf; default: keep the model's)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.alias("--out", "--output")  # the earlier spelling
     return p
 
 
