@@ -194,7 +194,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         except Exception as e:  # the hub client's errors (offline, unknown repo, auth) for a repo id
             if p.is_dir():
                 raise
-            raise SabError(f"{where}: cannot load from the Hub: {str(e).splitlines()[0][:200]}") from None
+            raise SabError(f"{where}: cannot load from the Hub: {first_line(e)}") from None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
@@ -216,7 +216,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
                                             force_download=force_download, local_files_only=local_files_only,
                                             token=token))
             except Exception as e:  # network, auth, missing file: the hub client raises many types
-                raise SabError(f"{model_id}: cannot get {name} from the Hub: {str(e).splitlines()[0][:160]}") from None
+                raise SabError(f"{model_id}: cannot get {name} from the Hub: {first_line(e)}") from None
 
         raw = _read_json(fetch(CONFIG_FILE))
         if not isinstance(raw, dict) or raw.get("format") != PRETRAINED_FORMAT:
@@ -227,7 +227,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         try:
             load_model(self.model, str(weights), strict=True)
         except (RuntimeError, SafetensorError, OSError) as e:
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            first = first_line(e)
             raise SabError(f"{weights}: weights do not fit the model in its config: {first}") from None
         if device is not None:
             self.model.to(device)
