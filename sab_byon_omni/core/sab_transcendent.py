@@ -296,16 +296,19 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
                 f"ffn={m.ffn}, vocab={m.vocab_size}, params={self.num_parameters():,})")
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Sampling options, checked before any work (one clear line each)."""
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   cli: bool = False) -> None:
+    """Sampling options, checked before any work (one clear line each, naming the keyword or,
+    with ``cli``, the command-line flag)."""
+    name = (lambda k: "--" + k.replace("_", "-")) if cli else (lambda k: k)
     if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 10**7:
-        raise SabError(f"max_new_tokens={bounded(max_new_tokens)} must be an integer in [1, 10,000,000]")
+        raise SabError(f"{name('max_new_tokens')}={bounded(max_new_tokens)} must be an integer in [1, 10,000,000]")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise SabError(f"temperature={bounded(temperature)} must be a finite number >= 0 (0 is greedy)")
+        raise SabError(f"{name('temperature')}={bounded(temperature)} must be a finite number >= 0 (0 is greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise SabError(f"top_k={bounded(top_k)} must be a non-negative integer (0 or None: off)")
+        raise SabError(f"{name('top_k')}={bounded(top_k)} must be a non-negative integer (0 or None: off)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise SabError(f"top_p={bounded(top_p)} must be in (0, 1]")
+        raise SabError(f"{name('top_p')}={bounded(top_p)} must be in (0, 1]")
 
 
 def _check_weights_fit(cfg: RunConfig) -> None:
