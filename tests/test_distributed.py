@@ -105,6 +105,9 @@ SCENARIOS = textwrap.dedent("""
     train(checkpoint_dir="fsdp", parallel="fsdp", save_every=2)           # FSDP2, sharded checkpoints
     train(checkpoint_dir="fsdp_resumed", parallel="fsdp", resume="fsdp/step_2.dcp")
     train(checkpoint_dir="fsdp_bf16", parallel="fsdp", precision="bf16", max_steps=2)  # MixedPrecisionPolicy
+    train(checkpoint_dir="drop", dropout=0.1)                            # dropout: each rank's generator moves
+    train(checkpoint_dir="drop_resumed", dropout=0.1, max_steps=2, save_every=2)  # on its own batch lengths
+    train(checkpoint_dir="drop_resumed", dropout=0.1, resume="auto")
     D.shutdown()
 """)
 
@@ -130,6 +133,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single, two)
 def test_resume_under_torchrun_from_a_rank0_checkpoint(two):
     assert (two / "ddp_resumed" / "step_2.pt").is_file()
     assert_same_weights(weights(two / "ddp_resumed" / "epoch_1.pt"), weights(two / "ddp" / "epoch_1.pt"), atol=1e-6)
+
+
+def test_resume_under_torchrun_restores_each_ranks_own_random_state(two):
+    """With dropout, ranks draw different amounts of randomness (their batches differ in length), so
+    each must get its own generators back for the resumed run to equal the uninterrupted one."""
+    step2 = load_checkpoint(two / "drop_resumed" / "step_2.pt")
+    states = step2["rng_state_by_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    assert torch.equal(states[0]["torch"], step2["rng_state"]["torch"])
+    assert_same_weights(weights(two / "drop_resumed" / "epoch_1.pt"), weights(two / "drop" / "epoch_1.pt"), atol=0)
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_over_the_remaining_data(two, tmp_path):

@@ -33,7 +33,7 @@ from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_m
 from sab_byon_omni.training.metrics import MetricsLog
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
-from sab_byon_omni.training.state import TrainState, restore_rng
+from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
@@ -151,7 +151,7 @@ class RunSetup:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             raise SabError(f"{path}: cannot resume from it ({type(e).__name__}: {first_line(e)})") from None
         if "rng_state" in ck:
-            restore_rng(ck["rng_state"], self.device, str(path))
+            restore_rng(rank_rng(ck, self.info.rank, self.info.world), self.device, str(path))
         self.state = TrainState.from_checkpoint(ck, str(path), len(self.train_data))
         if not self.info.is_main:  # the epoch sums are global: one process carries them
             self.state.epoch_loss_sum, self.state.epoch_tokens = 0.0, 0

@@ -85,7 +85,8 @@ def _losses(values: Any, source: str) -> list[float]:
 # ---------------------------------------------------------------------------------- randomness
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     """Every RNG the run uses, as tensors and primitives: torch's CPU generator, this process's own
-    CUDA device (each rank saves and restores its own), Python's and numpy's."""
+    CUDA device, Python's and numpy's. Under torchrun every rank's goes into the checkpoint
+    (``rng_state_by_rank``) and each restores its own (:func:`rank_rng`)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -95,6 +96,16 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     if device is not None and device.type == "cuda":
         state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def rank_rng(ck: dict[str, Any], rank: int, world: int) -> Any:
+    """The random state this rank saved, when the checkpoint holds one per rank of a run of the same
+    size (``rng_state_by_rank``: each rank's generators move differently, e.g. dropout on batches
+    of other lengths); else the main process's ``rng_state``."""
+    per_rank = ck.get("rng_state_by_rank")
+    if isinstance(per_rank, list) and len(per_rank) == world:
+        return per_rank[rank]
+    return ck["rng_state"]
 
 
 def restore_rng(state: Any, device: torch.device | None, source: str) -> None:

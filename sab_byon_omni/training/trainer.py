@@ -365,10 +365,11 @@ class Trainer:
     def save_checkpoint(self, name: str, loss: float, val_loss: float | None = None) -> Path:
         """Save checkpoint ``name`` (``step_7``, ``epoch_1``, ``best_model``) of the current state."""
         self.run.check_finite(f"{name}{self.checkpointer.suffix}")
-        st = self.state
+        st, rng = self.state, capture_rng(self.device)
         payload = {
             **st.to_checkpoint(self.info.world), "loss": loss, "val_loss": val_loss, "config": self.cfg.to_dict(),
-            "scaler_state_dict": self.scaler.state_dict(), "rng_state": capture_rng(self.device),
+            "scaler_state_dict": self.scaler.state_dict(), "rng_state": rng,
+            **({"rng_state_by_rank": D.all_gather_object(rng, self.info)} if self.info.enabled else {}),
             "scheduler_state_dict": {"name": self.cfg.train.lr_schedule, "step": st.global_step,
                                      "total_steps": self.total_steps},
             "tokenizer": self.tokenizer.to_spec(), "torch_version": str(torch.__version__),
