@@ -1,0 +1,77 @@
+"""The CUDA decisions that can be checked without a GPU: the data-sheet peak by whole device
+name, what deterministic mode sets up, bf16 only where the hardware has it, and FSDP's refusal of
+fp16 with the way out."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sab_byon_omni import device as P
+from sab_byon_omni import machine as M
+from sab_byon_omni.config import build_config
+from sab_byon_omni.errors import SabError
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "bf16", 835.5),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA L40", "bf16", 181.0), ("NVIDIA L40S", "fp16", 362.1),
+    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA A100-SXM4-40GB", "bf16", 312.0), ("Tesla T4", "fp16", 65.0),
+    ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA GeForce RTX 4090", "bf16", None), ("Tesla T4", "bf16", None),
+])
+def test_the_peak_table_matches_whole_device_names(name, precision, tflops):
+    assert M.gpu_peak_tflops(name, precision)[0] == tflops
+
+
+def test_fp32_peaks_follow_the_tf32_setting():
+    assert M.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", allow_tf32=True) == (156.0, "table: A100 tf32")
+    assert M.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", allow_tf32=False)[0] == 19.5
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_mode_on_cuda_is_strict_and_fixes_the_cublas_workspace(monkeypatch, restore_determinism):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    P.set_deterministic(torch.device("cuda"))  # touches no GPU: the environment and a global switch
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
+    P.set_deterministic(torch.device("cuda"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_deterministic_mode_on_cpu_only_warns(monkeypatch, restore_determinism):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    P.set_deterministic(torch.device("cpu"))
+    assert torch.is_deterministic_algorithms_warn_only_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_accepted_only_where_the_gpu_has_it(monkeypatch, capability, native):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # emulation counts
+    cuda = torch.device("cuda")
+    assert P.native_cuda_bf16(cuda) is native
+    if native:
+        assert P.resolve_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(SabError, match=r"Tesla T4 \(sm_7\d\) has no native bf16.*--precision fp16"):
+            P.resolve_precision("bf16", cuda)
+    assert P.resolve_precision("fp16", cuda) == "fp16"
+
+
+def test_fsdp_with_fp16_is_refused_with_what_to_use_instead(monkeypatch):
+    from sab_byon_omni.training import distributed as D
+    from sab_byon_omni.training.run_setup import RunSetup
+
+    monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=2, rank=0))
+    cfg = build_config({"preset": "tiny", "parallel": "fsdp", "precision": "fp16", "device": "cpu"})
+    with pytest.raises(SabError, match="--parallel ddp with fp16 on older ones"):
+        RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
