@@ -138,7 +138,7 @@ def test_generate_and_eval_take_every_form(sources, form, capsys):
     assert main(["generate", "--checkpoint", src, "--prompt", "[CODE]", "--max-new-tokens", "12",
                  "--temperature", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("[CODE]") and len(out.strip()) == len("[CODE]") + 12
+    assert out.startswith("[CODE]") and len(out.removesuffix("\n")) == len("[CODE]") + 12  # spaces are tokens too
     assert main(["eval", "--checkpoint", str(sources["checkpoint"]), "--json"]) == 0
     reference = capsys.readouterr().out
     if form != "transformers folder":  # the exported folder loads with fragmergent off, folded in: same numbers

@@ -34,8 +34,9 @@ TEXTS = ["Hello, world! 123", "spaced : a , b . c ! d ? it 's do n't", "café na
          "\x00\x07 controls \u200b", "", "   leading and trailing   "]
 
 
-def _model(preset: str, vocab: int = 96, step: int = 7, sharpen: float = 1.0, **model) -> CausalTransformer:
-    torch.manual_seed(0)
+def _model(preset: str, vocab: int = 96, step: int = 7, sharpen: float = 1.0, seed: int = 0,
+           **model) -> CausalTransformer:
+    torch.manual_seed(seed)
     m = CausalTransformer(ModelConfig.from_name(preset, vocab_size=vocab, **model))
     m.fragmergent.set_step(step)
     if sharpen != 1.0:
@@ -133,7 +134,7 @@ def test_char96_normalisation_matches_ours_character_by_character(tmp_path, char
 
 
 def test_greedy_generate_gives_our_tokens(tmp_path):
-    model = _model("tiny", sharpen=6.0)
+    model = _model("tiny", sharpen=6.0, seed=3)  # a seed whose greedy output is not one token repeated
     save_hf(model, Char96Tokenizer(), tmp_path / "m")
     hf, tok = _hf_model(tmp_path / "m"), transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
     prompt = Char96Tokenizer().encode("Consciousness is")

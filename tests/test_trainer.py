@@ -136,7 +136,7 @@ def test_bucketing_by_theoptimizer_step_keeps_the_training_trajectory(tmp_path):
         return [p.detach().clone() for p in trainer.raw.parameters()]
 
     plain, same, other = run(0), run(8), run(16)
-    for a, b in zip(plain, same):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+    for a, b in zip(plain, same):  # AdamW's normalisation amplifies last-bit differences a little
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # a bucket spanning two steps moves samples between them: visibly different weights
     assert max((a - c).abs().max() for a, c in zip(plain, other)) > 1e-4
