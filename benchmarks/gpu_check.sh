@@ -13,7 +13,9 @@
 # dimensions in the same process, MFU against the data-sheet peak and a matmul peak measured in
 # the run; generation tokens/s and MBU against HF generate. Runs from the source tree
 # (PYTHONPATH), so nothing needs installing: the GPU machine has no network.
-# Environment: PYTHON (default python3), GPU_CHECK_1B_BATCH (default 4 sequences of 2048).
+# Environment: PYTHON (default python3), GPU_CHECK_LIGHT_BATCH (Lightweight's sequences of 1024 a step,
+# default 64: 65k tokens, about 10 GiB by the estimator, room left for the HF peer in the same process),
+# GPU_CHECK_1B_BATCH (the 1b preset's sequences of 2048, default 4: about 38 GiB).
 set -uo pipefail
 
 DRY=0
@@ -47,7 +49,7 @@ if [[ $DRY == 1 ]]; then
   L_FACTS=60; L_TESTS=150; L_LIGHT=90; L_BIG=90; L_COMPILE=90; L_FP16=90; L_GEN=90; L_GEN_BIG=90
 else
   DEVICE=cuda; B1=${GPU_CHECK_1B_BATCH:-4}; LANES=1  # one part at a time: the timings are the point
-  LIGHT=(--preset lightweight --seq-len 1024 --batch-size 64)
+  LIGHT=(--preset lightweight --seq-len 1024 --batch-size "${GPU_CHECK_LIGHT_BATCH:-64}")
   BIG=(--preset 1b --vocab-size 50000 --seq-len 2048 --batch-size "$B1")
   STEPS=(--steps 3 --warmup 1); TEST_ARGS=(-n 3 --dist loadfile); NOCOMPILE=()  # xdist: tests side by side
   GEN_LIGHT=(--preset lightweight --prompt-len 128 --new-tokens 256)

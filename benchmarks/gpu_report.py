@@ -120,7 +120,7 @@ def _junit(path: Path) -> dict[str, Any] | None:
         tests.append({"test": f"{module}::{case.get('name', '')}",
                       "outcome": outcome, "seconds": round(float(case.get("time") or 0), 2), "message": message})
     counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
-    return {**counts, "tests": tests}
+    return {**counts, "tests": sorted(tests, key=lambda t: t["test"])}
 
 
 def _figures(name: str, work: Path) -> dict[str, Any] | None:
@@ -171,7 +171,8 @@ def build(work: Path, outdir: Path) -> dict[str, Any]:
     meta = json.loads(_read(work / "meta.json") or "{}")
     rows = parts(work)
     device = next((p["figures"] for p in rows if p["name"] == "facts" and p["figures"]), None) or {}
-    report = {**meta, "device": device, "parts": rows, "targets": targets(rows, bool(meta.get("dry_run"))),
+    report = {**meta, "device": device, "all_parts_ok": bool(rows) and all(p["status"] == "ok" for p in rows),
+              "parts": rows, "targets": targets(rows, bool(meta.get("dry_run"))),
               "seconds": round(time.time() - meta.get("start_s", time.time()), 1)}
     _write(outdir / "gpu_report.json", json.dumps(report, indent=2) + "\n")
     _write(outdir / "gpu_report.md", markdown(report))

@@ -38,7 +38,7 @@ def test_the_dry_run_writes_the_whole_report(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.log", "gpu_report.json",
                                                                     "gpu_report.md"]
     r = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
-    assert r["dry_run"] is True and r["seconds"] > 0
+    assert r["dry_run"] is True and r["seconds"] > 0 and r["all_parts_ok"] is True
     assert {"device", "driver", "torch", "cuda", "python"} <= r["device"].keys() and r["device"]["torch"]
     assert [p["name"] for p in r["parts"]] == PARTS
     for p in r["parts"]:
@@ -78,7 +78,7 @@ def test_a_failed_or_timed_out_part_is_reported_with_its_log(tmp_path):
     assert len(timed_out["log_tail"]) == gpu_report.TAIL and timed_out["figures"] is None
     assert failed["exit_code"] == 1 and "OutOfMemoryError" in failed["log_tail"]
     assert r["targets"][0]["value"] is None and r["targets"][0]["met"] is None  # no figure, no verdict
-    assert r["targets"][-1]["met"] is False  # no GPU tests ran: not green
+    assert r["targets"][-1]["met"] is False and r["all_parts_ok"] is False  # no GPU tests ran: not green
     md = (out / "gpu_report.md").read_text()
     assert "| bench_1b_bf16_compile | **timeout** | 100.0 (100) |" in md and "NVIDIA H100 80GB HBM3" in md
     assert "## bench_1b_fp16: failed (exit 1), end of its log" in md and "CUDA out of memory" in md
