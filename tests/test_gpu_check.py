@@ -84,6 +84,19 @@ def test_a_failed_or_timed_out_part_is_reported_with_its_log(tmp_path):
     assert "## bench_1b_fp16: failed (exit 1), end of its log" in md and "CUDA out of memory" in md
 
 
+def test_past_its_deadline_the_check_skips_the_remaining_parts_and_still_reports(tmp_path):
+    env = {**os.environ, "GPU_CHECK_TOTAL_S": "4", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]  # not every part ran
+    r = json.loads((tmp_path / "out" / "gpu_report.json").read_text())
+    assert [p["name"] for p in r["parts"]] == PARTS and r["all_parts_ok"] is False
+    statuses = [p["status"] for p in r["parts"]]
+    assert set(statuses) <= {"ok", "timeout", "skipped"} and statuses[-1] == "skipped"
+    assert all(p["limit_s"] <= 4 for p in r["parts"])
+    assert "no time left" in r["parts"][-1]["log_tail"] and (tmp_path / "out" / "gpu_report.md").is_file()
+
+
 def test_the_script_refuses_a_missing_outdir(tmp_path):
     out = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "usage:" in out.stderr
