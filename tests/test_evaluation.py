@@ -166,10 +166,16 @@ def test_eval_bad_arguments(trained, capsys, args, match):
 
 
 def test_eval_missing_checkpoint_and_synthetic_data(in_tmp, capsys):
+    """A missing model is one error line; a model trained on the synthetic data is scored on the
+    same held-out samples as in training (the number its last validation reported)."""
     assert main(["eval", "--checkpoint", "nope.pt", "--data", "."]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--num_samples", "20", "--seq_len", "64", "--epochs", "1",
                  "--checkpoint_dir", "syn", "--progress", "false"]) == 0
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", "syn/best_model.pt"]) == 2
-    assert "pass --data PATH" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "syn/best_model.pt", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    best = torch.load("syn/best_model.pt", weights_only=True)
+    assert r["data"] == "synthetic" and r["samples"] == 2  # 10% of 20 held out
+    assert r["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert 0 < r["entropy_floor"] < r["loss"]
