@@ -1,5 +1,5 @@
 import sys
 
-from sab_byon_omni.cli import main
+from sab_byon_omni.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -16,7 +16,9 @@ import difflib
 import importlib
 import logging
 import re
+import signal
 import sys
+import threading
 
 from sab_byon_omni import __version__
 from sab_byon_omni.errors import SabError
@@ -62,15 +64,23 @@ class Parser(argparse.ArgumentParser):
                                           cutoff=0.75)
         return f" (did you mean {known[[k.replace('-', '_') for k in known].index(close[0])]}?)" if close else ""
 
+    def alias(self, old: str, new: str) -> None:
+        """Accept ``old`` as an earlier spelling of the flag ``new`` (not shown in --help)."""
+        self._option_string_actions[old] = self._option_string_actions[new]
+
     def accept_both_spellings(self) -> None:
         """Register ``--a_b`` for every ``--a-b`` (and the reverse), without showing both in --help."""
         for action in list(self._actions):
             for opt in list(action.option_strings):
                 if not opt.startswith("--"):
                     continue
-                for alt in (opt.replace("-", "_"), "--" + opt[2:].replace("_", "-")):
+                for alt in ("--" + opt[2:].replace("-", "_"), "--" + opt[2:].replace("_", "-")):
                     if alt not in self._option_string_actions:
                         self._option_string_actions[alt] = action
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def build_parser() -> Parser:
@@ -86,6 +96,8 @@ def build_parser() -> Parser:
                 continue  # command not available in this build
             raise
         p = module.register(sub)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="log warnings and errors only")
         p.set_defaults(_run=module.run)
         p.accept_both_spellings()
     return parser
@@ -94,7 +106,10 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's own parser, which knows its flags (for "did you mean")
+            command = _subparsers(parser).choices.get(getattr(args, "command", None) or "", parser)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
@@ -110,5 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``sab-omni`` program: :func:`main`, then deaf to Ctrl-C while the interpreter shuts down,
+    so that a late second Ctrl-C cannot turn a clean exit (0, 2 or 130) into a crash."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sab_byon_omni.data.batching import IGNORE_INDEX
+from sab_byon_omni.data.batching import IGNORE_INDEX, iterate_batches
 from sab_byon_omni.training.loss import causal_lm_loss
 
 
@@ -109,3 +109,37 @@ def evaluate_stream(model: nn.Module, tokens: np.ndarray, n_bytes: int, seq_len:
     t0 = time.perf_counter()
     loss_sum, n = stream_loss(model, tokens, seq_len, stride or seq_len - 1, batch_size, device, autocast)
     return EvalResult(loss_sum, n, n_bytes, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def sample_loss(model: nn.Module, data: object, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+                autocast: contextlib.AbstractContextManager | None = None, max_batches: int = 0, world: int = 1,
+                rank: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses as a float64 tensor on ``device``, predictions) over a dataset of
+    samples (this process's share of it under torchrun; all of it unless ``max_batches``)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    batches = iterate_batches(data, batch_size, pad_id=pad_id, shuffle=False, world=world, rank=rank)
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            batch = batch.to(torch.device(device))
+            with autocast if autocast is not None else contextlib.nullcontext():
+                total += causal_lm_loss(model(batch.input_ids), batch.labels).double()
+            count += batch.n_targets
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def evaluate_samples(model: nn.Module, data: object, n_bytes: int, batch_size: int = 8, pad_id: int = 0,
+                     device: torch.device | str = "cpu",
+                     autocast: contextlib.AbstractContextManager | None = None) -> EvalResult:
+    """Loss, perplexity and bits per byte of ``model`` over a dataset of samples (e.g. the
+    synthetic validation split) whose texts hold ``n_bytes`` UTF-8 bytes."""
+    t0 = time.perf_counter()
+    total, n = sample_loss(model, data, batch_size, pad_id, device, autocast)
+    return EvalResult(float(total), n, n_bytes, time.perf_counter() - t0)

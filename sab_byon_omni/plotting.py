@@ -144,13 +144,13 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
         raise SabError(f"{src} has no loss rows yet (the first is written after train.log_interval steps)")
     dest = Path(out) if out is not None else src.parent / DEFAULT_PNG
     if dest.suffix.lower() != ".png":
-        raise SabError(f"--out {dest}: the plot is a PNG; give a file name ending in .png")
+        raise SabError(f"-o {dest}: the plot is a PNG; give a file name ending in .png")
     if dest.is_dir():
-        raise SabError(f"--out {dest} is a directory; give a file name ending in .png")
+        raise SabError(f"-o {dest} is a directory; give a file name ending in .png")
     if dest.exists():
         with dest.open("rb") as f:
             if f.read(8) != _PNG_MAGIC:
-                raise SabError(f"--out {dest} exists and is not a PNG; refusing to overwrite it")
+                raise SabError(f"-o {dest} exists and is not a PNG; refusing to overwrite it")
     fig = make_figure(series, title if title is not None else str(src.parent.name or src.parent))
     _atomic_savefig(fig, dest)
     log.debug("wrote %s (%s)", dest, ", ".join(series.names()))

@@ -27,8 +27,11 @@ def test_built_in_defaults_equal_default_yaml():
 
 
 def test_every_shipped_config_loads():
-    for path in (ROOT / "configs").glob("*.yaml"):
-        load_config(path)
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"default", "lightweight", "tiny"}, shipped
+    for path in shipped:
+        assert isinstance(load_config(path), RunConfig)
+        assert load_config(path.stem) == load_config(path)  # by name too: `sab-omni train --config lightweight`
 
 
 def test_flat_guide_keys_are_accepted(tmp_path):

@@ -1,8 +1,11 @@
-"""sab-omni eval: validation loss, perplexity and bits per byte of a checkpoint on a corpus.
+"""sab-omni eval: validation loss, perplexity and bits per byte of a model, on the data it was
+trained on or on any --data.
 
-The whole split is scored with a sliding window (see sab_byon_omni.evaluation). The corpus is
-read, split and tokenised exactly as in training (the checkpoint's data options and tokenizer),
-so `--data` pointing at the training folder evaluates the held-out validation documents.
+A corpus of files is read, split and tokenised exactly as in training (the checkpoint's data
+options and tokenizer) and scored with a sliding window, so `--data` pointing at the training
+folder evaluates the held-out validation documents. A model trained on the synthetic dataset is
+scored on the same held-out samples as in training (and the report gives their entropy floor,
+the lowest loss any model can reach on them).
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ import dataclasses
 import json
 import logging
 
-from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.data.corpus import open_corpus
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.evaluation import EvalResult, evaluate_stream
-from sab_byon_omni.device import make_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
+  sab-omni eval --checkpoint checkpoints/tiny/best_model.pt          # the data it was trained on
   sab-omni eval --checkpoint run/best_model.pt --data ~/notes
   sab-omni eval --checkpoint run/best_model.pt --data "src/**/*.py" --stride 256 --batch-size 16
   sab-omni eval --checkpoint run/best_model.pt --data other_corpus/ --split all --json
@@ -30,9 +30,11 @@ EXAMPLE = """examples:
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a corpus",
                        description=__doc__, epilog=EXAMPLE)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by train")
+    p.add_argument("--checkpoint", required=True, metavar="SOURCE",
+                   help="the model: a checkpoint, a .safetensors file from export, a save_pretrained or transformers "
+                        "folder, or a Hub id in the local cache (as for generate)")
     p.add_argument("--data", metavar="PATH", default=None,
-                   help="file, folder or glob (default: the dataset the checkpoint was trained on)")
+                   help="file, folder or glob, or 'synthetic' (default: the data the model was trained on)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
                    help="which documents to score (default: val, the held-out ones)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the checkpoint's data.seq_len)")
@@ -49,15 +51,65 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.device import make_precision, resolve_device
+
     if args.batch_size < 1:
         raise SabError(f"--batch-size={args.batch_size} must be at least 1")
     device = resolve_device(args.device)
-    sab = SABTranscendentV2.from_checkpoint(args.checkpoint, device=device)
+    sab = SABTranscendentV2.load(args.checkpoint, device=device)
     cfg = sab.config
     dataset = args.data if args.data is not None else cfg.data.dataset
+    precision = make_precision(args.precision, device)
     if dataset == "synthetic":
-        raise SabError("eval scores a corpus of your files: pass --data PATH (the checkpoint was trained on the "
-                       "synthetic dataset)")
+        result, where, extra = _synthetic(sab, args, device, precision)
+    else:
+        result, where, extra = _corpus(sab, args, dataset, device, precision)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "data": dataset, "split": args.split, **extra,
+                          **result.as_dict()}))
+    else:
+        print(f"{args.split} split of {dataset}: {result.n_tokens:,} tokens, {result.n_bytes:,} bytes "
+              f"({where}, {result.seconds:.1f} s)")
+        print(f"loss {result.loss:.4f} nats/token   perplexity {result.perplexity:.3f}   "
+              f"bits/byte {result.bits_per_byte:.4f}"
+              + (f"   (entropy floor {extra['entropy_floor']:.4f} nats/token)" if "entropy_floor" in extra else ""))
+    return 0
+
+
+def _splits(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("train", "val") if args.split == "all" else (args.split,)
+
+
+def _synthetic(sab, args, device, precision):  # type: ignore[no-untyped-def]
+    """The held-out samples of the synthetic dataset the model was trained on (same seed, size, split)."""
+    from sab_byon_omni.data.synthetic import MultimodalConsciousnessDataset
+    from sab_byon_omni.evaluation import EvalResult, evaluate_samples
+
+    if args.seq_len or args.stride:
+        raise SabError("--seq-len and --stride apply to corpora of files; synthetic samples are scored whole")
+    d = sab.config.data
+    seq_len = min(d.seq_len, sab.config.model.max_seq_len)
+    ds = MultimodalConsciousnessDataset(sab.tokenizer, d.num_samples, seq_len, d.data_seed)
+    train, val = ds.split(d.val_fraction)
+    result, floor, samples = EvalResult(0.0, 0, 0), [], 0
+    for name in _splits(args):
+        part = val if name == "val" else train
+        n_bytes = sum(len(ds.texts[int(i)].encode("utf-8")) for i in part.indices)
+        result = result + evaluate_samples(sab.model, part, n_bytes, args.batch_size, sab.tokenizer.pad_id, device,
+                                           precision.autocast())
+        floor += list(part.indices)
+        samples += len(part)
+    extra = {"samples": samples, "entropy_floor": ds.entropy_floor(floor)} if sab.tokenizer.name != "bpe" else \
+        {"samples": samples}
+    return result, f"{samples:,} samples of {d.num_samples:,}, seed {d.data_seed}", extra
+
+
+def _corpus(sab, args, dataset, device, precision):  # type: ignore[no-untyped-def]
+    from sab_byon_omni.data.corpus import open_corpus
+    from sab_byon_omni.evaluation import EvalResult, evaluate_stream
+
+    cfg = sab.config
     seq_len = args.seq_len or min(cfg.data.seq_len, cfg.model.max_seq_len)
     if not 2 <= seq_len <= cfg.model.max_seq_len:
         raise SabError(f"--seq-len={seq_len} must be in [2, model.max_seq_len={cfg.model.max_seq_len}]")
@@ -66,22 +118,12 @@ def run(args: argparse.Namespace) -> int:
         raise SabError(f"--stride={stride} must be in [1, seq_len-1={seq_len - 1}]")
     data_cfg = dataclasses.replace(cfg.data, dataset=dataset, cache_dir=args.cache_dir or cfg.data.cache_dir)
     corpus = open_corpus(data_cfg, sab.tokenizer)
-    precision = make_precision(args.precision, device)
-    splits = ("train", "val") if args.split == "all" else (args.split,)
     result = EvalResult(0.0, 0, 0)
-    for split in splits:
+    for split in _splits(args):
         tokens = corpus.val_tokens if split == "val" else corpus.train_tokens
         if len(tokens) < 2:
             raise SabError(f"the {split} split of {dataset!r} has {len(tokens)} token(s): nothing to score")
         log.info("scoring %s %s tokens (window %d, stride %d)", f"{len(tokens):,}", split, seq_len, stride)
         result = result + evaluate_stream(sab.model, tokens, corpus.meta[f"{split}_bytes"], seq_len, stride,
                                           args.batch_size, device, precision.autocast())
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": dataset, "split": args.split, "seq_len": seq_len,
-                          "stride": stride, **result.as_dict()}))
-    else:
-        print(f"{args.split} split of {dataset}: {result.n_tokens:,} tokens, {result.n_bytes:,} bytes "
-              f"(window {seq_len}, stride {stride}, {result.seconds:.1f} s)")
-        print(f"loss {result.loss:.4f} nats/token   perplexity {result.perplexity:.3f}   "
-              f"bits/byte {result.bits_per_byte:.4f}")
-    return 0
+    return result, f"window {seq_len}, stride {stride}", {"seq_len": seq_len, "stride": stride}

@@ -1,13 +1,12 @@
-"""sab-omni export: a checkpoint's weights to safetensors, and a safetensors file back to a checkpoint.
+"""sab-omni export: write a trained model for another tool.
 
-A ``.safetensors`` file holds only tensors and a string header: loading it can never run code,
-which makes it the format to share weights in. The export writes the model weights (not the
-optimizer) plus the run's config and tokenizer as header metadata, so the file alone rebuilds the
-model. A tied output head (``model.tie_embeddings``, the default) shares its tensor with the token
-embedding; safetensors refuses shared tensors, so ``safetensors.torch.save_model`` stores it once
-and ``load_model`` re-ties it.
-
-Python: :func:`sab_byon_omni.core.export.export_safetensors` and :func:`~sab_byon_omni.core.export.import_safetensors`.
+Formats (by default from the output's name): a .safetensors file (weights plus the run's config
+and tokenizer in its header; loading it never runs code), a transformers folder (GPT-NeoX, read by
+AutoModelForCausalLM and AutoTokenizer without this package), or a .pt training checkpoint
+(no optimizer state). The source is anything generate takes: a checkpoint, a .safetensors file
+from export, a save_pretrained folder, a transformers folder from export, or a Hub id in the
+local cache. Exporting a transformers folder back to a .pt is the import (exact for folders this
+command wrote, and for GPT-NeoX models of the same shape).
 """
 
 from __future__ import annotations
@@ -18,38 +17,44 @@ from pathlib import Path
 from sab_byon_omni.errors import SabError
 
 DTYPES = ("keep", "fp32", "bf16", "fp16")
+FORMATS = ("safetensors", "hf", "pt")
 
 EXAMPLE = """examples:
-  sab-omni export --checkpoint checkpoints/best_model.pt --out model.safetensors
-  sab-omni export --checkpoint checkpoints/best_model.pt --out model-bf16.safetensors --dtype bf16
-  sab-omni export --from-safetensors model.safetensors --out imported.pt   # back to a checkpoint
+  sab-omni export --checkpoint checkpoints/best_model.pt -o model.safetensors
+  sab-omni export --checkpoint checkpoints/best_model.pt -o model-bf16.safetensors --dtype bf16
+  sab-omni export --checkpoint checkpoints/best_model.pt -o hf_model --format hf   # for transformers
+  sab-omni export --checkpoint hf_model -o imported.pt                             # and back
   sab-omni generate --checkpoint imported.pt --prompt "Consciousness is"
 """
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export weights to safetensors, or import them back",
+    p = sub.add_parser("export", help="write a model as safetensors, a transformers folder or a checkpoint",
                        description=__doc__, epilog=EXAMPLE)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by train: write its weights to --out")
+    src.add_argument("--checkpoint", metavar="SOURCE", help="the model to export (any source generate takes)")
     src.add_argument("--from-safetensors", metavar="PATH",
-                     help="a .safetensors file written by export: write a checkpoint (.pt) to --out")
-    p.add_argument("--out", required=True, metavar="PATH", help="the file to write (never overwritten without --force)")
+                     help="the same as --checkpoint PATH (the earlier spelling of importing a .safetensors file)")
+    p.add_argument("-o", "--output", required=False, metavar="PATH",
+                   help="the file or folder to write (never replaced without --force)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="safetensors, hf (a transformers folder) or pt (a checkpoint); by default .safetensors and "
+                        ".pt names choose theirs and anything else is an hf folder")
     p.add_argument("--dtype", choices=DTYPES, default="keep",
-                   help="store the weights in this dtype (export only; default: keep the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+                   help="store the weights in this dtype (safetensors and hf; default: keep the model's)")
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.alias("--out", "--output")  # the earlier spelling
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from sab_byon_omni.core.export import export_safetensors, import_safetensors
+    from sab_byon_omni.core.export import export_model
 
-    if args.checkpoint:
-        out = export_safetensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.force)
-    else:
-        if args.dtype != "keep":
-            raise SabError("--dtype applies to export (--checkpoint), not to --from-safetensors")
-        out = Path(args.out)
-        import_safetensors(args.from_safetensors, out, overwrite=args.force)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB)")
+    if not args.output:
+        raise SabError("export: -o/--output is required (the file or folder to write)")
+    source = args.checkpoint or args.from_safetensors
+    fmt = args.format or ("pt" if args.from_safetensors and not args.format else None)
+    out = export_model(source, args.output, fmt=fmt, dtype=args.dtype, overwrite=args.force)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 2**20:,.1f} MiB{', a transformers folder' if Path(out).is_dir() else ''})")
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.errors import SabError
-from sab_byon_omni.device import resolve_device
 
 EXAMPLE = """examples:
   sab-omni generate --checkpoint checkpoints/best_model.pt --prompt "Consciousness is"
@@ -17,7 +14,9 @@ EXAMPLE = """examples:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint", description=__doc__, epilog=EXAMPLE)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint written by train")
+    p.add_argument("--checkpoint", required=True, metavar="SOURCE",
+                   help="the model: a checkpoint (.pt or .dcp), a .safetensors file from export, a save_pretrained "
+                        "folder, a transformers folder from export, or a Hub id user/name in the local cache")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
@@ -26,23 +25,21 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for checks)")
     p.add_argument("--device", default="auto", help="torch device; auto picks cuda, then mps, then cpu (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision, as train.precision (default: auto: bf16/fp16 on GPUs, fp32 on most CPUs)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise SabError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
-    if args.temperature < 0:
-        raise SabError(f"--temperature={args.temperature} must not be negative")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise SabError(f"--top-p={args.top_p} must be in (0, 1]")
-    if args.top_k < 0:
-        raise SabError(f"--top-k={args.top_k} must not be negative")
-    sab = SABTranscendentV2.from_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2, check_sampling
+    from sab_byon_omni.device import resolve_device
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    sab = SABTranscendentV2.load(args.checkpoint, device=resolve_device(args.device))
     sys.stdout.write(args.prompt)
     sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stream=True,
-                 use_cache=not args.no_cache)
+                 use_cache=not args.no_cache, precision=args.precision)
     sys.stdout.write("\n")
     print(f"[{sab.last_tokens_per_second:,.1f} tokens/s]", file=sys.stderr)
     return 0

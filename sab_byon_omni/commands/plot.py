@@ -12,7 +12,7 @@ from sab_byon_omni.plotting import DEFAULT_PNG, collect_series, metrics_path, pl
 
 EXAMPLE = f"""examples:
   sab-omni plot checkpoints/tiny                    # writes checkpoints/tiny/{DEFAULT_PNG}
-  sab-omni plot checkpoints/lightweight --out loss.png --title "lightweight, lr 1e-3"
+  sab-omni plot checkpoints/lightweight -o loss.png --title "lightweight, lr 1e-3"
 """
 
 
@@ -21,15 +21,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        epilog=EXAMPLE)
     p.add_argument("run_dir", metavar="RUN_DIR",
                    help="a checkpoint_dir written by train (or its metrics.jsonl file)")
-    p.add_argument("--out", metavar="PNG", default=None,
+    p.add_argument("-o", "--output", metavar="PNG", default=None,
                    help=f"where to write the PNG (default: RUN_DIR/{DEFAULT_PNG}); an existing non-PNG file is never "
                         "overwritten")
     p.add_argument("--title", default=None, help="figure title (default: the run directory's name)")
+    p.alias("--out", "--output")  # the earlier spelling
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    path = plot_metrics(args.run_dir, args.out, args.title)
+    path = plot_metrics(args.run_dir, args.output, args.title)
     s = collect_series(read_metrics(metrics_path(args.run_dir)))
     parts = []
     if s.loss[0]:

@@ -22,13 +22,12 @@ from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config,
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.device import make_precision
 from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.io.sources import PRETRAINED_FORMAT, Weights, is_pretrained_folder, locate, parse_json, read_weights
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.io.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "sab_tokenizer.json"
@@ -36,9 +35,7 @@ TOKENIZER_FILE = "sab_tokenizer.json"
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SabError(f"{path}: not valid JSON: {e}") from None
+        return parse_json(path.read_bytes(), str(path))
     except OSError as e:
         raise SabError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -89,6 +86,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
             cfg = replace(cfg, **{"model.max_seq_len": cfg.data.seq_len})
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         self.config, self.tokenizer = cfg, tokenizer
+        self.origin, self.global_step = "new model", 0  # where load() found it, and its training step
         if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
             with torch.device("meta"):
                 self.model = CausalTransformer(cfg.model)
@@ -100,28 +98,38 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
 
     # --------------------------------------------------------------------------- construction
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> "SABTranscendentV2":
-        """Rebuild model, tokenizer and config from one checkpoint file."""
-        self = cls.from_checkpoint_dict(load_checkpoint(path), source=str(path))
+    def load(cls, source: str | Path, device: str | torch.device | None = None) -> "SABTranscendentV2":
+        """Model, tokenizer and config from any source a command accepts: a training checkpoint
+        (``.pt``), a sharded one (``.dcp``), a ``.safetensors`` file from ``sab-omni export``, a folder
+        written by :meth:`save_pretrained` (or its ``model.safetensors``), a transformers folder
+        from ``sab-omni export --format hf``, or a Hub id in the local cache (never downloaded).
+        Which one it was is in ``self.origin``."""
+        p = locate(source)
+        folder = p if p.is_dir() else p.parent if p.name == WEIGHTS_FILE else None
+        if folder is not None and is_pretrained_folder(folder):
+            self = cls.from_pretrained(folder, device=device)
+            self.origin, self.global_step = f"saved model {folder}", 0
+            return self
+        self = cls.from_weights(read_weights(p))
         if device is not None:
             self.model.to(device)
         return self
 
     @classmethod
-    def from_checkpoint_dict(cls, ck: dict[str, Any], source: str = "checkpoint") -> "SABTranscendentV2":
-        """Rebuild from an already-loaded checkpoint dict; ``source`` names it in errors."""
+    def from_weights(cls, w: Weights) -> "SABTranscendentV2":
+        """Build the model of ``w.config`` and load ``w.state_dict`` into it, strictly."""
+        self = cls(config=w.config, tokenizer=w.tokenizer)
         try:
-            cfg = build_config(ck["config"], source=source)
-        except SabError as e:
-            raise SabError(f"{source}: bad config inside the checkpoint: {e}") from None
-        tok = from_spec(ck["tokenizer"]) if "tokenizer" in ck else build_tokenizer(cfg.data.tokenizer)
-        self = cls(config=cfg, tokenizer=tok)
-        try:
-            self.model.load_state_dict(ck["model_state_dict"])
+            self.model.load_state_dict(w.state_dict)
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise SabError(f"{source}: weights do not fit the model in its config: "
-                           f"{str(e).splitlines()[0][:160]}") from None
+            raise SabError(f"{w.origin}: weights do not fit the model in its config: {first_line(e)}") from None
+        self.origin, self.global_step = w.origin, w.global_step
         return self
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> "SABTranscendentV2":
+        """Rebuild model, tokenizer and config from one training checkpoint (any source, see :meth:`load`)."""
+        return cls.load(path, device)
 
     # ------------------------------------------------------------------------ save and share
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:  # type: ignore[override]

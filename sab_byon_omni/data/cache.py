@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sab_byon_omni.io.atomic import atomic_write_text
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
@@ -152,9 +153,7 @@ def build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, to
                   "skipped": dict(docs.stats.skipped)},
         "tokenize_seconds": round(seconds, 3),
     }
-    tmp = directory / f"{META_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp, directory / META_FILE)
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1), what="data cache")  # written last
     total = meta["train_bytes"] + meta["val_bytes"]
     log.info("corpus: tokenised %.2f MB into %s train + %s validation tokens in %.1f s (%.2f MB/s; %.1f s in all) "
              "-> %s", total / 1e6, f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", seconds,
@@ -210,6 +209,8 @@ class _SplitWriter:
         self.pending, self.pending_bytes = [], 0
 
     def finish(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
 

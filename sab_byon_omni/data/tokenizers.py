@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from sab_byon_omni.io.atomic import atomic_write_text
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.errors import SabError, bounded, first_line
 
@@ -216,7 +217,7 @@ class BPETokenizer:
         return cls.from_json(p.read_text(encoding="utf-8"))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self._tok.to_str(), encoding="utf-8")
+        atomic_write_text(path, self._tok.to_str(), what="tokenizer")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(utf8_safe(text)).ids

@@ -239,7 +239,7 @@ class RunSetup:
                 "(same effective batch), or --activation_checkpointing true or a shorter --seq_len; "
                 "--resume auto continues from the last checkpoint")
 
-    def banner_lines(self, notes: list[str], val_data: Any) -> list[tuple[str, str]]:
+    def banner_lines(self, notes: list[tuple[str, str]], val_data: Any) -> list[tuple[str, str]]:
         m, d, t = self.cfg.model, self.cfg.data, self.cfg.train
         n = sum(p.numel() for p in self.raw.parameters())
         eff = t.batch_size * t.gradient_accumulation_steps * self.info.world
@@ -263,7 +263,7 @@ class RunSetup:
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
             ("memory", f"estimated peak {fmt_bytes(self.memory.peak)} of {fmt_bytes(self.memory.usable)} usable "
                        f"({self.memory.what})" if math.isfinite(self.memory.peak) else "no estimate for this device"),
-            *[("recipe", note) for note in notes],
+            *notes,
             ("time", "measured after the first steps"),
         ]
 

@@ -6,12 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.config import RunConfig, replace
+from sab_byon_omni.config import RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec, spec_equal
 from sab_byon_omni.training.checkpointer import Checkpointer
+from sab_byon_omni.training.optim import make_optimizer
 from sab_byon_omni.training.trainer import Trainer, TrainResult
+
+__all__ = ["train_3b_rapid", "run_training", "make_optimizer", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,34 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4,
     return Trainer(sab.model, tokenizer, train, val, cfg).fit()
 
 
-def run_training(cfg: RunConfig, notes: list[str] | None = None,
+def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
                  resume_hint: str = "continue with --resume auto") -> tuple[SABTranscendentV2, TrainResult]:
     """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
-    tokenizer, train, val = load_datasets(cfg.data, _resume_tokenizer(cfg))
+    notes = list(notes or [])
+    resume_tok = _resume_tokenizer(cfg)
+    init = None
+    if cfg.train.init_from and resume_tok is None:  # a checkpoint to resume from takes precedence
+        init = SABTranscendentV2.load(cfg.train.init_from)
+        cfg = adopt_architecture(cfg, init)
+        notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
+    tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
     sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
+    if init is not None:
+        sab.model.load_state_dict(init.model.state_dict())
     return sab, Trainer(sab.model, tokenizer, train, val, sab.config, notes=notes, resume_hint=resume_hint).fit()
+
+
+def adopt_architecture(cfg: RunConfig, init: SABTranscendentV2) -> RunConfig:
+    """``cfg`` with the model section and tokenizer of ``init`` (what its weights need); the run
+    keeps its own dropout and activation checkpointing, and its sequence length (rotary positions
+    extend to a longer one)."""
+    model = {**init.config.to_dict()["model"], "dropout": cfg.model.dropout,
+             "activation_checkpointing": cfg.model.activation_checkpointing}
+    model["max_seq_len"] = max(model["max_seq_len"], cfg.data.seq_len)
+    raw = cfg.to_dict()
+    raw["model"] = model
+    raw["data"] = {**raw["data"], "tokenizer": init.tokenizer.name, "tokenizer_path": None}
+    return build_config(raw, source="init_from")
 
 
 def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:

@@ -33,6 +33,7 @@ from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches
 from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.evaluation import sample_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.loss import causal_lm_loss
@@ -48,21 +49,11 @@ log = logging.getLogger(__name__)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: TokenDataset, batch_size: int, pad_id: int, precision: Precision,
              info: D.DistInfo = D.DistInfo(), max_batches: int = 0) -> float:
-    """Mean loss per predicted token over ``data`` (all of it unless ``max_batches``)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=precision.device)
-    count = 0
-    batches = iterate_batches(data, batch_size, pad_id=pad_id, shuffle=False, world=info.world, rank=info.rank)
-    for batch in itertools.islice(batches, max_batches or None):
-        batch = batch.to(precision.device)
-        with precision.autocast():
-            total += causal_lm_loss(model(batch.input_ids), batch.labels).double()
-        count += batch.n_targets
-    model.train(was_training)
+    """Mean loss per predicted token over ``data`` (all of it unless ``max_batches``), all processes."""
+    total, count = sample_loss(model, data, batch_size, pad_id, precision.device, precision.autocast(), max_batches,
+                               info.world, info.rank)
     loss_sum, n = D.all_reduce_sum([total.item(), float(count)], info, precision.device)
     return loss_sum / max(n, 1.0)
 
@@ -119,11 +110,11 @@ class Trainer:
     """Trains ``model`` in place on ``train_data``. :meth:`setup` prepares everything (device,
     parallelism, memory plan, optimizer, resume) and writes nothing until the inputs are known to
     be good; :meth:`fit` runs the loop; :meth:`train_step` is one optimizer step (what ``sab-omni
-    bench`` times). ``notes``: lines for the start banner (e.g. which recipe is in force);
+    bench`` times). ``notes``: (key, text) lines for the start banner (which recipe, which weights);
     ``resume_hint``: how the caller continues a stopped run."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: TokenDataset,
-                 val_data: TokenDataset | None, cfg: RunConfig, notes: list[str] | None = None,
+                 val_data: TokenDataset | None, cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
                  resume_hint: str = 'continue with resume="auto"') -> None:
         self.raw, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.train_data, self.val_data = train_data, val_data

@@ -1,0 +1,156 @@
+"""Where a trained model can come from, read into one shape (config, tokenizer, weights).
+
+Every command that takes a model (``generate``, ``eval``, ``export``, ``train --init_from``)
+accepts the same sources:
+
+* a training checkpoint (``.pt``), written by ``sab-omni train``;
+* a sharded FSDP checkpoint (a ``.dcp`` folder);
+* a ``.safetensors`` file written by ``sab-omni export`` (config and tokenizer in its header);
+* a folder written by ``save_pretrained`` (or its ``model.safetensors``), read by the facade;
+* a transformers folder (GPT-NeoX) written by ``sab-omni export --format hf``;
+* a Hub id ``user/name`` that is already in the local Hugging Face cache: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sab_byon_omni.config import RunConfig, build_config
+from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
+from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.io import dcp
+from sab_byon_omni.io.checkpoint import load_checkpoint
+
+EXPORT_FORMAT = "sab-byon-omni/1"  # the header tag of a file written by `sab-omni export`
+PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
+MAX_HEADER_JSON = 16 << 20  # bytes of JSON we parse from a header or config.json
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+@dataclass
+class Weights:
+    """A model's parts, read from any source; the facade builds and checks the model."""
+
+    config: RunConfig
+    tokenizer: Tokenizer
+    state_dict: dict[str, torch.Tensor]
+    epoch: int = 0
+    global_step: int = 0
+    origin: str = ""
+
+
+def parse_json(text: str | bytes, source: str) -> Any:
+    """JSON from a file we did not write: bounded in size and depth, one SabError for anything else."""
+    if len(text) > MAX_HEADER_JSON:
+        raise SabError(f"{source}: {len(text):,} bytes of JSON is more than a config can need")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SabError(f"{source}: JSON nested too deeply to be a config") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SabError(f"{source}: not valid JSON: {first_line(e)}") from None
+
+
+def is_pretrained_folder(d: Path) -> bool:
+    """A folder written by ``save_pretrained``: its config.json carries our format tag."""
+    cfg = d / "config.json"
+    if not cfg.is_file() or cfg.stat().st_size > MAX_HEADER_JSON:
+        return False
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == PRETRAINED_FORMAT
+
+
+def locate(source: str | Path) -> Path:
+    """The local path of ``source``: itself, or a Hub id's snapshot in the local cache."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    text = str(source)
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            # the cache folder as the environment says now (huggingface_hub reads it once, at import)
+            return Path(snapshot_download(text, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+        except Exception as e:  # not in the cache (LocalEntryNotFoundError), or a malformed id
+            raise SabError(f"{text}: not found as a file or folder, nor in the local Hugging Face cache "
+                           f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`): "
+                           f"{first_line(e)}") from None
+    raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
+                   "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local cache)")
+
+
+def read_weights(p: Path) -> Weights:
+    """The parts of the model at ``p`` (not a save_pretrained folder: the facade reads those)."""
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            from sab_byon_omni.io.hf import load_hf
+
+            cfg, tokenizer, state = load_hf(p)
+            return Weights(cfg, tokenizer, state, origin=f"transformers folder {p}")
+        if (p / dcp.META).is_file():
+            return _read_sharded(p)
+        raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
+    if p.suffix == ".safetensors":
+        return read_exported_safetensors(p)
+    ck = load_checkpoint(p)
+    cfg, tokenizer = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
+    return Weights(cfg, tokenizer, ck["model_state_dict"], ck["epoch"], ck["global_step"], f"checkpoint {p}")
+
+
+def _config_and_tokenizer(raw_cfg: Any, spec: Any, source: str) -> tuple[RunConfig, Tokenizer]:
+    try:
+        cfg = build_config(raw_cfg, source=source)
+    except SabError as e:
+        raise SabError(f"{source}: bad config inside: {e}") from None
+    tokenizer = from_spec(spec) if spec is not None else from_spec({"name": cfg.data.tokenizer})
+    return cfg, tokenizer
+
+
+def _read_sharded(p: Path) -> Weights:
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    meta = dcp.read_meta(p)
+    cfg, tokenizer = _config_and_tokenizer(meta["config"], meta.get("tokenizer"), f"{p}/{dcp.META}")
+    model = CausalTransformer(cfg.model)
+    dcp.load(p, model, None, no_dist=True)
+    return Weights(cfg, tokenizer, model.state_dict(), meta["epoch"], meta["global_step"], f"sharded checkpoint {p}")
+
+
+def read_exported_safetensors(p: Path) -> Weights:
+    """A file written by ``sab-omni export``: tensors, and the run's config and tokenizer in its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged headers
+        raise SabError(f"{p}: not a readable safetensors file: {first_line(e)}") from None
+    if meta.get("format") != EXPORT_FORMAT or "config" not in meta or "tokenizer" not in meta:
+        raise SabError(f"{p}: has no sab-byon-omni metadata (config, tokenizer): was it written by "
+                       "'sab-omni export'?")
+    raw_cfg = parse_json(meta["config"], f"{p} (config)")
+    spec = parse_json(meta["tokenizer"], f"{p} (tokenizer)")
+    epoch, step = (_count(meta.get(k, "0"), k, p) for k in ("epoch", "global_step"))
+    cfg, tokenizer = _config_and_tokenizer(raw_cfg, spec, str(p))
+    if cfg.model.tie_embeddings and "head.weight" not in state and "embed.weight" in state:
+        state["head.weight"] = state["embed.weight"]  # stored once (safetensors refuses shared tensors)
+    return Weights(cfg, tokenizer, state, epoch, step, f"safetensors file {p}")
+
+
+def _count(value: Any, name: str, p: Path) -> int:
+    text = str(value)
+    if not text.isdigit() or len(text) > 13:
+        raise SabError(f"{p}: damaged metadata: {name}={bounded(value)} is not a step count")
+    return int(text)

@@ -1,0 +1,116 @@
+"""The package's shape, checked: imports point one way, no module imports itself back through a
+cycle, and no file or function outgrows what one screen should hold."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import sab_byon_omni
+
+ROOT = Path(sab_byon_omni.__file__).parent
+PACKAGE = "sab_byon_omni"
+
+# (importer prefix, imported prefix, why): a module under the first may not import one under the second.
+FORBIDDEN = [
+    ("model", "training", "model code holds no training code"),
+    ("model", "data", "the model sees ids, not files or tokenizers"),
+    ("data", "model", "data never depends on the model"),
+    ("data", "training", "data never depends on training"),
+    ("config", "", "config imports only errors"),
+    ("estimate", "training", "the estimate is pure arithmetic"),
+    ("io", "training", "file formats know nothing of training loops"),
+    ("io", "core", "file formats sit below the facade"),
+    ("core", "training", "the facade sits below training (train_3b imports it)"),
+    ("machine", "", "machine facts import nothing of the package but errors"),
+    ("estimate", "model", "the estimate is arithmetic on configs"),
+]
+ALLOWED_FROM_ANYWHERE = {"errors"}
+LIBRARY_MAY_NOT_IMPORT = ("cli", "commands")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Package-relative names of every module ``path`` imports (at any depth of the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
+            base = node.module[len(PACKAGE) + 1:]
+            for alias in node.names:  # "from sab_byon_omni.io import dcp" imports the module io.dcp
+                sub = f"{base}.{alias.name}" if base else alias.name
+                found.add(sub if (ROOT / sub.replace(".", "/")).with_suffix(".py").exists() else base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name[len(PACKAGE) + 1:] for a in node.names if a.name.startswith(PACKAGE + ".")}
+    return {f for f in found if f}
+
+
+GRAPH = {_module_name(p): _imports(p) for p in ROOT.rglob("*.py")}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return prefix == "" or module == prefix or module.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("importer, imported, why", FORBIDDEN)
+def test_no_forbidden_import(importer, imported, why):
+    bad = [f"{m} -> {i}" for m, deps in GRAPH.items() if _under(m, importer) for i in deps
+           if _under(i, imported) and i not in ALLOWED_FROM_ANYWHERE and not _under(i, importer)]
+    assert not bad, f"{why}: {bad}"
+
+
+def test_no_library_module_imports_the_cli():
+    bad = [f"{m} -> {i}" for m, deps in GRAPH.items() if not m.startswith(LIBRARY_MAY_NOT_IMPORT) and m != "__main__"
+           for i in deps if i.startswith(LIBRARY_MAY_NOT_IMPORT)]
+    assert not bad, bad
+
+
+def test_the_import_graph_has_no_cycle():
+    state: dict[str, int] = defaultdict(int)  # 0 new, 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for dep in sorted(GRAPH.get(m, ())):
+            if dep not in GRAPH:
+                continue
+            if state[dep] == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if state[dep] == 0:
+                visit(dep)
+        stack.pop()
+        state[m] = 2
+
+    for module in sorted(GRAPH):
+        if state[module] == 0:
+            visit(module)
+
+
+def test_the_checks_see_real_imports():
+    """The graph is built from the code (so the tests above can fail): known edges are found."""
+    assert "training.checkpointer" in GRAPH["training.trainer"] or "training.run_setup" in GRAPH["training.trainer"]
+    assert "io.dcp" in GRAPH["training.checkpointer"]
+    assert "errors" in GRAPH["config"]
+
+
+def _long_functions(path: Path, limit: int) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"{path.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_files_and_functions_stay_readable():
+    big_files = [f"{p.relative_to(ROOT)} ({n} lines)" for p in ROOT.rglob("*.py")
+                 if (n := len(p.read_text(encoding="utf-8").splitlines())) > 520]
+    assert not big_files, big_files
+    long = [f for p in ROOT.rglob("*.py") for f in _long_functions(p, 60)]
+    assert not long, long

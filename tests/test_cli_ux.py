@@ -1,0 +1,175 @@
+"""What a person sees at the command line: both flag spellings, no flag guessed from a prefix, a
+"did you mean", clean help, a start banner, step lines, a closing summary, the run folder's
+config.yaml, and every way of naming a model (checkpoint, safetensors, save_pretrained folder,
+transformers folder, cached Hub id) in generate, eval, export and train --init_from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sab_byon_omni.cli import build_parser, main
+from sab_byon_omni.config import load_config
+
+TINY = ["--preset", "tiny", "--num_samples", "120", "--seq_len", "64", "--batch_size", "8",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3", "--progress", "false"]
+
+
+def one_error(err: str, *needles: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("argv", [
+    ["generate", "--max_new_tokens", "3"], ["generate", "--max-new-tokens", "3"],
+    ["train", "--learning-rate", "1e-3"], ["train", "--learning_rate", "1e-3"], ["train", "--train.learning_rate", "1e-3"],
+    ["eval", "--batch_size", "2"], ["bench", "--seq_len", "32"], ["estimate", "--vocab_size", "100"],
+])
+def test_every_flag_takes_both_spellings(argv):
+    base = {"generate": ["--checkpoint", "x", "--prompt", "y"], "eval": ["--checkpoint", "x"]}.get(argv[0], [])
+    args = build_parser().parse_args([argv[0], *base, *argv[1:]])
+    assert args.command == argv[0]
+
+
+def test_a_prefix_is_never_taken_for_a_flag_and_a_typo_gets_a_suggestion(in_tmp, capsys):
+    assert main(["train", "--learning_rat", "1e-3"]) == 2  # not the 35-minute default job
+    one_error(capsys.readouterr().err, "--learning_rat", "did you mean --learning_rate")
+    assert main(["generate", "--checkpoint", "x", "--prompt", "y", "--max-new-token", "3"]) == 2
+    one_error(capsys.readouterr().err, "did you mean --max-new-tokens")
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_help_has_no_markup_and_no_repeated_default(capsys):
+    for command in ("train", "eval", "generate", "export", "bench", "estimate", "plot", "consolidate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:" not in text, command
+        for line in text.splitlines():
+            assert line.count("(default:") <= 1, (command, line)
+
+
+def test_version_and_help_answer_without_importing_torch():
+    code = ("import sys; from sab_byon_omni.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported for --help'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "sab_byon_omni", "--version"], capture_output=True, text=True)
+    assert out.stdout.startswith("sab-omni ")
+
+
+def test_config_keys_renamed_keep_their_old_spellings(in_tmp):
+    assert load_config(None, {"data.length_bucketing": "16"}).data.length_bucket_size == 16
+    assert load_config(None, {"train.micro_batch_size": "auto"}).train.auto_micro_batch is True
+    assert build_parser().parse_args(["train", "--length_bucketing", "8"])
+
+
+# ---------------------------------------------------------------------------------- a run
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    proc = subprocess.run([sys.executable, "-m", "sab_byon_omni", "train", *TINY, "--epochs", "2",
+                           "--checkpoint_dir", "ck", "--log_interval", "2", "--eval_interval", "4"],
+                          cwd=d, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return d, proc
+
+
+def test_the_banner_says_what_the_run_is(run):
+    _, proc = run
+    for key in ("run folder:", "data:", "tokenizer:", "model:", "device:", "batch:", "steps:", "schedule:",
+                "memory:", "time:"):
+        assert any(line.startswith(key) for line in proc.stderr.splitlines()), key
+    assert "108 training samples" in proc.stderr and "16 samples per optimizer step" in proc.stderr
+    assert "14 optimizer steps" in proc.stderr  # 7 per epoch x 2
+
+
+def test_step_and_evaluation_lines_and_a_closing_summary(run):
+    d, proc = run
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("step ") and "(epoch" in line]
+    assert steps and all("tokens/s" in s and "lr " in s for s in steps)
+    assert any("validation loss" in line and line.startswith("step 4") for line in proc.stderr.splitlines())
+    assert "best validation loss" in proc.stderr
+    assert "sab-omni generate --checkpoint ck/best_model.pt" in proc.stderr
+    assert "sab-omni eval --checkpoint ck/best_model.pt" in proc.stderr and "sab-omni plot ck" in proc.stderr
+
+
+def test_the_run_folder_holds_a_config_that_continues_it(run):
+    d, _ = run
+    cfg = load_config(d / "ck" / "config.yaml")
+    assert cfg.model.preset == "tiny" and cfg.train.resume == "auto" and cfg.train.epochs == 2
+    again = subprocess.run([sys.executable, "-m", "sab_byon_omni", "train", "--config", "ck/config.yaml",
+                            "--epochs", "3"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from ck/epoch_2.pt" in again.stderr and (d / "ck" / "epoch_3.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------- load routes
+@pytest.fixture(scope="module")
+def sources(run):
+    """The same weights in every form a command accepts."""
+    d, _ = run
+    ck = d / "ck" / "epoch_2.pt"
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+
+    assert main(["export", "--checkpoint", str(ck), "-o", str(d / "m.safetensors")]) == 0
+    SABTranscendentV2.load(ck).save_pretrained(d / "pretrained")
+    forms = {"checkpoint": ck, "safetensors": d / "m.safetensors", "pretrained folder": d / "pretrained",
+             "pretrained weights file": d / "pretrained" / "model.safetensors"}
+    if pytest.importorskip("tokenizers"):
+        assert main(["export", "--checkpoint", str(ck), "-o", str(d / "hf"), "--format", "hf"]) == 0
+        forms["transformers folder"] = d / "hf"
+    return forms
+
+
+@pytest.mark.parametrize("form", ["checkpoint", "safetensors", "pretrained folder", "pretrained weights file",
+                                  "transformers folder"])
+def test_generate_and_eval_take_every_form(sources, form, capsys):
+    if form not in sources:
+        pytest.skip("tokenizers missing")
+    src = str(sources[form])
+    assert main(["generate", "--checkpoint", src, "--prompt", "[CODE]", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[CODE]") and len(out.strip()) == len("[CODE]") + 12
+    assert main(["eval", "--checkpoint", str(sources["checkpoint"]), "--json"]) == 0
+    reference = capsys.readouterr().out
+    if form != "transformers folder":  # the exported folder loads with fragmergent off, folded in: same numbers
+        assert main(["eval", "--checkpoint", src, "--json"]) == 0
+        assert capsys.readouterr().out.split('"loss"')[1][:12] == reference.split('"loss"')[1][:12]
+
+
+def test_a_hub_id_is_read_from_the_local_cache_only(sources, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--checkpoint", "nobody/absent-model", "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    one_error(capsys.readouterr().err, "nobody/absent-model", "local Hugging Face cache", "nothing is downloaded")
+    snap = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc"
+    snap.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(sources["pretrained folder"], snap)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
+    assert main(["generate", "--checkpoint", "someone/tiny", "--prompt", "[CODE]", "--max-new-tokens", "4"]) == 0
+
+
+def test_init_from_starts_a_new_run_from_the_weights(sources, tmp_path, capsys):
+    src = str(sources["safetensors"])
+    code = main(["train", *TINY, "--preset", "small", "--max_steps", "2", "--checkpoint_dir", str(tmp_path / "ft"),
+                 "--init_from", src])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "weights:" in err and "a fresh optimizer and schedule" in err
+    assert "tiny: hidden 64" in err  # the architecture comes from the weights, not from --preset small
+    from sab_byon_omni.io.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tmp_path / "ft" / "step_2.pt")
+    assert ck["global_step"] == 2 and ck["config"]["model"]["preset"] == "tiny"
