@@ -40,6 +40,7 @@ TOKENIZERS = ("char96", "byte", "bpe")
 SCHEDULES = ("constant", "cosine")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
+EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
 
 
 @dataclass

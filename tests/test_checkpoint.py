@@ -116,3 +116,19 @@ def test_prune_keeps_the_newest_step_checkpoints(tmp_path):
     _fake_checkpoint(tmp_path / "epoch_1.pt", 12)
     Checkpointer(tmp_path, keep_last=2).prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "step_15.pt", "step_20.pt"]
+
+
+def test_the_guides_snippet_works_with_the_documented_optimizer(trained):
+    """A plain AdamW(model.parameters()) has one group and refuses the trainer's two-group state;
+    ``make_optimizer`` builds the trainer's own optimizer, so the guide's lines run as written."""
+    from sab_byon_omni.training.train_3b import make_optimizer
+
+    sab, result, d = trained
+    checkpoint = torch.load(d / "checkpoints" / "best_model.pt")
+    model = SABTranscendentV2(preset="tiny").model
+    with pytest.raises(ValueError, match="parameter group"):
+        torch.optim.AdamW(model.parameters()).load_state_dict(checkpoint["optimizer_state_dict"])
+    optimizer = make_optimizer(model)
+    model.load_state_dict(checkpoint["model_state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    assert optimizer.state_dict()["state"].keys() == checkpoint["optimizer_state_dict"]["state"].keys()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sab_byon_omni.config import EXPORT_FORMATS, PRECISIONS
 from sab_byon_omni.errors import SabError
 
-DTYPES = ("keep", "fp32", "bf16", "fp16")
-FORMATS = ("safetensors", "hf", "pt")
+DTYPES = ("keep", *(p for p in PRECISIONS if p != "auto"))
 
 EXAMPLE = """examples:
   sab-omni export --checkpoint checkpoints/best_model.pt -o model.safetensors
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="the same as --checkpoint PATH (the earlier spelling of importing a .safetensors file)")
     p.add_argument("-o", "--output", required=False, metavar="PATH",
                    help="the file or folder to write (never replaced without --force)")
-    p.add_argument("--format", choices=FORMATS, default=None,
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                    help="safetensors, hf (a transformers folder) or pt (a checkpoint); by default .safetensors and "
                         ".pt names choose theirs and anything else is an hf folder")
     p.add_argument("--dtype", choices=DTYPES, default="keep",

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2, check_sampling
     from sab_byon_omni.device import resolve_device
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)
     sab = SABTranscendentV2.load(args.checkpoint, device=resolve_device(args.device))
     sys.stdout.write(args.prompt)
     sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

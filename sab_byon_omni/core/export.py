@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from sab_byon_omni import device
+from sab_byon_omni.config import EXPORT_FORMATS
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError, bounded
 from sab_byon_omni.io.atomic import atomic_path
@@ -29,8 +31,7 @@ from sab_byon_omni.io.sources import EXPORT_FORMAT, locate, read_exported_safete
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMATS = ("safetensors", "hf", "pt")
+DTYPES: dict[str, torch.dtype | None] = {"keep": None, **device.DTYPES}
 
 
 def format_for(out: str | Path) -> str:
@@ -59,8 +60,8 @@ def export_model(source: str | Path, out: str | Path, fmt: str | None = None, dt
                  overwrite: bool = False) -> Path:
     """Write the model at ``source`` to ``out`` in ``fmt`` (default: from ``out``'s name)."""
     fmt = fmt or format_for(out)
-    if fmt not in FORMATS:
-        raise SabError(f"--format={bounded(fmt)} is not one of: {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise SabError(f"--format={bounded(fmt)} is not one of: {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
     _check_out(out, locate(source), overwrite)
     if fmt == "hf":

@@ -194,7 +194,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         except Exception as e:  # the hub client's errors (offline, unknown repo, auth) for a repo id
             if p.is_dir():
                 raise
-            raise SabError(f"{where}: cannot load from the Hub: {str(e).splitlines()[0][:200]}") from None
+            raise SabError(f"{where}: cannot load from the Hub: {first_line(e)}") from None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: Any = None,
@@ -216,7 +216,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
                                             force_download=force_download, local_files_only=local_files_only,
                                             token=token))
             except Exception as e:  # network, auth, missing file: the hub client raises many types
-                raise SabError(f"{model_id}: cannot get {name} from the Hub: {str(e).splitlines()[0][:160]}") from None
+                raise SabError(f"{model_id}: cannot get {name} from the Hub: {first_line(e)}") from None
 
         raw = _read_json(fetch(CONFIG_FILE))
         if not isinstance(raw, dict) or raw.get("format") != PRETRAINED_FORMAT:
@@ -227,7 +227,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         try:
             load_model(self.model, str(weights), strict=True)
         except (RuntimeError, SafetensorError, OSError) as e:
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            first = first_line(e)
             raise SabError(f"{weights}: weights do not fit the model in its config: {first}") from None
         if device is not None:
             self.model.to(device)
@@ -296,16 +296,19 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
                 f"ffn={m.ffn}, vocab={m.vocab_size}, params={self.num_parameters():,})")
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Sampling options, checked before any work (one clear line each)."""
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   cli: bool = False) -> None:
+    """Sampling options, checked before any work (one clear line each, naming the keyword or,
+    with ``cli``, the command-line flag)."""
+    name = (lambda k: "--" + k.replace("_", "-")) if cli else (lambda k: k)
     if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 10**7:
-        raise SabError(f"max_new_tokens={bounded(max_new_tokens)} must be an integer in [1, 10,000,000]")
+        raise SabError(f"{name('max_new_tokens')}={bounded(max_new_tokens)} must be an integer in [1, 10,000,000]")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise SabError(f"temperature={bounded(temperature)} must be a finite number >= 0 (0 is greedy)")
+        raise SabError(f"{name('temperature')}={bounded(temperature)} must be a finite number >= 0 (0 is greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise SabError(f"top_k={bounded(top_k)} must be a non-negative integer (0 or None: off)")
+        raise SabError(f"{name('top_k')}={bounded(top_k)} must be a non-negative integer (0 or None: off)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise SabError(f"top_p={bounded(top_p)} must be in (0, 1]")
+        raise SabError(f"{name('top_p')}={bounded(top_p)} must be in (0, 1]")
 
 
 def _check_weights_fit(cfg: RunConfig) -> None:

@@ -26,9 +26,9 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io import dcp
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.io.checkpoint import FORMAT, load_checkpoint
 
-EXPORT_FORMAT = "sab-byon-omni/1"  # the header tag of a file written by `sab-omni export`
+EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
 MAX_HEADER_JSON = 16 << 20  # bytes of JSON we parse from a header or config.json
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")

@@ -26,10 +26,11 @@ from torch import nn
 PERIOD = 100.0
 
 
-def phi(t: torch.Tensor | float, alpha: float = 0.02, lambda_: float = 0.2, omega: float = 2.0) -> torch.Tensor:
-    """phi(t) = lambda * exp(-alpha t) * sin(omega t), elementwise."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return lambda_ * torch.exp(-alpha * t) * torch.sin(omega * t)
+def phi(t: torch.Tensor | float, alpha: float = 0.02, lambda_: float = 0.2, omega: float = 2.0) -> torch.Tensor | float:
+    """phi(t) = lambda * exp(-alpha t) * sin(omega t): elementwise for a tensor, a float for a float."""
+    if isinstance(t, torch.Tensor):
+        return lambda_ * torch.exp(-alpha * t) * torch.sin(omega * t)
+    return lambda_ * math.exp(-alpha * t) * math.sin(omega * t)
 
 
 class Fragmergent(nn.Module):
@@ -55,10 +56,7 @@ class Fragmergent(nn.Module):
 
     def scale(self) -> torch.Tensor | float:
         """The factor 1 + strength * phi(t): a 0-d tensor in step mode, a float otherwise."""
-        t = self.current_t()
-        if isinstance(t, torch.Tensor):
-            return 1.0 + self.strength * (self.lambda_ * torch.exp(-self.alpha * t) * torch.sin(self.omega * t))
-        return 1.0 + self.strength * self.lambda_ * math.exp(-self.alpha * t) * math.sin(self.omega * t)
+        return 1.0 + self.strength * phi(self.current_t(), self.alpha, self.lambda_, self.omega)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":

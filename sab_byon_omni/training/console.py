@@ -51,8 +51,9 @@ def ensure_visible() -> None:
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True,
-                leave=False)
+    # disable=None: only on a terminal (a log file gets the step lines, not carriage-return redraws)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=None if enabled else True,
+                dynamic_ncols=True, leave=False)
 
 
 class Clock:
@@ -128,15 +129,13 @@ def data_summary(train: Any, val: Any) -> str:
     return ", ".join(parts)
 
 
-def summary(result: Any, directory: str, resume_hint: str) -> list[str]:
+def summary(result: Any, directory: str) -> list[str]:
     """The closing lines: losses, where the checkpoints are, and what to run next."""
     lines = []
     finite = [v for v in result.val_losses if isinstance(v, float) and math.isfinite(v)]
     if finite:
         lines.append(f"best validation loss {min(finite):.4f} (perplexity {math.exp(min(finite)):.3f})")
     best = result.best_checkpoint or (result.checkpoints[-1] if result.checkpoints else None)
-    if result.stopped_early:
-        lines.append(f"stopped at step {result.global_step:,}; {resume_hint}")
     if best:
         lines.append(f"checkpoints in {directory}; next:")
         lines.append(f"  sab-omni generate --checkpoint {best} --prompt \"...\"")

@@ -151,8 +151,7 @@ class Trainer:
             console.banner(self.run.banner_lines(self.notes, self.val_data))
         st = self.state
         result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses)
-        self.clock = console.Clock(self.total_steps)
-        self.clock.step_done(st.global_step, 0)
+        self.clock = console.Clock(self.total_steps)  # measures from the end of the first step on
         start = time.perf_counter()
         try:
             with self.stop, self._out_of_memory_as_error():
@@ -167,7 +166,7 @@ class Trainer:
         best = self.checkpointer.path("best_model")
         result.best_checkpoint = str(best) if best.exists() else None
         if self.info.is_main:
-            for line in console.summary(result, str(self.checkpointer.dir), self.resume_hint):
+            for line in console.summary(result, str(self.checkpointer.dir)):
                 log.info("%s", line)
         return result
 
