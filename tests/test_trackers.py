@@ -146,3 +146,18 @@ def test_wandb_offline_logs_the_same_rows_and_the_config(tmp_path):
     assert config == resolved_config(run) and name == "run"
     got, _, _ = tensorboard_scalars(run)  # both trackers at once
     assert_same_numbers(got, want, rel=1e-6)
+
+
+def test_wandb_without_an_account_is_one_line_naming_offline_mode(in_tmp, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    from sab_byon_omni.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(in_tmp / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(in_tmp / "no-netrc"))
+    args = [f"--{k}={v}" for k, v in RUN.items()]
+    assert main(["train", *args, "--report_to", "wandb", "--checkpoint_dir", "run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: train.report_to=wandb: ") and "WANDB_MODE=offline" in err[-1], err
+    assert not (in_tmp / "run").exists()  # the run folder it created is removed again

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from sab_byon_omni.config import TRACKERS, RunConfig, TrainConfig
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 
 INSTALL = {"tensorboard": "pip install 'sab-byon-omni[tensorboard]'", "wandb": "pip install 'sab-byon-omni[wandb]'"}
@@ -88,7 +88,12 @@ class TensorBoard:
 class WandB:
     def __init__(self, directory: Path, cfg: RunConfig) -> None:
         wandb = _import("wandb")
-        self.run = wandb.init(name=directory.name, dir=str(directory), config=cfg.to_dict(), reinit="finish_previous")
+        try:
+            self.run = wandb.init(name=directory.name, dir=str(directory), config=cfg.to_dict(),
+                                  reinit="finish_previous")
+        except wandb.Error as e:  # no account or no network: say how to log without them
+            raise SabError(f"train.report_to=wandb: {first_line(e)} (or set WANDB_MODE=offline to log without an "
+                           "account or network)") from None
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(scalars(row), step=int(row["step"]))
