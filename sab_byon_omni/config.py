@@ -106,7 +106,8 @@ class DataConfig:
     tokenizer: str = fld("char96", "tokenizer: char96 (the guide's), byte, or bpe (trained on the corpus)")
     tokenizer_path: str | None = fld(None, "reuse a saved tokenizer.json (bpe) instead of training one")
     bpe_vocab_size: int = fld(8192, "vocabulary size when training a BPE tokenizer")
-    text_field: str = fld("text", "field holding the text in .json/.jsonl files")
+    text_field: str = fld("text", "field holding the text in .json/.jsonl files; column in .parquet/.arrow files "
+                          "and datasets folders")
     csv_column: str = fld("text", "column holding the text in .csv files")
     cache_dir: str | None = fld(None, "folder for the tokenised corpus (default: ./.sab_cache/<data name>-<hash>)")
     shuffle: bool = fld(True, "visit samples/windows in a seeded random order each epoch (else sequential)")

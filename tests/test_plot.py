@@ -111,5 +111,5 @@ def test_a_real_run_logs_every_metric_to_jsonl_and_tensorboard(tmp_path):
     assert "val_loss" in rows[-1] and "train_loss" in rows[-1]
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
-    assert {"loss", "lr", "grad_norm", "val_loss"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "epoch_end/val_loss"} <= set(events.Tags()["scalars"])
     assert plot_metrics(run).stat().st_size > 10_000

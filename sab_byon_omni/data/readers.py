@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data import columnar
 from sab_byon_omni.data.tokenizers import utf8_safe
 from sab_byon_omni.errors import SabError
 
@@ -40,7 +41,7 @@ BINARY_EXTENSIONS = {
     ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".whl", ".egg", ".rar",
     ".npy", ".npz", ".pt", ".pth", ".ckpt", ".safetensors", ".onnx", ".pkl", ".pickle", ".h5",
     ".mp3", ".mp4", ".wav", ".flac", ".ogg", ".avi", ".mov", ".mkv", ".ttf", ".otf", ".woff", ".woff2",
-    ".db", ".sqlite", ".sqlite3", ".parquet", ".arrow",
+    ".db", ".sqlite", ".sqlite3",
 }
 JSON_EXT, JSONL_EXT, CSV_EXT, HTML_EXT = {".json"}, {".jsonl", ".ndjson"}, {".csv"}, {".html", ".htm"}
 
@@ -247,9 +248,20 @@ def _csv_rows(path: Path, column: str) -> Iterator[str]:
                 yield value
 
 
+def _column_texts(path: Path, column: str) -> Iterator[str]:
+    try:
+        for value in columnar.column_values(path, column):
+            yield value.decode("utf-8", _errors())
+    except columnar.Unusable as e:
+        raise SkipFile(str(e)) from None
+
+
 def _documents(path: Path, text_field: str, csv_column: str) -> Iterator[str]:
     ext = path.suffix.lower()
     try:
+        if columnar.is_columnar(path):
+            yield from _column_texts(path, text_field)
+            return
         _sniff(path)
         if ext in JSON_EXT:
             yield from _json_records(path, text_field)
@@ -276,7 +288,7 @@ def read_documents(path: Path, text_field: str = "text", csv_column: str = "text
 
 def is_plain_text(path: Path) -> bool:
     """Read as text pieces (not records): a large one is several documents of one file."""
-    return path.suffix.lower() not in JSON_EXT | JSONL_EXT | CSV_EXT | HTML_EXT
+    return path.suffix.lower() not in JSON_EXT | JSONL_EXT | CSV_EXT | HTML_EXT | columnar.EXTENSIONS
 
 
 # ------------------------------------------------------------------------------------ finding
@@ -286,6 +298,11 @@ def is_glob(spec: str) -> bool:
 
 def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dataset = columnar.dataset_files(Path(dirpath), filenames)
+        if dataset is not None:  # a `datasets` folder is one dataset: its data files, not its metadata
+            dirnames[:] = []
+            yield from dataset
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
         for name in filenames:
             if not name.startswith("."):

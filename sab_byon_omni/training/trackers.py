@@ -1,22 +1,33 @@
 """Where the metric rows go besides ``metrics.jsonl``: ``train.report_to`` (named like the Hugging
 Face Trainer's option), a comma-separated list of ``tensorboard`` and ``wandb``.
 
-Each tracker receives the same rows as ``metrics.jsonl`` and the resolved config at the start.
-Weights & Biases honours its own environment (``WANDB_MODE=offline`` logs to ``./wandb`` with no
-network; ``WANDB_PROJECT``); its run is named after the run folder.
+Each tracker receives the same rows as ``metrics.jsonl`` and the resolved config at the start. A
+row's ``step`` is the tracker's step, its ``time`` TensorBoard's wall time, and every other number
+a scalar named after the kind of row, as the Hugging Face Trainer does: ``train/loss``,
+``train/lr`` ... (every ``log_interval`` steps), ``eval/val_loss`` (every ``eval_interval``) and
+``epoch_end/train_loss``, ``epoch_end/val_loss``; so an evaluation and an epoch end at the same
+step stay two values. Weights & Biases honours its own environment (``WANDB_MODE=offline`` logs
+with no network, under the run folder's ``wandb/``; ``WANDB_PROJECT``); its run is named after
+the run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.config import TRACKERS, RunConfig, TrainConfig
-from sab_byon_omni.errors import SabError
+import yaml
 
-INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
-SKIP = ("step", "epoch", "time")
+from sab_byon_omni.config import TRACKERS, RunConfig, TrainConfig
+from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
+
+INSTALL = {"tensorboard": "pip install 'sab-byon-omni[tensorboard]'", "wandb": "pip install 'sab-byon-omni[wandb]'"}
+KINDS = {frozenset(f.name for f in dataclasses.fields(row)): kind
+         for row, kind in ((StepRow, "train"), (EvalRow, "eval"), (EpochRow, "epoch_end"))}
+NOT_SCALARS = ("step", "time")
 
 
 def names(t: TrainConfig) -> list[str]:
@@ -48,19 +59,27 @@ def _import(name: str) -> Any:
     return wandb
 
 
-def _scalars(row: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items()
-            if k not in SKIP and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one metrics row as ``kind/name`` scalars (a value JSON could not hold is None
+    in the row and left out here, as in ``metrics.jsonl``)."""
+    kind = KINDS.get(frozenset(row) - {"time"}, "other")
+    return {f"{kind}/{k}": float(v) for k, v in row.items()
+            if k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def config_text(cfg: RunConfig) -> str:
+    """The resolved config as YAML (the same text as the run folder's config.yaml, less its note)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 class TensorBoard:
     def __init__(self, directory: Path, cfg: RunConfig) -> None:
         self.writer = _import("tensorboard")(str(directory / "tb"))
-        self.writer.add_text("config", "```\n" + _flat_text(cfg) + "\n```", 0)
+        self.writer.add_text("config", "```yaml\n" + config_text(cfg) + "```", 0)
 
     def log(self, row: dict[str, Any]) -> None:
-        for k, v in _scalars(row).items():
-            self.writer.add_scalar(k, v, row["step"])
+        for k, v in scalars(row).items():
+            self.writer.add_scalar(k, v, row["step"], walltime=row.get("time"))
 
     def close(self) -> None:
         self.writer.close()
@@ -69,11 +88,15 @@ class TensorBoard:
 class WandB:
     def __init__(self, directory: Path, cfg: RunConfig) -> None:
         wandb = _import("wandb")
-        self.run = wandb.init(name=directory.name, dir=str(directory), config=cfg.to_dict(), resume="allow",
-                              reinit="finish_previous")
+        try:
+            self.run = wandb.init(name=directory.name, dir=str(directory), config=cfg.to_dict(),
+                                  reinit="finish_previous")
+        except wandb.Error as e:  # no account or no network: say how to log without them
+            raise SabError(f"train.report_to=wandb: {first_line(e)} (or set WANDB_MODE=offline to log without an "
+                           "account or network)") from None
 
     def log(self, row: dict[str, Any]) -> None:
-        self.run.log(_scalars(row), step=int(row["step"]))
+        self.run.log(scalars(row), step=int(row["step"]))
 
     def close(self) -> None:
         self.run.finish()
@@ -85,6 +108,3 @@ def open_all(asked: list[str], directory: Path, cfg: RunConfig, is_main: bool) -
         return []
     return [TensorBoard(directory, cfg) if n == "tensorboard" else WandB(directory, cfg) for n in asked]
 
-
-def _flat_text(cfg: RunConfig) -> str:
-    return "\n".join(f"{s}.{k}: {v}" for s, section in cfg.to_dict().items() for k, v in section.items())

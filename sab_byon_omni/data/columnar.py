@@ -1,0 +1,185 @@
+"""Columnar corpora: ``.parquet`` files, arrow IPC files (``.arrow``, ``.feather``) and the folders
+that Hugging Face ``datasets`` writes with ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+
+One row is one document: the string in the column ``data.text_field``. Files are read with pyarrow
+(an optional dependency: ``pip install 'sab-byon-omni[data]'``) a slice of rows at a time, so the
+memory a read holds is bounded by :data:`TARGET_BYTES` of text (or by one stored record batch of an
+arrow file), never by the size of the file: nothing is memory-mapped and parquet pages are read
+through a buffer of :data:`READ_BUFFER` bytes.
+
+A ``datasets`` folder (``state.json`` listing its ``_data_files`` beside ``dataset_info.json``) is
+one dataset: its data files are read in the order ``state.json`` gives, and nothing else in it
+(metadata, the ``cache-*.arrow`` files that ``Dataset.map`` leaves there) is read. A
+``DatasetDict`` folder (``dataset_dict.json``) is the data files of each of its splits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sab_byon_omni.errors import SabError, bounded, first_line
+
+EXTENSIONS = {".parquet", ".arrow", ".feather"}  # .feather: an arrow IPC file
+STATE_FILE, INFO_FILE, DICT_FILE = "state.json", "dataset_info.json", "dataset_dict.json"
+TARGET_BYTES = 4 << 20  # text converted to Python strings at a time
+READ_BUFFER = 1 << 20  # parquet pages are read through a buffer this size (0 would read whole column chunks)
+MAX_ROWS = 1024  # also the bound where a dictionary-encoded column makes the stored size look small
+INSTALL = "pip install 'sab-byon-omni[data]' (or pip install pyarrow)"
+
+
+class Unusable(Exception):
+    """This file holds no usable text column (the message is the reason, counted like a skip)."""
+
+
+def is_columnar(path: Path) -> bool:
+    return path.suffix.lower() in EXTENSIONS
+
+
+def _pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise SabError(f"{path}: reading {path.suffix} files needs pyarrow: {INSTALL}") from None
+    return pyarrow
+
+
+# ------------------------------------------------------------------------------------ reading
+def column_values(path: Path, column: str) -> Iterator[bytes]:
+    """The non-empty values of ``column`` in ``path``, as UTF-8 bytes (the caller decodes them);
+    raises :class:`Unusable` (no such column, not text, not a valid file) or OSError (unreadable)."""
+    pa = _pyarrow(path)
+    kind = "parquet" if path.suffix.lower() == ".parquet" else "arrow"
+    try:
+        arrays = _parquet_arrays(pa, path, column) if kind == "parquet" else _ipc_arrays(pa, path, column)
+        for array in arrays:
+            yield from _values(pa, array)
+    except MemoryError:  # pyarrow's ArrowMemoryError is also an ArrowException: not the file's fault
+        raise
+    except pa.ArrowException as e:
+        raise Unusable(f"invalid {kind} file") from e
+    except OSError as e:
+        if e.errno is None:  # pyarrow's own I/O errors: a truncated or corrupt file
+            raise Unusable(f"invalid {kind} file") from e
+        raise
+
+
+def _check_column(pa: Any, schema: Any, column: str) -> int:
+    """The index of ``column`` in ``schema``; Unusable when it is missing or not text."""
+    i = schema.get_field_index(column)
+    if i < 0:
+        raise Unusable(f"no {column!r} column (set data.text_field)")
+    t = schema.field(i).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise Unusable(f"column {column!r} is not text (set data.text_field)")
+    return i
+
+
+def _parquet_arrays(pa: Any, path: Path, column: str) -> Iterator[Any]:
+    f = pa.parquet.ParquetFile(path, memory_map=False, buffer_size=READ_BUFFER, pre_buffer=False)
+    _check_column(pa, f.schema_arrow, column)
+    rows = _rows_per_batch(f.metadata, column)
+    for batch in f.iter_batches(batch_size=rows, columns=[column], use_threads=False):
+        yield batch.column(0)
+
+
+def _rows_per_batch(meta: Any, column: str) -> int:
+    """Rows of about TARGET_BYTES of ``column``, from the largest average row of any row group."""
+    widest = 1.0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        size = sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                   if group.column(c).path_in_schema == column)
+        widest = max(widest, size / max(group.num_rows, 1))
+    return int(min(max(TARGET_BYTES // widest, 1), MAX_ROWS))
+
+
+def _ipc_arrays(pa: Any, path: Path, column: str) -> Iterator[Any]:
+    """An arrow IPC stream (what ``datasets`` writes) or file (feather v2), one record batch at a time."""
+    with pa.OSFile(str(path)) as f:
+        is_file = f.read(6) == b"ARROW1"
+        f.seek(0)
+        reader = pa.ipc.open_file(f) if is_file else pa.ipc.open_stream(f)
+        i = _check_column(pa, reader.schema, column)
+        if is_file:
+            for b in range(reader.num_record_batches):
+                yield reader.get_batch(b).column(i)
+        else:
+            for batch in reader:
+                yield batch.column(i)
+
+
+def _values(pa: Any, array: Any) -> Iterator[bytes]:
+    """The non-empty values of one string array, converted TARGET_BYTES at a time."""
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    array = array.cast(pa.large_binary() if pa.types.is_large_string(array.type) else pa.binary())
+    n = len(array)
+    step = int(min(max(TARGET_BYTES * n // max(array.nbytes, 1), 1), n or 1))
+    for start in range(0, n, step):
+        for value in array.slice(start, step).to_pylist():
+            if value:
+                yield value
+
+
+# ------------------------------------------------------------------------------------ folders
+def dataset_files(folder: Path, names: list[str]) -> list[Path] | None:
+    """The data files of ``folder`` when it is a ``datasets`` folder (``names``: the files in it),
+    in the order it lists them; None when it is not one. A SabError when it is one but broken."""
+    if DICT_FILE in names:
+        splits = _read_json(folder / DICT_FILE).get("splits")
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise SabError(f"{folder / DICT_FILE}: no list of splits: re-save it with DatasetDict.save_to_disk")
+        out: list[Path] = []
+        for split in splits:
+            sub = folder / _plain_name(folder / DICT_FILE, split)
+            files = dataset_files(sub, _listdir(sub)) if sub.is_dir() else None
+            if files is None:
+                raise SabError(f"{folder / DICT_FILE} lists the split {bounded(split)}, which is not a "
+                               "datasets folder here: the folder is incomplete")
+            out.extend(files)
+        return out
+    if STATE_FILE not in names or INFO_FILE not in names:
+        return None
+    state = _read_json(folder / STATE_FILE)
+    if "_data_files" not in state:
+        return None  # a state.json of something else
+    listed = state["_data_files"]
+    if not isinstance(listed, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                                               for f in listed):
+        raise SabError(f"{folder / STATE_FILE}: _data_files is not a list of files: re-save the dataset")
+    paths = [folder / _plain_name(folder / STATE_FILE, f["filename"]) for f in listed]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise SabError(f"{folder / STATE_FILE} lists {bounded(missing[0])}, which is missing: the dataset folder "
+                       "is incomplete (re-save it with save_to_disk)")
+    return paths
+
+
+def _plain_name(where: Path, name: str) -> str:
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise SabError(f"{where}: {bounded(name)} is not a file name in its folder")
+    return name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SabError(f"{path}: not readable as JSON ({first_line(e, 80)})") from None
+    if not isinstance(data, dict):
+        raise SabError(f"{path}: not a JSON object")
+    return data
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir())
+    except OSError as e:
+        raise SabError(f"cannot list {folder}: {e.strerror or e}") from None
