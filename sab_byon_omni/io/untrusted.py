@@ -12,16 +12,18 @@ checkpoint comes near (a 3b-preset checkpoint with its AdamW state is about 10^4
 
 from __future__ import annotations
 
+import json
 import pickletools
 import zipfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sab_byon_omni.errors import SabError, first_line
 
 MAX_NODES = 10**6  # objects a pickle may expand to, counting every path through shared references
 MAX_DEPTH = 64  # containers inside containers
 MAX_PICKLE_BYTES = 1 << 30
+MAX_JSON_BYTES = 16 << 20  # JSON we parse from a header, a config.json or a tokenizer.json
 _MARK = -1
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # fill the object below
 _PUT, _GET = {"PUT", "BINPUT", "LONG_BINPUT"}, {"GET", "BINGET", "LONG_BINGET"}
@@ -147,3 +149,15 @@ def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
         raise SabError(f"{source}: not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
     finally:
         f.seek(0)
+
+
+def parse_json(text: str | bytes, source: str) -> Any:
+    """JSON from a file we did not write: bounded in size and depth, one SabError for anything else."""
+    if len(text) > MAX_JSON_BYTES:
+        raise SabError(f"{source}: {len(text):,} bytes of JSON is more than a config can need")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise SabError(f"{source}: JSON nested too deeply to be a config") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SabError(f"{source}: not valid JSON: {first_line(e)}") from None
