@@ -58,11 +58,12 @@ def test_pruning_never_deletes_the_resume_point_nor_a_damaged_file(in_tmp, caplo
     assert len(warnings) == 1, [r.getMessage() for r in warnings]  # reported once, not at every save
 
 
-def test_a_checkpoint_failing_its_checksum_is_skipped_by_resume_auto_and_never_pruned_into(in_tmp, caplog):
+@pytest.mark.parametrize("step", [50, 4])  # past the resume point, or a newer copy of it (found by fuzzing)
+def test_a_checkpoint_failing_its_checksum_is_skipped_by_resume_auto_and_never_pruned(in_tmp, caplog, step):
     assert main([*BASE, "--save_every", "2", "--max_steps", "4"]) == 0
     ck = load_checkpoint("ck/step_4.pt")
-    flipped = Path("ck/step_50.pt")  # the newest by its step, with one bit of its weights flipped
-    save_checkpoint({**ck, "global_step": 50}, flipped)
+    flipped = Path("ck/step_50.pt")  # the newest, with one bit of its weights flipped
+    save_checkpoint({**ck, "global_step": step}, flipped)
     flip_tensor_bit(flipped, ck["model_state_dict"]["blocks.0.attn.qkv.weight"])
     before = flipped.read_bytes()
     with caplog.at_level("WARNING"):

@@ -60,6 +60,7 @@ class Checkpointer:
         self.keep_last, self.barrier = keep_last, barrier
         self.suffix = dcp.SUFFIX if sharded else ".pt"
         self._lock_fd: int | None = None
+        self._damaged: set[Path] = set()  # failed their checksum when read in full: never ranked, never pruned
 
     # ------------------------------------------------------------------------------- finding
     def path(self, name: str) -> Path:
@@ -76,7 +77,7 @@ class Checkpointer:
         found = []
         for p in self.existing():
             m = _NAME.match(p.name)
-            if not m or m.group(3) != self.suffix:
+            if not m or m.group(3) != self.suffix or p in self._damaged:
                 continue
             try:
                 meta = dcp.read_meta(p) if self.sharded else load_checkpoint(p, mmap=True)
@@ -86,9 +87,21 @@ class Checkpointer:
         return sorted(found, key=lambda e: e.rank)
 
     def latest(self) -> Path | None:
-        """What ``--resume auto`` picks: the loadable checkpoint with the highest global step."""
+        """The loadable checkpoint with the highest global step (its tensors not checked)."""
         entries = self.entries()
         return entries[-1].path if entries else None
+
+    def read_newest(self) -> tuple[Path, dict[str, Any]] | None:
+        """What ``--resume auto`` resumes from: the newest loadable checkpoint whose tensors match
+        their checksum, and its dict. One that does not is reported, skipped and remembered as
+        damaged, so that pruning leaves it alone."""
+        for entry in reversed(self.entries()):
+            try:
+                return entry.path, self.read(entry.path)
+            except SabError as e:
+                self._damaged.add(entry.path)
+                _warn_once(entry.path, f"skipping {first_line(e)}")
+        return None
 
     def newer_than(self, step: int) -> list[Entry]:
         return [e for e in self.entries() if e.global_step > step]

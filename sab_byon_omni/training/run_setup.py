@@ -119,11 +119,9 @@ class RunSetup:
                                "to continue that run, or choose another --checkpoint_dir")
             return None, None
         if spec == "auto":
-            for entry in reversed(ck.entries()):  # the newest whose tensors match their checksum
-                try:
-                    return entry.path, ck.read(entry.path)
-                except SabError as e:
-                    log.warning("skipping %s", first_line(e))
+            newest = ck.read_newest()
+            if newest is not None:
+                return newest
             other = [p.name for p in ck.existing() if p.suffix in (".pt", dcp.SUFFIX) and p.suffix != ck.suffix]
             if other and not any(p.stem == "best_model" for p in map(Path, other)):
                 kind = "sharded (FSDP)" if ck.suffix == ".pt" else "single-file"
