@@ -12,6 +12,7 @@ printed by the last test (``-s`` shows them)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -56,9 +57,23 @@ def world(tmp_path_factory) -> dict[str, Any]:
             "bytes": (d / "ck" / "step_2.pt").read_bytes()}
 
 
+class _Tracebacks(logging.Handler):
+    """Log records that carry a traceback (a library logging its own failure counts as one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.seen.append(record.getMessage())
+
+
 def _outcome(fn, *args) -> Any:
     """Run one input: success or SabError (one line); anything else is counted and fails the test."""
     COUNTS["inputs"] += 1
+    logged = _Tracebacks()
+    logging.getLogger().addHandler(logged)
     try:
         result = fn(*args)
     except SabError as e:
@@ -68,6 +83,11 @@ def _outcome(fn, *args) -> Any:
     except BaseException:
         COUNTS["tracebacks"] += 1
         raise
+    finally:
+        logging.getLogger().removeHandler(logged)
+        if logged.seen:
+            COUNTS["tracebacks"] += 1
+            raise AssertionError(f"a traceback was logged: {logged.seen[:2]}")
     COUNTS["accepted"] += 1
     return result
 

@@ -56,7 +56,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_metadata(path: str | Path) -> Any:
     """DCP's ``.metadata`` of the folder ``path``, unpickled through the allow-list and checked
     (its shard files are plain names inside the folder); anything else is a SabError."""
-    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     f = Path(path) / ".metadata"
     try:
@@ -74,7 +74,8 @@ def read_metadata(path: str | Path) -> Any:
     except Exception as e:  # truncated or garbled pickles raise many types (EOFError, ValueError, MemoryError...)
         raise SabError(f"{f}: not readable DCP metadata (truncated or corrupt?): {type(e).__name__}") from None
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict) \
-            or not isinstance(getattr(metadata, "storage_data", None), dict):
+            or not isinstance(getattr(metadata, "storage_data", None), dict) \
+            or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
         raise SabError(f"{f}: refused to load: it holds a {type(metadata).__name__}, not DCP Metadata")
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
