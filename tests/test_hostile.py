@@ -296,3 +296,21 @@ def test_checkpoint_values_out_of_range_are_refused_by_the_loader(trained, tmp_p
     for cursor in (-1, 10**12, 1.5):
         with pytest.raises(SabError, match="cursor"):
             TrainState.from_checkpoint({**ck, "data_state": {**ck["data_state"], "cursor": cursor}}, "x.pt", 100)
+
+
+def test_deeply_nested_json_in_data_and_metrics_is_skipped_not_a_traceback(tmp_path, caplog):
+    from sab_byon_omni.config import DataConfig
+    from sab_byon_omni.data.factory import load_datasets
+    from sab_byon_omni.plotting import read_metrics
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "deep.json").write_text(_deep())
+    (data / "deep.jsonl").write_text(_deep() + '\n{"text": "hello there"}\n')
+    (data / "a.txt").write_text("plain words to train on\n" * 300)
+    (data / "b.txt").write_text("more plain words to hold out\n" * 300)
+    _, train, _ = load_datasets(DataConfig(dataset=str(data), seq_len=16, cache_dir=str(tmp_path / "cache")))
+    assert len(train) > 0
+    assert any("deep.jsonl:1" in r.getMessage() for r in caplog.records)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n' + _deep() + "\n")
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
