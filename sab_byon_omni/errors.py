@@ -3,9 +3,11 @@ the helpers that keep every message short whatever the input was."""
 
 from __future__ import annotations
 
+import re
 import reprlib
 
 MAX_FIRST_LINE = 160
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f]")  # terminal escapes, controls
 
 _repr = reprlib.Repr()
 _repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 2
@@ -17,8 +19,9 @@ class SabError(Exception):
 
 
 def first_line(e: BaseException | str, limit: int = MAX_FIRST_LINE) -> str:
-    """The first non-empty line of an exception's message (or its type name), at most ``limit`` chars."""
-    text = e if isinstance(e, str) else str(e)
+    """The first non-empty line of an exception's message (or its type name), at most ``limit`` chars,
+    without terminal escape sequences or control characters (a message may quote a hostile file)."""
+    text = _CONTROL.sub("", e if isinstance(e, str) else str(e))
     for line in text.strip().splitlines():
         if line.strip():
             return line.strip()[:limit]

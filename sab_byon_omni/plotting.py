@@ -72,7 +72,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             log.warning("%s:%d: not a JSON line; skipped", path, n)
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):

@@ -143,8 +143,11 @@ def test_prune_keeps_the_newest_step_checkpoints(tmp_path):
     for s in (5, 10, 15, 20):
         _fake_checkpoint(tmp_path / f"step_{s}.pt", s)
     _fake_checkpoint(tmp_path / "epoch_1.pt", 12)
-    Checkpointer(tmp_path, keep_last=2).prune()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "step_15.pt", "step_20.pt"]
+    _fake_checkpoint(tmp_path / "step_99.pt", 99)  # past the run's step (another branch): not counted, not deleted
+    (tmp_path / "step_98.pt").write_bytes(b"damaged")
+    Checkpointer(tmp_path, keep_last=2).prune(upto=20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1.pt", "step_15.pt", "step_20.pt", "step_98.pt",
+                                                          "step_99.pt"]
 
 
 def test_the_guides_snippet_works_with_the_documented_optimizer(trained):

@@ -20,6 +20,7 @@ from sab_byon_omni.io.checkpoint import load_checkpoint
 from sab_byon_omni.training.train_3b import run_training
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training import memory as memory_mod
+from tests.hostile import plant_metadata_payload, write_dcp
 from sab_byon_omni.training.memory import apply_activation_checkpointing
 
 # fp32 on CPU; two ranks sum gradients in another order than one process does, and AdamW's
@@ -108,6 +109,14 @@ SCENARIOS = textwrap.dedent("""
     train(checkpoint_dir="drop", dropout=0.1)                            # dropout: each rank's generator moves
     train(checkpoint_dir="drop_resumed", dropout=0.1, max_steps=2, save_every=2)  # on its own batch lengths
     train(checkpoint_dir="drop_resumed", dropout=0.1, resume="auto")
+    import os
+    from sab_byon_omni.errors import SabError
+    try:  # a planted sharded checkpoint whose .metadata carries code: --resume auto picks it, and refuses it
+        train(checkpoint_dir="evil", parallel="fsdp", resume="auto")
+        outcome = "trained"
+    except SabError as e:
+        outcome = str(e)
+    open(f"evil_rank{os.environ['RANK']}.txt", "w").write(outcome)
     D.shutdown()
 """)
 
@@ -116,6 +125,7 @@ SCENARIOS = textwrap.dedent("""
 def two(tmp_path_factory):
     """All two-process runs, in one torchrun launch (starting processes is the slow part here)."""
     d = tmp_path_factory.mktemp("two")
+    plant_metadata_payload(write_dcp(d / "evil" / "step_9.dcp"), d / "pwned.txt")
     (d / "scenarios.py").write_text(SCENARIOS % (RUN, INIT))
     torchrun(["scenarios.py"], cwd=d)
     return d
@@ -221,6 +231,14 @@ def test_consolidate_refuses_to_overwrite_and_names_bad_input(two, tmp_path, cap
     assert main(["consolidate", str(tmp_path), "-o", str(tmp_path / "y.pt")]) == 2
     err = capsys.readouterr().err
     assert "exists" in err and "not a sharded checkpoint" in err
+
+
+def test_fsdp_resume_auto_refuses_a_sharded_checkpoint_carrying_code_on_every_rank(two):
+    assert not (two / "pwned.txt").exists(), "the payload ran"
+    for rank in (0, 1):
+        outcome = (two / f"evil_rank{rank}.txt").read_text()
+        assert "step_9.dcp" in outcome and "refused" in outcome and "\n" not in outcome, outcome
+    assert sorted(p.name for p in (two / "evil").iterdir()) == [".lock", "step_9.dcp"]  # nothing else written
 
 
 def test_only_rank0_writes_files(two):

@@ -127,3 +127,13 @@ def test_preset_table_states_the_true_parameter_counts():
             for vocab, stated in ((96, char96), (50_000, vocab50k)):
                 real = CausalTransformer(ModelConfig.from_name(preset, vocab_size=vocab)).num_parameters()
                 assert int(stated.replace(",", "")) == real, (preset, vocab, stated, real)
+
+
+def test_reliability_names_only_tests_that_exist():
+    """docs/RELIABILITY.md says every row is a test: each ``file.py::name`` it cites is defined."""
+    text = (ROOT / "docs" / "RELIABILITY.md").read_text(encoding="utf-8")
+    cited = set(re.findall(r"(test_\w+\.py)::(test_\w+)", text))
+    assert len(cited) >= 30
+    missing = [f"{f}::{n}" for f, n in sorted(cited)
+               if not re.search(rf"^def {n}\b|^{n} = ", (ROOT / "tests" / f).read_text(encoding="utf-8"), re.M)]
+    assert not missing, missing

@@ -138,19 +138,26 @@ def test_eval_cli_reports_loss_perplexity_and_bits_per_byte(trained, capsys):
 
 
 def test_eval_with_a_checkpoint_whose_tokenizer_differs_from_the_cache(trained, capsys):
+    """The default cache is keyed by tokenizer: scoring a byte model never reuses or rebuilds the
+    cache of a char96 run on the same files; a --cache-dir built for another tokenizer is refused."""
     ckpt, data = trained
-    cache = next((ckpt.parent.parent / ".sab_cache").iterdir())
-    # the same corpus, tokenised for another (char96) run into the cache the byte checkpoint would use
+    root = ckpt.parent.parent / ".sab_cache"
     assert main(["train", "--data", str(data), "--tokenizer", "char96", "--preset", "tiny", "--seq_len", "32",
                  "--val_fraction", "0.34", "--checkpoint_dir", "ck_char", "--max_steps", "1",
                  "--progress", "false"]) == 0
     capsys.readouterr()
-    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data)]) == 2
+    stamp = lambda: {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}  # noqa: E731
+    caches, before = sorted(root.iterdir()), stamp()
+    assert len(caches) == 2  # one per tokenizer
+    char96 = next(d for d in caches if '"char96"' in (d / "meta.json").read_text())
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert stamp() == before  # the byte model's own cache was reused, the char96 one untouched
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(char96)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("error: the data cache") and "char96" in err and "byte" in err
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+    assert stamp() == before
 
 
 @pytest.mark.parametrize("args, match", [

@@ -4,7 +4,9 @@ earlier checkpoint is ever changed."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import hashlib
 import math
 import os
@@ -233,24 +235,105 @@ def _can_mount_tmpfs() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a tiny tmpfs")
-def test_really_full_disk_on_a_tiny_tmpfs(in_tmp, capsys):
-    """A 2 MiB filesystem: the first checkpoint (~1.3 MB with AdamW state) fits, the second does not."""
+needs_tmpfs = pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a tiny tmpfs")
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(size: str):
+    """A real filesystem of ``size`` (e.g. ``2m``), mounted for the block and removed after it."""
     mnt = Path(f"/tmp/sab-tmpfs-{uuid.uuid4().hex[:8]}")
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
         mnt.rmdir()
         pytest.skip("mount -t tmpfs is not permitted here")
     try:
+        yield mnt
+    finally:
+        gc.collect()  # tensors mapped from files there (by a failed run's frames) hold the mount busy
+        subprocess.run(["umount", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+@needs_tmpfs
+def test_really_full_disk_on_a_tiny_tmpfs(in_tmp, capsys):
+    """A 2 MiB filesystem: the first checkpoint (~1.3 MB with AdamW state) fits, the second does not."""
+    with tiny_tmpfs("2m") as mnt:
         assert main([*BASE, "--checkpoint_dir", str(mnt / "ck"), "--save_every", "3"]) == 2
         line = one_error_line(capsys.readouterr().err, "could not save", "intact")
         assert "step_6.pt" in line or "metrics.jsonl" in line
         names = sorted(p.name for p in (mnt / "ck").iterdir())
         assert "step_3.pt" in names and not [n for n in names if n.endswith(".tmp")], names
         assert ckpt_io.load_checkpoint(mnt / "ck" / "step_3.pt")["global_step"] == 3
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        mnt.rmdir()
+        # the disk stays full: resuming must trim metrics.jsonl (rows 4-5 were never saved) and cannot
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        rows = (mnt / "ck" / "metrics.jsonl").read_bytes()
+        assert main([*BASE, "--checkpoint_dir", str(mnt / "ck"), "--resume", "auto"]) == 2
+        one_error_line(capsys.readouterr().err, "metrics.jsonl", "disk full")
+        assert (mnt / "ck" / "metrics.jsonl").read_bytes() == rows
+        assert not [p.name for p in (mnt / "ck").iterdir() if p.name.endswith(".tmp")]
+
+
+@needs_tmpfs
+def test_full_disk_for_the_data_cache_and_export_on_a_tiny_tmpfs(in_tmp, run_dir, capsys):
+    Path("big.txt").write_text("".join(f"line {i} of a corpus too big for the disk\n" for i in range(40000)))
+    with tiny_tmpfs("256k") as mnt:
+        assert main([*BASE, "--data", "big.txt", "--cache_dir", str(mnt / "cache"), "--checkpoint_dir", "out"]) == 2
+        one_error_line(capsys.readouterr().err, "data cache", "disk full")
+        for out in ("m.safetensors", "m.pt", "hf_folder"):
+            assert main(["export", "--checkpoint", str(run_dir / "step_8.pt"), "-o", str(mnt / out)]) == 2, out
+            one_error_line(capsys.readouterr().err, out, "No space left" if out != "m.pt" else "disk full")
+        assert os.listdir(mnt) == []  # nothing half-written
+    assert not Path("out").exists()
+
+
+class _FullDiskFile:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_full_disk_outside_the_checkpoint_save(run_dir, monkeypatch, capsys):
+    """ENOSPC while trimming metrics.jsonl on resume, while writing the data cache, and from
+    safetensors' writer on export: one error line each, and nothing half-written."""
+    import builtins
+
+    from safetensors import SafetensorError
+
+    from sab_byon_omni.data import cache
+
+    for p in ("step_6.pt", "step_8.pt", "epoch_1.pt", "best_model.pt"):
+        (run_dir / p).unlink()  # resume from step 4: rows 5-9 must go
+    before, rows = digest(run_dir), (run_dir / "metrics.jsonl").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(atomic_io.os, "fsync", _enospc)
+        assert main([*BASE, "--checkpoint_dir", "ck", "--resume", "auto"]) == 2
+    one_error_line(capsys.readouterr().err, "metrics.jsonl", "disk full")
+    assert digest(run_dir) == before and (run_dir / "metrics.jsonl").read_bytes() == rows
+    Path("corpus.txt").write_text("some words to tokenise\n" * 500)
+    with monkeypatch.context() as m:
+        m.setattr(cache, "open", lambda p, *a, **k: _FullDiskFile(builtins.open(p, *a, **k)) if ".bin.tmp" in str(p)
+                  else builtins.open(p, *a, **k), raising=False)
+        assert main([*BASE, "--data", "corpus.txt", "--checkpoint_dir", "out"]) == 2
+    one_error_line(capsys.readouterr().err, "data cache", "disk full")
+    assert not Path(".sab_cache").exists() and not Path("out").exists()
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_model", full)
+        assert main(["export", "--checkpoint", "ck/step_4.pt", "-o", "m.safetensors"]) == 2
+    one_error_line(capsys.readouterr().err, "m.safetensors", "No space left")
+    assert sorted(os.listdir(".")) == ["ck", "corpus.txt"]
 
 
 def test_unwritable_checkpoint_dir_is_one_error_line(in_tmp, capsys):

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             raise SabError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if args.vocab_size < 1 or args.num_samples < 1:
         raise SabError("--vocab-size and --num-samples must be positive")
+    if args.tokens is not None and not 0 < args.tokens < float("inf"):
+        raise SabError(f"--tokens={args.tokens} must be a positive number")
     if args.table:
         print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of "
               f"{args.peak_tflops:g} TFLOP/s per GPU\n")

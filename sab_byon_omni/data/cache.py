@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,10 +33,12 @@ META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
 SPLITS = ("train", "val")
 
 
-def default_cache_dir(cfg: DataConfig) -> Path:
-    """``./.sab_cache/<name>-<hash>``: one folder per data spec and reading/splitting options."""
+def default_cache_dir(cfg: DataConfig, tokenizer: str | None = None) -> Path:
+    """``./.sab_cache/<name>-<hash>``: one folder per data spec, reading/splitting options and
+    tokenizer kind (``tokenizer``, default ``cfg.tokenizer``), so that char96, byte and BPE runs
+    (and evaluations) on the same files never share or overwrite a cache."""
     key = json.dumps([os.path.abspath(os.path.expanduser(cfg.dataset)), cfg.text_field, cfg.csv_column,
-                      cfg.val_fraction, cfg.data_seed])
+                      cfg.val_fraction, cfg.data_seed, tokenizer or cfg.tokenizer])
     plain = [part for part in Path(cfg.dataset).parts if not is_glob(part)]  # a glob is named by its folder
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (plain[-1] if plain else "data"))[:40]
     return Path(".sab_cache") / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -58,9 +61,23 @@ def tokenizer_recipe(cfg: DataConfig) -> dict[str, Any]:
 
 def read_meta(directory: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+@contextlib.contextmanager
+def removed_on_failure(directory: Path) -> Iterator[None]:
+    """Remove ``directory`` (and the parents this block creates for it) if the block fails and
+    the folder did not exist before: bad input leaves no half-built cache behind."""
+    new = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(new[-1], ignore_errors=True)
+        raise
 
 
 def stale_reason(meta: dict[str, Any] | None, directory: Path, cfg: DataConfig, signature: list) -> str | None:
@@ -163,18 +180,18 @@ def build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, to
 
 def _tokenise(docs: Documents, tokenizer: Tokenizer, directory: Path, dtype: np.dtype) -> dict[str, "_SplitWriter"]:
     """Stream every document's ids into ``train.bin`` / ``val.bin``, never holding the corpus in memory."""
-    writers = {s: _SplitWriter(directory / f"{s}.bin", tokenizer, dtype) for s in SPLITS}
+    writers: dict[str, _SplitWriter] = {}
     try:
+        for s in SPLITS:
+            writers[s] = _SplitWriter(directory / f"{s}.bin", tokenizer, dtype)
         for is_val, doc, ends in docs.pieces():
             writers["val" if is_val else "train"].add(doc, ends)
         for w in writers.values():
-            w.flush()
-    except BaseException:
+            w.finish()
+    except BaseException:  # a full disk, an interrupt: no temporary is left behind
         for w in writers.values():
             w.discard()
         raise
-    for w in writers.values():
-        w.finish()
     return writers
 
 
@@ -209,13 +226,17 @@ class _SplitWriter:
         self.pending, self.pending_bytes = [], 0
 
     def finish(self) -> None:
+        self.flush()
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()  # flushing what is buffered can fail again on a full disk
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

@@ -30,6 +30,7 @@ Training samples are windows of ``seq_len`` tokens taken with stride ``seq_len -
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,16 +74,31 @@ class Corpus:
         return train, val
 
 
+def cache_directory(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """Where the tokenised corpus for ``cfg`` lives: ``data.cache_dir``, else a default folder per
+    data spec and tokenizer kind. A given tokenizer (a checkpoint's) that differs from the one a
+    default folder was built with gets a folder of its own: a cache is never reused or rebuilt
+    for another tokenizer behind the back of the run that made it."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    directory = cache.default_cache_dir(cfg, tokenizer.name if tokenizer is not None else None)
+    meta = cache.read_meta(directory) if tokenizer is not None else None
+    if meta is not None and meta.get("tokenizer_hash") != spec_hash(tokenizer.to_spec()):
+        directory = directory.with_name(f"{directory.name}-{spec_hash(tokenizer.to_spec())[:8]}")
+    return directory
+
+
 def open_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
     """The tokenised corpus for ``cfg``, from the cache when it is valid, else built now.
 
     With ``tokenizer`` given (a checkpoint's), the cache must have been built with exactly that
     tokenizer, or not exist yet; otherwise the tokenizer comes from ``cfg`` and a cache built with
     a different tokenizer recipe is rebuilt. Processes that start together (torchrun) take turns
-    through a lock file: the first builds, the others then reuse its cache.
+    through a lock file: the first builds, the others then reuse its cache. A failed build leaves
+    no folder it created and no temporary file.
     """
     files = find_files(cfg.dataset)
-    directory = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir(cfg)
+    directory = cache_directory(cfg, tokenizer)
     signature = file_signature(files)
     recipe = cache.tokenizer_recipe(cfg) if tokenizer is None else None
     found = _reuse(cfg, directory, signature, tokenizer, recipe)
@@ -90,36 +106,39 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
         return found
     docs = Documents(files, cfg)  # validates the input: raises before anything is written
     log.info("corpus %s: %s", cfg.dataset, docs.stats.summary())
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SabError(f"cannot create the cache folder {directory}: {e.strerror or e}") from None
-    with cache.lock(directory):
-        again = _reuse(cfg, directory, signature, tokenizer, recipe)  # built meanwhile by another process?
-        if isinstance(again, Corpus):
-            return again
-        if cache.read_meta(directory) is not None:
-            log.info("corpus: rebuilding cache %s: %s", directory, again)
-        tokenizer, meta = cache.build(cfg, docs, signature, directory, tokenizer, recipe)
-        return Corpus.open(directory, meta, tokenizer)
+    with cache.removed_on_failure(directory):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with cache.lock(directory):
+                again = _reuse(cfg, directory, signature, tokenizer, recipe)  # built meanwhile by another process?
+                if isinstance(again, Corpus):
+                    return again
+                if cache.read_meta(directory) is not None:
+                    log.info("corpus: rebuilding cache %s: %s", directory, again)
+                tokenizer, meta = cache.build(cfg, docs, signature, directory, tokenizer, recipe)
+                return Corpus.open(directory, meta, tokenizer)
+        except OSError as e:  # a full disk, a read-only or vanished folder
+            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise SabError(f"could not write the data cache {directory}: {why}") from None
 
 
 def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokenizer | None,
            recipe: dict[str, Any] | None) -> Corpus | str:
-    """The cached corpus if it is valid for these files and this tokenizer, else why not."""
+    """The cached corpus if it is valid for these files and this tokenizer, else why not. A cache
+    built with another tokenizer than the given one is an error, stale or not (never rebuilt)."""
     meta = cache.read_meta(directory)
-    stale = cache.stale_reason(meta, directory, cfg, signature)
-    if stale is not None:
-        return stale
-    assert meta is not None
-    if tokenizer is not None:
+    if tokenizer is not None and meta is not None:
         want = tokenizer.to_spec()
         if meta.get("tokenizer_hash") != spec_hash(want):
             raise SabError(f"the data cache {directory} was built with tokenizer {meta.get('tokenizer_desc')}, "
                            f"but the checkpoint's is {describe_tokenizer(want)}: pass --cache-dir to a new folder")
-    elif meta.get("recipe") != recipe:
+    stale = cache.stale_reason(meta, directory, cfg, signature)
+    if stale is not None:
+        return stale
+    assert meta is not None
+    if tokenizer is None and meta.get("recipe") != recipe:
         return f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
-    else:
+    if tokenizer is None:
         tokenizer = cache.load_tokenizer(directory, meta)
     log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s)", directory,
              f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"])
@@ -127,7 +146,9 @@ def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokeniz
 
 
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    """(tokenizer, training windows, validation windows) for ``data.dataset = PATH``."""
-    corpus = open_corpus(cfg, tokenizer)
-    train, val = corpus.windows(cfg.seq_len)
+    """(tokenizer, training windows, validation windows) for ``data.dataset = PATH``; a corpus too
+    short for ``data.seq_len`` leaves no cache folder that this call created."""
+    with cache.removed_on_failure(cache_directory(cfg, tokenizer)):
+        corpus = open_corpus(cfg, tokenizer)
+        train, val = corpus.windows(cfg.seq_len)
     return corpus.tokenizer, train, val

@@ -204,6 +204,8 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise SkipFile(f"invalid JSON (line {e.lineno})") from None
+        except RecursionError:
+            raise SkipFile("JSON nested too deeply") from None
     records = data if isinstance(data, list) else [data]
     yield from _record_texts(records, text_field)
 
@@ -215,7 +217,7 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[str]:
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):
                         log.warning("%s:%d: invalid JSON line skipped", path, n)
     yield from _record_texts(parsed(), text_field)
 

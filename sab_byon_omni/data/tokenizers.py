@@ -214,7 +214,14 @@ class BPETokenizer:
         p = Path(path).expanduser()
         if not p.is_file():
             raise SabError(f"tokenizer file not found: {p}")
-        return cls.from_json(p.read_text(encoding="utf-8"))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SabError(f"{p}: not a tokenizer.json (a UTF-8 JSON file written by a BPE run): {first_line(e)}") from None
+        try:
+            return cls.from_json(text)
+        except SabError as e:
+            raise SabError(f"{p}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self._tok.to_str(), what="tokenizer")

@@ -24,6 +24,7 @@ import torch
 
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io.atomic import atomic_write
+from sab_byon_omni.io.untrusted import check_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +125,25 @@ def save_checkpoint(ck: dict[str, Any], path: str | Path) -> Path:
 
 
 def read_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into one SabError naming the file."""
+    """``torch.load(weights_only=True)`` of a file whose pickle passed :func:`check_torch_file`
+    (no cycles, no shared-reference bombs, no raw or legacy pickles), with every failure turned
+    into one SabError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise SabError(f"checkpoint not found: {p}")
-    with warnings.catch_warnings():  # a raw pickle's protocol note would precede our one-line error
+    try:
+        check_torch_file(p, str(p))
+    except OSError as e:
+        raise SabError(f"cannot read {p}: {e.strerror or e}") from None
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
             return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise SabError(f"{p}: refused to load: it is not a plain checkpoint (weights_only): {first_line(e)}") from None
-        except RuntimeError as e:
-            if mmap and "mmap" in str(e):  # a legacy (non-zip) pickle cannot be mapped: read it to say why
-                return read_file(p, map_location, mmap=False)
-            raise SabError(f"{p}: not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
         except (MemoryError, RecursionError) as e:
             raise SabError(f"{p}: refused to load: {type(e).__name__} while reading it (hostile file?)") from None
-        except Exception as e:  # torch raises many types for damaged files (EOFError, IndexError, ...)
+        except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, IndexError, ...)
             raise SabError(f"{p}: not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -23,11 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io.checkpoint import check_format, read_file, save_checkpoint, verify
+from sab_byon_omni.io.untrusted import check_pickle, check_torch_file
 
 SUFFIX = ".dcp"
 META = "meta.pt"
+MAX_METADATA_BYTES = 1 << 30  # DCP metadata grows with the number of tensors and shards, not their size
+_SHARD_NAME = re.compile(r"^[\w.-]{1,200}\.distcp$")
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                               "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
@@ -49,16 +53,45 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
 
 
-def _safe_reader(path: Path) -> Any:
+def read_metadata(path: str | Path) -> Any:
+    """DCP's ``.metadata`` of the folder ``path``, unpickled through the allow-list and checked
+    (its shard files are plain names inside the folder); anything else is a SabError."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    f = Path(path) / ".metadata"
+    try:
+        if f.stat().st_size > MAX_METADATA_BYTES:
+            raise SabError(f"{f}: {f.stat().st_size:,} bytes is too large for DCP metadata (hostile file?)")
+        data = f.read_bytes()
+        check_pickle(data, str(f))
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except SabError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise SabError(f"{f}: refused to load: {first_line(e)}") from None
+    except OSError as e:
+        raise SabError(f"{f}: cannot read it: {e.strerror or e}") from None
+    except Exception as e:  # truncated or garbled pickles raise many types (EOFError, ValueError, MemoryError...)
+        raise SabError(f"{f}: not readable DCP metadata (truncated or corrupt?): {type(e).__name__}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict) \
+            or not isinstance(getattr(metadata, "storage_data", None), dict) \
+            or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+        raise SabError(f"{f}: refused to load: it holds a {type(metadata).__name__}, not DCP Metadata")
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise SabError(f"{f}: refused to load: a shard file name {bounded(name)} that is not a plain "
+                           "file of the folder")
+    return metadata
+
+
+def _safe_reader(path: Path, metadata: Any) -> Any:
+    """DCP's file reader, handed the ``.metadata`` already read safely (its own would unpickle it)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if not isinstance(metadata, Metadata):
-                raise pickle.UnpicklingError(f"the .metadata file holds a {type(metadata).__name__}, not DCP Metadata")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -74,6 +107,7 @@ def _safe_planner() -> Any:
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             # DCP's own planner reads these entries with weights_only=False. Read them safely here,
             # and hand DCP a copy written by us from the plain object that came out.
+            check_torch_file(value, f"a pickled entry {read_item.dest_index.fqn}")
             obj = torch.load(value, weights_only=True)
             clean = io.BytesIO()
             torch.save(obj, clean)
@@ -134,10 +168,12 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     and ``optimizer``; DCP reshards, so the number of ranks may differ from the saving run's.
     Returns the meta dict. A hostile or damaged folder is a SabError; no pickled code runs."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = read_meta(path)
     path = Path(path)
+    metadata = read_metadata(path)
     if optimizer is None:
         state = {"model": model.state_dict()}
     else:
@@ -146,24 +182,28 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner(), no_dist=no_dist)
-    except pickle.UnpicklingError as e:
-        raise SabError(f"{path}: refused to load: {first_line(e)}") from None
-    except Exception as e:  # missing or damaged shard files; DCP wraps errors in its own types
+            dcp.load(state, storage_reader=_safe_reader(path, metadata), planner=_safe_planner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error in a CheckpointException
         raise SabError(f"{path}: cannot read the shards: {_dcp_reason(e)}") from None
-    if optimizer is None:
-        model.load_state_dict(state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    try:
+        if optimizer is None:
+            model.load_state_dict(state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise SabError(f"{path}: its shards do not fit this model and optimizer: {type(e).__name__}: "
+                       f"{first_line(e)}") from None
     return meta
 
 
 def _dcp_reason(e: BaseException) -> str:
-    """DCP reports a rank's failure as a CheckpointException holding the original exceptions."""
+    """DCP reports a rank's failure as a CheckpointException holding (exception, traceback) pairs."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
-        if isinstance(inner, pickle.UnpicklingError) or "UnpicklingError" in str(inner):
-            return f"refused: {first_line(str(inner))}"
-        return first_line(str(inner))
-    return first_line(e)
+        e = inner[0] if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException) else e
+    if isinstance(e, pickle.UnpicklingError):
+        return f"refused to load a pickled entry: {first_line(e)}"
+    if isinstance(e, SabError):
+        return first_line(e)
+    return f"{type(e).__name__}: {first_line(e)}"

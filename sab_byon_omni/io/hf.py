@@ -39,6 +39,7 @@ from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io.atomic import atomic_directory
 from sab_byon_omni.io.hf_tokenizer import TOKENIZER_JSON, hf_tokenizer_files, tokenizer_from_json
+from sab_byon_omni.io.untrusted import parse_json
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise SabError(f"{path} not found: not a transformers model folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SabError(f"{path}: not valid JSON: {first_line(e)}") from None
+        return parse_json(path.read_bytes(), str(path))
     except OSError as e:
         raise SabError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -311,7 +310,10 @@ def load_hf(directory: str | Path) -> tuple[RunConfig, Tokenizer, dict[str, torc
     tok_path = d / TOKENIZER_JSON
     if not tok_path.is_file():
         raise SabError(f"{d}: no {TOKENIZER_JSON} (a tokenizers file is needed to rebuild the tokenizer)")
-    tokenizer = tokenizer_from_json(tok_path.read_text(encoding="utf-8"), str(tok_path))
+    try:
+        tokenizer = tokenizer_from_json(tok_path.read_bytes().decode("utf-8"), str(tok_path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SabError(f"cannot read {tok_path}: {first_line(e)}") from None
     cfg = build_config({"model": {**model_fields, "fragmergent_mode": "off"},
                         "data": {"tokenizer": tokenizer.name, "seq_len": model_fields["max_seq_len"]}},
                        source=str(d / CONFIG))

@@ -29,6 +29,7 @@ from typing import Any
 
 from sab_byon_omni.data.tokenizers import EOS, PAD, BPETokenizer, ByteTokenizer, Char96Tokenizer, Tokenizer
 from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.io.untrusted import parse_json
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -140,10 +141,10 @@ def hf_tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, str]:
 def tokenizer_from_json(text: str, source: str = TOKENIZER_JSON) -> Tokenizer:
     """Ours from a ``tokenizer.json``: char96 or byte when its vocabulary is theirs (a BPE without
     merges), else a BPE with ``<PAD>`` = 0 and ``<EOS>`` = 1 used as it is."""
-    try:
-        model = json.loads(text).get("model") or {}
-    except (ValueError, AttributeError):
-        raise SabError(f"{source}: not a tokenizers JSON file") from None
+    raw = parse_json(text, source)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict):
+        raise SabError(f"{source}: not a tokenizers JSON file")
     if model.get("type") != "BPE":
         raise SabError(f"{source}: tokenizer model {bounded(model.get('type'))} is not one of ours "
                        "(char96, byte, or a BPE with <PAD> = 0 and <EOS> = 1)")

@@ -13,7 +13,6 @@ accepts the same sources:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.checkpoint import FORMAT, load_checkpoint
+from sab_byon_omni.io.untrusted import MAX_JSON_BYTES, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
-MAX_HEADER_JSON = 16 << 20  # bytes of JSON we parse from a header or config.json
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -46,26 +45,14 @@ class Weights:
     origin: str = ""
 
 
-def parse_json(text: str | bytes, source: str) -> Any:
-    """JSON from a file we did not write: bounded in size and depth, one SabError for anything else."""
-    if len(text) > MAX_HEADER_JSON:
-        raise SabError(f"{source}: {len(text):,} bytes of JSON is more than a config can need")
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise SabError(f"{source}: JSON nested too deeply to be a config") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SabError(f"{source}: not valid JSON: {first_line(e)}") from None
-
-
 def is_pretrained_folder(d: Path) -> bool:
     """A folder written by ``save_pretrained``: its config.json carries our format tag."""
     cfg = d / "config.json"
-    if not cfg.is_file() or cfg.stat().st_size > MAX_HEADER_JSON:
+    if not cfg.is_file() or cfg.stat().st_size > MAX_JSON_BYTES:
         return False
     try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, OSError, RecursionError):
+        raw = parse_json(cfg.read_bytes(), str(cfg))
+    except (SabError, OSError):
         return False
     return isinstance(raw, dict) and raw.get("format") == PRETRAINED_FORMAT
 

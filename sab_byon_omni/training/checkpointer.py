@@ -4,7 +4,9 @@ Names: ``step_<N>`` (every ``train.save_every`` steps, and when a run stops earl
 (each epoch's end) and ``best_model`` (the best validation loss so far); ``.pt`` files, or ``.dcp``
 folders for FSDP. One rule orders them, for resuming and pruning alike: the *loadable* checkpoint
 with the highest global step wins (an epoch file beats the step file of the same step, then the
-newer file). Damaged files are skipped with a warning and never deleted.
+newer file); resuming also checks its tensors against their checksum and falls back to the next.
+Damaged files are skipped with a warning and never deleted, and pruning never looks past the
+step a run has reached.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import remove_stale_temps
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(step|epoch)_(\d+)(\.pt|\.dcp)$")
 LOCK_FILE = ".lock"
+_warned: set[tuple[str, int]] = set()  # (file, mtime): each damaged file is reported once per process
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Checkpointer:
         self.keep_last, self.barrier = keep_last, barrier
         self.suffix = dcp.SUFFIX if sharded else ".pt"
         self._lock_fd: int | None = None
+        self._damaged: set[Path] = set()  # failed their checksum when read in full: never ranked, never pruned
 
     # ------------------------------------------------------------------------------- finding
     def path(self, name: str) -> Path:
@@ -73,19 +77,31 @@ class Checkpointer:
         found = []
         for p in self.existing():
             m = _NAME.match(p.name)
-            if not m or m.group(3) != self.suffix:
+            if not m or m.group(3) != self.suffix or p in self._damaged:
                 continue
             try:
                 meta = dcp.read_meta(p) if self.sharded else load_checkpoint(p, mmap=True)
                 found.append(Entry(p, meta["global_step"], m.group(1) == "epoch", p.stat().st_mtime_ns))
             except (SabError, OSError) as e:
-                log.warning("skipping %s", e)
+                _warn_once(p, f"skipping {first_line(e)}")
         return sorted(found, key=lambda e: e.rank)
 
     def latest(self) -> Path | None:
-        """What ``--resume auto`` picks: the loadable checkpoint with the highest global step."""
+        """The loadable checkpoint with the highest global step (its tensors not checked)."""
         entries = self.entries()
         return entries[-1].path if entries else None
+
+    def read_newest(self) -> tuple[Path, dict[str, Any]] | None:
+        """What ``--resume auto`` resumes from: the newest loadable checkpoint whose tensors match
+        their checksum, and its dict. One that does not is reported, skipped and remembered as
+        damaged, so that pruning leaves it alone."""
+        for entry in reversed(self.entries()):
+            try:
+                return entry.path, self.read(entry.path)
+            except SabError as e:
+                self._damaged.add(entry.path)
+                _warn_once(entry.path, f"skipping {first_line(e)}")
+        return None
 
     def newer_than(self, step: int) -> list[Entry]:
         return [e for e in self.entries() if e.global_step > step]
@@ -128,13 +144,23 @@ class Checkpointer:
         if self.is_main:
             remove_stale_temps(self.dir)
 
-    def set_aside(self, entries: list[Entry], why: str) -> Path | None:
-        """Move checkpoints (never delete them) into ``rewound-<time>/`` so that ``--resume auto``
-        no longer prefers them."""
+    def set_aside(self, entries: list[Entry], why: str, copies: tuple[Path, ...] = ()) -> Path | None:
+        """Move checkpoints (never delete them) into a new folder ``rewound-<time>/`` so that
+        ``--resume auto`` no longer prefers them; ``copies`` (the metrics of the abandoned branch)
+        are copied there as they are now."""
         if not entries or not self.is_main:
             return None
-        dest = self.dir / time.strftime("rewound-%Y%m%d-%H%M%S")
-        dest.mkdir(exist_ok=True)
+        stamp, n = time.strftime("rewound-%Y%m%d-%H%M%S"), 1
+        while True:  # a new folder, even for two rewinds in one second
+            dest = self.dir / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                dest.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+        for p in copies:
+            if p.is_file():
+                shutil.copy2(p, dest / p.name)
         for e in entries:
             os.replace(e.path, dest / e.path.name)
         log.warning("moved %d newer checkpoint(s) (%s) to %s: %s", len(entries),
@@ -154,16 +180,17 @@ class Checkpointer:
                                  "optimizer_state_dict": optimizer.state_dict()}, path)
             self.barrier()
         if name.startswith("step_"):
-            self.prune()
+            self.prune(payload["global_step"])
         return path
 
-    def prune(self) -> list[Path]:
-        """Keep the newest ``keep_last`` loadable step checkpoints and delete older ones; never the
-        newest loadable checkpoint of any kind (the resume point), never a damaged file, never an
-        epoch or best checkpoint."""
+    def prune(self, upto: int) -> list[Path]:
+        """Keep the newest ``keep_last`` loadable step checkpoints up to step ``upto`` (the one just
+        saved) and delete older ones; never the newest loadable checkpoint of any kind up to there
+        (the resume point), never a file past ``upto`` (not this run's: damaged, or another branch),
+        never a damaged file, never an epoch or best checkpoint."""
         if not self.is_main:
             return []
-        entries = self.entries()
+        entries = [e for e in self.entries() if e.global_step <= upto]
         keep = {e.path for e in entries[-1:]}
         steps = [e for e in entries if not e.is_epoch]
         keep |= {e.path for e in steps[max(len(steps) - self.keep_last, 0):]} if self.keep_last else set()
@@ -182,3 +209,13 @@ class Checkpointer:
     def read_meta(path: Path) -> dict[str, Any]:
         """The checkpoint dict without reading or checking its tensors (cheap)."""
         return dcp.read_meta(path) if dcp.is_sharded(path) else load_checkpoint(path, mmap=True)
+
+
+def _warn_once(path: Path, message: str) -> None:
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        key = (str(path), 0)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s", message)

@@ -33,11 +33,16 @@ class DistInfo:
         return self.world > 1
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the torchrun process group if there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if not launched_by_torchrun():
         return DistInfo()
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         # A long save on rank 0 (a big single-file checkpoint) keeps the others waiting at a barrier:

@@ -119,7 +119,7 @@ def _row_key(line: str, step: int) -> tuple | None:
     try:
         row = json.loads(line)
         s = row["step"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     if not isinstance(s, int) or isinstance(s, bool) or not 0 < s <= step:
         return None

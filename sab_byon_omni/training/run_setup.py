@@ -30,7 +30,7 @@ from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
 from sab_byon_omni.training.console import data_summary
 from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
-from sab_byon_omni.training.metrics import MetricsLog
+from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
@@ -54,11 +54,11 @@ class RunSetup:
         created = not self.checkpointer.dir.exists()
         try:
             self.checkpointer.lock()
-            self.resume_from = self._resume_point()
+            self.resume_from, resumed = self._resume_point()
             self._build()
             self.state = TrainState()
             if self.resume_from is not None:
-                self._restore(self.resume_from)
+                self._restore(self.resume_from, resumed)
             self._sync_schedule()
             self._open_folder()
         except BaseException:
@@ -113,31 +113,32 @@ class RunSetup:
             self.model = torch.compile(self.model)
 
     # ------------------------------------------------------------------------------- resuming
-    def _resume_point(self) -> Path | None:
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from and its dict (tensors checked against their checksum)."""
         spec, ck = self.cfg.train.resume, self.checkpointer
         if spec == "none":
             existing = ck.existing()
             if existing:
                 raise SabError(f"{ck.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
                                "to continue that run, or choose another --checkpoint_dir")
-            return None
+            return None, None
         if spec == "auto":
-            latest = ck.latest()
+            newest = ck.read_newest()
+            if newest is not None:
+                return newest
             other = [p.name for p in ck.existing() if p.suffix in (".pt", dcp.SUFFIX) and p.suffix != ck.suffix]
-            if latest is None and other and not any(p.stem == "best_model" for p in map(Path, other)):
+            if other and not any(p.stem == "best_model" for p in map(Path, other)):
                 kind = "sharded (FSDP)" if ck.suffix == ".pt" else "single-file"
                 raise SabError(f"{ck.dir} holds only {kind} checkpoints ({other[-1]}); resume them with "
                                f"{'--parallel fsdp under torchrun, or sab-omni consolidate' if ck.suffix == '.pt' else '--parallel ddp'}")
-            return latest
+            return None, None
         path = Path(spec)
         if self.fsdp and not dcp.is_sharded(path):
             raise SabError(f"train.resume={spec}: an FSDP run resumes from a sharded checkpoint directory "
                            "(*.dcp); resume this single-file checkpoint with --parallel ddp")
-        ck.read(path)  # fail early, with the file named
-        return path
+        return path, ck.read(path)  # fails early, with the file named
 
-    def _restore(self, path: Path) -> None:
-        ck = self.checkpointer.read(path)
+    def _restore(self, path: Path, ck: dict[str, Any]) -> None:
         self._check_compatible(ck, path)
         try:
             if dcp.is_sharded(path):  # DCP reshards: any number of processes, FSDP or not
@@ -189,7 +190,7 @@ class RunSetup:
         if self.resume_from is not None and self.cfg.train.resume not in ("none", "auto"):
             ck.set_aside(ck.newer_than(self.state.global_step),
                          f"this run resumes from {self.resume_from} at step {self.state.global_step}, and --resume "
-                         "auto would otherwise prefer them later")
+                         "auto would otherwise prefer them later", copies=(ck.dir / METRICS_FILE,))
         ck.clean()
         self.metrics = MetricsLog(ck.dir, self.info.is_main, trackers.open_all(self.tracker_names, ck.dir, self.cfg,
                                                                                 self.info.is_main))

@@ -7,12 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.config import RunConfig, build_config, replace
+from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.factory import load_datasets
-from sab_byon_omni.data.tokenizers import Tokenizer, from_spec, spec_equal
+from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
+from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpointer import Checkpointer
+from sab_byon_omni.training.distributed import launched_by_torchrun
 from sab_byon_omni.training.optim import make_optimizer
+from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["train_3b_rapid", "run_training", "make_optimizer", "TrainResult"]
@@ -54,7 +57,7 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
                  resume_hint: str = "continue with --resume auto") -> tuple[SABTranscendentV2, TrainResult]:
     """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
     notes = list(notes or [])
-    resume_tok = _resume_tokenizer(cfg)
+    cfg, resume_tok = resume_tokenizer(cfg)
     init = None
     if cfg.train.init_from and resume_tok is None:  # a checkpoint to resume from takes precedence
         init = SABTranscendentV2.load(cfg.train.init_from)
@@ -89,14 +92,45 @@ def adopt_architecture(cfg: RunConfig, init: SABTranscendentV2) -> RunConfig:
     return build_config(raw, source="init_from")
 
 
-def _resume_tokenizer(cfg: RunConfig) -> Tokenizer | None:
-    """When resuming from a single-file checkpoint, its tokenizer: the data is then tokenised the way
-    the run began (no BPE retraining, no cache rebuilt with other settings)."""
+def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
+    """The tokenizer of the checkpoint this run resumes from (and ``cfg`` naming it), so that the
+    data is tokenised the way the run began: no BPE retrained, no cache rebuilt with other settings.
+
+    The rule: the checkpoint's tokenizer is adopted when the run asks for the same kind, or for
+    nothing beyond the default (char96, no file); a different one is adopted with a logged notice.
+    A run that names another tokenizer (``--tokenizer byte`` for a char96 run, a ``--tokenizer_path``
+    holding another vocabulary) is refused: its own config.yaml continues it."""
+    path = _resume_point(cfg)
+    try:
+        spec = Checkpointer.read_meta(path).get("tokenizer") if path is not None else None
+        theirs = from_spec(spec) if spec is not None else None
+    except SabError:
+        return cfg, None  # the trainer reads it again, under the folder's lock, and says what is wrong
+    if theirs is None:
+        return cfg, None
+    d = cfg.data
+    if d.tokenizer_path:
+        mine = BPETokenizer.load(d.tokenizer_path) if d.tokenizer == BPETokenizer.name else None
+        differs = mine is None or not spec_equal(mine.to_spec(), theirs.to_spec())
+    else:
+        differs = d.tokenizer not in (theirs.name, DataConfig().tokenizer)
+    if differs:
+        asked = f"{d.tokenizer} from {d.tokenizer_path}" if d.tokenizer_path else d.tokenizer
+        raise SabError(f"{path}: the run resumes with its own tokenizer ({describe_tokenizer(spec)}), but this "
+                       f"command asks for {asked}; continue it with --config {path.parent / CONFIG_FILE}, or start "
+                       "a new run in another --checkpoint_dir")
+    if theirs.name != d.tokenizer:
+        log.warning("resuming %s with its tokenizer (%s); this command's default was %s", path, theirs.name,
+                    d.tokenizer)
+    return replace(cfg, tokenizer=theirs.name), theirs
+
+
+def _resume_point(cfg: RunConfig) -> Path | None:
+    """The checkpoint ``train.resume`` points at, as the trainer will find it (None: a new run)."""
     resume = cfg.train.resume
     if resume == "none":
         return None
-    path = Checkpointer(cfg.train.checkpoint_dir).latest() if resume == "auto" else Path(resume)
-    if path is None or not path.is_file():
-        return None  # nothing to resume, or a sharded (FSDP) checkpoint: the trainer checks those
-    spec = Checkpointer(cfg.train.checkpoint_dir).read_meta(path).get("tokenizer")
-    return from_spec(spec) if spec is not None else None
+    if resume != "auto":
+        return Path(resume)
+    sharded = cfg.train.parallel == "fsdp" and launched_by_torchrun()
+    return Checkpointer(cfg.train.checkpoint_dir, sharded=sharded).latest()

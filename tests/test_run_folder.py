@@ -1,0 +1,192 @@
+"""The run folder under faults and misuse: pruning never loses the resume point, one run per
+folder, metrics.jsonl holds each step once after any stop, a rewind moves newer checkpoints aside,
+the resume tokenizer rule, and bad input leaves nothing behind (no cache, no run folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sab_byon_omni.cli import main
+from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from tests.hostile import assert_one_error_line, flip_tensor_bit, snapshot, start_train
+
+# 36 training samples, 4 per step: 9 optimizer steps per epoch.
+BASE = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "40", "--seq_len", "32",
+        "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
+        "--progress", "false", "--log_interval", "1", "--checkpoint_dir", "ck"]
+
+
+def step_rows(ck: Path = Path("ck")) -> list[int]:
+    """The steps of the training rows of metrics.jsonl, in file order."""
+    return [r["step"] for r in map(json.loads, (ck / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+def loadable(ck: Path = Path("ck")) -> dict[str, int]:
+    found = {}
+    for p in sorted(ck.glob("*.pt")):
+        try:
+            found[p.name] = load_checkpoint(p)["global_step"]
+        except Exception:
+            pass
+    return found
+
+
+# ------------------------------------------------------------------------------------ pruning
+def test_pruning_never_deletes_the_resume_point_nor_a_damaged_file(in_tmp, caplog):
+    """The issue's scenario: a valid step_3.pt and a truncated step_99.pt, then keep_last 1."""
+    assert main([*BASE, "--save_every", "3", "--max_steps", "3"]) == 0
+    data = Path("ck/step_3.pt").read_bytes()
+    Path("ck/step_99.pt").write_bytes(data[:len(data) // 2])
+    damaged = Path("ck/step_99.pt").read_bytes()
+    argv = [*BASE, "--save_every", "1", "--keep_last", "1", "--resume", "auto"]
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--max_steps", "6"]) == 0
+        assert loadable() == {"step_6.pt": 6}  # the newest valid checkpoint is kept
+        assert main([*argv, "--max_steps", "8"]) == 0  # ... and the next run continues from it
+    assert loadable() == {"step_8.pt": 8}
+    assert Path("ck/step_99.pt").read_bytes() == damaged  # never deleted
+    assert step_rows() == list(range(1, 9))  # steps 4..8 continued the run (not restarted from 0)
+    warnings = [r for r in caplog.records if "step_99.pt" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # reported once, not at every save
+
+
+@pytest.mark.parametrize("step", [50, 4])  # past the resume point, or a newer copy of it (found by fuzzing)
+def test_a_checkpoint_failing_its_checksum_is_skipped_by_resume_auto_and_never_pruned(in_tmp, caplog, step):
+    assert main([*BASE, "--save_every", "2", "--max_steps", "4"]) == 0
+    ck = load_checkpoint("ck/step_4.pt")
+    flipped = Path("ck/step_50.pt")  # the newest, with one bit of its weights flipped
+    save_checkpoint({**ck, "global_step": step}, flipped)
+    flip_tensor_bit(flipped, ck["model_state_dict"]["blocks.0.attn.qkv.weight"])
+    before = flipped.read_bytes()
+    with caplog.at_level("WARNING"):
+        assert main([*BASE, "--save_every", "1", "--keep_last", "1", "--resume", "auto", "--max_steps", "6"]) == 0
+    assert any("step_50.pt" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+    assert loadable()["step_6.pt"] == 6 and flipped.read_bytes() == before
+    assert step_rows() == list(range(1, 7))
+
+
+# -------------------------------------------------------------------------------------- lock
+def _wait_for_lock(ck: Path, pid: int, proc) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (ck / ".lock").is_file() and (ck / ".lock").read_text().strip() == str(pid):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the child never took the lock")
+
+
+def test_one_run_per_folder(in_tmp, capsys):
+    argv = [*BASE, "--save_every", "2", "--resume", "auto", "--max_steps", "8"]
+    first = start_train(argv, in_tmp, SAB_STEP_SLEEP="0.3")
+    _wait_for_lock(in_tmp / "ck", first.pid, first)
+    assert main(argv) == 2  # a second run on the same folder, while the first is live
+    line = assert_one_error_line(capsys.readouterr().err, "ck", f"pid {first.pid}")
+    assert "in use" in line
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    assert step_rows() == list(range(1, 9))  # the first run was not disturbed: each step once
+
+
+# ----------------------------------------------------------------------------------- metrics
+def test_a_kill_during_the_first_save_leaves_each_step_once_after_a_restart(in_tmp):
+    """SIGKILL (no handler runs) while step_1.pt is renamed into place: the restart is a fresh
+    start that drops the killed run's rows and temporary file, and finds the folder unlocked."""
+    argv = [*BASE, "--save_every", "1", "--resume", "auto", "--max_steps", "4"]
+    child = start_train(argv, in_tmp, SAB_KILL_IN_REPLACE="step_1.pt")
+    child.communicate(timeout=240)
+    assert child.returncode == -signal.SIGKILL
+    assert step_rows() == [1] and list(Path("ck").glob(".step_1.pt.*.tmp"))
+    assert main(argv) == 0
+    assert step_rows() == [1, 2, 3, 4]
+    assert not list(Path("ck").glob(".*.tmp"))
+
+
+def test_an_aborted_run_leaves_no_rows_for_the_next_one(in_tmp, monkeypatch, capsys):
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    real, calls = CausalTransformer.forward, {"n": 0}
+
+    def forward(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(CausalTransformer, "forward", forward)
+        assert main(BASE) == 2  # steps 1-3 logged, nothing saved
+    capsys.readouterr()
+    assert step_rows() == [1, 2, 3] and not list(Path("ck").glob("*.pt"))
+    assert main([*BASE, "--max_steps", "5"]) == 0  # a new run in the folder
+    assert step_rows() == [1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------------ rewind
+def test_resuming_an_older_checkpoint_moves_newer_ones_aside(in_tmp, caplog):
+    assert main([*BASE, "--save_every", "2", "--keep_last", "10", "--max_steps", "6"]) == 0
+    newer = {n: Path("ck", n).read_bytes() for n in ("step_4.pt", "step_6.pt")}
+    with caplog.at_level("WARNING"):
+        assert main([*BASE, "--save_every", "2", "--keep_last", "10", "--resume", "ck/step_2.pt",
+                     "--max_steps", "3"]) == 0
+    aside = list(Path("ck").glob("rewound-*"))
+    assert len(aside) == 1 and any(aside[0].name in r.getMessage() for r in caplog.records)
+    assert {n: (aside[0] / n).read_bytes() for n in newer} == newer  # moved, byte for byte
+    assert step_rows(aside[0]) == [1, 2, 3, 4, 5, 6]  # the abandoned branch's metrics, kept with it
+    assert sorted(loadable()) == ["step_2.pt", "step_3.pt"] and step_rows() == [1, 2, 3]
+    assert main([*BASE, "--resume", "auto", "--max_steps", "5"]) == 0  # continues the new branch
+    assert step_rows() == [1, 2, 3, 4, 5] and load_checkpoint("ck/step_5.pt")["global_step"] == 5
+
+
+# ------------------------------------------------------------------------------ tokenizer rule
+def test_resume_adopts_the_checkpoints_tokenizer_unless_the_command_names_another(in_tmp, capsys, caplog):
+    short = ["--max_steps", "2", "--save_every", "2"]
+    assert main([*BASE, "--checkpoint_dir", "bytes", "--tokenizer", "byte", *short]) == 0
+    with caplog.at_level("WARNING"):  # no tokenizer asked for: the run's own, with a notice
+        assert main([*BASE, "--checkpoint_dir", "bytes", "--resume", "auto", "--max_steps", "3"]) == 0
+    assert any("byte" in r.getMessage() and "tokenizer" in r.getMessage() for r in caplog.records)
+    assert load_checkpoint("bytes/step_3.pt")["tokenizer"]["name"] == "byte"
+    assert "tokenizer: byte" in Path("bytes/config.yaml").read_text()
+    assert main([*BASE, *short]) == 0  # a char96 run; resuming it as byte is refused, nothing written
+    capsys.readouterr()
+    before = snapshot(Path("ck"))
+    assert main([*BASE, "--tokenizer", "byte", "--resume", "auto", "--max_steps", "4"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "ck/step_2.pt", "byte", "--config ck/config.yaml")
+    assert snapshot(Path("ck")) == before
+    assert main([*BASE, "--config", "ck/config.yaml", "--max_steps", "3"]) == 0  # the run's own config continues it
+
+
+# ------------------------------------------------------------------------ nothing written
+def _corpus(d: Path, text: str) -> Path:
+    d.mkdir()
+    (d / "a.txt").write_text(text)
+    (d / "b.txt").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("case", ["corpus shorter than seq_len", "missing tokenizer file", "binary tokenizer file",
+                                  "tokenizer file of another kind", "missing tensorboard"])
+def test_bad_input_leaves_no_cache_and_no_run_folder(in_tmp, capsys, monkeypatch, case):
+    words = _corpus(in_tmp / "words", "alpha beta gamma delta\n" * 40)
+    Path("binary.json").write_bytes(bytes(range(256)) * 4)
+    Path("other.json").write_text('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {}}}')
+    extra = {"corpus shorter than seq_len": ["--data", str(_corpus(in_tmp / "short", "tiny\n"))],
+             "missing tokenizer file": ["--data", str(words), "--tokenizer", "bpe", "--tokenizer_path", "nope.json"],
+             "binary tokenizer file": ["--data", str(words), "--tokenizer", "bpe", "--tokenizer_path", "binary.json"],
+             "tokenizer file of another kind": ["--data", str(words), "--tokenizer", "bpe",
+                                                "--tokenizer_path", "other.json"],
+             "missing tensorboard": ["--tensorboard", "true"]}[case]
+    if case == "missing tensorboard":
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    before = sorted(os.listdir(in_tmp))
+    assert main([*BASE, *extra]) == 2
+    assert_one_error_line(capsys.readouterr().err)
+    assert sorted(os.listdir(in_tmp)) == before  # no .sab_cache, no ck
