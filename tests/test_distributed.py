@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from sab_byon_omni.training.memory import apply_activation_checkpointing
 
 # fp32 on CPU; two ranks sum gradients in another order than one process does, and AdamW's
 # normalisation amplifies those last-bit differences a little over a few steps.
+ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5  # observed: 1.2e-7 (two ranks vs one; FSDP vs DDP) after 5 steps
 
 RUN = dict(preset="tiny", num_samples=40, seq_len=64, epochs=1, gradient_accumulation_steps=2,
@@ -41,6 +43,7 @@ def flags(**kw):
 
 def torchrun(args, cwd, nproc=2, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            *args]
