@@ -139,6 +139,7 @@ def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
 
     torch.manual_seed(0)
     mlp = MLP(tiny_cfg)
+    mlp.recompute_gelu = True  # the memory-saving path (the memory plan's choice)
     x = torch.randn(2, 8, 64)
     grads = []
     for fast in (True, False):
@@ -154,12 +155,14 @@ def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_training_keeps_fewer_activations(tiny_cfg):
+@pytest.mark.parametrize("saving, kept", [(True, 12), (False, 18)])
+def test_training_keeps_fewer_activations(tiny_cfg, saving, kept):
     """GELU recomputed in backward and v copied out of the qkv output: per block, 12 tensors of
-    hidden size per token are kept for backward instead of 18."""
+    hidden size per token are kept for backward instead of 18 (the estimator counts the same)."""
     from sab_byon_omni.model.transformer import Block
 
     block, rope = Block(tiny_cfg, 0), CausalTransformer(tiny_cfg)
+    block.attn.copy_v = block.mlp.recompute_gelu = saving
     x = torch.randn(1, 32, 64, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved = {}
@@ -172,7 +175,31 @@ def test_training_keeps_fewer_activations(tiny_cfg):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, rope.rope_cos[:32], rope.rope_sin[:32])
-    assert sum(saved.values()) / (32 * 64 * 4) == 12
+    assert sum(saved.values()) / (32 * 64 * 4) == kept
+    per_token = estimate.block_activation_bytes(tiny_cfg, 4, memory_saving=saving) - 4 * tiny_cfg.n_heads
+    assert per_token == kept * 64 * 4
+
+
+def test_memory_saving_keeps_the_models_gradients_bit_for_bit(tiny_cfg):
+    """Each trick alone and both (as the memory plan switches them): the same loss and gradients."""
+    from sab_byon_omni.training.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    ids = torch.randint(1, 96, (2, 24))
+    results = []
+    for copy_v, recompute in ((False, False), (True, False), (False, True), (True, True)):
+        for block in model.blocks:
+            block.attn.copy_v, block.mlp.recompute_gelu = copy_v, recompute
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model(ids), ids)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    model.set_memory_saving(True)
+    assert all(b.attn.copy_v and b.mlp.recompute_gelu for b in model.blocks)
 
 
 def test_report_without_a_peak_says_so():

@@ -29,19 +29,22 @@ class Batch:
     n_targets: int  # tokens that contribute to the loss (labels[:, 1:] != IGNORE_INDEX)
     cursor: int  # the global cursor after this micro-step (all ranks together)
     global_targets: int = -1  # n_targets summed over every process's part of this micro-step
+    lengths: tuple[int, ...] = ()  # each row's length before padding (known to collate: no device read)
 
     def __post_init__(self) -> None:
         if self.global_targets < 0:
             self.global_targets = self.n_targets
+        if not self.lengths:
+            self.lengths = tuple((self.labels != IGNORE_INDEX).sum(1).tolist())
 
     def to(self, device: torch.device) -> "Batch":
         """On CUDA, copied from pinned memory without blocking the host."""
         if device.type != "cuda":
             return Batch(self.input_ids.to(device), self.labels.to(device), self.n_targets, self.cursor,
-                         self.global_targets)
+                         self.global_targets, self.lengths)
         return Batch(self.input_ids.pin_memory().to(device, non_blocking=True),
                      self.labels.pin_memory().to(device, non_blocking=True), self.n_targets, self.cursor,
-                     self.global_targets)
+                     self.global_targets, self.lengths)
 
 
 def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_targets: int = -1) -> Batch:
@@ -53,7 +56,8 @@ def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_tar
         ids[i, :len(r)] = r
         labels[i, :len(r)] = r
     n_targets = int(sum(max(len(r) - 1, 0) for r in rows))
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets,
+                 tuple(len(r) for r in rows))
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool, lengths: np.ndarray | None = None,
@@ -107,3 +111,24 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
             total = sum(max(size(i) - 1, 0) for r, part in enumerate(parts) if r != rank for i in part)
             total += sum(max(len(row) - 1, 0) for row in rows)
         yield collate(rows, pad_id, cursor, total)
+
+
+def regroup(window: Sequence[Batch], max_rows: int, min_positions: int, pad_id: int) -> list[Batch]:
+    """The samples of an accumulation window as fewer, larger micro-batches: an execution detail
+    of one optimizer step, whose gradient is the sum over the whole window (the same up to float
+    rounding, in any grouping). The rows are sorted by length (stably) and cut into consecutive
+    groups, each closed once it pads to ``min_positions`` positions or holds ``max_rows`` rows,
+    so larger matmuls run with little padding. ``max_rows`` < 2 keeps the window as it is."""
+    if max_rows < 2 or len(window) < 2:
+        return list(window)
+    rows = [b.input_ids[i, :n] for b in window for i, n in enumerate(b.lengths)]
+    rows.sort(key=len)
+    groups: list[list[torch.Tensor]] = [[]]
+    for row in rows:
+        g = groups[-1]
+        if g and (len(g) >= max_rows or len(g) * len(g[-1]) >= min_positions):  # sorted: g[-1] is its longest
+            groups.append([])
+        groups[-1].append(row)
+    cursor = window[-1].cursor
+    return [collate([r.numpy() for r in g], pad_id, cursor) for g in groups]
+

@@ -77,6 +77,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.dropout = cfg.dropout
+        self.copy_v = False  # memory saving (see CausalTransformer.set_memory_saving)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         q, k, v = linear(x, self.qkv.weight).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            if torch.is_grad_enabled():
+            if self.copy_v and torch.is_grad_enabled():
                 v = v.contiguous()  # else v, a view, keeps the whole qkv output alive for backward
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -133,10 +134,11 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
         self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.recompute_gelu = False  # memory saving (see CausalTransformer.set_memory_saving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = linear(x, self.up.weight)
-        if torch.is_grad_enabled():
+        if self.recompute_gelu and torch.is_grad_enabled():
             return self.dropout(_GeluLinear.apply(u, self.down.weight))
         return self.dropout(linear(F.gelu(u, approximate="tanh"), self.down.weight))
 
@@ -184,6 +186,16 @@ class CausalTransformer(nn.Module):
             if p.dim() < 2:
                 continue  # norms keep weight 1
             nn.init.normal_(p, mean=0.0, std=resid_std if name.endswith(("proj.weight", "down.weight")) else std)
+
+    def set_memory_saving(self, on: bool) -> None:
+        """Trade training speed for activation memory, with the same math (gradients equal bit for
+        bit in fp32, tested): the MLP recomputes its GELU in backward instead of keeping it, and
+        attention copies ``v`` out of the qkv output so that the rest of it is freed. Per block and
+        token that keeps 12 instead of 18 hidden-size activations for backward, for an extra GELU
+        and a copy. Off by default; the training memory plan switches it on only when a run would
+        not fit without it (``train.memory_saving``)."""
+        for block in self.blocks:
+            block.attn.copy_v = block.mlp.recompute_gelu = on
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
