@@ -90,13 +90,33 @@ def test_regroup_keeps_every_sample_in_fewer_passes_with_little_padding():
     rng = np.random.default_rng(0)
     rows = [rng.integers(1, 96, size=int(rng.integers(5, 60))) for _ in range(64)]
     window = [collate(rows[i:i + 4], pad_id=0, cursor=i + 4) for i in range(0, 64, 4)]
-    passes = regroup(window, max_rows=64, min_positions=256, pad_id=0)
+    passes = regroup(window, max_rows=64, pass_positions=256, pad_id=0)
     assert rows_of(passes) == rows_of(window)
     assert 1 < len(passes) < len(window) and all(p.cursor == 64 for p in passes)
     assert sum(p.n_targets for p in passes) == sum(b.n_targets for b in window)
     assert sum(p.input_ids.numel() for p in passes) < sum(b.input_ids.numel() for b in window)  # sorted: less padding
     assert all(p.input_ids.shape[0] <= 10 for p in regroup(window, 10, 10**6, 0))  # the memory cap
     assert regroup(window, 0, 256, 0) == window
+
+
+def test_the_cuts_pad_least_among_all_groupings():
+    import itertools
+
+    from sab_byon_omni.data.batching import least_padding_cuts
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        lengths = np.sort(rng.integers(1, 50, size=int(rng.integers(3, 10))))
+        n, groups = len(lengths), int(rng.integers(1, 4))
+        max_rows = int(rng.integers(-(-n // groups), n + 1))
+
+        def padded(cuts):
+            return sum((b - a) * lengths[b - 1] for a, b in zip(cuts, cuts[1:]))
+
+        options = [[0, *inner, n] for inner in itertools.combinations(range(1, n), groups - 1)]
+        options = [c for c in options if all(0 < b - a <= max_rows for a, b in zip(c, c[1:]))]
+        cuts = least_padding_cuts(lengths, groups, max_rows)
+        assert cuts in options and padded(cuts) == min(map(padded, options))
 
 
 def test_the_plan_regroups_only_without_dropout_and_with_accumulation(tmp_path):

@@ -113,22 +113,39 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
         yield collate(rows, pad_id, cursor, total)
 
 
-def regroup(window: Sequence[Batch], max_rows: int, min_positions: int, pad_id: int) -> list[Batch]:
+def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int) -> list[Batch]:
     """The samples of an accumulation window as fewer, larger micro-batches: an execution detail
     of one optimizer step, whose gradient is the sum over the whole window (the same up to float
-    rounding, in any grouping). The rows are sorted by length (stably) and cut into consecutive
-    groups, each closed once it pads to ``min_positions`` positions or holds ``max_rows`` rows,
-    so larger matmuls run with little padding. ``max_rows`` < 2 keeps the window as it is."""
-    if max_rows < 2 or len(window) < 2:
+    rounding, in any grouping). Enough passes for about ``pass_positions`` real tokens each (never
+    more passes than the window has micro-batches), of at most ``max_rows`` rows; the rows are
+    sorted by length and cut where the padding is least (:func:`least_padding_cuts`). A window
+    that would not shrink, or ``max_rows`` < 2, stays as it is."""
+    lengths = np.array([n for b in window for n in b.lengths], dtype=np.int64)
+    passes = max(-(-int(lengths.sum()) // max(pass_positions, 1)), -(-len(lengths) // max(max_rows, 1)))
+    if max_rows < 2 or passes >= len(window):
         return list(window)
     rows = [b.input_ids[i, :n] for b in window for i, n in enumerate(b.lengths)]
-    rows.sort(key=len)
-    groups: list[list[torch.Tensor]] = [[]]
-    for row in rows:
-        g = groups[-1]
-        if g and (len(g) >= max_rows or len(g) * len(g[-1]) >= min_positions):  # sorted: g[-1] is its longest
-            groups.append([])
-        groups[-1].append(row)
+    order = np.argsort(lengths, kind="stable")
+    cuts = least_padding_cuts(lengths[order], passes, max_rows)
     cursor = window[-1].cursor
-    return [collate([r.numpy() for r in g], pad_id, cursor) for g in groups]
+    return [collate([rows[i].numpy() for i in order[a:b]], pad_id, cursor) for a, b in zip(cuts, cuts[1:])]
 
+
+def least_padding_cuts(sorted_lengths: np.ndarray, groups: int, max_rows: int) -> list[int]:
+    """Cut points ``[0, ..., n]`` that split ascending lengths into ``groups`` runs of at most
+    ``max_rows`` with the fewest padded positions (each run pads to its last, longest row): a
+    dynamic program over (runs, rows), O(groups x n x max_rows)."""
+    n = len(sorted_lengths)
+    cost = np.full((groups + 1, n + 1), np.inf)
+    cost[0, 0] = 0.0
+    back = np.zeros((groups + 1, n + 1), dtype=np.int64)
+    for g in range(1, groups + 1):
+        for j in range(g, n + 1):
+            i = np.arange(max(g - 1, j - max_rows), j)  # the previous cut; the run is rows i .. j-1
+            total = cost[g - 1, i] + (j - i) * sorted_lengths[j - 1]
+            k = int(np.argmin(total))
+            cost[g, j], back[g, j] = total[k], i[k]
+    cuts = [n]
+    for g in range(groups, 0, -1):
+        cuts.append(int(back[g, cuts[-1]]))
+    return cuts[::-1]

@@ -84,7 +84,10 @@ class MemoryPlan:
 
 
 SAVING_CHOICES = {"auto": (False, True), "off": (False,), "on": (True,)}
-PASS_POSITIONS = 4096  # see docs/BENCHMARKS.md ("the default job")
+# Real tokens per pass when the trainer regroups a window: on a CPU, 2-thread matmuls of ~1,000 rows
+# run near their peak where the default job's 4 x ~72 do not, and more rows would pad more
+# (docs/BENCHMARKS.md, "the default job"); a GPU wants far more rows.
+PASS_POSITIONS = {"cpu": 1024, "cuda": 16384}
 
 
 def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch.device, precision: str,
@@ -110,7 +113,7 @@ def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch
             why = (f"train.memory_saving={t.memory_saving}" if len(choices) == 1 else
                    "the run would not fit without it" if saving else "the run fits without it")
             rows = pass_rows(fitted, seq, usable, dict(kw, memory_saving=saving))
-            return MemoryPlan(fitted, e.peak, usable, what, saving, why, rows, PASS_POSITIONS if rows else 0)
+            return MemoryPlan(fitted, e.peak, usable, what, saving, why, rows, PASS_POSITIONS[device.type] if rows else 0)
     raise SabError(
         f"this run needs about {fmt_bytes(e.peak)} per process (weights {fmt_bytes(e.weights)}, gradients "
         f"{fmt_bytes(e.gradients)}, optimizer {fmt_bytes(e.optimizer)}, "
