@@ -180,6 +180,33 @@ def test_training_keeps_fewer_activations(tiny_cfg, saving, kept):
     assert per_token == kept * 64 * 4
 
 
+def test_rotating_q_and_k_together_gives_the_same_bits(tiny_cfg):
+    """The attention's q and k rotated as one (B, T, 2, H, D) tensor: the numbers of rotating each
+    (B, H, T, D) view on its own, forward and backward."""
+    import torch.nn.functional as F
+
+    from sab_byon_omni.model.transformer import apply_rope
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    attn, (cos, sin) = model.blocks[0].attn, (model.rope_cos[:16], model.rope_sin[:16])
+    x = torch.randn(2, 16, 64)
+    outs = []
+    for together in (True, False):
+        xx = x.clone().requires_grad_()
+        attn.zero_grad()
+        if together:
+            y = attn(xx, cos, sin)
+        else:
+            q, k, v = attn.qkv(xx).view(2, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 64))
+        (y ** 2).sum().backward()
+        outs.append((y.detach(), xx.grad, attn.qkv.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_memory_saving_keeps_the_models_gradients_bit_for_bit(tiny_cfg):
     """Each trick alone and both (as the memory plan switches them): the same loss and gradients."""
     from sab_byon_omni.training.loss import causal_lm_loss
