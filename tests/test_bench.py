@@ -130,6 +130,50 @@ def test_compare_hf_reports_a_ratio(in_tmp, capsys):
     assert "| HF GPT-2" in capsys.readouterr().out
 
 
+def test_the_plain_reference_has_our_dimensions_and_matmul_weights(tiny_cfg):
+    from sab_byon_omni.benchmark.minimal_gpt import MinimalGPT
+
+    plain = MinimalGPT(tiny_cfg)
+    matrices = {n: p for n, p in plain.named_parameters() if p.dim() == 2 and n != "wpe.weight"}
+    assert sum(p.numel() for p in matrices.values()) == estimate.matmul_params(tiny_cfg)
+    assert plain.lm_head.weight is plain.wte.weight  # tied, as ours
+    assert plain.wpe.weight.shape == (tiny_cfg.max_seq_len, tiny_cfg.hidden)
+    assert {type(m).__name__ for m in plain.modules()} >= {"GELU", "LayerNorm", "Embedding"}
+    assert all(m.bias is not None for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head")  # nanoGPT's bias=True
+
+
+def test_the_plain_reference_trains(tiny_cfg):
+    from sab_byon_omni.benchmark.common import BenchOptions, random_batch
+    from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
+    from sab_byon_omni.device import make_precision
+
+    opts = BenchOptions.for_preset("tiny", seq_len=32, batch_size=2, precision="fp32")
+    batch = random_batch(2, 32, 96, 0)
+    step = MinimalStep(opts.run, batch, make_precision("fp32", torch.device("cpu")))
+    step.optimizer.param_groups[0]["lr"] = step.optimizer.param_groups[1]["lr"] = 3e-3
+    assert step.optimizer.defaults["foreach"] is True
+
+    def loss():
+        with torch.no_grad():
+            return float(step.model(batch.input_ids, batch.labels)[1])
+
+    before = loss()
+    for _ in range(5):
+        step()
+    assert loss() < before - 0.1
+
+
+def test_compare_minimal_reports_a_ratio_and_isolated_memory(in_tmp, capsys):
+    assert main([*TINY, "--compare", "minimal", "--json", "--isolated-memory"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["minimal_tokens_per_s"] > 0
+    assert r["ratio_vs_minimal"] == pytest.approx(r["tokens_per_s"] / r["minimal_tokens_per_s"])
+    assert r["isolated_peak_mb"] > 0 and r["minimal_isolated_peak_mb"] > 0
+    assert r["memory_ratio_vs_minimal"] == pytest.approx(r["isolated_peak_mb"] / r["minimal_isolated_peak_mb"])
+    assert list(in_tmp.iterdir()) == []
+
+
 # ---- the speed/memory levers kept in the model must not change the math ------------------------
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
