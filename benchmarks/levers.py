@@ -1,16 +1,27 @@
-"""Micro-benchmarks of the speed levers named in issue 5, each variant interleaved with the others
-in one process (so a busy machine slows all of them alike). Run from the repository root:
+"""Micro-benchmarks of the speed levers named in issues 5 and 15, each variant interleaved with the
+others in one process (so a busy machine slows all of them alike). Run from the repository root:
 
     python benchmarks/levers.py optimizer     # AdamW for-loop vs foreach vs fused, Lightweight params
-    python benchmarks/levers.py sdpa          # SDPA backends on CPU: flash kernel vs math
-    python benchmarks/levers.py rope          # rotary embedding implementations, forward + backward
+    python benchmarks/levers.py sdpa          # SDPA backends on CPU (flash vs math), strided vs contiguous q/k/v
+    python benchmarks/levers.py rope          # rotary embedding: textbook, roll + addcmul, q and k at once, compiled
+    python benchmarks/levers.py qkv           # one fused qkv projection vs three, forward + backward
+    python benchmarks/levers.py mlp           # the MLP: GELU kept vs recomputed in backward vs torch.compile'd
+    python benchmarks/levers.py norm          # LayerNorm without (ours) and with a bias
     python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
     python benchmarks/levers.py compile       # a Lightweight step (batch 1 x 1024), eager vs torch.compile
     python benchmarks/levers.py gemv          # one-token decoding's matmuls: F.linear vs rows split over threads
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
+    # whole training steps (benchmarks/levers_step.py):
+    python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
+    python benchmarks/levers.py regroup       # the default job's steps: configured micro-batches vs regrouped
+    python benchmarks/levers.py compile_block # torch.compile of each block only, compile time apart
+    python benchmarks/levers.py bf16          # native bf16? then bf16 autocast vs fp32
+    python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
 
-Each prints the median seconds per call of each variant and the ratio to the first.
+Each prints the median seconds per call of each variant and the ratio to the first. ``--threads N``
+sets torch's threads; ``--clock cpu`` times by the process's CPU time (robust to other processes'
+load with one thread); ``--batch``/``--seq`` change the step levers' shape.
 """
 
 from __future__ import annotations
@@ -27,20 +38,26 @@ from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.transformer import CausalTransformer, apply_rope, rope_tables
 
 
-def interleave(variants: dict[str, Callable[[], object]], reps: int) -> None:
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
+def interleave(variants: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each variant, alternating the order (ABBA); printed with ratios."""
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for i in range(reps):
         for name in names if i % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            t0 = clock()
             variants[name]()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times[names[0]])
+            times[name].append(clock() - t0)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base = medians[names[0]]
     for name in names:
-        m = statistics.median(times[name])
-        print(f"{name:32s} {m * 1e3:10.1f} ms   {base / m:5.2f}x vs {names[0]}")
+        print(f"{name:32s} {medians[name] * 1e3:10.1f} ms   {base / medians[name]:5.3f}x vs {names[0]}")
+    return medians
 
 
 def lightweight() -> CausalTransformer:
@@ -71,7 +88,17 @@ def bench_sdpa(reps: int) -> None:
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
         return fn
 
-    interleave({"flash (CPU kernel)": run(SDPBackend.FLASH_ATTENTION), "math": run(SDPBackend.MATH)}, reps)
+    qkv = torch.randn(b, t, 3, h, d)
+
+    def strided(contiguous: bool) -> Callable[[], None]:
+        def fn() -> None:  # q, k, v as the model makes them: views of one (B, T, 3, H, D) projection
+            x = qkv.clone().requires_grad_()
+            q, k, v = (y.contiguous() if contiguous else y for y in x.permute(2, 0, 3, 1, 4))
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        return fn
+
+    interleave({"flash (CPU kernel)": run(SDPBackend.FLASH_ATTENTION), "math": run(SDPBackend.MATH),
+                "flash, q/k/v strided views": strided(False), "flash, q/k/v made contiguous": strided(True)}, reps)
 
 
 def rope_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,7 +122,68 @@ def bench_rope(reps: int) -> None:
             (fn(q, cos, table).sum() + fn(k, cos, table).sum()).backward()
         return step
 
-    interleave({"cat": run(rope_cat, sin), "roll + addcmul (apply_rope)": run(apply_rope, sin_signed)}, reps)
+    compiled = torch.compile(apply_rope, dynamic=False)
+
+    def together() -> None:  # q and k in one call, on their (B, T, 2, H, D) view
+        xx = x.detach().requires_grad_()
+        qk = xx[:, :, :2]
+        apply_rope(qk, cos[:, None, None], sin_signed[:, None, None]).sum().backward()
+
+    t0 = time.perf_counter()
+    run(compiled, sin_signed)()
+    print(f"torch.compile of apply_rope: first call {time.perf_counter() - t0:.1f} s")
+    interleave({"cat (textbook)": run(rope_cat, sin), "roll + addcmul (apply_rope)": run(apply_rope, sin_signed),
+                "q and k in one call": together, "torch.compile(apply_rope)": run(compiled, sin_signed)}, reps)
+
+
+def bench_qkv(reps: int) -> None:
+    """One (h -> 3h) projection against three (h -> h), forward and backward, batch 4 x 1024."""
+    x0, h = torch.randn(4, 1024, 768), 768
+    fused = (torch.randn(3 * h, h) * 0.02).requires_grad_()
+    parts = [(torch.randn(h, h) * 0.02).requires_grad_() for _ in range(3)]
+
+    def run(weights: list[torch.Tensor]) -> Callable[[], None]:
+        def fn() -> None:
+            x = x0.clone().requires_grad_()
+            sum(F.linear(x, w).sum() for w in weights).backward()
+        return fn
+
+    interleave({"one fused qkv (ours)": run([fused]), "three projections": run(parts)}, reps)
+
+
+def bench_mlp(reps: int) -> None:
+    """Lightweight's MLP, forward + backward, batch 4 x 1024: GELU kept for backward (memory saving off),
+    recomputed in backward (on), and the whole MLP compiled by torch.compile (GELU fused)."""
+    from sab_byon_omni.model.transformer import MLP
+
+    mlp = MLP(ModelConfig.from_name("lightweight", vocab_size=96))
+    x0, g = torch.randn(4, 1024, 768), torch.randn(4, 1024, 768)
+    compiled = torch.compile(mlp, dynamic=False)
+
+    def run(module: torch.nn.Module, recompute: bool) -> Callable[[], None]:
+        def fn() -> None:
+            mlp.recompute_gelu = recompute
+            module(x0.clone().requires_grad_()).backward(g)
+        return fn
+
+    t0 = time.perf_counter()
+    run(compiled, False)()
+    print(f"torch.compile of the MLP: first call {time.perf_counter() - t0:.1f} s")
+    interleave({"GELU kept (memory saving off)": run(mlp, False), "GELU recomputed (on)": run(mlp, True),
+                "torch.compile(MLP)": run(compiled, False)}, reps)
+
+
+def bench_norm(reps: int) -> None:
+    """LayerNorm over 4 x 1024 x 768, forward + backward: weight only (ours) and weight + bias."""
+    x0, g = torch.randn(4, 1024, 768), torch.randn(4, 1024, 768)
+    norms = {"bias-free (ours)": torch.nn.LayerNorm(768, bias=False), "with bias": torch.nn.LayerNorm(768)}
+
+    def run(norm: torch.nn.Module) -> Callable[[], None]:
+        def fn() -> None:
+            norm(x0.clone().requires_grad_()).backward(g)
+        return fn
+
+    interleave({k: run(n) for k, n in norms.items()}, reps)
 
 
 def bench_threads(reps: int) -> None:
@@ -224,12 +312,31 @@ def bench_attention(reps: int) -> None:
     interleave({"SDPA (CPU flash kernel)": sdpa, **{f"chunked bmm, chunk {c}": f for c, f in chunked.items()}}, reps)
 
 
+OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention")
+STEPS = ("memory_saving", "regroup", "compile_block", "bf16", "profile")
+
+
 def main() -> None:
+    global clock
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lever", choices=("optimizer", "sdpa", "rope", "threads", "vocab", "compile", "gemv", "attention"))
+    p.add_argument("lever", choices=OPS + STEPS)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=tuple(CLOCK), default="wall")
+    p.add_argument("--batch", type=int, default=None, help="step levers: rows (default 4)")
+    p.add_argument("--seq", type=int, default=None, help="step levers: tokens per row (default 1024)")
     args = p.parse_args()
-    globals()[f"bench_{args.lever}"](args.reps)
+    clock = CLOCK[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} thread(s), {args.clock} clock")
+    if args.lever in STEPS:
+        import levers_step
+
+        shape = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}
+        getattr(levers_step, f"bench_{args.lever}")(interleave, args.reps, **shape)
+    else:
+        globals()[f"bench_{args.lever}"](args.reps)
 
 
 if __name__ == "__main__":

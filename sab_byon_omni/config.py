@@ -41,6 +41,7 @@ SCHEDULES = ("constant", "cosine")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
+MEMORY_SAVING = ("auto", "on", "off")
 
 
 @dataclass
@@ -177,6 +178,9 @@ class TrainConfig:
     auto_micro_batch: bool = fld(False, "use the largest micro-batch the device's memory fits, raising "
                                  "gradient_accumulation_steps to keep batch_size x gradient_accumulation_steps")
     check_memory: bool = fld(True, "estimate peak memory before training and stop with advice if it cannot fit")
+    memory_saving: str = fld("auto", "keep fewer activations for a slightly slower step (GELU recomputed in "
+                             "backward, v copied out of the qkv output; same math): auto (only when the run "
+                             "would not fit without it), on, off")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
@@ -202,6 +206,8 @@ class TrainConfig:
             raise SabError(f"train.parallel={bounded(self.parallel)} is not one of: {', '.join(PARALLEL)}")
         if self.precision not in PRECISIONS:
             raise SabError(f"train.precision={bounded(self.precision)} is not one of: {', '.join(PRECISIONS)}")
+        if self.memory_saving not in MEMORY_SAVING:
+            raise SabError(f"train.memory_saving={bounded(self.memory_saving)} is not one of: {', '.join(MEMORY_SAVING)}")
         if not self.checkpoint_dir:
             raise SabError("train.checkpoint_dir is empty")
         for name in (n.strip() for n in self.report_to.split(",")):
@@ -243,11 +249,21 @@ RENAMED: dict[str, tuple[str, Any]] = {
 }
 
 
+def _on_off(value: Any) -> Any:
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+# Fields whose words YAML reads as booleans (``memory_saving: off`` is False in YAML 1.1).
+SPELLINGS: dict[str, Any] = {"memory_saving": _on_off}
+
+
 def renamed(name: str, value: Any) -> tuple[str, Any]:
-    """(current name, value) for a possibly old key."""
+    """(current name, value) for a possibly old key, with YAML's booleans back as the words meant."""
     if name in RENAMED:
         new, convert = RENAMED[name]
         return new, convert(value)
+    if name in SPELLINGS:
+        return name, SPELLINGS[name](value)
     return name, value
 # field name -> section, for flat keys and short CLI flags; names are unique across sections.
 FIELD_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}

@@ -50,18 +50,21 @@ def block_parameters(cfg: ModelConfig) -> int:
     return 4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn + 2 * cfg.hidden
 
 
-def block_activation_bytes(cfg: ModelConfig, act_bytes: int) -> float:
+def block_activation_bytes(cfg: ModelConfig, act_bytes: int, memory_saving: bool = False) -> float:
     """Bytes autograd saves per token in one block (no activation checkpointing).
 
     The residual stream stays fp32 under autocast (it starts as the fp32 embedding): the block
     input and the attention residual, saved by the two LayerNorms. In the compute dtype: the two
-    normalised inputs of the linears (2h), rotated q and k and the copied-out v (3h), the
-    attention output (h; its merged-head view is free, the fused kernels lay it out as
-    (B, T, H, D)), and the MLP's up projection (ffn; the GELU is recomputed in backward). Plus
-    the attention's log-sum-exp, one fp32 per head; no T x T matrix is ever stored.
+    normalised inputs of the linears (2h), rotated q and k (2h) and v, the attention output (h;
+    its merged-head view is free, the fused kernels lay it out as (B, T, H, D)), and the MLP's up
+    projection (ffn). Plus the attention's log-sum-exp, one fp32 per head; no T x T matrix is
+    ever stored. Without memory saving, v is a view that keeps the whole qkv output (3h instead
+    of h) and the GELU's output is kept for the down projection (another ffn); with it
+    (``CausalTransformer.set_memory_saving``), v is copied out and the GELU recomputed.
     """
     h, f = cfg.hidden, cfg.ffn
-    return 2 * 4 * h + act_bytes * (2 * h + 3 * h + h + f) + 4 * cfg.n_heads
+    kept = 2 * h + 2 * h + h + h + f if memory_saving else 2 * h + 2 * h + 3 * h + h + 2 * f
+    return 2 * 4 * h + act_bytes * kept + 4 * cfg.n_heads
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Estimate:
     gpus: int
     parallel: str
     activation_checkpointing: bool
+    memory_saving: bool
     weights: float
     gradients: float
     optimizer: float
@@ -120,11 +124,12 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
              parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda",
-             fused_optimizer: bool | None = None) -> Estimate:
+             fused_optimizer: bool | None = None, memory_saving: bool = False) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
     memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
-    temporaries; foreach AdamW adds one parameter-sized buffer at the step."""
+    temporaries; foreach AdamW adds one parameter-sized buffer at the step. ``memory_saving``: the
+    model's GELU recompute and v copy (see :func:`block_activation_bytes`)."""
     if cfg.vocab_size is None:
         raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
     if precision not in PRECISION_BYTES:
@@ -144,7 +149,7 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
 
     tokens = seq_len * micro_batch
-    per_block = block_activation_bytes(cfg, act)
+    per_block = block_activation_bytes(cfg, act, memory_saving)
     if ac:  # each block keeps only its fp32 input; backward recomputes one block at a time
         blocks = tokens * (L * 4 * h + per_block)
     else:
@@ -154,9 +159,9 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
     # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
     logits = tokens * v * (12 + (act if mixed else 0))
-    # backward of one MLP: the recomputed GELU, the gradient through the down projection and the
-    # GELU's input gradient (3 ffn), plus the residual gradient and its copy (2 fp32 h)
-    workspace = tokens * (3 * act * cfg.ffn + 8 * h)
+    # backward of one MLP: the gradient through the down projection and the GELU's input gradient
+    # (2 ffn; with memory saving also the recomputed GELU), plus the residual gradient and its copy
+    workspace = tokens * ((3 if memory_saving else 2) * act * cfg.ffn + 8 * h)
 
     matrix_weights = p - L * 2 * h - h  # everything but the norm weights
     buffers_fwd = 0.0
@@ -180,10 +185,18 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     # activation checkpointing recomputes each block's forward (not the head's) in backward
     hw = flops + (forward_flops_per_token(cfg, seq_len) - 2 * v * h if ac else 0)
     return Estimate(preset=cfg.preset, parameters=p, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
-                    gpus=gpus, parallel=parallel, activation_checkpointing=ac, weights=weights, gradients=gradients,
+                    gpus=gpus, parallel=parallel, activation_checkpointing=ac, memory_saving=memory_saving,
+                    weights=weights, gradients=gradients,
                     optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers,
                     peak=peak,
                     flops_per_token=flops, hardware_flops_per_token=hw)
+
+
+def estimate_fitting(cfg: ModelConfig, seq_len: int, micro_batch: int, budget: float, **kw) -> Estimate:
+    """What ``train.memory_saving: auto`` trains: the estimate without memory saving when it fits
+    ``budget`` bytes, else the one with it."""
+    e = estimate(cfg, seq_len, micro_batch, memory_saving=False, **kw)
+    return e if e.peak <= budget else estimate(cfg, seq_len, micro_batch, memory_saving=True, **kw)
 
 
 def divisors(n: int) -> list[int]:
@@ -247,7 +260,8 @@ def epoch_tokens(num_samples: int, seq_len: int, val_fraction: float = 0.1) -> i
 def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 0.4,
               tokens: float = 1e9, precision: str = "bf16") -> str:
     """Markdown: Lightweight (vocab 96) and 3b (vocab 50,000) on 1, 8 and 64 GPUs, DDP and FSDP,
-    with and without activation checkpointing; micro-batch 4 x 1024 (Lightweight) / 1 x 2048 (3b)."""
+    with and without activation checkpointing; micro-batch 4 x 1024 (Lightweight) / 1 x 2048 (3b).
+    Peaks are with ``memory_saving`` (the leanest the memory plan can choose): whether it fits."""
     budget = memory_gb * 1e9
     rows = ["| model | params | GPUs | parallel | act. ckpt | micro-batch | weights+grads+optim | activations "
             "| peak / GPU | fits " f"{memory_gb:g} GB | time for {fmt_count(tokens)} tokens |",
@@ -259,8 +273,8 @@ def gpu_table(memory_gb: float = 80.0, peak_tflops: float = 989.0, mfu: float = 
             for parallel in ("ddp", "fsdp"):
                 if gpus == 1 and parallel == "fsdp":
                     continue
-                for ac in (False, True):
-                    e = estimate(cfg, seq, mb, precision, gpus, parallel, ac)
+                for ac in (False, True):  # the leanest setting without / with activation checkpointing
+                    e = estimate(cfg, seq, mb, precision, gpus, parallel, ac, memory_saving=True)
                     fits = "yes" if e.peak <= budget else "no"
                     t = e.seconds_per_tokens(tokens, peak_tflops, mfu) * e.hardware_flops_per_token / e.flops_per_token
                     rows.append(f"| {preset} | {fmt_count(e.parameters)} | {gpus} | {parallel} "
@@ -281,8 +295,8 @@ def single_gpu_table(sizes_gb: tuple[float, ...] = (24.0, 80.0), seq_len: int = 
         cfg = ModelConfig.from_name(preset, vocab_size=vocab, max_seq_len=max(seq_len, 256))
         cells = []
         for gb in sizes_gb:
-            mbs = [largest_micro_batch(cfg, seq_len, gb * 1e9, 64, precision=precision, activation_checkpointing=ac)
-                   for ac in (False, True)]
+            mbs = [largest_micro_batch(cfg, seq_len, gb * 1e9, 64, precision=precision, activation_checkpointing=ac,
+                                       memory_saving=True) for ac in (False, True)]
             cells.append(" / ".join(f"{m}" if m else "no" for m in mbs))
         rows.append(f"| {preset} | {fmt_count(num_parameters(cfg))} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -133,6 +133,50 @@ def test_compare_hf_reports_a_ratio(in_tmp, capsys):
     assert "| HF GPT-2" in capsys.readouterr().out
 
 
+def test_the_plain_reference_has_our_dimensions_and_matmul_weights(tiny_cfg):
+    from sab_byon_omni.benchmark.minimal_gpt import MinimalGPT
+
+    plain = MinimalGPT(tiny_cfg)
+    matrices = {n: p for n, p in plain.named_parameters() if p.dim() == 2 and n != "wpe.weight"}
+    assert sum(p.numel() for p in matrices.values()) == estimate.matmul_params(tiny_cfg)
+    assert plain.lm_head.weight is plain.wte.weight  # tied, as ours
+    assert plain.wpe.weight.shape == (tiny_cfg.max_seq_len, tiny_cfg.hidden)
+    assert {type(m).__name__ for m in plain.modules()} >= {"GELU", "LayerNorm", "Embedding"}
+    assert all(m.bias is not None for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head")  # nanoGPT's bias=True
+
+
+def test_the_plain_reference_trains(tiny_cfg):
+    from sab_byon_omni.benchmark.common import BenchOptions, random_batch
+    from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
+    from sab_byon_omni.device import make_precision
+
+    opts = BenchOptions.for_preset("tiny", seq_len=32, batch_size=2, precision="fp32")
+    batch = random_batch(2, 32, 96, 0)
+    step = MinimalStep(opts.run, batch, make_precision("fp32", torch.device("cpu")))
+    step.optimizer.param_groups[0]["lr"] = step.optimizer.param_groups[1]["lr"] = 3e-3
+    assert step.optimizer.defaults["foreach"] is True
+
+    def loss():
+        with torch.no_grad():
+            return float(step.model(batch.input_ids, batch.labels)[1])
+
+    before = loss()
+    for _ in range(5):
+        step()
+    assert loss() < before - 0.1
+
+
+def test_compare_minimal_reports_a_ratio_and_isolated_memory(in_tmp, capsys):
+    assert main([*TINY, "--compare", "minimal", "--json", "--isolated-memory"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["minimal_tokens_per_s"] > 0
+    assert r["ratio_vs_minimal"] == pytest.approx(r["tokens_per_s"] / r["minimal_tokens_per_s"])
+    assert r["isolated_peak_mb"] > 0 and r["minimal_isolated_peak_mb"] > 0
+    assert r["memory_ratio_vs_minimal"] == pytest.approx(r["isolated_peak_mb"] / r["minimal_isolated_peak_mb"])
+    assert list(in_tmp.iterdir()) == []
+
+
 # ---- the speed/memory levers kept in the model must not change the math ------------------------
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
@@ -142,6 +186,7 @@ def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
 
     torch.manual_seed(0)
     mlp = MLP(tiny_cfg)
+    mlp.recompute_gelu = True  # the memory-saving path (the memory plan's choice)
     x = torch.randn(2, 8, 64)
     grads = []
     for fast in (True, False):
@@ -157,12 +202,14 @@ def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_training_keeps_fewer_activations(tiny_cfg):
+@pytest.mark.parametrize("saving, kept", [(True, 12), (False, 18)])
+def test_training_keeps_fewer_activations(tiny_cfg, saving, kept):
     """GELU recomputed in backward and v copied out of the qkv output: per block, 12 tensors of
-    hidden size per token are kept for backward instead of 18."""
+    hidden size per token are kept for backward instead of 18 (the estimator counts the same)."""
     from sab_byon_omni.model.transformer import Block
 
     block, rope = Block(tiny_cfg, 0), CausalTransformer(tiny_cfg)
+    block.attn.copy_v = block.mlp.recompute_gelu = saving
     x = torch.randn(1, 32, 64, requires_grad=True)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved = {}
@@ -175,7 +222,58 @@ def test_training_keeps_fewer_activations(tiny_cfg):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, rope.rope_cos[:32], rope.rope_sin[:32])
-    assert sum(saved.values()) / (32 * 64 * 4) == 12
+    assert sum(saved.values()) / (32 * 64 * 4) == kept
+    per_token = estimate.block_activation_bytes(tiny_cfg, 4, memory_saving=saving) - 4 * tiny_cfg.n_heads
+    assert per_token == kept * 64 * 4
+
+
+def test_rotating_q_and_k_together_gives_the_same_bits(tiny_cfg):
+    """The attention's q and k rotated as one (B, T, 2, H, D) tensor: the numbers of rotating each
+    (B, H, T, D) view on its own, forward and backward."""
+    import torch.nn.functional as F
+
+    from sab_byon_omni.model.transformer import apply_rope
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    attn, (cos, sin) = model.blocks[0].attn, (model.rope_cos[:16], model.rope_sin[:16])
+    x = torch.randn(2, 16, 64)
+    outs = []
+    for together in (True, False):
+        xx = x.clone().requires_grad_()
+        attn.zero_grad()
+        if together:
+            y = attn(xx, cos, sin)
+        else:
+            q, k, v = attn.qkv(xx).view(2, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 64))
+        (y ** 2).sum().backward()
+        outs.append((y.detach(), xx.grad, attn.qkv.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_memory_saving_keeps_the_models_gradients_bit_for_bit(tiny_cfg):
+    """Each trick alone and both (as the memory plan switches them): the same loss and gradients."""
+    from sab_byon_omni.training.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    ids = torch.randint(1, 96, (2, 24))
+    results = []
+    for copy_v, recompute in ((False, False), (True, False), (False, True), (True, True)):
+        for block in model.blocks:
+            block.attn.copy_v, block.mlp.recompute_gelu = copy_v, recompute
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model(ids), ids)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    model.set_memory_saving(True)
+    assert all(b.attn.copy_v and b.mlp.recompute_gelu for b in model.blocks)
 
 
 def test_report_without_a_peak_says_so():

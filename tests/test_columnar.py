@@ -22,7 +22,7 @@ from sab_byon_omni.data import readers as R
 from sab_byon_omni.errors import SabError
 
 pa = pytest.importorskip("pyarrow")
-import pyarrow.ipc  # noqa: E402
+import pyarrow.ipc  # noqa: E402,F401 (pa.ipc)
 import pyarrow.parquet as pq  # noqa: E402
 
 TEXTS = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1) + "é\n" for i in range(40)]

@@ -16,7 +16,6 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig, build_config
 from sab_byon_omni.data.batching import iterate_batches, micro_steps_per_epoch
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training import distributed as D
 from sab_byon_omni.io.checkpoint import load_checkpoint
 from sab_byon_omni.training.train_3b import run_training
 from sab_byon_omni.training.loss import causal_lm_loss

@@ -76,7 +76,7 @@ def nodes(tmp_path_factory):
     return d / "run"
 
 
-def test_two_nodes_match_one_process_with_the_same_global_batch(nodes, single):
+def test_two_nodes_match_one_process_with_the_same_global_batch(nodes, single):  # noqa: F811 (the fixture)
     ck = load_checkpoint(nodes / "epoch_1.pt")
     assert ck["data_state"]["world_size"] == 2 and ck["global_step"] == 5
     assert_same_weights(weights(nodes / "epoch_1.pt"), weights(single / "full" / "epoch_1.pt"), atol=ATOL)

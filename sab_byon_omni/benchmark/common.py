@@ -32,6 +32,7 @@ class BenchOptions:
     compare: tuple[str, ...] = field(default_factory=tuple)
     peak_tflops: float | None = None
     threads: int | None = None
+    isolated_memory: bool = False  # also each model's peak RSS in a fresh process (benchmark/isolated.py)
 
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
@@ -68,7 +69,18 @@ class BenchOptions:
         for peer in self.compare:
             if peer not in PEERS:
                 raise SabError(f"--compare {peer!r} is not one of: {', '.join(PEERS)}")
+        if self.isolated_memory and self.run.train.device not in ("auto", "cpu"):
+            raise SabError("--isolated-memory measures peak RSS, a CPU figure; on CUDA the table's memory is "
+                           "max_memory_allocated already")
         return self
+
+    def preset_spec(self) -> dict[str, Any]:
+        """The :meth:`for_preset` keywords that rebuild this run (for a measuring subprocess)."""
+        m, t = self.run.model, self.run.train
+        return dict(preset=m.preset, seq_len=self.run.data.seq_len, batch_size=t.batch_size, precision=t.precision,
+                    vocab_size=m.vocab_size, device=t.device, compile=t.compile,
+                    activation_checkpointing=m.activation_checkpointing, seed=t.seed, threads=self.threads,
+                    warmup=self.warmup)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:

@@ -1,7 +1,9 @@
 """The models ours is timed against, built with our dimensions in the same process:
 
 * ``hf``: Hugging Face ``transformers`` GPT-2 from a local ``GPT2Config``, trained the way the HF
-  ``Trainer`` does by default (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``).
+  ``Trainer`` does by default (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``);
+* ``minimal``: a plain GPT written from its textbook definition (:mod:`.minimal_gpt`), trained the
+  textbook way (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(foreach=True)``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.errors import SabError
@@ -64,4 +67,4 @@ class HFStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-PEER_STEPS = {"hf": HFStep}
+PEER_STEPS = {"hf": HFStep, "minimal": MinimalStep}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sab_byon_omni.benchmark.results import EpochBench, GenerateBench, Result, TrainBench
+from sab_byon_omni.benchmark.results import EpochBench, GenerateBench, Result, Speed, TrainBench
 
 PEER_NAMES = {"hf": "HF GPT-2", "minimal": "plain reference GPT"}
 
@@ -66,16 +66,28 @@ def _train(r: TrainBench) -> str:
         "", "| model | tokens/s | step s | TFLOP/s | MFU | MFU of measured matmul | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| sab-byon-omni | {r.ours.tokens_per_s:,.0f} | {r.ours.step_s:.2f} | {r.ours.tflops:.3g} | "
-        f"{_pct(r.ours.mfu)} | {_pct(r.measured_mfu(r.ours))} | {r.peak_memory_mb:,.0f} ({r.memory_kind}) |",
+        f"{_pct(r.ours.mfu)} | {_pct(r.measured_mfu(r.ours))} | "
+        f"{_memory(r.ours, f'{r.peak_memory_mb:,.0f} ({r.memory_kind})')} |",
     ]
     for name, s in r.peers.items():
         lines.append(f"| {PEER_NAMES.get(name, name)} ({s.params / 1e6:.1f}M params) | {s.tokens_per_s:,.0f} | "
-                     f"{s.step_s:.2f} | {s.tflops:.3g} | {_pct(s.mfu)} | {_pct(r.measured_mfu(s))} | - |")
+                     f"{s.step_s:.2f} | {s.tflops:.3g} | {_pct(s.mfu)} | {_pct(r.measured_mfu(s))} | "
+                     f"{_memory(s, '-')} |")
     lines.append("")
     lines.append(f"median of {r.steps} timed step(s) after {r.warmup} warm-up"
                  + (f"; first step {r.first_step_s:.1f} s" if r.first_step_s else "")
                  + (f", compile about {r.compile_s:.1f} s" if r.compile_s is not None else ""))
-    for name in r.peers:
+    for name, s in r.peers.items():
         lines.append(f"ratio (ours / {PEER_NAMES.get(name, name)} tokens/s): {r.ratio(name):.2f}x, steps interleaved "
-                     "in one process")
+                     "in one process" + (f"; peak RSS ratio {r.ours.isolated_peak_mb / s.isolated_peak_mb:.2f}x"
+                                         if s.isolated_peak_mb and r.ours.isolated_peak_mb else ""))
+    if r.ours.isolated_peak_mb:
+        lines.append("peak memory: peak RSS of a fresh process running only that model's step (--isolated-memory), "
+                     "with the RSS before the model was built in brackets")
     return "\n".join(lines)
+
+
+def _memory(s: Speed, otherwise: str) -> str:
+    if s.isolated_peak_mb is None:
+        return otherwise
+    return f"{s.isolated_peak_mb:,.0f} ({s.isolated_base_mb:,.0f} before the model)"

@@ -42,6 +42,8 @@ class Speed:
     tflops: float
     mfu: float | None
     params: int = 0
+    isolated_peak_mb: float | None = None  # peak RSS of a fresh process running only this model (--isolated-memory)
+    isolated_base_mb: float | None = None  # that process's RSS before the model was built
 
 
 @dataclass
@@ -149,6 +151,8 @@ def to_json(r: Result) -> dict[str, Any]:
                 out.update({f"{peer}_{k}": v for k, v in dataclasses.asdict(speed).items()})
                 out[f"{peer}_measured_mfu"] = r.measured_mfu(speed)
                 out[f"ratio_vs_{peer}"] = r.ratio(peer)
+                if speed.isolated_peak_mb and r.ours.isolated_peak_mb:
+                    out[f"memory_ratio_vs_{peer}"] = r.ours.isolated_peak_mb / speed.isolated_peak_mb
         else:
             out[f.name] = value
     if isinstance(r, GenerateBench) and r.hf_tokens_per_s:

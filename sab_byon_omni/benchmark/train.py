@@ -18,11 +18,13 @@ import torch
 
 from sab_byon_omni.benchmark.common import (BenchOptions, best_peak, interleave, measured_peak, peak, random_batch,
                                             threads, timed)
+from sab_byon_omni.benchmark.isolated import isolated_peak_mb
 from sab_byon_omni.benchmark.peers import PEER_STEPS
 from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
+from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
 from sab_byon_omni.model.transformer import CausalTransformer
@@ -102,4 +104,9 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
-        return result
+    if opts.isolated_memory:
+        if device.type != "cpu":
+            raise SabError("--isolated-memory measures peak RSS, a CPU figure")
+        for name, s in (("ours", result.ours), *result.peers.items()):
+            s.isolated_peak_mb, s.isolated_base_mb = isolated_peak_mb(name, opts.preset_spec())
+    return result

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="PEER[,PEER]", default="",
                    help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, needs "
                         "transformers), minimal (a plain textbook GPT); e.g. --compare hf,minimal")
+    p.add_argument("--isolated-memory", action="store_true",
+                   help="also measure each model's peak RSS in a fresh process of its own (CPU; one more run of "
+                        "the warm-up per model), so ours and the peers compare on memory")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: measured on CPU, looked up by GPU name on CUDA)")
     p.add_argument("--prompt-len", type=int, default=64, help="generate mode: prompt tokens (default: 64)")
@@ -77,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     compare = tuple(c.strip() for c in args.compare.split(",") if c.strip())
     bench = dict(steps=args.steps, warmup=args.warmup, compare=compare, peak_tflops=args.peak_tflops,
-                 threads=args.threads)
+                 threads=args.threads, isolated_memory=args.isolated_memory)
+    if args.isolated_memory and args.mode != "train":
+        raise SabError(f"--isolated-memory applies to --mode train, not {args.mode}")
     if args.mode == "epoch":
         result = _epoch(args, compare)
     else:

@@ -29,19 +29,22 @@ class Batch:
     n_targets: int  # tokens that contribute to the loss (labels[:, 1:] != IGNORE_INDEX)
     cursor: int  # the global cursor after this micro-step (all ranks together)
     global_targets: int = -1  # n_targets summed over every process's part of this micro-step
+    lengths: tuple[int, ...] = ()  # each row's length before padding (known to collate: no device read)
 
     def __post_init__(self) -> None:
         if self.global_targets < 0:
             self.global_targets = self.n_targets
+        if not self.lengths:
+            self.lengths = tuple((self.labels != IGNORE_INDEX).sum(1).tolist())
 
     def to(self, device: torch.device) -> "Batch":
         """On CUDA, copied from pinned memory without blocking the host."""
         if device.type != "cuda":
             return Batch(self.input_ids.to(device), self.labels.to(device), self.n_targets, self.cursor,
-                         self.global_targets)
+                         self.global_targets, self.lengths)
         return Batch(self.input_ids.pin_memory().to(device, non_blocking=True),
                      self.labels.pin_memory().to(device, non_blocking=True), self.n_targets, self.cursor,
-                     self.global_targets)
+                     self.global_targets, self.lengths)
 
 
 def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_targets: int = -1) -> Batch:
@@ -53,7 +56,8 @@ def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_tar
         ids[i, :len(r)] = r
         labels[i, :len(r)] = r
     n_targets = int(sum(max(len(r) - 1, 0) for r in rows))
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets,
+                 tuple(len(r) for r in rows))
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool, lengths: np.ndarray | None = None,
@@ -107,3 +111,41 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
             total = sum(max(size(i) - 1, 0) for r, part in enumerate(parts) if r != rank for i in part)
             total += sum(max(len(row) - 1, 0) for row in rows)
         yield collate(rows, pad_id, cursor, total)
+
+
+def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int) -> list[Batch]:
+    """The samples of an accumulation window as fewer, larger micro-batches: an execution detail
+    of one optimizer step, whose gradient is the sum over the whole window (the same up to float
+    rounding, in any grouping). Enough passes for about ``pass_positions`` real tokens each (never
+    more passes than the window has micro-batches), of at most ``max_rows`` rows; the rows are
+    sorted by length and cut where the padding is least (:func:`least_padding_cuts`). A window
+    that would not shrink, or ``max_rows`` < 2, stays as it is."""
+    lengths = np.array([n for b in window for n in b.lengths], dtype=np.int64)
+    passes = max(-(-int(lengths.sum()) // max(pass_positions, 1)), -(-len(lengths) // max(max_rows, 1)))
+    if max_rows < 2 or passes >= len(window):
+        return list(window)
+    rows = [b.input_ids[i, :n] for b in window for i, n in enumerate(b.lengths)]
+    order = np.argsort(lengths, kind="stable")
+    cuts = least_padding_cuts(lengths[order], passes, max_rows)
+    cursor = window[-1].cursor
+    return [collate([rows[i].numpy() for i in order[a:b]], pad_id, cursor) for a, b in zip(cuts, cuts[1:])]
+
+
+def least_padding_cuts(sorted_lengths: np.ndarray, groups: int, max_rows: int) -> list[int]:
+    """Cut points ``[0, ..., n]`` that split ascending lengths into ``groups`` runs of at most
+    ``max_rows`` with the fewest padded positions (each run pads to its last, longest row): a
+    dynamic program over (runs, rows), O(groups x n x max_rows)."""
+    n = len(sorted_lengths)
+    cost = np.full((groups + 1, n + 1), np.inf)
+    cost[0, 0] = 0.0
+    back = np.zeros((groups + 1, n + 1), dtype=np.int64)
+    for g in range(1, groups + 1):
+        for j in range(g, n + 1):
+            i = np.arange(max(g - 1, j - max_rows), j)  # the previous cut; the run is rows i .. j-1
+            total = cost[g - 1, i] + (j - i) * sorted_lengths[j - 1]
+            k = int(np.argmin(total))
+            cost[g, j], back[g, j] = total[k], i[k]
+    cuts = [n]
+    for g in range(groups, 0, -1):
+        cuts.append(int(back[g, cuts[-1]]))
+    return cuts[::-1]

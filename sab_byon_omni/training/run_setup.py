@@ -21,7 +21,7 @@ from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.errors import SabError, first_line
-from sab_byon_omni.estimate import fmt_bytes, fmt_count
+from sab_byon_omni.estimate import fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
 from sab_byon_omni.machine import device_name
@@ -100,6 +100,8 @@ class RunSetup:
         meta = D.is_meta(self.raw)  # built on the meta device (FSDP): materialised after sharding
         if not meta:
             self.raw.to(self.device)
+        if hasattr(self.raw, "set_memory_saving"):
+            self.raw.set_memory_saving(self.memory.memory_saving)
         if self.cfg.model.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
@@ -266,8 +268,7 @@ class RunSetup:
             ("schedule", f"AdamW peak lr {t.learning_rate:g}, {t.lr_schedule}"
                          + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "")
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
-            ("memory", f"estimated peak {fmt_bytes(self.memory.peak)} of {fmt_bytes(self.memory.usable)} usable "
-                       f"({self.memory.what})" if math.isfinite(self.memory.peak) else "no estimate for this device"),
+            ("memory", self.memory.describe()),
             *notes,
             ("time", "measured after the first steps"),
         ]

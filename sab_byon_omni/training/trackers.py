@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from sab_byon_omni.config import TRACKERS, RunConfig, TrainConfig
+from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 

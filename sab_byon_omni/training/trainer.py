@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.config import RunConfig
-from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches
+from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches, regroup
 from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import sample_loss
@@ -38,11 +38,11 @@ from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
-from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
+from sab_byon_omni.training.optim import lr_at, set_lr
 from sab_byon_omni.device import Precision
 from sab_byon_omni.training.run_setup import RunSetup
 from sab_byon_omni.training.signals import StopRequest, signal_name
-from sab_byon_omni.training.state import TrainState, capture_rng, restore_rng
+from sab_byon_omni.training.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -310,14 +310,18 @@ class Trainer:
     def forward_backward(self, window: list[Batch]) -> tuple[torch.Tensor, int] | None:
         """Forward and backward over one accumulation window. The loss is summed per token and
         divided by the real tokens of the whole window on all processes (known from the data: no
-        collective, no host synchronisation), so the gradient equals that of one big batch."""
+        collective, no host synchronisation), so the gradient equals that of one big batch. That
+        makes the micro-batches an execution detail: the memory plan may regroup the window's
+        samples into fewer, larger passes (``MemoryPlan.pass_rows``), the same step up to rounding."""
         scale = self.info.world / max(sum(b.global_targets for b in window), 1)  # DDP averages over ranks
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(window):
+        plan = self.run.memory
+        passes = regroup(window, plan.pass_rows, plan.pass_positions, self.tokenizer.pad_id)
+        for i, batch in enumerate(passes):
             if i and self.stop.requested and not self.info.enabled:
                 return None
             batch = batch.to(self.device)
-            with D.no_sync(self.model, skip=i < len(window) - 1), self.precision.autocast():
+            with D.no_sync(self.model, skip=i < len(passes) - 1), self.precision.autocast():
                 loss_sum = causal_lm_loss(self.model(batch.input_ids), batch.labels)
             self.scaler.scale(loss_sum * scale).backward()
             total += loss_sum.detach().double()
