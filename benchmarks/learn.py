@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learn_corpora  # noqa: E402
 
-from sab_byon_omni.benchmark import build_hf_gpt2  # noqa: E402
+from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
 from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E402
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
@@ -86,18 +86,23 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        **shape_overrides(args))
 
 
-def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tuple[dict, list[Batch]]:
-    """Train our model with the Trainer; returns (result row, the micro-batches it trained on).
-
-    The only place that touches the Trainer: ``Trainer(...)``, ``epoch_batches(0)`` and ``fit()``.
-    """
+def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> tuple:
+    """(model object, set-up Trainer, config) for our side. The one place that touches the Trainer:
+    ``Trainer(...)``, ``setup()``, ``epoch_batches(0)`` and ``fit()``."""
     from sab_byon_omni.training.trainer import Trainer
 
     train, _ = corpus.corpus.windows(args.seq_len)
+    cfg = our_config(args, corpus, ckpt_dir)
+    sab = SABTranscendentV2(config=cfg, tokenizer=ByteTokenizer())
+    trainer = Trainer(sab.model, sab.tokenizer, train, None, sab.config)
+    trainer.setup()
+    return sab, trainer, cfg
+
+
+def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tuple[dict, list[Batch]]:
+    """Train our model with the Trainer; returns (result row, the micro-batches it trained on)."""
     with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
-        cfg = our_config(args, corpus, ckpt_dir)
-        sab = SABTranscendentV2(config=cfg, tokenizer=ByteTokenizer())
-        trainer = Trainer(sab.model, sab.tokenizer, train, None, sab.config)
+        sab, trainer, cfg = make_trainer(args, corpus, ckpt_dir)
         batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * cfg.train.gradient_accumulation_steps))
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -112,6 +117,16 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tup
                curve=[round(r["loss"], 4) for r in rows if "loss" in r])
     row["val"] = score(sab.model, validation_windows(corpus, args))
     return row, batches
+
+
+def batches_only(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[Batch]:
+    """The micro-batches our Trainer would train on, without training (for a GPT-2-only run)."""
+    with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
+        _, trainer, _ = make_trainer(args, corpus, ckpt_dir)
+        try:
+            return list(itertools.islice(trainer.epoch_batches(0), args.steps))
+        finally:
+            trainer.run.close()
 
 
 # ----------------------------------------------------------------------------------- GPT-2 side
@@ -241,16 +256,6 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
                 batches = batches_only(args, corpus)
             rows.append({**common, **run_gpt2(args, corpus, batches)})
     return rows
-
-
-def batches_only(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[Batch]:
-    from sab_byon_omni.training.trainer import Trainer
-
-    train, _ = corpus.corpus.windows(args.seq_len)
-    with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
-        cfg = our_config(args, corpus, ckpt_dir)
-        trainer = Trainer(torch.nn.Linear(1, 1), ByteTokenizer(), train, None, cfg)
-        return list(itertools.islice(trainer.epoch_batches(0), args.steps))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
