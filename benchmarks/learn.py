@@ -29,6 +29,7 @@ import argparse
 import datetime
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -54,6 +55,8 @@ from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry  # 
 
 ROOT = Path(__file__).resolve().parent.parent
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
+DEFAULT_SEED = 1234
+GPT2_WARMUP = 4  # nanoGPT warms up 100 of its 5,000 steps: 2%, 4 of our 200
 
 
 # ------------------------------------------------------------------------------------ our side
@@ -130,9 +133,9 @@ def batches_only(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) ->
 
 
 # ----------------------------------------------------------------------------------- GPT-2 side
-def nanogpt_lr(it: int, warmup: int, decay_iters: int) -> float:
-    """nanoGPT's ``get_lr``: linear warmup, cosine from lr to min_lr at ``decay_iters``."""
-    lr, min_lr = NANOGPT["lr"], NANOGPT["min_lr"]
+def nanogpt_lr(it: int, warmup: int, decay_iters: int, lr: float = NANOGPT["lr"]) -> float:
+    """nanoGPT's ``get_lr``: linear warmup, cosine from lr to min_lr = lr / 10 at ``decay_iters``."""
+    min_lr = lr * NANOGPT["min_lr"] / NANOGPT["lr"]
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     if it > decay_iters:
@@ -164,7 +167,7 @@ def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batche
     t0 = time.perf_counter()
     for it, batch in enumerate(batches):
         for g in opt.param_groups:
-            g["lr"] = nanogpt_lr(it, args.gpt2_warmup, len(batches))
+            g["lr"] = nanogpt_lr(it, args.gpt2_warmup, len(batches), args.gpt2_lr)
         loss_sum, n = token_loss(model, batch)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, NANOGPT["clip"])
@@ -172,7 +175,7 @@ def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batche
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum.item() / n)
     seconds = time.perf_counter() - t0
-    row = dict(model="gpt2", lr=NANOGPT["lr"], warmup=args.gpt2_warmup, schedule="cosine",
+    row = dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
                min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta2=NANOGPT["beta2"],
                weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"],
                params=sum(p.numel() for p in params), seconds=round(seconds, 1), steps=len(batches),
@@ -303,14 +306,36 @@ def on_rule_schedule(row: dict) -> bool:
     return row["model"] == "ours" and all(row[k] == want[k] for k in SCHEDULE_KEYS)
 
 
+def reference_gpt2(row: dict) -> bool:
+    """A GPT-2 run with nanoGPT's recipe as this benchmark scales it (rate 1e-3, 4 warmup steps)."""
+    return row["model"] == "gpt2" and row["lr"] == NANOGPT["lr"] and row["warmup"] == GPT2_WARMUP
+
+
+def slow_in_rule(row: dict) -> bool:
+    """Whether the current rule (not the one of the run's day) calls this rate slow."""
+    shape = row.get("shape") or {}
+    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    return learns_slowly(row["lr"], model, row["batch"] * row["seq_len"]) is not None
+
+
 def _size(rows: list[dict], preset: str) -> int:
     return next((r["params"] for r in rows if r["preset"] == preset), 0)
 
 
+def at_rule(row: dict) -> bool:
+    """An ours run with everything from the rule: its schedule and its peak rate for this shape."""
+    shape = row.get("shape") or {}
+    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
+    return on_rule_schedule(row) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+
+
 def bench_table(rows: list[dict]) -> list[str]:
+    """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
+    rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))]
     lines = ["| corpus | preset | ours: lr, warmup | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for key in sorted({(r["corpus"], r["preset"]) for r in rows}):
+    for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
         ours = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "ours"]
         gpt2 = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "gpt2"]
         if ours and gpt2:
@@ -322,7 +347,8 @@ def bench_table(rows: list[dict]) -> list[str]:
 
 def sweep_table(rows: list[dict], corpus: str) -> list[str]:
     """Preset x peak rate -> bits per byte (ours on the rule's schedule), with GPT-2's for reference."""
-    here = [r for r in rows if r["corpus"] == corpus and (r["model"] == "gpt2" or on_rule_schedule(r))]
+    here = [r for r in rows if r["corpus"] == corpus and r["seed"] == DEFAULT_SEED
+            and (reference_gpt2(r) or on_rule_schedule(r))]
     lrs = sorted({r["lr"] for r in here if r["model"] == "ours"})
     lines = [f"Corpus `{corpus}`: validation bits per byte, ours by peak learning rate (* best of the row, "
              "(s) below the rule's slow threshold), GPT-2 at nanoGPT's recipe:", "",
@@ -333,7 +359,7 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
         gpt2 = [r for r in here if r["preset"] == preset and r["model"] == "gpt2"]
         best = min(ours.values(), key=_bpb, default=None)
         cells = ["" if lr not in ours else f"{_bpb(ours[lr]):.3f}" + ("*" if ours[lr] is best else "")
-                 + (" (s)" if ours[lr].get("slow") else "") for lr in lrs]
+                 + (" (s)" if slow_in_rule(ours[lr]) else "") for lr in lrs]
         g = f"{_bpb(gpt2[-1]):.3f}" if gpt2 else ""
         ratio = f"{_bpb(best) / _bpb(gpt2[-1]):.3f}" if gpt2 and best else ""
         lines.append(f"| {preset} | " + " | ".join(cells) + f" | {g} | {ratio} |")
@@ -341,27 +367,26 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
 
 
 def ablation_table(rows: list[dict]) -> list[str]:
-    """Every ours run off the rule's schedule: what was changed and what it gave."""
-    off = [r for r in rows if r["model"] == "ours" and not on_rule_schedule(r)]
-    lines = ["| corpus | preset | lr | warmup | schedule | min lr | beta2 | wd | clip | bpb |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["lr"], r["warmup"])):
-        lines.append(f"| {r['corpus']} | {r['preset']} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
+    """Every run off the rule's schedule (ours) or off nanoGPT's (GPT-2): what changed, what it gave."""
+    off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r)) or r["seed"] != DEFAULT_SEED]
+    lines = ["| corpus | preset | model | lr | warmup | schedule | min lr | beta2 | wd | clip | seed | bpb |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["model"], r["lr"], r["warmup"])):
+        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
                      f"{r['min_lr_ratio']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
-                     f"{_bpb(r):.3f} |")
+                     f"{r['seed']} | {_bpb(r):.3f} |")
     return lines + [""] if off else []
 
 
 def report(rows: list[dict], plot: str | None) -> str:
     """Markdown tables (benchmark, sweep, other schedules) from result rows; draws the sweep plot."""
-    bench = [r for r in rows if r["tag"] == "benchmark"]
-    lines = bench_table(bench) if bench else []
+    lines = bench_table(rows)
     sweep = [r for r in rows if r["tag"] != "benchmark"]
     for corpus in sorted({r["corpus"] for r in sweep}):
         lines += sweep_table(sweep, corpus)
     lines += ablation_table(sweep)
     if plot and sweep:
-        draw([r for r in sweep if r["model"] == "gpt2" or on_rule_schedule(r)], plot)
+        draw([r for r in sweep if reference_gpt2(r) or on_rule_schedule(r)], plot)
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
 
@@ -415,18 +440,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta2", type=float, help="our AdamW beta2 (default: the rule)")
     p.add_argument("--weight-decay", type=float, help="our weight decay (default: the rule)")
     p.add_argument("--clip", type=float, help="our gradient clipping norm (default 1.0)")
-    p.add_argument("--gpt2-warmup", type=int, default=4,
+    p.add_argument("--gpt2-warmup", type=int, default=GPT2_WARMUP,
                    help="GPT-2's warmup steps (default 4: nanoGPT's 100 of 5000 steps, scaled to 200)")
+    p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],
+                   help="GPT-2's peak rate (default 1e-3, nanoGPT's; min_lr stays peak / 10)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch", type=int, default=16, help="windows per optimizer step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="initialisation seed (the windows stay the same)")
     p.add_argument("--val-windows", type=int, default=0,
                    help="score this many validation windows spread over the split (default 0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--tag", default="benchmark", help="label stored with the results (benchmark, sweep, ...)")
     p.add_argument("--results", help="append one JSON line per model run to this file")
     p.add_argument("--cache", default=str(ROOT / ".sab_cache" / "learn"), help="corpus cache folder")
+    p.add_argument("--verbose", action="store_true", help="show the trainer's banner and step lines")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
     p.add_argument("--report", metavar="FILE", help="print tables from a results file instead of running")
     p.add_argument("--plot", metavar="PNG", help="with --report: draw the sweep plot here")
@@ -439,10 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         print(report(load_rows(args.report), args.plot))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     t0 = time.perf_counter()
     rows = run(args)
     print()
-    print(report([{**r, "tag": "benchmark"} for r in rows], None) if "gpt2" in args.models else "")
+    print("\n".join(bench_table(rows)) if "gpt2" in args.models else "")
     print(f"wall time {time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} thread(s), CPU {cpu_name()}")
     if args.json:
         print(json.dumps(rows, indent=1))
