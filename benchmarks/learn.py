@@ -1,0 +1,482 @@
+"""The learning benchmark: how far a from-scratch recipe gets in a fixed budget, against Hugging Face
+GPT-2 trained with nanoGPT's character-level recipe on the very same tokens.
+
+    python benchmarks/learn.py                                  # both corpora, preset small, our rule
+    python benchmarks/learn.py --corpus stdlib --preset tiny --lr 3e-3,1e-2 --models ours
+    python benchmarks/learn.py --report benchmarks/learn_results.jsonl --plot docs/img/learn_sweep.png
+
+Budget (default): 200 optimizer steps of 16 windows x 128 tokens (127 predictions each), byte
+tokenizer. Both models see exactly the same windows in the same order: GPT-2 is fed the batches of
+our Trainer's own ``epoch_batches(0)``. Validation bits per byte = summed loss in nats /
+(ln 2 x bytes) over the same held-out windows for both, where the bytes are the byte-valued targets
+(an ``<EOS>`` target costs loss but adds no byte, as in ``sab-omni eval``).
+
+* Ours: ``SABTranscendentV2`` + ``Trainer`` with the rule of ``sab_byon_omni.training.recipe``
+  for this geometry (``recipe_for_geometry``) unless ``--lr``/``--warmup``/... say otherwise.
+* GPT-2: ``GPT2LMHeadModel`` from a local ``GPT2Config`` of the same width, heads, depth, FFN,
+  vocabulary and context (learned positions, biases, dropout 0), trained like nanoGPT's
+  ``config/train_shakespeare_char.py`` + ``train.py``: AdamW lr 1e-3, betas (0.9, 0.99), weight
+  decay 0.1 on 2-D parameters only, ``lr * (it + 1) / (warmup + 1)`` warmup, cosine to
+  min_lr = 1e-4 at the last step, gradient clipping 1.0, fp32.
+
+Every run appends one JSON line to ``--results``; ``--report`` prints the tables and draws the plot
+from such a file. Corpora: ``benchmarks/learn_corpora.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learn_corpora  # noqa: E402
+
+from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
+from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E402
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
+from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
+from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
+from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
+DEFAULT_SEED = 1234
+GPT2_WARMUP = 4  # nanoGPT warms up 100 of its 5,000 steps: 2%, 4 of our 200
+
+
+# ------------------------------------------------------------------------------------ our side
+def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> RunConfig:
+    """The RunConfig for our model: the rule's recipe for this preset, with the benchmark's fixed
+    budget (batch, steps, sequence) and any recipe flag given on the command line."""
+    model = model_config(args)
+    rule = recipe_for_geometry(model, args.seq_len, args.batch, 1, epochs=1, total_steps=args.steps)
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    train = dict(
+        batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps, epochs=1,
+        learning_rate=pick(args.lr_value, rule.learning_rate), warmup_steps=pick(args.warmup, rule.warmup_steps),
+        lr_schedule=pick(args.schedule, rule.lr_schedule), min_lr_ratio=pick(args.min_lr_ratio, rule.min_lr_ratio),
+        beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
+        max_grad_norm=pick(args.clip, 1.0), precision="fp32", device="cpu", seed=args.seed, progress=False,
+        log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
+    data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
+    return build_config({"model": {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args)},
+                         "data": data, "train": train})
+
+
+def shape_overrides(args: argparse.Namespace) -> dict:
+    """--hidden/--heads/--layers/--ffn given on the command line (both models get them)."""
+    given = dict(hidden=args.hidden, n_heads=args.heads, n_layers=args.layers, ffn=args.ffn)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(preset=args.preset, vocab_size=ByteTokenizer.vocab_size, max_seq_len=args.seq_len,
+                       **shape_overrides(args))
+
+
+def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> tuple:
+    """(model object, set-up Trainer, config) for our side. The one place that touches the Trainer:
+    ``Trainer(...)``, ``setup()``, ``epoch_batches(0)`` and ``fit()``."""
+    from sab_byon_omni.training.trainer import Trainer
+
+    train, _ = corpus.corpus.windows(args.seq_len)
+    cfg = our_config(args, corpus, ckpt_dir)
+    sab = SABTranscendentV2(config=cfg, tokenizer=ByteTokenizer())
+    trainer = Trainer(sab.model, sab.tokenizer, train, None, sab.config)
+    trainer.setup()
+    return sab, trainer, cfg
+
+
+def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tuple[dict, list[Batch]]:
+    """Train our model with the Trainer; returns (result row, the micro-batches it trained on)."""
+    with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
+        sab, trainer, cfg = make_trainer(args, corpus, ckpt_dir)
+        batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * cfg.train.gradient_accumulation_steps))
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        seconds = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(ckpt_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), math.nan)
+    t = cfg.train
+    row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
+               min_lr_ratio=t.min_lr_ratio, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
+               params=sab.model.num_parameters(), seconds=round(seconds, 1), steps=result.global_step,
+               train_loss=train_loss, slow=learns_slowly(t.learning_rate, cfg.model),
+               curve=[round(r["loss"], 4) for r in rows if "loss" in r])
+    row["val"] = score(sab.model, validation_windows(corpus, args))
+    return row, batches
+
+
+def batches_only(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[Batch]:
+    """The micro-batches our Trainer would train on, without training (for a GPT-2-only run)."""
+    with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
+        _, trainer, _ = make_trainer(args, corpus, ckpt_dir)
+        try:
+            return list(itertools.islice(trainer.epoch_batches(0), args.steps))
+        finally:
+            trainer.run.close()
+
+
+# ----------------------------------------------------------------------------------- GPT-2 side
+def nanogpt_lr(it: int, warmup: int, decay_iters: int, lr: float = NANOGPT["lr"]) -> float:
+    """nanoGPT's ``get_lr``: linear warmup, cosine from lr to min_lr = lr / 10 at ``decay_iters``."""
+    min_lr = lr * NANOGPT["min_lr"] / NANOGPT["lr"]
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup) / max(decay_iters - warmup, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """GPT-2 behind our model's call signature: ids -> logits."""
+
+    def __init__(self, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=ids).logits
+
+
+def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batches: list[Batch]) -> dict:
+    torch.manual_seed(args.seed)
+    cfg = model_config(args)
+    model = _LogitsOnly(build_hf_gpt2(cfg)).train()
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=NANOGPT["lr"], betas=(NANOGPT["beta1"], NANOGPT["beta2"]), fused=True)
+    losses = []
+    t0 = time.perf_counter()
+    for it, batch in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = nanogpt_lr(it, args.gpt2_warmup, len(batches), args.gpt2_lr)
+        loss_sum, n = token_loss(model, batch)
+        (loss_sum / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, NANOGPT["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum.item() / n)
+    seconds = time.perf_counter() - t0
+    row = dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
+               min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta2=NANOGPT["beta2"],
+               weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"],
+               params=sum(p.numel() for p in params), seconds=round(seconds, 1), steps=len(batches),
+               train_loss=statistics.fmean(losses[-20:]),
+               curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
+    row["val"] = score(model, validation_windows(corpus, args))
+    return row
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def token_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss in nats, predictions) of one batch: the same loss for both models."""
+    logits = model(batch.input_ids)
+    targets = torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, batch.n_targets
+
+
+def validation_windows(corpus: learn_corpora.BenchCorpus, args: argparse.Namespace) -> list[np.ndarray]:
+    """The held-out windows both models are scored on: the validation split cut into windows of
+    ``seq_len`` tokens with stride ``seq_len - 1`` (``sab-omni eval``'s default), all of them or
+    ``--val-windows`` spread evenly over the split."""
+    _, val = corpus.corpus.windows(args.seq_len)
+    n = len(val)
+    picks = range(n) if not args.val_windows or args.val_windows >= n else \
+        sorted({round(i * (n - 1) / (args.val_windows - 1)) for i in range(args.val_windows)})
+    return [val[i] for i in picks]
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, windows: list[np.ndarray], batch_size: int = 16) -> dict:
+    """Loss, bits per byte and counts over ``windows`` (each scores its tokens 1..end)."""
+    was = model.training
+    model.eval()
+    loss_sum, n_tokens, n_bytes = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = collate(windows[i:i + batch_size], pad_id=0)
+        loss, n = token_loss(model, batch)
+        loss_sum += float(loss)
+        n_tokens += n
+        n_bytes += sum(int((w[1:] >= 2).sum()) for w in windows[i:i + batch_size])
+    model.train(was)
+    bpb = loss_sum / (math.log(2) * n_bytes) if math.isfinite(loss_sum) else math.nan
+    return dict(loss=loss_sum / n_tokens, bits_per_byte=bpb, tokens=n_tokens, bytes=n_bytes)
+
+
+# ------------------------------------------------------------------------------------- running
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        return platform.processor() or "unknown"
+
+
+def label(args: argparse.Namespace) -> str:
+    """The preset's name, or e.g. ``tiny/hidden=128,n_layers=4`` when the shape was changed."""
+    extra = ",".join(f"{k}={v}" for k, v in shape_overrides(args).items())
+    return f"{args.preset}/{extra}" if extra else args.preset
+
+
+def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: float | None,
+            gpt2: bool) -> list[dict]:
+    args.lr_value = lr
+    m = model_config(args)
+    common = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), tag=args.tag, corpus=corpus.name,
+                  corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
+                                                                       "documents", "versions")},
+                  preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
+                  batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                  val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
+                  torch=torch.__version__)
+    rows = []
+    if "ours" in args.models or gpt2:
+        row, batches = run_ours(args, corpus) if "ours" in args.models else (None, None)
+        if row is not None:
+            rows.append({**common, **row})
+        if gpt2:
+            if batches is None:  # GPT-2 alone: the windows our Trainer would visit, without training
+                batches = batches_only(args, corpus)
+            rows.append({**common, **run_gpt2(args, corpus, batches)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    names = ("stdlib", "prose") if args.corpus == "both" else (args.corpus,)
+    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
+    out = []
+    for name in names:
+        corpus = learn_corpora.load(name, Path(args.cache), args.seq_len)
+        for i, lr in enumerate(lrs):
+            rows = run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
+            for row in rows:
+                print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} lr {row['lr']:.2e} "
+                      f"warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
+                      f"train loss {row['train_loss']:.4f}  {row['seconds']:.0f} s", flush=True)
+                if args.results:
+                    with open(args.results, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+            out.extend(rows)
+    return out
+
+
+# -------------------------------------------------------------------------------------- report
+def load_rows(path: str) -> list[dict]:
+    """The rows of a results file; a repeated run (same corpus, shape, model, recipe and seed: the runs
+    are deterministic) counts once, its latest row."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
+                                r["steps"], r["batch"], r["seq_len"], r["val_windows"]] + [r[k] for k in SCHEDULE_KEYS])
+    return list({key(r): r for r in rows}.values())
+
+
+def _bpb(row: dict) -> float:
+    return row["val"]["bits_per_byte"]
+
+
+SCHEDULE_KEYS = ("warmup", "schedule", "min_lr_ratio", "beta2", "weight_decay", "clip")
+
+
+def on_rule_schedule(row: dict) -> bool:
+    """An ours run whose schedule, betas, decay and clipping are the rule's (only the rate may differ)."""
+    rule = recipe_for_geometry(ModelConfig(preset="tiny"), row["seq_len"], row["batch"], 1, 1, row["steps"])
+    want = dict(warmup=rule.warmup_steps, schedule=rule.lr_schedule, min_lr_ratio=rule.min_lr_ratio,
+                beta2=rule.beta2, weight_decay=rule.weight_decay, clip=1.0)
+    return row["model"] == "ours" and all(row[k] == want[k] for k in SCHEDULE_KEYS)
+
+
+def reference_gpt2(row: dict) -> bool:
+    """A GPT-2 run with nanoGPT's recipe as this benchmark scales it (rate 1e-3, 4 warmup steps)."""
+    return row["model"] == "gpt2" and row["lr"] == NANOGPT["lr"] and row["warmup"] == GPT2_WARMUP
+
+
+def slow_in_rule(row: dict) -> bool:
+    """Whether the current rule (not the one of the run's day) calls this rate slow."""
+    shape = row.get("shape") or {}
+    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    return learns_slowly(row["lr"], model, row["batch"] * row["seq_len"]) is not None
+
+
+def _size(rows: list[dict], preset: str) -> int:
+    return next((r["params"] for r in rows if r["preset"] == preset), 0)
+
+
+def at_rule(row: dict) -> bool:
+    """An ours run with everything from the rule: its schedule and its peak rate for this shape."""
+    shape = row.get("shape") or {}
+    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
+    return on_rule_schedule(row) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+
+
+def bench_table(rows: list[dict]) -> list[str]:
+    """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
+    rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))]
+    lines = ["| corpus | preset | ours: lr, warmup | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
+        ours = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "ours"]
+        gpt2 = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "gpt2"]
+        if ours and gpt2:
+            o, g = ours[-1], gpt2[-1]
+            lines.append(f"| {key[0]} | {key[1]} | {o['lr']:.3g}, {o['warmup']} | {_bpb(o):.4f} | {_bpb(g):.4f} "
+                         f"| **{_bpb(o) / _bpb(g):.3f}** | {o['seconds']:.0f} | {g['seconds']:.0f} |")
+    return lines + [""]
+
+
+def sweep_table(rows: list[dict], corpus: str) -> list[str]:
+    """Preset x peak rate -> bits per byte (ours on the rule's schedule), with GPT-2's for reference."""
+    here = [r for r in rows if r["corpus"] == corpus and r["seed"] == DEFAULT_SEED
+            and (reference_gpt2(r) or on_rule_schedule(r))]
+    lrs = sorted({r["lr"] for r in here if r["model"] == "ours"})
+    lines = [f"Corpus `{corpus}`: validation bits per byte, ours by peak learning rate (* best of the row, "
+             "(s) below the rule's slow threshold), GPT-2 at nanoGPT's recipe:", "",
+             "| preset | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " | GPT-2 | best ours / GPT-2 |",
+             "|---|" + "---:|" * (len(lrs) + 2)]
+    for preset in sorted({r["preset"] for r in here}, key=lambda p: _size(here, p)):
+        ours = {r["lr"]: r for r in here if r["preset"] == preset and r["model"] == "ours"}
+        gpt2 = [r for r in here if r["preset"] == preset and r["model"] == "gpt2"]
+        best = min(ours.values(), key=_bpb, default=None)
+        cells = ["" if lr not in ours else f"{_bpb(ours[lr]):.3f}" + ("*" if ours[lr] is best else "")
+                 + (" (s)" if slow_in_rule(ours[lr]) else "") for lr in lrs]
+        g = f"{_bpb(gpt2[-1]):.3f}" if gpt2 else ""
+        ratio = f"{_bpb(best) / _bpb(gpt2[-1]):.3f}" if gpt2 and best else ""
+        lines.append(f"| {preset} | " + " | ".join(cells) + f" | {g} | {ratio} |")
+    return lines + [""]
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    """Every run off the rule's schedule (ours) or off nanoGPT's (GPT-2): what changed, what it gave."""
+    off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r)) or r["seed"] != DEFAULT_SEED]
+    lines = ["| corpus | preset | model | lr | warmup | schedule | min lr | beta2 | wd | clip | seed | bpb |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["model"], r["lr"], r["warmup"])):
+        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
+                     f"{r['min_lr_ratio']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
+                     f"{r['seed']} | {_bpb(r):.3f} |")
+    return lines + [""] if off else []
+
+
+def report(rows: list[dict], plot: str | None) -> str:
+    """Markdown tables (benchmark, sweep, other schedules) from result rows; draws the sweep plot."""
+    lines = bench_table(rows)
+    sweep = [r for r in rows if r["tag"] != "benchmark"]
+    for corpus in sorted({r["corpus"] for r in sweep}):
+        lines += sweep_table(sweep, corpus)
+    lines += ablation_table(sweep)
+    if plot and sweep:
+        draw([r for r in sweep if reference_gpt2(r) or on_rule_schedule(r)], plot)
+        lines.append(f"plot: {plot}")
+    return "\n".join(lines)
+
+
+def draw(sweep: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = sorted({r["corpus"] for r in sweep})
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        here = [r for r in sweep if r["corpus"] == corpus]
+        for i, preset in enumerate(sorted({r["preset"] for r in here}, key=lambda p: next(
+                r["params"] for r in here if r["preset"] == p))):
+            color = f"C{i}"
+            ours = sorted((r["lr"], _bpb(r)) for r in here if r["preset"] == preset and r["model"] == "ours")
+            if ours:
+                ax.plot(*zip(*ours), "o-", color=color, label=f"ours, {preset}")
+            gpt2 = [r for r in here if r["preset"] == preset and r["model"] == "gpt2"]
+            if gpt2:
+                ax.axhline(_bpb(gpt2[-1]), color=color, linestyle="--", label=f"GPT-2 (nanoGPT recipe), {preset}")
+                ax.axhline(0.7 * _bpb(gpt2[-1]), color=color, linestyle=":", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate (ours)")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title(f"{corpus}: 200 steps x 16 x 128 bytes (dotted: 0.7 x GPT-2)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--corpus", choices=("stdlib", "prose", "both"), default="both")
+    p.add_argument("--preset", default="small", help="model preset (both models get its dimensions)")
+    p.add_argument("--hidden", type=int, help="override the preset's width (both models)")
+    p.add_argument("--heads", type=int, help="override the preset's attention heads (both models)")
+    p.add_argument("--layers", type=int, help="override the preset's depth (both models)")
+    p.add_argument("--ffn", type=int, help="override the preset's feed-forward width (both models)")
+    p.add_argument("--models", default="ours,gpt2", help="ours, gpt2 or both (comma-separated)")
+    p.add_argument("--lr", help="our peak learning rate(s), comma-separated (default: the recipe rule)")
+    p.add_argument("--warmup", type=int, help="our warmup steps (default: the rule)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), help="our schedule (default: the rule)")
+    p.add_argument("--min-lr-ratio", type=float, help="our cosine floor / peak (default: the rule)")
+    p.add_argument("--beta2", type=float, help="our AdamW beta2 (default: the rule)")
+    p.add_argument("--weight-decay", type=float, help="our weight decay (default: the rule)")
+    p.add_argument("--clip", type=float, help="our gradient clipping norm (default 1.0)")
+    p.add_argument("--gpt2-warmup", type=int, default=GPT2_WARMUP,
+                   help="GPT-2's warmup steps (default 4: nanoGPT's 100 of 5000 steps, scaled to 200)")
+    p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],
+                   help="GPT-2's peak rate (default 1e-3, nanoGPT's; min_lr stays peak / 10)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--batch", type=int, default=16, help="windows per optimizer step (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="initialisation seed (the windows stay the same)")
+    p.add_argument("--val-windows", type=int, default=0,
+                   help="score this many validation windows spread over the split (default 0: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--tag", default="benchmark", help="label stored with the results (benchmark, sweep, ...)")
+    p.add_argument("--results", help="append one JSON line per model run to this file")
+    p.add_argument("--cache", default=str(ROOT / ".sab_cache" / "learn"), help="corpus cache folder")
+    p.add_argument("--verbose", action="store_true", help="show the trainer's banner and step lines")
+    p.add_argument("--json", action="store_true", help="print the result rows as JSON")
+    p.add_argument("--report", metavar="FILE", help="print tables from a results file instead of running")
+    p.add_argument("--plot", metavar="PNG", help="with --report: draw the sweep plot here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.report:
+        print(report(load_rows(args.report), args.plot))
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    t0 = time.perf_counter()
+    rows = run(args)
+    print()
+    print("\n".join(bench_table(rows)) if "gpt2" in args.models else "")
+    print(f"wall time {time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} thread(s), CPU {cpu_name()}")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

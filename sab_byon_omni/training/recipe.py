@@ -1,0 +1,153 @@
+"""The from-scratch recipe: what a run that trains a fresh model on the user's own data uses when
+the user has not chosen a recipe. Pure arithmetic on the model's shape and the corpus size.
+
+The numbers come from a sweep of peak learning rate x model size on two corpora, 200 optimizer
+steps of 16 x 128 byte tokens each (``benchmarks/learn.py``; table and plot in docs/RECIPES.md):
+
+* **peak learning rate** ``LR_PER_WIDTH / hidden`` (the sweep's best rate fell about in proportion
+  to the width), times ``sqrt(tokens per step / 2,048)`` (Adam's usual square-root rule for a
+  larger batch; capped at 2x because the sweep did not measure it), clipped to
+  ``[LR_MIN, LR_MAX]``;
+* **warmup** ``WARMUP_FRACTION`` of the run, at most ``WARMUP_MAX`` steps: at 200 steps, 80 warmup
+  steps let a rate 2x higher train stably and gave lower loss than 10 or 40;
+* **cosine** to ``MIN_LR_RATIO`` of the peak; AdamW beta2 0.95, weight decay 0.1 (neither moved the
+  result by more than the run-to-run noise in the sweep);
+* **batch geometry**: enough optimizer steps for the corpus. Tokens per step are chosen so one
+  epoch gives at least ``TARGET_STEPS`` steps, between ``MIN_TOKENS_PER_STEP`` and
+  ``MAX_TOKENS_PER_STEP``; a corpus too small for that many steps even at the smallest batch is
+  visited for more epochs (at most ``MAX_EPOCHS``). A micro-batch holds at most
+  ``MAX_MICRO_TOKENS`` tokens; the rest is gradient accumulation.
+
+:func:`learns_slowly` names the rates the sweep showed to learn slowly (below ``1 / SLOW_FACTOR`` of
+the rule's rate), and :func:`too_few_steps` a plan with fewer than ``MIN_STEPS`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.errors import SabError
+
+SWEEP_TOKENS_PER_STEP = 16 * 128  # the sweep's batch geometry: the rule is exact there
+LR_PER_WIDTH = 0.6  # peak learning rate = LR_PER_WIDTH / hidden at the sweep's geometry
+LR_MIN, LR_MAX = 2e-4, 1e-2
+BATCH_LR_CAP = 2.0  # the square-root batch factor never exceeds this (not measured beyond)
+SLOW_FACTOR = 4.0  # a rate below rule / SLOW_FACTOR learns slowly
+WARMUP_FRACTION, WARMUP_MAX = 0.4, 100
+MIN_LR_RATIO = 0.1
+WEIGHT_DECAY = 0.1
+BETA2 = 0.95
+TARGET_STEPS = 300  # optimizer steps per epoch the batch geometry aims for
+MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly learn
+MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
+MAX_MICRO_TOKENS = 16384
+MAX_EPOCHS = 20
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A from-scratch training recipe and, in ``reasons``, one line per choice saying why."""
+
+    learning_rate: float
+    warmup_steps: int
+    lr_schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    beta2: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    epochs: int
+    total_steps: int  # optimizer steps planned (epochs x steps per epoch): the cosine's length
+    reasons: list[str] = field(default_factory=list)
+
+    def train_overrides(self) -> dict[str, Any]:
+        """The ``train.*`` settings, for :func:`sab_byon_omni.config.replace` or ``build_config``."""
+        return {f"train.{k}": getattr(self, k) for k in (
+            "learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta2",
+            "batch_size", "gradient_accumulation_steps", "epochs")}
+
+
+def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> float:
+    """The rule's peak learning rate for a model of this width at this many tokens per step."""
+    if tokens_per_step <= 0:
+        raise SabError(f"tokens per optimizer step must be positive, got {tokens_per_step}")
+    batch = min(math.sqrt(tokens_per_step / SWEEP_TOKENS_PER_STEP), BATCH_LR_CAP)
+    return min(max(LR_PER_WIDTH / model_cfg.hidden * batch, LR_MIN), LR_MAX)
+
+
+def warmup_steps(total_steps: int) -> int:
+    return max(1, min(round(WARMUP_FRACTION * total_steps), WARMUP_MAX))
+
+
+def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int, list[str]]:
+    """(batch_size, gradient_accumulation_steps, epochs, optimizer steps, reasons) for a corpus of
+    ``corpus_tokens`` training tokens cut into windows of ``seq_len`` tokens."""
+    if seq_len < 2:
+        raise SabError(f"data.seq_len={seq_len} must be at least 2")
+    windows = max(corpus_tokens - 1, 0) // (seq_len - 1)
+    if windows < 1:
+        raise SabError(f"the corpus has {corpus_tokens:,} training tokens, fewer than one window of "
+                       f"data.seq_len={seq_len}: lower --seq_len or add data")
+    lo = max(1, math.ceil(MIN_TOKENS_PER_STEP / seq_len))
+    hi = max(lo, MAX_TOKENS_PER_STEP // seq_len)
+    windows_per_step = min(max(windows // TARGET_STEPS, lo), hi, windows)
+    steps_per_epoch = windows // windows_per_step
+    epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
+    accumulation = max(1, math.ceil(windows_per_step * seq_len / MAX_MICRO_TOKENS))
+    while windows_per_step % accumulation:
+        accumulation += 1
+    reasons = [f"{windows_per_step} windows of {seq_len} tokens per optimizer step "
+               f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} steps per epoch over "
+               f"{windows:,} training windows (aim: at least {TARGET_STEPS})"]
+    if epochs > 1:
+        reasons.append(f"{epochs} epochs, so the run takes {steps_per_epoch * epochs:,} optimizer steps")
+    if accumulation > 1:
+        reasons.append(f"micro-batches of {windows_per_step // accumulation} x {accumulation} accumulation steps "
+                       f"(at most {MAX_MICRO_TOKENS:,} tokens per micro-batch)")
+    return windows_per_step // accumulation, accumulation, epochs, steps_per_epoch * epochs, reasons
+
+
+def from_scratch_recipe(model_cfg: ModelConfig, corpus_tokens: int, seq_len: int) -> Recipe:
+    """The recipe for training ``model_cfg`` from a fresh initialisation on ``corpus_tokens`` tokens."""
+    batch, accumulation, epochs, steps, reasons = batch_geometry(corpus_tokens, seq_len)
+    return recipe_for_geometry(model_cfg, seq_len, batch, accumulation, epochs, steps, reasons)
+
+
+def recipe_for_geometry(model_cfg: ModelConfig, seq_len: int, batch_size: int, gradient_accumulation_steps: int,
+                        epochs: int, total_steps: int, reasons: list[str] | None = None) -> Recipe:
+    """The rule's optimiser settings for a batch geometry chosen elsewhere (by the user or a benchmark)."""
+    reasons = list(reasons or [])
+    tokens_per_step = batch_size * gradient_accumulation_steps * seq_len
+    lr = peak_learning_rate(model_cfg, tokens_per_step)
+    reasons.append(f"peak learning rate {lr:.3g}: {LR_PER_WIDTH} / hidden {model_cfg.hidden}"
+                   + (f" x sqrt({tokens_per_step:,} / {SWEEP_TOKENS_PER_STEP:,} tokens per step)"
+                      if tokens_per_step != SWEEP_TOKENS_PER_STEP else "")
+                   + f", within [{LR_MIN:g}, {LR_MAX:g}] (docs/RECIPES.md)")
+    warm = warmup_steps(total_steps)
+    reasons.append(f"{warm} warmup steps ({WARMUP_FRACTION:.0%} of {total_steps:,}, at most {WARMUP_MAX}), then "
+                   f"cosine to {MIN_LR_RATIO:g} x the peak; AdamW beta2 {BETA2}, weight decay {WEIGHT_DECAY}")
+    return Recipe(learning_rate=lr, warmup_steps=warm, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
+                  weight_decay=WEIGHT_DECAY, beta2=BETA2, batch_size=batch_size,
+                  gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs, total_steps=total_steps,
+                  reasons=reasons)
+
+
+def learns_slowly(lr: float, model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> str | None:
+    """A one-line warning when ``lr`` is a rate the sweep showed to learn slowly from scratch, else None."""
+    rule = peak_learning_rate(model_cfg, tokens_per_step)
+    if lr < rule / SLOW_FACTOR:
+        return (f"learning_rate {lr:.3g} is {rule / lr:.0f}x below the from-scratch rule's {rule:.3g} for hidden "
+                f"{model_cfg.hidden}: a fresh model learns slowly at such a rate (docs/RECIPES.md); it suits "
+                "fine-tuning")
+    return None
+
+
+def too_few_steps(total_steps: int) -> str | None:
+    """A one-line warning when a from-scratch run plans fewer than ``MIN_STEPS`` optimizer steps."""
+    if total_steps < MIN_STEPS:
+        return (f"only {total_steps} optimizer step(s) planned: a model trained from scratch needs at least "
+                f"~{MIN_STEPS} to learn more than byte frequencies; use a smaller batch or more epochs")
+    return None
