@@ -14,11 +14,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from sab_byon_omni.errors import SabError
 
-CHILD = "import sys; from sab_byon_omni.benchmark.isolated import child_main; child_main(sys.argv[1])"
+CHILD = "import sys; from sab_byon_omni.benchmark.isolated_child import child_main; child_main(sys.argv[1])"
 
 
 def current_rss_mb() -> float:
@@ -57,30 +56,3 @@ def isolated_peak_mb(name: str, spec: dict, timeout: float = 1800.0) -> tuple[fl
         raise SabError(f"--isolated-memory: the process measuring {name} failed: {tail}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["peak_mb"], result["base_mb"]
-
-
-def child_main(arg: str) -> None:
-    """In the child: build one model's step, run it, print peak and baseline RSS as JSON."""
-    from sab_byon_omni.benchmark.common import BenchOptions, random_batch, threads
-    from sab_byon_omni.benchmark.peers import PEER_STEPS
-    from sab_byon_omni.benchmark.train import OursStep
-    from sab_byon_omni.config import replace
-    from sab_byon_omni.device import make_precision, resolve_device
-
-    spec = json.loads(arg)
-    name, warmup = spec.pop("name"), spec.pop("warmup", 1)
-    opts = BenchOptions.for_preset(**spec)
-    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(opts.threads):
-        cfg = replace(opts.run, checkpoint_dir=str(Path(tmp) / "ckpt"))
-        device = resolve_device(cfg.train.device)
-        batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, cfg.train.seed)
-        if name == "hf":
-            import transformers  # noqa: F401  (imported before the baseline, like the package itself)
-        base = current_rss_mb()
-        reset_peak_rss()
-        step = OursStep(cfg, batch) if name == "ours" else PEER_STEPS[name](cfg, batch, make_precision(
-            cfg.train.precision, device))
-        for _ in range(1 + warmup):
-            step()
-        peak = peak_rss_mb()
-    print(json.dumps({"peak_mb": peak, "base_mb": base}))
