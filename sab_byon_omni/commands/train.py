@@ -11,9 +11,14 @@ from sab_byon_omni.config import load_config
 
 EXAMPLE = """examples:
   sab-omni train                                   # the guide's job: configs/default.yaml defaults
-  sab-omni train --config configs/lightweight.yaml # the recipe that actually learns in one epoch
+  sab-omni train --config lightweight              # a synthetic-data recipe that learns in one epoch
   sab-omni train --preset tiny --epochs 1 --num_samples 200 --checkpoint_dir /tmp/ckpt
-  sab-omni train --data ~/notes --tokenizer bpe --resume auto
+  sab-omni train --data ~/notes --preset small     # your files, with the from-scratch recipe
+  sab-omni train --data ~/notes --preset small --resume auto
+
+--data without --config trains with the from-scratch recipe (peak rate by model width, warmup +
+cosine, batches sized for the corpus; docs/RECIPES.md); any flag you give wins. With --config the
+file's settings apply as written.
 """
 
 
@@ -31,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from sab_byon_omni.training.distributed import shutdown
     from sab_byon_omni.training.signals import EXIT_STOPPED
 
-    cfg = load_config(args.config, collect_overrides(args))
+    overrides = collect_overrides(args)
+    cfg = load_config(args.config, overrides)
+    recipe = None  # the from-scratch recipe: own data, no config file; the flags given win
+    if "data.dataset" in overrides and args.config is None:
+        recipe = {key.rsplit(".", 1)[-1] for key in overrides}
     try:
-        sab, result = train_3b.run_training(cfg, resume_hint="continue with --resume auto")
+        sab, result = train_3b.run_training(cfg, resume_hint="continue with --resume auto", recipe=recipe)
     finally:
         shutdown()  # leave the torchrun process group, if the run joined one
     if int(os.environ.get("RANK", "0")) != 0:

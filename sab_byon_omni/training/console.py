@@ -108,7 +108,7 @@ def time_line(clock: Clock) -> str:
 def banner(lines: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        log.info("%s %s", f"{key}:".ljust(width + 1), value)
+        log.info("%s %s", (f"{key}:" if key else "").ljust(width + 1), value)  # "": goes on the line above
 
 
 def data_summary(train: Any, val: Any) -> str:

@@ -32,6 +32,7 @@ from sab_byon_omni.training.console import data_summary
 from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
+from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
 
@@ -91,6 +92,16 @@ class RunSetup:
             raise SabError(f"the training set ({len(self.train_data)} samples) is too small for "
                            f"{self.info.world} process(es)")
         self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+
+    def from_scratch_warnings(self) -> list[str]:
+        """For a fresh model (no checkpoint, no ``init_from``): a rate the sweep showed to learn
+        slowly, or too few optimizer steps to learn much (docs/RECIPES.md)."""
+        t = self.cfg.train
+        if self.resume_from is not None or t.init_from:
+            return []
+        tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
+        return [w for w in (learns_slowly(t.learning_rate, self.cfg.model, tokens), too_few_steps(self.total_steps))
+                if w]
 
     def _build(self) -> None:
         t = self.cfg.train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -15,30 +16,51 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.distributed import launched_by_torchrun
 from sab_byon_omni.training.optim import make_optimizer
+from sab_byon_omni.training.recipe import batch_geometry, recipe_for_geometry
 from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
-__all__ = ["train_3b_rapid", "run_training", "make_optimizer", "TrainResult"]
+__all__ = ["train_3b_rapid", "run_training", "make_optimizer", "apply_recipe", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
 
-def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4, grad_accum: int = 16,
-                   seq_len: int = 1024, data: str | None = None, **overrides: Any) -> TrainResult:
-    """Train ``sab.model`` in place with the guide's defaults.
+RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta2",
+                 "batch_size", "gradient_accumulation_steps", "epochs")  # what the from-scratch recipe sets
+GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
+
+def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size: int | None = None,
+                   grad_accum: int | None = None, seq_len: int | None = None, data: str | None = None,
+                   **overrides: Any) -> TrainResult:
+    """Train ``sab.model`` in place.
+
+    On the synthetic dataset (``data`` None or ``"synthetic"``) the guide's call: 3 epochs of
+    4 x 16 samples of 1,024 tokens unless given. On your own files (``data``: a path or glob) a
+    fresh model trains with the from-scratch recipe of :mod:`sab_byon_omni.training.recipe` (peak
+    rate, warmup + cosine, batch geometry for the corpus; docs/RECIPES.md) in every setting you
+    do not pass; a model that was loaded (``SABTranscendentV2.load``) keeps the config's settings.
     Any other config field may be given by name (``learning_rate=3e-4``, ``num_samples=500``,
     ``checkpoint_dir="ckpt"``, ``precision="bf16"``, ``resume="auto"``, ``lr_schedule="cosine"``...).
-    ``data`` is ``"synthetic"`` (the default) or a path/glob of your own files. Returns the
-    per-epoch train/validation losses and the checkpoint paths.
+    Returns the per-epoch train/validation losses and the checkpoint paths.
     """
-    changes = dict(epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-                   seq_len=seq_len, **overrides)
+    given = dict(epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum, seq_len=seq_len)
+    own_data = data is not None and str(data) != "synthetic"
+    scratch = own_data and sab.origin == "new model"
+    changes = {k: v if v is not None else GUIDE_GEOMETRY[k] for k, v in given.items()
+               if v is not None or not scratch or k == "seq_len"}
+    changes.update(overrides)
     if data is not None:
         changes["dataset"] = str(data)
     cfg = replace(sab.config, **changes)
     keep_tokenizer = cfg.data.tokenizer == sab.tokenizer.name and cfg.data.tokenizer_path == sab.config.data.tokenizer_path
     tokenizer, train, val = load_datasets(cfg.data, sab.tokenizer if keep_tokenizer else None)
+    if scratch:
+        explicit = {k for k, v in given.items() if v is not None} | {k.rsplit(".", 1)[-1] for k in overrides}
+        cfg, notes = apply_recipe(cfg, len(train), explicit, "train_3b_rapid(data=...)")
+    else:
+        notes = [("recipe", "the settings of this call and the model's config" + (
+            " (a loaded model: no from-scratch recipe)" if own_data else ""))]
     same_tok = spec_equal(tokenizer.to_spec(), sab.tokenizer.to_spec())
     if not same_tok or cfg.to_dict()["model"] != sab.config.to_dict()["model"]:
         fresh = SABTranscendentV2(config=replace(cfg, vocab_size=None if not same_tok else cfg.model.vocab_size),
@@ -50,12 +72,42 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int = 3, batch_size: int = 4,
                 log.info("architecture changed: starting from fresh weights")
         sab.model, sab.tokenizer, cfg = fresh.model, tokenizer, fresh.config
     sab.config = cfg
-    return Trainer(sab.model, tokenizer, train, val, cfg).fit()
+    return Trainer(sab.model, tokenizer, train, val, cfg, notes=notes,
+                   resume_hint='continue with train_3b_rapid(..., resume="auto")').fit()
+
+
+def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> tuple[RunConfig, list[tuple[str, str]]]:
+    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples in every train
+    setting not in ``explicit`` (field names), and the banner lines that say so. The peak rate
+    follows the final batch geometry, so a batch size you give moves the rule's rate with it."""
+    t, seq = cfg.train, cfg.data.seq_len
+    batch, accum, epochs, _, reasons = batch_geometry(windows * (seq - 1) + 1, seq)
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    if world > 1:  # the recipe counts samples per optimizer step over all processes
+        batch, accum = (batch, -(-accum // world)) if accum >= world else (max(1, -(-batch * accum // world)), 1)
+    pick = lambda name, ours: getattr(t, name) if name in explicit else ours  # noqa: E731
+    batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
+    per_epoch = max(windows // max(batch * accum * world, 1), 1)
+    total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
+    geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
+    final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total,  # the rate sees all processes
+                                [] if geometry_given else reasons)
+    final = dataclasses.replace(final, gradient_accumulation_steps=accum)  # what each process accumulates
+    changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
+    yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
+    lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
+                        + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
+    lines += [("", reason) for reason in final.reasons]
+    return replace(cfg, **changes), lines
 
 
 def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
-                 resume_hint: str = "continue with --resume auto") -> tuple[SABTranscendentV2, TrainResult]:
-    """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs)."""
+                 resume_hint: str = "continue with --resume auto",
+                 recipe: set[str] | None = None) -> tuple[SABTranscendentV2, TrainResult]:
+    """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs).
+
+    ``recipe``: apply the from-scratch recipe to a fresh model, except to the train settings named
+    in it (the ones the user gave); ignored for a run that starts from ``init_from`` weights."""
     notes = list(notes or [])
     cfg, resume_tok = resume_tokenizer(cfg)
     init = None
@@ -64,6 +116,12 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
         cfg = adopt_architecture(cfg, init)
         notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
     tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
+    if recipe is not None and init is None:
+        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data")
+        notes = lines + notes
+    elif recipe is not None:
+        notes.append(("recipe", "the config's settings: --init_from fine-tunes, the from-scratch recipe is for "
+                                "fresh models"))
     # weights to start from need a whole model; else, under FSDP, one built on the meta device
     sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer) if init is not None else new_model(cfg, tokenizer)
     if init is not None:

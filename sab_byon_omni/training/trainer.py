@@ -149,6 +149,8 @@ class Trainer:
         console.ensure_visible()
         if self.info.is_main:
             console.banner(self.run.banner_lines(self.notes, self.val_data))
+            for warning in self.run.from_scratch_warnings():
+                log.warning("%s", warning)
         st = self.state
         result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses)
         self.clock = console.Clock(self.total_steps)  # measures from the end of the first step on

@@ -1,0 +1,110 @@
+"""Which recipe a run trains with: the from-scratch rule on your own data without a config file
+(each flag you give wins), the config's settings otherwise; and the start warnings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sab_byon_omni.cli import main
+from sab_byon_omni.config import build_config
+from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.training import recipe as R
+from sab_byon_omni.training.train_3b import apply_recipe, train_3b_rapid
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--preset", "tiny", "--seq_len", "64", "--max_steps", "1", "--progress", "false"]
+
+
+@pytest.fixture
+def notes(in_tmp):
+    d = in_tmp / "notes"
+    d.mkdir()
+    for i in range(6):  # ~24 KB of prose: ~380 windows of 64
+        (d / f"n{i}.txt").write_text(f"note {i}: the quick brown fox jumps over the lazy dog. " * 80)
+    return d
+
+
+def run_config(folder: str) -> dict:
+    return yaml.safe_load((Path(folder) / "config.yaml").read_text())["train"]
+
+
+def test_own_data_without_a_config_trains_with_the_rule(notes, capsys):
+    assert main(["train", "--data", str(notes), *SHORT, "--checkpoint_dir", "runs/a"]) == 0
+    t = run_config("runs/a")
+    cfg = build_config({"preset": "tiny", "seq_len": 64})
+    want = R.recipe_for_geometry(cfg.model, 64, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], 1)
+    assert t["learning_rate"] == pytest.approx(want.learning_rate)
+    assert t["lr_schedule"] == "cosine" and t["weight_decay"] == R.WEIGHT_DECAY and t["beta2"] == R.BETA2
+    assert t["batch_size"] * t["gradient_accumulation_steps"] * 64 >= R.MIN_TOKENS_PER_STEP  # not the guide's 4 x 16
+    assert (t["batch_size"], t["gradient_accumulation_steps"]) != (4, 16) and t["epochs"] > 1
+
+
+def test_every_flag_given_wins_over_the_rule(notes):
+    assert main(["train", "--data", str(notes), *SHORT, "--learning_rate", "1e-3", "--batch-size", "4",
+                 "--checkpoint_dir", "runs/b"]) == 0
+    t = run_config("runs/b")
+    assert t["learning_rate"] == 1e-3 and t["batch_size"] == 4
+    assert t["lr_schedule"] == "cosine"  # what was not given still comes from the rule
+
+
+def test_a_config_file_is_taken_as_written(notes):
+    assert main(["train", "--config", "default", "--data", str(notes), *SHORT, "--checkpoint_dir", "runs/c"]) == 0
+    t = run_config("runs/c")
+    assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"]) == \
+        (2e-5, "constant", 4, 16)
+
+
+def test_the_synthetic_default_job_is_the_guides(in_tmp):
+    assert main(["train", *SHORT, "--num_samples", "80", "--checkpoint_dir", "runs/d"]) == 0
+    t = run_config("runs/d")
+    assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) \
+        == (2e-5, "constant", 4, 16, 3)
+
+
+def test_the_rules_rate_follows_a_batch_size_you_give():
+    cfg = build_config({"preset": "tiny", "seq_len": 128, "batch_size": 64})
+    mine, _ = apply_recipe(cfg, 5000, {"batch_size"}, "test")
+    rule, _ = apply_recipe(cfg, 5000, set(), "test")
+    assert mine.train.batch_size == 64 and rule.train.batch_size != 64
+    tokens = lambda c: c.train.batch_size * c.train.gradient_accumulation_steps * 128  # noqa: E731
+    assert mine.train.learning_rate == pytest.approx(R.peak_learning_rate(cfg.model, tokens(mine)))
+    assert rule.train.learning_rate == pytest.approx(R.peak_learning_rate(cfg.model, tokens(rule)))
+
+
+def test_under_torchrun_the_rule_counts_samples_over_all_processes(monkeypatch):
+    cfg = build_config({"preset": "tiny", "seq_len": 128})
+    one, _ = apply_recipe(cfg, 100_000, set(), "test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    four, _ = apply_recipe(cfg, 100_000, set(), "test")
+    per_step = lambda c, w: c.train.batch_size * c.train.gradient_accumulation_steps * w  # noqa: E731
+    assert per_step(four, 4) >= per_step(one, 1) and per_step(four, 4) < per_step(one, 1) + 4 * four.train.batch_size
+    assert four.train.learning_rate == pytest.approx(one.train.learning_rate, rel=0.2)
+
+
+def test_the_api_applies_the_rule_to_a_new_model_only(notes):
+    sab = SABTranscendentV2(preset="tiny")
+    result = train_3b_rapid(sab, data=str(notes), seq_len=64, max_steps=1, checkpoint_dir="runs/e", progress=False)
+    assert sab.config.train.lr_schedule == "cosine" and sab.config.train.learning_rate > 1e-3
+    loaded = SABTranscendentV2.load(result.checkpoints[-1])
+    train_3b_rapid(loaded, data=str(notes), seq_len=64, max_steps=1, checkpoint_dir="runs/f", progress=False)
+    assert loaded.config.train.learning_rate == sab.config.train.learning_rate  # its config, as loaded
+    assert (loaded.config.train.batch_size, loaded.config.train.gradient_accumulation_steps) == (4, 16)
+
+
+def test_the_banner_names_the_recipe_and_warns_in_a_subprocess(notes):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "sab_byon_omni.cli", "train", "--data", str(notes), *SHORT,
+                          "--learning_rate", "1e-5", "--checkpoint_dir", "runs/g"], capture_output=True, text=True,
+                         env=env, cwd=notes.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "recipe:" in text and "from scratch" in text and "yours: learning_rate" in text
+    assert "learns slowly" in text  # 1e-5 is far below the rule for hidden 64
+    assert "optimizer step(s) planned" in text  # --max_steps 1: too few to learn
