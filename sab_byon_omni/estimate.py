@@ -28,11 +28,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.config import PARALLEL, ModelConfig
 from sab_byon_omni.errors import SabError
 
 GiB = 2**30
-PARALLEL = ("ddp", "fsdp")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -40,13 +39,13 @@ def num_parameters(cfg: ModelConfig) -> int:
     """Exactly ``CausalTransformer(cfg).num_parameters()`` (a tied head counts once)."""
     if cfg.vocab_size is None:
         raise SabError("model.vocab_size must be set to count parameters")
-    h, f, v = cfg.hidden, cfg.ffn, cfg.vocab_size
-    per_block = 4 * h * h + 2 * h * f + 2 * h  # qkv 3h^2, proj h^2, up/down h*f each, two norm weights
+    h, v = cfg.hidden, cfg.vocab_size
     head = 0 if cfg.tie_embeddings else v * h
-    return v * h + cfg.n_layers * per_block + h + head
+    return v * h + cfg.n_layers * block_parameters(cfg) + h + head
 
 
 def block_parameters(cfg: ModelConfig) -> int:
+    """One block: qkv 3h^2, output projection h^2, MLP up and down h*f each, two norm weights."""
     return 4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn + 2 * cfg.hidden
 
 
@@ -130,53 +129,18 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
     temporaries; foreach AdamW adds one parameter-sized buffer at the step. ``memory_saving``: the
     model's GELU recompute and v copy (see :func:`block_activation_bytes`)."""
-    if cfg.vocab_size is None:
-        raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
-    if precision not in PRECISION_BYTES:
-        raise SabError(f"precision={precision!r} is not one of: {', '.join(PRECISION_BYTES)}")
-    if parallel not in PARALLEL:
-        raise SabError(f"parallel={parallel!r} is not one of: {', '.join(PARALLEL)}")
-    for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("gpus", gpus)):
-        if not isinstance(value, int) or value < 1:
-            raise SabError(f"{name}={value!r} must be a positive integer")
+    _check_estimate_args(cfg, precision, parallel, seq_len=seq_len, micro_batch=micro_batch, gpus=gpus)
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     p = num_parameters(cfg)
-    h, v, L = cfg.hidden, cfg.vocab_size, cfg.n_layers
+    h, v = cfg.hidden, cfg.vocab_size
     act = PRECISION_BYTES[precision]
-    mixed = precision != "fp32"
     shard = gpus if parallel == "fsdp" else 1
 
     weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
 
     tokens = seq_len * micro_batch
-    per_block = block_activation_bytes(cfg, act, memory_saving)
-    if ac:  # each block keeps only its fp32 input; backward recomputes one block at a time
-        blocks = tokens * (L * 4 * h + per_block)
-    else:
-        blocks = tokens * L * per_block
-    # after the blocks: the final norm's fp32 input and its output in the compute dtype
-    activations = blocks + tokens * (4 * h + act * h)
-    # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
-    # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
-    logits = tokens * v * (12 + (act if mixed else 0))
-    # backward of one MLP: the gradient through the down projection and the GELU's input gradient
-    # (2 ffn; with memory saving also the recomputed GELU), plus the residual gradient and its copy
-    workspace = tokens * ((3 if memory_saving else 2) * act * cfg.ffn + 8 * h)
-
-    matrix_weights = p - L * 2 * h - h  # everything but the norm weights
-    buffers_fwd = 0.0
-    if parallel == "fsdp" and gpus > 1:
-        root = p - L * block_parameters(cfg)
-        # two blocks all-gathered at a time (prefetch), in the compute dtype, plus their gradients
-        # before the reduce-scatter (compute dtype, then an fp32 copy), and the root kept gathered
-        buffers_fwd = act * (root + 2 * block_parameters(cfg)) + 2 * block_parameters(cfg) * (act + 4)
-    elif mixed:
-        buffers_fwd = act * matrix_weights  # autocast's cached low-precision weight copies
-    ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
-    if fused_optimizer is None:  # the trainer uses fused AdamW wherever torch has it (CUDA, CPU)
-        fused_optimizer = device in ("cuda", "cpu")
-    opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary
-
+    activations, logits, workspace = _activation_memory(cfg, tokens, act, ac, memory_saving)
+    buffers_fwd, ddp_buckets, opt_temp = _buffer_memory(cfg, p, act, parallel, gpus, device, fused_optimizer)
     persistent = weights + gradients + optimizer + ddp_buckets
     peak = persistent + max(activations + max(logits, workspace) + buffers_fwd, opt_temp)
     buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - max(logits, workspace), 0.0)
@@ -190,6 +154,62 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
                     optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers,
                     peak=peak,
                     flops_per_token=flops, hardware_flops_per_token=hw)
+
+
+def _check_estimate_args(cfg: ModelConfig, precision: str, parallel: str, **counts: int) -> None:
+    if cfg.vocab_size is None:
+        raise SabError("model.vocab_size must be set to estimate memory (pass --vocab-size)")
+    if precision not in PRECISION_BYTES:
+        raise SabError(f"precision={precision!r} is not one of: {', '.join(PRECISION_BYTES)}")
+    if parallel not in PARALLEL:
+        raise SabError(f"parallel={parallel!r} is not one of: {', '.join(PARALLEL)}")
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise SabError(f"{name}={value!r} must be a positive integer")
+
+
+def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory_saving: bool
+                       ) -> tuple[float, float, float]:
+    """(activations kept for backward, logits + cross-entropy, backward's one-block workspace) in bytes."""
+    h, v, L = cfg.hidden, cfg.vocab_size, cfg.n_layers
+    mixed = act != 4
+    per_block = block_activation_bytes(cfg, act, memory_saving)
+    if ac:  # each block keeps only its fp32 input; backward recomputes one block at a time
+        blocks = tokens * (L * 4 * h + per_block)
+    else:
+        blocks = tokens * L * per_block
+    # after the blocks: the final norm's fp32 input and its output in the compute dtype
+    activations = blocks + tokens * (4 * h + act * h)
+    # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
+    # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
+    logits = tokens * v * (12 + (act if mixed else 0))
+    # backward of one MLP: the gradient through the down projection and the GELU's input gradient
+    # (2 ffn; with memory saving also the recomputed GELU), plus the residual gradient and its copy
+    workspace = tokens * ((3 if memory_saving else 2) * act * cfg.ffn + 8 * h)
+    return activations, logits, workspace
+
+
+def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int, device: str,
+                   fused_optimizer: bool | None) -> tuple[float, float, float]:
+    """(forward buffers: gathered FSDP blocks or autocast's weight copies, DDP's gradient buckets,
+    the optimizer step's temporary) in bytes."""
+    h, L = cfg.hidden, cfg.n_layers
+    mixed = act != 4
+    shard = gpus if parallel == "fsdp" else 1
+    matrix_weights = p - L * 2 * h - h  # everything but the norm weights
+    buffers_fwd = 0.0
+    if parallel == "fsdp" and gpus > 1:
+        root = p - L * block_parameters(cfg)
+        # two blocks all-gathered at a time (prefetch), in the compute dtype, plus their gradients
+        # before the reduce-scatter (compute dtype, then an fp32 copy), and the root kept gathered
+        buffers_fwd = act * (root + 2 * block_parameters(cfg)) + 2 * block_parameters(cfg) * (act + 4)
+    elif mixed:
+        buffers_fwd = act * matrix_weights  # autocast's cached low-precision weight copies
+    ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
+    if fused_optimizer is None:  # the trainer uses fused AdamW wherever torch has it (CUDA, CPU)
+        fused_optimizer = device in ("cuda", "cpu")
+    opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary
+    return buffers_fwd, ddp_buckets, opt_temp
 
 
 def estimate_fitting(cfg: ModelConfig, seq_len: int, micro_batch: int, budget: float, **kw) -> Estimate:

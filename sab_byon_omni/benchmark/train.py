@@ -29,7 +29,7 @@ from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.memory import peak_memory_mb
-from sab_byon_omni.device import make_precision, resolve_device
+from sab_byon_omni.device import Precision, make_precision, resolve_device
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,21 @@ class OursStep:
         return "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
 
 
+def _precision(name: str, device: torch.device) -> Precision:
+    precision = make_precision(name, device)
+    if device.type == "cpu" and precision.name != "fp32" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16/fp16 matmul (no AVX-512-BF16 or AMX): %s runs emulated and "
+                    "far slower than fp32", precision.name)
+    return precision
+
+
 def run_train_bench(opts: BenchOptions) -> TrainBench:
     """Time ``opts.steps`` training steps of ours and each peer (after ``opts.warmup``), interleaved."""
     with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(opts.threads):
         cfg = replace(opts.run, checkpoint_dir=str(Path(tmp) / "ckpt"))
         m, t = cfg.model, cfg.train
         device = resolve_device(t.device)
-        precision = make_precision(t.precision, device)
-        if device.type == "cpu" and precision.name != "fp32" and not cpu_has_native_bf16():
-            log.warning("this CPU has no native bf16/fp16 matmul (no AVX-512-BF16 or AMX): %s runs emulated and "
-                        "far slower than fp32", precision.name)
+        precision = _precision(t.precision, device)
         batch = random_batch(t.batch_size, cfg.data.seq_len, m.vocab_size, t.seed)
         flops_tok = train_flops_per_token(m, cfg.data.seq_len)
         peak_before = peak(precision.name, device, opts.peak_tflops)
@@ -105,8 +110,12 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:
-        if device.type != "cpu":
-            raise SabError("--isolated-memory measures peak RSS, a CPU figure")
-        for name, s in (("ours", result.ours), *result.peers.items()):
-            s.isolated_peak_mb, s.isolated_base_mb = isolated_peak_mb(name, opts.preset_spec())
+        _add_isolated_memory(result, opts, device)
     return result
+
+
+def _add_isolated_memory(result: TrainBench, opts: BenchOptions, device: torch.device) -> None:
+    if device.type != "cpu":
+        raise SabError("--isolated-memory measures peak RSS, a CPU figure")
+    for name, s in (("ours", result.ours), *result.peers.items()):
+        s.isolated_peak_mb, s.isolated_base_mb = isolated_peak_mb(name, opts.preset_spec())

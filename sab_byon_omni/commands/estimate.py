@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> None:
     if not 0 < args.mfu <= 1:
         raise SabError(f"--mfu={args.mfu} must be in (0, 1]")
     for name in ("peak_tflops", "memory_gb"):
@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         raise SabError("--vocab-size and --num-samples must be positive")
     if args.tokens is not None and not 0 < args.tokens < float("inf"):
         raise SabError(f"--tokens={args.tokens} must be a positive number")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
     if args.table:
         print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of "
               f"{args.peak_tflops:g} TFLOP/s per GPU\n")
