@@ -131,9 +131,8 @@ def plant_metadata_payload(dcp_dir: Path, marker: Path, inside: bool = True) -> 
 
 def unsafe_dcp_load(dcp_dir: Path) -> None:
     """What torch's own reader does with a folder (the control: it runs a planted payload)."""
-    import warnings
-
     import logging
+    import warnings
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from sab_byon_omni.cli import main
+from tests.helpers import tiny_run
 
-TINY = ["--preset", "tiny", "--num_samples", "120", "--seq_len", "96", "--batch_size", "8",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3", "--progress", "false"]
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
+TINY = tiny_run(num_samples=120, seq_len=96, batch_size=8, gradient_accumulation_steps=2, epochs=None,
+                precision=None, device=None, log_interval=None)
 
 
 def test_end_to_end_train_then_generate(in_tmp, capsys):

@@ -12,9 +12,12 @@ import pytest
 
 from sab_byon_omni.cli import build_parser, main
 from sab_byon_omni.config import load_config
+from tests.helpers import tiny_run
 
-TINY = ["--preset", "tiny", "--num_samples", "120", "--seq_len", "64", "--batch_size", "8",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3", "--progress", "false"]
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
+TINY = tiny_run(num_samples=120, seq_len=64, batch_size=8, gradient_accumulation_steps=2, epochs=None,
+                precision=None, device=None, log_interval=None)
 
 
 def one_error(err: str, *needles: str) -> str:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from sab_byon_omni import machine
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni import machine
 
 
 def test_default_is_the_lightweight_preset_with_char96():

@@ -15,13 +15,15 @@ import torch
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig, build_config
 from sab_byon_omni.data.batching import iterate_batches, micro_steps_per_epoch
-from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.io.checkpoint import load_checkpoint
-from sab_byon_omni.training.train_3b import run_training
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training import memory as memory_mod
-from tests.hostile import plant_metadata_payload, write_dcp
+from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.memory import apply_activation_checkpointing
+from sab_byon_omni.training.train_3b import run_training
+from tests.hostile import plant_metadata_payload, write_dcp
+
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
 # fp32 on CPU; two ranks sum gradients in another order than one process does, and AdamW's
 # normalisation amplifies those last-bit differences a little over a few steps.
@@ -319,9 +321,9 @@ def test_micro_batch_auto_keeps_the_effective_batch(in_tmp, monkeypatch):
     monkeypatch.setattr(memory_mod, "memory_budget", lambda device: ((need4 * 1.05 - 5e5) / 0.9, "test"))
     cfg = build_config({**RUN, "batch_size": 16, "gradient_accumulation_steps": 1, "auto_micro_batch": True,
                         "max_steps": 1, "checkpoint_dir": "c", "num_samples": 80})
-    from sab_byon_omni.training.trainer import Trainer
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
     from sab_byon_omni.data.factory import load_datasets
+    from sab_byon_omni.training.trainer import Trainer
 
     tok, train, val = load_datasets(cfg.data)
     sab = SABTranscendentV2(config=cfg, tokenizer=tok)

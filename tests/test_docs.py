@@ -14,6 +14,8 @@ import pytest
 from sab_byon_omni import cli
 from sab_byon_omni.config import RENAMED, SECTIONS
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "TRAINING.md", ROOT / "COLAB_GUIDE.md"]
 SKIP = "<!-- skip-test -->"

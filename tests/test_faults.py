@@ -25,11 +25,12 @@ from sab_byon_omni.io import atomic as atomic_io
 from sab_byon_omni.io import checkpoint as ckpt_io
 from sab_byon_omni.training import checkpointer as checkpointer_mod
 from sab_byon_omni.training import trainer as T
+from tests.helpers import tiny_run
+
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
 # 36 training samples, 4 per step: 9 optimizer steps.
-BASE = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "40", "--seq_len", "32",
-        "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
-        "--progress", "false", "--log_interval", "1", "--learning_rate", "1e-3"]
+BASE = ["-q", "train", *tiny_run(learning_rate=1e-3)]
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -434,13 +435,17 @@ def test_non_finite_weights_are_never_saved(in_tmp, monkeypatch, capsys):
 @pytest.mark.parametrize("error", ["cuda", "cpu"])
 def test_out_of_memory_suggests_a_smaller_batch_with_more_accumulation(in_tmp, monkeypatch, capsys, error):
     from sab_byon_omni.model.transformer import CausalTransformer
+    from sab_byon_omni.training.trainer import Trainer
 
-    real = CausalTransformer.forward
-    calls = {"n": 0}
+    real, real_step = CausalTransformer.forward, Trainer.optimizer_step
+    steps = {"done": 0}
 
-    def forward(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def optimizer_step(self, *a, **k):
+        steps["done"] += 1
+        return real_step(self, *a, **k)
+
+    def forward(self, *a, **k):  # the first pass of step 3 (however the window is cut into passes)
+        if steps["done"] == 2:
             if error == "cuda":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
@@ -448,12 +453,13 @@ def test_out_of_memory_suggests_a_smaller_batch_with_more_accumulation(in_tmp, m
         return real(self, *a, **k)
 
     monkeypatch.setattr(CausalTransformer, "forward", forward)
+    monkeypatch.setattr(Trainer, "optimizer_step", optimizer_step)
     argv = [*BASE, "--checkpoint_dir", "ck", "--batch_size", "4", "--gradient_accumulation_steps", "2",
             "--save_every", "1"]
     assert main(argv) == 2
     line = one_error_line(capsys.readouterr().err, "out of memory", "--batch_size 2", "--gradient_accumulation_steps 4")
-    assert "step 2" in line
-    assert [p.name for p in Path("ck").glob("*.pt")] == ["step_1.pt"]
+    assert "step 3" in line
+    assert sorted(p.name for p in Path("ck").glob("*.pt")) == ["step_1.pt", "step_2.pt"]
 
 
 # --------------------------------------------------------------------------- best_model.pt

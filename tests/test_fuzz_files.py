@@ -31,6 +31,8 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
 from tests.hostile import Payload, snapshot, torch_bytes, write_dcp
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 FAST_N = int(os.environ.get("SAB_FUZZ_FILES", "12"))
 DEEP_N = int(os.environ.get("SAB_FUZZ_DEEP", "300"))
 _common = dict(deadline=None, database=None, derandomize=False,

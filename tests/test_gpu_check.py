@@ -28,6 +28,7 @@ def _report_module():
     return mod
 
 
+@pytest.mark.slow  # 1.5-3 min on 2 cores (torch.compile and emulated bf16 on a CPU): run with -m slow
 def test_the_dry_run_writes_the_whole_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
     env.update(PYTHON=os.environ.get("PYTHON", "python3"), OMP_NUM_THREADS="1")

@@ -18,9 +18,22 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
 from sab_byon_omni.io.untrusted import MAX_NODES, check_pickle
-from tests.hostile import (Payload, assert_one_error_line, deferred_bomb, flip_tensor_bit, plant_metadata_payload,
-                           run_bounded, snapshot, torch_bytes, tuple_key_bomb, unsafe_dcp_load, with_pickle,
-                           write_dcp)
+from tests.hostile import (
+    Payload,
+    assert_one_error_line,
+    deferred_bomb,
+    flip_tensor_bit,
+    plant_metadata_payload,
+    run_bounded,
+    snapshot,
+    torch_bytes,
+    tuple_key_bomb,
+    unsafe_dcp_load,
+    with_pickle,
+    write_dcp,
+)
+
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
 TRAIN = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "24", "--seq_len", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",

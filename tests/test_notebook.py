@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 
 import nbformat
+import pytest
 import torch
 from nbclient import NotebookClient
 
 from sab_byon_omni import device as P
+
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "colab" / "SAB_BYON_OMNI_v2.ipynb"
 TINY = dict(PRESET="tiny", EPOCHS=1, BATCH_SIZE=8, GRAD_ACCUM=2, SEQ_LEN=128, NUM_SAMPLES=120,

@@ -17,6 +17,9 @@ import pytest
 import torch
 
 from sab_byon_omni.io.checkpoint import load_checkpoint
+from tests.helpers import tiny_run
+
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
 # The child runs the real CLI. Environment knobs let a test kill it at an exact point with a real
 # SIGKILL (no handler, no cleanup can run), or send itself SIGTERM/SIGINT after a chosen step.
@@ -52,12 +55,10 @@ CHILD = textwrap.dedent('''
 
 # 108 training samples, 4 per micro-batch, 2 micro-batches per step: 14 steps per epoch, 28 in all.
 # Cosine schedule with warmup (a non-trivial LR trace) and dropout (so the RNG state matters).
-ARGS = ["-q", "train", "--preset", "tiny", "--epochs", "2", "--num_samples", "120", "--seq_len", "48",
-        "--batch_size", "4", "--gradient_accumulation_steps", "2", "--precision", "fp32", "--device", "cpu",
-        "--deterministic", "true", "--lr_schedule", "cosine", "--warmup_steps", "4", "--learning_rate", "3e-3",
-        "--dropout", "0.1", "--save_every", "4", "--keep_last", "2", "--log_interval", "1",
-        "--eval_interval", "5", "--eval_batches", "2", "--progress", "false", "--checkpoint_dir", "ck",
-        "--resume", "auto"]
+ARGS = ["-q", "train", *tiny_run(epochs=2, num_samples=120, seq_len=48, gradient_accumulation_steps=2,
+                                 deterministic="true", lr_schedule="cosine", warmup_steps=4, dropout=0.1,
+                                 save_every=4, keep_last=2, eval_interval=5, eval_batches=2, checkpoint_dir="ck",
+                                 resume="auto")]
 STEPS = 28
 
 

@@ -16,12 +16,13 @@ import torch
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import tiny_run
 from tests.hostile import assert_one_error_line, flip_tensor_bit, snapshot, start_train
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 # 36 training samples, 4 per step: 9 optimizer steps per epoch.
-BASE = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "40", "--seq_len", "32",
-        "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
-        "--progress", "false", "--log_interval", "1", "--checkpoint_dir", "ck"]
+BASE = ["-q", "train", *tiny_run(learning_rate=None, checkpoint_dir="ck")]
 
 
 def step_rows(ck: Path = Path("ck")) -> list[int]:

@@ -23,6 +23,8 @@ from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 TRAIN = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "24", "--seq_len", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
          "--progress", "false", "--max_steps", "3"]

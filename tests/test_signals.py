@@ -17,16 +17,15 @@ import pytest
 import torch
 
 from sab_byon_omni.io.checkpoint import load_checkpoint
+from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.integration
 
 # 180 training samples, 4 x 4 per step: 12 steps per epoch; a checkpoint every step, so a signal
 # often arrives during a save.
-ARGS = ["-m", "sab_byon_omni", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "200",
-        "--seq_len", "48", "--batch_size", "4", "--gradient_accumulation_steps", "4", "--precision", "fp32",
-        "--device", "cpu", "--deterministic", "true", "--learning_rate", "3e-3", "--dropout", "0.1",
-        "--save_every", "1", "--keep_last", "3", "--progress", "false", "--checkpoint_dir", "ck",
-        "--resume", "auto", "--log_interval", "1"]
+ARGS = ["-m", "sab_byon_omni", "train", *tiny_run(num_samples=200, seq_len=48, gradient_accumulation_steps=4,
+                                                  deterministic="true", dropout=0.1, save_every=1, keep_last=3,
+                                                  checkpoint_dir="ck", resume="auto")]
 
 
 def _env() -> dict[str, str]:

@@ -9,8 +9,16 @@ from hypothesis import strategies as st
 
 from sab_byon_omni import config
 from sab_byon_omni.config import DataConfig
-from sab_byon_omni.data.tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, Char96Tokenizer, build_tokenizer,
-                                           from_spec, spec_equal, utf8_safe)
+from sab_byon_omni.data.tokenizers import (
+    TOKENIZERS,
+    BPETokenizer,
+    ByteTokenizer,
+    Char96Tokenizer,
+    build_tokenizer,
+    from_spec,
+    spec_equal,
+    utf8_safe,
+)
 from sab_byon_omni.errors import SabError
 
 PRINTABLE = "".join(chr(c) for c in range(32, 127))

@@ -19,6 +19,8 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.train_3b import run_training
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 # 11 steps per epoch: the evaluation every 2 steps and the epoch end meet at step 22, two rows
 # with a val_loss each, which must stay two values
 RUN = dict(preset="tiny", num_samples=48, seq_len=64, epochs=2, batch_size=4, gradient_accumulation_steps=1,

@@ -15,6 +15,8 @@ import pytest
 from sab_byon_omni import __version__
 from sab_byon_omni.cli import main
 
+pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
