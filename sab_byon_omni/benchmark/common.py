@@ -14,9 +14,9 @@ import torch
 
 from sab_byon_omni.config import PRESETS, RunConfig, build_config
 from sab_byon_omni.data.batching import Batch, collate
+from sab_byon_omni.device import DTYPES
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import device_name, gpu_peak_tflops, measure_matmul_peak, sync
-from sab_byon_omni.device import DTYPES
 
 PEERS = ("hf", "minimal")
 

@@ -12,8 +12,8 @@ from sab_byon_omni.benchmark.common import best_peak, peak, threads, timed
 from sab_byon_omni.benchmark.results import EpochBench, Machine
 from sab_byon_omni.config import load_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch
+from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import train_flops_per_token
 from sab_byon_omni.training.trainer import Trainer

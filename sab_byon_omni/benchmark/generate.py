@@ -18,11 +18,11 @@ from sab_byon_omni.benchmark.common import BenchOptions, interleave, random_batc
 from sab_byon_omni.benchmark.peers import build_hf_gpt2
 from sab_byon_omni.benchmark.results import GenerateBench, Machine
 from sab_byon_omni.config import replace
+from sab_byon_omni.device import DTYPES, make_precision, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import measure_read_bandwidth
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.device import DTYPES, make_precision, resolve_device
 
 
 def decode_bytes_per_token(model: nn.Module, context: float, dtype: torch.dtype | None = None) -> float:

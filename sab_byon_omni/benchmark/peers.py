@@ -16,8 +16,8 @@ from torch import nn
 from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import Batch
-from sab_byon_omni.errors import SabError
 from sab_byon_omni.device import Precision
+from sab_byon_omni.errors import SabError
 
 
 def hf_gpt2_config(cfg: ModelConfig) -> Any:

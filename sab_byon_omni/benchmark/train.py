@@ -16,20 +16,28 @@ from pathlib import Path
 
 import torch
 
-from sab_byon_omni.benchmark.common import (BenchOptions, best_peak, interleave, measured_peak, peak, random_batch,
-                                            threads, timed)
+from sab_byon_omni.benchmark.common import (
+    BenchOptions,
+    best_peak,
+    interleave,
+    measured_peak,
+    peak,
+    random_batch,
+    threads,
+    timed,
+)
 from sab_byon_omni.benchmark.isolated import isolated_peak_mb
 from sab_byon_omni.benchmark.peers import PEER_STEPS
 from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
+from sab_byon_omni.device import Precision, make_precision, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.memory import peak_memory_mb
-from sab_byon_omni.device import Precision, make_precision, resolve_device
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,18 @@ import json
 
 from sab_byon_omni.config import PRESETS, ModelConfig
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import (PARALLEL, PRECISION_BYTES, epoch_tokens, estimate, fmt_bytes, fmt_count,
-                                    fmt_duration, gpu_table, largest_micro_batch, single_gpu_table)
+from sab_byon_omni.estimate import (
+    PARALLEL,
+    PRECISION_BYTES,
+    epoch_tokens,
+    estimate,
+    fmt_bytes,
+    fmt_count,
+    fmt_duration,
+    gpu_table,
+    largest_micro_batch,
+    single_gpu_table,
+)
 
 EXAMPLE = """examples:
   sab-omni estimate --preset lightweight --seq-len 1024 --batch-size 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 EXAMPLE = """examples:
   sab-omni generate --checkpoint checkpoints/best_model.pt --prompt "Consciousness is"
   sab-omni generate --checkpoint run/best_model.pt --prompt "def " --temperature 0.7 --top-p 0.9 --seed 1

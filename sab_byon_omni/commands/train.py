@@ -38,11 +38,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = collect_overrides(args)
     cfg = load_config(args.config, overrides)
-    recipe = None  # the from-scratch recipe: own data, no config file; the flags given win
+    recipe, notes = None, []  # the from-scratch recipe: own data, no config file; the flags given win
     if "data.dataset" in overrides and args.config is None:
         recipe = {key.rsplit(".", 1)[-1] for key in overrides}
+    else:
+        source = f"{args.config}, as written" if args.config else "the guide's defaults (configs/default.yaml)"
+        notes = [("recipe", source + (" with your flags" if overrides else ""))]
     try:
-        sab, result = train_3b.run_training(cfg, resume_hint="continue with --resume auto", recipe=recipe)
+        sab, result = train_3b.run_training(cfg, notes=notes, resume_hint="continue with --resume auto",
+                                            recipe=recipe)
     finally:
         shutdown()  # leave the torchrun process group, if the run joined one
     if int(os.environ.get("RANK", "0")) != 0:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from sab_byon_omni.io.atomic import atomic_write_text
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

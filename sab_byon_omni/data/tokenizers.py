@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from sab_byon_omni.io.atomic import atomic_write_text
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ class BPETokenizer:
     @classmethod
     def train(cls, texts: Iterable[Any], vocab_size: int = 8192) -> "BPETokenizer":
         """Learn merges from ``texts`` (strings, or lists of strings)."""
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -65,7 +65,8 @@ def _char_class(chars: Iterable[str]) -> str:
 
 
 def _no_merge_bpe(vocab: dict[str, int], specials: list[str]) -> Any:
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, models
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import GiB, PRECISION_BYTES, estimate, fmt_bytes, largest_micro_batch
+from sab_byon_omni.estimate import PRECISION_BYTES, GiB, estimate, fmt_bytes, largest_micro_batch
 from sab_byon_omni.machine import memory_budget
 from sab_byon_omni.training.distributed import DistInfo
 from sab_byon_omni.training.optim import uses_fused_adamw

@@ -20,6 +20,7 @@ from torch import nn
 from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
+from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.estimate import fmt_count
 from sab_byon_omni.io import dcp
@@ -33,7 +34,6 @@ from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_m
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
 from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
-from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from torch import nn
 from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches, regroup
 from sab_byon_omni.data.tokenizers import Tokenizer
+from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import sample_loss
 from sab_byon_omni.training import console
@@ -39,7 +40,6 @@ from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, set_lr
-from sab_byon_omni.device import Precision
 from sab_byon_omni.training.run_setup import RunSetup
 from sab_byon_omni.training.signals import StopRequest, signal_name
 from sab_byon_omni.training.state import capture_rng, restore_rng
