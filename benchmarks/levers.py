@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.transformer import CausalTransformer, apply_rope, rope_tables
 
-
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
 

@@ -15,6 +15,7 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -123,12 +124,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopped without saving; the checkpoints already written are complete", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sab-omni ... | head`: the reader left; not an error of ours
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush into the closed pipe is silent."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def entry() -> int:
     """The ``sab-omni`` program: :func:`main`, then deaf to Ctrl-C while the interpreter shuts down,
     so that a late second Ctrl-C cannot turn a clean exit (0, 2 or 130) into a crash."""
     code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,12 @@ def test_init_from_starts_a_new_run_from_the_weights(sources, tmp_path, capsys):
 
     ck = load_checkpoint(tmp_path / "ft" / "step_2.pt")
     assert ck["global_step"] == 2 and ck["config"]["model"]["preset"] == "tiny"
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback():
+    """`sab-omni estimate --table | head -1`: the pipe closes under us; exit 0, nothing on stderr."""
+    p = subprocess.Popen([sys.executable, "-m", "sab_byon_omni.cli", "estimate", "--table"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
