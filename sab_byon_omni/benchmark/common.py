@@ -141,3 +141,27 @@ def best_peak(*measured: tuple[float | None, str]) -> tuple[float | None, str]:
     """The higher of peaks measured before and after the timed steps (a quiet moment's)."""
     values = [m for m in measured if m[0] is not None]
     return max(values, key=lambda m: m[0]) if values else measured[0]
+
+
+class PeerStep:
+    """A peer's training step the textbook way: loss, scaled backward, unscale, clip, step, zero.
+    A subclass builds ``model``, ``optimizer``, ``scaler``, ``precision``, ``max_norm``, ``batch``
+    and says how its model gives the loss (:meth:`loss`)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Batch
+    max_norm: float
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self) -> None:
+        with self.precision.autocast():
+            loss = self.loss()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)

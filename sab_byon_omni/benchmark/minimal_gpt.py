@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sab_byon_omni.benchmark.common import PeerStep
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch
 from sab_byon_omni.device import Precision
@@ -106,7 +107,7 @@ class MinimalGPT(nn.Module):
         return logits, loss
 
 
-class MinimalStep:
+class MinimalStep(PeerStep):
     """One training step of :class:`MinimalGPT` the textbook way: mean loss, backward, clip, foreach
     AdamW (decay on matrices, none on biases and norms), zero the gradients."""
 
@@ -123,12 +124,5 @@ class MinimalStep:
         self.precision, self.max_norm = precision, t.max_grad_norm
         self.batch = batch.to(precision.device)
 
-    def __call__(self) -> None:
-        with self.precision.autocast():
-            _, loss = self.model(self.batch.input_ids, self.batch.labels)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+    def loss(self) -> torch.Tensor:
+        return self.model(self.batch.input_ids, self.batch.labels)[1]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sab_byon_omni.benchmark.common import PeerStep
 from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import Batch
@@ -41,7 +42,7 @@ def build_hf_gpt2(cfg: ModelConfig) -> nn.Module:
     return GPT2LMHeadModel._from_config(hf_gpt2_config(cfg), attn_implementation="sdpa")
 
 
-class HFStep:
+class HFStep(PeerStep):
     """One step of HF GPT-2 the way the HF Trainer runs it by default."""
 
     def __init__(self, cfg: RunConfig, batch: Batch, precision: Precision) -> None:
@@ -56,15 +57,8 @@ class HFStep:
         self.precision, self.max_norm = precision, t.max_grad_norm
         self.batch = batch.to(precision.device)
 
-    def __call__(self) -> None:
-        with self.precision.autocast():
-            loss = self.model(input_ids=self.batch.input_ids, labels=self.batch.labels).loss
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+    def loss(self) -> torch.Tensor:
+        return self.model(input_ids=self.batch.input_ids, labels=self.batch.labels).loss
 
 
 PEER_STEPS = {"hf": HFStep, "minimal": MinimalStep}

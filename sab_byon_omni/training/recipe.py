@@ -12,11 +12,12 @@ steps of 16 x 128 byte tokens each (``benchmarks/learn.py``; table and plot in d
   even the smallest preset got worse, 3.2e-2 lost 0.4 bits per byte);
 * **warmup** ``WARMUP_FRACTION`` (40%) of the run, at most ``WARMUP_MAX`` (100) steps: at 200 steps,
   80 warmup steps let a rate 2x higher train stably and gave lower loss than 0, 10, 40 or 120;
-* **cosine** to ``MIN_LR_RATIO`` (0.1) of the peak: a floor of 0 was worse (at 10 warmup steps), 0.3-0.4 and a constant
-  rate within the run-to-run noise (about 0.03 bits per byte between two seeds); AdamW beta2 0.95
-  (0.9 and 0.99 within the noise), beta1 0.9 (AdamW's default: 0.8 was 0.02-0.06 better on one
-  corpus and no better on the other, 0.95 and 0.5 clearly worse), weight decay 0.1 (0 the same, 0.5
-  worse), clipping at 1.0 (no clipping clearly worse, 0.5 and 0.25 the same);
+* **cosine** to ``MIN_LR_RATIO`` (0.1) of the peak: a floor of 0 was worse (at 10 warmup steps),
+  0.3-0.4 within the run-to-run noise (about 0.03 bits per byte between two seeds), a constant rate
+  better only with warmups shorter than 80 steps; AdamW beta2 0.95 (0.9 and 0.99 no better), beta1
+  0.9 (AdamW's default: 0.8 was 0.01-0.06 better on stdlib and no better on prose, 0.95 and 0.5
+  clearly worse), weight decay 0.1 (0 the same, 0.5 worse), clipping at 1.0 (no clipping clearly
+  worse, 0.5 and 0.25 the same);
 * **batch geometry**: enough optimizer steps for the corpus. Tokens per step are chosen so one
   epoch gives at least ``TARGET_STEPS`` steps, between ``MIN_TOKENS_PER_STEP`` (the sweep's 2,048)
   and ``MAX_TOKENS_PER_STEP``; a corpus too small for that many steps even at the smallest batch is
