@@ -127,6 +127,10 @@ def measure_training_peak(preset: str, batch: int, seq: int, ac: bool, saving: b
     pytest.param("lightweight", 2, 128, False, False, marks=pytest.mark.slow),  # ~35 s on a loaded 2-core CPU
 ])
 def test_estimate_agrees_with_measured_cpu_peak_within_15_percent(preset, batch, seq, ac, saving):
+    check_estimate_against_measurement(preset, batch, seq, ac, saving)
+
+
+def check_estimate_against_measurement(preset: str, batch: int, seq: int, ac: bool, saving: bool) -> None:
     cfg = ModelConfig.from_name(preset, vocab_size=96, max_seq_len=max(seq, 256))
     fused = make_optimizer(torch.nn.Linear(1, 1), build_config({}).train, torch.device("cpu")).defaults.get("fused")
     predicted = estimate(cfg, seq, batch, "fp32", activation_checkpointing=ac, device="cpu",
@@ -143,7 +147,7 @@ def test_estimate_agrees_with_measured_cpu_peak_within_15_percent(preset, batch,
     ("lightweight", 8, 256, True, False),
 ])
 def test_estimate_agrees_with_measured_cpu_peak_larger(preset, batch, seq, ac, saving):
-    test_estimate_agrees_with_measured_cpu_peak_within_15_percent(preset, batch, seq, ac, saving)
+    check_estimate_against_measurement(preset, batch, seq, ac, saving)
 
 
 def test_memory_saving_counts_fewer_activations_and_the_plan_uses_it_only_when_needed(tiny_cfg):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sab_byon_omni import estimate
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.transformer import CausalTransformer, KVCache, apply_rope, linear, rope_tables
 
@@ -181,3 +182,102 @@ def test_a_model_built_on_the_meta_device_materialises_to_the_normal_build(tiny_
         assert torch.equal(a, b), name
     torch.manual_seed(12)
     assert not torch.equal(CausalTransformer(tiny_cfg).embed.weight, normal.embed.weight)
+
+
+# ---- the speed/memory levers kept in the model must not change the math ------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gelu_recompute_mlp_gives_autograds_gradients(tiny_cfg, precision):
+    import torch.nn.functional as F
+
+    from sab_byon_omni.model.transformer import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(tiny_cfg)
+    mlp.recompute_gelu = True  # the memory-saving path (the memory plan's choice)
+    x = torch.randn(2, 8, 64)
+    grads = []
+    for fast in (True, False):
+        xx = x.clone().requires_grad_()
+        mlp.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = mlp(xx) if fast else mlp.down(F.gelu(mlp.up(xx), approximate="tanh"))
+        (out.float() ** 2).sum().backward()
+        grads.append((out.detach().float(), xx.grad, mlp.up.weight.grad.clone(), mlp.down.weight.grad.clone()))
+    tol = {"rtol": 0, "atol": 0} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("saving, kept", [(True, 12), (False, 18)])
+def test_training_keeps_fewer_activations(tiny_cfg, saving, kept):
+    """GELU recomputed in backward and v copied out of the qkv output: per block, 12 tensors of
+    hidden size per token are kept for backward instead of 18 (the estimator counts the same)."""
+    from sab_byon_omni.model.transformer import Block
+
+    block, rope = Block(tiny_cfg, 0), CausalTransformer(tiny_cfg)
+    block.attn.copy_v = block.mlp.recompute_gelu = saving
+    x = torch.randn(1, 32, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.numel() >= 32 * 64:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, rope.rope_cos[:32], rope.rope_sin[:32])
+    assert sum(saved.values()) / (32 * 64 * 4) == kept
+    per_token = estimate.block_activation_bytes(tiny_cfg, 4, memory_saving=saving) - 4 * tiny_cfg.n_heads
+    assert per_token == kept * 64 * 4
+
+
+def test_rotating_q_and_k_together_gives_the_same_bits(tiny_cfg):
+    """The attention's q and k rotated as one (B, T, 2, H, D) tensor: the numbers of rotating each
+    (B, H, T, D) view on its own, forward and backward."""
+    import torch.nn.functional as F
+
+    from sab_byon_omni.model.transformer import apply_rope
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    attn, (cos, sin) = model.blocks[0].attn, (model.rope_cos[:16], model.rope_sin[:16])
+    x = torch.randn(2, 16, 64)
+    outs = []
+    for together in (True, False):
+        xx = x.clone().requires_grad_()
+        attn.zero_grad()
+        if together:
+            y = attn(xx, cos, sin)
+        else:
+            q, k, v = attn.qkv(xx).view(2, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            y = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 64))
+        (y ** 2).sum().backward()
+        outs.append((y.detach(), xx.grad, attn.qkv.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_memory_saving_keeps_the_models_gradients_bit_for_bit(tiny_cfg):
+    """Each trick alone and both (as the memory plan switches them): the same loss and gradients."""
+    from sab_byon_omni.training.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = CausalTransformer(tiny_cfg)
+    ids = torch.randint(1, 96, (2, 24))
+    results = []
+    for copy_v, recompute in ((False, False), (True, False), (False, True), (True, True)):
+        for block in model.blocks:
+            block.attn.copy_v, block.mlp.recompute_gelu = copy_v, recompute
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model(ids), ids)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    model.set_memory_saving(True)
+    assert all(b.attn.copy_v and b.mlp.recompute_gelu for b in model.blocks)

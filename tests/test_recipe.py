@@ -76,6 +76,7 @@ def test_recipe_is_a_valid_config_and_explains_itself() -> None:
     cfg = replace(RunConfig(), **rec.train_overrides())
     t = cfg.train
     assert (t.learning_rate, t.warmup_steps, t.lr_schedule) == (rec.learning_rate, rec.warmup_steps, "cosine")
+    assert (t.beta1, t.beta2) == (R.BETA1, R.BETA2) == (0.8, 0.95)
     assert t.batch_size * t.gradient_accumulation_steps * 128 * rec.total_steps >= 2_616_741 * 0.9 / t.epochs
     assert rec.warmup_steps == R.warmup_steps(rec.total_steps)
     assert len(rec.reasons) >= 3 and any("learning rate" in r for r in rec.reasons)
