@@ -56,6 +56,7 @@ from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry  # 
 ROOT = Path(__file__).resolve().parent.parent
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
 DEFAULT_SEED = 1234
+SWEEP_BETA1 = 0.9  # the rate sweep ran at AdamW's default beta1; the rule's 0.8 came after it
 GPT2_WARMUP = 4  # nanoGPT warms up 100 of its 5,000 steps: 2%, 4 of our 200
 
 
@@ -70,7 +71,7 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps, epochs=1,
         learning_rate=pick(args.lr_value, rule.learning_rate), warmup_steps=pick(args.warmup, rule.warmup_steps),
         lr_schedule=pick(args.schedule, rule.lr_schedule), min_lr_ratio=pick(args.min_lr_ratio, rule.min_lr_ratio),
-        beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
+        beta1=pick(args.beta1, rule.beta1), beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
         max_grad_norm=pick(args.clip, 1.0), precision="fp32", device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
@@ -114,7 +115,7 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tup
     train_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), math.nan)
     t = cfg.train
     row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
-               min_lr_ratio=t.min_lr_ratio, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
+               min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
                params=sab.model.num_parameters(), seconds=round(seconds, 1), steps=result.global_step,
                train_loss=train_loss, slow=learns_slowly(t.learning_rate, cfg.model),
                curve=[round(r["loss"], 4) for r in rows if "loss" in r])
@@ -176,7 +177,7 @@ def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batche
         losses.append(loss_sum.item() / n)
     seconds = time.perf_counter() - t0
     row = dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
-               min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta2=NANOGPT["beta2"],
+               min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta1=NANOGPT["beta1"], beta2=NANOGPT["beta2"],
                weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"],
                params=sum(p.numel() for p in params), seconds=round(seconds, 1), steps=len(batches),
                train_loss=statistics.fmean(losses[-20:]),
@@ -283,9 +284,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 # -------------------------------------------------------------------------------------- report
 def load_rows(path: str) -> list[dict]:
-    """The rows of a results file; a repeated run (same corpus, shape, model, recipe and seed: the runs
+    """The rows of a results file (or of several, comma-separated); a repeated run (same corpus, shape, model, recipe and seed: the runs
     are deterministic) counts once, its latest row."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for one in path.split(",")
+            for line in Path(one).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in rows:  # rows from before --beta1 existed ran at AdamW's 0.9
+        r.setdefault("beta1", 0.9)
     key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
                                 r["steps"], r["batch"], r["seq_len"], r["val_windows"]] + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
@@ -295,14 +299,16 @@ def _bpb(row: dict) -> float:
     return row["val"]["bits_per_byte"]
 
 
-SCHEDULE_KEYS = ("warmup", "schedule", "min_lr_ratio", "beta2", "weight_decay", "clip")
+SCHEDULE_KEYS = ("warmup", "schedule", "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip")
 
 
-def on_rule_schedule(row: dict) -> bool:
-    """An ours run whose schedule, betas, decay and clipping are the rule's (only the rate may differ)."""
+def on_rule_schedule(row: dict, beta1: float | None = SWEEP_BETA1) -> bool:
+    """An ours run whose schedule, betas, decay and clipping are the rule's (only the rate may differ),
+    except beta1, which must be ``beta1`` (default: the sweep's 0.9; None: the rule's)."""
     rule = recipe_for_geometry(ModelConfig(preset="tiny"), row["seq_len"], row["batch"], 1, 1, row["steps"])
     want = dict(warmup=rule.warmup_steps, schedule=rule.lr_schedule, min_lr_ratio=rule.min_lr_ratio,
-                beta2=rule.beta2, weight_decay=rule.weight_decay, clip=1.0)
+                beta1=rule.beta1 if beta1 is None else beta1, beta2=rule.beta2, weight_decay=rule.weight_decay,
+                clip=1.0)
     return row["model"] == "ours" and all(row[k] == want[k] for k in SCHEDULE_KEYS)
 
 
@@ -327,7 +333,7 @@ def at_rule(row: dict) -> bool:
     shape = row.get("shape") or {}
     model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
     rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
-    return on_rule_schedule(row) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+    return on_rule_schedule(row, beta1=None) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
 
 
 def bench_table(rows: list[dict]) -> list[str]:
@@ -350,7 +356,8 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
     here = [r for r in rows if r["corpus"] == corpus and r["seed"] == DEFAULT_SEED
             and (reference_gpt2(r) or on_rule_schedule(r))]
     lrs = sorted({r["lr"] for r in here if r["model"] == "ours"})
-    lines = [f"Corpus `{corpus}`: validation bits per byte, ours by peak learning rate (* best of the row, "
+    lines = [f"Corpus `{corpus}`: validation bits per byte, ours by peak learning rate at beta1 {SWEEP_BETA1} "
+             "(* best of the row, "
              "(s) below the rule's slow threshold), GPT-2 at nanoGPT's recipe:", "",
              "| preset | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " | GPT-2 | best ours / GPT-2 |",
              "|---|" + "---:|" * (len(lrs) + 2)]
@@ -369,11 +376,11 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
 def ablation_table(rows: list[dict]) -> list[str]:
     """Every run off the rule's schedule (ours) or off nanoGPT's (GPT-2): what changed, what it gave."""
     off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r)) or r["seed"] != DEFAULT_SEED]
-    lines = ["| corpus | preset | model | lr | warmup | schedule | min lr | beta2 | wd | clip | seed | bpb |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| corpus | preset | model | lr | warmup | schedule | min lr | beta1 | beta2 | wd | clip | seed | bpb |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["model"], r["lr"], r["warmup"])):
         lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
-                     f"{r['min_lr_ratio']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
+                     f"{r['min_lr_ratio']:g} | {r['beta1']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
                      f"{r['seed']} | {_bpb(r):.3f} |")
     return lines + [""] if off else []
 
@@ -386,32 +393,38 @@ def report(rows: list[dict], plot: str | None) -> str:
         lines += sweep_table(sweep, corpus)
     lines += ablation_table(sweep)
     if plot and sweep:
-        draw([r for r in sweep if reference_gpt2(r) or on_rule_schedule(r)], plot)
+        draw([r for r in sweep if r["seed"] == DEFAULT_SEED and (reference_gpt2(r) or on_rule_schedule(r))], plot)
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
 
 
 def draw(sweep: list[dict], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     corpora = sorted({r["corpus"] for r in sweep})
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
+    drawn = sorted({r["preset"] for r in sweep if r["model"] == "ours"}, key=lambda p: _size(sweep, p))
+    colors = {preset: f"C{i}" for i, preset in enumerate(drawn)}  # one colour per preset on every panel
     for ax, corpus in zip(axes[0], corpora):
         here = [r for r in sweep if r["corpus"] == corpus]
-        for i, preset in enumerate(sorted({r["preset"] for r in here}, key=lambda p: next(
-                r["params"] for r in here if r["preset"] == p))):
-            color = f"C{i}"
+        for preset in [p for p in drawn if any(r["preset"] == p and r["model"] == "ours" for r in here)]:
+            color = colors[preset]
             ours = sorted((r["lr"], _bpb(r)) for r in here if r["preset"] == preset and r["model"] == "ours")
-            if ours:
-                ax.plot(*zip(*ours), "o-", color=color, label=f"ours, {preset}")
+            ax.plot(*zip(*ours), "o-", color=color, label=f"ours, {preset}")
             gpt2 = [r for r in here if r["preset"] == preset and r["model"] == "gpt2"]
             if gpt2:
                 ax.axhline(_bpb(gpt2[-1]), color=color, linestyle="--", label=f"GPT-2 (nanoGPT recipe), {preset}")
                 ax.axhline(0.7 * _bpb(gpt2[-1]), color=color, linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
+        rates = []
+        for lr in sorted({r["lr"] for r in here if r["model"] == "ours"}):  # labels at least 1.5x apart
+            rates += [lr] if not rates or lr >= 1.5 * rates[-1] else []
+        ax.set_xticks(rates, [f"{lr:.3g}" for lr in rates], fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("peak learning rate (ours)")
         ax.set_ylabel("validation bits per byte")
         ax.set_title(f"{corpus}: 200 steps x 16 x 128 bytes (dotted: 0.7 x GPT-2)")
@@ -437,6 +450,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="our warmup steps (default: the rule)")
     p.add_argument("--schedule", choices=("cosine", "constant"), help="our schedule (default: the rule)")
     p.add_argument("--min-lr-ratio", type=float, help="our cosine floor / peak (default: the rule)")
+    p.add_argument("--beta1", type=float, help="our AdamW beta1 (default: the rule)")
     p.add_argument("--beta2", type=float, help="our AdamW beta2 (default: the rule)")
     p.add_argument("--weight-decay", type=float, help="our weight decay (default: the rule)")
     p.add_argument("--clip", type=float, help="our gradient clipping norm (default 1.0)")
@@ -456,7 +470,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(ROOT / ".sab_cache" / "learn"), help="corpus cache folder")
     p.add_argument("--verbose", action="store_true", help="show the trainer's banner and step lines")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
-    p.add_argument("--report", metavar="FILE", help="print tables from a results file instead of running")
+    p.add_argument("--report", metavar="FILE", help="print tables from a results file (or several, comma-separated) "
+                   "instead of running")
     p.add_argument("--plot", metavar="PNG", help="with --report: draw the sweep plot here")
     return p.parse_args(argv)
 
