@@ -111,3 +111,11 @@ def test_recipe_module_is_pure() -> None:
     assert project == {"sab_byon_omni.config", "sab_byon_omni.errors"}
     assert not {m for m in imported - project if m.split(".")[0] not in ("__future__", "math", "dataclasses", "typing")}
     assert math.isfinite(R.LR_PER_WIDTH)
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 64, 1024, 8192, 65536, 200_000])
+def test_the_geometry_of_any_window_length_is_found_at_once(seq_len) -> None:
+    """A window longer than a micro-batch's token budget stays one micro-batch (this once looped forever)."""
+    batch, accumulation, epochs, steps, _ = R.batch_geometry(10**7, seq_len)
+    assert batch >= 1 and accumulation >= 1 and epochs >= 1 and steps >= 1
+    assert batch * accumulation * seq_len <= max(R.MAX_TOKENS_PER_STEP, seq_len)

@@ -109,7 +109,8 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     windows_per_step = min(max(windows // TARGET_STEPS, lo), hi, windows)
     steps_per_epoch = windows // windows_per_step
     epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
-    accumulation = max(1, math.ceil(windows_per_step * seq_len / MAX_MICRO_TOKENS))
+    # never more micro-batches than windows (one window longer than MAX_MICRO_TOKENS stays whole)
+    accumulation = min(max(1, math.ceil(windows_per_step * seq_len / MAX_MICRO_TOKENS)), windows_per_step)
     while windows_per_step % accumulation:
         accumulation += 1
     reasons = [f"{windows_per_step} windows of {seq_len} tokens per optimizer step "

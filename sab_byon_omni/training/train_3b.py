@@ -25,7 +25,7 @@ __all__ = ["train_3b_rapid", "run_training", "make_optimizer", "apply_recipe", "
 log = logging.getLogger(__name__)
 
 
-RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta2",
+RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
                  "batch_size", "gradient_accumulation_steps", "epochs")  # what the from-scratch recipe sets
 GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
