@@ -186,3 +186,22 @@ def test_a_reader_that_leaves_early_is_not_a_traceback():
     p.stdout.close()  # the reader is gone before the first line
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_a_folder_holding_a_run_is_refused_before_the_corpus_is_read(in_tmp, capsys):
+    (in_tmp / "notes").mkdir()
+    (in_tmp / "notes" / "a.txt").write_text("some text to train on. " * 400)
+    (in_tmp / "ck").mkdir()
+    (in_tmp / "ck" / "epoch_1.pt").write_bytes(b"PK")  # a run was here
+    assert main(["train", "--data", "notes", "--preset", "tiny", "--checkpoint_dir", "ck"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds checkpoints (epoch_1.pt)" in err[0] and "--resume auto" in err[0]
+    assert not (in_tmp / ".sab_cache").exists()  # nothing read, nothing written
+
+
+@pytest.mark.parametrize("content, says", [(b"just some notes\n", "starts with"), (b"", "empty")])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(in_tmp, capsys, content, says):
+    (in_tmp / "notes.txt").write_bytes(content)
+    assert main(["generate", "--checkpoint", "notes.txt", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "corrupt" not in err and len(err.strip().splitlines()) == 1, err

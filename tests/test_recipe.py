@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sab_byon_omni.config import ModelConfig, RunConfig, replace
+from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import recipe as R
 
@@ -38,13 +39,18 @@ def test_warmup(steps: int, expected: int) -> None:
     assert R.warmup_steps(steps) == expected
 
 
+def trainer_steps(windows: int, batch: int, accum: int) -> int:
+    """Optimizer steps of one epoch as the trainer plans them (RunSetup._plan_steps)."""
+    return math.ceil(micro_steps_per_epoch(windows, batch) / accum)
+
+
 def test_large_corpus_gets_at_least_the_target_steps_per_epoch() -> None:
     batch, accum, epochs, steps, reasons = R.batch_geometry(corpus_tokens=4_332_527, seq_len=128)
     windows_per_step = batch * accum
     assert epochs == 1 and steps >= R.TARGET_STEPS
     assert R.MIN_TOKENS_PER_STEP <= windows_per_step * 128 <= R.MAX_TOKENS_PER_STEP
     assert batch * 128 <= R.MAX_MICRO_TOKENS
-    assert steps == (4_332_526 // 127) // windows_per_step
+    assert steps == trainer_steps(4_332_526 // 127, batch, accum)  # the banner's count is the trainer's
     assert reasons and all(len(r) < 200 for r in reasons)
 
 
@@ -66,7 +72,7 @@ def test_tiny_corpus_is_capped_in_epochs_and_warned_about() -> None:
     batch, accum, epochs, steps, _ = R.batch_geometry(corpus_tokens=3_000, seq_len=256)
     assert epochs == R.MAX_EPOCHS
     assert batch * accum <= 11  # never more windows per step than the corpus has
-    assert steps == epochs * (2_999 // 255 // (batch * accum))
+    assert steps == epochs * trainer_steps(2_999 // 255, batch, accum)
     with pytest.raises(SabError, match="seq_len"):
         R.batch_geometry(corpus_tokens=100, seq_len=256)
 

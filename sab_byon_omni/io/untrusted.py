@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
-from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.errors import SabError, bounded, first_line
 
 MAX_NODES = 10**6  # objects a pickle may expand to, counting every path through shared references
 MAX_DEPTH = 64  # containers inside containers
@@ -135,6 +135,11 @@ def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
             return check_torch_file(stream, source)
     start = f.read(4)
     f.seek(0)
+    if not start:
+        raise SabError(f"{source}: the file is empty (an interrupted copy?)")
+    if start[:2] != b"PK" and start[:1] != b"\x80":  # neither a zip (torch.save) nor a pickle
+        raise SabError(f"{source}: not a checkpoint: a torch.save file is a zip archive, and this file starts with "
+                       f"{bounded(start.decode('latin-1'))} (a text file? pass a .pt, .safetensors or model folder)")
     if start[:1] == b"\x80":  # a pickle's PROTO opcode: a raw pickle or the legacy torch format
         raise SabError(f"{source}: refused to load: a raw pickle or a legacy (pre-1.6) torch file, not a torch zip "
                        "checkpoint; re-save it with a current torch from a source you trust")

@@ -72,6 +72,13 @@ class Checkpointer:
             return []
         return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name) or p.stem == "best_model")
 
+    def refuse_existing(self) -> None:
+        """A new run (``resume: none``) never writes into a folder that already holds a run."""
+        existing = self.existing()
+        if existing:
+            raise SabError(f"{self.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
+                           "to continue that run, or choose another --checkpoint_dir")
+
     def entries(self) -> list[Entry]:
         """The loadable step/epoch checkpoints of this run's kind, best resume candidate last."""
         found = []

@@ -107,12 +107,14 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     lo = max(1, math.ceil(MIN_TOKENS_PER_STEP / seq_len))
     hi = max(lo, MAX_TOKENS_PER_STEP // seq_len)
     windows_per_step = min(max(windows // TARGET_STEPS, lo), hi, windows)
-    steps_per_epoch = windows // windows_per_step
-    epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
     # never more micro-batches than windows (one window longer than MAX_MICRO_TOKENS stays whole)
     accumulation = min(max(1, math.ceil(windows_per_step * seq_len / MAX_MICRO_TOKENS)), windows_per_step)
     while windows_per_step % accumulation:
         accumulation += 1
+    batch = windows_per_step // accumulation
+    # counted as the trainer counts them: a last, partial micro-batch and step still run
+    steps_per_epoch = math.ceil(math.ceil(windows / batch) / accumulation)
+    epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
     reasons = [f"{windows_per_step} windows of {seq_len} tokens per optimizer step "
                f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} steps per epoch over "
                f"{windows:,} training windows (aim: at least {TARGET_STEPS})"]
@@ -121,7 +123,7 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     if accumulation > 1:
         reasons.append(f"micro-batches of {windows_per_step // accumulation} x {accumulation} accumulation steps "
                        f"(at most {MAX_MICRO_TOKENS:,} tokens per micro-batch)")
-    return windows_per_step // accumulation, accumulation, epochs, steps_per_epoch * epochs, reasons
+    return batch, accumulation, epochs, steps_per_epoch * epochs, reasons
 
 
 def from_scratch_recipe(model_cfg: ModelConfig, corpus_tokens: int, seq_len: int) -> Recipe:

@@ -130,10 +130,7 @@ class RunSetup:
         """The checkpoint to resume from and its dict (tensors checked against their checksum)."""
         spec, ck = self.cfg.train.resume, self.checkpointer
         if spec == "none":
-            existing = ck.existing()
-            if existing:
-                raise SabError(f"{ck.dir} already holds checkpoints ({existing[-1].name}); pass --resume auto "
-                               "to continue that run, or choose another --checkpoint_dir")
+            ck.refuse_existing()
             return None, None
         if spec == "auto":
             newest = ck.read_newest()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
 from sab_byon_omni.errors import SabError
@@ -87,7 +89,7 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
         batch, accum = (batch, -(-accum // world)) if accum >= world else (max(1, -(-batch * accum // world)), 1)
     pick = lambda name, ours: getattr(t, name) if name in explicit else ours  # noqa: E731
     batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
-    per_epoch = max(windows // max(batch * accum * world, 1), 1)
+    per_epoch = math.ceil(micro_steps_per_epoch(windows, batch, world) / accum)  # as the trainer counts
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
     final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total,  # the rate sees all processes
@@ -109,6 +111,8 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
     ``recipe``: apply the from-scratch recipe to a fresh model, except to the train settings named
     in it (the ones the user gave); ignored for a run that starts from ``init_from`` weights."""
     notes = list(notes or [])
+    if cfg.train.resume == "none":  # before the corpus is read: the only line is the error
+        Checkpointer(cfg.train.checkpoint_dir).refuse_existing()
     cfg, resume_tok = resume_tokenizer(cfg)
     init = None
     if cfg.train.init_from and resume_tok is None:  # a checkpoint to resume from takes precedence
