@@ -23,8 +23,12 @@ def first_line(e: BaseException | str, limit: int = MAX_FIRST_LINE) -> str:
     without terminal escape sequences or control characters (a message may quote a hostile file)."""
     text = _CONTROL.sub("", e if isinstance(e, str) else str(e))
     for line in text.strip().splitlines():
-        if line.strip():
-            return line.strip()[:limit]
+        line = line.strip()
+        if line:
+            if len(line) <= limit:
+                return line
+            cut = line.rfind(". ", 0, limit)  # end at a sentence, not mid-word
+            return line[:cut + 1] if cut >= limit // 3 else line[:limit - 1].rstrip() + "…"
     return type(e).__name__ if not isinstance(e, str) else ""
 
 

@@ -72,7 +72,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to convert
             log.warning("%s:%d: not a JSON line; skipped", path, n)
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):

@@ -205,3 +205,12 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(in_tmp, capsys, content, 
     assert main(["generate", "--checkpoint", "notes.txt", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert says in err and "corrupt" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_long_message_is_cut_at_a_sentence_not_mid_word():
+    from sab_byon_omni.errors import first_line
+
+    msg = "Weights only load failed. " + "In PyTorch 2.6, we changed the default value of weights_only. " * 5
+    cut = first_line(msg)
+    assert msg.startswith(cut) and cut.endswith("weights_only.") and len(cut) <= 160
+    assert first_line("x" * 500).endswith("…") and len(first_line("x" * 500)) == 160

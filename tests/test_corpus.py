@@ -63,7 +63,8 @@ def test_json_records_list_single_object_and_strings(tmp_path):
 
 
 def test_jsonl_with_a_configurable_field_skips_bad_lines(tmp_path):
-    p = write(tmp_path / "a.jsonl", '{"body": "x1"}\n\n{"body": "x2", "other": 1}\nnot json\n"x3"\n')
+    p = write(tmp_path / "a.jsonl", '{"body": "x1"}\n\n{"body": "x2", "other": 1}\nnot json\n"x3"\n'
+              '{"body": "x4", "n": ' + "9" * 5000 + '}\n')  # valid JSON that Python cannot convert
     assert docs_of(p, text_field="body") == ["x1", "x2", "x3"]
 
 

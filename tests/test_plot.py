@@ -113,3 +113,10 @@ def test_a_real_run_logs_every_metric_to_jsonl_and_tensorboard(tmp_path):
     events.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "epoch_end/val_loss"} <= set(events.Tags()["scalars"])
     assert plot_metrics(run).stat().st_size > 10_000
+
+
+def test_a_line_python_cannot_convert_is_skipped_not_a_traceback(tmp_path):
+    """An integer of 5,000 digits is valid JSON that ``json.loads`` refuses with a ValueError."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": ' + "1" * 5000 + "}\n")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1]

@@ -204,6 +204,8 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise SkipFile(f"invalid JSON (line {e.lineno})") from None
+        except ValueError:  # e.g. an integer of more digits than Python converts
+            raise SkipFile("invalid JSON (a value Python cannot convert)") from None
         except RecursionError:
             raise SkipFile("JSON nested too deeply") from None
     records = data if isinstance(data, list) else [data]
@@ -217,7 +219,7 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[str]:
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except (json.JSONDecodeError, RecursionError):
+                    except (ValueError, RecursionError):  # not JSON, too deep, or an unconvertible number
                         log.warning("%s:%d: invalid JSON line skipped", path, n)
     yield from _record_texts(parsed(), text_field)
 

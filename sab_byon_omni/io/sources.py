@@ -71,8 +71,8 @@ def locate(source: str | Path) -> Path:
             return Path(snapshot_download(text, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
         except Exception as e:  # not in the cache (LocalEntryNotFoundError), or a malformed id
             raise SabError(f"{text}: not found as a file or folder, nor in the local Hugging Face cache "
-                           f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`): "
-                           f"{first_line(e)}") from None
+                           f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`; "
+                           f"{type(e).__name__})") from None
     raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
                    "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local cache)")
 
