@@ -335,7 +335,7 @@ def colab_table(job_tokens: int, job_mean_len: int, mfu: float = 0.3, headroom: 
     compute-bound times at ``mfu``: the default job's epoch (``job_tokens`` of Lightweight at
     ``job_mean_len`` tokens a sample) and 100M tokens of 1b at 2048."""
     rows = ["| GPU | precision | peak TFLOP/s | lightweight: micro-batch x 1024, act. ckpt off / on "
-            "| 1b (50k vocab): the same | 3b (50k vocab): the same | default-job epoch (Lightweight) "
+            "| 1b (50k vocab): the same | 3b (50k vocab): the same | notebook-job epoch (Lightweight) "
             "| 1b: 100M tokens of 2048 |",
             "|---|---|---:|---|---|---|---:|---:|"]
     light = ModelConfig.from_name("lightweight", vocab_size=96)

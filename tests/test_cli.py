@@ -46,7 +46,7 @@ def test_the_console_script_runs_as_a_module(in_tmp):
     (["train", "--bogus", "1"], "unrecognized arguments: --bogus"),
     (["train", "--epochs", "x"], "train.epochs='x' must be an integer"),
     (["train", "--resume", "nothing.pt"], "checkpoint not found: nothing.pt"),
-    (["generate", "--checkpoint", "bad.yaml", "--prompt", "x"], "bad.yaml: not a readable checkpoint"),
+    (["generate", "--checkpoint", "bad.yaml", "--prompt", "x"], "bad.yaml: not a checkpoint"),
     (["generate", "--checkpoint", "missing.pt", "--prompt", "x"], "checkpoint not found"),
     (["nosuchcommand"], "invalid choice"),
 ])
