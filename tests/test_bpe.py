@@ -167,3 +167,15 @@ def test_resume_tokenises_with_the_checkpoints_tokenizer_even_if_settings_change
     capsys.readouterr()
     assert sorted(p.name for p in (in_tmp / ".sab_cache").iterdir()) == caches  # no BPE retrained, no new cache
     assert spec_equal(load_checkpoint("ck/step_4.pt")["tokenizer"], load_checkpoint("ck/step_2.pt")["tokenizer"])
+
+
+def test_a_vocabulary_too_large_for_the_corpus_is_warned_about(caplog):
+    words = [f"w{i}x{i * 7 % 13}" for i in range(3000)]  # ~24 KB of distinct words: plenty of merges
+    texts = [" ".join(words[i:i + 50]) for i in range(0, 3000, 50)]
+    with caplog.at_level("WARNING"):
+        big = BPETokenizer.build(DataConfig(tokenizer="bpe", bpe_vocab_size=4096), texts)
+    assert big.vocab_size > 4 * 512 and "--bpe_vocab_size 512" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        BPETokenizer.build(DataConfig(tokenizer="bpe", bpe_vocab_size=512), texts)
+    assert "BPE:" not in caplog.text

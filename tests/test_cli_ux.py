@@ -90,7 +90,7 @@ def test_the_banner_says_what_the_run_is(run):
     for key in ("run folder:", "data:", "tokenizer:", "model:", "device:", "batch:", "steps:", "schedule:",
                 "memory:", "recipe:", "time:"):
         assert any(line.startswith(key) for line in proc.stderr.splitlines()), key
-    assert "the guide's defaults (configs/default.yaml) with your flags" in proc.stderr
+    assert "recipe:" in proc.stderr and "the guide's defaults (configs/default.yaml), with --preset" in proc.stderr
     assert "108 training samples" in proc.stderr and "16 samples per optimizer step" in proc.stderr
     assert "14 optimizer steps" in proc.stderr  # 7 per epoch x 2
 

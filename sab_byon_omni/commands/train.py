@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = {key.rsplit(".", 1)[-1] for key in overrides}
     else:
         source = f"{args.config}, as written" if args.config else "the guide's defaults (configs/default.yaml)"
-        notes = [("recipe", source + (" with your flags" if overrides else ""))]
+        given = ", ".join(f"--{key.rsplit('.', 1)[-1]}" for key in overrides)
+        notes = [("recipe", source + (f", with {given}" if given else ""))]
     try:
         sab, result = train_3b.run_training(cfg, notes=notes, resume_hint="continue with --resume auto",
                                             recipe=recipe)

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -189,10 +189,21 @@ class BPETokenizer:
         if texts is None:
             raise SabError("data.tokenizer=bpe needs a trained tokenizer: set data.tokenizer_path to a "
                            "tokenizer.json, or train one on your files (data.dataset=PATH)")
-        t0 = time.perf_counter()
-        tok = cls.train(texts, cfg.bpe_vocab_size)
+        t0, chars = time.perf_counter(), [0]
+
+        def counted() -> Iterator[Any]:
+            for text in texts:
+                chars[0] += len(text) if isinstance(text, str) else 0
+                yield text
+
+        tok = cls.train(counted(), cfg.bpe_vocab_size)
         log.info("trained a BPE tokenizer (%d ids) on the training documents in %.1f s", tok.vocab_size,
                  time.perf_counter() - t0)
+        suits = max(512, round(chars[0] / 1e6 * 1000 / 256) * 256)  # about 1,000 ids per MB of text
+        if tok.vocab_size > 4 * suits:
+            log.warning("BPE: %d ids learned from %.2f MB of text (%.0f characters per id): most ids are too rare "
+                        "to learn; --bpe_vocab_size %d, or --tokenizer byte, suits a corpus this small (docs/DATA.md)",
+                        tok.vocab_size, chars[0] / 1e6, chars[0] / max(tok.vocab_size, 1), suits)
         return tok
 
     @classmethod
