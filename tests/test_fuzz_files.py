@@ -12,12 +12,14 @@ printed by the last test (``-s`` shows them)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,16 @@ COUNTS = {"inputs": 0, "tracebacks": 0, "payloads_run": 0, "files_lost": 0, "acc
 TRAIN = ["-q", "train", "--preset", "tiny", "--epochs", "1", "--num_samples", "24", "--seq_len", "32",
          "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--device", "cpu",
          "--progress", "false", "--max_steps", "3", "--save_every", "1", "--keep_last", "1"]
+
+
+@contextlib.contextmanager
+def scratch(world: dict) -> Iterator[Path]:
+    """A fresh folder inside the test's world for one example, removed afterwards."""
+    d = Path(tempfile.mkdtemp(dir=world["dir"]))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +191,7 @@ def _load_everywhere(path: Path) -> None:
 
 
 def _check_checkpoint(world, changes, checksummed):
-    d = Path(tempfile.mkdtemp(dir=world["dir"]))
-    try:
+    with scratch(world) as d:
         ck, special = _mutate(world["ck"], changes, world)
         _write(ck, d / "step_7.pt", special, checksummed)
         before = snapshot(d)
@@ -189,8 +200,6 @@ def _check_checkpoint(world, changes, checksummed):
 
         _outcome(Checkpointer(d).entries)  # the --resume auto scan
         _guard(world, d, before)
-    finally:
-        shutil.rmtree(d)
 
 
 test_hostile_checkpoint_structures = FAST(given(changes=mutations, checksummed=st.booleans())(_check_checkpoint))
@@ -255,14 +264,11 @@ def _damage(data: bytes, how: tuple) -> bytes:
 
 
 def _check_damaged_bytes(world, how):
-    d = Path(tempfile.mkdtemp(dir=world["dir"]))
-    try:
+    with scratch(world) as d:
         (d / "step_7.pt").write_bytes(_damage(world["bytes"], how))
         before = snapshot(d)
         _load_everywhere(d / "step_7.pt")
         _guard(world, d, before)
-    finally:
-        shutil.rmtree(d)
 
 
 test_damaged_checkpoint_bytes = FAST(given(how=byte_damage)(_check_damaged_bytes))
@@ -287,8 +293,7 @@ def _check_safetensors(world, field, text, cut):
 
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 
-    d = Path(tempfile.mkdtemp(dir=world["dir"]))
-    try:
+    with scratch(world) as d:
         good = world["dir"] / "good.safetensors"
         with safe_open(str(good), framework="pt") as f:
             meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
@@ -300,8 +305,6 @@ def _check_safetensors(world, field, text, cut):
         before = snapshot(d)
         _outcome(SABTranscendentV2.load, path)
         _guard(world, d, before)
-    finally:
-        shutil.rmtree(d)
 
 
 safetensors_args = dict(field=st.sampled_from(["config", "tokenizer", "format", "global_step", "epoch"]),
@@ -349,8 +352,7 @@ dcp_damage = st.one_of(
 def _check_dcp(world, damage):
     from sab_byon_omni.training.consolidate import consolidate
 
-    d = Path(tempfile.mkdtemp(dir=world["dir"]))
-    try:
+    with scratch(world) as d:
         src = d / "x.dcp"
         shutil.copytree(world["dcp"], src)
         what, name, arg, protocol = damage
@@ -365,8 +367,6 @@ def _check_dcp(world, damage):
         assert isinstance(result, SabError) or load_checkpoint(d / "out.pt")["global_step"] == 5
         assert isinstance(result, Path) or not (d / "out.pt").exists()
         _guard(world, src, before)
-    finally:
-        shutil.rmtree(d)
 
 
 test_hostile_dcp_folders = FAST(given(damage=dcp_damage)(_check_dcp))
@@ -387,16 +387,13 @@ yaml_doc = st.lists(st.tuples(st.sampled_from(["epochs", "seq_len", "dataset", "
 def _check_yaml(world, text, big):
     from sab_byon_omni.config import load_config
 
-    d = Path(tempfile.mkdtemp(dir=world["dir"]))
-    try:
+    with scratch(world) as d:
         path = d / "config.yaml"
         body = text.replace("{marker}", str(world["marker"]))
         path.write_bytes(body.encode("utf-8", "surrogatepass") + (b"#" * (1 << 20) if big else b""))
         before = snapshot(d)
         _outcome(load_config, path)
         _guard(world, d, before)
-    finally:
-        shutil.rmtree(d)
 
 
 test_hostile_yaml = FAST(given(text=yaml_doc, big=st.booleans())(_check_yaml))
