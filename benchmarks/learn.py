@@ -72,6 +72,8 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         learning_rate=pick(args.lr_value, rule.learning_rate), warmup_steps=pick(args.warmup, rule.warmup_steps),
         lr_schedule=pick(args.schedule, rule.lr_schedule), min_lr_ratio=pick(args.min_lr_ratio, rule.min_lr_ratio),
         beta1=pick(args.beta1, rule.beta1), beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
+        optimizer=pick(args.optimizer, rule.optimizer), muon_learning_rate=pick(args.muon_lr, rule.muon_learning_rate),
+        muon_warmup_steps=pick(args.muon_warmup, rule.muon_warmup_steps),
         max_grad_norm=pick(args.clip, 1.0), precision="fp32", device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
@@ -116,11 +118,18 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tup
     t = cfg.train
     row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
                min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
+               **muon_fields(t.optimizer, t.muon_learning_rate, t.muon_warmup_steps),
                params=sab.model.num_parameters(), seconds=round(seconds, 1), steps=result.global_step,
                train_loss=train_loss, slow=learns_slowly(t.learning_rate, cfg.model),
                curve=[round(r["loss"], 4) for r in rows if "loss" in r])
     row["val"] = score(sab.model, validation_windows(corpus, args))
     return row, batches
+
+
+def muon_fields(optimizer: str, lr: float | None, warmup: int | None) -> dict:
+    """The optimizer columns of a result row (the Muon ones None for AdamW)."""
+    muon = optimizer == "muon"
+    return dict(optimizer=optimizer, muon_lr=lr if muon else None, muon_warmup=warmup if muon else None)
 
 
 def batches_only(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[Batch]:
@@ -178,7 +187,7 @@ def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batche
     seconds = time.perf_counter() - t0
     row = dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
                min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta1=NANOGPT["beta1"], beta2=NANOGPT["beta2"],
-               weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"],
+               weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"], **muon_fields("adamw", None, None),
                params=sum(p.numel() for p in params), seconds=round(seconds, 1), steps=len(batches),
                train_loss=statistics.fmean(losses[-20:]),
                curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
@@ -272,7 +281,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         for i, lr in enumerate(lrs):
             rows = run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
             for row in rows:
-                print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} lr {row['lr']:.2e} "
+                muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
+                print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} lr {row['lr']:.2e}{muon} "
                       f"warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
                       f"train loss {row['train_loss']:.4f}  {row['seconds']:.0f} s", flush=True)
                 if args.results:
@@ -288,8 +298,10 @@ def load_rows(path: str) -> list[dict]:
     are deterministic) counts once, its latest row."""
     rows = [json.loads(line) for one in path.split(",")
             for line in Path(one).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for r in rows:  # rows from before --beta1 existed ran at AdamW's 0.9
+    for r in rows:  # rows from before --beta1 / --optimizer existed ran AdamW at beta1 0.9
         r.setdefault("beta1", 0.9)
+        for k, v in muon_fields("adamw", None, None).items():
+            r.setdefault(k, v)
     key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
                                 r["steps"], r["batch"], r["seq_len"], r["val_windows"]] + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
@@ -299,16 +311,18 @@ def _bpb(row: dict) -> float:
     return row["val"]["bits_per_byte"]
 
 
-SCHEDULE_KEYS = ("warmup", "schedule", "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip")
+SCHEDULE_KEYS = ("warmup", "schedule", "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip", "optimizer",
+                 "muon_lr", "muon_warmup")
 
 
-def on_rule_schedule(row: dict, beta1: float | None = SWEEP_BETA1) -> bool:
+def on_rule_schedule(row: dict, beta1: float | None = SWEEP_BETA1, muon: bool = False) -> bool:
     """An ours run whose schedule, betas, decay and clipping are the rule's (only the rate may differ),
-    except beta1, which must be ``beta1`` (default: the sweep's 0.9; None: the rule's)."""
+    except beta1, which must be ``beta1`` (default: the sweep's 0.9; None: the rule's), and the
+    optimizer: AdamW (the rate sweep's) unless ``muon`` (then the rule's Muon, its rate free)."""
     rule = recipe_for_geometry(ModelConfig(preset="tiny"), row["seq_len"], row["batch"], 1, 1, row["steps"])
     want = dict(warmup=rule.warmup_steps, schedule=rule.lr_schedule, min_lr_ratio=rule.min_lr_ratio,
                 beta1=rule.beta1 if beta1 is None else beta1, beta2=rule.beta2, weight_decay=rule.weight_decay,
-                clip=1.0)
+                clip=1.0, **muon_fields("muon" if muon else "adamw", row["muon_lr"], rule.muon_warmup_steps))
     return row["model"] == "ours" and all(row[k] == want[k] for k in SCHEDULE_KEYS)
 
 
@@ -333,20 +347,22 @@ def at_rule(row: dict) -> bool:
     shape = row.get("shape") or {}
     model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
     rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
-    return on_rule_schedule(row, beta1=None) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+    return (on_rule_schedule(row, beta1=None, muon=True) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+            and math.isclose(row["muon_lr"], rule.muon_learning_rate, rel_tol=1e-6))
 
 
 def bench_table(rows: list[dict]) -> list[str]:
     """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
     rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))]
-    lines = ["| corpus | preset | ours: lr, warmup | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
+    lines = ["| corpus | preset | ours: lr, warmup (Muon: rate, warmup) | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
         ours = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "ours"]
         gpt2 = [r for r in rows if (r["corpus"], r["preset"]) == key and r["model"] == "gpt2"]
         if ours and gpt2:
             o, g = ours[-1], gpt2[-1]
-            lines.append(f"| {key[0]} | {key[1]} | {o['lr']:.3g}, {o['warmup']} | {_bpb(o):.4f} | {_bpb(g):.4f} "
+            muon = f"; Muon {o['muon_lr']:g}, {o['muon_warmup']}" if o["optimizer"] == "muon" else ""
+            lines.append(f"| {key[0]} | {key[1]} | {o['lr']:.3g}, {o['warmup']}{muon} | {_bpb(o):.4f} | {_bpb(g):.4f} "
                          f"| **{_bpb(o) / _bpb(g):.3f}** | {o['seconds']:.0f} | {g['seconds']:.0f} |")
     return lines + [""]
 
@@ -373,13 +389,38 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
     return lines + [""]
 
 
+def muon_rule(row: dict) -> bool:
+    """An ours run with the rule's Muon recipe in all but the Muon rate (a point of the Muon sweep)."""
+    shape = row.get("shape") or {}
+    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
+    return on_rule_schedule(row, beta1=None, muon=True) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
+
+
+def muon_table(rows: list[dict]) -> list[str]:
+    """Corpus x preset x Muon peak rate -> bits per byte (everything else the rule's)."""
+    here = [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r)]
+    if not here:
+        return []
+    rates = sorted({r["muon_lr"] for r in here})
+    lines = ["Muon's peak rate (the rest of the rule unchanged): validation bits per byte (* best of the row):", "",
+             "| corpus | preset | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|---|" + "---:|" * len(rates)]
+    for corpus, preset in sorted({(r["corpus"], r["preset"]) for r in here}, key=lambda k: (k[0], _size(rows, k[1]))):
+        got = {r["muon_lr"]: r for r in here if (r["corpus"], r["preset"]) == (corpus, preset)}
+        best = min(got.values(), key=_bpb)
+        cells = [f"{_bpb(got[lr]):.3f}" + ("*" if got[lr] is best else "") if lr in got else "" for lr in rates]
+        lines.append(f"| {corpus} | {preset} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def ablation_table(rows: list[dict]) -> list[str]:
     """Every run off the rule's schedule (ours) or off nanoGPT's (GPT-2): what changed, what it gave."""
-    off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r)) or r["seed"] != DEFAULT_SEED]
-    lines = ["| corpus | preset | model | lr | warmup | schedule | min lr | beta1 | beta2 | wd | clip | seed | bpb |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r) or muon_rule(r)) or r["seed"] != DEFAULT_SEED]
+    lines = ["| corpus | preset | model | optimizer | lr | warmup | schedule | min lr | beta1 | beta2 | wd | clip | seed | bpb |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["model"], r["lr"], r["warmup"])):
-        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
+        opt = "AdamW" if r["optimizer"] == "adamw" else f"Muon {r['muon_lr']:g}, {r['muon_warmup']}"
+        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {opt} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
                      f"{r['min_lr_ratio']:g} | {r['beta1']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
                      f"{r['seed']} | {_bpb(r):.3f} |")
     return lines + [""] if off else []
@@ -391,9 +432,11 @@ def report(rows: list[dict], plot: str | None) -> str:
     sweep = [r for r in rows if r["tag"] != "benchmark"]
     for corpus in sorted({r["corpus"] for r in sweep}):
         lines += sweep_table(sweep, corpus)
+    lines += muon_table(sweep)
     lines += ablation_table(sweep)
     if plot and sweep:
-        draw([r for r in sweep if r["seed"] == DEFAULT_SEED and (reference_gpt2(r) or on_rule_schedule(r))], plot)
+        draw([r for r in sweep if r["seed"] == DEFAULT_SEED and (reference_gpt2(r) or on_rule_schedule(r) or muon_rule(r))],
+             plot)
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
 
@@ -413,19 +456,25 @@ def draw(sweep: list[dict], path: str) -> None:
         here = [r for r in sweep if r["corpus"] == corpus]
         for preset in [p for p in drawn if any(r["preset"] == p and r["model"] == "ours" for r in here)]:
             color = colors[preset]
-            ours = sorted((r["lr"], _bpb(r)) for r in here if r["preset"] == preset and r["model"] == "ours")
-            ax.plot(*zip(*ours), "o-", color=color, label=f"ours, {preset}")
+            mine = [r for r in here if r["preset"] == preset and r["model"] == "ours"]
+            ours = sorted((r["lr"], _bpb(r)) for r in mine if r["optimizer"] == "adamw")
+            if ours:
+                ax.plot(*zip(*ours), "o-", color=color, label=f"ours, AdamW, {preset}")
+            muon = sorted((r["muon_lr"], _bpb(r)) for r in mine if r["optimizer"] == "muon")
+            if muon:
+                ax.plot(*zip(*muon), "s-.", color=color, label=f"ours + Muon (x: Muon's rate), {preset}")
             gpt2 = [r for r in here if r["preset"] == preset and r["model"] == "gpt2"]
             if gpt2:
                 ax.axhline(_bpb(gpt2[-1]), color=color, linestyle="--", label=f"GPT-2 (nanoGPT recipe), {preset}")
                 ax.axhline(0.7 * _bpb(gpt2[-1]), color=color, linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
         rates = []
-        for lr in sorted({r["lr"] for r in here if r["model"] == "ours"}):  # labels at least 1.5x apart
+        for lr in sorted({r["lr"] if r["optimizer"] == "adamw" else r["muon_lr"]
+                          for r in here if r["model"] == "ours"}):  # labels at least 1.5x apart
             rates += [lr] if not rates or lr >= 1.5 * rates[-1] else []
         ax.set_xticks(rates, [f"{lr:.3g}" for lr in rates], fontsize=7)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("peak learning rate (ours)")
+        ax.set_xlabel("peak learning rate (ours: AdamW's, or Muon's with the rule's AdamW rate)")
         ax.set_ylabel("validation bits per byte")
         ax.set_title(f"{corpus}: 200 steps x 16 x 128 bytes (dotted: 0.7 x GPT-2)")
         ax.grid(True, which="both", alpha=0.3)
@@ -454,6 +503,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta2", type=float, help="our AdamW beta2 (default: the rule)")
     p.add_argument("--weight-decay", type=float, help="our weight decay (default: the rule)")
     p.add_argument("--clip", type=float, help="our gradient clipping norm (default 1.0)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), help="our optimizer (default: the rule's, muon)")
+    p.add_argument("--muon-lr", type=float, help="our Muon peak rate (default: the rule's)")
+    p.add_argument("--muon-warmup", type=int, help="our Muon warmup steps (default: the rule's)")
     p.add_argument("--gpt2-warmup", type=int, default=GPT2_WARMUP,
                    help="GPT-2's warmup steps (default 4: nanoGPT's 100 of 5000 steps, scaled to 200)")
     p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],

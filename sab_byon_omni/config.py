@@ -38,6 +38,7 @@ FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("char96", "byte", "bpe")
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "muon")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
@@ -143,11 +144,16 @@ class TrainConfig:
     epochs: int = fld(3, "training epochs")
     batch_size: int = fld(4, "samples per micro-batch (per process)")
     gradient_accumulation_steps: int = fld(16, "micro-batches per optimizer step")
-    learning_rate: float = fld(2e-5, "AdamW peak learning rate")
+    learning_rate: float = fld(2e-5, "AdamW peak learning rate (with optimizer muon: of the embedding, head and norms)")
     weight_decay: float = fld(0.01, "AdamW weight decay (not applied to norms and biases)")
     max_grad_norm: float = fld(1.0, "gradient clipping threshold (0 disables clipping)")
     beta1: float = fld(0.9, "AdamW beta1")
     beta2: float = fld(0.95, "AdamW beta2")
+    optimizer: str = fld("adamw", "adamw (the guide's), or muon: Muon for the blocks' weight matrices, AdamW for "
+                                  "the rest (the from-scratch recipe's choice; docs/RECIPES.md)")
+    muon_learning_rate: float = fld(0.05, "peak learning rate of the Muon-updated matrices (optimizer muon; the "
+                                          "from-scratch recipe sets 0.8 / sqrt(hidden))")
+    muon_warmup_steps: int = fld(10, "linear warmup steps of the Muon-updated matrices (optimizer muon)")
     lr_schedule: str = fld("constant", "learning-rate schedule: constant (the guide's) or cosine")
     warmup_steps: int = fld(0, "linear warmup steps (both schedules)")
     min_lr_ratio: float = fld(0.1, "cosine floor as a fraction of learning_rate")
@@ -185,12 +191,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("save_every", "keep_last", "eval_interval", "eval_batches", "warmup_steps", "max_steps"):
+        for name in ("save_every", "keep_last", "eval_interval", "eval_batches", "warmup_steps", "max_steps",
+                     "muon_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SabError(f"train.{name}={getattr(self, name)} must not be negative")
-        _finite("train.learning_rate", self.learning_rate)
-        if self.learning_rate <= 0:
-            raise SabError(f"train.learning_rate={self.learning_rate} must be positive")
+        for name in ("learning_rate", "muon_learning_rate"):
+            _finite(f"train.{name}", getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise SabError(f"train.{name}={getattr(self, name)} must be positive")
         for name in ("weight_decay", "max_grad_norm"):
             _finite(f"train.{name}", getattr(self, name))
             if getattr(self, name) < 0:
@@ -200,14 +208,10 @@ class TrainConfig:
                 raise SabError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.lr_schedule not in SCHEDULES:
-            raise SabError(f"train.lr_schedule={bounded(self.lr_schedule)} is not one of: {', '.join(SCHEDULES)}")
-        if self.parallel not in PARALLEL:
-            raise SabError(f"train.parallel={bounded(self.parallel)} is not one of: {', '.join(PARALLEL)}")
-        if self.precision not in PRECISIONS:
-            raise SabError(f"train.precision={bounded(self.precision)} is not one of: {', '.join(PRECISIONS)}")
-        if self.memory_saving not in MEMORY_SAVING:
-            raise SabError(f"train.memory_saving={bounded(self.memory_saving)} is not one of: {', '.join(MEMORY_SAVING)}")
+        for name, choices in (("lr_schedule", SCHEDULES), ("parallel", PARALLEL), ("precision", PRECISIONS),
+                              ("memory_saving", MEMORY_SAVING), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise SabError(f"train.{name}={bounded(getattr(self, name))} is not one of: {', '.join(choices)}")
         if not self.checkpoint_dir:
             raise SabError("train.checkpoint_dir is empty")
         for name in (n.strip() for n in self.report_to.split(",")):

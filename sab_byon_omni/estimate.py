@@ -5,7 +5,8 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
 
 * **weights**: fp32 master weights (all precisions keep them; autocast computes in bf16/fp16);
 * **gradients**: fp32, one per parameter (alive from the first micro-step's backward to the step);
-* **optimizer**: AdamW's two fp32 moments;
+* **optimizer**: AdamW's two fp32 moments (with ``optimizer: muon`` the blocks' matrices keep one
+  momentum instead, so the figure is then an upper bound);
 * **activations**: the tensors autograd saves per block and token (enumerated in
   :func:`block_activation_bytes`), or only each block's input with activation checkpointing plus
   one block recomputed in backward;

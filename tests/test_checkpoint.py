@@ -164,3 +164,24 @@ def test_the_guides_snippet_works_with_the_documented_optimizer(trained):
     model.load_state_dict(checkpoint["model_state_dict"])
     optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
     assert optimizer.state_dict()["state"].keys() == checkpoint["optimizer_state_dict"]["state"].keys()
+
+
+def test_the_guides_snippet_works_with_a_muon_run(tmp_path):
+    """A run with ``optimizer: muon`` saves one optimizer state (Muon's momentum and AdamW's
+    moments); ``make_optimizer(model, config.train)`` loads it with the guide's line."""
+    from sab_byon_omni.config import TrainConfig
+    from sab_byon_omni.training.train_3b import make_optimizer
+
+    sab = SABTranscendentV2(preset="tiny")
+    train_3b_rapid(sab, epochs=1, batch_size=8, grad_accum=1, seq_len=64, num_samples=40, optimizer="muon",
+                   checkpoint_dir=str(tmp_path / "ck"), progress=False)
+    checkpoint = torch.load(tmp_path / "ck" / "epoch_1.pt")
+    assert checkpoint["config"]["train"]["optimizer"] == "muon"
+    model = SABTranscendentV2(preset="tiny").model
+    optimizer = make_optimizer(model, TrainConfig(**checkpoint["config"]["train"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    kinds = {tuple(sorted(s)) for s in optimizer.state_dict()["state"].values()}
+    assert ("momentum_buffer",) in kinds and ("exp_avg", "exp_avg_sq", "step") in kinds
+    with pytest.raises(ValueError, match="parameter group"):  # the AdamW-only optimizer does not fit it
+        make_optimizer(model).load_state_dict(checkpoint["optimizer_state_dict"])

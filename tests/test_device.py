@@ -75,3 +75,13 @@ def test_fsdp_with_fp16_is_refused_with_what_to_use_instead(monkeypatch):
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "precision": "fp16", "device": "cpu"})
     with pytest.raises(SabError, match="--parallel ddp with fp16 on older ones"):
         RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
+
+
+def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch):
+    from sab_byon_omni.training import distributed as D
+    from sab_byon_omni.training.run_setup import RunSetup
+
+    monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=2, rank=0))
+    cfg = build_config({"preset": "tiny", "parallel": "fsdp", "optimizer": "muon", "device": "cpu"})
+    with pytest.raises(SabError, match="optimizer=muon with train.parallel=fsdp .* --parallel ddp, or --optimizer adamw"):
+        RunSetup(torch.nn.Linear(1, 1), None, [], cfg)

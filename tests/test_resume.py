@@ -173,6 +173,24 @@ def test_killed_and_stopped_five_times_then_resumed_is_bitwise_identical(tmp_pat
     assert [r[0] for r in _train_rows(run)] == list(range(1, STEPS + 1))  # no duplicated or missing rows
 
 
+def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
+    """Muon's momentum buffers travel with the checkpoint like AdamW's moments: SIGKILL after
+    step 6, resume, and the run ends bit for bit where an uninterrupted one does."""
+    muon = ["--optimizer", "muon", "--muon_learning_rate", "0.05", "--muon_warmup_steps", "2"]
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    reference = _start(ref, muon)
+    rc, _, err = _run(run, muon, SAB_KILL_AT_STEP="6")
+    assert rc == -signal.SIGKILL, err
+    rc, out, err = _run(run, ["--optimizer", "adamw"])  # the wrong optimizer: refused, nothing touched
+    assert rc == 2 and "trained with optimizer 'muon'" in err and "--optimizer 'muon'" in err, err
+    assert _ckpt_dir_files(run) == ["metrics.jsonl", "step_4.pt"]
+    rc, _, err = _run(run, muon)
+    assert rc == 0, err
+    rc, _, err = _finish(reference)
+    assert rc == 0, err
+    _assert_identical_runs(ref, run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bucketing", ["0", "64"])
 def test_sigkill_resume_with_torch_compile(tmp_path, bucketing):

@@ -42,6 +42,9 @@ def test_own_data_without_a_config_trains_with_the_rule(notes, capsys):
     want = R.recipe_for_geometry(cfg.model, 64, t["batch_size"], t["gradient_accumulation_steps"], t["epochs"], 1)
     assert t["learning_rate"] == pytest.approx(want.learning_rate)
     assert t["lr_schedule"] == "cosine" and t["weight_decay"] == R.WEIGHT_DECAY and t["beta2"] == R.BETA2
+    assert (t["optimizer"], t["muon_learning_rate"]) == ("muon", pytest.approx(R.muon_learning_rate(cfg.model)))
+    assert t["muon_warmup_steps"] == min(R.MUON_WARMUP, t["warmup_steps"])
+    assert "Muon for the blocks' matrices" in capsys.readouterr().err
     assert t["batch_size"] * t["gradient_accumulation_steps"] * 64 >= R.MIN_TOKENS_PER_STEP  # not the guide's 4 x 16
     assert (t["batch_size"], t["gradient_accumulation_steps"]) != (4, 16) and t["epochs"] > 1
 
@@ -52,6 +55,14 @@ def test_every_flag_given_wins_over_the_rule(notes):
     t = run_config("runs/b")
     assert t["learning_rate"] == 1e-3 and t["batch_size"] == 4
     assert t["lr_schedule"] == "cosine"  # what was not given still comes from the rule
+    assert t["optimizer"] == "adamw"  # a rate you give means AdamW's rate for every parameter, as it always did
+
+
+def test_muon_with_your_own_rates(notes):
+    assert main(["train", "--data", str(notes), *SHORT, "--learning_rate", "1e-3", "--optimizer", "muon",
+                 "--muon_learning_rate", "0.05", "--checkpoint_dir", "runs/m"]) == 0
+    t = run_config("runs/m")
+    assert (t["optimizer"], t["learning_rate"], t["muon_learning_rate"]) == ("muon", 1e-3, 0.05)
 
 
 def test_a_config_file_is_taken_as_written(notes):
@@ -59,6 +70,7 @@ def test_a_config_file_is_taken_as_written(notes):
     t = run_config("runs/c")
     assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"]) == \
         (2e-5, "constant", 4, 16)
+    assert t["optimizer"] == "adamw"
 
 
 def test_the_synthetic_default_job_is_the_guides(in_tmp):
@@ -66,6 +78,7 @@ def test_the_synthetic_default_job_is_the_guides(in_tmp):
     t = run_config("runs/d")
     assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) \
         == (2e-5, "constant", 4, 16, 3)
+    assert t["optimizer"] == "adamw"  # the guide's AdamW
 
 
 def test_the_rules_rate_follows_a_batch_size_you_give():

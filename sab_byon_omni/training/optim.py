@@ -1,5 +1,6 @@
-"""The optimizer and the learning-rate schedule: AdamW with decay/no-decay groups, and a schedule
-that is a pure function of the step (so a resumed run continues exactly)."""
+"""The optimizer and the learning-rate schedule: AdamW with decay/no-decay groups (or Muon for the
+blocks' matrices, ``train.optimizer: muon``), and a schedule that is a pure function of the step
+(so a resumed run continues exactly)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.config import TrainConfig
+from sab_byon_omni.training.muon import MuonAdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -25,30 +27,52 @@ def uses_fused_adamw(device: torch.device | str) -> bool:
     return torch.device(device).type in ("cuda", "cpu")
 
 
+def muon_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    """Muon for the blocks' 2-D matrices (a fused qkv as its three blocks); AdamW, at
+    ``learning_rate``, for the embedding, the head and the norms."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    in_blocks = lambda n, p: p.dim() == 2 and (n.startswith("blocks.") or ".blocks." in n)  # noqa: E731
+    qkv = [p for n, p in named if in_blocks(n, p) and n.endswith("attn.qkv.weight")]
+    rest = [p for n, p in named if in_blocks(n, p) and not n.endswith("attn.qkv.weight")]
+    muon = dict(muon=True, lr=train.muon_learning_rate, weight_decay=train.weight_decay)
+    groups = [{"params": qkv, "split": 3, **muon}, {"params": rest, **muon}]
+    others = [(n, p) for n, p in named if not in_blocks(n, p)]
+    groups += [{"params": [p for _, p in others if p.dim() >= 2], "weight_decay": train.weight_decay},
+               {"params": [p for _, p in others if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig | None = None, device: torch.device | str | None = None,
                    ) -> torch.optim.AdamW:
-    """The AdamW the trainer builds for ``model``: two parameter groups (weight decay on matrices,
-    none on norms), ``train``'s rate, betas and decay (the defaults if omitted). The guide's
-    ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])`` works on it as written."""
+    """The optimizer the trainer builds for ``model`` from ``train`` (the defaults if omitted):
+    AdamW with two parameter groups (weight decay on matrices, none on norms), or with
+    ``train.optimizer == "muon"`` a :class:`~sab_byon_omni.training.muon.MuonAdamW` (Muon for the
+    blocks' matrices). The guide's ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])``
+    works on it as written."""
     t = train or TrainConfig()
     fused = uses_fused_adamw(device if device is not None else next(model.parameters()).device)
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-                             fused=fused or None, foreach=None if fused else True)
+    kw = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=fused or None, foreach=None if fused else True)
+    if t.optimizer == "muon":
+        return MuonAdamW(muon_groups(model, t), **kw)
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), **kw)
 
 
-def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, t: TrainConfig, total_steps: int, muon: bool = False) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine
-    down to ``min_lr_ratio`` of the peak at ``total_steps``."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / t.warmup_steps
+    down to ``min_lr_ratio`` of the peak at ``total_steps``. ``muon``: the rate of the Muon
+    groups (peak ``muon_learning_rate``, warmup ``muon_warmup_steps``)."""
+    peak, warmup = (t.muon_learning_rate, t.muon_warmup_steps) if muon else (t.learning_rate, t.warmup_steps)
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
     if t.lr_schedule == "constant":
-        return t.learning_rate
-    span = max(total_steps - t.warmup_steps, 1)
-    progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
-    floor = t.learning_rate * t.min_lr_ratio
-    return floor + (t.learning_rate - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return peak
+    span = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    floor = peak * t.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, t: TrainConfig, total_steps: int) -> None:
+    """Every parameter group's rate for optimizer step ``step`` (Muon groups follow their own peak and warmup)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr_at(step, t, total_steps, muon=g.get("muon", False))

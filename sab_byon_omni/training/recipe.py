@@ -52,6 +52,10 @@ MIN_LR_RATIO = 0.1
 WEIGHT_DECAY = 0.1
 BETA1 = 0.8
 BETA2 = 0.95
+OPTIMIZER = "muon"  # Muon for the blocks' matrices, AdamW (at the rule's rate) for the rest
+MUON_LR_PER_SQRT_WIDTH = 0.8  # Muon's peak rate = this / sqrt(hidden)
+MUON_LR_MIN, MUON_LR_MAX = 0.01, 0.1
+MUON_WARMUP = 10
 TARGET_STEPS = 300  # optimizer steps per epoch the batch geometry aims for
 MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly learn
 MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
@@ -70,6 +74,9 @@ class Recipe:
     weight_decay: float
     beta1: float
     beta2: float
+    optimizer: str
+    muon_learning_rate: float
+    muon_warmup_steps: int
     batch_size: int
     gradient_accumulation_steps: int
     epochs: int
@@ -80,7 +87,8 @@ class Recipe:
         """The ``train.*`` settings, for :func:`sab_byon_omni.config.replace` or ``build_config``."""
         return {f"train.{k}": getattr(self, k) for k in (
             "learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-            "batch_size", "gradient_accumulation_steps", "epochs")}
+            "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
+            "epochs")}
 
 
 def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> float:
@@ -89,6 +97,11 @@ def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKE
         raise SabError(f"tokens per optimizer step must be positive, got {tokens_per_step}")
     batch = min(math.sqrt(tokens_per_step / SWEEP_TOKENS_PER_STEP), BATCH_LR_CAP)
     return min(max(LR_PER_WIDTH / model_cfg.hidden * batch, LR_MIN), LR_MAX)
+
+
+def muon_learning_rate(model_cfg: ModelConfig) -> float:
+    """The rule's peak rate for the Muon-updated matrices of a model of this width."""
+    return min(max(MUON_LR_PER_SQRT_WIDTH / math.sqrt(model_cfg.hidden), MUON_LR_MIN), MUON_LR_MAX)
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -143,10 +156,15 @@ def recipe_for_geometry(model_cfg: ModelConfig, seq_len: int, batch_size: int, g
                       if tokens_per_step != SWEEP_TOKENS_PER_STEP else "")
                    + f", within [{LR_MIN:g}, {LR_MAX:g}] (docs/RECIPES.md)")
     warm = warmup_steps(total_steps)
+    muon_warm, muon_lr = min(MUON_WARMUP, warm), muon_learning_rate(model_cfg)
     reasons.append(f"{warm} warmup steps ({WARMUP_FRACTION:.0%} of {total_steps:,}, at most {WARMUP_MAX}), then "
                    f"cosine to {MIN_LR_RATIO:g} x the peak; AdamW betas ({BETA1}, {BETA2}), weight decay {WEIGHT_DECAY}")
+    reasons.append(f"Muon for the blocks' matrices: peak {muon_lr:.3g} ({MUON_LR_PER_SQRT_WIDTH} / sqrt(hidden "
+                   f"{model_cfg.hidden}), within [{MUON_LR_MIN:g}, {MUON_LR_MAX:g}]) after {muon_warm} warmup steps, the "
+                   "same cosine; AdamW at the rate above for the embedding, head and norms")
     return Recipe(learning_rate=lr, warmup_steps=warm, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
-                  weight_decay=WEIGHT_DECAY, beta1=BETA1, beta2=BETA2, batch_size=batch_size,
+                  weight_decay=WEIGHT_DECAY, beta1=BETA1, beta2=BETA2, optimizer=OPTIMIZER,
+                  muon_learning_rate=muon_lr, muon_warmup_steps=muon_warm, batch_size=batch_size,
                   gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs, total_steps=total_steps,
                   reasons=reasons)
 

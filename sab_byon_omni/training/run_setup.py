@@ -21,7 +21,7 @@ from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
-from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.estimate import fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
@@ -32,7 +32,7 @@ from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
 from sab_byon_omni.training.console import data_summary
 from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
-from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
+from sab_byon_omni.training.optim import make_optimizer, set_lr
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
 
@@ -81,6 +81,9 @@ class RunSetup:
             raise SabError("train.parallel=fsdp with precision fp16 needs a sharded gradient scaler, which is not "
                            "supported; use --precision bf16 on GPUs that have it (A100, H100, L4...), or --parallel "
                            "ddp with fp16 on older ones (T4, V100)")
+        if self.fsdp and t.optimizer == "muon":
+            raise SabError("train.optimizer=muon with train.parallel=fsdp is not supported (Muon orthogonalises whole "
+                           "matrices, FSDP holds shards of them); use --parallel ddp, or --optimizer adamw")
         self.memory = plan_memory(self.raw, self.train_data, cfg, self.device, self.precision.name, self.info)
         self.cfg = self.memory.cfg
 
@@ -177,6 +180,12 @@ class RunSetup:
         if any(mine.get(k) != theirs.get(k) for k in ARCH_KEYS):
             raise SabError(f"{path}: its model ({', '.join(f'{k}={theirs.get(k)}' for k in ARCH_KEYS)}) differs from "
                            f"this run's; resume with the run's own settings: --config {path.parent / CONFIG_FILE}")
+        saved = ck["config"].get("train", {})
+        theirs_opt = saved.get("optimizer", "adamw") if isinstance(saved, dict) else "adamw"
+        if theirs_opt != self.cfg.train.optimizer:
+            raise SabError(f"{path}: it was trained with optimizer {bounded(theirs_opt)}, this run asks for "
+                           f"{self.cfg.train.optimizer}; resume with --optimizer {bounded(theirs_opt)}, or start a new run "
+                           f"from its weights with --init_from {path}")
         spec = ck.get("tokenizer")
         if isinstance(spec, dict) and not spec_equal(spec, self.tokenizer.to_spec()):
             raise SabError(f"{path}: its tokenizer ({spec.get('name')}) differs from this run's ({self.tokenizer.name}); "
@@ -192,7 +201,7 @@ class RunSetup:
 
     def _sync_schedule(self) -> None:
         self.raw.fragmergent.set_step(self.state.global_step)
-        set_lr(self.optimizer, lr_at(self.state.global_step, self.cfg.train, self.total_steps))
+        set_lr(self.optimizer, self.state.global_step, self.cfg.train, self.total_steps)
 
     # ------------------------------------------------------------------------------- the folder
     def _open_folder(self) -> None:

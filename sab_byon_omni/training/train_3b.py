@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-                 "batch_size", "gradient_accumulation_steps", "epochs")  # what the from-scratch recipe sets
+                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
+                 "epochs")  # what the from-scratch recipe sets
 GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
 
@@ -96,10 +97,15 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
                                 [] if geometry_given else reasons)
     final = dataclasses.replace(final, gradient_accumulation_steps=accum)  # what each process accumulates
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
+    reasons = final.reasons
+    if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
+        changes["train.optimizer"] = "adamw"
+        reasons = [r for r in reasons if not r.startswith("Muon")] + [
+            "AdamW for every parameter at your learning_rate (--optimizer muon: Muon for the blocks' matrices)"]
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
                         + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    lines += [("", reason) for reason in final.reasons]
+    lines += [("", reason) for reason in reasons]
     return replace(cfg, **changes), lines
 
 

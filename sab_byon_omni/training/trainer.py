@@ -347,7 +347,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         next_step = st.global_step + 1
-        set_lr(self.optimizer, lr_at(next_step, t, self.total_steps))
+        set_lr(self.optimizer, next_step, t, self.total_steps)
         self.raw.fragmergent.set_step(next_step)
         return norm_value
 

@@ -95,3 +95,22 @@ def test_checkpoint_saved_from_the_device_loads_on_a_machine_without_cuda(dev, s
     ck = torch.load(path, weights_only=True)
     state = ck["optimizer_state_dict"]["state"]
     assert state and all(t.device.type == "cpu" for s in state.values() for t in s.values() if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_muon_trains_in_mixed_precision_and_skips_a_non_finite_step(dev, sizes, tmp_path, precision):
+    """``optimizer: muon`` (Newton-Schulz in bf16 on CUDA) learns under autocast, and with fp16 the
+    GradScaler's skipped step leaves Muon's matrices and momentum untouched."""
+    trainer = make_trainer(tmp_path / precision, dev, sizes, precision, optimizer="muon", muon_learning_rate=0.05)
+    if precision == "fp16":
+        trainer.scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**12)
+    losses = train_losses(trainer, STEPS)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.3, losses
+    if precision == "fp16":
+        batches = trainer.epoch_batches(0, start=trainer.state.cursor)
+        trainer.forward_backward([next(batches)])
+        param = trainer.raw.blocks[0].attn.qkv.weight
+        before, buf = param.detach().clone(), trainer.optimizer.state[param]["momentum_buffer"].clone()
+        param.grad[0, 0] = math.inf
+        assert not math.isfinite(trainer.optimizer_step())
+        assert torch.equal(param.detach(), before) and torch.equal(trainer.optimizer.state[param]["momentum_buffer"], buf)
