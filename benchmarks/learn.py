@@ -432,11 +432,11 @@ def report(rows: list[dict], plot: str | None) -> str:
     sweep = [r for r in rows if r["tag"] != "benchmark"]
     for corpus in sorted({r["corpus"] for r in sweep}):
         lines += sweep_table(sweep, corpus)
-    lines += muon_table(sweep)
+    lines += muon_table(rows)  # the benchmark's own rows are points of it too
     lines += ablation_table(sweep)
     if plot and sweep:
-        draw([r for r in sweep if r["seed"] == DEFAULT_SEED and (reference_gpt2(r) or on_rule_schedule(r) or muon_rule(r))],
-             plot)
+        draw([r for r in sweep if r["seed"] == DEFAULT_SEED and (reference_gpt2(r) or on_rule_schedule(r))]
+             + [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r)], plot)
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py compile_block # torch.compile of each block only, compile time apart
     python benchmarks/levers.py bf16          # native bf16? then bf16 autocast vs fp32
     python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
+    python benchmarks/levers.py muon          # the step with AdamW vs Muon + AdamW, preset small, 16 x 128
 
 Each prints the median seconds per call of each variant and the ratio to the first. ``--threads N``
 sets torch's threads; ``--clock cpu`` times by the process's CPU time (robust to other processes'
@@ -312,7 +313,7 @@ def bench_attention(reps: int) -> None:
 
 
 OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention")
-STEPS = ("memory_saving", "regroup", "compile_block", "bf16", "profile")
+STEPS = ("memory_saving", "regroup", "compile_block", "bf16", "profile", "muon")
 
 
 def main() -> None:
@@ -322,8 +323,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=tuple(CLOCK), default="wall")
-    p.add_argument("--batch", type=int, default=None, help="step levers: rows (default 4)")
-    p.add_argument("--seq", type=int, default=None, help="step levers: tokens per row (default 1024)")
+    p.add_argument("--batch", type=int, default=None, help="step levers: rows (default 4; muon: 16)")
+    p.add_argument("--seq", type=int, default=None, help="step levers: tokens per row (default 1024; muon: 128)")
     args = p.parse_args()
     clock = CLOCK[args.clock]
     if args.threads:

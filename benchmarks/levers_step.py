@@ -26,9 +26,10 @@ from sab_byon_omni.machine import cpu_flags_summary, cpu_has_native_bf16, measur
 Interleave = Callable[[dict[str, Callable[[], object]], int], dict[str, float]]
 
 
-def ours_step(batch: int, seq: int, precision: str = "fp32", saving: bool = False) -> OursStep:
-    opts = BenchOptions.for_preset("lightweight", seq_len=seq, batch_size=batch, precision=precision)
-    step = OursStep(replace(opts.run, checkpoint_dir=tempfile.mkdtemp(prefix="sab_lever_")),
+def ours_step(batch: int, seq: int, precision: str = "fp32", saving: bool = False, preset: str = "lightweight",
+              **train: object) -> OursStep:
+    opts = BenchOptions.for_preset(preset, seq_len=seq, batch_size=batch, precision=precision)
+    step = OursStep(replace(opts.run, checkpoint_dir=tempfile.mkdtemp(prefix="sab_lever_"), **train),
                     random_batch(batch, seq, 96, 0))
     step.model.set_memory_saving(saving)
     return step
@@ -37,6 +38,15 @@ def ours_step(batch: int, seq: int, precision: str = "fp32", saving: bool = Fals
 def bench_memory_saving(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024) -> None:
     """The Trainer's step with memory saving off (the plan's choice when the run fits) and on."""
     steps = {"memory saving off": ours_step(batch, seq), "memory saving on": ours_step(batch, seq, saving=True)}
+    interleave(steps, reps)
+
+
+def bench_muon(interleave: Interleave, reps: int, batch: int = 16, seq: int = 128) -> None:
+    """The Trainer's whole step with AdamW and with Muon for the blocks' matrices, preset small
+    (the learning benchmark's model and, by default, its 16 x 128-token step). Muon's Newton-Schulz
+    work per matrix does not grow with the batch: try ``--batch 16 --seq 1024`` too."""
+    steps = {f"AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small"),
+             f"Muon + AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small", optimizer="muon")}
     interleave(steps, reps)
 
 
