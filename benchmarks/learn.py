@@ -11,7 +11,7 @@ our Trainer's own ``epoch_batches(0)``. Validation bits per byte = summed loss i
 (ln 2 x bytes) over the same held-out windows for both, where the bytes are the byte-valued targets
 (an ``<EOS>`` target costs loss but adds no byte, as in ``sab-omni eval``).
 
-* Ours: ``SABTranscendentV2`` + ``Trainer`` with the rule of ``sab_byon_omni.training.recipe``
+* Ours: ``SABTranscendentV2`` + ``Trainer`` with the rule (Muon + AdamW) of ``sab_byon_omni.training.recipe``
   for this geometry (``recipe_for_geometry``) unless ``--lr``/``--warmup``/... say otherwise.
 * GPT-2: ``GPT2LMHeadModel`` from a local ``GPT2Config`` of the same width, heads, depth, FFN,
   vocabulary and context (learned positions, biases, dropout 0), trained like nanoGPT's
