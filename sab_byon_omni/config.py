@@ -210,8 +210,8 @@ class TrainConfig:
             raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         for name, choices in (("lr_schedule", SCHEDULES), ("parallel", PARALLEL), ("precision", PRECISIONS),
                               ("memory_saving", MEMORY_SAVING), ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in choices:
-                raise SabError(f"train.{name}={bounded(getattr(self, name))} is not one of: {', '.join(choices)}")
+            if (v := getattr(self, name)) not in choices:
+                raise SabError(f"train.{name}={bounded(v)} is not one of: {', '.join(choices)}{did_you_mean(str(v).lower(), choices)}")
         if not self.checkpoint_dir:
             raise SabError("train.checkpoint_dir is empty")
         for name in (n.strip() for n in self.report_to.split(",")):

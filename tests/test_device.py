@@ -77,11 +77,12 @@ def test_fsdp_with_fp16_is_refused_with_what_to_use_instead(monkeypatch):
         RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
 
 
-def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch):
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch, world):
     from sab_byon_omni.training import distributed as D
     from sab_byon_omni.training.run_setup import RunSetup
 
-    monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=2, rank=0))
+    monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=world, rank=0))
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "optimizer": "muon", "device": "cpu"})
     with pytest.raises(SabError, match="optimizer=muon with train.parallel=fsdp .* --parallel ddp, or --optimizer adamw"):
         RunSetup(torch.nn.Linear(1, 1), None, [], cfg)

@@ -85,7 +85,7 @@ def test_recipe_is_a_valid_config_and_explains_itself() -> None:
     assert (t.beta1, t.beta2) == (R.BETA1, R.BETA2) == (0.8, 0.95)
     assert t.batch_size * t.gradient_accumulation_steps * 128 * rec.total_steps >= 2_616_741 * 0.9 / t.epochs
     assert rec.warmup_steps == R.warmup_steps(rec.total_steps)
-    assert len(rec.reasons) >= 3 and any("learning rate" in r for r in rec.reasons)
+    assert len(rec.reasons) >= 3 and any("Muon for the blocks" in r and "AdamW for the embedding" in r for r in rec.reasons)
 
 
 def test_recipe_for_a_given_geometry_keeps_it() -> None:
@@ -107,6 +107,7 @@ def test_slow_rates_are_named() -> None:
 def test_too_few_steps() -> None:
     assert R.too_few_steps(9) is not None and "9" in R.too_few_steps(9)
     assert R.too_few_steps(R.MIN_STEPS) is None
+    assert "raise --max_steps" in R.too_few_steps(9, capped=True) and "smaller batch" in R.too_few_steps(9)
 
 
 def test_recipe_module_is_pure() -> None:

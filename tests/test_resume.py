@@ -182,13 +182,15 @@ def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     rc, _, err = _run(run, muon, SAB_KILL_AT_STEP="6")
     assert rc == -signal.SIGKILL, err
     rc, out, err = _run(run, ["--optimizer", "adamw"])  # the wrong optimizer: refused, nothing touched
-    assert rc == 2 and "trained with optimizer 'muon'" in err and "--optimizer 'muon'" in err, err
+    assert rc == 2 and "trained with optimizer 'muon'" in err and "resume with --optimizer muon" in err, err
     assert _ckpt_dir_files(run) == ["metrics.jsonl", "step_4.pt"]
     rc, _, err = _run(run, muon)
     assert rc == 0, err
     rc, _, err = _finish(reference)
     assert rc == 0, err
     _assert_identical_runs(ref, run)
+    rows = [r for r in _metrics(run) if "lr" in r]
+    assert all(r["muon_lr"] > r["lr"] for r in rows[1:])  # Muon's own rate, beside AdamW's
 
 
 @pytest.mark.slow

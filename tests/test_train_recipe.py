@@ -58,11 +58,20 @@ def test_every_flag_given_wins_over_the_rule(notes):
     assert t["optimizer"] == "adamw"  # a rate you give means AdamW's rate for every parameter, as it always did
 
 
-def test_muon_with_your_own_rates(notes):
+def test_muon_with_your_own_rates(notes, capsys):
     assert main(["train", "--data", str(notes), *SHORT, "--learning_rate", "1e-3", "--optimizer", "muon",
                  "--muon_learning_rate", "0.05", "--checkpoint_dir", "runs/m"]) == 0
     t = run_config("runs/m")
     assert (t["optimizer"], t["learning_rate"], t["muon_learning_rate"]) == ("muon", 1e-3, 0.05)
+    err = capsys.readouterr().err  # the banner says what is in force, and whose choice it is
+    assert "Muon for the blocks' matrices: peak 0.05 (yours)" in err and "head and norms: peak 0.001 (yours)" in err
+    assert "Muon peak lr 0.05 for the blocks' matrices" in err and "AdamW peak lr 0.001 for the rest" in err
+
+
+def test_the_banner_names_adamw_when_you_choose_it(notes, capsys):
+    assert main(["train", "--data", str(notes), *SHORT, "--optimizer", "adamw", "--checkpoint_dir", "runs/w"]) == 0
+    err = capsys.readouterr().err
+    assert "AdamW for every parameter (yours)" in err and "Muon" not in err
 
 
 def test_a_config_file_is_taken_as_written(notes):

@@ -4,7 +4,7 @@ the run reports to), reconciled with the checkpoint a run starts from.
 Rows (each also carries ``time``, seconds since the epoch):
 
 * :class:`StepRow`  every ``train.log_interval`` steps: step, epoch, loss, lr, grad_norm,
-  tokens_per_s, memory_mb, skipped;
+  tokens_per_s, memory_mb, skipped (and muon_lr with ``optimizer: muon``; lr is AdamW's);
 * :class:`EvalRow`  every ``train.eval_interval`` steps: step, epoch, val_loss;
 * :class:`EpochRow` at each epoch's end: step, epoch, train_loss, val_loss.
 """
@@ -38,6 +38,7 @@ class StepRow:
     tokens_per_s: float
     memory_mb: float
     skipped: int
+    muon_lr: float | None = None  # the Muon groups' rate (optimizer muon; not written otherwise)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class MetricsLog:
         if not self.enabled:
             return
         data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON: no NaN
-                for k, v in dataclasses.asdict(row).items()}
+                for k, v in dataclasses.asdict(row).items() if v is not None}  # None: a field this run lacks
         data["time"] = time.time()
         try:
             with self.path.open("a", encoding="utf-8") as f:

@@ -35,11 +35,12 @@ sweep's training loss was still falling fast: the 20-step means went 3.96, 2.76,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.config import ModelConfig, TrainConfig
 from sab_byon_omni.errors import SabError
 
 SWEEP_TOKENS_PER_STEP = 16 * 128  # the sweep's batch geometry: the rule is exact there
@@ -148,25 +149,41 @@ def from_scratch_recipe(model_cfg: ModelConfig, corpus_tokens: int, seq_len: int
 def recipe_for_geometry(model_cfg: ModelConfig, seq_len: int, batch_size: int, gradient_accumulation_steps: int,
                         epochs: int, total_steps: int, reasons: list[str] | None = None) -> Recipe:
     """The rule's optimiser settings for a batch geometry chosen elsewhere (by the user or a benchmark)."""
-    reasons = list(reasons or [])
     tokens_per_step = batch_size * gradient_accumulation_steps * seq_len
-    lr = peak_learning_rate(model_cfg, tokens_per_step)
-    reasons.append(f"peak learning rate {lr:.3g}: {LR_PER_WIDTH} / hidden {model_cfg.hidden}"
-                   + (f" x sqrt({tokens_per_step:,} / {SWEEP_TOKENS_PER_STEP:,} tokens per step)"
-                      if tokens_per_step != SWEEP_TOKENS_PER_STEP else "")
-                   + f", within [{LR_MIN:g}, {LR_MAX:g}] (docs/RECIPES.md)")
-    warm = warmup_steps(total_steps)
-    muon_warm, muon_lr = min(MUON_WARMUP, warm), muon_learning_rate(model_cfg)
-    reasons.append(f"{warm} warmup steps ({WARMUP_FRACTION:.0%} of {total_steps:,}, at most {WARMUP_MAX}), then "
-                   f"cosine to {MIN_LR_RATIO:g} x the peak; AdamW betas ({BETA1}, {BETA2}), weight decay {WEIGHT_DECAY}")
-    reasons.append(f"Muon for the blocks' matrices: peak {muon_lr:.3g} ({MUON_LR_PER_SQRT_WIDTH} / sqrt(hidden "
-                   f"{model_cfg.hidden}), within [{MUON_LR_MIN:g}, {MUON_LR_MAX:g}]) after {muon_warm} warmup steps, the "
-                   "same cosine; AdamW at the rate above for the embedding, head and norms")
-    return Recipe(learning_rate=lr, warmup_steps=warm, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
-                  weight_decay=WEIGHT_DECAY, beta1=BETA1, beta2=BETA2, optimizer=OPTIMIZER,
-                  muon_learning_rate=muon_lr, muon_warmup_steps=muon_warm, batch_size=batch_size,
-                  gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs, total_steps=total_steps,
-                  reasons=reasons)
+    lr, warm = peak_learning_rate(model_cfg, tokens_per_step), warmup_steps(total_steps)
+    recipe = Recipe(learning_rate=lr, warmup_steps=warm, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
+                    weight_decay=WEIGHT_DECAY, beta1=BETA1, beta2=BETA2, optimizer=OPTIMIZER,
+                    muon_learning_rate=muon_learning_rate(model_cfg), muon_warmup_steps=min(MUON_WARMUP, warm),
+                    batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs,
+                    total_steps=total_steps)
+    train = TrainConfig(**{k.split(".", 1)[1]: v for k, v in recipe.train_overrides().items()})
+    return dataclasses.replace(recipe, reasons=list(reasons or []) + describe(train, model_cfg, tokens_per_step))
+
+
+def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, explicit: frozenset[str] = frozenset(),
+             ) -> list[str]:
+    """Banner lines for the optimiser settings of ``t``: each value, and whether it is yours (a field
+    in ``explicit``) or the rule's and why."""
+    def why(field: str, rule: str) -> str:
+        return "yours" if field in explicit else rule
+
+    batch = f" x sqrt({tokens_per_step:,} / {SWEEP_TOKENS_PER_STEP:,} tokens per step)" \
+        if tokens_per_step != SWEEP_TOKENS_PER_STEP else ""
+    lr = f"peak {t.learning_rate:.3g} ({why('learning_rate', f'{LR_PER_WIDTH} / hidden {model_cfg.hidden}{batch}, within [{LR_MIN:g}, {LR_MAX:g}]')})"
+    if t.optimizer == "muon":
+        muon = why("muon_learning_rate", f"{MUON_LR_PER_SQRT_WIDTH} / sqrt(hidden {model_cfg.hidden}), within "
+                                         f"[{MUON_LR_MIN:g}, {MUON_LR_MAX:g}]")
+        first = (f"Muon for the blocks' matrices: peak {t.muon_learning_rate:.3g} ({muon}), "
+                 f"{t.muon_warmup_steps} warmup steps ({why('muon_warmup_steps', f'{MUON_WARMUP}, at most the AdamW warmup')}); "
+                 f"AdamW for the embedding, head and norms: {lr}")
+    else:
+        first = f"AdamW for every parameter{' (yours)' if 'optimizer' in explicit else ''}: {lr}" + (
+            "" if "optimizer" in explicit else "; a learning_rate you give is AdamW's, for every parameter "
+                                               "(--optimizer muon puts Muon back on the blocks' matrices)")
+    schedule = "constant" if t.lr_schedule == "constant" else f"cosine to {t.min_lr_ratio:g} x the peak"
+    return [first, f"{t.warmup_steps} warmup steps "
+                   f"({why('warmup_steps', f'{WARMUP_FRACTION:.0%} of the run, at most {WARMUP_MAX}')}), then "
+                   f"{schedule}; AdamW betas ({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"]
 
 
 def learns_slowly(lr: float, model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> str | None:
@@ -179,9 +196,11 @@ def learns_slowly(lr: float, model_cfg: ModelConfig, tokens_per_step: int = SWEE
     return None
 
 
-def too_few_steps(total_steps: int) -> str | None:
-    """A one-line warning when a from-scratch run plans fewer than ``MIN_STEPS`` optimizer steps."""
+def too_few_steps(total_steps: int, capped: bool = False) -> str | None:
+    """A one-line warning when a from-scratch run plans fewer than ``MIN_STEPS`` optimizer steps
+    (``capped``: because ``max_steps`` stops it there)."""
     if total_steps < MIN_STEPS:
         return (f"only {total_steps} optimizer step(s) planned: a model trained from scratch needs at least "
-                f"~{MIN_STEPS} to learn more than byte frequencies; use a smaller batch or more epochs")
+                f"~{MIN_STEPS} to learn more than byte frequencies; "
+                + ("raise --max_steps" if capped else "use a smaller batch or more epochs"))
     return None

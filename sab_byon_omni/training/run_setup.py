@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from sab_byon_omni.config import RunConfig
+from sab_byon_omni.config import OPTIMIZERS, RunConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
@@ -81,7 +81,7 @@ class RunSetup:
             raise SabError("train.parallel=fsdp with precision fp16 needs a sharded gradient scaler, which is not "
                            "supported; use --precision bf16 on GPUs that have it (A100, H100, L4...), or --parallel "
                            "ddp with fp16 on older ones (T4, V100)")
-        if self.fsdp and t.optimizer == "muon":
+        if t.parallel == "fsdp" and t.optimizer == "muon":
             raise SabError("train.optimizer=muon with train.parallel=fsdp is not supported (Muon orthogonalises whole "
                            "matrices, FSDP holds shards of them); use --parallel ddp, or --optimizer adamw")
         self.memory = plan_memory(self.raw, self.train_data, cfg, self.device, self.precision.name, self.info)
@@ -103,8 +103,9 @@ class RunSetup:
         if self.resume_from is not None or t.init_from:
             return []
         tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
-        return [w for w in (learns_slowly(t.learning_rate, self.cfg.model, tokens), too_few_steps(self.total_steps))
-                if w]
+        capped = bool(t.max_steps) and t.max_steps == self.total_steps
+        return [w for w in (learns_slowly(t.learning_rate, self.cfg.model, tokens),
+                            too_few_steps(self.total_steps, capped)) if w]
 
     def _build(self) -> None:
         t = self.cfg.train
@@ -183,9 +184,10 @@ class RunSetup:
         saved = ck["config"].get("train", {})
         theirs_opt = saved.get("optimizer", "adamw") if isinstance(saved, dict) else "adamw"
         if theirs_opt != self.cfg.train.optimizer:
+            again = f"resume with --optimizer {theirs_opt}, or " if theirs_opt in OPTIMIZERS else ""
             raise SabError(f"{path}: it was trained with optimizer {bounded(theirs_opt)}, this run asks for "
-                           f"{self.cfg.train.optimizer}; resume with --optimizer {bounded(theirs_opt)}, or start a new run "
-                           f"from its weights with --init_from {path}")
+                           f"{bounded(self.cfg.train.optimizer)}; {again}start a new run from its weights with "
+                           f"--init_from {path}")
         spec = ck.get("tokenizer")
         if isinstance(spec, dict) and not spec_equal(spec, self.tokenizer.to_spec()):
             raise SabError(f"{path}: its tokenizer ({spec.get('name')}) differs from this run's ({self.tokenizer.name}); "
@@ -282,8 +284,10 @@ class RunSetup:
             ("steps", f"{self.steps_per_epoch:,} per epoch x {t.epochs} epoch(s)"
                       + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
                       + f": {self.total_steps:,} optimizer steps"),
-            ("schedule", f"AdamW peak lr {t.learning_rate:g}, {t.lr_schedule}"
-                         + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "")
+            ("schedule", (f"Muon peak lr {t.muon_learning_rate:g} for the blocks' matrices after "
+                          f"{t.muon_warmup_steps} warmup steps, " if t.optimizer == "muon" else "")
+                         + f"AdamW peak lr {t.learning_rate:g}" + (" for the rest" if t.optimizer == "muon" else "")
+                         + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
             ("memory", self.memory.describe()),
             *notes,

@@ -18,7 +18,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.distributed import launched_by_torchrun
 from sab_byon_omni.training.optim import make_optimizer
-from sab_byon_omni.training.recipe import batch_geometry, recipe_for_geometry
+from sab_byon_omni.training.recipe import batch_geometry, describe, recipe_for_geometry
 from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
@@ -93,20 +93,18 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
     per_epoch = math.ceil(micro_steps_per_epoch(windows, batch, world) / accum)  # as the trainer counts
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
-    final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total,  # the rate sees all processes
-                                [] if geometry_given else reasons)
+    final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
     final = dataclasses.replace(final, gradient_accumulation_steps=accum)  # what each process accumulates
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
-    reasons = final.reasons
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
-        reasons = [r for r in reasons if not r.startswith("Muon")] + [
-            "AdamW for every parameter at your learning_rate (--optimizer muon: Muon for the blocks' matrices)"]
+    out = replace(cfg, **changes)
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
                         + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    lines += [("", reason) for reason in reasons]
-    return replace(cfg, **changes), lines
+    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit))
+    lines += [("", reason) for reason in ([] if geometry_given else reasons) + described]
+    return out, lines
 
 
 def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,

@@ -244,7 +244,9 @@ class Trainer:
         lr = lr_at(st.global_step - 1, t, self.total_steps)
         self.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr,
                                    grad_norm=self._last_norm, tokens_per_s=tps,
-                                   memory_mb=self.run.peak_memory_mb(), skipped=st.skipped_steps))
+                                   memory_mb=self.run.peak_memory_mb(), skipped=st.skipped_steps,
+                                   muon_lr=lr_at(st.global_step - 1, t, self.total_steps, muon=True)
+                                   if t.optimizer == "muon" else None))
         if self.info.is_main:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
             log.info("%s", console.step_line(st.global_step, self.total_steps, st.epoch + 1, t.epochs, loss, lr, tps,
