@@ -416,11 +416,12 @@ def muon_table(rows: list[dict]) -> list[str]:
 def ablation_table(rows: list[dict]) -> list[str]:
     """Every run off the rule's schedule (ours) or off nanoGPT's (GPT-2): what changed, what it gave."""
     off = [r for r in rows if not (on_rule_schedule(r) or reference_gpt2(r) or muon_rule(r)) or r["seed"] != DEFAULT_SEED]
-    lines = ["| corpus | preset | model | optimizer | lr | warmup | schedule | min lr | beta1 | beta2 | wd | clip | seed | bpb |",
-             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| corpus | preset | model | optimizer | steps | lr | warmup | schedule | min lr | beta1 | beta2 | wd | clip | seed "
+             "| bpb |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(off, key=lambda r: (r["corpus"], _size(rows, r["preset"]), r["model"], r["lr"], r["warmup"])):
         opt = "AdamW" if r["optimizer"] == "adamw" else f"Muon {r['muon_lr']:g}, {r['muon_warmup']}"
-        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {opt} | {r['lr']:.3g} | {r['warmup']} | {r['schedule']} | "
+        lines.append(f"| {r['corpus']} | {r['preset']} | {r['model']} | {opt} | {r['steps']} | {r['lr']:.3g} | {r['warmup']} | "
+                     f"{r['schedule']} | "
                      f"{r['min_lr_ratio']:g} | {r['beta1']:g} | {r['beta2']:g} | {r['weight_decay']:g} | {r['clip']:g} | "
                      f"{r['seed']} | {_bpb(r):.3f} |")
     return lines + [""] if off else []
