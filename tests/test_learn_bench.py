@@ -1,0 +1,39 @@
+"""The learning benchmark (benchmarks/learn.py) end to end on a tiny budget: both models train on
+the same windows, our side uses the rule (Muon + AdamW), and the report reads its own rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.training import recipe as R
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_three_steps_of_both_models_then_the_report(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--corpus", "stdlib", "--preset", "tiny",
+                          "--steps", "3", "--val-windows", "8", "--results", str(results), "--cache", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, gpt2 = (json.loads(line) for line in results.read_text().splitlines())
+    assert (ours["model"], gpt2["model"]) == ("ours", "gpt2") and ours["steps"] == gpt2["steps"] == 3
+    assert ours["optimizer"] == "muon" and ours["muon_lr"] == pytest.approx(R.muon_learning_rate(ModelConfig(preset="tiny")))
+    assert gpt2["optimizer"] == "adamw" and gpt2["muon_lr"] is None
+    assert ours["val"]["bytes"] == gpt2["val"]["bytes"] > 0  # scored on the very same windows
+    for row in (ours, gpt2):  # 3 steps from a uniform guess over 258 ids: log2(258) = 8.0 bits per token
+        assert 0 < row["val"]["bits_per_byte"] < 9
+    assert "| stdlib | tiny |" in run.stdout and "ours / GPT-2" in run.stdout
+
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--report", str(results)],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert ours["muon_warmup"] == min(R.MUON_WARMUP, R.warmup_steps(3)) == 1
+    assert f"Muon {ours['muon_lr']:g}, 1 |" in report.stdout  # the table names the rule's Muon rate and warmup
