@@ -197,8 +197,8 @@ class TrainConfig:
                 raise SabError(f"train.{name}={getattr(self, name)} must not be negative")
         for name in ("learning_rate", "muon_learning_rate"):
             _finite(f"train.{name}", getattr(self, name))
-            if getattr(self, name) <= 0:
-                raise SabError(f"train.{name}={getattr(self, name)} must be positive")
+            if not 0 < getattr(self, name) <= 10:  # above 10 no model trains; fp32 overflows near 3.4e38
+                raise SabError(f"train.{name}={getattr(self, name)} must be positive and at most 10")
         for name in ("weight_decay", "max_grad_norm"):
             _finite(f"train.{name}", getattr(self, name))
             if getattr(self, name) < 0:

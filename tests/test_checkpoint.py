@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,35 @@ def test_the_guides_snippet_works_with_a_muon_run(tmp_path):
     assert ("momentum_buffer",) in kinds and ("exp_avg", "exp_avg_sq", "step") in kinds
     with pytest.raises(ValueError, match="parameter group"):  # the AdamW-only optimizer does not fit it
         make_optimizer(model).load_state_dict(checkpoint["optimizer_state_dict"])
+
+
+def test_a_resume_from_a_hostile_optimizer_state_is_one_line_and_exit_2(in_tmp, capsys):
+    """An Adam moment of the wrong size (which would crash fused AdamW) in a correctly checksummed
+    checkpoint: refused at load with the file named, nothing written or lost."""
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+    from tests.helpers import tiny_run
+
+    args = ["train", *tiny_run(max_steps=2, save_every=2, optimizer="muon"), "--checkpoint_dir", "ck"]
+    assert main(args) == 0
+    ck = load_checkpoint("ck/step_2.pt")
+    for key in ("format", "checksum"):
+        ck.pop(key)
+    state = next(s for s in ck["optimizer_state_dict"]["state"].values() if "exp_avg" in s)
+    state["exp_avg"] = torch.zeros(5)
+    save_checkpoint(ck, "ck/step_2.pt")
+    before = sorted(p.name for p in Path("ck").iterdir())
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "4", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "step_2.pt: cannot resume from it" in err and "exp_avg (5,) does not fit" in err and "Traceback" not in err
+    assert sorted(p.name for p in Path("ck").iterdir()) == before
+
+
+@pytest.mark.parametrize("value", ["1e308", "11"])
+def test_a_muon_rate_beyond_reason_is_refused(in_tmp, capsys, value):
+    from sab_byon_omni.cli import main
+    from tests.helpers import tiny_run
+
+    assert main(["train", *tiny_run(optimizer="muon", muon_learning_rate=value), "--checkpoint_dir", "x"]) == 2
+    assert "train.muon_learning_rate" in capsys.readouterr().err and not Path("x").exists()

@@ -183,3 +183,69 @@ def test_muon_learns_a_small_model_faster_than_adamw_at_the_same_budget():
         with torch.no_grad():
             losses[kind] = float(sum(_loss(model, s) for s in range(4))) / 4
     assert losses["muon"] < losses["adamw"], losses
+
+
+def _saved_state(kind: str) -> tuple[CausalTransformer, dict]:
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer=kind, learning_rate=1e-2))
+    _train(model, opt, range(2))
+    return model, copy.deepcopy(opt.state_dict())
+
+
+def _load(model: CausalTransformer, kind: str, saved: dict) -> torch.optim.Optimizer:
+    from sab_byon_omni.training.optim import check_loaded_state
+
+    opt = make_optimizer(model, TrainConfig(optimizer=kind, learning_rate=1e-2))
+    built = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    check_loaded_state(opt, built)
+    return opt
+
+
+def _first(saved: dict, key: str) -> dict:
+    return next(s for s in saved["state"].values() if key in s)
+
+
+@pytest.mark.parametrize("kind, damage, message", [
+    ("adamw", lambda s: _first(s, "exp_avg").update(exp_avg=torch.zeros(1)), r"exp_avg \(1,\) does not fit"),
+    ("muon", lambda s: _first(s, "exp_avg_sq").update(exp_avg_sq=torch.zeros(3, 3)), "exp_avg_sq"),
+    ("muon", lambda s: _first(s, "momentum_buffer").update(momentum_buffer=torch.zeros(3, 3)), "momentum_buffer"),
+    ("muon", lambda s: _first(s, "momentum_buffer").update(momentum_buffer=1.5), "momentum_buffer float"),
+    ("muon", lambda s: _first(s, "momentum_buffer").update(
+        momentum_buffer=torch.zeros(1).expand(*_first(s, "momentum_buffer")["momentum_buffer"].shape)), "momentum_buffer"),
+    ("muon", lambda s: _first(s, "momentum_buffer").update(exp_avg=torch.zeros(1)), "is not Muon's"),
+    ("adamw", lambda s: _first(s, "exp_avg").update(step=torch.tensor(float("nan"))), "step"),
+    ("muon", lambda s: s["state"].pop(next(iter(s["state"]))), "only"),
+])
+def test_a_damaged_optimizer_state_is_refused_before_any_step(kind, damage, message):
+    """A moment of the wrong size would make fused AdamW read and write out of bounds (a crash, or
+    silent garbage); every such file stops at load with a ValueError naming the state."""
+    model, saved = _saved_state(kind)
+    damage(saved)
+    with pytest.raises(ValueError, match=message):
+        _load(model, kind, saved)
+
+
+def test_the_codes_groups_win_over_a_files():
+    """Which groups are Muon, their split and momentum come from the code: a file cannot switch an
+    AdamW group to Muon, nor orthogonalise qkv whole."""
+    model, saved = _saved_state("adamw")
+    saved["param_groups"][0]["muon"] = True
+    opt = _load(model, "adamw", saved)
+    assert not any("muon" in g for g in opt.param_groups)
+    model, saved = _saved_state("muon")
+    for g in saved["param_groups"]:
+        g.pop("momentum", None)
+        if g.get("split") == 3:
+            g["split"] = 1
+    opt = _load(model, "muon", saved)
+    assert sorted(g.get("split", 0) for g in opt.param_groups) == [0, 0, 1, 3]
+    assert all(g["momentum"] == 0.95 for g in opt.param_groups if g["muon"])
+    _train(model, opt, range(2, 3))  # and it steps
+
+
+@pytest.mark.parametrize("split", [0, -3, 2.0, True, "3"])
+def test_a_split_that_is_not_a_positive_integer_is_refused(split):
+    with pytest.raises(ValueError, match="positive integer"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(6, 4))], "muon": True, "split": split}], lr=1e-3,
+                  betas=(0.9, 0.95))

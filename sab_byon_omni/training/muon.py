@@ -61,6 +61,8 @@ class MuonAdamW(torch.optim.AdamW):
             if g["muon"]:
                 g.setdefault("momentum", MOMENTUM)
                 g.setdefault("split", 1)
+                if not isinstance(g["split"], int) or isinstance(g["split"], bool) or g["split"] < 1:
+                    raise ValueError(f"Muon's split must be a positive integer, got {g['split']!r}")
                 bad = [tuple(p.shape) for p in g["params"] if p.dim() != 2 or p.shape[0] % g["split"]]
                 if bad:
                     raise ValueError(f"Muon updates 2-D matrices whose rows split into {g['split']}; got {bad[0]}")
@@ -84,12 +86,12 @@ class MuonAdamW(torch.optim.AdamW):
                 loss = closure()
         groups = self.param_groups
         try:  # AdamW's own step, over its groups only
-            self.param_groups = [g for g in groups if not g["muon"]]
+            self.param_groups = [g for g in groups if not g.get("muon")]
             super().step()
         finally:
             self.param_groups = groups
         for g in groups:
-            if g["muon"]:
+            if g.get("muon"):
                 self._muon_step(g)
         return loss
 

@@ -76,3 +76,50 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, t: TrainConfig, total_st
     """Every parameter group's rate for optimizer step ``step`` (Muon groups follow their own peak and warmup)."""
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, t, total_steps, muon=g.get("muon", False))
+
+
+def lr_names(t: TrainConfig) -> str:
+    """The setting(s) to lower when a run diverges, for messages."""
+    return "train.learning_rate or train.muon_learning_rate" if t.optimizer == "muon" else "train.learning_rate"
+
+
+ADAMW_STATE = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+MUON_STATE = frozenset({"momentum_buffer"})
+
+
+def check_loaded_state(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
+    """After ``optimizer.load_state_dict(saved)``: put back the group settings this run built
+    (``built``: its param groups' settings before loading; which groups are Muon, their split and
+    momentum are the code's, never a file's), and check every state tensor fits its parameter, so a
+    damaged or hostile file stops here with a ValueError instead of crashing or silently changing
+    the step (fused AdamW reads and writes out of bounds on a moment of the wrong size)."""
+    for group, mine in zip(optimizer.param_groups, built):
+        params = group["params"]
+        group.clear()
+        group.update({**{k: v for k, v in mine.items() if k != "params"}, "params": params})
+    with_state = 0
+    for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        state = optimizer.state.get(p, {})
+        if not state:
+            continue
+        with_state += 1
+        muon = any(g.get("muon") and any(q is p for q in g["params"]) for g in optimizer.param_groups)
+        want = MUON_STATE if muon else ADAMW_STATE
+        if not set(state) <= want or (muon and set(state) != MUON_STATE) or (not muon and not {"step", "exp_avg",
+                                                                                               "exp_avg_sq"} <= set(state)):
+            raise ValueError(f"parameter {i}: optimizer state {sorted(map(str, state))[:5]} is not "
+                             f"{'Muon' if muon else 'AdamW'}'s ({', '.join(sorted(want))})")
+        for key, value in state.items():
+            if key == "step":
+                ok = isinstance(value, torch.Tensor) and value.numel() == 1 and bool(torch.isfinite(value).all()) \
+                    and float(value) >= 0
+            else:
+                ok = isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape \
+                    and value.is_contiguous()
+            if not ok:
+                what = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"parameter {i}: optimizer state {key} {what} does not fit the parameter "
+                                 f"{tuple(p.shape)}")
+    total = sum(len(g["params"]) for g in optimizer.param_groups)
+    if 0 < with_state < total:
+        raise ValueError(f"optimizer state for only {with_state} of {total} parameters")

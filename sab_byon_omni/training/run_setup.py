@@ -32,7 +32,7 @@ from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
 from sab_byon_omni.training.console import data_summary
 from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
-from sab_byon_omni.training.optim import make_optimizer, set_lr
+from sab_byon_omni.training.optim import check_loaded_state, lr_names, make_optimizer, set_lr
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 from sab_byon_omni.training.state import TrainState, rank_rng, restore_rng
 
@@ -160,7 +160,11 @@ class RunSetup:
             else:
                 self.raw.load_state_dict(ck["model_state_dict"])
                 if "optimizer_state_dict" in ck:
+                    built = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
                     self.optimizer.load_state_dict(ck["optimizer_state_dict"])
+                    check_loaded_state(self.optimizer, built)
+                elif self.info.is_main:  # weights only (an export, a consolidated file): documented, but say so
+                    log.warning("%s holds no optimizer state: the optimizer starts fresh from its weights", path)
             if ck.get("scaler_state_dict"):
                 self.scaler.load_state_dict(ck["scaler_state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
@@ -250,7 +254,7 @@ class RunSetup:
             finite = D.all_reduce_sum([float(not finite)], self.info, self.device)[0] == 0
         if not finite:
             raise SabError(f"the weights are non-finite at step {self.state.global_step}: not saving {name} "
-                           "(earlier checkpoints are intact); lower train.learning_rate or use fp32")
+                           f"(earlier checkpoints are intact); lower {lr_names(self.cfg.train)} or use fp32")
 
     def peak_memory_mb(self) -> float:
         return peak_memory_mb(self.device)

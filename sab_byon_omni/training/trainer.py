@@ -39,7 +39,7 @@ from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
-from sab_byon_omni.training.optim import lr_at, set_lr
+from sab_byon_omni.training.optim import lr_at, lr_names, set_lr
 from sab_byon_omni.training.run_setup import RunSetup
 from sab_byon_omni.training.signals import StopRequest, signal_name
 from sab_byon_omni.training.state import capture_rng, restore_rng
@@ -260,12 +260,14 @@ class Trainer:
         st.train_losses.append(train_loss)
         st.val_losses.append(val_loss)
         st.epoch, st.cursor, st.epoch_loss_sum, st.epoch_tokens = st.epoch + 1, 0, 0.0, 0
-        path = self.save_checkpoint(f"epoch_{st.epoch}", loss=train_loss, val_loss=val_loss)
-        result.checkpoints.append(str(path))
+        # best_model.pt and the epoch's row before epoch_N.pt, the resume point: a run killed in between
+        # resumes before this epoch's end and writes all three again (else best_model.pt could be missing)
         if math.isfinite(val_loss) and val_loss < st.best_val_loss:
             st.best_val_loss = val_loss
             self.save_checkpoint("best_model", loss=train_loss, val_loss=val_loss)
         self.metrics.write(EpochRow(step=st.global_step, epoch=st.epoch, train_loss=train_loss, val_loss=val_loss))
+        path = self.save_checkpoint(f"epoch_{st.epoch}", loss=train_loss, val_loss=val_loss)
+        result.checkpoints.append(str(path))
         if self.info.is_main:
             log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", st.epoch, t.epochs, train_loss,
                      val_loss, path)
@@ -361,7 +363,7 @@ class Trainer:
         log.warning("non-finite gradient at step %d: skipped (%d in a row)", st.global_step + 1, st.skipped_in_a_row)
         if st.skipped_in_a_row >= t.max_nonfinite_steps and not fp16_calibrating:
             raise SabError(f"{st.skipped_in_a_row} optimizer steps in a row had non-finite gradients; "
-                           "stopping without saving them (lower train.learning_rate or use fp32/bf16)")
+                           f"stopping without saving them (lower {lr_names(t)} or use fp32/bf16)")
 
     def evaluate(self) -> float:
         """Mean validation loss per predicted token (``train.eval_batches`` batches, or all)."""
