@@ -193,6 +193,19 @@ def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     assert all(r["muon_lr"] > r["lr"] for r in rows[1:])  # Muon's own rate, beside AdamW's
 
 
+def test_a_kill_while_saving_best_model_loses_nothing(tmp_path):
+    """best_model.pt and the epoch's metrics row are written before epoch_N.pt (the resume point):
+    killed in between, the run resumes before the epoch's end and writes all of them again."""
+    run = tmp_path / "run"
+    rc, _, err = _run(run, SAB_KILL_IN_REPLACE="best_model.pt")
+    assert rc == -signal.SIGKILL, err
+    assert not (run / "ck" / "epoch_1.pt").exists() and not (run / "ck" / "best_model.pt").exists()
+    rc, out, err = _run(run)
+    assert rc == 0, err
+    assert load_checkpoint(run / "ck" / "best_model.pt")["global_step"] in (14, 28)
+    assert [r["epoch"] for r in _metrics(run) if "train_loss" in r] == [1, 2]  # one row per epoch, none lost
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bucketing", ["0", "64"])
 def test_sigkill_resume_with_torch_compile(tmp_path, bucketing):
