@@ -98,17 +98,17 @@ def check_loaded_state(optimizer: torch.optim.Optimizer, built: list[dict[str, A
         group.clear()
         group.update({**{k: v for k, v in mine.items() if k != "params"}, "params": params})
     with_state = 0
+    muon_ids = {id(p) for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
     for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         state = optimizer.state.get(p, {})
         if not state:
             continue
         with_state += 1
-        muon = any(g.get("muon") and any(q is p for q in g["params"]) for g in optimizer.param_groups)
-        want = MUON_STATE if muon else ADAMW_STATE
-        if not set(state) <= want or (muon and set(state) != MUON_STATE) or (not muon and not {"step", "exp_avg",
-                                                                                               "exp_avg_sq"} <= set(state)):
+        muon = id(p) in muon_ids
+        need, allowed = (MUON_STATE, MUON_STATE) if muon else (ADAMW_STATE - {"max_exp_avg_sq"}, ADAMW_STATE)
+        if not need <= set(state) <= allowed:
             raise ValueError(f"parameter {i}: optimizer state {sorted(map(str, state))[:5]} is not "
-                             f"{'Muon' if muon else 'AdamW'}'s ({', '.join(sorted(want))})")
+                             f"{'Muon' if muon else 'AdamW'}'s ({', '.join(sorted(allowed))})")
         for key, value in state.items():
             if key == "step":
                 ok = isinstance(value, torch.Tensor) and value.numel() == 1 and bool(torch.isfinite(value).all()) \

@@ -25,8 +25,10 @@ from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 
 INSTALL = {"tensorboard": "pip install 'sab-byon-omni[tensorboard]'", "wandb": "pip install 'sab-byon-omni[wandb]'"}
-KINDS = {frozenset(f.name for f in dataclasses.fields(row)): kind
-         for row, kind in ((StepRow, "train"), (EvalRow, "eval"), (EpochRow, "epoch_end"))}  # all fields -> kind
+# kind -> (the fields every such row has, all its fields): optional ones (StepRow.muon_lr) may be left out
+KINDS = {kind: (frozenset(f.name for f in dataclasses.fields(row) if f.default is dataclasses.MISSING),
+                frozenset(f.name for f in dataclasses.fields(row)))
+         for row, kind in ((StepRow, "train"), (EvalRow, "eval"), (EpochRow, "epoch_end"))}
 NOT_SCALARS = ("step", "time")
 
 
@@ -62,9 +64,8 @@ def _import(name: str) -> Any:
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of one metrics row as ``kind/name`` scalars (a value JSON could not hold is None
     in the row and left out here, as in ``metrics.jsonl``)."""
-    keys = frozenset(row) - {"time"}  # a row may leave out an optional field (StepRow's muon_lr)
-    kind = KINDS.get(keys) or next((k for fields, k in KINDS.items() if keys <= fields and len(fields - keys) == 1
-                                    and "muon_lr" in fields - keys), "other")
+    keys = frozenset(row) - {"time"}
+    kind = next((k for k, (required, fields) in KINDS.items() if required <= keys <= fields), "other")
     return {f"{kind}/{k}": float(v) for k, v in row.items()
             if k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
