@@ -154,13 +154,14 @@ class RunSetup:
 
     def _restore(self, path: Path, ck: dict[str, Any]) -> None:
         self._check_compatible(ck, path)
+        built = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             if dcp.is_sharded(path):  # DCP reshards: any number of processes, FSDP or not
                 dcp.load(path, self.raw, self.optimizer, no_dist=not self.info.enabled)
+                check_loaded_state(self.optimizer, built)
             else:
                 self.raw.load_state_dict(ck["model_state_dict"])
                 if "optimizer_state_dict" in ck:
-                    built = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
                     self.optimizer.load_state_dict(ck["optimizer_state_dict"])
                     check_loaded_state(self.optimizer, built)
                 elif self.info.is_main:  # weights only (an export, a consolidated file): documented, but say so
