@@ -14,11 +14,12 @@ from sab_byon_omni.config import TrainConfig
 from sab_byon_omni.training.muon import MuonAdamW
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (and the embedding); never norms or biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+def param_groups(params: nn.Module | list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's two groups for a model's (or a list's) trainable parameters: decay on matrices (and
+    the embedding); never on norms or biases."""
+    ps = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+    return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def uses_fused_adamw(device: torch.device | str) -> bool:
@@ -36,9 +37,7 @@ def muon_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     rest = [p for n, p in named if in_blocks(n, p) and not n.endswith("attn.qkv.weight")]
     muon = dict(muon=True, lr=train.muon_learning_rate, weight_decay=train.weight_decay)
     groups = [{"params": qkv, "split": 3, **muon}, {"params": rest, **muon}]
-    others = [(n, p) for n, p in named if not in_blocks(n, p)]
-    groups += [{"params": [p for _, p in others if p.dim() >= 2], "weight_decay": train.weight_decay},
-               {"params": [p for _, p in others if p.dim() < 2], "weight_decay": 0.0}]
+    groups += param_groups([p for n, p in named if not in_blocks(n, p)], train.weight_decay)
     return [g for g in groups if g["params"]]
 
 
