@@ -5,7 +5,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py sdpa          # SDPA backends on CPU (flash vs math), strided vs contiguous q/k/v
     python benchmarks/levers.py rope          # rotary embedding: textbook, roll + addcmul, q and k at once, compiled
     python benchmarks/levers.py qkv           # one fused qkv projection vs three, forward + backward
-    python benchmarks/levers.py mlp           # the MLP: GELU kept vs recomputed in backward vs torch.compile'd
+    python benchmarks/levers.py mlp           # the MLP: GELU kept vs recomputed vs torch.compile'd vs exact GELU
     python benchmarks/levers.py norm          # LayerNorm without (ours) and with a bias
     python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
@@ -14,7 +14,9 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
     # whole training steps (benchmarks/levers_step.py):
     python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
+    python benchmarks/levers.py allocator     # the step with freed memory kept in glibc's heap vs glibc's default
     python benchmarks/levers.py regroup       # the default job's steps: configured micro-batches vs regrouped
+    python benchmarks/levers.py matmul_floor  # the default job's step against its own matmuls alone and its bound
     python benchmarks/levers.py compile_block # torch.compile of each block only, compile time apart
     python benchmarks/levers.py bf16          # native bf16? then bf16 autocast vs fp32
     python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
@@ -166,11 +168,14 @@ def bench_mlp(reps: int) -> None:
             module(x0.clone().requires_grad_()).backward(g)
         return fn
 
+    def exact() -> None:  # the textbook (erf) GELU that nanoGPT and the plain reference use, for comparison
+        mlp.down(F.gelu(mlp.up(x0.clone().requires_grad_()))).backward(g)
+
     t0 = time.perf_counter()
     run(compiled, False)()
     print(f"torch.compile of the MLP: first call {time.perf_counter() - t0:.1f} s")
     interleave({"GELU kept (memory saving off)": run(mlp, False), "GELU recomputed (on)": run(mlp, True),
-                "torch.compile(MLP)": run(compiled, False)}, reps)
+                "torch.compile(MLP)": run(compiled, False), "exact (erf) GELU, kept": exact}, reps)
 
 
 def bench_norm(reps: int) -> None:
@@ -313,7 +318,7 @@ def bench_attention(reps: int) -> None:
 
 
 OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention")
-STEPS = ("memory_saving", "regroup", "compile_block", "bf16", "profile", "muon")
+STEPS = ("memory_saving", "allocator", "regroup", "matmul_floor", "compile_block", "bf16", "profile", "muon")
 
 
 def main() -> None:

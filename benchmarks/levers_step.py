@@ -12,16 +12,20 @@ import collections
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sab_byon_omni.benchmark.common import BenchOptions, random_batch
 from sab_byon_omni.benchmark.peers import PEER_STEPS
 from sab_byon_omni.benchmark.train import OursStep
 from sab_byon_omni.config import load_config, replace
+from sab_byon_omni.data.batching import IGNORE_INDEX, Batch
 from sab_byon_omni.device import make_precision
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_flags_summary, cpu_has_native_bf16, measure_matmul_peak
+from sab_byon_omni.training.trainer import Trainer
 
 Interleave = Callable[[dict[str, Callable[[], object]], int], dict[str, float]]
 
@@ -41,6 +45,62 @@ def bench_memory_saving(interleave: Interleave, reps: int, batch: int = 4, seq: 
     interleave(steps, reps)
 
 
+_ALLOC_CHILD = """
+import json, resource, statistics, sys, time, torch
+sys.path.insert(0, {here!r})
+torch.set_num_threads({threads})
+from levers_step import ours_step, plain_step
+step = plain_step({batch}, {seq}) if {which!r} == "plain" else ours_step({batch}, {seq}, saving={which!r} == "saving")
+step()
+times, faults = [], []
+for _ in range({steps}):
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps([statistics.median(times), statistics.median(faults), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
+"""
+
+
+def plain_step(batch: int, seq: int) -> Callable[[], None]:
+    """The plain reference GPT's step (``bench --compare minimal``) at Lightweight's dimensions."""
+    cfg = BenchOptions.for_preset("lightweight", seq_len=seq, batch_size=batch, precision="fp32").run
+    return PEER_STEPS["minimal"](cfg, random_batch(batch, seq, 96, 0), make_precision("fp32", torch.device("cpu")))
+
+
+def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3) -> None:
+    """Whole steps, each variant in processes of its own (the allocator is per process), alternating:
+    ours with freed memory kept in glibc's heap (what a CPU run does: ``machine.keep_freed_memory``),
+    the same with memory saving on, ours with glibc's default (``MALLOC_MMAP_MAX_=65536``), and the
+    plain reference GPT (which leaves glibc as it is). Median step time, page faults per step, peak RSS."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    glibc = {"MALLOC_MMAP_MAX_": "65536"}
+    variants = {"ours (freed memory kept)": ("ours", {}), "ours, memory saving on": ("saving", {}),
+                "ours, glibc's default": ("ours", glibc),
+                "ours, glibc's default + THP": ("ours", {**glibc, "THP_MEM_ALLOC_ENABLE": "1"}),
+                "plain reference (glibc's default)": ("plain", {})}
+    rows: dict[str, list[list[float]]] = {k: [] for k in variants}
+    for i in range(max(reps, 2)):
+        for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
+            which, env = variants[name]
+            code = _ALLOC_CHILD.format(here=os.path.dirname(os.path.abspath(__file__)), threads=torch.get_num_threads(),
+                                       batch=batch, seq=seq, steps=steps, which=which)
+            out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                                 capture_output=True, text=True, check=True)
+            rows[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    last = statistics.median(r[0] for r in rows["plain reference (glibc's default)"])
+    rss = max(r[2] for r in rows["plain reference (glibc's default)"])
+    for name, rs in rows.items():
+        t, peak = statistics.median(r[0] for r in rs), max(r[2] for r in rs)
+        print(f"{name:36s} step {t:7.2f} s ({last / t:5.3f}x the plain's speed)   page faults per step "
+              f"{statistics.median(r[1] for r in rs):9,.0f}   peak RSS {peak:7,.0f} MB ({peak / rss:5.3f}x the plain's)")
+
+
 def bench_muon(interleave: Interleave, reps: int, batch: int = 16, seq: int = 128) -> None:
     """The Trainer's whole step with AdamW and with Muon for the blocks' matrices, preset small
     (the learning benchmark's model and, by default, its 16 x 128-token step). Muon's Newton-Schulz
@@ -50,23 +110,29 @@ def bench_muon(interleave: Interleave, reps: int, batch: int = 16, seq: int = 12
     interleave(steps, reps)
 
 
+def default_job(windows: int) -> tuple[Trainer, list[list[Batch]]]:
+    """The Trainer of configs/default.yaml (set up as ``sab-omni train`` would) and its first
+    ``windows`` accumulation windows."""
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.data.factory import load_datasets
+
+    cfg = load_config("configs/default.yaml", {"train.checkpoint_dir": tempfile.mkdtemp(prefix="sab_lever_") + "/c",
+                                               "train.progress": "false", "train.resume": "none"})
+    tok, train, _ = load_datasets(cfg.data)
+    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
+    trainer = Trainer(sab.model, tok, train, None, sab.config)
+    trainer.setup()
+    batches = list(trainer.epoch_batches(0))
+    per = cfg.train.gradient_accumulation_steps
+    return trainer, [batches[i:i + per] for i in range(0, per * windows, per)]
+
+
 def bench_regroup(interleave: Interleave, reps: int, windows: int = 2, **_: int) -> None:
     """The default job's first optimizer steps (configs/default.yaml): the configured 16 micro-batches
     of 4 against the plan's regrouping (and two other pass sizes)."""
-    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-    from sab_byon_omni.data.factory import load_datasets
-    from sab_byon_omni.training.trainer import Trainer
-
-    cfg = load_config("configs/default.yaml", {"train.checkpoint_dir": tempfile.mkdtemp(prefix="sab_lever_") + "/c",
-                                               "train.progress": "false"})
-    tok, train, _ = load_datasets(cfg.data)
-    trainer = Trainer(SABTranscendentV2(config=cfg, tokenizer=tok).model, tok, train, None, cfg)
-    trainer.setup()
+    trainer, wins = default_job(windows)
     plan = trainer.run.memory
     print(plan.describe(), f"; regrouping: up to {plan.pass_rows} rows, ~{plan.pass_positions} tokens per pass")
-    batches = list(trainer.epoch_batches(0))
-    per = cfg.train.gradient_accumulation_steps
-    wins = [batches[i:i + per] for i in range(0, per * windows, per)]
 
     def run(positions: int) -> Callable[[], None]:
         def fn() -> None:
@@ -78,6 +144,67 @@ def bench_regroup(interleave: Interleave, reps: int, windows: int = 2, **_: int)
 
     interleave({"configured (16 x 4)": run(0), "regrouped, ~512 tokens/pass": run(512),
                 "regrouped, ~1024 (the plan)": run(1024), "regrouped, ~2048": run(2048)}, reps)
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records every matrix multiply (op, and each argument's shape and strides) that runs under it,
+    autograd's backward included."""
+
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.OPS:
+            self.calls.append((func, tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+                                           for a in args)))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_replay(step: Callable[[], object]) -> Callable[[], None]:
+    """A function that runs, alone, the matrix multiplies ``step`` runs (same ops, shapes, strides and
+    order, on random operands): the step's time with everything else free."""
+    with _MatmulLog() as log:
+        step()
+    made: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def operand(a: Any) -> Any:
+        if not isinstance(a, tuple):
+            return a
+        if a not in made:
+            made[a] = torch.empty_strided(*a).normal_()
+        return made[a]
+
+    calls = [(op, [operand(a) for a in args]) for op, args in log.calls]
+
+    def replay() -> None:
+        for op, args in calls:
+            op(*args)
+    return replay
+
+
+def bench_matmul_floor(interleave: Interleave, reps: int, windows: int = 1, **_: int) -> None:
+    """The default job's optimizer step against the same matrix multiplies run alone, and against
+    its matmul bound (FLOPs / the fp32 peak measured now): how much of the gap to the bound is the
+    matmul kernels on these shapes, and how much everything else."""
+    trainer, wins = default_job(windows)
+
+    def step() -> None:
+        for w in wins:
+            trainer.train_step(w)
+    step()
+    replay = matmul_replay(step)
+    times = interleave({"optimizer step(s) of the default job": step, "their matmuls alone": replay}, reps)
+    real = sum(int((b.labels != IGNORE_INDEX).sum()) for w in wins for b in w)
+    mean = real / sum(b.input_ids.shape[0] for w in wins for b in w)
+    top = measure_matmul_peak(torch.float32, torch.device("cpu"))
+    bound = real * train_flops_per_token(trainer.cfg.model, round(mean)) / top
+    s, m = times["optimizer step(s) of the default job"], times["their matmuls alone"]
+    print(f"{real:,} real tokens; matmul bound {bound:.2f} s at the fp32 peak measured now ({top / 1e12:.3g} "
+          f"TFLOP/s): step / bound {s / bound:.2f}x = matmuls alone / bound {m / bound:.2f}x "
+          f"x step / matmuls alone {s / m:.2f}x")
 
 
 def bench_compile_block(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024) -> None:

@@ -3,6 +3,7 @@ data-sheet peak, and the peaks measured in the run (matmul FLOP/s, memory read b
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
@@ -79,6 +80,44 @@ def cpu_flags_summary() -> str:
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX-512 BF16 or AMX (where bf16 matmuls beat fp32)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_HEAP_REUSE: list[str] = []  # what keep_freed_memory did in this process (it acts once)
+
+
+def keep_freed_memory() -> str:
+    """On Linux with glibc: serve every allocation from the heap and keep what is freed there for
+    the next step, instead of mapping each large tensor afresh and unmapping it when freed.
+
+    glibc maps allocations above 32 MiB (an activation of a 4 x 1024-token Lightweight step is
+    48 MiB) with ``mmap`` and returns them on ``free``, so every training step page-faults its
+    largest tensors in again: about 150,000 faults and a tenth of the step's time on a 2-core EPYC
+    (``python benchmarks/levers.py allocator``). Process-wide and once; the peak RSS stays about what
+    the step's live tensors need. Left alone when the user chose glibc's malloc settings
+    (``GLIBC_TUNABLES`` or a ``MALLOC_*_`` variable: ``MALLOC_MMAP_MAX_=65536`` keeps glibc's
+    default) and on other C libraries. Returns what it did, for the run's banner."""
+    if _HEAP_REUSE:
+        return _HEAP_REUSE[0]
+    chosen = sorted(k for k in os.environ if k == "GLIBC_TUNABLES" or (k.startswith("MALLOC_") and k.endswith("_")))
+    if chosen:
+        why = f"glibc malloc settings from {', '.join(chosen)}"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        why = "the C library's own allocator (not glibc)"
+    else:
+        try:
+            libc = ctypes.CDLL(None)
+            ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        except (OSError, AttributeError):
+            ok = False
+        why = "freed memory kept for reuse (glibc)" if ok else "glibc's default allocator (mallopt refused)"
+    _HEAP_REUSE.append(why)
+    return why
+
+
+def freed_memory_state() -> str | None:
+    """What :func:`keep_freed_memory` did in this process, or None if it has not run."""
+    return _HEAP_REUSE[0] if _HEAP_REUSE else None
 
 
 def device_name(device: torch.device) -> str:

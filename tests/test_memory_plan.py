@@ -141,3 +141,66 @@ def test_regrouped_steps_train_the_same_weights_as_the_configured_micro_batches(
     for a, b in zip(*weights):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)  # as the bucketing test in test_trainer.py
     assert any(not torch.equal(a, b) for a, b in zip(*weights))  # really another geometry (rounding differs)
+
+
+# ---- freed memory kept for the next step (glibc's heap) only with room to spare -----------------
+_FAULTS = """
+import resource, sys, torch
+from sab_byon_omni import machine
+if sys.argv[1] == "keep":
+    print(machine.keep_freed_memory())
+else:
+    print(machine.freed_memory_state())
+per = []
+for _ in range(4):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(12 << 20)  # 48 MiB: above glibc's largest mmap threshold
+    x.fill_(1.0)
+    del x
+    per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(min(per[1:]))
+"""
+
+
+def _faults(keep: bool, **env):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _FAULTS, "keep" if keep else "no"], env={**base, **env},
+                         capture_output=True, text=True, check=True, timeout=120)
+    said, faults = out.stdout.strip().splitlines()[-2:]
+    return said, int(faults)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_kept_freed_memory_ends_the_page_faults_of_large_tensors():
+    said, faults = _faults(keep=True)
+    assert said == "freed memory kept for reuse (glibc)" and faults < 1000  # 12,288 pages if mapped afresh
+    said, faults = _faults(keep=False)
+    assert said == "None" and faults > 10_000  # glibc's default: mapped and faulted in every time
+    said, faults = _faults(keep=True, MALLOC_MMAP_MAX_="65536")  # the user's own setting wins
+    assert said == "glibc malloc settings from MALLOC_MMAP_MAX_" and faults > 10_000
+
+
+def test_freed_memory_is_kept_only_with_room_for_the_heaps_fragmentation():
+    plan = memory_mod.MemoryPlan(cfg=None, peak=100.0, usable=100.0 * memory_mod.HEAP_REUSE_ROOM, what="test")
+    assert memory_mod.keeps_freed_memory(plan)
+    plan.usable -= 1
+    assert not memory_mod.keeps_freed_memory(plan)
+    plan.peak = float("nan")  # no estimate for this device: nothing to trade against
+    assert not memory_mod.keeps_freed_memory(plan)
+
+
+def test_the_banner_says_what_the_cpu_run_does_with_freed_memory(tmp_path, monkeypatch):
+    from sab_byon_omni.training import run_setup
+
+    monkeypatch.setattr(run_setup, "keep_freed_memory", lambda: "kept (stub of the process-wide switch)")
+    monkeypatch.setattr(run_setup, "freed_memory_state", lambda: None)
+    trainer = trainer_for(run_config(tmp_path))
+    assert dict(trainer.run.banner_lines([], None))["memory"].endswith("; allocator: kept (stub of the process-wide switch)")
+    cfg = run_config(tmp_path / "tight")
+    budget_between(monkeypatch, cfg, saving_fits=True)  # fits, but without 1.5x room
+    tight = trainer_for(cfg)
+    assert "allocator: freed memory given back (little room to spare" in dict(tight.run.banner_lines([], None))["memory"]

@@ -25,12 +25,13 @@ from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.estimate import fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
-from sab_byon_omni.machine import device_name
+from sab_byon_omni.machine import device_name, freed_memory_state, keep_freed_memory
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
 from sab_byon_omni.training.console import data_summary
-from sab_byon_omni.training.memory import apply_activation_checkpointing, peak_memory_mb, plan_memory
+from sab_byon_omni.training.memory import (apply_activation_checkpointing, keeps_freed_memory, peak_memory_mb,
+                                          plan_memory)
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
 from sab_byon_omni.training.optim import check_loaded_state, lr_names, make_optimizer, set_lr
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
@@ -86,6 +87,10 @@ class RunSetup:
                            "matrices, FSDP holds shards of them); use --parallel ddp, or --optimizer adamw")
         self.memory = plan_memory(self.raw, self.train_data, cfg, self.device, self.precision.name, self.info)
         self.cfg = self.memory.cfg
+        self.allocator = ""
+        if self.device.type == "cpu":  # speed for memory only with room to spare (what keeps_freed_memory checks)
+            self.allocator = keep_freed_memory() if keeps_freed_memory(self.memory) else (
+                freed_memory_state() or "freed memory given back (little room to spare, or no estimate)")
 
     def _plan_steps(self) -> None:
         t = self.cfg.train
@@ -294,7 +299,7 @@ class RunSetup:
                          + f"AdamW peak lr {t.learning_rate:g}" + (" for the rest" if t.optimizer == "muon" else "")
                          + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
-            ("memory", self.memory.describe()),
+            ("memory", self.memory.describe() + (f"; allocator: {self.allocator}" if self.allocator else "")),
             *notes,
             ("time", "measured after the first steps"),
         ]

@@ -1,0 +1,48 @@
+"""benchmarks/levers_step.py's matmul replay: the floor that ``levers.py matmul_floor`` sets a training
+step against must run exactly the step's matrix multiplies (forward and backward), nothing else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import levers_step  # noqa: E402
+
+
+def test_the_replay_runs_the_steps_matmuls_forward_and_backward():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+
+    def step() -> None:
+        net(x).square().sum().backward()
+
+    replay = levers_step.matmul_replay(step)
+    with levers_step._MatmulLog() as seen:
+        replay()
+    ops = [op.__name__ for op, _ in seen.calls]
+    # forward: mm (no bias), addmm (bias); backward: two weight gradients and one input gradient
+    # (the first layer's input needs none)
+    assert sorted(ops) == sorted(["mm.default", "addmm.default", "mm.default", "mm.default", "mm.default"])
+    shapes = {args[0][0] + args[1][0] if op.__name__ == "mm.default" else args[1][0] + args[2][0]
+              for op, args in seen.calls}
+    assert (5, 8, 8, 16) in shapes  # x @ W1^T
+    assert (16, 5, 5, 8) in shapes  # dW1 = g^T @ x
+    assert all(p.grad is not None for p in net.parameters())  # the capture ran the real step
+
+
+def test_the_replay_keeps_each_operands_strides():
+    a, b = torch.randn(6, 3), torch.randn(4, 3)
+
+    def step() -> None:
+        a @ b.t()  # the second operand is a transposed (non-contiguous) view
+
+    replay = levers_step.matmul_replay(step)
+    with levers_step._MatmulLog() as seen:
+        replay()
+    ((op, args),) = seen.calls
+    assert args[1] == ((3, 4), (1, 3))
