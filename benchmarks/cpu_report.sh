@@ -28,9 +28,9 @@ for lever in optimizer rope qkv mlp norm sdpa attention gemv vocab threads compi
   echo "## lever: $lever"
   python benchmarks/levers.py "$lever"
 done
-# Levers on whole training steps; the profile by op category (ours against the plain reference, and
+# Levers on whole training steps (allocator: each variant in processes of its own); the profile by op category (ours against the plain reference, and
 # the ceiling of that ratio); the default job's step against its own matmuls alone and its bound
-for lever in memory_saving compile_block bf16 profile matmul_floor; do
+for lever in memory_saving allocator compile_block bf16 profile matmul_floor; do
   echo "## lever: $lever"
   python benchmarks/levers.py "$lever" --reps 3
 done

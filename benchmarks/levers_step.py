@@ -68,22 +68,23 @@ def plain_step(batch: int, seq: int) -> Callable[[], None]:
     return PEER_STEPS["minimal"](cfg, random_batch(batch, seq, 96, 0), make_precision("fp32", torch.device("cpu")))
 
 
-def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3) -> None:
+def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3,
+                    with_saving: bool = False) -> None:
     """Whole steps, each variant in processes of its own (the allocator is per process), alternating:
-    ours with freed memory kept in glibc's heap (what a CPU run does: ``machine.keep_freed_memory``),
-    the same with memory saving on, ours with glibc's default (``MALLOC_MMAP_MAX_=65536``), and the
-    plain reference GPT (which leaves glibc as it is). Median step time, page faults per step, peak RSS."""
+    ours with freed memory kept in glibc's heap (what a CPU run with room does:
+    ``machine.set_freed_memory``), ours with glibc's default (``SAB_KEEP_FREED_MEMORY=0``), the
+    plain reference GPT (which leaves glibc as it is) and, ``with_saving``, ours with memory saving on. Median step time, page faults per step, peak RSS."""
     import json
     import os
     import statistics
     import subprocess
     import sys
 
-    glibc = {"MALLOC_MMAP_MAX_": "65536"}
-    variants = {"ours (freed memory kept)": ("ours", {}), "ours, memory saving on": ("saving", {}),
-                "ours, glibc's default": ("ours", glibc),
-                "ours, glibc's default + THP": ("ours", {**glibc, "THP_MEM_ALLOC_ENABLE": "1"}),
+    glibc = {"SAB_KEEP_FREED_MEMORY": "0"}
+    variants = {"ours (freed memory kept)": ("ours", {}), "ours, glibc's default": ("ours", glibc),
                 "plain reference (glibc's default)": ("plain", {})}
+    if with_saving:
+        variants["ours, memory saving on"] = ("saving", {})
     rows: dict[str, list[list[float]]] = {k: [] for k in variants}
     for i in range(max(reps, 2)):
         for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:

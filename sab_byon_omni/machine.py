@@ -10,6 +10,7 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,41 +84,66 @@ def cpu_has_native_bf16() -> bool:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_HEAP_REUSE: list[str] = []  # what keep_freed_memory did in this process (it acts once)
+_GLIBC_MMAP_MAX, _GLIBC_TRIM = 65536, 128 * 1024  # glibc's own values of them
+_FREED: list[str] = []  # what set_freed_memory last did in this process
+OPT_OUT = "SAB_KEEP_FREED_MEMORY"
 
 
-def keep_freed_memory() -> str:
-    """On Linux with glibc: serve every allocation from the heap and keep what is freed there for
-    the next step, instead of mapping each large tensor afresh and unmapping it when freed.
-
-    glibc maps allocations above 32 MiB (an activation of a 4 x 1024-token Lightweight step is
-    48 MiB) with ``mmap`` and returns them on ``free``, so every training step page-faults its
-    largest tensors in again: about 150,000 faults and a tenth of the step's time on a 2-core EPYC
-    (``python benchmarks/levers.py allocator``). Process-wide and once; the peak RSS stays about what
-    the step's live tensors need. Left alone when the user chose glibc's malloc settings
-    (``GLIBC_TUNABLES`` or a ``MALLOC_*_`` variable: ``MALLOC_MMAP_MAX_=65536`` keeps glibc's
-    default) and on other C libraries. Returns what it did, for the run's banner."""
-    if _HEAP_REUSE:
-        return _HEAP_REUSE[0]
-    chosen = sorted(k for k in os.environ if k == "GLIBC_TUNABLES" or (k.startswith("MALLOC_") and k.endswith("_")))
+def _glibc() -> Any:
+    """The C library through ctypes if it is glibc on Linux and the user left its malloc alone, else
+    the reason it will not be touched."""
+    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
+    chosen = sorted(k for k, v in os.environ.items() if v and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
     if chosen:
-        why = f"glibc malloc settings from {', '.join(chosen)}"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        why = "the C library's own allocator (not glibc)"
+        return f"glibc malloc settings from {', '.join(chosen)}"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "the C library's own allocator (not glibc)"
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return "glibc's default (not reachable through ctypes)"
+
+
+def set_freed_memory(keep: bool) -> str:
+    """Whether glibc keeps freed memory for the next training step (``keep``) or gives it back to
+    the system, process-wide. Returns what is in force, in words, for the run's banner.
+
+    glibc maps each allocation above its mmap threshold (at most 32 MiB; an activation of a
+    4 x 1024-token Lightweight step is 48 MiB) with ``mmap`` and unmaps it on ``free``, so every
+    step page-faults its largest tensors in again: about 290,000 faults per step, and 1.03x the
+    step time, on a 2-core EPYC (``python benchmarks/levers.py allocator``). Keeping serves every
+    allocation from the heap and never trims it during the run. The peak RSS stayed the same there,
+    but a heap can fragment (a loop of 48 MiB tensors settled at twice that), so the memory plan
+    asks for it only with room to spare.
+    Giving back restores glibc's limits (and trims what was kept). Nothing is changed where the user
+    chose: ``SAB_KEEP_FREED_MEMORY=0``, any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``; nor on
+    other C libraries."""
+    libc = _glibc()
+    if isinstance(libc, str):
+        state = libc
+    elif keep:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        state = (f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok
+                 else "glibc's default (mallopt refused)")
+    elif _FREED and _FREED[-1].startswith("freed memory kept"):
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM)
+        libc.malloc_trim(0)
+        state = "glibc's default (restored after an earlier run kept freed memory)"
     else:
-        try:
-            libc = ctypes.CDLL(None)
-            ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-        except (OSError, AttributeError):
-            ok = False
-        why = "freed memory kept for reuse (glibc)" if ok else "glibc's default allocator (mallopt refused)"
-    _HEAP_REUSE.append(why)
-    return why
+        state = "glibc's default"
+    _FREED[:] = [state]
+    return state
 
 
-def freed_memory_state() -> str | None:
-    """What :func:`keep_freed_memory` did in this process, or None if it has not run."""
-    return _HEAP_REUSE[0] if _HEAP_REUSE else None
+def give_back_freed_memory() -> None:
+    """At the end of a run that kept freed memory: return the free part of the heap to the system
+    (``malloc_trim``), so that the process does not hold the run's peak afterwards."""
+    if _FREED and _FREED[-1].startswith("freed memory kept"):
+        libc = _glibc()
+        if not isinstance(libc, str):
+            libc.malloc_trim(0)
 
 
 def device_name(device: torch.device) -> str:

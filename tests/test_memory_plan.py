@@ -147,41 +147,47 @@ def test_regrouped_steps_train_the_same_weights_as_the_configured_micro_batches(
 _FAULTS = """
 import resource, sys, torch
 from sab_byon_omni import machine
-if sys.argv[1] == "keep":
-    print(machine.keep_freed_memory())
-else:
-    print(machine.freed_memory_state())
+for keep in sys.argv[1:]:
+    print(machine.set_freed_memory(keep == "keep"))
 per = []
-for _ in range(4):
+for _ in range(24):  # kept: the heap settles after ~10 (posix_memalign's trailing remainders split early holes)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(12 << 20)  # 48 MiB: above glibc's largest mmap threshold
     x.fill_(1.0)
     del x
     per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(min(per[1:]))
+print(max(per[-4:]))
 """
 
 
-def _faults(keep: bool, **env):
+def _faults(*keeps, **env):
     import os
     import subprocess
     import sys
 
-    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _FAULTS, "keep" if keep else "no"], env={**base, **env},
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SAB_KEEP_FREED_MEMORY")
+            and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _FAULTS, *keeps], env={**base, **env},
                          capture_output=True, text=True, check=True, timeout=120)
-    said, faults = out.stdout.strip().splitlines()[-2:]
+    *said, faults = out.stdout.strip().splitlines()
     return said, int(faults)
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_kept_freed_memory_ends_the_page_faults_of_large_tensors():
-    said, faults = _faults(keep=True)
-    assert said == "freed memory kept for reuse (glibc)" and faults < 1000  # 12,288 pages if mapped afresh
-    said, faults = _faults(keep=False)
-    assert said == "None" and faults > 10_000  # glibc's default: mapped and faulted in every time
-    said, faults = _faults(keep=True, MALLOC_MMAP_MAX_="65536")  # the user's own setting wins
-    assert said == "glibc malloc settings from MALLOC_MMAP_MAX_" and faults > 10_000
+    said, faults = _faults("keep")
+    assert said == ["freed memory kept for reuse (glibc; SAB_KEEP_FREED_MEMORY=0 gives it back)"] and faults < 1000  # 12,288 pages if mapped afresh
+    said, faults = _faults()
+    assert faults > 10_000  # glibc's default: mapped and faulted in every time
+    said, faults = _faults("give", "keep", "give")  # a tight run after a roomy one in the same process
+    assert [x.split(" (")[0] for x in said] == ["glibc's default", "freed memory kept for reuse", "glibc's default"]
+    assert said[2] == "glibc's default (restored after an earlier run kept freed memory)" and faults > 10_000
+    for env in ({"SAB_KEEP_FREED_MEMORY": "0"}, {"MALLOC_ARENA_MAX": "2"}):  # the user's choice wins
+        said, faults = _faults("keep", **env)
+        assert said[0].startswith(("glibc's default (SAB_KEEP", "glibc malloc settings from MALLOC_ARENA_MAX"))
+        assert faults > 10_000
+    said, faults = _faults("keep", GLIBC_TUNABLES="")  # empty: nothing chosen
+    assert said[0].startswith("freed memory kept for reuse")
 
 
 def test_freed_memory_is_kept_only_with_room_for_the_heaps_fragmentation():
@@ -196,11 +202,13 @@ def test_freed_memory_is_kept_only_with_room_for_the_heaps_fragmentation():
 def test_the_banner_says_what_the_cpu_run_does_with_freed_memory(tmp_path, monkeypatch):
     from sab_byon_omni.training import run_setup
 
-    monkeypatch.setattr(run_setup, "keep_freed_memory", lambda: "kept (stub of the process-wide switch)")
-    monkeypatch.setattr(run_setup, "freed_memory_state", lambda: None)
+    asked = []
+    monkeypatch.setattr(run_setup, "set_freed_memory", lambda keep: asked.append(keep) or f"stub: keep={keep}")
     trainer = trainer_for(run_config(tmp_path))
-    assert dict(trainer.run.banner_lines([], None))["memory"].endswith("; allocator: kept (stub of the process-wide switch)")
+    assert dict(trainer.run.banner_lines([], None))["memory"].endswith("; allocator: stub: keep=True")
     cfg = run_config(tmp_path / "tight")
     budget_between(monkeypatch, cfg, saving_fits=True)  # fits, but without 1.5x room
     tight = trainer_for(cfg)
-    assert "allocator: freed memory given back (little room to spare" in dict(tight.run.banner_lines([], None))["memory"]
+    assert dict(tight.run.banner_lines([], None))["memory"].endswith(
+        "; allocator: stub: keep=False: keeping freed memory needs room for 1.5x the estimated peak")
+    assert asked == [True, False]

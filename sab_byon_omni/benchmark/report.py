@@ -62,7 +62,8 @@ def _train(r: TrainBench) -> str:
         f"checkpointing {'on' if r.activation_checkpointing else 'off'}; {r.machine.describe()}",
         f"FLOPs per token: {r.flops_per_token / 1e6:.1f} M (6 x {r.matmul_params / 1e6:.2f}M matmul weights "
         f"+ 12 x layers x seq_len x hidden); peak {_fmt(r.peak_tflops, '.3g')} TFLOP/s ({r.peak_source}); "
-        f"matmul measured in this run {_fmt(r.measured_peak_tflops, '.3g')} TFLOP/s",
+        f"matmul measured in this run {_fmt(r.measured_peak_tflops, '.3g')} TFLOP/s"
+        + (f"\nallocator, for every model in this process: {r.allocator}" if r.allocator else ""),
         "", "| model | tokens/s | step s | TFLOP/s | MFU | MFU of measured matmul | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| sab-byon-omni | {r.ours.tokens_per_s:,.0f} | {r.ours.step_s:.2f} | {r.ours.tflops:.3g} | "

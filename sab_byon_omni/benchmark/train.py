@@ -114,7 +114,8 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             peak_tflops=top, peak_source=source, ours=speed("ours"), peak_memory_mb=memory,
             memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
             first_step_s=times_first[0] if times_first else None,
-            peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured)
+            peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
+            allocator=ours.trainer.run.allocator)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:

@@ -90,7 +90,7 @@ SAVING_CHOICES = {"auto": (False, True), "off": (False,), "on": (True,)}
 PASS_POSITIONS = {"cpu": 1024, "cuda": 16384}
 
 
-HEAP_REUSE_ROOM = 1.5  # keeping freed memory raised peak RSS 1.22x at Lightweight 4 x 1024 (levers.py allocator)
+HEAP_REUSE_ROOM = 1.5  # margin for the heap's fragmentation when freed memory is kept (machine.set_freed_memory)
 
 
 def keeps_freed_memory(plan: MemoryPlan) -> bool:

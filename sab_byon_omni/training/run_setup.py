@@ -25,13 +25,13 @@ from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.estimate import fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
-from sab_byon_omni.machine import device_name, freed_memory_state, keep_freed_memory
+from sab_byon_omni.machine import device_name, give_back_freed_memory, set_freed_memory
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
 from sab_byon_omni.training.console import data_summary
-from sab_byon_omni.training.memory import (apply_activation_checkpointing, keeps_freed_memory, peak_memory_mb,
-                                          plan_memory)
+from sab_byon_omni.training.memory import (HEAP_REUSE_ROOM, apply_activation_checkpointing, keeps_freed_memory,
+                                          peak_memory_mb, plan_memory)
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
 from sab_byon_omni.training.optim import check_loaded_state, lr_names, make_optimizer, set_lr
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
@@ -87,10 +87,12 @@ class RunSetup:
                            "matrices, FSDP holds shards of them); use --parallel ddp, or --optimizer adamw")
         self.memory = plan_memory(self.raw, self.train_data, cfg, self.device, self.precision.name, self.info)
         self.cfg = self.memory.cfg
+        # speed for memory only with room to spare (what keeps_freed_memory checks); process-wide
         self.allocator = ""
-        if self.device.type == "cpu":  # speed for memory only with room to spare (what keeps_freed_memory checks)
-            self.allocator = keep_freed_memory() if keeps_freed_memory(self.memory) else (
-                freed_memory_state() or "freed memory given back (little room to spare, or no estimate)")
+        if self.device.type == "cpu":
+            keep = keeps_freed_memory(self.memory)
+            self.allocator = set_freed_memory(keep) + ("" if keep else ": keeping freed memory needs room for "
+                                                       f"{HEAP_REUSE_ROOM:g}x the estimated peak")
 
     def _plan_steps(self) -> None:
         t = self.cfg.train
@@ -238,6 +240,8 @@ class RunSetup:
         ``sab-omni train`` leaves it when the run ends.)"""
         if hasattr(self, "checkpointer"):
             self.checkpointer.unlock()
+        if getattr(self, "allocator", ""):
+            give_back_freed_memory()  # the process need not hold the run's peak afterwards
 
     # ------------------------------------------------------------------------------- during the run
     def agree(self, norm: torch.Tensor, stop: bool) -> tuple[float, int]:
