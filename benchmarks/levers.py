@@ -22,9 +22,10 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
     python benchmarks/levers.py muon          # the step with AdamW vs Muon + AdamW, preset small, 16 x 128
 
-Each prints the median seconds per call of each variant and the ratio to the first. ``--threads N``
-sets torch's threads; ``--clock cpu`` times by the process's CPU time (robust to other processes'
-load with one thread); ``--batch``/``--seq`` change the step levers' shape.
+Each prints the median seconds per call of each variant and its speed relative to the first (the
+first's time / its time: above 1 is faster). ``--threads N`` sets torch's threads; ``--clock cpu``
+times by the process's CPU time (robust to other processes' load with one thread);
+``--batch``/``--seq`` change the step levers' shape.
 """
 
 from __future__ import annotations

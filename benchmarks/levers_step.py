@@ -58,7 +58,8 @@ for _ in range({steps}):
     step()
     times.append(time.perf_counter() - t0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(json.dumps([statistics.median(times), statistics.median(faults), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps([statistics.median(times), statistics.median(faults), peak]))
 """
 
 
@@ -68,12 +69,12 @@ def plain_step(batch: int, seq: int) -> Callable[[], None]:
     return PEER_STEPS["minimal"](cfg, random_batch(batch, seq, 96, 0), make_precision("fp32", torch.device("cpu")))
 
 
-def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3,
-                    with_saving: bool = False) -> None:
+def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3) -> None:
     """Whole steps, each variant in processes of its own (the allocator is per process), alternating:
     ours with freed memory kept in glibc's heap (what a CPU run with room does:
     ``machine.set_freed_memory``), ours with glibc's default (``SAB_KEEP_FREED_MEMORY=0``), the
-    plain reference GPT (which leaves glibc as it is) and, ``with_saving``, ours with memory saving on. Median step time, page faults per step, peak RSS."""
+    plain reference GPT (which leaves glibc as it is), and ours with memory saving on (what the plan
+    does when memory is short). Median step time, page faults per step, peak RSS."""
     import json
     import os
     import statistics
@@ -82,9 +83,7 @@ def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int 
 
     glibc = {"SAB_KEEP_FREED_MEMORY": "0"}
     variants = {"ours (freed memory kept)": ("ours", {}), "ours, glibc's default": ("ours", glibc),
-                "plain reference (glibc's default)": ("plain", {})}
-    if with_saving:
-        variants["ours, memory saving on"] = ("saving", {})
+                "plain reference (glibc's default)": ("plain", {}), "ours, memory saving on": ("saving", {})}
     rows: dict[str, list[list[float]]] = {k: [] for k in variants}
     for i in range(max(reps, 2)):
         for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
