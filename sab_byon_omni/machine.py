@@ -83,26 +83,28 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_GLIBC_MMAP_MAX, _GLIBC_TRIM = 65536, 128 * 1024  # glibc's own values of them
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 _FREED: list[str] = []  # what set_freed_memory last did in this process
 OPT_OUT = "SAB_KEEP_FREED_MEMORY"
+KEPT = "freed memory kept for reuse"
 
 
-def _glibc() -> Any:
-    """The C library through ctypes if it is glibc on Linux and the user left its malloc alone, else
-    the reason it will not be touched."""
-    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
-        return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
-    chosen = sorted(k for k, v in os.environ.items() if v and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
-    if chosen:
-        return f"glibc malloc settings from {', '.join(chosen)}"
+def _libc() -> Any:
+    """glibc through ctypes on Linux, else the reason it cannot be reached."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library's own allocator (not glibc)"
     try:
         return ctypes.CDLL(None)
     except OSError:
         return "glibc's default (not reachable through ctypes)"
+
+
+def _user_choice() -> str | None:
+    """Why the user's environment says to leave glibc's malloc alone, if it does."""
+    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
+    chosen = sorted(k for k, v in os.environ.items() if v.strip() and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
+    return f"glibc malloc settings from {', '.join(chosen)}" if chosen else None
 
 
 def set_freed_memory(keep: bool) -> str:
@@ -115,24 +117,26 @@ def set_freed_memory(keep: bool) -> str:
     step time, on a 2-core EPYC (``python benchmarks/levers.py allocator``). Keeping serves every
     allocation from the heap and never trims it during the run. The peak RSS stayed the same there,
     but a heap can fragment (a loop of 48 MiB tensors settled at twice that), so the memory plan
-    asks for it only with room to spare.
-    Giving back restores glibc's limits (and trims what was kept). Nothing is changed where the user
-    chose: ``SAB_KEEP_FREED_MEMORY=0``, any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``; nor on
-    other C libraries."""
-    libc = _glibc()
+    asks for it only with room to spare. Giving back, after keeping, maps allocations above 32 MiB
+    again and trims the heap: glibc's limits as its own adjustment leaves them once large tensors
+    have come and gone (that adjustment cannot be switched back on). Nothing is changed where the
+    user chose (``SAB_KEEP_FREED_MEMORY=0``, any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``; set
+    in the middle of a process that kept memory, it is given back) nor on other C libraries."""
+    libc, user = _libc(), _user_choice()
+    kept = bool(_FREED) and _FREED[-1].startswith(KEPT)
     if isinstance(libc, str):
         state = libc
-    elif keep:
+    elif keep and user is None:
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-        state = (f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok
-                 else "glibc's default (mallopt refused)")
-    elif _FREED and _FREED[-1].startswith("freed memory kept"):
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM)
+        state = f"{KEPT} (glibc; {OPT_OUT}=0 gives it back)" if ok else "glibc's default (mallopt refused)"
+    elif kept:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_MMAP_MAX, 65536)
         libc.malloc_trim(0)
-        state = "glibc's default (restored after an earlier run kept freed memory)"
+        state = (user or "glibc's default") + ", restored after an earlier run kept freed memory (mmap above 32 MiB)"
     else:
-        state = "glibc's default"
+        state = user or "glibc's default"
     _FREED[:] = [state]
     return state
 
@@ -140,10 +144,8 @@ def set_freed_memory(keep: bool) -> str:
 def give_back_freed_memory() -> None:
     """At the end of a run that kept freed memory: return the free part of the heap to the system
     (``malloc_trim``), so that the process does not hold the run's peak afterwards."""
-    if _FREED and _FREED[-1].startswith("freed memory kept"):
-        libc = _glibc()
-        if not isinstance(libc, str):
-            libc.malloc_trim(0)
+    if _FREED and _FREED[-1].startswith(KEPT):
+        _libc().malloc_trim(0)  # kept: glibc was reachable
 
 
 def device_name(device: torch.device) -> str:
