@@ -84,9 +84,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
-_FREED: list[str] = []  # what set_freed_memory last did in this process
+_kept = False  # whether glibc keeps freed memory now, by set_freed_memory (process-wide)
 OPT_OUT = "SAB_KEEP_FREED_MEMORY"
-KEPT = "freed memory kept for reuse"
 
 
 def _libc() -> Any:
@@ -103,7 +102,8 @@ def _user_choice() -> str | None:
     """Why the user's environment says to leave glibc's malloc alone, if it does."""
     if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
         return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
-    chosen = sorted(k for k, v in os.environ.items() if v.strip() and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
+    chosen = sorted(k for k, v in os.environ.items()
+                    if v.strip() and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
     return f"glibc malloc settings from {', '.join(chosen)}" if chosen else None
 
 
@@ -122,29 +122,30 @@ def set_freed_memory(keep: bool) -> str:
     have come and gone (that adjustment cannot be switched back on). Nothing is changed where the
     user chose (``SAB_KEEP_FREED_MEMORY=0``, any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``; set
     in the middle of a process that kept memory, it is given back) nor on other C libraries."""
+    global _kept
     libc, user = _libc(), _user_choice()
-    kept = bool(_FREED) and _FREED[-1].startswith(KEPT)
     if isinstance(libc, str):
         state = libc
     elif keep and user is None:
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-        state = f"{KEPT} (glibc; {OPT_OUT}=0 gives it back)" if ok else "glibc's default (mallopt refused)"
-    elif kept:
+        state = f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok else "glibc's default (mallopt refused)"
+        _kept = ok
+    elif _kept:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
         libc.mallopt(_M_MMAP_MAX, 65536)
         libc.malloc_trim(0)
         state = (user or "glibc's default") + ", restored after an earlier run kept freed memory (mmap above 32 MiB)"
+        _kept = False
     else:
         state = user or "glibc's default"
-    _FREED[:] = [state]
     return state
 
 
 def give_back_freed_memory() -> None:
     """At the end of a run that kept freed memory: return the free part of the heap to the system
     (``malloc_trim``), so that the process does not hold the run's peak afterwards."""
-    if _FREED and _FREED[-1].startswith(KEPT):
+    if _kept:
         _libc().malloc_trim(0)  # kept: glibc was reachable
 
 
