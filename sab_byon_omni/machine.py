@@ -128,7 +128,8 @@ def set_freed_memory(keep: bool) -> str:
         state = libc
     elif keep and user is None:
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-        state = f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok else "glibc's default (mallopt refused)"
+        state = (f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok
+                 else "glibc's default (mallopt refused)")
         _kept = ok
     elif _kept:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
