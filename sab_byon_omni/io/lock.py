@@ -53,7 +53,7 @@ class FolderLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
                 except BlockingIOError:
-                    created = False  # the holder's: its .lock may be opened by this very call
+                    created = False  # the holder's (recreated by this call if it was deleted): left as it is
                     return _holder(fds[1])
                 except OSError:
                     if fd != fds[0]:
