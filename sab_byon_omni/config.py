@@ -135,6 +135,8 @@ class DataConfig:
             raise SabError(f"data.length_bucket_size={self.length_bucket_size} must not be negative")
         if not self.dataset:
             raise SabError("data.dataset is empty: use 'synthetic' or a path")
+        if not 0 <= self.data_seed < 1 << 64:  # what numpy's generators take
+            raise SabError(f"data.data_seed={bounded(self.data_seed)} must be in [0, 2**64)")
 
 
 @dataclass
@@ -219,6 +221,8 @@ class TrainConfig:
                 raise SabError(f"train.report_to: unknown tracker {bounded(name)} (known: {', '.join(TRACKERS)}, none)")
         if not self.resume:
             raise SabError("train.resume is empty: use none, auto or a checkpoint path")
+        if not -(1 << 63) <= self.seed < 1 << 64:  # what torch.manual_seed takes
+            raise SabError(f"train.seed={bounded(self.seed)} must be in [-2**63, 2**64)")
 
 
 @dataclass
@@ -302,10 +306,6 @@ def _finite(name: str, value: Any) -> None:
         raise SabError(f"{name}={bounded(value)} must be a finite number")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def coerce(name: str, value: Any, annotation: Any) -> Any:
     """Check/convert one value against its annotation; strings (from the CLI) are parsed."""
     args = typing.get_args(annotation)
@@ -383,7 +383,7 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
             raise SabError(f"{source}: unknown key {bounded(key)}{did_you_mean(key, [*SECTIONS, *FIELD_SECTION])}")
     built = {}
     for section, cls in SECTIONS.items():
-        hints = _field_types(cls)
+        hints = typing.get_type_hints(cls)
         kwargs = {k: coerce(f"{section}.{k}", v, hints[k]) for k, v in sectioned[section].items()}
         built[section] = cls(**kwargs)
     return RunConfig(**built)
@@ -495,6 +495,6 @@ def replace(cfg: RunConfig, **overrides: Any) -> RunConfig:
 
 def field_help(cls: type) -> list[tuple[str, Any, str, Any]]:
     """(name, default, help, annotation) for each field of a config dataclass."""
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     return [(f.name, f.default, f.metadata.get("help", ""), hints[f.name]) for f in fields(cls)]
 

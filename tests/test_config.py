@@ -101,3 +101,24 @@ def test_every_field_has_help():
     for cls in (ModelConfig, DataConfig, TrainConfig):
         for f in fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+@pytest.mark.parametrize("flag, value, ok", [
+    ("seed", 2**64, False), ("seed", -2**63 - 1, False), ("data_seed", -1, False), ("data_seed", 2**64, False),
+    ("seed", 2**64 - 1, True), ("seed", -2**63, True), ("data_seed", 0, True), ("data_seed", 2**64 - 1, True),
+])
+def test_seeds_are_64_bit_and_an_out_of_range_one_is_one_error_line(in_tmp, capsys, flag, value, ok):
+    """`train --seed 18446744073709551616` was a traceback from torch.manual_seed (issue 22, F7)."""
+    from sab_byon_omni.cli import main
+    from tests.helpers import tiny_run
+
+    rc = main(["-q", "train", *tiny_run(checkpoint_dir="ck", max_steps=1), f"--{flag}", str(value)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if ok:
+        assert rc == 0, err[-2000:]
+    else:
+        assert rc == 2 and [line for line in err.splitlines() if line.startswith("error: ")] == [
+            f"error: {'train' if flag == 'seed' else 'data'}.{flag}={value} must be in "
+            f"[{'-2**63' if flag == 'seed' else 0}, 2**64)"]
+        assert not Path("ck").exists()

@@ -305,8 +305,6 @@ class _FullDiskFile:
 def test_full_disk_outside_the_checkpoint_save(run_dir, monkeypatch, capsys):
     """ENOSPC while trimming metrics.jsonl on resume, while writing the data cache, and from
     safetensors' writer on export: one error line each, and nothing half-written."""
-    import builtins
-
     from safetensors import SafetensorError
 
     from sab_byon_omni.data import cache
@@ -320,9 +318,9 @@ def test_full_disk_outside_the_checkpoint_save(run_dir, monkeypatch, capsys):
     one_error_line(capsys.readouterr().err, "metrics.jsonl", "disk full")
     assert digest(run_dir) == before and (run_dir / "metrics.jsonl").read_bytes() == rows
     Path("corpus.txt").write_text("some words to tokenise\n" * 500)
+    real_temp = cache.open_temp
     with monkeypatch.context() as m:
-        m.setattr(cache, "open", lambda p, *a, **k: _FullDiskFile(builtins.open(p, *a, **k)) if ".bin.tmp" in str(p)
-                  else builtins.open(p, *a, **k), raising=False)
+        m.setattr(cache, "open_temp", lambda *a, **k: (lambda f, tmp: (_FullDiskFile(f), tmp))(*real_temp(*a, **k)))
         assert main([*BASE, "--data", "corpus.txt", "--checkpoint_dir", "out"]) == 2
     one_error_line(capsys.readouterr().err, "data cache", "disk full")
     assert not Path(".sab_cache").exists() and not Path("out").exists()

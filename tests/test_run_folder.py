@@ -97,6 +97,57 @@ def test_one_run_per_folder(in_tmp, capsys):
     assert step_rows() == list(range(1, 9))  # the first run was not disturbed: each step once
 
 
+def test_one_run_per_folder_even_when_its_lock_file_is_deleted(in_tmp, capsys):
+    """Deleting .lock under a live run does not let a second run in (the lock is on the folder)."""
+    argv = [*BASE, "--save_every", "2", "--resume", "auto", "--max_steps", "8"]
+    first = start_train(argv, in_tmp, SAB_STEP_SLEEP="0.3")
+    _wait_for_lock(in_tmp / "ck", first.pid, first)
+    (in_tmp / "ck" / ".lock").unlink()
+    assert main(argv) == 2
+    assert "in use" in assert_one_error_line(capsys.readouterr().err, "ck")
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    assert step_rows() == list(range(1, 9))
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["symlink", "hardlink"])
+def test_a_link_at_the_lock_is_refused_and_what_it_points_to_untouched(in_tmp, capsys, hard):
+    """The finding: `ln -s ~/precious RUN/.lock` and `--resume auto` truncated ~/precious."""
+    precious = in_tmp / "precious"
+    precious.write_bytes(b"months of notes\n")
+    Path("ck").mkdir()
+    os.link(precious, "ck/.lock") if hard else Path("ck/.lock").symlink_to(precious)
+    assert main([*BASE, "--resume", "auto", "--max_steps", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "ck/.lock", "link")
+    assert precious.read_bytes() == b"months of notes\n" and os.listdir("ck") == [".lock"]
+
+
+def test_a_checkpoint_dir_that_cannot_hold_a_lock_is_one_error_line(in_tmp, capsys):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    assert main([*BASE, "--checkpoint_dir", "/proc/self", "--max_steps", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "/proc/self")
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new folder", "existing folder"])
+def test_a_full_disk_while_writing_the_lock_is_one_error_line_and_writes_nothing(in_tmp, capsys, monkeypatch, exists):
+    import errno
+
+    if exists:
+        Path("ck").mkdir()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = snapshot(in_tmp), sorted(os.listdir(in_tmp))
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        assert main([*BASE, "--max_steps", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "ck/.lock", "disk full")
+    assert (snapshot(in_tmp), sorted(os.listdir(in_tmp))) == before
+    assert not exists or os.listdir("ck") == []
+
+
 # ----------------------------------------------------------------------------------- metrics
 def test_a_kill_during_the_first_save_leaves_each_step_once_after_a_restart(in_tmp):
     """SIGKILL (no handler runs) while step_1.pt is renamed into place: the restart is a fresh

@@ -22,7 +22,8 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import atomic_write_text
+from sab_byon_omni.io.atomic import atomic_write_text, fsync_dir, open_temp
+from sab_byon_omni.io.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +129,14 @@ def open_streams(directory: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.
 
 @contextlib.contextmanager
 def lock(directory: Path) -> Iterator[None]:
-    """Held by one process at a time (processes that start together take turns building)."""
+    """Held by one process at a time (processes that start together take turns building); the one
+    lock of io/lock.py, which deleting ``.lock`` does not release."""
+    held = FolderLock(directory)
+    held.acquire(wait=True)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
         yield
-        return
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        held.release()
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -202,8 +199,7 @@ class _SplitWriter:
 
     def __init__(self, path: Path, tokenizer: Tokenizer, dtype: np.dtype) -> None:
         self.path, self.tokenizer, self.dtype = path, tokenizer, dtype
-        self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        self.f = open(self.tmp, "wb")
+        self.f, self.tmp = open_temp(path, "data cache")  # a new file of its own: never a link
         self.tokens = self.bytes = 0
         self.pending: list[tuple[str, bool]] = []
         self.pending_bytes = 0
@@ -230,7 +226,8 @@ class _SplitWriter:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        os.replace(self.tmp, self.path)
+        os.replace(self.tmp, self.path)  # a link at path is replaced, never followed
+        fsync_dir(self.path.parent)
 
     def discard(self) -> None:
         try:

@@ -4,6 +4,11 @@ A write goes to a temporary sibling (``.<name>.<random>.tmp``), is flushed and `
 ``os.replace``d over the target, and the directory is fsynced. At every moment the target holds
 either the old complete content or the new complete content. On any failure the temporary is
 removed, the previous target is untouched, and a :class:`SabError` says what happened.
+
+Nothing is ever written through a link: a replace swaps a symbolic link itself for the new file
+(its target is untouched), the few files written in place (``metrics.jsonl``, a lock) are opened
+with ``O_NOFOLLOW`` and refused when they are a link (:func:`open_own`, :func:`check_own`), and
+removing a temporary removes a link, never what it points to (:func:`remove_entry`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +29,7 @@ from sab_byon_omni.errors import SabError, first_line
 log = logging.getLogger(__name__)
 
 TEMP_GLOB = ".*.tmp"  # what atomic_write / atomic_path / atomic_directory leave behind when killed
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows has no such links)
 
 
 def _temp_in(path: Path, what: str, directory: bool = False) -> Path:
@@ -35,6 +42,18 @@ def _temp_in(path: Path, what: str, directory: bool = False) -> Path:
         return Path(tmp)
     except OSError as e:
         raise SabError(f"cannot write {what} directory {path.parent}: {e.strerror or e}") from None
+
+
+def open_temp(path: str | Path, what: str = "file") -> tuple[BinaryIO, Path]:
+    """A new temporary file next to ``path``, open for writing (``O_EXCL``: never an existing file or
+    link), and its name, for a writer that streams into it and ``os.replace``s it over ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SabError(f"cannot write {what} directory {path.parent}: {reason(e)}") from None
+    return os.fdopen(fd, "wb"), Path(tmp)
 
 
 def _os_error_in(e: BaseException | None) -> OSError | None:
@@ -52,8 +71,7 @@ def _as_sab_error(e: BaseException, path: Path, kept: str) -> SabError | None:
     """A one-line error for a failed write (full disk, permissions, a library's write error)."""
     os_err = _os_error_in(e)
     if os_err is not None:
-        why = "disk full" if os_err.errno == errno.ENOSPC else (os_err.strerror or str(os_err))
-        return SabError(f"could not save {path}: {why}; {kept}")
+        return SabError(f"could not save {path}: {reason(os_err)}; {kept}")
     text = str(e).lower()
     # torch's zip writer and safetensors replace the OSError of a full disk by their own errors
     if any(w in text for w in ("write", "inline_container", "unexpected pos", "no space", "i/o error")):
@@ -75,8 +93,75 @@ def fsync_dir(d: Path) -> None:
 
 
 def _fsync_file(p: Path) -> None:
-    with open(p, "rb+") as f:
-        os.fsync(f.fileno())
+    fd = os.open(p, os.O_RDONLY | NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_entry(p: Path) -> None:
+    """Delete ``p``: a folder with what it holds, a file, or a link (the link only, never its target)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _link_kind(st: os.stat_result) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        return "a hard link (a file with other names)"
+    return None
+
+
+def _refuse(path: Path, kind: str, what: str) -> SabError:
+    return SabError(f"{path} is {kind}: the project writes {what} only to a plain file of its own, never "
+                    "through a link (it could change a file elsewhere); move it away or choose another folder")
+
+
+def check_own(path: str | Path, what: str) -> None:
+    """Refuse a link where the project is about to write ``what`` in place (a missing path is fine)."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise SabError(f"cannot use {path}: {e.strerror or e}") from None
+    kind = _link_kind(st)
+    if kind:
+        raise _refuse(path, kind, what)
+
+
+def open_own(path: str | Path, flags: int, what: str) -> int:
+    """A descriptor on ``path`` to write ``what`` in place (``flags``: ``os.O_WRONLY | os.O_APPEND``,
+    ``os.O_RDWR``, ..., plus ``os.O_CREAT`` to create it), never through a link: a symbolic link is
+    not followed (``O_NOFOLLOW``) and, like a hard link or anything but a plain file, is refused
+    with a :class:`SabError` that names it. Other failures (a full disk) are one line too."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):  # a link (ELOOP), a FIFO without a reader (ENXIO), a folder
+            raise _refuse(path, "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file", what) from None
+        raise SabError(f"cannot write {path}: {reason(e)}") from None
+    st = os.fstat(fd)
+    kind = _link_kind(st) or (None if stat.S_ISREG(st.st_mode) else "not a plain file")
+    if kind:
+        os.close(fd)
+        raise _refuse(path, kind, what)
+    return fd
+
+
+def reason(e: OSError) -> str:
+    """An OSError in a few words ("disk full", "Permission denied")."""
+    return "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
 @contextlib.contextmanager
@@ -117,24 +202,23 @@ def atomic_directory(path: str | Path, what: str = "folder", overwrite: bool = F
     """Yield a temporary folder next to ``path``; on success its files are fsynced and it replaces
     ``path`` (an existing ``path`` only with ``overwrite``, moved aside first and removed last)."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise SabError(f"{path} already exists; choose another path")
     tmp = _temp_in(path, what, directory=True)
     try:
         yield tmp
         for p in tmp.rglob("*"):
-            if p.is_file():
+            if p.is_file() and not p.is_symlink():
                 _fsync_file(p)
         old = None
-        if path.exists():
+        if os.path.lexists(path):  # a link is moved aside and removed itself, never followed
             old = path.with_name(f".{path.name}.old.tmp")
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            remove_entry(old)
             os.replace(path, old)
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            remove_entry(old)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         err = _as_sab_error(e, path, "nothing was written") if isinstance(e, Exception) and not isinstance(
@@ -145,12 +229,13 @@ def atomic_directory(path: str | Path, what: str = "folder", overwrite: bool = F
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete temporaries that a killed atomic write left in ``directory`` (never anything else)."""
+    """Delete temporaries that a killed atomic write left in ``directory`` (never anything else; a
+    link named like one is removed itself, never followed)."""
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.glob(TEMP_GLOB):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            remove_entry(p)
             removed.append(p)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)

@@ -26,13 +26,13 @@ from torch import nn
 
 from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.io import dcp
-from sab_byon_omni.io.atomic import remove_stale_temps
+from sab_byon_omni.io.atomic import check_own, remove_entry, remove_stale_temps
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.io.lock import LOCK_FILE, FolderLock
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(step|epoch)_(\d+)(\.pt|\.dcp)$")
-LOCK_FILE = ".lock"
 _warned: set[tuple[str, int]] = set()  # (file, mtime): each damaged file is reported once per process
 
 
@@ -59,7 +59,7 @@ class Checkpointer:
         self.dir, self.is_main, self.sharded = Path(directory), is_main, sharded
         self.keep_last, self.barrier = keep_last, barrier
         self.suffix = dcp.SUFFIX if sharded else ".pt"
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(self.dir)
         self._damaged: set[Path] = set()  # failed their checksum when read in full: never ranked, never pruned
 
     # ------------------------------------------------------------------------------- finding
@@ -115,30 +115,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------- the folder
     def lock(self) -> None:
-        """One run per folder: an advisory lock that the OS drops when the process dies."""
-        if not self.is_main or self._lock_fd is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no cross-process lock
+        """One run per folder (the main process locks it for all): a lock that the OS drops when the
+        process dies and that deleting ``.lock`` does not release (io/lock.py)."""
+        if not self.is_main or self._lock.held:
             return
         self.make_dir()
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+        holder = self._lock.acquire()
+        if holder is not None:
             raise SabError(f"{self.dir} is in use by another training run (pid {holder}); wait for it to finish, "
-                           "stop it, or choose another --checkpoint_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+                           "stop it, or choose another --checkpoint_dir")
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def make_dir(self) -> None:
         try:
@@ -157,6 +145,8 @@ class Checkpointer:
         are copied there as they are now."""
         if not entries or not self.is_main:
             return None
+        for p in copies:  # before anything moves: a link there is refused, never read through
+            check_own(p, p.name)
         stamp, n = time.strftime("rewound-%Y%m%d-%H%M%S"), 1
         while True:  # a new folder, even for two rewinds in one second
             dest = self.dir / (stamp if n == 1 else f"{stamp}-{n}")
@@ -167,7 +157,7 @@ class Checkpointer:
                 n += 1
         for p in copies:
             if p.is_file():
-                shutil.copy2(p, dest / p.name)
+                shutil.copy2(p, dest / p.name, follow_symlinks=False)
         for e in entries:
             os.replace(e.path, dest / e.path.name)
         log.warning("moved %d newer checkpoint(s) (%s) to %s: %s", len(entries),
@@ -203,7 +193,7 @@ class Checkpointer:
         keep |= {e.path for e in steps[max(len(steps) - self.keep_last, 0):]} if self.keep_last else set()
         removed = [e.path for e in steps if e.path not in keep]
         for p in removed:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            remove_entry(p)
         return removed
 
     # ------------------------------------------------------------------------------- loading

@@ -15,13 +15,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import atomic_write_text
+from sab_byon_omni.io.atomic import atomic_write_text, check_own, open_own
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class MetricsLog:
         data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON: no NaN
                 for k, v in dataclasses.asdict(row).items() if v is not None}  # None: a field this run lacks
         data["time"] = time.time()
+        # appended in place, never through a link (refused with one line, as a full or read-only disk)
+        fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the run's metrics")
         try:
-            with self.path.open("a", encoding="utf-8") as f:
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
                 f.write(json.dumps(data) + "\n")
         except OSError as e:  # a full or read-only disk: stop with one line, checkpoints untouched
             raise SabError(f"cannot write {self.path}: {e.strerror or e}") from None
@@ -90,7 +93,10 @@ class MetricsLog:
         """Make the file hold exactly the rows of steps 1..``step`` (the checkpoint this run starts
         from; 0 for a fresh start), each once: rows of work a crash threw away, rows a killed save
         repeated, and a line cut short are dropped."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
+            return
+        check_own(self.path, "the run's metrics")  # before the run starts: a link there is refused, never read
+        if not self.path.is_file():
             return
         try:
             text = self.path.read_text(encoding="utf-8", errors="replace")

@@ -22,8 +22,10 @@ import yaml
 
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.errors import SabError, first_line
+from sab_byon_omni.io.atomic import check_own
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 
+FOLDERS = {"tensorboard": "tb", "wandb": "wandb"}  # where each writes in the run folder
 INSTALL = {"tensorboard": "pip install 'sab-byon-omni[tensorboard]'", "wandb": "pip install 'sab-byon-omni[wandb]'"}
 # kind -> (the fields every such row has, all its fields): optional ones (StepRow.muon_lr) may be left out
 KINDS = {kind: (frozenset(f.name for f in dataclasses.fields(row) if f.default is dataclasses.MISSING),
@@ -77,7 +79,11 @@ def config_text(cfg: RunConfig) -> str:
 
 class TensorBoard:
     def __init__(self, directory: Path, cfg: RunConfig) -> None:
-        self.writer = _import("tensorboard")(str(directory / "tb"))
+        try:
+            self.writer = _import("tensorboard")(str(directory / FOLDERS["tensorboard"]))
+        except OSError as e:  # tb is a file, or the disk is full
+            raise SabError(f"train.report_to=tensorboard: cannot write {directory / FOLDERS['tensorboard']}: "
+                           f"{e.strerror or e}") from None
         self.writer.add_text("config", "```yaml\n" + config_text(cfg) + "```", 0)
 
     def log(self, row: dict[str, Any]) -> None:
@@ -106,8 +112,10 @@ class WandB:
 
 
 def open_all(asked: list[str], directory: Path, cfg: RunConfig, is_main: bool) -> list[Any]:
-    """Open the trackers (the main process only)."""
+    """Open the trackers (the main process only); a link where one would write is refused first."""
     if not is_main:
         return []
+    for n in asked:
+        check_own(directory / FOLDERS[n], f"the {n} log (train.report_to)")
     return [TensorBoard(directory, cfg) if n == "tensorboard" else WandB(directory, cfg) for n in asked]
 

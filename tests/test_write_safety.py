@@ -1,0 +1,231 @@
+"""No write follows a link out of its folder or changes a file the project did not create, and one
+lock per folder that deleting its ``.lock`` does not release (issue 22: F1, F4): the pieces
+(io/atomic.py, io/lock.py, the data cache, the metrics log, the checkpointer) one by one. The
+whole run against planted links is tests/test_fuzz_run_folder.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.io.atomic import atomic_directory, atomic_write_text, open_own, remove_stale_temps
+from sab_byon_omni.io.lock import FolderLock
+from sab_byon_omni.training.checkpointer import Checkpointer
+from sab_byon_omni.training.metrics import EvalRow, MetricsLog
+
+posix = pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="links and flock are POSIX")
+pytestmark = posix
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder outside the one written to, holding a file and a folder that must never change."""
+    d = tmp_path / "outside"
+    (d / "sub").mkdir(parents=True)
+    (d / "precious").write_bytes(b"precious bytes\n")
+    (d / "sub" / "keep.txt").write_bytes(b"keep me")
+    return d
+
+
+def state(d: Path) -> dict[str, bytes | None]:
+    """Every entry under ``d``: a file's bytes, None for a folder (what 'unchanged' compares)."""
+    return {str(p.relative_to(d)): (None if p.is_dir() else p.read_bytes()) for p in sorted(d.rglob("*"))}
+
+
+def link(at: Path, target: Path, hard: bool = False) -> Path:
+    at.parent.mkdir(parents=True, exist_ok=True)
+    os.link(target, at) if hard else at.symlink_to(target)
+    return at
+
+
+# ------------------------------------------------------------------------------- the lock (F1, F4)
+@pytest.mark.parametrize("hard", [False, True], ids=["symlink", "hardlink"])
+def test_a_link_at_the_lock_is_refused_and_never_written_through(tmp_path, outside, hard):
+    before = state(outside)
+    link(tmp_path / "run" / ".lock", outside / "precious", hard)
+    with pytest.raises(SabError, match=r"run/\.lock is a (symbolic|hard) link"):
+        FolderLock(tmp_path / "run").acquire()
+    assert state(outside) == before
+
+
+def test_deleting_the_lock_file_does_not_release_the_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = FolderLock(run)
+    assert first.acquire() is None and (run / ".lock").read_text() == str(os.getpid())
+    assert FolderLock(run).acquire() == str(os.getpid())  # taken: the holder's pid for the message
+    (run / ".lock").unlink()  # the bypass of the finding
+    assert FolderLock(run).acquire() == "?"  # still taken (the pid is gone with the file)
+    first.release()
+    again = FolderLock(run)
+    assert again.acquire() is None
+    again.release()
+
+
+def test_a_full_disk_while_writing_the_lock_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(SabError, match="disk full") as e:
+        FolderLock(run).acquire()
+    assert "\n" not in str(e.value) and os.listdir(run) == []
+    monkeypatch.undo()
+    free = FolderLock(run)  # and nothing stays locked
+    assert free.acquire() is None
+    free.release()
+
+
+def test_the_data_cache_lock_holds_when_its_lock_file_is_deleted(tmp_path):
+    """Two builders: the second waits for the first although the first's .lock was deleted."""
+    from sab_byon_omni.data import cache
+
+    d = tmp_path / "cache"
+    d.mkdir()
+    events: list[str] = []
+
+    def second() -> None:
+        with cache.lock(d):
+            events.append("second in")
+
+    with cache.lock(d):
+        (d / ".lock").unlink()
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)  # ample time for the second to get in, were the lock bypassed
+        events.append("first out")
+    t.join(timeout=30)
+    assert events == ["first out", "second in"]
+
+
+def test_the_data_cache_never_writes_through_a_link(tmp_path, outside, monkeypatch):
+    """Links planted at every name the cache writes (its lock, token files, their temporaries,
+    meta.json, tokenizer.json): the target is unchanged, the build refused or the links replaced."""
+    from sab_byon_omni.config import DataConfig
+    from sab_byon_omni.data.corpus import load_corpus
+
+    (tmp_path / "corpus.txt").write_text("some words to tokenise and learn from\n" * 200)
+    cfg = DataConfig(dataset=str(tmp_path / "corpus.txt"), cache_dir=str(tmp_path / "cache"), seq_len=16,
+                     tokenizer="bpe", bpe_vocab_size=300)
+    before = state(outside)
+    names = ["train.bin", "val.bin", "meta.json", "tokenizer.json", f"train.bin.tmp{os.getpid()}",
+             f"val.bin.tmp{os.getpid()}"]
+    for name in names:
+        link(tmp_path / "cache" / name, outside / "precious")
+    load_corpus(cfg)  # every one of these is replaced atomically: none is written through
+    assert state(outside) == before
+    assert all(not (tmp_path / "cache" / n).is_symlink() for n in names[:4])
+    link(tmp_path / "cache2" / ".lock", outside / "precious")
+    with pytest.raises(SabError, match="is a symbolic link"):
+        load_corpus(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "cache2")}))
+    assert state(outside) == before
+
+
+# ------------------------------------------------------------------------------- io/atomic.py
+def test_open_own_refuses_links_and_other_kinds_of_file(tmp_path, outside):
+    before = state(outside)
+    for kind, make in [("symbolic link", lambda p: p.symlink_to(outside / "precious")),
+                       ("symbolic link", lambda p: p.symlink_to(outside / "missing")),  # dangling: not created
+                       ("hard link", lambda p: os.link(outside / "precious", p)),
+                       ("not a plain file", lambda p: os.mkfifo(p))]:
+        p = tmp_path / "f"
+        make(p)
+        with pytest.raises(SabError, match=kind):
+            os.close(open_own(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "rows"))
+        p.unlink()
+    assert state(outside) == before
+    os.close(open_own(tmp_path / "new", os.O_WRONLY | os.O_CREAT, "rows"))  # a plain new file is fine
+    assert (tmp_path / "new").is_file()
+
+
+def test_atomic_writes_replace_a_link_and_leave_its_target(tmp_path, outside):
+    before = state(outside)
+    link(tmp_path / "config.yaml", outside / "precious")
+    link(tmp_path / "hard.yaml", outside / "precious", hard=True)
+    atomic_write_text(tmp_path / "config.yaml", "new")
+    atomic_write_text(tmp_path / "hard.yaml", "new")
+    assert state(outside) == before
+    assert (tmp_path / "config.yaml").read_text() == "new" and not (tmp_path / "config.yaml").is_symlink()
+
+
+@pytest.mark.parametrize("at", ["target", "old"])
+def test_atomic_directory_moves_links_aside_without_following_them(tmp_path, outside, at):
+    """``out`` (overwritten) or the ``.out.old.tmp`` a killed overwrite left is a link to a folder
+    elsewhere: the link goes, never the folder it points to."""
+    before = state(outside)
+    out = tmp_path / "out"
+    link(out if at == "target" else tmp_path / ".out.old.tmp", outside)
+    if at == "old":
+        out.mkdir()
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new" and not out.is_symlink()
+    assert not os.path.lexists(tmp_path / ".out.old.tmp")
+    assert state(outside) == before
+
+
+def test_atomic_directory_counts_a_dangling_link_as_existing(tmp_path, outside):
+    link(tmp_path / "out", outside / "missing")
+    with pytest.raises(SabError, match="already exists"):
+        with atomic_directory(tmp_path / "out"):
+            pass
+    assert not (outside / "missing").exists()
+
+
+def test_stale_temporaries_that_are_links_are_removed_not_followed(tmp_path, outside):
+    before = state(outside)
+    link(tmp_path / ".step_1.pt.abc.tmp", outside)  # a folder elsewhere
+    link(tmp_path / ".config.yaml.abc.tmp", outside / "precious")
+    (tmp_path / ".own.tmp").mkdir()
+    (tmp_path / ".own.tmp" / "x").write_text("x")
+    assert len(remove_stale_temps(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path)) == ["outside"] and state(outside) == before
+
+
+# ------------------------------------------------------------------------------- metrics, checkpointer
+@pytest.mark.parametrize("hard", [False, True], ids=["symlink", "hardlink"])
+def test_metrics_are_never_appended_through_a_link(tmp_path, outside, hard):
+    before = state(outside)
+    link(tmp_path / "metrics.jsonl", outside / "precious", hard)
+    log = MetricsLog(tmp_path, enabled=True)
+    with pytest.raises(SabError, match="metrics.jsonl is a"):
+        log.reconcile(0)  # at the start of a run
+    with pytest.raises(SabError, match="metrics.jsonl is a"):
+        log.write(EvalRow(step=1, epoch=0, val_loss=1.0))  # and at every row
+    assert state(outside) == before
+
+
+def test_pruning_removes_a_link_never_what_it_points_to(tmp_path):
+    from tests.hostile import write_dcp
+
+    elsewhere = tmp_path / "elsewhere"
+    for step in (1, 2, 3):
+        write_dcp(elsewhere / f"s{step}.dcp", global_step=step)
+    before = state(elsewhere)
+    ck = Checkpointer(tmp_path / "run", sharded=True, keep_last=1)
+    for step in (1, 2, 3):
+        link(ck.dir / f"step_{step}.dcp", elsewhere / f"s{step}.dcp")
+    assert sorted(p.name for p in ck.prune(3)) == ["step_1.dcp", "step_2.dcp"]
+    assert os.listdir(ck.dir) == ["step_3.dcp"] and state(elsewhere) == before
+
+
+def test_setting_aside_refuses_a_linked_metrics_file_before_moving_anything(tmp_path, outside):
+    from sab_byon_omni.training.checkpointer import Entry
+
+    before = state(outside)
+    ck = Checkpointer(tmp_path / "run")
+    link(ck.dir / "metrics.jsonl", outside / "precious")
+    (ck.dir / "step_9.pt").write_bytes(b"x")
+    with pytest.raises(SabError, match="metrics.jsonl is a symbolic link"):
+        ck.set_aside([Entry(ck.dir / "step_9.pt", 9, False, 0)], "a test", copies=(ck.dir / "metrics.jsonl",))
+    assert sorted(os.listdir(ck.dir)) == ["metrics.jsonl", "step_9.pt"]  # nothing moved
+    assert state(outside) == before
