@@ -17,12 +17,14 @@ from safetensors.torch import save_file
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
-from sab_byon_omni.io.untrusted import MAX_NODES, check_pickle
+from sab_byon_omni.io.untrusted import MAX_NODES, check_pickle, check_torch_file
 from tests.hostile import (
     Payload,
     assert_one_error_line,
+    claim_size,
     deferred_bomb,
     flip_tensor_bit,
+    opcode_run,
     plant_metadata_payload,
     run_bounded,
     snapshot,
@@ -30,6 +32,7 @@ from tests.hostile import (
     tuple_key_bomb,
     unsafe_dcp_load,
     with_pickle,
+    with_record,
     write_dcp,
 )
 
@@ -128,6 +131,19 @@ def _bomb_checkpoints(trained: Path, d: Path) -> dict[str, Path]:
     out["tuple_key_hash_bomb"].write_bytes(with_pickle(torch_bytes({"a": 1}), tuple_key_bomb(40)))
     out["deferred_list_bomb"] = d / "deferred_list_bomb.pt"
     out["deferred_list_bomb"].write_bytes(with_pickle(torch_bytes({"a": 1}), deferred_bomb()))
+    # 64 MB of None-then-POP opcodes deflated into a 66 KB data.pkl: the scan used to read all of it
+    # and build a graph of 3x10^7 objects (gigabytes); torch.save never compresses a record
+    out["compressed_opcode_bomb"] = d / "compressed_opcode_bomb.pt"
+    out["compressed_opcode_bomb"].write_bytes(with_record(torch_bytes({"a": 1}), "data.pkl", [
+        b"\x80\x02", *[b"N0" * (1 << 19)] * 64, b"N."]))
+    assert out["compressed_opcode_bomb"].stat().st_size < 100_000
+    # the same opcodes as a sharded checkpoint's .metadata (50 MB: DCP metadata is a plain pickle file)
+    out["opcode_bomb.dcp"] = write_dcp(d / "opcode_bomb.dcp")
+    with open(out["opcode_bomb.dcp"] / ".metadata", "wb") as f:
+        f.write(b"\x80\x04")
+        for _ in range(50):
+            f.write(b"N0" * (1 << 19))
+        f.write(b"N.")
     return out
 
 
@@ -145,12 +161,14 @@ def test_bombs_and_hangs_end_in_one_error_line_with_bounded_memory_and_time(trai
         commands += [["generate", "--checkpoint", str(path), "--prompt", "x"], ["eval", "--checkpoint", str(path)],
                      ["export", "--checkpoint", str(path), "-o", f"{path.stem}.safetensors"],
                      [*TRAIN, "--checkpoint_dir", "ck", "--resume", str(path)]]
+        if path.suffix == ".dcp":
+            commands += [["consolidate", str(path), "-o", "consolidated.pt"]]
     results = run_bounded(commands, in_tmp, memory_mb=1500, seconds=30)
     for argv, (rc, err) in zip(commands, results):
         assert rc == 2, (argv, rc, err[-2000:])
         line = assert_one_error_line(err)
         assert len(line) < 400, line
-    assert not list(in_tmp.glob("*.safetensors")) and not Path("ck").exists()
+    assert not list(in_tmp.glob("*.safetensors")) and not Path("ck").exists() and not Path("consolidated.pt").exists()
 
 
 def test_the_pickle_scan_refuses_bombs_and_cycles_and_passes_real_checkpoints(trained):
@@ -327,3 +345,159 @@ def test_deeply_nested_json_in_data_and_metrics_is_skipped_not_a_traceback(tmp_p
     assert any("deep.jsonl:1" in r.getMessage() for r in caplog.records)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n' + _deep() + "\n")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+# ------------------------------------------------------------------- bombs bounded by the file's size
+def test_a_compressed_or_oversized_record_is_refused_before_it_is_read(trained):
+    """torch.save stores every record as it is, so a compressed one (a 66 KB record that inflates to
+    64 MB, or a bzip2/lzma one that torch cannot even read) or one whose header claims more bytes
+    than it stores is refused from the zip's directory, with almost no memory; a real checkpoint
+    re-zipped with deflate (which torch would read) is refused the same way."""
+    import io
+    import tracemalloc
+    import zipfile
+
+    base = torch_bytes({"a": torch.zeros(3)})
+    opcodes = [b"\x80\x02", *[b"N0" * (1 << 19)] * 64, b"N."]
+    real = trained.read_bytes()
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(real)) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    cases = {"bzip2 pickle": with_record(base, "data.pkl", [opcode_run(b"N0", 10)], 12),
+             "pickle claims 10^9 bytes": claim_size(base, "data.pkl", 10**9),
+             "tensor claims 10^9 bytes": claim_size(base, "data/0", 10**9),
+             "lzma tensor": with_record(base, "data/0", [b"\0" * (1 << 20)] * 8, 14),
+             "a real checkpoint deflated": deflated.getvalue(),
+             "deflated opcodes": with_record(base, "data.pkl", opcodes)}
+    for name, data in cases.items():
+        tracemalloc.start()
+        try:
+            with pytest.raises(SabError, match="compressed|claims") as e:
+                check_torch_file(io.BytesIO(data), name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert "\n" not in str(e.value) and peak < 4 << 20, (name, peak)
+    check_torch_file(io.BytesIO(real), "the real checkpoint")  # the control: stored records pass
+
+
+def test_cheap_opcode_runs_are_refused_by_count_not_by_exhaustion(monkeypatch):
+    """None-then-POP (what the 2.47 GB bomb was made of) is refused at its first POP; other cheap
+    runs stop at the opcode, object or reference limits (shown here with small limits), and marks
+    are found without searching the stack (10^5 objects under 10^5 empty batches used to cost 10^10
+    steps)."""
+    from sab_byon_omni.io import untrusted
+
+    with pytest.raises(SabError, match="discards objects"):
+        check_pickle(opcode_run(b"N0", 10), "none-pop")
+    for unit in (b"(1", b"N2"):  # MARK/POP_MARK, NONE/DUP
+        with pytest.raises(SabError, match="discards objects"):
+            check_pickle(opcode_run(unit, 10), unit.decode())
+    check_pickle(opcode_run(b"(e", 10**5, head=b"]" + b"N" * 10**5, tail=b"."), "marks")  # many marks: fast
+    monkeypatch.setattr(untrusted, "MAX_OPS", 1000)
+    monkeypatch.setattr(untrusted, "MAX_NODES", 400)
+    for name, data in {"empty batches": opcode_run(b"(e", 2000, head=b"]", tail=b"."),
+                       "a memo entry per opcode": opcode_run(b"r\0\0\0\0", 2000, head=b"N"),
+                       "a long list": opcode_run(b"Na", 500, head=b"]", tail=b"."),
+                       "references to one object": opcode_run(b"h\0a", 500, head=b"Nq\0]", tail=b".")}.items():
+        with pytest.raises(SabError, match="more than") as e:
+            check_pickle(data, name)
+        assert "refused to load" in str(e.value)
+
+
+def test_a_3b_preset_sized_checkpoint_passes_the_scan():
+    """The limits leave room: the pickle of a 3b-preset checkpoint (every weight of 36 layers, AdamW's
+    step and two moments for each, the config, a long loss history) is about 2x10^4 objects."""
+    import io
+    import pickletools
+    import zipfile
+
+    from sab_byon_omni.config import PRESETS
+
+    layers = PRESETS["3b"]["n_layers"]
+    names = ["embed.weight", "fragmergent.step", "norm.weight", "head.weight"] + [
+        f"blocks.{i}.{n}" for i in range(layers) for n in ("norm1.weight", "attn.qkv.weight", "attn.proj.weight",
+                                                           "norm2.weight", "mlp.up.weight", "mlp.down.weight")]
+    one = torch.zeros(1)  # the pickle's size does not depend on the tensors' sizes
+    ck = {"epoch": 3, "global_step": 10**6, "config": {"model": dict(PRESETS["3b"]), "train": {"lr": 1e-4}},
+          "model_state_dict": {n: one.clone() for n in names},
+          "optimizer_state_dict": {"state": {i: {"step": torch.tensor(1.0), "exp_avg": one.clone(),
+                                                 "exp_avg_sq": one.clone()} for i in range(len(names))},
+                                   "param_groups": [{"params": list(range(len(names))), "lr": 1e-4}]},
+          "history": {"train_loss": [1.0] * 1000, "val_loss": [1.0] * 1000}, "rng_state": {"python": list(range(625))}}
+    data = torch_bytes(ck)
+    check_torch_file(io.BytesIO(data), "3b-sized")
+    pkl = zipfile.ZipFile(io.BytesIO(data)).read("archive/data.pkl")
+    objects = sum(1 for op, _, _ in pickletools.genops(pkl) if op.stack_after and op.name not in ("MEMOIZE", "MARK"))
+    assert 10**4 < objects < MAX_NODES // 20, objects
+
+
+# ------------------------------------------------------------- DCP metadata cannot rewire what it imports
+def _rewiring_pickle(target: str) -> bytes:
+    """A ~100-byte .metadata whose BUILD sets the attribute ``sab_rewired`` on something shared: the
+    class PosixPath, the function torch.serialization._get_layout (its layout cache lives in its
+    __dict__), or a member of DCP's _MEM_FORMAT_ENCODING enum (one object for the whole process)."""
+    def text(s: str) -> bytes:
+        return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+    state = b"N}" + text("sab_rewired") + text("by a file") + b"s\x86b."  # (None, {...}): setattr, one by one
+    if target == "class":
+        return b"\x80\x02cpathlib\nPosixPath\n" + state
+    if target == "function":
+        return b"\x80\x02ctorch.serialization\n_get_layout\n" + state
+    return b"\x80\x02ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\nK\x00\x85R" + state
+
+
+def _rewired(target: str):
+    import pathlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+    from torch.serialization import _get_layout
+
+    return {"class": pathlib.PosixPath, "function": _get_layout, "member": _MEM_FORMAT_ENCODING(0)}[target]
+
+
+@pytest.mark.parametrize("target", ["class", "function", "member"])
+def test_the_rewiring_pickle_is_real(target):
+    """Control: through the allow-list alone (the unpickler DCP metadata used to go through) the
+    file does set the attribute: on the class for every PosixPath, on the shared function or enum member."""
+    import io
+
+    from sab_byon_omni.io.dcp import _MetadataUnpickler
+
+    obj = _rewired(target)
+    assert not hasattr(obj, "sab_rewired")
+    try:
+        _MetadataUnpickler(io.BytesIO(_rewiring_pickle(target))).load()
+        assert getattr(obj, "sab_rewired", None) == "by a file"
+        if target == "class":
+            assert Path("anything").sab_rewired == "by a file"  # every path in the process sees it
+    finally:
+        if "sab_rewired" in vars(obj):
+            delattr(obj, "sab_rewired")
+
+
+@pytest.mark.parametrize("target", ["class", "function", "member"])
+def test_a_dcp_metadata_cannot_set_attributes_on_what_it_imports(in_tmp, capsys, target):
+    dcp_dir = write_dcp(in_tmp / "evil.dcp")
+    (dcp_dir / ".metadata").write_bytes(_rewiring_pickle(target))
+    assert len(_rewiring_pickle(target)) < 120
+    obj = _rewired(target)
+    try:
+        for argv in (["consolidate", "evil.dcp", "-o", "out.pt"], ["generate", "--checkpoint", "evil.dcp",
+                                                                    "--prompt", "x"]):
+            assert main(argv) == 2
+            assert_one_error_line(capsys.readouterr().err, "evil.dcp", "refused")
+            assert not hasattr(obj, "sab_rewired"), "the file changed a class, function or shared object"
+    finally:
+        if "sab_rewired" in vars(obj):
+            delattr(obj, "sab_rewired")
+    assert not Path("out.pt").exists()
+
+
+def test_real_dcp_metadata_still_loads(in_tmp):
+    from sab_byon_omni.io.dcp import read_metadata
+
+    metadata = read_metadata(write_dcp(in_tmp / "good.dcp"))
+    assert "model.embed.weight" in metadata.state_dict_metadata

@@ -7,8 +7,10 @@ an ordinary weights-only file.
 DCP's own reader is not safe for files from elsewhere: it reads ``.metadata`` with plain
 ``pickle.load`` and the non-tensor entries of a state dict (the optimizer's hyper-parameters)
 with ``torch.load(weights_only=False)``, so a crafted folder runs code. Here ``.metadata`` is
-unpickled through an allow-list of DCP's metadata classes and the byte entries are loaded with
-``weights_only=True``; anything else is refused with a :class:`SabError`.
+scanned first (bounded, and ``BUILD`` only on new instances of DCP's metadata dataclasses: an
+allow-list alone would let a pickle set attributes on the classes it may import, such as
+``PosixPath``), then unpickled through an allow-list of DCP's metadata classes, and the byte
+entries are loaded with ``weights_only=True``; anything else is refused with a :class:`SabError`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import pickle
 import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,10 @@ _ALLOWED = {
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
 }
+# the dataclasses whose new instances the pickle fills in (BUILD); nothing else may be given attributes
+_BUILDABLE = frozenset({f"torch.distributed.checkpoint.metadata.{n}" for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta")} | {"torch.distributed.checkpoint.filesystem._StorageInfo"})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -54,17 +61,22 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: str | Path) -> Any:
-    """DCP's ``.metadata`` of the folder ``path``, unpickled through the allow-list and checked
-    (its shard files are plain names inside the folder); anything else is a SabError."""
+    """DCP's ``.metadata`` of the folder ``path``, scanned, unpickled through the allow-list and
+    checked (its shard files are plain names inside the folder); anything else is a SabError."""
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    f = Path(path) / ".metadata"
+    folder = Path(path)
+    f = folder / ".metadata"
     try:
-        if f.stat().st_size > MAX_METADATA_BYTES:
-            raise SabError(f"{f}: {f.stat().st_size:,} bytes is too large for DCP metadata (hostile file?)")
-        data = f.read_bytes()
-        check_pickle(data, str(f))
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):  # a device or a pipe would never end (or never start)
+            raise SabError(f"{f}: refused to load: not a regular file")
+        if st.st_size > MAX_METADATA_BYTES:
+            raise SabError(f"{f}: {st.st_size:,} bytes is too large for DCP metadata (hostile file?)")
+        with open(f, "rb") as stream:
+            check_pickle(stream, str(f), buildable=_BUILDABLE)
+            stream.seek(0)
+            metadata = _MetadataUnpickler(stream).load()
     except SabError:
         raise
     except pickle.UnpicklingError as e:
