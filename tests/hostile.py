@@ -96,10 +96,12 @@ def tiny_config(**changes) -> dict:
     return build_config({"preset": "tiny", "vocab_size": 96, "seq_len": 32, **changes}).to_dict()
 
 
-def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = None) -> Path:
+def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = None,
+              moment_dtype: torch.dtype | None = None) -> Path:
     """A valid sharded checkpoint of the tiny model (written in one process, laid out as FSDP's):
     DCP's ``.metadata`` and ``__0_0.distcp``, plus ``meta.pt``. ``optimizer_extra`` goes into the
-    first param group (a byte entry of the shard: how a payload would travel there)."""
+    first param group (a byte entry of the shard: how a payload would travel there);
+    ``moment_dtype``: AdamW's moments stored in that dtype instead of the weights' fp32."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -108,6 +110,9 @@ def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = N
     model, opt = tiny_model_and_optimizer()
     msd, osd = get_state_dict(model, opt)
     osd["param_groups"][0].update(optimizer_extra or {})
+    if moment_dtype is not None:
+        for entry in osd["state"].values():
+            entry.update({k: v.to(moment_dtype) for k, v in entry.items() if k.startswith("exp_avg")})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(path))

@@ -298,7 +298,10 @@ def _legacy(trained: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_error_line(trained, in_tmp, capsys, case):
-    build, needle = CASES[case]
+    _one_error_line_and_nothing_written(*CASES[case], trained, in_tmp, capsys)
+
+
+def _one_error_line_and_nothing_written(build, needle: str, trained: Path, in_tmp: Path, capsys) -> None:
     argv = build(trained, in_tmp)
     if argv[0] == "-q":
         argv += ["--checkpoint_dir", "ck"]
@@ -501,3 +504,245 @@ def test_real_dcp_metadata_still_loads(in_tmp):
 
     metadata = read_metadata(write_dcp(in_tmp / "good.dcp"))
     assert "model.embed.weight" in metadata.state_dict_metadata
+
+
+# ---------------------------------------------------- one planted file no longer breaks every resume
+def _planted(trained: Path, out: Path, kind: str) -> Path:
+    """A copy of the trained checkpoint, changed the way a damaged disk or an attacker could, with a
+    valid checksum where one can be computed (else the old one)."""
+    ck = load_checkpoint(trained)
+    weights = dict(ck["model_state_dict"])
+    name = "blocks.0.attn.qkv.weight"
+    if kind == "format ²":
+        ck["format"] = "sab-byon-omni/²"
+    elif kind == "format of 5000 digits":
+        ck["format"] = "sab-byon-omni/" + "9" * 5000
+    elif kind == "sparse":
+        weights[name] = weights[name].to_sparse()
+    elif kind == "sparse csr":
+        weights[name] = weights[name].to_sparse_csr()
+    elif kind == "quantized":
+        weights[name] = torch.quantize_per_tensor(weights[name], 0.01, 0, torch.qint8)
+    elif kind == "meta":
+        weights[name] = torch.empty(weights[name].shape, device="meta")
+    elif kind == "nested":
+        weights[name] = torch.nested.nested_tensor([weights[name][0], weights[name][1]])
+    elif kind == "complex64":
+        weights[name] = weights[name].to(torch.complex64)
+    ck["model_state_dict"] = weights
+    try:
+        save_checkpoint({k: v for k, v in ck.items() if k != "format"}, out)
+        if kind.startswith("format"):  # save_checkpoint writes its own tag: put the planted one back
+            torch.save({**load_checkpoint(out), "format": ck["format"]}, out)
+    except (RuntimeError, NotImplementedError):  # no checksum of a sparse, meta or nested tensor
+        torch.save(ck, out)
+    return out
+
+
+PLANTED = ["format ²", "format of 5000 digits", "sparse", "sparse csr", "quantized", "meta", "nested", "complex64"]
+
+
+@pytest.mark.parametrize("kind", PLANTED)
+def test_a_planted_file_is_skipped_by_resume_auto_and_refused_by_every_other_command(trained, in_tmp, capsys, caplog,
+                                                                                      kind):
+    """Each once crashed train --resume auto, generate, eval and export with a traceback (int('²'), a
+    5000-digit int(), a checksum over a sparse tensor) or loaded silently (complex weights lost their
+    imaginary part): --resume auto now skips it with a warning, everything else refuses it by name."""
+    import shutil
+
+    run = in_tmp / "ck"
+    shutil.copytree(trained.parent, run)
+    for p in run.glob(".*"):
+        p.unlink()  # the lock file of the fixture's run
+    bad = _planted(trained, run / "step_9.pt", kind)
+    needle = "format" if kind.startswith("format") else kind.split()[0]
+    for argv in (["generate", "--checkpoint", str(bad), "--prompt", "x"], ["eval", "--checkpoint", str(bad)],
+                 ["export", "--checkpoint", str(bad), "-o", "m.safetensors"],
+                 [*TRAIN, "--checkpoint_dir", "other", "--resume", str(bad)]):
+        assert main(argv) == 2, (kind, argv)
+        assert_one_error_line(capsys.readouterr().err, "step_9.pt", needle)
+    assert not Path("m.safetensors").exists() and not Path("other").exists()
+    with caplog.at_level("WARNING"):
+        assert main([*TRAIN, "--checkpoint_dir", str(run), "--resume", "auto", "--max_steps", "3"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert any("step_9.pt" in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
+    assert load_checkpoint(run / "step_3.pt")["global_step"] == 3 and bad.exists()
+
+
+# ------------------------------------------------------------------ silent inconsistencies refused
+def _with_optimizer_state(trained: Path, out: Path, change) -> Path:
+    ck = load_checkpoint(trained)
+    osd = ck["optimizer_state_dict"]
+    ck["optimizer_state_dict"] = {**osd, "state": change(dict(osd["state"]))}
+    save_checkpoint(ck, out)  # a valid checksum: the values are what is wrong
+    return out
+
+
+def _hf_folder(trained: Path, out: Path) -> Path:
+    from sab_byon_omni.core.export import export_model
+
+    return export_model(trained, out, fmt="hf")
+
+
+def _sharded_hf(trained: Path, t: Path, weight_map, outside: bool = False) -> Path:
+    """An HF folder whose weights are behind model.safetensors.index.json with ``weight_map``
+    (called with the real shard's name); ``outside``: the shard lives in the parent folder."""
+    d = _hf_folder(trained, t / "hf")
+    shard = (t if outside else d) / "shard-00001.safetensors"
+    (d / "model.safetensors").rename(shard)
+    keys = list(torch.load(trained, weights_only=True)["model_state_dict"])  # any names: the map is what counts
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map(shard, keys)}))
+    return d
+
+
+def _complex_safetensors(trained: Path, out: Path) -> Path:
+    from safetensors import safe_open
+
+    from sab_byon_omni.core.export import export_safetensors
+
+    export_safetensors(trained, out.with_suffix(".good.safetensors"))
+    with safe_open(str(out.with_suffix(".good.safetensors")), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.mlp.up.weight"] = tensors["blocks.0.mlp.up.weight"].to(torch.complex64)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def _complex_hf(trained: Path, t: Path) -> Path:
+    from safetensors.torch import load_file
+
+    d = _hf_folder(trained, t / "hf")
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["embed_out.weight"] = tensors["embed_out.weight"].to(torch.complex64)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def _complex_pretrained(trained: Path, t: Path) -> Path:
+    from safetensors.torch import load_file
+
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+
+    SABTranscendentV2.load(trained).save_pretrained(t / "m")
+    tensors = load_file(str(t / "m" / "model.safetensors"))
+    tensors["norm.weight"] = tensors["norm.weight"].to(torch.complex64)
+    save_file(tensors, str(t / "m" / "model.safetensors"), metadata={"format": "pt"})
+    return t / "m"
+
+
+def _exported_meta(trained: Path, out: Path, **meta) -> Path:
+    from safetensors import safe_open
+
+    from sab_byon_omni.core.export import export_safetensors
+
+    export_safetensors(trained, out.with_suffix(".good.safetensors"))
+    with safe_open(str(out.with_suffix(".good.safetensors")), framework="pt") as f:
+        old, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out), metadata={**old, **meta})
+    return out
+
+
+MODEL_FILE_CASES = {  # like CASES: name -> (build(trained, tmp) -> argv, what the error line names)
+    "superscript epoch in safetensors metadata": (
+        lambda c, t: ["generate", "--checkpoint", str(_exported_meta(c, t / "e.safetensors", epoch="²")),
+                      "--prompt", "x"], "epoch"),
+    "weight_map a list in a transformers index": (
+        lambda c, t: ["generate", "--checkpoint", str(_sharded_hf(c, t, lambda s, k: [])), "--prompt", "x"],
+        "weight_map"),
+    "transformers index naming a shard outside its folder": (
+        lambda c, t: ["generate", "--checkpoint", str(_sharded_hf(c, t, lambda s, k: {n: f"../{s.name}" for n in k},
+                                                                  outside=True)), "--prompt", "x"],
+        "not a *.safetensors file of the folder"),
+    "transformers index naming an absolute path": (
+        lambda c, t: ["generate", "--checkpoint", str(_sharded_hf(c, t, lambda s, k: {n: str(s) for n in k},
+                                                                  outside=True)), "--prompt", "x"],
+        "not a *.safetensors file of the folder"),
+    "complex weights in an exported safetensors file": (
+        lambda c, t: ["generate", "--checkpoint", str(_complex_safetensors(c, t / "c.safetensors")), "--prompt", "x"],
+        "complex"),
+    "complex weights in a transformers folder": (
+        lambda c, t: ["generate", "--checkpoint", str(_complex_hf(c, t)), "--prompt", "x"], "complex"),
+    "complex weights in a saved model": (
+        lambda c, t: ["generate", "--checkpoint", str(_complex_pretrained(c, t)), "--prompt", "x"], "complex"),
+    "optimizer state under an index no group lists": (
+        lambda c, t: [*TRAIN, "--resume", str(_with_optimizer_state(c, t / "o.pt", lambda s: {
+            k + 1000: v for k, v in s.items()}))], "no parameter group lists"),
+    "AdamW moment stored as bf16": (
+        lambda c, t: [*TRAIN, "--resume", str(_with_optimizer_state(c, t / "o.pt", lambda s: {
+            k: {**v, "exp_avg": v["exp_avg"].to(torch.bfloat16)} for k, v in s.items()}))], "bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_FILE_CASES))
+def test_inconsistent_model_files_are_one_error_line(trained, in_tmp, capsys, case):
+    """Each of these once gave a traceback (int("²"), a list where a mapping belongs) or was accepted
+    silently (a shard read from outside its folder, complex weights losing their imaginary part,
+    AdamW's moments dropped or cast)."""
+    _one_error_line_and_nothing_written(*MODEL_FILE_CASES[case], trained, in_tmp, capsys)
+
+
+def test_a_transformers_index_naming_shards_in_its_folder_loads(trained, in_tmp):
+    """Control for the two index cases above: the shard they point at is a good file with the very
+    weights (so before the fix the folder loaded it from outside); named inside the folder, it loads."""
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+
+    d = _sharded_hf(trained, in_tmp, lambda s, k: {n: s.name for n in k})
+    assert SABTranscendentV2.load(d).model.embed.weight.shape[0] == 96
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16])
+def test_muon_momentum_of_another_dtype_is_refused(in_tmp, capsys, caplog, dtype):
+    """load_state_dict casts a moment to its parameter's dtype, so an int32 or bf16 momentum used to
+    resume silently (int32: rounded); the file's own dtypes are checked as it is read."""
+    from tests.helpers import tiny_run
+
+    args = ["train", *tiny_run(max_steps=2, save_every=2, optimizer="muon", precision="fp32")]
+    assert main([*args, "--checkpoint_dir", "ck"]) == 0
+    ck = load_checkpoint("ck/step_2.pt")
+    ck["optimizer_state_dict"]["state"] = {
+        k: {n: t.to(dtype) if n == "momentum_buffer" else t for n, t in v.items()}
+        for k, v in ck["optimizer_state_dict"]["state"].items()}
+    save_checkpoint(ck, "bad.pt")
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "3", "--checkpoint_dir", "other", "--resume", "bad.pt"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "bad.pt", "momentum_buffer", str(dtype).removeprefix("torch."))
+    save_checkpoint(ck, "ck/step_3.pt")  # planted as the newest: skipped, the run resumes from step_2
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--max_steps", "4", "--checkpoint_dir", "ck", "--resume", "auto"]) == 0
+    assert any("step_3.pt" in r.getMessage() for r in caplog.records)
+    assert load_checkpoint("ck/step_4.pt")["global_step"] == 4
+
+
+def test_the_optimizer_check_refuses_state_no_parameter_owns():
+    """After load_state_dict, state kept under a key that is no parameter (torch keeps what it cannot
+    place) is refused; a moment of another dtype too."""
+    from sab_byon_omni.config import ModelConfig, TrainConfig
+    from sab_byon_omni.model.transformer import CausalTransformer
+    from sab_byon_omni.training.optim import check_loaded_state, make_optimizer
+
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96))
+    opt = make_optimizer(model, TrainConfig(), "cpu")
+    model(torch.randint(0, 96, (1, 8))).float().mean().backward()
+    opt.step()
+    built = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    saved = opt.state_dict()
+    shifted = {**saved, "state": {k + 1000: v for k, v in saved["state"].items()}}
+    fresh = make_optimizer(model, TrainConfig(), "cpu")
+    fresh.load_state_dict(shifted)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        check_loaded_state(fresh, built)
+    fresh = make_optimizer(model, TrainConfig(), "cpu")
+    fresh.load_state_dict(saved)
+    first = next(iter(fresh.state.values()))
+    first["exp_avg"] = first["exp_avg"].to(torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        check_loaded_state(fresh, built)
+
+
+def test_a_dcp_whose_moments_are_stored_in_another_dtype_is_refused(in_tmp, capsys):
+    write_dcp(in_tmp / "int.dcp", moment_dtype=torch.int32)
+    assert main(["consolidate", "int.dcp", "-o", "out.pt"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "int.dcp", "exp_avg", "int32")
+    assert not Path("out.pt").exists()
+    write_dcp(in_tmp / "good.dcp")  # the control: the same folder with fp32 moments consolidates
+    assert main(["consolidate", "good.dcp", "-o", "good.pt"]) == 0

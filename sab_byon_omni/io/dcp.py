@@ -9,8 +9,9 @@ DCP's own reader is not safe for files from elsewhere: it reads ``.metadata`` wi
 with ``torch.load(weights_only=False)``, so a crafted folder runs code. Here ``.metadata`` is
 scanned first (bounded, and ``BUILD`` only on new instances of DCP's metadata dataclasses: an
 allow-list alone would let a pickle set attributes on the classes it may import, such as
-``PosixPath``), then unpickled through an allow-list of DCP's metadata classes, and the byte
-entries are loaded with ``weights_only=True``; anything else is refused with a :class:`SabError`.
+``PosixPath``), then unpickled through an allow-list of DCP's metadata classes; its shards must be
+stored in the dtypes of the model they load into, and the byte entries are loaded with
+``weights_only=True``; anything else is refused with a :class:`SabError`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def read_metadata(path: str | Path) -> Any:
             raise SabError(f"{f}: refused to load: a shard file name {bounded(name)} that is not a plain "
                            "file of the folder")
     return metadata
+
+
+def _check_dtypes(metadata: Any, model: dict[str, Any], path: Path) -> None:
+    """Every tensor in the shards has the dtype of what it loads into (DCP would cast it silently):
+    the model's weights, and each optimizer moment that of its weight."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = metadata.state_dict_metadata
+    for key, entry in entries.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        dtype = getattr(entry.properties, "dtype", None)
+        if key.startswith("model."):
+            mine = model.get(key[len("model."):])
+            want = getattr(mine, "dtype", None)
+        elif key.startswith("optimizer.state.") and not key.endswith(".step"):
+            weight = entries.get("model." + key[len("optimizer.state."):].rpartition(".")[0])
+            want = getattr(getattr(weight, "properties", None), "dtype", None)
+        else:
+            continue
+        if want is not None and dtype != want:
+            raise SabError(f"{path}: refused to load: its shards store {bounded(key)} as {bounded(dtype)}, where "
+                           f"{str(want).removeprefix('torch.')} is expected (a damaged or hostile checkpoint?)")
 
 
 def _safe_reader(path: Path, metadata: Any) -> Any:
@@ -191,6 +215,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optimizer": osd}
+    _check_dtypes(metadata, state["model"], path)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
