@@ -200,11 +200,13 @@ def test_a_flipped_bit_inside_a_tensor_is_refused(trained, in_tmp, capsys):
                     ck["model_state_dict"] else next(iter(ck["model_state_dict"].values())))
     with pytest.raises(SabError, match="checksum"):
         load_checkpoint(bad)
-    for argv in ([*TRAIN, "--checkpoint_dir", "ck", "--resume", str(bad)],
-                 ["generate", "--checkpoint", str(bad), "--prompt", "x"],
-                 ["export", "--checkpoint", str(bad), "-o", "m.safetensors"]):
+    for argv, advice in (([*TRAIN, "--checkpoint_dir", "ck", "--resume", str(bad)], "resume from another checkpoint"),
+                         (["generate", "--checkpoint", str(bad), "--prompt", "x"], "use another copy"),
+                         (["eval", "--checkpoint", str(bad)], "use another copy"),
+                         (["export", "--checkpoint", str(bad), "-o", "m.safetensors"], "use another copy")):
         assert main(argv) == 2, argv
-        assert_one_error_line(capsys.readouterr().err, "flipped.pt", "checksum")
+        line = assert_one_error_line(capsys.readouterr().err, "flipped.pt", "checksum", "damaged", advice)
+        assert argv[0] != "generate" or "resume" not in line, line  # the advice fits the command
     assert not Path("m.safetensors").exists()
 
 
@@ -746,3 +748,51 @@ def test_a_dcp_whose_moments_are_stored_in_another_dtype_is_refused(in_tmp, caps
     assert not Path("out.pt").exists()
     write_dcp(in_tmp / "good.dcp")  # the control: the same folder with fp32 moments consolidates
     assert main(["consolidate", "good.dcp", "-o", "good.pt"]) == 0
+
+
+# --------------------------------------------------------------------------- messages that fit
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "symlink to a good shard"])
+def test_a_dcp_shard_that_is_not_a_regular_file_is_refused_as_such(in_tmp, capsys, kind):
+    import os
+    import shutil
+
+    d = write_dcp(in_tmp / "odd.dcp")
+    shard = d / "__0_0.distcp"
+    if kind == "fifo":
+        shard.unlink()
+        os.mkfifo(shard)
+    else:
+        target = "/dev/zero" if "zero" in kind else shutil.move(shard, in_tmp / "elsewhere.distcp")
+        shard.unlink(missing_ok=True)
+        shard.symlink_to(target)
+    for argv in (["consolidate", "odd.dcp", "-o", "out.pt"], ["generate", "--checkpoint", "odd.dcp", "--prompt", "x"]):
+        assert main(argv) == 2
+        assert_one_error_line(capsys.readouterr().err, "odd.dcp", "__0_0.distcp", "not a regular file")
+    assert not Path("out.pt").exists()
+
+
+def test_a_failed_export_says_the_output_was_not_written(trained, in_tmp, monkeypatch, capsys):
+    """An export or a consolidation that hits a full disk has no earlier checkpoints to speak of."""
+    import errno
+    import io
+    import os
+
+    from sab_byon_omni.io import checkpoint as ckpt_io
+
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):  # a file on disk: the disk is full (DCP's reader saves to memory too)
+        if isinstance(f, io.BytesIO):
+            return real_save(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    write_dcp(in_tmp / "s.dcp")
+    monkeypatch.setattr(ckpt_io.torch, "save", full)
+    for argv, out in ((["export", "--checkpoint", str(trained), "-o", "m.pt"], "m.pt"),
+                      (["export", "--from-safetensors", str(_exported_meta(trained, in_tmp / "e.safetensors")),
+                        "-o", "i.pt"], "i.pt"),
+                      (["consolidate", "s.dcp", "-o", "c.pt"], "c.pt")):
+        assert main(argv) == 2, argv
+        line = assert_one_error_line(capsys.readouterr().err, out, "disk full", "was not written")
+        assert "earlier checkpoints" not in line
+        assert not Path(out).exists()

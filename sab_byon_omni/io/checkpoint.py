@@ -36,6 +36,8 @@ REQUIRED = ("epoch", "model_state_dict", "global_step", "config")
 CHECKSUM_ALGO = "crc32"
 MAX_STEP = 10**12  # no run takes more optimizer steps; a larger number is a damaged or hostile file
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
+RESUME_ADVICE = "resume from another checkpoint"
+COPY_ADVICE = "use another copy of it"
 
 
 # ------------------------------------------------------------------------------------ integrity
@@ -146,8 +148,10 @@ def _check_optimizer_state(osd: Any, weights: dict[str, Any], source: str) -> No
                                "them; damaged or hostile checkpoint?)")
 
 
-def verify(ck: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint whose tensors do not match the checksum it carries (none: nothing to check)."""
+def verify(ck: dict[str, Any], source: str, advice: str = RESUME_ADVICE) -> None:
+    """Refuse a checkpoint whose tensors do not match the checksum it carries (none: nothing to
+    check); ``advice`` ends the message (what to do instead: :data:`RESUME_ADVICE` when resuming,
+    :data:`COPY_ADVICE` when the file is a model to sample, score or export)."""
     stored = ck.get("checksum")
     if stored is None:
         return
@@ -157,10 +161,10 @@ def verify(ck: dict[str, Any], source: str) -> None:
         actual = checksum(ck)
     except (RuntimeError, TypeError, ValueError) as e:  # a tensor no checkpoint holds (check_tensors names most)
         raise SabError(f"{source}: its tensors cannot be checked against their checksum ({first_line(e)}); "
-                       "the file is damaged or hostile; resume from another checkpoint") from None
+                       f"the file is damaged or hostile: {advice}") from None
     if actual != stored["value"]:
         raise SabError(f"{source}: its tensors do not match their checksum: the file is damaged (a flipped bit or "
-                       "a bad block); resume from another checkpoint")
+                       f"a bad block); {advice}")
 
 
 # ------------------------------------------------------------------------------------ files
@@ -180,13 +184,14 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(ck: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(ck: dict[str, Any], path: str | Path, kept: str = "earlier checkpoints are intact") -> Path:
     """Tag, checksum and write ``ck`` atomically: the previous file at ``path`` survives any failure.
     Tensors are written as CPU tensors (saved from a GPU too), so a plain ``torch.load`` works on
-    any machine, one without CUDA included."""
+    any machine, one without CUDA included. ``kept`` ends the message of a failed write (what is
+    safe: a run's earlier checkpoints; for an export or a consolidation, say the output was not written)."""
     ck = {**to_cpu(ck), "format": FORMAT}
     ck["checksum"] = {"algo": CHECKSUM_ALGO, "value": checksum(ck)}
-    return atomic_write(path, lambda f: torch.save(ck, f), what="checkpoint", kept="earlier checkpoints are intact")
+    return atomic_write(path, lambda f: torch.save(ck, f), what="checkpoint", kept=kept)
 
 
 def read_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
@@ -213,14 +218,14 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
-                    verify_tensors: bool | None = None) -> dict[str, Any]:
+                    verify_tensors: bool | None = None, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """Load with ``weights_only=True``; a missing, truncated, corrupt, unsafe, foreign, newer or
     damaged file is a :class:`SabError` naming it. ``mmap=True`` maps the tensors instead of
     reading them (cheap when only the metadata is needed) and then skips the checksum unless
-    ``verify_tensors`` asks for it."""
+    ``verify_tensors`` asks for it. ``advice``: what a damaged file's message suggests (see :func:`verify`)."""
     ck = check_format(read_file(path, map_location, mmap), str(path))
     if verify_tensors if verify_tensors is not None else not mmap:
-        verify(ck, str(path))
+        verify(ck, str(path), advice)
     return ck
 
 

@@ -10,13 +10,14 @@ with ``torch.load(weights_only=False)``, so a crafted folder runs code. Here ``.
 scanned first (bounded, and ``BUILD`` only on new instances of DCP's metadata dataclasses: an
 allow-list alone would let a pickle set attributes on the classes it may import, such as
 ``PosixPath``), then unpickled through an allow-list of DCP's metadata classes; its shards must be
-stored in the dtypes of the model they load into, and the byte entries are loaded with
-``weights_only=True``; anything else is refused with a :class:`SabError`.
+regular files of the folder, stored in the dtypes of the model they load into, and the byte entries
+are loaded with ``weights_only=True``; anything else is refused with a :class:`SabError`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import shutil
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.checkpoint import check_format, read_file, save_checkpoint, verify
+from sab_byon_omni.io.checkpoint import RESUME_ADVICE, check_format, read_file, save_checkpoint, verify
 from sab_byon_omni.io.untrusted import check_pickle, check_torch_file
 
 SUFFIX = ".dcp"
@@ -63,7 +64,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(path: str | Path) -> Any:
     """DCP's ``.metadata`` of the folder ``path``, scanned, unpickled through the allow-list and
-    checked (its shard files are plain names inside the folder); anything else is a SabError."""
+    checked (its shard files are regular files inside the folder); anything else is a SabError."""
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     folder = Path(path)
@@ -90,11 +91,22 @@ def read_metadata(path: str | Path) -> Any:
             or not isinstance(getattr(metadata, "storage_data", None), dict) \
             or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
         raise SabError(f"{f}: refused to load: it holds a {type(metadata).__name__}, not DCP Metadata")
+    seen: set[str] = set()
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not _SHARD_NAME.match(name):
             raise SabError(f"{f}: refused to load: a shard file name {bounded(name)} that is not a plain "
                            "file of the folder")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            mode = os.lstat(folder / name).st_mode
+        except OSError as e:
+            raise SabError(f"{folder}: cannot read its shard {name}: {e.strerror or e} (an incomplete copy?)") from None
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a device, pipe or folder"
+            raise SabError(f"{folder}: refused to load: its shard {name} is {kind}, not a regular file of the folder")
     return metadata
 
 
@@ -157,8 +169,9 @@ def is_sharded(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of a sharded checkpoint, without the two state dicts."""
+def read_meta(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
+    """The checkpoint dict of a sharded checkpoint, without the two state dicts (``advice``: what a
+    damaged file's message suggests, see :func:`~sab_byon_omni.io.checkpoint.verify`)."""
     p = Path(path)
     if not (p / META).is_file():
         raise SabError(f"{p}: not a sharded checkpoint (no {META})")
@@ -168,7 +181,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if isinstance(ck, dict):
         ck.setdefault("model_state_dict", {})  # the weights are in the shards
     check_format(ck, str(p / META))
-    verify(ck, str(p / META))
+    verify(ck, str(p / META), advice)
     return ck
 
 
@@ -199,7 +212,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: d
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         no_dist: bool = False) -> dict[str, Any]:
+         no_dist: bool = False, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """Load a sharded checkpoint into ``model`` (FSDP2-wrapped, or a plain module when ``no_dist``)
     and ``optimizer``; DCP reshards, so the number of ranks may differ from the saving run's.
     Returns the meta dict. A hostile or damaged folder is a SabError; no pickled code runs."""
@@ -207,7 +220,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = read_meta(path)
+    meta = read_meta(path, advice)
     path = Path(path)
     metadata = read_metadata(path)
     if optimizer is None:

@@ -25,7 +25,7 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io import dcp
-from sab_byon_omni.io.checkpoint import FORMAT, check_tensors, load_checkpoint
+from sab_byon_omni.io.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
 from sab_byon_omni.io.untrusted import MAX_JSON_BYTES, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
@@ -91,7 +91,7 @@ def read_weights(p: Path) -> Weights:
         raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
     if p.suffix == ".safetensors":
         return read_exported_safetensors(p)
-    ck = load_checkpoint(p)
+    ck = load_checkpoint(p, advice=COPY_ADVICE)  # a model to use: a damaged file asks for another copy
     cfg, tokenizer = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
     return Weights(cfg, tokenizer, ck["model_state_dict"], ck["epoch"], ck["global_step"], f"checkpoint {p}")
 
@@ -108,10 +108,10 @@ def _config_and_tokenizer(raw_cfg: Any, spec: Any, source: str) -> tuple[RunConf
 def _read_sharded(p: Path) -> Weights:
     from sab_byon_omni.model.transformer import CausalTransformer
 
-    meta = dcp.read_meta(p)
+    meta = dcp.read_meta(p, advice=COPY_ADVICE)
     cfg, tokenizer = _config_and_tokenizer(meta["config"], meta.get("tokenizer"), f"{p}/{dcp.META}")
     model = CausalTransformer(cfg.model)
-    dcp.load(p, model, None, no_dist=True)
+    dcp.load(p, model, None, no_dist=True, advice=COPY_ADVICE)
     return Weights(cfg, tokenizer, model.state_dict(), meta["epoch"], meta["global_step"], f"sharded checkpoint {p}")
 
 
