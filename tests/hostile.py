@@ -96,10 +96,12 @@ def tiny_config(**changes) -> dict:
     return build_config({"preset": "tiny", "vocab_size": 96, "seq_len": 32, **changes}).to_dict()
 
 
-def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = None) -> Path:
+def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = None,
+              moment_dtype: torch.dtype | None = None) -> Path:
     """A valid sharded checkpoint of the tiny model (written in one process, laid out as FSDP's):
     DCP's ``.metadata`` and ``__0_0.distcp``, plus ``meta.pt``. ``optimizer_extra`` goes into the
-    first param group (a byte entry of the shard: how a payload would travel there)."""
+    first param group (a byte entry of the shard: how a payload would travel there);
+    ``moment_dtype``: AdamW's moments stored in that dtype instead of the weights' fp32."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -108,6 +110,9 @@ def write_dcp(path: Path, global_step: int = 5, optimizer_extra: dict | None = N
     model, opt = tiny_model_and_optimizer()
     msd, osd = get_state_dict(model, opt)
     osd["param_groups"][0].update(optimizer_extra or {})
+    if moment_dtype is not None:
+        for entry in osd["state"].values():
+            entry.update({k: v.to(moment_dtype) for k, v in entry.items() if k.startswith("exp_avg")})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(path))
@@ -154,13 +159,14 @@ def unsafe_dcp_load(dcp_dir: Path) -> None:
 # ------------------------------------------------------------------------------ pickles by hand
 def deferred_bomb(levels: int = 8, fan: int = 9) -> bytes:
     """A pickle of nested lists, nine references per level, that creates every list empty first
-    and fills them afterwards (so a scanner that sums sizes as it goes would see nothing big)."""
-    out = [b"\x80\x02"]
+    and fills them afterwards (so a scanner that sums sizes as it goes would see nothing big); the
+    lists stay on the stack (no POP) and end up in one tuple."""
+    out = [b"\x80\x02("]  # PROTO 2, MARK
     for i in range(levels):
-        out.append(b"]q" + bytes([i]) + b"0")  # EMPTY_LIST, BINPUT i, POP
-    for i in range(levels - 1, 0, -1):  # BINGET i, MARK, BINGET i-1 x fan, APPENDS, POP
-        out.append(b"h" + bytes([i]) + b"(" + (b"h" + bytes([i - 1])) * fan + b"e0")
-    out.append(b"h" + bytes([levels - 1]) + b".")
+        out.append(b"]q" + bytes([i]))  # EMPTY_LIST, BINPUT i
+    for i in range(levels - 1, 0, -1):  # BINGET i, MARK, BINGET i-1 x fan, APPENDS, then TUPLE1 to keep it
+        out.append(b"h" + bytes([i]) + b"(" + (b"h" + bytes([i - 1])) * fan + b"e\x85")
+    out.append(b"t.")  # TUPLE of everything since the first MARK
     return b"".join(out)
 
 
@@ -183,6 +189,52 @@ def with_pickle(torch_file: bytes, data_pkl: bytes) -> bytes:
         for info in src.infolist():
             z.writestr(info.filename, data_pkl if info.filename.endswith("/data.pkl") else src.read(info))
     return dst.getvalue()
+
+
+def opcode_run(unit: bytes, times: int, head: bytes = b"", tail: bytes = b"N.") -> bytes:
+    """A protocol-2 pickle: ``head``, then ``unit`` repeated ``times`` times, then ``tail``: the
+    cheapest way to make an unpickler or a scanner work (``N0``: push None, pop it)."""
+    return b"\x80\x02" + head + unit * times + tail
+
+
+def with_record(torch_file: bytes, suffix: str, chunks, compress_type: int = 8, zip64: bool = True) -> bytes:
+    """A ``torch.save`` zip whose record ending in ``suffix`` is replaced by the bytes of ``chunks``
+    (an iterable, written as a stream so that gigabytes cost no memory here), compressed with
+    ``compress_type`` (8 deflate, 12 bzip2, 14 lzma; 0 stored): a decompression bomb when the
+    chunks repeat."""
+    import zipfile
+
+    src, dst = zipfile.ZipFile(io.BytesIO(torch_file)), io.BytesIO()
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            if not info.filename.endswith(suffix):
+                z.writestr(info.filename, src.read(info))
+                continue
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = compress_type
+            with z.open(record, "w", force_zip64=zip64) as w:
+                for chunk in chunks:
+                    w.write(chunk)
+    return dst.getvalue()
+
+
+def claim_size(zip_bytes: bytes, suffix: str, size: int) -> bytes:
+    """``zip_bytes`` with the central directory's uncompressed size of the record ending in ``suffix``
+    replaced by ``size`` (a header that lies: the bytes stay as they are)."""
+    import struct
+    import zipfile
+
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(zip_bytes)).infolist() if i.filename.endswith(suffix))
+    data = bytearray(zip_bytes)
+    name = info.filename.encode()
+    at = data.find(b"PK\x01\x02")  # the first central directory entry
+    while at >= 0:
+        n = struct.unpack_from("<H", data, at + 28)[0]
+        if bytes(data[at + 46:at + 46 + n]) == name:
+            struct.pack_into("<I", data, at + 24, min(size, 0xFFFFFFFE))
+            return bytes(data)
+        at = data.find(b"PK\x01\x02", at + 46)
+    raise AssertionError(f"no central directory entry for {suffix}")
 
 
 # ------------------------------------------------------------------------------ processes
@@ -242,4 +294,4 @@ def torch_bytes(obj: object) -> bytes:
 
 __all__ = ["Payload", "write_dcp", "plant_metadata_payload", "unsafe_dcp_load", "run_bounded", "start_train",
            "assert_one_error_line", "snapshot", "torch_bytes", "flip_tensor_bit", "deferred_bomb", "tuple_key_bomb",
-           "with_pickle"]
+           "with_pickle", "opcode_run", "with_record", "claim_size"]

@@ -13,11 +13,13 @@ printed by the last test (``-s`` shows them)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import pickle
 import shutil
 import tempfile
+import tracemalloc
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,18 @@ from hypothesis import strategies as st
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
-from tests.hostile import Payload, snapshot, torch_bytes, write_dcp
+from tests.hostile import (
+    Payload,
+    claim_size,
+    deferred_bomb,
+    opcode_run,
+    snapshot,
+    torch_bytes,
+    tuple_key_bomb,
+    with_pickle,
+    with_record,
+    write_dcp,
+)
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 
@@ -398,6 +411,114 @@ def _check_yaml(world, text, big):
 
 test_hostile_yaml = FAST(given(text=yaml_doc, big=st.booleans())(_check_yaml))
 test_hostile_yaml_deep = pytest.mark.slow(DEEP(given(text=yaml_doc, big=st.booleans())(_check_yaml)))
+
+
+# ------------------------------------------------------------------------- bombs
+# A bomb must be refused (never accepted, never a traceback) with bounded memory; a generous
+# hypothesis deadline stands for "quickly" (no timing assertion). The default budget scans with
+# limits 100x smaller than the real ones (the same code, cheaper examples); the deep run uses the real ones.
+BOMB_FAST = settings(max_examples=FAST_N, **{**_common, "deadline": datetime.timedelta(seconds=60)})
+BOMB_DEEP = settings(max_examples=DEEP_N // 5, **{**_common, "deadline": datetime.timedelta(seconds=120)})
+COMPRESSIONS = {zipfile.ZIP_DEFLATED: 64, zipfile.ZIP_LZMA: 8, zipfile.ZIP_BZIP2: 1}  # MiB each can make quickly
+
+decompression_bombs = st.one_of(
+    st.tuples(st.just("compressed"), st.sampled_from(["data.pkl", "data/0", "version", "byteorder"]),
+              st.sampled_from(sorted(COMPRESSIONS)), st.integers(1, 64),
+              st.sampled_from([b"\0", b"N0", b"(e", b"\x80\x02N0"])),
+    st.tuples(st.just("claimed"), st.sampled_from(["data.pkl", "data/0", "version"]), st.just(0),
+              st.integers(2**20, 2**32 - 2), st.just(b"")))
+cheap = st.sampled_from([(b"N0", b"", b"N."), (b"(1", b"", b"N."), (b"N2", b"N", b"."), (b"(e", b"]", b"."),
+                         (b"Na", b"]", b"."), (b"h\0a", b"Nq\0]", b"."), (b"r\0\0\0\0", b"N", b"."),
+                         (b"K\x01", b"(", b"l."), (b"\x8c\x01x\x94", b"(", b"t.")])
+opcode_bombs = st.one_of(
+    st.tuples(st.just("run"), cheap, st.floats(1.01, 3.0)),  # a multiple of the limit it must hit
+    st.tuples(st.just("deferred"), st.integers(7, 12), st.integers(8, 12)),  # levels, fan: shared lists
+    st.tuples(st.just("tuple_key"), st.integers(21, 64), st.just(0)),  # a key whose hash is 2**levels steps
+    st.tuples(st.just("deep"), st.integers(65, 3000), st.just(0)),  # lists inside lists
+    st.tuples(st.just("memo_refs"), st.floats(1.01, 3.0), st.sampled_from([b"h\0", b"j\0\0\0\0"])))
+
+
+def _decompression_bomb(base: bytes, bomb: tuple) -> bytes:
+    kind, record, method, mib, unit = bomb
+    if kind == "claimed":
+        return claim_size(base, record, mib)
+    mib = min(mib, COMPRESSIONS[method])
+    chunk = unit * ((1 << 20) // len(unit))
+    return with_record(base, record, [chunk] * mib, method)
+
+
+def _opcode_bomb(bomb: tuple) -> bytes:
+    from sab_byon_omni.io import untrusted
+
+    kind, a, b = bomb
+    if kind == "run":
+        (unit, head, tail), times = a, b
+        return opcode_run(unit, int(untrusted.MAX_OPS * times), head, tail)
+    if kind == "deferred":
+        return deferred_bomb(a, b)
+    if kind == "tuple_key":
+        return tuple_key_bomb(a)
+    if kind == "deep":
+        return b"\x80\x02" + b"](" * a + b"N" + b"e" * a + b"."
+    return b"\x80\x02Nq\0(" + b * int(untrusted.MAX_NODES * a) + b"l."
+
+
+@contextlib.contextmanager
+def _limits(scale: int) -> Iterator[None]:
+    """The scan's object and opcode limits divided by ``scale`` for the block."""
+    from sab_byon_omni.io import untrusted
+
+    saved = untrusted.MAX_NODES, untrusted.MAX_OPS
+    untrusted.MAX_NODES, untrusted.MAX_OPS = saved[0] // scale, saved[1] // scale
+    try:
+        yield
+    finally:
+        untrusted.MAX_NODES, untrusted.MAX_OPS = saved
+
+
+def _refused_within(limit_mb: int, fn, *args) -> None:
+    """``fn(*args)`` raises a one-line SabError, and Python allocates at most ``limit_mb`` meanwhile."""
+    COUNTS["inputs"] += 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(SabError) as e:
+            fn(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    except BaseException:
+        COUNTS["tracebacks"] += 1
+        raise
+    finally:
+        tracemalloc.stop()
+    COUNTS["refused"] += 1
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600, str(e.value)[:2000]
+    assert peak < limit_mb << 20, f"{peak / 2**20:.0f} MiB to refuse it"
+
+
+def _check_decompression_bomb(world, bomb):
+    with scratch(world) as d:
+        (d / "step_7.pt").write_bytes(_decompression_bomb(torch_bytes({"a": torch.zeros(3)}), bomb))
+        _refused_within(8, load_checkpoint, d / "step_7.pt")  # refused from the zip's directory: no inflating
+
+
+def _check_opcode_bomb(world, bomb, where, scale):
+    from sab_byon_omni.io.dcp import read_metadata
+
+    with _limits(scale), scratch(world) as d:
+        data = _opcode_bomb(bomb)
+        if where == "checkpoint":
+            (d / "step_7.pt").write_bytes(with_pickle(torch_bytes({"a": 1}), data))
+            _refused_within(16 + 200 // scale, load_checkpoint, d / "step_7.pt")
+        else:
+            shutil.copytree(world["dcp"], d / "x.dcp")
+            (d / "x.dcp" / ".metadata").write_bytes(data)
+            _refused_within(16 + 200 // scale, read_metadata, d / "x.dcp")
+
+
+test_decompression_bombs = BOMB_FAST(given(bomb=decompression_bombs)(_check_decompression_bomb))
+test_decompression_bombs_deep = pytest.mark.slow(BOMB_DEEP(given(bomb=decompression_bombs)(_check_decompression_bomb)))
+_opcode_args = dict(bomb=opcode_bombs, where=st.sampled_from(["checkpoint", "dcp_metadata"]))
+test_opcode_bombs = BOMB_FAST(given(**_opcode_args, scale=st.just(100))(_check_opcode_bomb))
+test_opcode_bombs_deep = pytest.mark.slow(BOMB_DEEP(given(**_opcode_args, scale=st.just(1))(_check_opcode_bomb)))
 
 
 def test_every_pickle_in_a_real_checkpoint_is_found_by_the_scan(world):

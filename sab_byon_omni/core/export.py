@@ -31,6 +31,7 @@ from sab_byon_omni.io.sources import EXPORT_FORMAT, locate, read_exported_safete
 
 log = logging.getLogger(__name__)
 
+NOT_WRITTEN = "the output was not written"  # a failed export: no earlier checkpoint of a run is involved
 DTYPES: dict[str, torch.dtype | None] = {"keep": None, **device.DTYPES}
 
 
@@ -76,7 +77,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str | None = None, dt
     if dtype != "keep":
         raise SabError("--dtype applies to safetensors and hf exports; a checkpoint keeps fp32 weights")
     sab = SABTranscendentV2.load(source)
-    return save_checkpoint(checkpoint_dict(sab), out)
+    return save_checkpoint(checkpoint_dict(sab), out, kept=NOT_WRITTEN)
 
 
 def checkpoint_dict(sab: SABTranscendentV2) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def export_safetensors(source: str | Path, out: str | Path, dtype: str = "keep",
     meta = {"format": EXPORT_FORMAT, "config": json.dumps(sab.config.to_dict()),
             "tokenizer": json.dumps(sab.tokenizer.to_spec()), "epoch": "0",
             "global_step": str(int(getattr(sab, "global_step", 0))), "source": Path(str(source)).name[:200]}
-    with atomic_path(out, what="safetensors file", kept="nothing was written") as tmp:
+    with atomic_path(out, what="safetensors file", kept=NOT_WRITTEN) as tmp:
         save_model(sab.model, str(tmp), metadata=meta)
     log.debug("exported %s (%s parameters) to %s", source, f"{sab.model.num_parameters():,}", out)
     return out
@@ -116,5 +117,5 @@ def import_safetensors(path: str | Path, out: str | Path | None = None, overwrit
     ck = checkpoint_dict(sab)
     ck["imported_from"] = src.name
     if out is not None:
-        save_checkpoint(ck, out)
+        save_checkpoint(ck, out, kept=NOT_WRITTEN)
     return ck

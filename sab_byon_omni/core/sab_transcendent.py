@@ -22,7 +22,8 @@ from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config,
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.device import make_precision
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.sources import PRETRAINED_FORMAT, Weights, is_pretrained_folder, locate, parse_json, read_weights
+from sab_byon_omni.io.sources import (PRETRAINED_FORMAT, Weights, check_safetensors_header, is_pretrained_folder,
+                                      locate, parse_json, read_weights)
 from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 
@@ -224,6 +225,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         cfg = build_config({k: v for k, v in raw.items() if k in SECTIONS}, source=f"{model_id}/{CONFIG_FILE}")
         self = cls(config=cfg, tokenizer=from_spec(_read_json(fetch(TOKENIZER_FILE))))
         weights = fetch(WEIGHTS_FILE)
+        check_safetensors_header(weights)
         try:
             load_model(self.model, str(weights), strict=True)
         except (RuntimeError, SafetensorError, OSError) as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import warnings
 import zlib
 from collections import OrderedDict
@@ -34,6 +35,9 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 REQUIRED = ("epoch", "model_state_dict", "global_step", "config")
 CHECKSUM_ALGO = "crc32"
 MAX_STEP = 10**12  # no run takes more optimizer steps; a larger number is a damaged or hostile file
+_VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
+RESUME_ADVICE = "resume from another checkpoint"
+COPY_ADVICE = "use another copy of it"
 
 
 # ------------------------------------------------------------------------------------ integrity
@@ -62,6 +66,32 @@ def checksum(ck: dict[str, Any]) -> str:
     return f"{crc:08x}"
 
 
+def _kind_problem(t: torch.Tensor) -> str | None:
+    """Why a tensor from a file is not a plain dense one we can checksum and load, or None."""
+    if t.layout != torch.strided:
+        return f"a sparse ({str(t.layout).removeprefix('torch.')}) tensor"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.is_nested:
+        return "a nested tensor"
+    if t.device.type == "meta":
+        return "a meta tensor (no values)"
+    if t.is_complex():
+        return f"a complex tensor ({str(t.dtype).removeprefix('torch.')}: the weights are real)"
+    return None
+
+
+def check_tensors(obj: Any, source: str) -> None:
+    """Refuse (SabError, naming it) a tensor inside ``obj`` that a checkpoint or a model file never
+    holds: sparse, quantized, nested, meta or complex (a checksum or a model load would crash on
+    it, or silently drop its imaginary part)."""
+    for path, t in _tensors(obj):
+        why = _kind_problem(t)
+        if why is not None:
+            raise SabError(f"{source}: refused to load: {bounded(path.lstrip('/'))} is {why}; a model file holds "
+                           "dense real tensors only (a damaged or hostile file?)")
+
+
 # ------------------------------------------------------------------------------------ format
 def check_format(ck: Any, source: str) -> dict[str, Any]:
     """The checkpoint dict if it is ours and of a version this code reads; else a SabError."""
@@ -70,7 +100,7 @@ def check_format(ck: Any, source: str) -> dict[str, Any]:
         raise SabError(f"{source}: not a sab-byon-omni checkpoint (missing {', '.join(missing)})")
     fmt = ck.get("format", FORMAT)  # checkpoints from before the tag was checked are version 1
     name, _, version = fmt.partition("/") if isinstance(fmt, str) else ("", "", "")
-    if name != FORMAT_NAME or not version.isdigit():
+    if name != FORMAT_NAME or not _VERSION.fullmatch(version):
         raise SabError(f"{source}: unknown checkpoint format {bounded(fmt)} (this version reads {FORMAT})")
     if int(version) > FORMAT_VERSION:
         raise SabError(f"{source}: written by a newer sab-byon-omni (format {fmt}; this version reads up to "
@@ -83,19 +113,58 @@ def check_format(ck: Any, source: str) -> dict[str, Any]:
         raise SabError(f"{source}: epoch={bounded(epoch)} is not an epoch count (damaged checkpoint?)")
     if not isinstance(ck["config"], dict) or not isinstance(ck["model_state_dict"], dict):
         raise SabError(f"{source}: config and model_state_dict must be mappings (damaged checkpoint?)")
+    check_tensors(ck, source)
+    if "optimizer_state_dict" in ck:
+        _check_optimizer_state(ck["optimizer_state_dict"], ck["model_state_dict"], source)
     return ck
 
 
-def verify(ck: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint whose tensors do not match the checksum it carries (none: nothing to check)."""
+def _check_optimizer_state(osd: Any, weights: dict[str, Any], source: str) -> None:
+    """An optimizer state dict whose state belongs to the parameters its groups list, and whose
+    moments have the weights' dtype: ``load_state_dict`` silently drops state under an index no
+    group lists (the moments are lost, the step restarts at 1) and casts moments of another dtype."""
+    groups = osd.get("param_groups") if isinstance(osd, dict) else None
+    state = osd.get("state") if isinstance(osd, dict) else None
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise SabError(f"{source}: optimizer_state_dict is not an optimizer's state dict (state, param_groups with "
+                       "params; damaged checkpoint?)")
+    listed = {i for g in groups for i in g["params"] if isinstance(i, int) and not isinstance(i, bool)}
+    dtypes = {t.dtype for t in weights.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    for index, entry in state.items():
+        if index not in listed or isinstance(index, bool):
+            raise SabError(f"{source}: optimizer state for parameter {bounded(index)}, which no parameter group "
+                           "lists (its moments would be dropped silently; damaged or hostile checkpoint?)")
+        if not isinstance(entry, dict):
+            raise SabError(f"{source}: optimizer state of parameter {index} is a {type(entry).__name__}, not a "
+                           "mapping (damaged checkpoint?)")
+        for key, value in entry.items():
+            if key == "step" or not isinstance(value, torch.Tensor) or len(dtypes) != 1:
+                continue  # the step and non-tensors: checked when the optimizer loads them
+            if value.dtype not in dtypes:
+                want = str(next(iter(dtypes))).removeprefix("torch.")
+                raise SabError(f"{source}: optimizer state {bounded(key)} of parameter {index} is "
+                               f"{str(value.dtype).removeprefix('torch.')}, the weights are {want} (it must match "
+                               "them; damaged or hostile checkpoint?)")
+
+
+def verify(ck: dict[str, Any], source: str, advice: str = RESUME_ADVICE) -> None:
+    """Refuse a checkpoint whose tensors do not match the checksum it carries (none: nothing to
+    check); ``advice`` ends the message (what to do instead: :data:`RESUME_ADVICE` when resuming,
+    :data:`COPY_ADVICE` when the file is a model to sample, score or export)."""
     stored = ck.get("checksum")
     if stored is None:
         return
     if not isinstance(stored, dict) or stored.get("algo") != CHECKSUM_ALGO or not isinstance(stored.get("value"), str):
         raise SabError(f"{source}: unreadable checksum entry {bounded(stored)} (damaged checkpoint?)")
-    if checksum(ck) != stored["value"]:
+    try:
+        actual = checksum(ck)
+    except (RuntimeError, TypeError, ValueError) as e:  # a tensor no checkpoint holds (check_tensors names most)
+        raise SabError(f"{source}: its tensors cannot be checked against their checksum ({first_line(e)}); "
+                       f"the file is damaged or hostile: {advice}") from None
+    if actual != stored["value"]:
         raise SabError(f"{source}: its tensors do not match their checksum: the file is damaged (a flipped bit or "
-                       "a bad block); resume from another checkpoint")
+                       f"a bad block); {advice}")
 
 
 # ------------------------------------------------------------------------------------ files
@@ -115,13 +184,14 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(ck: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(ck: dict[str, Any], path: str | Path, kept: str = "earlier checkpoints are intact") -> Path:
     """Tag, checksum and write ``ck`` atomically: the previous file at ``path`` survives any failure.
     Tensors are written as CPU tensors (saved from a GPU too), so a plain ``torch.load`` works on
-    any machine, one without CUDA included."""
+    any machine, one without CUDA included. ``kept`` ends the message of a failed write (what is
+    safe: a run's earlier checkpoints; for an export or a consolidation, say the output was not written)."""
     ck = {**to_cpu(ck), "format": FORMAT}
     ck["checksum"] = {"algo": CHECKSUM_ALGO, "value": checksum(ck)}
-    return atomic_write(path, lambda f: torch.save(ck, f), what="checkpoint", kept="earlier checkpoints are intact")
+    return atomic_write(path, lambda f: torch.save(ck, f), what="checkpoint", kept=kept)
 
 
 def read_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
@@ -148,14 +218,14 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
-                    verify_tensors: bool | None = None) -> dict[str, Any]:
+                    verify_tensors: bool | None = None, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """Load with ``weights_only=True``; a missing, truncated, corrupt, unsafe, foreign, newer or
     damaged file is a :class:`SabError` naming it. ``mmap=True`` maps the tensors instead of
     reading them (cheap when only the metadata is needed) and then skips the checksum unless
-    ``verify_tensors`` asks for it."""
+    ``verify_tensors`` asks for it. ``advice``: what a damaged file's message suggests (see :func:`verify`)."""
     ck = check_format(read_file(path, map_location, mmap), str(path))
     if verify_tensors if verify_tensors is not None else not mmap:
-        verify(ck, str(path))
+        verify(ck, str(path), advice)
     return ck
 
 

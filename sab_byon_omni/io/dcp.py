@@ -7,16 +7,21 @@ an ordinary weights-only file.
 DCP's own reader is not safe for files from elsewhere: it reads ``.metadata`` with plain
 ``pickle.load`` and the non-tensor entries of a state dict (the optimizer's hyper-parameters)
 with ``torch.load(weights_only=False)``, so a crafted folder runs code. Here ``.metadata`` is
-unpickled through an allow-list of DCP's metadata classes and the byte entries are loaded with
-``weights_only=True``; anything else is refused with a :class:`SabError`.
+scanned first (bounded, and ``BUILD`` only on new instances of DCP's metadata dataclasses: an
+allow-list alone would let a pickle set attributes on the classes it may import, such as
+``PosixPath``), then unpickled through an allow-list of DCP's metadata classes; its shards must be
+regular files of the folder, stored in the dtypes of the model they load into, and the byte entries
+are loaded with ``weights_only=True``; anything else is refused with a :class:`SabError`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.checkpoint import check_format, read_file, save_checkpoint, verify
+from sab_byon_omni.io.checkpoint import RESUME_ADVICE, check_format, read_file, save_checkpoint, verify
 from sab_byon_omni.io.untrusted import check_pickle, check_torch_file
 
 SUFFIX = ".dcp"
@@ -44,6 +49,10 @@ _ALLOWED = {
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "tuple", "list", "dict", "slice"},
 }
+# the dataclasses whose new instances the pickle fills in (BUILD); nothing else may be given attributes
+_BUILDABLE = frozenset({f"torch.distributed.checkpoint.metadata.{n}" for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta")} | {"torch.distributed.checkpoint.filesystem._StorageInfo"})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -54,17 +63,22 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: str | Path) -> Any:
-    """DCP's ``.metadata`` of the folder ``path``, unpickled through the allow-list and checked
-    (its shard files are plain names inside the folder); anything else is a SabError."""
+    """DCP's ``.metadata`` of the folder ``path``, scanned, unpickled through the allow-list and
+    checked (its shard files are regular files inside the folder); anything else is a SabError."""
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    f = Path(path) / ".metadata"
+    folder = Path(path)
+    f = folder / ".metadata"
     try:
-        if f.stat().st_size > MAX_METADATA_BYTES:
-            raise SabError(f"{f}: {f.stat().st_size:,} bytes is too large for DCP metadata (hostile file?)")
-        data = f.read_bytes()
-        check_pickle(data, str(f))
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):  # a device or a pipe would never end (or never start)
+            raise SabError(f"{f}: refused to load: not a regular file")
+        if st.st_size > MAX_METADATA_BYTES:
+            raise SabError(f"{f}: {st.st_size:,} bytes is too large for DCP metadata (hostile file?)")
+        with open(f, "rb") as stream:
+            check_pickle(stream, str(f), buildable=_BUILDABLE)
+            stream.seek(0)
+            metadata = _MetadataUnpickler(stream).load()
     except SabError:
         raise
     except pickle.UnpicklingError as e:
@@ -77,12 +91,46 @@ def read_metadata(path: str | Path) -> Any:
             or not isinstance(getattr(metadata, "storage_data", None), dict) \
             or not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
         raise SabError(f"{f}: refused to load: it holds a {type(metadata).__name__}, not DCP Metadata")
+    seen: set[str] = set()
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not _SHARD_NAME.match(name):
             raise SabError(f"{f}: refused to load: a shard file name {bounded(name)} that is not a plain "
                            "file of the folder")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            mode = os.lstat(folder / name).st_mode
+        except OSError as e:
+            raise SabError(f"{folder}: cannot read its shard {name}: {e.strerror or e} (an incomplete copy?)") from None
+        if not stat.S_ISREG(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a device, pipe or folder"
+            raise SabError(f"{folder}: refused to load: its shard {name} is {kind}, not a regular file of the folder")
     return metadata
+
+
+def _check_dtypes(metadata: Any, model: dict[str, Any], path: Path) -> None:
+    """Every tensor in the shards has the dtype of what it loads into (DCP would cast it silently):
+    the model's weights, and each optimizer moment that of its weight."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = metadata.state_dict_metadata
+    for key, entry in entries.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        dtype = getattr(entry.properties, "dtype", None)
+        if key.startswith("model."):
+            mine = model.get(key[len("model."):])
+            want = getattr(mine, "dtype", None)
+        elif key.startswith("optimizer.state.") and not key.endswith(".step"):
+            weight = entries.get("model." + key[len("optimizer.state."):].rpartition(".")[0])
+            want = getattr(getattr(weight, "properties", None), "dtype", None)
+        else:
+            continue
+        if want is not None and dtype != want:
+            raise SabError(f"{path}: refused to load: its shards store {bounded(key)} as {bounded(dtype)}, where "
+                           f"{str(want).removeprefix('torch.')} is expected (a damaged or hostile checkpoint?)")
 
 
 def _safe_reader(path: Path, metadata: Any) -> Any:
@@ -121,8 +169,9 @@ def is_sharded(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of a sharded checkpoint, without the two state dicts."""
+def read_meta(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
+    """The checkpoint dict of a sharded checkpoint, without the two state dicts (``advice``: what a
+    damaged file's message suggests, see :func:`~sab_byon_omni.io.checkpoint.verify`)."""
     p = Path(path)
     if not (p / META).is_file():
         raise SabError(f"{p}: not a sharded checkpoint (no {META})")
@@ -132,7 +181,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if isinstance(ck, dict):
         ck.setdefault("model_state_dict", {})  # the weights are in the shards
     check_format(ck, str(p / META))
-    verify(ck, str(p / META))
+    verify(ck, str(p / META), advice)
     return ck
 
 
@@ -163,7 +212,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: d
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-         no_dist: bool = False) -> dict[str, Any]:
+         no_dist: bool = False, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """Load a sharded checkpoint into ``model`` (FSDP2-wrapped, or a plain module when ``no_dist``)
     and ``optimizer``; DCP reshards, so the number of ranks may differ from the saving run's.
     Returns the meta dict. A hostile or damaged folder is a SabError; no pickled code runs."""
@@ -171,7 +220,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = read_meta(path)
+    meta = read_meta(path, advice)
     path = Path(path)
     metadata = read_metadata(path)
     if optimizer is None:
@@ -179,6 +228,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optimizer": osd}
+    _check_dtypes(metadata, state["model"], path)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from sab_byon_omni.config import PRESETS, ModelConfig, RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io.atomic import atomic_directory
+from sab_byon_omni.io.checkpoint import check_tensors
 from sab_byon_omni.io.hf_tokenizer import TOKENIZER_JSON, hf_tokenizer_files, tokenizer_from_json
 from sab_byon_omni.io.untrusted import parse_json
 from sab_byon_omni.model.transformer import CausalTransformer
@@ -60,6 +62,7 @@ ZERO_BIASES = ["input_layernorm.bias", "post_attention_layernorm.bias", "attenti
                "attention.dense.bias", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.bias"]
 # buffers that old GPT-NeoX checkpoints carry (causal masks, rotary tables): not weights
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+_SHARD = re.compile(r"^[\w.-]{1,200}\.safetensors$")  # a shard named by an index: a plain file of the folder
 
 
 # ------------------------------------------------------------------------------------- export
@@ -234,15 +237,34 @@ def check_neox_config(conf: Any, source: str) -> dict[str, Any]:
     return {"preset": preset, **dims, "dropout": conf.get("hidden_dropout") or 0.0}
 
 
+def _shard_files(d: Path) -> list[Path]:
+    """The shards ``model.safetensors.index.json`` names: plain ``*.safetensors`` names inside ``d``
+    (never a path elsewhere: ``../../etc/passwd``, an absolute path), each a regular file."""
+    index_path = d / WEIGHTS_INDEX
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SabError(f"{index_path}: no weight_map (a mapping of tensor names to shard files) in it")
+    names = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not _SHARD.match(name):
+            raise SabError(f"{index_path}: refused: {bounded(tensor)} is in the shard {bounded(name)}, which is not "
+                           "a *.safetensors file of the folder")
+        names.add(name)
+    files = [d / name for name in sorted(names)]
+    for f in files:
+        if not f.is_file():  # follows links (the Hugging Face cache links its blobs): a device or pipe is refused
+            raise SabError(f"{index_path}: its shard {f.name} is missing or not a regular file")
+    return files
+
+
 def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if (d / WEIGHTS).is_file():
         files = [d / WEIGHTS]
     elif (d / WEIGHTS_INDEX).is_file():
-        index = _read_json(d / WEIGHTS_INDEX)
-        shards = index.get("weight_map", {}).values() if isinstance(index, dict) else []
-        files = [d / name for name in sorted(set(map(str, shards)))]
+        files = _shard_files(d)
     else:
         raise SabError(f"{d}: no {WEIGHTS} (only safetensors weights are read: a .bin file is a pickle); "
                        "re-save it with transformers' save_pretrained")
@@ -252,6 +274,7 @@ def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(str(f)))
         except Exception as e:  # a missing shard, a damaged header: safetensors raises its own types
             raise SabError(f"{f}: cannot read the weights: {first_line(e)}") from None
+        check_tensors(tensors, str(f))
     return tensors
 
 

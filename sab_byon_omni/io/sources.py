@@ -25,12 +25,13 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io import dcp
-from sab_byon_omni.io.checkpoint import FORMAT, load_checkpoint
+from sab_byon_omni.io.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
 from sab_byon_omni.io.untrusted import MAX_JSON_BYTES, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+_COUNT = re.compile(r"[0-9]{1,13}")  # ASCII digits: str.isdigit() accepts "²", which int() refuses
 
 
 @dataclass
@@ -90,7 +91,7 @@ def read_weights(p: Path) -> Weights:
         raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
     if p.suffix == ".safetensors":
         return read_exported_safetensors(p)
-    ck = load_checkpoint(p)
+    ck = load_checkpoint(p, advice=COPY_ADVICE)  # a model to use: a damaged file asks for another copy
     cfg, tokenizer = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
     return Weights(cfg, tokenizer, ck["model_state_dict"], ck["epoch"], ck["global_step"], f"checkpoint {p}")
 
@@ -107,10 +108,10 @@ def _config_and_tokenizer(raw_cfg: Any, spec: Any, source: str) -> tuple[RunConf
 def _read_sharded(p: Path) -> Weights:
     from sab_byon_omni.model.transformer import CausalTransformer
 
-    meta = dcp.read_meta(p)
+    meta = dcp.read_meta(p, advice=COPY_ADVICE)
     cfg, tokenizer = _config_and_tokenizer(meta["config"], meta.get("tokenizer"), f"{p}/{dcp.META}")
     model = CausalTransformer(cfg.model)
-    dcp.load(p, model, None, no_dist=True)
+    dcp.load(p, model, None, no_dist=True, advice=COPY_ADVICE)
     return Weights(cfg, tokenizer, model.state_dict(), meta["epoch"], meta["global_step"], f"sharded checkpoint {p}")
 
 
@@ -118,6 +119,8 @@ def read_exported_safetensors(p: Path) -> Weights:
     """A file written by ``sab-omni export``: tensors, and the run's config and tokenizer in its header."""
     from safetensors import safe_open
 
+    if not p.is_file():  # a pipe or a device would never end
+        raise SabError(f"{p}: not found, or not a regular file")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -130,14 +133,32 @@ def read_exported_safetensors(p: Path) -> Weights:
     raw_cfg = parse_json(meta["config"], f"{p} (config)")
     spec = parse_json(meta["tokenizer"], f"{p} (tokenizer)")
     epoch, step = (_count(meta.get(k, "0"), k, p) for k in ("epoch", "global_step"))
+    check_tensors(state, str(p))
     cfg, tokenizer = _config_and_tokenizer(raw_cfg, spec, str(p))
     if cfg.model.tie_embeddings and "head.weight" not in state and "embed.weight" in state:
         state["head.weight"] = state["embed.weight"]  # stored once (safetensors refuses shared tensors)
     return Weights(cfg, tokenizer, state, epoch, step, f"safetensors file {p}")
 
 
+def check_safetensors_header(p: Path) -> None:
+    """Refuse a safetensors file holding complex tensors, from its header alone (before a loader
+    copies them into real weights, dropping the imaginary part): the header-only counterpart of
+    :func:`~sab_byon_omni.io.checkpoint.check_tensors` (safetensors holds only dense tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged headers
+        raise SabError(f"{p}: not a readable safetensors file: {first_line(e)}") from None
+    for name, kind in kinds.items():
+        if str(kind).upper().startswith("C"):
+            raise SabError(f"{p}: refused to load: {bounded(name)} is a complex tensor ({kind}: the weights are "
+                           "real; a damaged or hostile file?)")
+
+
 def _count(value: Any, name: str, p: Path) -> int:
     text = str(value)
-    if not text.isdigit() or len(text) > 13:
+    if not _COUNT.fullmatch(text):
         raise SabError(f"{p}: damaged metadata: {name}={bounded(value)} is not a step count")
     return int(text)

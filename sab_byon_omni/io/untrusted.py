@@ -1,91 +1,159 @@
-"""Limits on the pickles inside files we did not write, checked before anything is unpickled.
+"""Limits on the files we did not write, checked before anything is unpickled.
 
 ``torch.load(weights_only=True)`` (and DCP's metadata through an allow-list) runs no code, but a
 few hundred bytes can still describe a structure that takes hours to build or walk: shared
 references nest a list or tuple nine ways on each of twenty levels (9^20 leaves for whatever
-expands it: ``str()``, a checksum, the hash of a tuple used as a dict key while unpickling), and a
-list can contain itself (endless recursion). :func:`check_pickle` reads the opcodes without
-executing them (:mod:`pickletools`), builds the graph of the objects they would create, and
-refuses one that holds a cycle or whose fully expanded size or nesting depth is past limits no
-checkpoint comes near (a 3b-preset checkpoint with its AdamW state is about 2x10^4 nodes, 9 deep).
+expands it: ``str()``, a checksum, the hash of a tuple used as a dict key while unpickling), a
+list can contain itself (endless recursion), a compressed zip record of 39 KB can hold gigabytes
+of cheap opcodes, and a pickle can set attributes on the classes it imports.
+
+:func:`check_torch_file` refuses a zip whose records are compressed (``torch.save`` stores every
+record as it is, so every record's size is bounded by the file's real size) or claim more bytes
+than the file holds. :func:`check_pickle` then reads the opcodes as a stream without executing
+them (:mod:`pickletools`), builds the graph of the objects they would create, and refuses one that
+discards objects (``POP``/``DUP``: never written by ``pickle`` for data without cycles, and the
+cheapest way to make a scan do work), modifies an object it imported rather than built, holds a
+cycle, or is past limits no checkpoint comes near: more than 10^6 objects or references created,
+3x10^6 opcodes, or a structure whose fully expanded size or nesting depth is over 10^6 objects or 64
+levels (a 3b-preset checkpoint with its AdamW state is about 2x10^4 objects, 9 deep). So the scan's
+memory and time are bounded by the file's real size and by those limits (a few seconds at worst).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickletools
+import re
 import zipfile
 from pathlib import Path
 from typing import IO, Any
 
 from sab_byon_omni.errors import SabError, bounded, first_line
 
-MAX_NODES = 10**6  # objects a pickle may expand to, counting every path through shared references
+MAX_NODES = 10**6  # objects a pickle may create, references it may make, and objects it may expand to
+MAX_OPS = 3 * MAX_NODES  # opcodes (a real pickle has 2-3 per object: the object, its memo entry, a reference)
 MAX_DEPTH = 64  # containers inside containers
-MAX_PICKLE_BYTES = 1 << 30
 MAX_JSON_BYTES = 16 << 20  # JSON we parse from a header, a config.json or a tokenizer.json
-_MARK = -1
-_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # fill the object below
-_PUT, _GET = {"PUT", "BINPUT", "LONG_BINPUT"}, {"GET", "BINGET", "LONG_BINGET"}
+_NEW, _IN_PLACE, _MARK, _PUT, _GET, _STOP, _NOTHING, _DISCARD = range(8)  # what an opcode does
 
 
-class _Cycle(Exception):
-    pass
+def _kinds() -> dict[Any, tuple[str, int, int, bool]]:
+    """Per opcode: (name, what it does, objects it takes from the stack, whether it takes a mark's slice)."""
+    special = {"APPEND": _IN_PLACE, "APPENDS": _IN_PLACE, "SETITEM": _IN_PLACE, "SETITEMS": _IN_PLACE,
+               "BUILD": _IN_PLACE, "ADDITEMS": _IN_PLACE, "MARK": _MARK, "PUT": _PUT, "BINPUT": _PUT,
+               "LONG_BINPUT": _PUT, "MEMOIZE": _PUT, "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET,
+               "STOP": _STOP, "PROTO": _NOTHING, "FRAME": _NOTHING, "POP": _DISCARD, "POP_MARK": _DISCARD,
+               "DUP": _DISCARD}
+    out = {}
+    for op in pickletools.opcodes:
+        kind, marked = special.get(op.name, _NEW), pickletools.markobject in op.stack_before
+        n = len(op.stack_before) - (2 if marked else 0) - (1 if kind == _IN_PLACE else 0)  # the target stays
+        out[op] = (op.name, kind, max(n, 0), marked)
+    return out
 
 
-def _pop_to_mark(stack: list[int]) -> list[int]:
-    at = len(stack) - 1 - stack[::-1].index(_MARK)  # ValueError without a mark: malformed
-    items = stack[at + 1:]
-    del stack[at:]
-    return items
+_KINDS = _kinds()
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_LEAF: tuple[int, ...] = ()  # the children of an object that holds none (shared: no list per leaf)
 
 
-def _pop(stack: list[int], n: int) -> list[int]:
-    items = [stack.pop() for _ in range(n)]
-    if _MARK in items:
-        raise IndexError("a mark where an object should be")
-    return items
+class _Refused(Exception):
+    """The scan stops: why (the rest of a SabError's message)."""
 
 
-def _graph(data: bytes) -> list[list[int]]:
-    """For every object the pickle would create (by index), the objects it holds: shared ones
-    (memo references) appear once per reference."""
-    children: list[list[int]] = []
-    stack: list[int] = []
-    memo: dict[int, int] = {}
-    for op, arg, _ in pickletools.genops(data):
-        name, marked = op.name, pickletools.markobject in op.stack_before
-        if name == "STOP":
-            break
-        if name == "MARK":
-            stack.append(_MARK)
-        elif name in _PUT or name == "MEMOIZE":
-            top = _pop(stack, 1)[0]
-            memo[arg if name in _PUT else len(memo)] = top
-            stack.append(top)
-        elif name in _GET:
-            stack.append(memo[arg])
-        elif name == "DUP":
-            stack.append(stack[-1])
-        elif name == "POP":
-            stack.pop()
-        elif name == "POP_MARK":
-            _pop_to_mark(stack)
-        elif name in _IN_PLACE:
-            items = _pop_to_mark(stack) if marked else _pop(stack, len(op.stack_before) - 1)
-            target = _pop(stack, 1)[0]
-            children[target].extend(items)
-            stack.append(target)
-        else:
-            items = _pop_to_mark(stack) if marked else _pop(stack, len(op.stack_before))
-            for _ in op.stack_after:
-                children.append(items)
-                stack.append(len(children) - 1)
-    return children
+class _Scan:
+    """The graph of the objects a pickle's opcodes would create, built without executing them: for
+    every object (by index), the objects it holds; shared ones (memo references) appear once per
+    reference. ``buildable``: the only classes whose new instances (``NEWOBJ``) may be given
+    attributes (``BUILD``); None: any object the pickle built."""
+
+    def __init__(self, buildable: frozenset[str] | None) -> None:
+        self.buildable = buildable
+        self.children: list[Any] = []
+        self.stack: list[int] = []
+        self.marks: list[int] = []  # the stack's length at each open MARK
+        self.memo: dict[int, int] = {}
+        self.imported: set[int] = set()  # what GLOBAL/STACK_GLOBAL fetch: classes, functions, constants
+        self.names: dict[int, str] = {}  # the globals' names; with buildable, strings that may name one
+        self.instances: set[int] = set()  # new instances of a buildable class
+        self.references = 0
+
+    def run(self, stream: IO[bytes]) -> list[Any]:
+        stack, marks = self.stack, self.marks
+        for count, (op, arg, _) in enumerate(pickletools.genops(stream)):
+            if count >= MAX_OPS:
+                raise _Refused(f"it has more than {MAX_OPS:,} opcodes (a time bomb?)")
+            name, kind, n, marked = _KINDS[op]
+            if kind == _NEW:
+                self._new(name, arg, self._take(n, marked) if marked or n else _LEAF)
+            elif kind == _GET:
+                stack.append(self.memo[arg])
+            elif kind == _PUT:
+                if len(stack) <= (marks[-1] if marks else 0):
+                    raise IndexError("a memo entry for nothing")
+                self.memo[len(self.memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif kind == _MARK:
+                marks.append(len(stack))
+            elif kind == _IN_PLACE:
+                self._fill(name, self._take(n, marked))
+            elif kind == _DISCARD:
+                raise _Refused(f"it discards objects it builds ({name}, which pickle never writes for data: a bomb "
+                               "that keeps a reader busy?)")
+            elif kind == _STOP:
+                return self.children
+        raise ValueError("the pickle has no STOP opcode (truncated?)")
+
+    def _take(self, n: int, marked: bool) -> list[int]:
+        """The objects an opcode consumes: those above the last mark, or its ``n`` arguments."""
+        stack, marks = self.stack, self.marks
+        at = marks.pop() if marked else len(stack) - n  # IndexError without a mark: malformed
+        if not marked and at < (marks[-1] if marks else 0):
+            raise IndexError("an opcode reaches past a mark or the bottom of the stack")
+        items = stack[at:]
+        del stack[at:]
+        self.references += len(items)
+        return items
+
+    def _fill(self, name: str, items: list[int]) -> None:
+        """APPEND(S), SETITEM(S), ADDITEMS, BUILD: ``items`` go into the object below them."""
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise IndexError(f"{name} without an object to fill")
+        target = self.stack[-1]
+        if target in self.imported:
+            raise _Refused(f"it changes {bounded(self.names.get(target, 'an object'))}, which it imports ({name} "
+                           "on a class or function rather than on an object it built: a hostile file)")
+        if name == "BUILD" and self.buildable is not None and target not in self.instances:
+            kinds = " or ".join(sorted(c.rpartition(".")[2] for c in self.buildable))
+            raise _Refused(f"it sets attributes ({name}) on something other than a new {kinds} (a hostile file)")
+        if items:
+            kids = self.children[target]
+            if kids is _LEAF:
+                self.children[target] = items
+            else:
+                kids.extend(items)
+
+    def _new(self, name: str, arg: Any, items: list[int] | tuple[int, ...]) -> None:
+        """Any other opcode: a new object that holds ``items``."""
+        node = len(self.children)
+        self.children.append(items or _LEAF)
+        self.stack.append(node)
+        if node >= MAX_NODES or self.references > MAX_NODES:
+            raise _Refused(f"it creates more than {MAX_NODES:,} objects or references (a memory or time bomb?)")
+        if name == "GLOBAL" or name == "STACK_GLOBAL":
+            self.imported.add(node)
+            self.names[node] = arg.replace(" ", ".") if name == "GLOBAL" else \
+                f"{self.names.get(items[0], '?')}.{self.names.get(items[1], '?')}"
+        elif self.buildable is not None:
+            if isinstance(arg, str) and len(arg) <= 200 and _DOTTED.fullmatch(arg):
+                self.names[node] = arg  # a module or class name, perhaps: STACK_GLOBAL takes two of them
+            elif name == "NEWOBJ" and items[0] in self.imported and self.names.get(items[0]) in self.buildable:
+                self.instances.add(node)
 
 
-def _measure(children: list[list[int]]) -> tuple[int, int]:
-    """(largest expanded size, deepest nesting) over every object; a cycle raises _Cycle."""
+def _measure(children: list[Any]) -> tuple[int, int]:
+    """(largest expanded size, deepest nesting) over every object; a cycle raises _Refused."""
     size, depth, state = [0] * len(children), [0] * len(children), [0] * len(children)  # state: 1 open, 2 done
     for root in range(len(children)):
         if state[root]:
@@ -99,7 +167,7 @@ def _measure(children: list[list[int]]) -> tuple[int, int]:
                 path[-1] = (node, i + 1)
                 k = kids[i]
                 if state[k] == 1:
-                    raise _Cycle
+                    raise _Refused("it holds an object that contains itself (hostile file?)")
                 if state[k] == 0:
                     state[k] = 1
                     path.append((k, 0))
@@ -113,23 +181,37 @@ def _measure(children: list[list[int]]) -> tuple[int, int]:
     return max(size, default=0), max(depth, default=0)
 
 
-def check_pickle(data: bytes, source: str) -> None:
-    """Refuse (SabError) a pickle that is malformed, holds a cycle, or expands past the limits."""
+def check_pickle(data: bytes | IO[bytes], source: str, buildable: frozenset[str] | None = None) -> None:
+    """Refuse (SabError) a pickle that is malformed, discards objects, changes what it imports,
+    holds a cycle, or is past the limits; ``data`` is bytes or a stream read once, as far as the
+    limits allow. ``buildable``: see :class:`_Scan` (DCP's metadata dataclasses)."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        nodes, depth = _measure(_graph(data))
-    except _Cycle:
-        raise SabError(f"{source}: refused to load: it holds an object that contains itself (hostile file?)") from None
-    except (ValueError, IndexError, KeyError) as e:  # pickletools' own errors, or opcodes that make no sense
+        nodes, depth = _measure(_Scan(buildable).run(stream))
+    except _Refused as e:
+        raise SabError(f"{source}: refused to load: {e}") from None
+    except (ValueError, IndexError, KeyError, EOFError, zipfile.BadZipFile) as e:  # pickletools' errors, nonsense
         raise SabError(f"{source}: not a readable pickle (truncated or corrupt?): {first_line(e)}") from None
     if nodes > MAX_NODES or depth > MAX_DEPTH:
         raise SabError(f"{source}: refused to load: its structure expands to more than {MAX_NODES:,} objects or "
                        f"{MAX_DEPTH} levels (shared references: a memory or time bomb?)")
 
 
+def _size(f: IO[bytes]) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # an in-memory stream
+        end = f.seek(0, 2)
+        f.seek(0)
+        return end
+
+
 def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
-    """Check every pickle inside a ``torch.save`` file (a zip) before ``torch.load`` reads it; a
-    file that is a raw pickle or a legacy (pre-1.6) torch file is refused: torch has written zip
-    files since 2020, and the old format cannot be checked this way."""
+    """Check a ``torch.save`` file (a zip) before ``torch.load`` reads it: every record stored
+    uncompressed, as torch writes them, and no larger than the file (so what torch reads is
+    bounded by the file's real size), and every pickle inside passing :func:`check_pickle`. A file
+    that is a raw pickle or a legacy (pre-1.6) torch file is refused: torch has written zip files
+    since 2020, and the old format cannot be checked this way."""
     if isinstance(f, (str, Path)):
         with open(f, "rb") as stream:
             return check_torch_file(stream, source)
@@ -143,13 +225,24 @@ def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
     if start[:1] == b"\x80":  # a pickle's PROTO opcode: a raw pickle or the legacy torch format
         raise SabError(f"{source}: refused to load: a raw pickle or a legacy (pre-1.6) torch file, not a torch zip "
                        "checkpoint; re-save it with a current torch from a source you trust")
+    real = _size(f)
     try:
         with zipfile.ZipFile(f) as z:
-            for info in z.infolist():
+            infos = z.infolist()
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise SabError(f"{source}: refused to load: its record {bounded(info.filename)} is compressed, "
+                                   "and torch.save stores every record as it is (a decompression bomb?)")
+                if info.file_size != info.compress_size:
+                    raise SabError(f"{source}: refused to load: its record {bounded(info.filename)} claims "
+                                   f"{info.file_size:,} bytes but stores {info.compress_size:,} (a hostile file?)")
+            if sum(info.file_size for info in infos) > real:
+                raise SabError(f"{source}: refused to load: its records claim more bytes than the file's {real:,} "
+                               "(records that overlap: a hostile file?)")
+            for info in infos:
                 if info.filename.endswith(".pkl"):
-                    if info.file_size > MAX_PICKLE_BYTES:
-                        raise SabError(f"{source}: refused to load: a {info.file_size:,}-byte pickle inside")
-                    check_pickle(z.read(info), source)
+                    with z.open(info) as stream:
+                        check_pickle(stream, source)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
         raise SabError(f"{source}: not a readable checkpoint (truncated or corrupt?): {first_line(e)}") from None
     finally:

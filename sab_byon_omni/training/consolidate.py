@@ -44,4 +44,4 @@ def consolidate(src: str | Path, dst: str | Path, weights_only: bool = False, ov
     if optimizer is not None:
         ck["optimizer_state_dict"] = optimizer.state_dict()
     ck["config"] = cfg.to_dict()
-    return save_checkpoint(ck, dst)
+    return save_checkpoint(ck, dst, kept="the output was not written; the sharded checkpoint is unchanged")

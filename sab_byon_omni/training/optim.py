@@ -89,15 +89,24 @@ MUON_STATE = frozenset({"momentum_buffer"})
 def check_loaded_state(optimizer: torch.optim.Optimizer, built: list[dict[str, Any]]) -> None:
     """After ``optimizer.load_state_dict(saved)``: put back the group settings this run built
     (``built``: its param groups' settings before loading; which groups are Muon, their split and
-    momentum are the code's, never a file's), and check every state tensor fits its parameter, so a
-    damaged or hostile file stops here with a ValueError instead of crashing or silently changing
-    the step (fused AdamW reads and writes out of bounds on a moment of the wrong size)."""
+    momentum are the code's, never a file's), and check every state tensor fits its parameter (shape
+    and dtype) and belongs to one, so a damaged or hostile file stops here with a ValueError instead
+    of crashing or silently changing the step (fused AdamW reads and writes out of bounds on a moment
+    of the wrong size; state under an index no group lists is kept aside and the moments dropped).
+    A moment saved in another dtype is cast by ``load_state_dict`` before this runs: the file's own
+    dtypes are checked when it is read (:func:`sab_byon_omni.io.checkpoint.check_format`)."""
     for group, mine in zip(optimizer.param_groups, built):
         params = group["params"]
         group.clear()
         group.update({**{k: v for k, v in mine.items() if k != "params"}, "params": params})
     with_state = 0
     muon_ids = {id(p) for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for key in optimizer.state:  # load_state_dict keeps state it cannot place under the file's own key
+        if not isinstance(key, torch.Tensor) or id(key) not in params:
+            shown = "a tensor" if isinstance(key, torch.Tensor) else repr(key)[:40]
+            raise ValueError(f"optimizer state for {shown}, which is not a parameter of this optimizer (its "
+                             "moments would be dropped silently)")
     for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         state = optimizer.state.get(p, {})
         if not state:
@@ -113,12 +122,14 @@ def check_loaded_state(optimizer: torch.optim.Optimizer, built: list[dict[str, A
                 ok = isinstance(value, torch.Tensor) and value.numel() == 1 and bool(torch.isfinite(value).all()) \
                     and float(value) >= 0
             else:
-                ok = isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape \
+                ok = isinstance(value, torch.Tensor) and value.dtype == p.dtype and value.shape == p.shape \
                     and value.is_contiguous()
             if not ok:
                 what = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                if isinstance(value, torch.Tensor) and value.dtype != p.dtype and key != "step":
+                    what = f"{what} of {str(value.dtype).removeprefix('torch.')}"
                 raise ValueError(f"parameter {i}: optimizer state {key} {what} does not fit the parameter "
-                                 f"{tuple(p.shape)}")
+                                 f"{tuple(p.shape)} of {str(p.dtype).removeprefix('torch.')}")
     total = sum(len(g["params"]) for g in optimizer.param_groups)
     if 0 < with_state < total:
         raise ValueError(f"optimizer state for only {with_state} of {total} parameters")
