@@ -31,8 +31,9 @@ def step_rows(ck: Path = Path("ck")) -> list[int]:
 
 
 def loadable(ck: Path = Path("ck")) -> dict[str, int]:
+    """The step and epoch checkpoints that load (best_model.pt aside: a run that validates writes it)."""
     found = {}
-    for p in sorted(ck.glob("*.pt")):
+    for p in sorted(set(ck.glob("*.pt")) - {ck / "best_model.pt"}):
         try:
             found[p.name] = load_checkpoint(p)["global_step"]
         except Exception:

@@ -132,7 +132,7 @@ def data_summary(train: Any, val: Any) -> str:
 def summary(result: Any, directory: str) -> list[str]:
     """The closing lines: losses, where the checkpoints are, and what to run next."""
     lines = []
-    finite = [v for v in result.val_losses if isinstance(v, float) and math.isfinite(v)]
+    finite = [v for v in [*result.val_losses, result.best_val_loss] if isinstance(v, float) and math.isfinite(v)]
     if finite:
         lines.append(f"best validation loss {min(finite):.4f} (perplexity {math.exp(min(finite)):.3f})")
     best = result.best_checkpoint or (result.checkpoints[-1] if result.checkpoints else None)
