@@ -18,7 +18,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.distributed import launched_by_torchrun
 from sab_byon_omni.training.optim import make_optimizer
-from sab_byon_omni.training.recipe import batch_geometry, describe, recipe_for_geometry
+from sab_byon_omni.training.recipe import batch_geometry, describe, evaluation_cadence, recipe_for_geometry
 from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
                  "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-                 "epochs")  # what the from-scratch recipe sets
+                 "epochs", "eval_interval", "eval_batches")  # what the from-scratch recipe sets
 GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
 
@@ -93,8 +93,15 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
     per_epoch = math.ceil(micro_steps_per_epoch(windows, batch, world) / accum)  # as the trainer counts
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
+    reasons = [] if geometry_given else reasons
+    if total < per_epoch * epochs:  # the schedule and the validations follow the steps the run will take
+        reasons.append(f"train.max_steps={t.max_steps:,} stops the run after {total:,} of {per_epoch * epochs:,} "
+                       f"steps ({per_epoch:,} per epoch x {epochs}): the schedule and validations are planned "
+                       f"for {total:,}")
     final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
-    final = dataclasses.replace(final, gradient_accumulation_steps=accum)  # what each process accumulates
+    # what each process accumulates; and each validates its own eval_batches
+    final = dataclasses.replace(final, gradient_accumulation_steps=accum,
+                                eval_batches=evaluation_cadence(total, accum, epochs)[1])
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
@@ -102,8 +109,8 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
                         + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit))
-    lines += [("", reason) for reason in ([] if geometry_given else reasons) + described]
+    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total)
+    lines += [("", reason) for reason in reasons + described]
     return out, lines
 
 
