@@ -7,6 +7,7 @@ locked (one run per folder) before it is read, and removed again if this run cre
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -22,14 +23,14 @@ from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.estimate import fmt_count
+from sab_byon_omni.estimate import estimate, fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
-from sab_byon_omni.machine import device_name, give_back_freed_memory, set_freed_memory
+from sab_byon_omni.machine import device_name, give_back_freed_memory, measure_matmul_peak, set_freed_memory
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
-from sab_byon_omni.training.console import data_summary
+from sab_byon_omni.training.console import data_summary, predicted_tokens, start_estimate
 from sab_byon_omni.training.memory import (HEAP_REUSE_ROOM, apply_activation_checkpointing, keeps_freed_memory,
                                           peak_memory_mb, plan_memory)
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
@@ -304,9 +305,47 @@ class RunSetup:
                          + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
             ("memory", self.memory.describe() + (f"; allocator: {self.allocator}" if self.allocator else "")),
+            ("validation", self._validation_plan(val_data)),
             *notes,
-            ("time", "measured after the first steps"),
+            ("time", self.start_time()),
         ]
+
+    def _validation_plan(self, val_data: Any) -> str:
+        t = self.cfg.train
+        if val_data is None or not len(val_data):
+            return "none (no validation data, so no best_model.pt)"
+        every = {0: "", 1: "every step, "}.get(t.eval_interval, f"every {t.eval_interval:,} steps, ")
+        when = every + "at each epoch's end and at the last step"
+        on = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''} of {t.batch_size}"
+              if t.eval_batches else "all")
+        return f"{when}, on {on} of {len(val_data):,} samples; the best so far is saved as best_model.pt"
+
+    def start_time(self) -> str:
+        """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
+        process's share, from the estimator) at this device's measured matmul rate."""
+        m, t = self.cfg.model, self.cfg.train
+        later = "measured after the first steps"
+        targets = predicted_tokens(self.train_data)
+        mean = targets / len(self.train_data) if targets and len(self.train_data) else self.cfg.data.seq_len - 1
+        try:
+            est = estimate(m, seq_len=max(2, round(mean) + 1), micro_batch=t.batch_size, precision=self.precision.name,
+                           gpus=self.info.world, parallel="fsdp" if self.fsdp else "ddp", device=self.device.type)
+            rate = _matmul_rate(self.precision.name, str(self.device), torch.get_num_threads())
+        except (SabError, RuntimeError, KeyError):
+            return later
+        if not rate > 0:
+            return later
+        flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
+        return start_estimate(flops, rate, self.total_steps - self.state.global_step,
+                              f"measured {self.precision.name} matmul rate")
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_rate(precision: str, device: str, threads: int) -> float:
+    """This device's square-matmul FLOP/s in ``precision``, measured once per process (~0.5 s)."""
+    dev = torch.device(device)
+    sizes = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
+    return measure_matmul_peak(DTYPES[precision], dev, budget_s=0.4, sizes=sizes)
 
 
 def _remove_if_only_lock(d: Path) -> None:

@@ -151,7 +151,8 @@ class Trainer:
         self.setup()
         console.ensure_visible()
         if self.info.is_main:
-            console.banner(self.run.banner_lines(self.notes, self.val_data))
+            if console.log.isEnabledFor(logging.INFO):  # (its time estimate measures the device: not for -q)
+                console.banner(self.run.banner_lines(self.notes, self.val_data))
             for warning in self.run.from_scratch_warnings():
                 log.warning("%s", warning)
         st = self.state
