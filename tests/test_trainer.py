@@ -1,5 +1,6 @@
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,17 @@ def test_validations_at_an_interval_keep_the_best_so_far(tmp_path, monkeypatch):
     assert [(r["step"], r["val_loss"]) for r in _rows(tmp_path / "ckpt") if "val_loss" in r][-1] == (11, 4.0)
     assert saved[-1][:2] == ("step_11", 11)  # the resume point comes last
     assert load_checkpoint(tmp_path / "ckpt" / "best_model.pt")["val_loss"] == 1.0
+
+
+def test_identical_runs_save_identical_python_and_numpy_random_states(tmp_path):
+    states = []
+    for i in (1, 2):
+        random.seed(i)  # whatever the process did before, train.seed decides
+        np.random.seed(i)
+        trainer = make_trainer(tiny_run(tmp_path / str(i), max_steps=1))
+        trainer.fit()
+        states.append(load_checkpoint(tmp_path / str(i) / "ckpt" / "step_1.pt")["rng_state"])
+    assert states[0]["python"] == states[1]["python"]
+    assert states[0]["numpy"] == states[1]["numpy"]
+    assert torch.equal(states[0]["torch"], states[1]["torch"])
+

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -117,7 +119,9 @@ class RunSetup:
 
     def _build(self) -> None:
         t = self.cfg.train
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # and Python's and numpy's generators, which checkpoints save as well
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
         if t.deterministic:
             set_deterministic(self.device)
         meta = D.is_meta(self.raw)  # built on the meta device (FSDP): materialised after sharding
