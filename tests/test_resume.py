@@ -211,6 +211,20 @@ def test_a_kill_while_saving_best_model_loses_nothing(tmp_path, eval_interval):
     assert [r["epoch"] for r in _metrics(run) if "train_loss" in r] == [1, 2]  # one row per epoch, none lost
 
 
+def test_a_folder_left_by_a_kill_before_the_first_checkpoint_does_not_block_a_new_run(tmp_path):
+    """SIGKILL before any save leaves config.yaml, metrics.jsonl and .lock (no cleanup can run):
+    harmless, a new run (--resume none) or --resume auto starts fresh there."""
+    run = tmp_path / "run"
+    for resume in ("none", "auto"):
+        rc, _, err = _run(run, ["--max_steps", "3"], SAB_KILL_AT_STEP="2")
+        assert rc == -signal.SIGKILL, err
+        assert sorted(p.name for p in (run / "ck").iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
+        rc, out, err = _run(run, ["--max_steps", "3", "--resume", resume])
+        assert rc == 0 and "resumed" not in err, err
+        assert [r["step"] for r in _metrics(run) if "lr" in r] == [1, 2, 3]  # the killed run's rows are gone
+        shutil.rmtree(run / "ck")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bucketing", ["0", "64"])
 def test_sigkill_resume_with_torch_compile(tmp_path, bucketing):

@@ -11,6 +11,7 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import collate
 from sab_byon_omni.data.factory import load_datasets
+from sab_byon_omni.errors import SabError
 from sab_byon_omni.io.checkpoint import load_checkpoint
 from sab_byon_omni.training import trainer as T
 from sab_byon_omni.training.loss import causal_lm_loss
@@ -194,3 +195,30 @@ def test_identical_runs_save_identical_python_and_numpy_random_states(tmp_path):
     assert states[0]["numpy"] == states[1]["numpy"]
     assert torch.equal(states[0]["torch"], states[1]["torch"])
 
+
+def test_a_run_that_fails_before_its_first_checkpoint_removes_the_folder_it_created(tmp_path, monkeypatch):
+    def failing(self):
+        raise SabError("injected")
+
+    monkeypatch.setattr(T.Trainer, "optimizer_step", failing)
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path)).fit()
+    assert not (tmp_path / "ckpt").exists()  # no config.yaml, metrics.jsonl or .lock left behind
+    (tmp_path / "mine").mkdir()  # a folder the run did not create is never removed
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path, checkpoint_dir=str(tmp_path / "mine"))).fit()
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_run_that_fails_after_a_checkpoint_keeps_its_folder(tmp_path, monkeypatch):
+    real = T.Trainer.optimizer_step
+
+    def failing_at_step_3(self):
+        if self.state.global_step == 2:
+            raise SabError("injected")
+        return real(self)
+
+    monkeypatch.setattr(T.Trainer, "optimizer_step", failing_at_step_3)
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path, save_every=1)).fit()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["step_1.pt", "step_2.pt"]

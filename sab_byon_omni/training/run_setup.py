@@ -56,7 +56,7 @@ class RunSetup:
         t = self.cfg.train
         self.checkpointer = Checkpointer(t.checkpoint_dir, is_main=self.info.is_main, sharded=self.fsdp,
                                          keep_last=t.keep_last, barrier=lambda: D.barrier(self.info))
-        created = not self.checkpointer.dir.exists()
+        self.created = not self.checkpointer.dir.exists()  # by this run: removed again if it fails before a save
         try:
             self.checkpointer.lock()
             self.resume_from, resumed = self._resume_point()
@@ -67,9 +67,7 @@ class RunSetup:
             self._sync_schedule()
             self._open_folder()
         except BaseException:
-            self.close()
-            if created and self.info.is_main:
-                _remove_if_only_lock(self.checkpointer.dir)
+            self.close(failed=True)
             raise
 
     # ------------------------------------------------------------------------------- placement
@@ -240,10 +238,13 @@ class RunSetup:
                                                        sort_keys=False))
             atomic_write_text(ck.dir / CONFIG_FILE, text, what="config")
 
-    def close(self) -> None:
-        """Release the folder lock. (The process group stays: a program may train again in it;
+    def close(self, failed: bool = False) -> None:
+        """Release the folder lock; after a failure, first remove the folder if this run created it
+        and saved nothing in it. (The process group stays: a program may train again in it;
         ``sab-omni train`` leaves it when the run ends.)"""
         if hasattr(self, "checkpointer"):
+            if failed and self.created and self.info.is_main:
+                _remove_if_unused(self.checkpointer.dir)
             self.checkpointer.unlock()
         if getattr(self, "allocator", ""):
             give_back_freed_memory()  # the process need not hold the run's peak afterwards
@@ -352,10 +353,11 @@ def _matmul_rate(precision: str, device: str, threads: int) -> float:
     return measure_matmul_peak(DTYPES[precision], dev, budget_s=0.4, sizes=sizes)
 
 
-def _remove_if_only_lock(d: Path) -> None:
-    """Undo the creation of a run folder by a run that failed before writing anything else."""
+def _remove_if_unused(d: Path) -> None:
+    """Undo the creation of a run folder by a run that failed before it saved a checkpoint: only
+    what every run writes at its start (lock, config.yaml, metrics.jsonl) may be there."""
     try:
-        if {p.name for p in d.iterdir()} <= {LOCK_FILE}:
+        if {p.name for p in d.iterdir()} <= {LOCK_FILE, CONFIG_FILE, METRICS_FILE}:
             shutil.rmtree(d, ignore_errors=True)
     except OSError:
         pass

@@ -159,13 +159,15 @@ class Trainer:
         result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses)
         self.clock = console.Clock(self.total_steps)  # measures from the end of the first step on
         start = time.perf_counter()
+        failed = True
         try:
             with self.stop, self._out_of_memory_as_error():
                 while st.epoch < self.cfg.train.epochs and not self._should_stop():
                     self._run_epoch(result)
+            failed = False
         finally:
             self.metrics.close()
-            self.run.close()
+            self.run.close(failed=failed)
         result.seconds = time.perf_counter() - start
         result.global_step, result.skipped_steps = st.global_step, st.skipped_steps
         result.stopped_early, result.stop_signal = self.stop.requested, self.stop.signum
