@@ -83,13 +83,17 @@ def test_a_config_file_is_taken_as_written(notes):
     assert t["optimizer"] == "adamw"
 
 
-def test_the_synthetic_default_job_is_the_guides(in_tmp):
+def test_the_synthetic_default_job_is_the_guides(in_tmp, capsys):
     assert main(["train", *SHORT, "--num_samples", "80", "--checkpoint_dir", "runs/d"]) == 0
     t = run_config("runs/d")
     assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) \
         == (2e-5, "constant", 4, 16, 3)
     assert t["optimizer"] == "adamw"  # the guide's AdamW
     assert (t["eval_interval"], t["eval_batches"]) == (0, 0)  # validation at each epoch's end, on all of it
+    # the guide's own rate is information in the banner, once; not a warning (-q hides it)
+    assert capsys.readouterr().err.count("learns slowly") == 1
+    assert main(["-q", "train", *SHORT, "--num_samples", "80", "--checkpoint_dir", "runs/q"]) == 0
+    assert "learns slowly" not in capsys.readouterr().err
 
 
 def test_own_data_with_a_step_limit_leaves_a_best_model_to_sample_and_evaluate(notes, capsys):

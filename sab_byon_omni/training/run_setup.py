@@ -106,14 +106,22 @@ class RunSetup:
 
     def from_scratch_warnings(self) -> list[str]:
         """For a fresh model (no checkpoint, no ``init_from``): a rate the sweep showed to learn
-        slowly, or too few optimizer steps to learn much (docs/RECIPES.md)."""
+        slowly (on your own data; on the synthetic data it is the guide's choice, which the banner
+        mentions), or too few optimizer steps to learn much (docs/RECIPES.md)."""
         t = self.cfg.train
-        if self.resume_from is not None or t.init_from:
+        if not self._fresh():
             return []
-        tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
         capped = bool(t.max_steps) and t.max_steps == self.total_steps
-        return [w for w in (learns_slowly(t.learning_rate, self.cfg.model, tokens),
-                            too_few_steps(self.total_steps, capped)) if w]
+        slow = None if self.cfg.data.dataset == "synthetic" else self._slow_rate()
+        return [w for w in (slow, too_few_steps(self.total_steps, capped)) if w]
+
+    def _fresh(self) -> bool:
+        return self.resume_from is None and not self.cfg.train.init_from
+
+    def _slow_rate(self) -> str | None:
+        t = self.cfg.train
+        tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
+        return learns_slowly(t.learning_rate, self.cfg.model, tokens) if self._fresh() else None
 
     def _build(self) -> None:
         t = self.cfg.train
@@ -309,6 +317,7 @@ class RunSetup:
                          + f"AdamW peak lr {t.learning_rate:g}" + (" for the rest" if t.optimizer == "muon" else "")
                          + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
+            *([("", slow)] if (slow := self._slow_rate()) and d.dataset == "synthetic" else []),
             ("memory", self.memory.describe() + (f"; allocator: {self.allocator}" if self.allocator else "")),
             ("validation", self._validation_plan(val_data)),
             *notes,
