@@ -135,12 +135,15 @@ def start_estimate(flops_per_step: float, flop_rate: float, total_steps: int, wh
     """The banner's ``time:`` line before the first step: an optimizer step's FLOPs at the device's
     measured matmul rate (``what``). A lower bound: a step also runs kernels slower than a matmul."""
     def short(s: float) -> str:
-        return f"{s * 1000:.2g} ms" if s < 1 else f"{s:.2g} s" if s < 10 else fmt_duration(s)
+        if s < 1:
+            return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.2g} ms"
+        return f"{s:.2g} s" if s < 10 else fmt_duration(s)
 
     seconds = flops_per_step / flop_rate
-    flop = f"{flops_per_step:.1e}".replace("e+", "e")
-    return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {total_steps:,} "
-            f"steps ({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
+    flop = f"{flops_per_step:.1e}".replace("e+0", "e").replace("e+", "e")
+    steps = f"{total_steps:,} step{'s' if total_steps != 1 else ''}"
+    return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {steps} "
+            f"({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
             "measured after the first steps")
 
 
