@@ -112,8 +112,12 @@ def test_the_rule_validates_about_ten_times_within_a_small_share_of_the_compute(
         assert t.eval_interval == math.ceil(steps / R.EVALUATIONS)
         validations = steps // t.eval_interval + t.epochs
         share = validations * t.eval_batches / (3 * steps * t.gradient_accumulation_steps)
-        assert t.eval_batches == 1 or share <= R.EVAL_SHARE
+        assert t.eval_batches == R.MIN_EVAL_BATCHES or share <= R.EVAL_SHARE
+        assert t.eval_batches >= R.MIN_EVAL_BATCHES
         assert any("validation every" in text for _, text in lines)
+        # a validation set no larger than that is validated whole (then sab-omni eval reproduces it)
+        assert apply_recipe(cfg, windows, set(), "test", val_windows=t.batch_size)[0].train.eval_batches == 0
+        assert apply_recipe(cfg, windows, set(), "test", val_windows=10**7)[0].train.eval_batches == t.eval_batches
     mine, lines = apply_recipe(cfg, 5_000, {"eval_interval", "eval_batches"}, "test")
     assert (mine.train.eval_interval, mine.train.eval_batches) == (0, 0)  # the config's, as given
 

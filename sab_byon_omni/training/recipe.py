@@ -29,9 +29,11 @@ steps of 16 x 128 byte tokens each (``benchmarks/learn.py``; table and plot in d
 
 * **validation** about ``EVALUATIONS`` (10) times in the run, every ``total / EVALUATIONS`` optimizer
   steps, besides each epoch's end, on the first ``eval_batches`` validation batches: as many as keep
-  all of them together within ``EVAL_SHARE`` (5%) of the training compute (a validation batch is a
-  forward pass, about a third of a training micro-batch); at least one. Every validation that
-  improves on the best so far writes ``best_model.pt``. Engineering choices, not sweep results.
+  all of them together within ``EVAL_SHARE`` (10%) of the training compute (a validation batch is a
+  forward pass, about a third of a training micro-batch), but at least ``MIN_EVAL_BATCHES`` (8:
+  fewer are too noisy to rank checkpoints by), and the whole validation set when it has no more
+  batches than that (then ``sab-omni eval`` reproduces the run's validation loss). Every validation
+  that improves on the best so far writes ``best_model.pt``. Engineering choices, not sweep results.
 
 :func:`learns_slowly` names the rates the sweep showed to learn slowly (below ``1 / SLOW_FACTOR`` of
 the rule's rate: on tiny, 2e-3, a fifth of the rule, ended 0.3-0.5 bits per byte behind the best rate),
@@ -69,7 +71,8 @@ MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
 MAX_MICRO_TOKENS = 16384
 MAX_EPOCHS = 20
 EVALUATIONS = 10  # validations at an interval in a from-scratch run (each epoch's end validates too)
-EVAL_SHARE = 0.05  # the most of the training compute all of a run's validations together take
+EVAL_SHARE = 0.1  # the share of the training compute all of a run's validations together take
+MIN_EVAL_BATCHES = 8  # fewer validation batches are too noisy to rank checkpoints by
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,17 @@ def warmup_steps(total_steps: int) -> int:
     return max(1, min(round(WARMUP_FRACTION * total_steps), WARMUP_MAX))
 
 
-def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epochs: int) -> tuple[int, int]:
+def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epochs: int,
+                       validation_batches: int | None = None) -> tuple[int, int]:
     """(eval_interval, eval_batches): about ``EVALUATIONS`` validations at an interval, each on as
     many batches as keep all of them (those at the epochs' ends too) within ``EVAL_SHARE`` of the
-    training compute of ``total_steps`` steps of ``gradient_accumulation_steps`` micro-batches."""
+    training compute of ``total_steps`` steps of ``gradient_accumulation_steps`` micro-batches, at
+    least ``MIN_EVAL_BATCHES``; 0 (all of them) when a whole pass, ``validation_batches``, is no more."""
     interval = max(1, math.ceil(total_steps / EVALUATIONS))
     validations = total_steps // interval + epochs
     forward_passes = 3 * total_steps * gradient_accumulation_steps  # a training micro-batch: forward + backward
-    return interval, max(1, math.floor(EVAL_SHARE * forward_passes / validations))
+    batches = max(MIN_EVAL_BATCHES, math.floor(EVAL_SHARE * forward_passes / validations))
+    return interval, 0 if validation_batches is not None and validation_batches <= batches else batches
 
 
 def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int, list[str]]:
@@ -210,7 +216,8 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
     if t.eval_interval:
         batches = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''}" if t.eval_batches
                    else "the whole validation set")
-        share = f"all validations within {EVAL_SHARE:.0%} of the training compute"
+        budget = f"all validations within {EVAL_SHARE:.0%} of the training compute, at least {MIN_EVAL_BATCHES} batches"
+        share = f"the budget: {budget}" if t.eval_batches else f"no larger than the budget: {budget}"
         every = "every step" if t.eval_interval == 1 else f"every {t.eval_interval:,} steps"
         count = f"{total_steps // t.eval_interval:,} in the run" if total_steps else f"about {EVALUATIONS} in the run"
         lines.append(f"validation {every} ({why('eval_interval', count)}) "

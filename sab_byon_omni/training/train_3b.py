@@ -60,7 +60,8 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size
     tokenizer, train, val = load_datasets(cfg.data, sab.tokenizer if keep_tokenizer else None)
     if scratch:
         explicit = {k for k, v in given.items() if v is not None} | {k.rsplit(".", 1)[-1] for k in overrides}
-        cfg, notes = apply_recipe(cfg, len(train), explicit, "train_3b_rapid(data=...)")
+        cfg, notes = apply_recipe(cfg, len(train), explicit, "train_3b_rapid(data=...)",
+                                  len(val) if val is not None else 0)
     else:
         notes = [("recipe", "the settings of this call and the model's config" + (
             " (a loaded model: no from-scratch recipe)" if own_data else ""))]
@@ -79,10 +80,12 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size
                    resume_hint='continue with train_3b_rapid(..., resume="auto")').fit()
 
 
-def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> tuple[RunConfig, list[tuple[str, str]]]:
-    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples in every train
-    setting not in ``explicit`` (field names), and the banner lines that say so. The peak rate
-    follows the final batch geometry, so a batch size you give moves the rule's rate with it."""
+def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
+                 val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:
+    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples (and a
+    validation set of ``val_windows``) in every train setting not in ``explicit`` (field names), and
+    the banner lines that say so. The peak rate follows the final batch geometry, so a batch size you
+    give moves the rule's rate with it."""
     t, seq = cfg.train, cfg.data.seq_len
     batch, accum, epochs, _, reasons = batch_geometry(windows * (seq - 1) + 1, seq)
     world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
@@ -100,8 +103,9 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
                        f"for {total:,}")
     final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
     # what each process accumulates; and each validates its own eval_batches
+    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
     final = dataclasses.replace(final, gradient_accumulation_steps=accum,
-                                eval_batches=evaluation_cadence(total, accum, epochs)[1])
+                                eval_batches=evaluation_cadence(total, accum, epochs, whole)[1])
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
@@ -132,7 +136,7 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
         notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
     tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
     if recipe is not None and init is None:
-        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data")
+        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data", len(val) if val is not None else 0)
         notes = lines + notes
     elif recipe is not None:
         notes.append(("recipe", "the config's settings: --init_from fine-tunes, the from-scratch recipe is for "
