@@ -123,7 +123,8 @@ class StopRequest:
             os.close(w)  # the watchdog reads the end of the pipe and returns
             if self._watchdog is not None:
                 self._watchdog.join(timeout=5)
-            os.close(r)
+            if self._watchdog is None or not self._watchdog.is_alive():  # (else it may read it yet: leave it open)
+                os.close(r)
             self._pipe, self._watchdog = None, None
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
