@@ -88,8 +88,13 @@ def run(tmp_path_factory):
 def test_the_banner_says_what_the_run_is(run):
     _, proc = run
     for key in ("run folder:", "data:", "tokenizer:", "model:", "device:", "batch:", "steps:", "schedule:",
-                "memory:", "recipe:", "time:"):
+                "memory:", "validation:", "recipe:", "time:"):
         assert any(line.startswith(key) for line in proc.stderr.splitlines()), key
+    lines = proc.stderr.splitlines()
+    time_line = next(line for line in lines if line.startswith("time:"))
+    assert "per optimizer step" in time_line and "FLOP per step at the measured" in time_line  # before step 1
+    assert lines.index(time_line) < next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert "every 4 steps, at each epoch's end and at the last step, on all of 12 samples" in proc.stderr
     assert "recipe:" in proc.stderr and "the guide's defaults (configs/default.yaml), with --preset" in proc.stderr
     assert "108 training samples" in proc.stderr and "16 samples per optimizer step" in proc.stderr
     assert "14 optimizer steps" in proc.stderr  # 7 per epoch x 2

@@ -138,10 +138,11 @@ def test_killed_and_stopped_five_times_then_resumed_is_bitwise_identical(tmp_pat
     run = tmp_path / "run"
     ck = run / "ck"
 
-    # 1: SIGKILL after step 6 of epoch 1; step_4.pt is the last save, steps 5-6 are lost.
+    # 1: SIGKILL after step 6 of epoch 1; step_4.pt is the last save (best_model.pt the validation of
+    # step 5's), steps 5-6 are lost.
     rc, _, err = _run(run, SAB_KILL_AT_STEP="6")
     assert rc == -signal.SIGKILL, err
-    assert _ckpt_dir_files(run) == ["metrics.jsonl", "step_4.pt"]
+    assert _ckpt_dir_files(run) == ["best_model.pt", "metrics.jsonl", "step_4.pt"]
 
     # 2: resumes at step 4; SIGKILL between writing step_12.pt's temporary file and renaming it.
     rc, _, err = _run(run, SAB_KILL_IN_REPLACE="step_12.pt")
@@ -183,7 +184,7 @@ def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     assert rc == -signal.SIGKILL, err
     rc, out, err = _run(run, ["--optimizer", "adamw"])  # the wrong optimizer: refused, nothing touched
     assert rc == 2 and "trained with optimizer 'muon'" in err and "resume with --optimizer muon" in err, err
-    assert _ckpt_dir_files(run) == ["metrics.jsonl", "step_4.pt"]
+    assert _ckpt_dir_files(run) == ["best_model.pt", "metrics.jsonl", "step_4.pt"]
     rc, _, err = _run(run, muon)
     assert rc == 0, err
     rc, _, err = _finish(reference)
@@ -193,17 +194,35 @@ def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     assert all(r["muon_lr"] > r["lr"] for r in rows[1:])  # Muon's own rate, beside AdamW's
 
 
-def test_a_kill_while_saving_best_model_loses_nothing(tmp_path):
-    """best_model.pt and the epoch's metrics row are written before epoch_N.pt (the resume point):
-    killed in between, the run resumes before the epoch's end and writes all of them again."""
-    run = tmp_path / "run"
-    rc, _, err = _run(run, SAB_KILL_IN_REPLACE="best_model.pt")
+@pytest.mark.parametrize("eval_interval", ["0", "5"])
+def test_a_kill_while_saving_best_model_loses_nothing(tmp_path, eval_interval):
+    """best_model.pt and its metrics row are written before the step's resume point (epoch_N.pt at
+    an epoch's end; with eval_interval 5 the first is step 5's, before step_8.pt): killed in between,
+    the run resumes before that step and writes them again."""
+    run, flags = tmp_path / "run", ["--eval_interval", eval_interval]
+    rc, _, err = _run(run, flags, SAB_KILL_IN_REPLACE="best_model.pt")
     assert rc == -signal.SIGKILL, err
-    assert not (run / "ck" / "epoch_1.pt").exists() and not (run / "ck" / "best_model.pt").exists()
-    rc, out, err = _run(run)
+    assert not (run / "ck" / "best_model.pt").exists()
+    assert not list((run / "ck").glob("epoch_*.pt" if eval_interval == "0" else "step_8.pt"))
+    rc, out, err = _run(run, flags)
     assert rc == 0, err
-    assert load_checkpoint(run / "ck" / "best_model.pt")["global_step"] in (14, 28)
+    best = min(r["val_loss"] for r in _metrics(run) if "val_loss" in r)
+    assert load_checkpoint(run / "ck" / "best_model.pt")["val_loss"] == best
     assert [r["epoch"] for r in _metrics(run) if "train_loss" in r] == [1, 2]  # one row per epoch, none lost
+
+
+def test_a_folder_left_by_a_kill_before_the_first_checkpoint_does_not_block_a_new_run(tmp_path):
+    """SIGKILL before any save leaves config.yaml, metrics.jsonl and .lock (no cleanup can run):
+    harmless, a new run (--resume none) or --resume auto starts fresh there."""
+    run = tmp_path / "run"
+    for resume in ("none", "auto"):
+        rc, _, err = _run(run, ["--max_steps", "3"], SAB_KILL_AT_STEP="2")
+        assert rc == -signal.SIGKILL, err
+        assert sorted(p.name for p in (run / "ck").iterdir()) == [".lock", "config.yaml", "metrics.jsonl"]
+        rc, out, err = _run(run, ["--max_steps", "3", "--resume", resume])
+        assert rc == 0 and "resumed" not in err, err
+        assert [r["step"] for r in _metrics(run) if "lr" in r] == [1, 2, 3]  # the killed run's rows are gone
+        shutil.rmtree(run / "ck")
 
 
 @pytest.mark.slow

@@ -6,10 +6,13 @@ second one stops at once. Either way the exit status is 130, every checkpoint on
 from __future__ import annotations
 
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.training.signals import StopRequest
 from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.integration
@@ -98,3 +102,86 @@ def test_two_ctrl_c_stop_at_once_and_never_damage_a_checkpoint(tmp_path, seed):
     resumed = _train(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert _complete(tmp_path / "ck")[-1] == 12
+
+
+# The second step's forward ends in one torch call that runs for minutes (125 4096^2 matmuls inside
+# C++ code, one thread): Python's own signal handlers cannot run until it returns.
+LONG_STEP = textwrap.dedent("""
+    import sys, torch
+    from sab_byon_omni.training import trainer as T
+
+    real, calls = T.causal_lm_loss, []
+
+    def loss(logits, labels):
+        calls.append(1)
+        if len(calls) == 2:  # step 2: step_1.pt is on disk
+            print("long operation", file=sys.stderr, flush=True)
+            torch.matrix_power(torch.eye(4096), 2**63 - 1)
+        return real(logits, labels)
+
+    T.causal_lm_loss = loss
+    from sab_byon_omni.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _lines(stream, into: queue.Queue) -> None:
+    for line in stream:
+        into.put(line)
+    into.put(None)
+
+
+def _wait_for(lines: queue.Queue, seen: list[str], text: str, timeout: float) -> None:
+    """Read stderr lines until one holds ``text`` (generous timeout: it only guards a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        assert line is not None, "".join(seen)  # the process ended first
+        seen.append(line)
+        if text in line:
+            return
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_ends_the_process_inside_a_long_torch_operation(tmp_path, name):
+    """The first signal is answered while torch is busy in C++ code; the second ends the process at
+    once (status 130), without waiting for the operation; the checkpoint already written loads."""
+    script = tmp_path / "child.py"
+    script.write_text(LONG_STEP)
+    args = tiny_run(save_every=1, max_steps=5, checkpoint_dir="ck")
+    proc = subprocess.Popen([sys.executable, str(script), "train", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        _wait_for(lines, seen, "long operation", timeout=300)
+        time.sleep(0.5)  # inside torch.matrix_power now
+        proc.send_signal(getattr(signal, name))
+        _wait_for(lines, seen, f"{name}: stopping", timeout=60)  # said while the operation runs
+        proc.send_signal(getattr(signal, name))
+        rc = proc.wait(timeout=60)  # the operation alone would take minutes
+    finally:
+        proc.kill()
+        proc.wait()
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    err = "".join(seen)
+    assert rc == 130, err
+    assert f"{name} again: stopped at once without saving" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.pt")) == ["step_1.pt"]
+    assert load_checkpoint(tmp_path / "ck" / "step_1.pt", verify_tensors=True)["global_step"] == 1
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="handlers need the main thread")
+def test_a_stop_request_restores_the_handlers_and_the_wakeup_fd():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with StopRequest(str):
+        assert all(signal.getsignal(sig) != handler for sig, handler in before.items())
+        ours = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(ours)
+        assert ours != -1  # the watchdog's pipe
+        assert any(t.name == "sab-stop-watchdog" for t in threading.enumerate())
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert signal.set_wakeup_fd(-1) == -1  # what it was before
+    assert not any(t.name == "sab-stop-watchdog" for t in threading.enumerate())

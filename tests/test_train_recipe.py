@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -82,12 +83,56 @@ def test_a_config_file_is_taken_as_written(notes):
     assert t["optimizer"] == "adamw"
 
 
-def test_the_synthetic_default_job_is_the_guides(in_tmp):
+def test_the_synthetic_default_job_is_the_guides(in_tmp, capsys):
     assert main(["train", *SHORT, "--num_samples", "80", "--checkpoint_dir", "runs/d"]) == 0
     t = run_config("runs/d")
     assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) \
         == (2e-5, "constant", 4, 16, 3)
     assert t["optimizer"] == "adamw"  # the guide's AdamW
+    assert (t["eval_interval"], t["eval_batches"]) == (0, 0)  # validation at each epoch's end, on all of it
+    # the guide's own rate is information in the banner, once; not a warning (-q hides it)
+    assert capsys.readouterr().err.count("learns slowly") == 1
+    assert main(["-q", "train", *SHORT, "--num_samples", "80", "--checkpoint_dir", "runs/q"]) == 0
+    assert "learns slowly" not in capsys.readouterr().err
+
+
+def test_own_data_with_a_step_limit_leaves_a_best_model_to_sample_and_evaluate(notes, capsys):
+    """The README's commands after a run that --max_steps ends inside its first epoch."""
+    assert main(["train", "--data", str(notes), *SHORT, "--checkpoint_dir", "runs/n"]) == 0
+    assert "sab-omni generate --checkpoint runs/n/best_model.pt" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", "runs/n/best_model.pt", "--prompt", "note", "--max-new-tokens", "4"]) == 0
+    assert main(["eval", "--checkpoint", "runs/n/best_model.pt", "--data", str(notes)]) == 0
+
+
+def test_the_rule_validates_about_ten_times_within_a_small_share_of_the_compute():
+    cfg = build_config({"preset": "tiny", "seq_len": 128})
+    for windows in (400, 5_000, 200_000):
+        out, lines = apply_recipe(cfg, windows, set(), "test")
+        t, steps = out.train, _planned_steps(out, windows)
+        assert t.eval_interval == math.ceil(steps / R.EVALUATIONS)
+        validations = steps // t.eval_interval + t.epochs
+        share = validations * t.eval_batches / (3 * steps * t.gradient_accumulation_steps)
+        assert t.eval_batches == R.MIN_EVAL_BATCHES or share <= R.EVAL_SHARE
+        assert t.eval_batches >= R.MIN_EVAL_BATCHES
+        assert any("validation every" in text for _, text in lines)
+        # a validation set no larger than that is validated whole (then sab-omni eval reproduces it)
+        assert apply_recipe(cfg, windows, set(), "test", val_windows=t.batch_size)[0].train.eval_batches == 0
+        assert apply_recipe(cfg, windows, set(), "test", val_windows=10**7)[0].train.eval_batches == t.eval_batches
+    mine, lines = apply_recipe(cfg, 5_000, {"eval_interval", "eval_batches"}, "test")
+    assert (mine.train.eval_interval, mine.train.eval_batches) == (0, 0)  # the config's, as given
+
+
+def _planned_steps(cfg, windows: int) -> int:
+    t = cfg.train
+    return t.epochs * math.ceil(math.ceil(windows / t.batch_size) / t.gradient_accumulation_steps)
+
+
+def test_a_step_limit_is_what_the_recipe_lines_plan_for(notes, capsys):
+    assert main(["train", "--data", str(notes), *SHORT[:-4], "--max_steps", "3", "--progress", "false",
+                 "--checkpoint_dir", "runs/s"]) == 0
+    err = capsys.readouterr().err
+    assert "train.max_steps=3 stops the run after 3 of" in err and "40% of the 3-step run" in err
+    assert "validation every step (3 in the run)" in err
 
 
 def test_the_rules_rate_follows_a_batch_size_you_give():

@@ -1,4 +1,7 @@
+import json
 import math
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,9 @@ from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import collate
 from sab_byon_omni.data.factory import load_datasets
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.training import trainer as T
 from sab_byon_omni.training.loss import causal_lm_loss
 from sab_byon_omni.training.optim import lr_at
 from sab_byon_omni.training.trainer import Trainer
@@ -140,3 +146,79 @@ def test_bucketing_by_theoptimizer_step_keeps_the_training_trajectory(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # a bucket spanning two steps moves samples between them: visibly different weights
     assert max((a - c).abs().max() for a, c in zip(plain, other)) > 1e-4
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_max_steps_ends_inside_its_first_epoch_validates_and_keeps_best_model(tmp_path):
+    trainer = make_trainer(tiny_run(tmp_path, max_steps=3))  # 12 steps per epoch, no eval_interval
+    result = trainer.fit()
+    evals = [r for r in _rows(tmp_path / "ckpt") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3]  # one validation, at the last step
+    assert result.best_checkpoint == str(tmp_path / "ckpt" / "best_model.pt")
+    best = load_checkpoint(result.best_checkpoint)
+    assert (best["global_step"], best["val_loss"]) == (3, evals[0]["val_loss"])
+    assert result.best_val_loss == best["val_loss"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["best_model.pt", "step_3.pt"]
+
+
+def test_validations_at_an_interval_keep_the_best_so_far(tmp_path, monkeypatch):
+    scripted = iter([3.0, 2.0, 2.5, math.nan, 1.0, 4.0])  # steps 2, 4, 6, 8, 10 and the last, 11
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(scripted))
+    saved = []
+    real = T.Trainer.save_checkpoint
+
+    def recording(self, name, loss, val_loss=None):
+        saved.append((name, self.state.global_step, val_loss))
+        return real(self, name, loss, val_loss)
+
+    monkeypatch.setattr(T.Trainer, "save_checkpoint", recording)
+    make_trainer(tiny_run(tmp_path, eval_interval=2, max_steps=11)).fit()
+    assert [s for s in saved if s[0] == "best_model"] == [("best_model", 2, 3.0), ("best_model", 4, 2.0),
+                                                          ("best_model", 10, 1.0)]
+    assert [(r["step"], r["val_loss"]) for r in _rows(tmp_path / "ckpt") if "val_loss" in r][-1] == (11, 4.0)
+    assert saved[-1][:2] == ("step_11", 11)  # the resume point comes last
+    assert load_checkpoint(tmp_path / "ckpt" / "best_model.pt")["val_loss"] == 1.0
+
+
+def test_identical_runs_save_identical_python_and_numpy_random_states(tmp_path):
+    states = []
+    for i in (1, 2):
+        random.seed(i)  # whatever the process did before, train.seed decides
+        np.random.seed(i)
+        trainer = make_trainer(tiny_run(tmp_path / str(i), max_steps=1))
+        trainer.fit()
+        states.append(load_checkpoint(tmp_path / str(i) / "ckpt" / "step_1.pt")["rng_state"])
+    assert states[0]["python"] == states[1]["python"]
+    assert states[0]["numpy"] == states[1]["numpy"]
+    assert torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_removes_the_folder_it_created(tmp_path, monkeypatch):
+    def failing(self):
+        raise SabError("injected")
+
+    monkeypatch.setattr(T.Trainer, "optimizer_step", failing)
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path)).fit()
+    assert not (tmp_path / "ckpt").exists()  # no config.yaml, metrics.jsonl or .lock left behind
+    (tmp_path / "mine").mkdir()  # a folder the run did not create is never removed
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path, checkpoint_dir=str(tmp_path / "mine"))).fit()
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_run_that_fails_after_a_checkpoint_keeps_its_folder(tmp_path, monkeypatch):
+    real = T.Trainer.optimizer_step
+
+    def failing_at_step_3(self):
+        if self.state.global_step == 2:
+            raise SabError("injected")
+        return real(self)
+
+    monkeypatch.setattr(T.Trainer, "optimizer_step", failing_at_step_3)
+    with pytest.raises(SabError, match="injected"):
+        make_trainer(tiny_run(tmp_path, save_every=1)).fit()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["step_1.pt", "step_2.pt"]

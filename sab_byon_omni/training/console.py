@@ -111,28 +111,46 @@ def banner(lines: list[tuple[str, str]]) -> None:
         log.info("%s %s", (f"{key}:" if key else "").ljust(width + 1), value)  # "": goes on the line above
 
 
+def predicted_tokens(ds: Any) -> int | None:
+    """The tokens a dataset's samples predict, when it can say so cheaply (else None)."""
+    if hasattr(ds, "num_targets"):
+        return int(ds.num_targets)
+    lengths = getattr(ds, "lengths", None)
+    return int(sum(int(n) - 1 for n in lengths)) if lengths is not None else None
+
+
 def data_summary(train: Any, val: Any) -> str:
     """Samples and predicted tokens of the two splits, from what the datasets can say cheaply."""
-    def tokens(ds: Any) -> int | None:
-        if hasattr(ds, "num_targets"):
-            return int(ds.num_targets)
-        lengths = getattr(ds, "lengths", None)
-        return int(sum(int(n) - 1 for n in lengths)) if lengths is not None else None
-
     parts = [f"{len(train):,} training samples"]
-    t = tokens(train)
+    t = predicted_tokens(train)
     if t is not None:
         parts[0] += f" ({fmt_count(t)} predicted tokens)"
     if val is not None:
-        v = tokens(val)
+        v = predicted_tokens(val)
         parts.append(f"{len(val):,} validation" + (f" ({fmt_count(v)} tokens)" if v is not None else ""))
     return ", ".join(parts)
+
+
+def start_estimate(flops_per_step: float, flop_rate: float, total_steps: int, what: str) -> str:
+    """The banner's ``time:`` line before the first step: an optimizer step's FLOPs at the device's
+    measured matmul rate (``what``). A lower bound: a step also runs kernels slower than a matmul."""
+    def short(s: float) -> str:
+        if s < 1:
+            return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.2g} ms"
+        return f"{s:.2g} s" if s < 10 else fmt_duration(s)
+
+    seconds = flops_per_step / flop_rate
+    flop = f"{flops_per_step:.1e}".replace("e+0", "e").replace("e+", "e")
+    steps = f"{total_steps:,} step{'s' if total_steps != 1 else ''}"
+    return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {steps} "
+            f"({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
+            "measured after the first steps")
 
 
 def summary(result: Any, directory: str) -> list[str]:
     """The closing lines: losses, where the checkpoints are, and what to run next."""
     lines = []
-    finite = [v for v in result.val_losses if isinstance(v, float) and math.isfinite(v)]
+    finite = [v for v in [*result.val_losses, result.best_val_loss] if isinstance(v, float) and math.isfinite(v)]
     if finite:
         lines.append(f"best validation loss {min(finite):.4f} (perplexity {math.exp(min(finite)):.3f})")
     best = result.best_checkpoint or (result.checkpoints[-1] if result.checkpoints else None)

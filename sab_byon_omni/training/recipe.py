@@ -27,6 +27,14 @@ steps of 16 x 128 byte tokens each (``benchmarks/learn.py``; table and plot in d
   choices (memory, run time), not sweep results: the sweep only shows that 200 steps learn and that
   the loss was still falling at the end.
 
+* **validation** about ``EVALUATIONS`` (10) times in the run, every ``total / EVALUATIONS`` optimizer
+  steps, besides each epoch's end, on the first ``eval_batches`` validation batches: as many as keep
+  all of them together within ``EVAL_SHARE`` (10%) of the training compute (a validation batch is a
+  forward pass, about a third of a training micro-batch), but at least ``MIN_EVAL_BATCHES`` (8:
+  fewer are too noisy to rank checkpoints by), and the whole validation set when it has no more
+  batches than that (then ``sab-omni eval`` reproduces the run's validation loss). Every validation
+  that improves on the best so far writes ``best_model.pt``. Engineering choices, not sweep results.
+
 :func:`learns_slowly` names the rates the sweep showed to learn slowly (below ``1 / SLOW_FACTOR`` of
 the rule's rate: on tiny, 2e-3, a fifth of the rule, ended 0.3-0.5 bits per byte behind the best rate),
 and :func:`too_few_steps` a plan with fewer than ``MIN_STEPS`` optimizer steps (at 40-60 steps the
@@ -62,6 +70,9 @@ MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly l
 MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
 MAX_MICRO_TOKENS = 16384
 MAX_EPOCHS = 20
+EVALUATIONS = 10  # validations at an interval in a from-scratch run (each epoch's end validates too)
+EVAL_SHARE = 0.1  # the share of the training compute all of a run's validations together take
+MIN_EVAL_BATCHES = 8  # fewer validation batches are too noisy to rank checkpoints by
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,8 @@ class Recipe:
     gradient_accumulation_steps: int
     epochs: int
     total_steps: int  # optimizer steps planned (epochs x steps per epoch): the cosine's length
+    eval_interval: int
+    eval_batches: int
     reasons: list[str] = field(default_factory=list)
 
     def train_overrides(self) -> dict[str, Any]:
@@ -89,7 +102,7 @@ class Recipe:
         return {f"train.{k}": getattr(self, k) for k in (
             "learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
             "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-            "epochs")}
+            "epochs", "eval_interval", "eval_batches")}
 
 
 def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> float:
@@ -107,6 +120,19 @@ def muon_learning_rate(model_cfg: ModelConfig) -> float:
 
 def warmup_steps(total_steps: int) -> int:
     return max(1, min(round(WARMUP_FRACTION * total_steps), WARMUP_MAX))
+
+
+def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epochs: int,
+                       validation_batches: int | None = None) -> tuple[int, int]:
+    """(eval_interval, eval_batches): about ``EVALUATIONS`` validations at an interval, each on as
+    many batches as keep all of them (those at the epochs' ends too) within ``EVAL_SHARE`` of the
+    training compute of ``total_steps`` steps of ``gradient_accumulation_steps`` micro-batches, at
+    least ``MIN_EVAL_BATCHES``; 0 (all of them) when a whole pass, ``validation_batches``, is no more."""
+    interval = max(1, math.ceil(total_steps / EVALUATIONS))
+    validations = total_steps // interval + epochs
+    forward_passes = 3 * total_steps * gradient_accumulation_steps  # a training micro-batch: forward + backward
+    batches = max(MIN_EVAL_BATCHES, math.floor(EVAL_SHARE * forward_passes / validations))
+    return interval, 0 if validation_batches is not None and validation_batches <= batches else batches
 
 
 def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int, list[str]]:
@@ -151,19 +177,21 @@ def recipe_for_geometry(model_cfg: ModelConfig, seq_len: int, batch_size: int, g
     """The rule's optimiser settings for a batch geometry chosen elsewhere (by the user or a benchmark)."""
     tokens_per_step = batch_size * gradient_accumulation_steps * seq_len
     lr, warm = peak_learning_rate(model_cfg, tokens_per_step), warmup_steps(total_steps)
+    interval, batches = evaluation_cadence(total_steps, gradient_accumulation_steps, epochs)
     recipe = Recipe(learning_rate=lr, warmup_steps=warm, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
                     weight_decay=WEIGHT_DECAY, beta1=BETA1, beta2=BETA2, optimizer=OPTIMIZER,
                     muon_learning_rate=muon_learning_rate(model_cfg), muon_warmup_steps=min(MUON_WARMUP, warm),
                     batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs,
-                    total_steps=total_steps)
+                    total_steps=total_steps, eval_interval=interval, eval_batches=batches)
     train = TrainConfig(**{k.split(".", 1)[1]: v for k, v in recipe.train_overrides().items()})
-    return dataclasses.replace(recipe, reasons=list(reasons or []) + describe(train, model_cfg, tokens_per_step))
+    return dataclasses.replace(recipe, reasons=list(reasons or []) + describe(train, model_cfg, tokens_per_step,
+                                                                              total_steps=total_steps))
 
 
 def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, explicit: frozenset[str] = frozenset(),
-             ) -> list[str]:
-    """Banner lines for the optimiser settings of ``t``: each value, and whether it is yours (a field
-    in ``explicit``) or the rule's and why."""
+             total_steps: int | None = None) -> list[str]:
+    """Banner lines for the optimiser and validation settings of ``t``: each value, and whether it is
+    yours (a field in ``explicit``) or the rule's and why. ``total_steps``: the run's length."""
     def why(field: str, rule: str) -> str:
         return "yours" if field in explicit else rule
 
@@ -181,9 +209,20 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
             "" if "optimizer" in explicit else "; a learning_rate you give is AdamW's, for every parameter "
                                                "(--optimizer muon puts Muon back on the blocks' matrices)")
     schedule = "constant" if t.lr_schedule == "constant" else f"cosine to {t.min_lr_ratio:g} x the peak"
-    return [first, f"{t.warmup_steps} warmup steps "
-                   f"({why('warmup_steps', f'{WARMUP_FRACTION:.0%} of the run, at most {WARMUP_MAX}')}), then "
-                   f"{schedule}; AdamW betas ({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"]
+    run = f"the {total_steps:,}-step run" if total_steps else "the run"
+    lines = [first, f"{t.warmup_steps} warmup steps "
+                    f"({why('warmup_steps', f'{WARMUP_FRACTION:.0%} of {run}, at most {WARMUP_MAX}')}), then "
+                    f"{schedule}; AdamW betas ({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"]
+    if t.eval_interval:
+        batches = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''}" if t.eval_batches
+                   else "the whole validation set")
+        budget = f"all validations within {EVAL_SHARE:.0%} of the training compute, at least {MIN_EVAL_BATCHES} batches"
+        share = f"the budget: {budget}" if t.eval_batches else f"no larger than the budget: {budget}"
+        every = "every step" if t.eval_interval == 1 else f"every {t.eval_interval:,} steps"
+        count = f"{total_steps // t.eval_interval:,} in the run" if total_steps else f"about {EVALUATIONS} in the run"
+        lines.append(f"validation {every} ({why('eval_interval', count)}) "
+                     f"on {batches} ({why('eval_batches', share)}), and at each epoch's end and the run's end")
+    return lines
 
 
 def learns_slowly(lr: float, model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> str | None:

@@ -7,12 +7,15 @@ locked (one run per folder) before it is read, and removed again if this run cre
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -22,14 +25,14 @@ from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.estimate import fmt_count
+from sab_byon_omni.estimate import estimate, fmt_count
 from sab_byon_omni.io import dcp
 from sab_byon_omni.io.atomic import atomic_write_text
-from sab_byon_omni.machine import device_name, give_back_freed_memory, set_freed_memory
+from sab_byon_omni.machine import device_name, give_back_freed_memory, measure_matmul_peak, set_freed_memory
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import LOCK_FILE, Checkpointer
-from sab_byon_omni.training.console import data_summary
+from sab_byon_omni.training.console import data_summary, predicted_tokens, start_estimate
 from sab_byon_omni.training.memory import (HEAP_REUSE_ROOM, apply_activation_checkpointing, keeps_freed_memory,
                                           peak_memory_mb, plan_memory)
 from sab_byon_omni.training.metrics import METRICS_FILE, MetricsLog
@@ -53,7 +56,7 @@ class RunSetup:
         t = self.cfg.train
         self.checkpointer = Checkpointer(t.checkpoint_dir, is_main=self.info.is_main, sharded=self.fsdp,
                                          keep_last=t.keep_last, barrier=lambda: D.barrier(self.info))
-        created = not self.checkpointer.dir.exists()
+        self.created = not self.checkpointer.dir.exists()  # by this run: removed again if it fails before a save
         try:
             self.checkpointer.lock()
             self.resume_from, resumed = self._resume_point()
@@ -64,9 +67,7 @@ class RunSetup:
             self._sync_schedule()
             self._open_folder()
         except BaseException:
-            self.close()
-            if created and self.info.is_main:
-                _remove_if_only_lock(self.checkpointer.dir)
+            self.close(failed=True)
             raise
 
     # ------------------------------------------------------------------------------- placement
@@ -105,18 +106,28 @@ class RunSetup:
 
     def from_scratch_warnings(self) -> list[str]:
         """For a fresh model (no checkpoint, no ``init_from``): a rate the sweep showed to learn
-        slowly, or too few optimizer steps to learn much (docs/RECIPES.md)."""
+        slowly (on your own data; on the synthetic data it is the guide's choice, which the banner
+        mentions), or too few optimizer steps to learn much (docs/RECIPES.md)."""
         t = self.cfg.train
-        if self.resume_from is not None or t.init_from:
+        if not self._fresh():
             return []
-        tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
         capped = bool(t.max_steps) and t.max_steps == self.total_steps
-        return [w for w in (learns_slowly(t.learning_rate, self.cfg.model, tokens),
-                            too_few_steps(self.total_steps, capped)) if w]
+        slow = None if self.cfg.data.dataset == "synthetic" else self._slow_rate()
+        return [w for w in (slow, too_few_steps(self.total_steps, capped)) if w]
+
+    def _fresh(self) -> bool:
+        return self.resume_from is None and not self.cfg.train.init_from
+
+    def _slow_rate(self) -> str | None:
+        t = self.cfg.train
+        tokens = t.batch_size * t.gradient_accumulation_steps * self.info.world * self.cfg.data.seq_len
+        return learns_slowly(t.learning_rate, self.cfg.model, tokens) if self._fresh() else None
 
     def _build(self) -> None:
         t = self.cfg.train
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # and Python's and numpy's generators, which checkpoints save as well
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
         if t.deterministic:
             set_deterministic(self.device)
         meta = D.is_meta(self.raw)  # built on the meta device (FSDP): materialised after sharding
@@ -235,10 +246,13 @@ class RunSetup:
                                                        sort_keys=False))
             atomic_write_text(ck.dir / CONFIG_FILE, text, what="config")
 
-    def close(self) -> None:
-        """Release the folder lock. (The process group stays: a program may train again in it;
+    def close(self, failed: bool = False) -> None:
+        """Release the folder lock; after a failure, first remove the folder if this run created it
+        and saved nothing in it. (The process group stays: a program may train again in it;
         ``sab-omni train`` leaves it when the run ends.)"""
         if hasattr(self, "checkpointer"):
+            if failed and self.created and self.info.is_main:
+                _remove_if_unused(self.checkpointer.dir)
             self.checkpointer.unlock()
         if getattr(self, "allocator", ""):
             give_back_freed_memory()  # the process need not hold the run's peak afterwards
@@ -303,16 +317,56 @@ class RunSetup:
                          + f"AdamW peak lr {t.learning_rate:g}" + (" for the rest" if t.optimizer == "muon" else "")
                          + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                          + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
+            *([("", slow)] if (slow := self._slow_rate()) and d.dataset == "synthetic" else []),
             ("memory", self.memory.describe() + (f"; allocator: {self.allocator}" if self.allocator else "")),
+            ("validation", self._validation_plan(val_data)),
             *notes,
-            ("time", "measured after the first steps"),
+            ("time", self.start_time()),
         ]
 
+    def _validation_plan(self, val_data: Any) -> str:
+        t = self.cfg.train
+        if val_data is None or not len(val_data):
+            return "none (no validation data, so no best_model.pt)"
+        every = {0: "", 1: "every step, "}.get(t.eval_interval, f"every {t.eval_interval:,} steps, ")
+        when = every + "at each epoch's end and at the last step"
+        on = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''} of {t.batch_size}"
+              if t.eval_batches else "all")
+        return f"{when}, on {on} of {len(val_data):,} samples; the best so far is saved as best_model.pt"
 
-def _remove_if_only_lock(d: Path) -> None:
-    """Undo the creation of a run folder by a run that failed before writing anything else."""
+    def start_time(self) -> str:
+        """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
+        process's share, from the estimator) at this device's measured matmul rate."""
+        m, t = self.cfg.model, self.cfg.train
+        later = "measured after the first steps"
+        targets = predicted_tokens(self.train_data)
+        mean = targets / len(self.train_data) if targets and len(self.train_data) else self.cfg.data.seq_len - 1
+        try:
+            est = estimate(m, seq_len=max(2, round(mean) + 1), micro_batch=t.batch_size, precision=self.precision.name,
+                           gpus=self.info.world, parallel="fsdp" if self.fsdp else "ddp", device=self.device.type)
+            rate = _matmul_rate(self.precision.name, str(self.device), torch.get_num_threads())
+        except (SabError, RuntimeError, KeyError):
+            return later
+        if not rate > 0:
+            return later
+        flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
+        return start_estimate(flops, rate, self.total_steps - self.state.global_step,
+                              f"measured {self.precision.name} matmul rate")
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_rate(precision: str, device: str, threads: int) -> float:
+    """This device's square-matmul FLOP/s in ``precision``, measured once per process (~0.5 s)."""
+    dev = torch.device(device)
+    sizes = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
+    return measure_matmul_peak(DTYPES[precision], dev, budget_s=0.4, sizes=sizes)
+
+
+def _remove_if_unused(d: Path) -> None:
+    """Undo the creation of a run folder by a run that failed before it saved a checkpoint: only
+    what every run writes at its start (lock, config.yaml, metrics.jsonl) may be there."""
     try:
-        if {p.name for p in d.iterdir()} <= {LOCK_FILE}:
+        if {p.name for p in d.iterdir()} <= {LOCK_FILE, CONFIG_FILE, METRICS_FILE}:
             shutil.rmtree(d, ignore_errors=True)
     except OSError:
         pass

@@ -18,7 +18,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.distributed import launched_by_torchrun
 from sab_byon_omni.training.optim import make_optimizer
-from sab_byon_omni.training.recipe import batch_geometry, describe, recipe_for_geometry
+from sab_byon_omni.training.recipe import batch_geometry, describe, evaluation_cadence, recipe_for_geometry
 from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
                  "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-                 "epochs")  # what the from-scratch recipe sets
+                 "epochs", "eval_interval", "eval_batches")  # what the from-scratch recipe sets
 GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
 
@@ -60,7 +60,8 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size
     tokenizer, train, val = load_datasets(cfg.data, sab.tokenizer if keep_tokenizer else None)
     if scratch:
         explicit = {k for k, v in given.items() if v is not None} | {k.rsplit(".", 1)[-1] for k in overrides}
-        cfg, notes = apply_recipe(cfg, len(train), explicit, "train_3b_rapid(data=...)")
+        cfg, notes = apply_recipe(cfg, len(train), explicit, "train_3b_rapid(data=...)",
+                                  len(val) if val is not None else 0)
     else:
         notes = [("recipe", "the settings of this call and the model's config" + (
             " (a loaded model: no from-scratch recipe)" if own_data else ""))]
@@ -79,10 +80,12 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size
                    resume_hint='continue with train_3b_rapid(..., resume="auto")').fit()
 
 
-def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> tuple[RunConfig, list[tuple[str, str]]]:
-    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples in every train
-    setting not in ``explicit`` (field names), and the banner lines that say so. The peak rate
-    follows the final batch geometry, so a batch size you give moves the rule's rate with it."""
+def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
+                 val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:
+    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples (and a
+    validation set of ``val_windows``) in every train setting not in ``explicit`` (field names), and
+    the banner lines that say so. The peak rate follows the final batch geometry, so a batch size you
+    give moves the rule's rate with it."""
     t, seq = cfg.train, cfg.data.seq_len
     batch, accum, epochs, _, reasons = batch_geometry(windows * (seq - 1) + 1, seq)
     world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
@@ -93,8 +96,16 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
     per_epoch = math.ceil(micro_steps_per_epoch(windows, batch, world) / accum)  # as the trainer counts
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
+    reasons = [] if geometry_given else reasons
+    if total < per_epoch * epochs:  # the schedule and the validations follow the steps the run will take
+        reasons.append(f"train.max_steps={t.max_steps:,} stops the run after {total:,} of {per_epoch * epochs:,} "
+                       f"steps ({per_epoch:,} per epoch x {epochs}): the schedule and validations are planned "
+                       f"for {total:,}")
     final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
-    final = dataclasses.replace(final, gradient_accumulation_steps=accum)  # what each process accumulates
+    # what each process accumulates; and each validates its own eval_batches
+    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
+    final = dataclasses.replace(final, gradient_accumulation_steps=accum,
+                                eval_batches=evaluation_cadence(total, accum, epochs, whole)[1])
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
@@ -102,8 +113,8 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str) -> 
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
                         + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit))
-    lines += [("", reason) for reason in ([] if geometry_given else reasons) + described]
+    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total)
+    lines += [("", reason) for reason in reasons + described]
     return out, lines
 
 
@@ -125,7 +136,7 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
         notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
     tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
     if recipe is not None and init is None:
-        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data")
+        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data", len(val) if val is not None else 0)
         notes = lines + notes
     elif recipe is not None:
         notes.append(("recipe", "the config's settings: --init_from fine-tunes, the from-scratch recipe is for "

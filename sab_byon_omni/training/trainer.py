@@ -72,6 +72,7 @@ class TrainResult:
     skipped_steps: int = 0
     stopped_early: bool = False  # a signal (Ctrl-C, SIGTERM) stopped the run; it saved first
     stop_signal: int | None = None
+    best_val_loss: float | None = None  # the lowest validation loss so far (best_model.pt's), if any
 
     @property
     def tokens_per_second(self) -> float:
@@ -121,6 +122,8 @@ class Trainer:
         self.notes, self.resume_hint = list(notes or []), resume_hint
         self.stop = StopRequest(self._stop_message)
         self.ready = False
+        self.agreed_stop = False  # under torchrun: a stop request every process knows of (from the last step)
+        self.saved_step: int | None = None  # the step of the newest step checkpoint this run wrote
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -148,33 +151,45 @@ class Trainer:
         self.setup()
         console.ensure_visible()
         if self.info.is_main:
-            console.banner(self.run.banner_lines(self.notes, self.val_data))
+            if console.log.isEnabledFor(logging.INFO):  # (its time estimate measures the device: not for -q)
+                console.banner(self.run.banner_lines(self.notes, self.val_data))
             for warning in self.run.from_scratch_warnings():
                 log.warning("%s", warning)
         st = self.state
         result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses)
         self.clock = console.Clock(self.total_steps)  # measures from the end of the first step on
         start = time.perf_counter()
+        failed = True
         try:
             with self.stop, self._out_of_memory_as_error():
                 while st.epoch < self.cfg.train.epochs and not self._should_stop():
                     self._run_epoch(result)
+            failed = False
         finally:
             self.metrics.close()
-            self.run.close()
+            self.run.close(failed=failed)
         result.seconds = time.perf_counter() - start
         result.global_step, result.skipped_steps = st.global_step, st.skipped_steps
         result.stopped_early, result.stop_signal = self.stop.requested, self.stop.signum
         best = self.checkpointer.path("best_model")
         result.best_checkpoint = str(best) if best.exists() else None
+        result.best_val_loss = st.best_val_loss if math.isfinite(st.best_val_loss) else None
         if self.info.is_main:
             for line in console.summary(result, str(self.checkpointer.dir)):
                 log.info("%s", line)
         return result
 
     def _should_stop(self) -> bool:
+        return self._stopping() or self._at_max_steps()
+
+    def _stopping(self) -> bool:
+        """A signal asked to stop (under torchrun: one that every process knows of, so that all stop
+        at the same step and take part in the same collectives)."""
+        return self.agreed_stop if self.info.enabled else self.stop.requested
+
+    def _at_max_steps(self) -> bool:
         t = self.cfg.train
-        return self.stop.requested or bool(t.max_steps and self.state.global_step >= t.max_steps)
+        return bool(t.max_steps and self.state.global_step >= t.max_steps)
 
     def _run_epoch(self, result: TrainResult) -> None:
         st, t, info = self.state, self.cfg.train, self.info
@@ -218,20 +233,34 @@ class Trainer:
         self.clock.step_done(st.global_step, out.tokens)
 
     def _after_step(self, epoch_sums: _Sums, bar: Any) -> None:
-        """The cadence of logging, evaluation and step checkpoints, in one place."""
-        t, step = self.cfg.train, self.state.global_step
-        if step % t.log_interval == 0:
+        """The cadence of logging, evaluation and step checkpoints, in one place. A validation comes
+        every ``eval_interval`` steps and at the last step of a run that ``max_steps`` ends (an epoch's
+        end validates in :meth:`_end_epoch`), not after a signal: a stop should be quick."""
+        t, st = self.cfg.train, self.state
+        step = st.global_step
+        if step % t.log_interval == 0 or self._at_max_steps():
             self._flush_log(bar)
         if self.info.is_main and self.clock.ready_to_announce():
             self.clock.announced = True
             log.info("%s", console.time_line(self.clock))
-        if t.eval_interval and step % t.eval_interval == 0 and self.val_data is not None:
-            val = self.evaluate()
-            self.metrics.write(EvalRow(step=step, epoch=self.state.epoch + 1, val_loss=val))
-            if self.info.is_main:
-                log.info("step %s: validation loss %.4f", f"{step:,}", val)
+        epoch_ends = len(self.train_data) - st.cursor < self.info.world  # as iterate_batches ends an epoch
+        interval = bool(t.eval_interval) and step % t.eval_interval == 0 and not epoch_ends
+        if self.val_data is not None and (interval or self._at_max_steps()) and not self._stopping():
+            self._validate(epoch_sums)
         if t.save_every and step % t.save_every == 0:
             self._save_step(epoch_sums)
+
+    def _validate(self, epoch_sums: _Sums) -> None:
+        """A validation inside an epoch: its row, and best_model.pt if it is the best so far (saved
+        before any step checkpoint of this step, the resume point: a kill in between redoes both)."""
+        st, step = self.state, self.state.global_step
+        val = self.evaluate()
+        self.metrics.write(EvalRow(step=step, epoch=st.epoch + 1, val_loss=val))
+        if self.info.is_main:
+            log.info("step %s: validation loss %.4f", f"{step:,}", val)
+        if math.isfinite(val) and val < st.best_val_loss:
+            st.best_val_loss = val
+            self._save_step(epoch_sums, "best_model", val_loss=val)
 
     def _flush_log(self, bar: Any) -> None:
         """A metrics row (and a console line) over the steps since the last one, if any."""
@@ -257,6 +286,8 @@ class Trainer:
         st, t = self.state, self.cfg.train
         train_loss = epoch_sums.global_mean(self.info)
         val_loss = self.evaluate() if self.val_data is not None else math.nan
+        if self.val_data is not None and t.eval_interval and st.global_step % t.eval_interval == 0:
+            self.metrics.write(EvalRow(step=st.global_step, epoch=st.epoch + 1, val_loss=val_loss))  # one evaluation
         st.train_losses.append(train_loss)
         st.val_losses.append(val_loss)
         st.epoch, st.cursor, st.epoch_loss_sum, st.epoch_tokens = st.epoch + 1, 0, 0.0, 0
@@ -272,17 +303,20 @@ class Trainer:
             log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", st.epoch, t.epochs, train_loss,
                      val_loss, path)
 
-    def _save_step(self, epoch_sums: _Sums) -> Path:
+    def _save_step(self, epoch_sums: _Sums, name: str = "", val_loss: float | None = None) -> Path:
+        """Save the state inside an epoch: ``step_N`` unless ``name`` says otherwise (``best_model``)."""
         self.state.epoch_loss_sum, self.state.epoch_tokens = self._owned(epoch_sums.global_totals(self.info))
-        path = self.save_checkpoint(f"step_{self.state.global_step}", loss=self._epoch_mean())
-        self._saved_step = self.state.global_step
+        path = self.save_checkpoint(name or f"step_{self.state.global_step}", loss=self._epoch_mean(),
+                                    val_loss=val_loss)
+        if not name:
+            self.saved_step = self.state.global_step
         return path
 
     def _save_stop(self, epoch_sums: _Sums, result: TrainResult) -> None:
         """A signal or train.max_steps: keep the work done so far in a step checkpoint."""
         st = self.state
         path = self.checkpointer.path(f"step_{st.global_step}")
-        if getattr(self, "_saved_step", None) != st.global_step:
+        if self.saved_step != st.global_step:
             path = self._save_step(epoch_sums)
         result.checkpoints.append(str(path))
         if self.stop.requested and self.info.is_main:
@@ -343,6 +377,7 @@ class Trainer:
         norm_value, stop = self.run.agree(D.full_value(norm), self.stop.requested)
         if stop and not self.stop.requested:
             self.stop.signum = stop
+        self.agreed_stop = bool(stop)
         if math.isfinite(norm_value):
             self.scaler.step(self.optimizer)
             st.skipped_in_a_row = 0
