@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +83,37 @@ def test_html_visible_text_only(tmp_path):
     (text,) = docs_of(write(tmp_path / "a.html", html))
     assert text == "Head&line\n\nSome bold text\n\nsecond"
     assert "color" not in text and "var x" not in text and "T" not in text.split()
+
+
+def test_html_constructs_are_read_as_a_browser_shows_them():
+    cases = {
+        "<p title='a>b'>x &lt; y</p><!-- a comment --><p>z</p>": "x < y\n\nz",  # ">" inside a quoted value
+        "<div>a<script>if (a<b && c>d) {}</script>b</div>": "ab",  # script content is not markup
+        "<!DOCTYPE html><body>caf&eacute; &#233; 3 < 4 and x<3 &nosuch;</body>": "café é 3 < 4 and x<3 &nosuch;",
+        "<svg><text>hidden</text></svg>after<svg/>shown": "aftershown",
+        "<P>Upper</P><SCRIPT>x</SCRIPT>ok": "Upper\nok",
+        "<![CDATA[ in html, a bogus comment ]]>after": "after",
+        "line1<br>line2<br/>line3": "line1\nline2\nline3",
+        "kept <b>text</b> <a href='x": "kept text",  # a tag left open at the end swallows the rest
+        "kept <!-- never closed <p>gone</p>": "kept",
+    }
+    for html, text in cases.items():
+        assert R.html_visible_text(html) == text, html
+
+
+READ_DOCS = ("import json, sys\nfrom pathlib import Path\nfrom sab_byon_omni.data import readers as R\n"
+             "print(json.dumps(list(R.read_documents(Path(sys.argv[1])))))")
+
+
+@pytest.mark.parametrize("unit", ["<a", "<!--", "<![", '<a b="', "<a title='x'"])
+def test_html_left_open_a_hundred_thousand_times_is_read_in_one_pass(tmp_path, unit):
+    """600 KB or more of one construct left open: html.parser rescanned the rest of the file from
+    each one (quadratic: minutes for "<a", "<!--"), or raised AssertionError ("<!["). Read in a
+    child with a generous time limit, so a hang fails this test instead of the whole run."""
+    p = write(tmp_path / "a.html", "<p>kept <b>text</b></p>" + unit * 300_000)
+    out = subprocess.run([sys.executable, "-c", READ_DOCS, str(p)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == ["kept text"]
 
 
 def test_bad_utf8_is_replaced_and_counted(tmp_path):
