@@ -183,6 +183,43 @@ def test_glob_and_single_file(tmp_path):
     assert [p.name for p in R.find_files(str(tmp_path / "g" / "c.txt"))] == ["c.txt"]
 
 
+def test_links_that_loop_are_searched_once(tmp_path, caplog):
+    """A folder with two links back into itself: glob's ``**`` followed them without end (2 ways
+    down at every level, until the path was too long). Found in a child with a time limit."""
+    write(tmp_path / "d" / "a.txt", "a")
+    write(tmp_path / "d" / "sub" / "b.txt", "b")
+    (tmp_path / "d" / "self").symlink_to(".")
+    (tmp_path / "d" / "sub" / "up").symlink_to("..")
+    code = ("import sys\nfrom sab_byon_omni.data.readers import find_files\n"
+            "print(*[p.name for p in find_files(sys.argv[1])])")
+    for spec in ("d/**", "d/**/*.txt", "d", "d/*"):
+        out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.split() == ["a.txt", "b.txt"], (spec, out.stderr[-2000:])
+    with caplog.at_level("WARNING"):
+        R.find_files(str(tmp_path / "d" / "**"))
+    assert "a link to a folder above it (a loop)" in caplog.text
+
+
+def test_folders_nested_deeper_than_the_recursion_limit(tmp_path):
+    """os.walk and glob recurse once per level: a folder 1200 deep raised RecursionError."""
+    depth, fd = 1200, os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):  # relative to a descriptor: no path gets long while making it
+            os.mkdir("n", dir_fd=fd)
+            fd, old = os.open("n", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        for spec in ("n", "n/**", "n/**/*.txt"):
+            assert [p.name for p in R.find_files(str(tmp_path / spec))] == ["deep.txt"], spec
+    finally:
+        os.close(fd)
+        leaf = tmp_path.joinpath(*["n"] * depth)  # removed bottom up: shutil.rmtree recurses too
+        (leaf / "deep.txt").unlink(missing_ok=True)
+        for level in range(depth, 0, -1):
+            tmp_path.joinpath(*["n"] * level).rmdir()
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: d / "missing", "no such file or folder"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "holds no files"),
