@@ -422,8 +422,17 @@ def _on_chain(real: tuple[int, int], node: tuple | None) -> bool:
     return False
 
 
+def check_dataset(spec: str) -> None:
+    """A SabError when ``data.dataset`` names a file or folder that does not exist (a glob is
+    searched by :func:`find_files`); cheap: commands call it before they import torch."""
+    expanded = os.path.expanduser(spec)
+    if not is_glob(expanded) and not os.path.exists(expanded):
+        raise SabError(f"data.dataset={spec!r}: no such file or folder")
+
+
 def find_files(spec: str) -> list[Path]:
     """The files that ``data.dataset`` names, sorted; a clear SabError if there are none."""
+    check_dataset(spec)
     expanded = os.path.expanduser(spec)
     seen: set[tuple[int, int]] = set()  # real folders walked: each once, whatever links and matches lead to it
     if is_glob(expanded):
@@ -436,8 +445,6 @@ def find_files(spec: str) -> list[Path]:
             files.extend(_walk(p, seen) if p.is_dir() else [p] if p.is_file() else [])
     else:
         p = Path(expanded)
-        if not p.exists():
-            raise SabError(f"data.dataset={spec!r}: no such file or folder")
         files = list(_walk(p, seen)) if p.is_dir() else [p]
         if not files:
             raise SabError(f"data.dataset={spec!r}: the folder holds no files")
