@@ -461,7 +461,8 @@ def _dictionary_bomb(value_len: int, rows: int) -> bytes:
 
 columnar_changes = st.lists(st.one_of(
     st.tuples(st.sampled_from(["plain.parquet", "dict.parquet", "stream.arrow"]),
-              st.sampled_from(["footer", "anywhere", "truncate"]), st.integers(0, 2**31), st.binary(min_size=1, max_size=8)),
+              st.sampled_from(["footer", "anywhere", "truncate"]), st.integers(0, 2**31),
+              st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("bomb.parquet"), st.integers(1, 4_000_000), st.integers(1, 3000), st.just(b"")),
 ), min_size=1, max_size=6)
 

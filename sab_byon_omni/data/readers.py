@@ -411,7 +411,8 @@ def _glob(pattern: str) -> Iterator[str]:
                 yield folder or os.curdir
                 yield from (os.path.join(folder, n) for n in others if not n.startswith("."))
             node = (real, parent)
-            stack.extend((os.path.join(folder, d), node) for d in sorted(dirnames, reverse=True) if not d.startswith("."))
+            stack.extend((os.path.join(folder, d), node) for d in sorted(dirnames, reverse=True)
+                         if not d.startswith("."))
 
 
 def _on_chain(real: tuple[int, int], node: tuple | None) -> bool:

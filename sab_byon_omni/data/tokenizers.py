@@ -238,10 +238,10 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            with rust_calls("BPE tokenizer JSON", "reading it"):
+            with rust_calls("invalid BPE tokenizer JSON", "reading it"):
                 tok = HFTokenizer.from_str(text)
         except SabError:
-            raise SabError("invalid BPE tokenizer JSON: the tokenizers library failed on it") from None
+            raise
         except Exception as e:  # the library raises its own exception types
             raise SabError(f"invalid BPE tokenizer JSON: {first_line(e)}") from None
         return cls(tok, source)
