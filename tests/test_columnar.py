@@ -339,3 +339,41 @@ def test_a_dictionary_encoded_column_reads_the_same_as_a_plain_one(tmp_path):
     encoded = docs_of(write_parquet(tmp_path / "dict.parquet", texts, row_group_size=20, use_dictionary=True))
     assert plain == encoded == [t for t in texts if t]
     assert pq.ParquetFile(tmp_path / "dict.parquet").metadata.row_group(0).column(0).has_dictionary_page
+
+
+WRITE_IPC_BOMB = textwrap.dedent("""
+    import sys
+    import pyarrow as pa, pyarrow.ipc
+    table = pa.table({"text": pa.array(["z" * (20 << 20)] * 40)})  # 800 MiB, held by this writer only
+    with pa.OSFile(sys.argv[1], "wb") as f, pa.ipc.new_stream(
+            f, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+""")
+
+
+def test_an_arrow_stream_compression_bomb_is_skipped_before_it_is_decompressed(tmp_path):
+    """800 MiB of text in one zstd-compressed record batch of a 100 KB file: pyarrow decompresses a
+    batch whole, so the sizes its buffers declare are added up first (before, the reader asked for
+    the 800 MiB and, under a 1 GiB cap, failed with a MemoryError traceback)."""
+    path = tmp_path / "bomb.arrow"
+    subprocess.run([sys.executable, "-c", WRITE_IPC_BOMB, str(path)], check=True, timeout=300)
+    assert path.stat().st_size < 1 << 20
+    child = BOMB_CHILD.replace("1536 << 20", "1024 << 20")
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run([sys.executable, "-c", child, str(path), "0"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == {"sizes": [], "n": 0, "skipped": columnar.BOMB}
+
+
+@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+def test_arrow_files_with_buffer_compression_and_dictionaries_read_as_written(tmp_path, compression):
+    table = pa.table({"text": pa.array(TEXTS).dictionary_encode(), "id": list(range(len(TEXTS)))})
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    stream = tmp_path / "s.arrow"
+    with pa.OSFile(str(stream), "wb") as f, pa.ipc.new_stream(f, table.schema, options=options) as w:
+        for batch in table.to_batches(max_chunksize=7):
+            w.write_batch(batch)
+    with pa.OSFile(str(tmp_path / "f.feather"), "wb") as f, pa.ipc.new_file(f, table.schema, options=options) as w:
+        w.write_table(table, max_chunksize=9)
+    assert docs_of(stream) == docs_of(tmp_path / "f.feather") == TEXTS

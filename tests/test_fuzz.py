@@ -438,11 +438,12 @@ def _columnar_files() -> dict[str, bytes]:
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=25, **options)
         files[f"{name}.parquet"] = buf.getvalue()
-    buf = io.BytesIO()
-    with pa.ipc.new_stream(buf, table.schema) as w:
-        for batch in table.to_batches(max_chunksize=20):
-            w.write_batch(batch)
-    files["stream.arrow"] = buf.getvalue()
+    for name, compression in (("stream.arrow", None), ("zstd.arrow", "zstd")):
+        buf = io.BytesIO()
+        with pa.ipc.new_stream(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+            for batch in table.to_batches(max_chunksize=20):
+                w.write_batch(batch)
+        files[name] = buf.getvalue()
     return files
 
 
@@ -460,7 +461,7 @@ def _dictionary_bomb(value_len: int, rows: int) -> bytes:
 
 
 columnar_changes = st.lists(st.one_of(
-    st.tuples(st.sampled_from(["plain.parquet", "dict.parquet", "stream.arrow"]),
+    st.tuples(st.sampled_from(["plain.parquet", "dict.parquet", "stream.arrow", "zstd.arrow"]),
               st.sampled_from(["footer", "anywhere", "truncate"]), st.integers(0, 2**31),
               st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("bomb.parquet"), st.integers(1, 4_000_000), st.integers(1, 3000), st.just(b"")),

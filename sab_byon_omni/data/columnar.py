@@ -12,7 +12,8 @@ A few hundred bytes of parquet can declare gigabytes of text (a compressed dicti
 value that a million rows repeat), so the sizes a file declares are checked against its real size
 before it is read: column data larger than the file is a damaged file, and a file that would give
 more than :data:`MAX_EXPANSION` times its size in text (or rows) is skipped as a decompression bomb;
-the text actually decoded is held to the same bound while reading.
+the text actually decoded is held to the same bound while reading. An arrow file's compressed
+batches are held to it by the sizes their buffers declare, before pyarrow decompresses one whole.
 
 A ``datasets`` folder (``state.json`` listing its ``_data_files`` beside ``dataset_info.json``) is
 one dataset: its data files are read in the order ``state.json`` gives, and nothing else in it
@@ -23,6 +24,7 @@ one dataset: its data files are read in the order ``state.json`` gives, and noth
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,8 @@ def column_values(path: Path, column: str) -> Iterator[bytes]:
     kind = "parquet" if path.suffix.lower() == ".parquet" else "arrow"
     budget = MAX_EXPANSION * path.stat().st_size  # bytes of text this file may decode to
     try:
-        arrays = _parquet_arrays(pa, path, column, budget) if kind == "parquet" else _ipc_arrays(pa, path, column)
+        arrays = _parquet_arrays(pa, path, column, budget) if kind == "parquet" else _ipc_arrays(pa, path, column,
+                                                                                                   budget)
         for array in arrays:
             for value in _values(pa, array):
                 budget -= len(value)
@@ -135,10 +138,13 @@ def _rows_per_batch(meta: Any, column: str) -> int:
     return int(min(max(TARGET_BYTES // widest, 1), MAX_ROWS))
 
 
-def _ipc_arrays(pa: Any, path: Path, column: str) -> Iterator[Any]:
+def _ipc_arrays(pa: Any, path: Path, column: str, budget: int) -> Iterator[Any]:
     """An arrow IPC stream (what ``datasets`` writes) or file (feather v2), one record batch at a time."""
     with pa.OSFile(str(path)) as f:
         is_file = f.read(6) == b"ARROW1"
+        f.seek(8 if is_file else 0)  # a file is the stream format after 8 bytes
+        if _ipc_unpacked_size(pa, f) > budget:
+            raise Unusable(BOMB)
         f.seek(0)
         reader = pa.ipc.open_file(f) if is_file else pa.ipc.open_stream(f)
         i = _check_column(pa, reader.schema, column)
@@ -148,6 +154,60 @@ def _ipc_arrays(pa: Any, path: Path, column: str) -> Iterator[Any]:
         else:
             for batch in reader:
                 yield batch.column(i)
+
+
+def _ipc_unpacked_size(pa: Any, f: Any) -> int:
+    """The bytes the batches of an arrow IPC stream take once decompressed, from what it declares
+    (nothing is decompressed): a batch body with buffer compression starts each buffer with its
+    length uncompressed (the batch's metadata, a flatbuffer, says where the buffers are); an
+    uncompressed body is its own size."""
+    total = 0
+    reader = pa.ipc.MessageReader.open_stream(f)
+    while True:
+        try:
+            message = reader.read_next_message()
+        except StopIteration:
+            return total
+        if message.type not in ("record batch", "dictionary") or message.body is None:
+            continue
+        try:
+            total += _unpacked_body(bytes(message.metadata), memoryview(message.body))
+        except (IndexError, ValueError, struct.error):  # offsets outside the metadata or the body
+            raise pa.ArrowInvalid("batch metadata out of bounds") from None
+
+
+def _unpacked_body(meta: bytes, body: memoryview) -> int:
+    """One batch message (flatbuffers, Arrow's Message.fbs): Message.header (field 2) is a
+    RecordBatch, or a DictionaryBatch whose ``data`` (field 1) is; RecordBatch.buffers (field 2)
+    are (offset, length) pairs into the body, RecordBatch.compression (field 3) is set when they
+    are compressed."""
+    def field(table: int, i: int) -> int | None:  # where field i of the table at ``table`` is stored
+        vtable = table - struct.unpack_from("<i", meta, table)[0]
+        if 4 + 2 * i >= struct.unpack_from("<H", meta, vtable)[0]:
+            return None
+        at = struct.unpack_from("<H", meta, vtable + 4 + 2 * i)[0]
+        return table + at if at else None
+
+    def target(at: int | None) -> int:  # the table or vector an offset field points to
+        if at is None:
+            raise ValueError("a field the batch needs is missing")
+        return at + struct.unpack_from("<I", meta, at)[0]
+
+    message = target(0)
+    header_type = field(message, 1)
+    batch = target(field(message, 2))
+    if header_type is not None and meta[header_type] == 2:  # a DictionaryBatch: its RecordBatch
+        batch = target(field(batch, 1))
+    if field(batch, 3) is None:  # not compressed
+        return len(body)
+    buffers = target(field(batch, 2))
+    total = 0
+    for k in range(struct.unpack_from("<I", meta, buffers)[0]):
+        offset, length = struct.unpack_from("<qq", meta, buffers + 4 + 16 * k)
+        if length >= 8:
+            (unpacked,) = struct.unpack_from("<q", body, offset)
+            total += length - 8 if unpacked == -1 else unpacked
+    return total
 
 
 def _values(pa: Any, array: Any) -> Iterator[bytes]:
