@@ -351,7 +351,11 @@ def test_html_with_constructs_left_open_is_read_in_bounded_work(pieces, text):
         (d / "page.html").write_text(html, encoding="utf-8", errors="surrogatepass")
         with hang_guard():
             visible = readers.html_visible_text(html)
-            docs = list(readers.read_documents(d / "page.html"))
+            try:
+                docs = list(readers.read_documents(d / "page.html"))
+            except readers.SkipFile as e:  # a NUL among the first bytes: a binary file
+                assert str(e) == "binary" and "\x00" in html, e
+                docs = [visible] if visible else []
         assert isinstance(visible, str) and len(visible) <= len(html)
         assert docs == ([visible] if visible else []) or "\ufffd" in "".join(docs)  # lone surrogates replaced
     finally:
