@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.errors import SabError, bounded
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_PNG = "metrics.png"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_STEP = 2**53  # an optimizer step a float holds exactly; a row claiming more (or inf, NaN) is skipped
 
 
 @dataclass
@@ -60,7 +61,8 @@ def metrics_path(run: str | Path) -> Path:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file; lines that are not JSON objects are skipped with a warning."""
+    """The rows of a metrics.jsonl file; lines that are not JSON objects with a step number (a whole
+    number from 0 to :data:`MAX_STEP`) are skipped with a warning."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -75,11 +77,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to convert
             log.warning("%s:%d: not a JSON line; skipped", path, n)
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-        else:
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
             log.warning("%s:%d: no step; skipped", path, n)
+        elif not _is_step(step):
+            log.warning("%s:%d: step %s is not an optimizer step number; skipped", path, n, bounded(step))
+        else:
+            rows.append(row)
     return rows
+
+
+def _is_step(step: int | float) -> bool:
+    """A whole number from 0 to MAX_STEP (``1e400`` is valid JSON for infinity; ints are exact)."""
+    if isinstance(step, float) and not (math.isfinite(step) and step.is_integer()):
+        return False
+    return 0 <= step <= MAX_STEP
 
 
 def collect_series(rows: list[dict[str, Any]]) -> Series:
@@ -99,10 +111,12 @@ def collect_series(rows: list[dict[str, Any]]) -> Series:
 
 
 def make_figure(series: Series, title: str = "") -> Any:
-    """A matplotlib Figure: loss (top, log scale when it spans a decade) and learning rate (bottom)."""
+    """A matplotlib Figure: loss (top, log scale when it spans a decade) and learning rate (bottom)
+    against whole optimizer steps, each legend beside its plot where it covers no curve."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(9.5, 6), dpi=100, layout="constrained")  # wide enough for the legends beside
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     if series.loss[0]:
         ax_loss.plot(*series.loss, color="tab:blue", linewidth=1.2, label="train loss")
@@ -119,10 +133,11 @@ def make_figure(series: Series, title: str = "") -> Any:
     ax_loss.set_ylabel("loss (nats / token)")
     ax_loss.grid(True, alpha=0.3)
     if ax_loss.lines or ax_loss.collections:
-        ax_loss.legend(loc="upper right")
+        _legend_outside(ax_loss)
     if series.lr[0]:
         ax_lr.plot(*series.lr, color="tab:green", linewidth=1.2, label="learning rate")
-        ax_lr.legend(loc="upper right")
+        _legend_outside(ax_lr)
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared with the loss plot: no step 1.25
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
@@ -132,14 +147,22 @@ def make_figure(series: Series, title: str = "") -> Any:
     return fig
 
 
-def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+def _legend_outside(ax: Any) -> None:
+    """The legend right of the plot (the constrained layout makes room), never over a curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | None = None,
+                 series: Series | None = None) -> Path:
     """Write a PNG of loss and learning rate vs step for a run directory (or a metrics.jsonl file).
 
     ``out`` defaults to ``metrics.png`` next to the metrics file. An existing file at ``out`` is
-    replaced only if it is itself a PNG (a previous plot); anything else is left alone.
+    replaced only if it is itself a PNG (a previous plot); anything else is left alone. ``series``:
+    the file's curves when the caller has read them already (its warnings are then not repeated).
     """
     src = metrics_path(run)
-    series = collect_series(read_metrics(src))
+    if series is None:
+        series = collect_series(read_metrics(src))
     if not series.loss[0] and not series.val_loss[0] and not series.epoch_train_loss[0]:
         raise SabError(f"{src} has no loss rows yet (the first is written after train.log_interval steps)")
     dest = Path(out) if out is not None else src.parent / DEFAULT_PNG

@@ -212,6 +212,38 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(in_tmp, capsys, content, 
     assert says in err and "corrupt" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("content, says", [
+    (b"\x89PNG\r\n\x1a\n" + bytes(40), "is a PNG image"), (b"\xff\xd8\xff\xe0" + bytes(40), "is a JPEG image"),
+    (b"GIF89a" + bytes(40), "is a GIF image"), (b"%PDF-1.7\n%\xe2\xe3\n", "is a PDF document"),
+    (b"\x7fELF\x02\x01\x01" + bytes(40), "is an ELF program"), (b"\x1f\x8b\x08\x00" + bytes(20), "is gzip-compressed"),
+    (len(b'{"__metadata__":{}}').to_bytes(8, "little") + b'{"__metadata__":{}}', "is a safetensors file"),
+], ids=["png", "jpeg", "gif", "pdf", "elf", "gzip", "safetensors"])
+def test_a_binary_file_given_as_a_checkpoint_is_named_by_its_kind(in_tmp, capsys, content, says):
+    """Before, a PNG was "(a text file?)"."""
+    (in_tmp / "model.bin").write_bytes(content)
+    assert main(["generate", "--checkpoint", "model.bin", "--prompt", "x"]) == 2
+    assert "text file" not in one_error(capsys.readouterr().err, "model.bin: not a checkpoint", says)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "checkpoint not found: /nonexistent"),
+    (["eval", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["eval", "--checkpoint", "present.pt", "--data", "nowhere"], "data.dataset='nowhere': no such file or folder"),
+    (["train", "--data", "/nonexistent"], "data.dataset='/nonexistent': no such file or folder"),
+    (["train", "--init_from", "gone.pt"], "checkpoint not found: gone.pt"),
+    (["export", "--checkpoint", "nope", "-o", "out"], "checkpoint not found: nope"),
+    (["plot", "nope"], "run directory not found: nope"),
+], ids=["generate", "eval", "eval-data", "train-data", "train-init-from", "export", "plot"])
+def test_a_wrong_path_fails_before_torch_is_imported(in_tmp, argv, says):
+    """Importing torch took most of the 16-18 s that these errors took on a busy machine: a path
+    is checked first (the outcome is checked here, not the time)."""
+    (in_tmp / "present.pt").write_bytes(b"PK")
+    code = "import sys\nfrom sab_byon_omni.cli import main\nrc = main(sys.argv[1:])\nprint(rc, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=in_tmp)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr[-2000:])
+    one_error(out.stderr, says)
+
+
 def test_a_long_message_is_cut_at_a_sentence_not_mid_word():
     from sab_byon_omni.errors import first_line
 

@@ -281,3 +281,99 @@ def test_a_parquet_file_larger_than_the_memory_limit_is_read_in_bounded_memory(t
     finally:  # 1.5 GB: not left behind in the temporary folders pytest keeps
         for p in (path, tmp_path / "cache" / "train.bin", tmp_path / "cache" / "val.bin"):
             p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------- decompression bombs
+BOMB_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
+    from sab_byon_omni.data import readers as R
+    sizes, reason = [], None
+    try:
+        for doc in R.read_documents(Path(sys.argv[1])):
+            sizes.append(len(doc))
+            if len(sizes) == int(sys.argv[2]):
+                break
+    except R.SkipFile as e:
+        reason = str(e)
+    print(json.dumps({"sizes": sizes[:5], "n": len(sizes), "skipped": reason}))
+""")
+
+
+def write_dictionary_bomb(path: Path, padding: int) -> Path:
+    """1,040 rows that repeat one 2.9 MB value, stored once in a zstd dictionary page (3 GB of text
+    from 533 bytes of file), beside ``padding`` bytes of random data in another column. Written from
+    a dictionary array (3 GB is never held here), without the arrow schema, so the file reads back
+    as plain strings, as a file from another writer would."""
+    rng = np.random.default_rng(0)
+    text = pa.DictionaryArray.from_arrays(pa.array(np.zeros(1040, dtype=np.int32)), pa.array(["x" * 2_900_000]))
+    pad = pa.array([rng.bytes(padding // 1040) for _ in range(1040)], pa.binary())
+    pq.write_table(pa.table({"text": text, "pad": pad}), path, compression="zstd", use_dictionary=["text"],
+                   dictionary_pagesize_limit=1 << 30, row_group_size=2000, store_schema=False)
+    return path
+
+
+@pytest.mark.parametrize("padding, read, expect", [
+    (0, 3, "skipped"),  # declares 2.9 MB of text in 533 bytes: refused before reading
+    (8 << 20, 3, "read"),  # plausible sizes: a slice of rows at a time, not 1,024 rows of 2.9 MB (3 GB)
+    (1 << 20, 0, "skipped"),  # plausible sizes, but decodes past 1000x the file's size: stopped there
+])
+def test_a_parquet_dictionary_bomb_is_skipped_or_read_in_bounded_memory(tmp_path, padding, read, expect):
+    """Read in a child capped at 1.5 GiB of address space: before, the first batch asked pyarrow for
+    gigabytes (an ArrowMemoryError traceback, or 3 GB of memory without the cap)."""
+    path = write_dictionary_bomb(tmp_path / "bomb.parquet", padding)
+    out = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(path), str(read)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    if expect == "skipped":
+        assert result["skipped"] == columnar.BOMB and result["n"] < 1040, result
+    else:
+        assert result["skipped"] is None and result["sizes"] == [2_900_000] * 3, result
+
+
+def test_a_dictionary_encoded_column_reads_the_same_as_a_plain_one(tmp_path):
+    texts = [TEXTS[i % 3] for i in range(50)] + [None, ""] + TEXTS[3:8]
+    plain = docs_of(write_parquet(tmp_path / "plain.parquet", texts, row_group_size=20, use_dictionary=False))
+    encoded = docs_of(write_parquet(tmp_path / "dict.parquet", texts, row_group_size=20, use_dictionary=True))
+    assert plain == encoded == [t for t in texts if t]
+    assert pq.ParquetFile(tmp_path / "dict.parquet").metadata.row_group(0).column(0).has_dictionary_page
+
+
+WRITE_IPC_BOMB = textwrap.dedent("""
+    import sys
+    import pyarrow as pa, pyarrow.ipc
+    table = pa.table({"text": pa.array(["z" * (20 << 20)] * 40)})  # 800 MiB, held by this writer only
+    with pa.OSFile(sys.argv[1], "wb") as f, pa.ipc.new_stream(
+            f, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+""")
+
+
+def test_an_arrow_stream_compression_bomb_is_skipped_before_it_is_decompressed(tmp_path):
+    """800 MiB of text in one zstd-compressed record batch of a 100 KB file: pyarrow decompresses a
+    batch whole, so the sizes its buffers declare are added up first (before, the reader asked for
+    the 800 MiB and, under a 1 GiB cap, failed with a MemoryError traceback)."""
+    path = tmp_path / "bomb.arrow"
+    subprocess.run([sys.executable, "-c", WRITE_IPC_BOMB, str(path)], check=True, timeout=300)
+    assert path.stat().st_size < 1 << 20
+    child = BOMB_CHILD.replace("1536 << 20", "1024 << 20")
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run([sys.executable, "-c", child, str(path), "0"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == {"sizes": [], "n": 0, "skipped": columnar.BOMB}
+
+
+@pytest.mark.parametrize("compression", [None, "lz4", "zstd"])
+def test_arrow_files_with_buffer_compression_and_dictionaries_read_as_written(tmp_path, compression):
+    table = pa.table({"text": pa.array(TEXTS).dictionary_encode(), "id": list(range(len(TEXTS)))})
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    stream = tmp_path / "s.arrow"
+    with pa.OSFile(str(stream), "wb") as f, pa.ipc.new_stream(f, table.schema, options=options) as w:
+        for batch in table.to_batches(max_chunksize=7):
+            w.write_batch(batch)
+    with pa.OSFile(str(tmp_path / "f.feather"), "wb") as f, pa.ipc.new_file(f, table.schema, options=options) as w:
+        w.write_table(table, max_chunksize=9)
+    assert docs_of(stream) == docs_of(tmp_path / "f.feather") == TEXTS

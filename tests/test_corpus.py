@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +85,37 @@ def test_html_visible_text_only(tmp_path):
     assert "color" not in text and "var x" not in text and "T" not in text.split()
 
 
+def test_html_constructs_are_read_as_a_browser_shows_them():
+    cases = {
+        "<p title='a>b'>x &lt; y</p><!-- a comment --><p>z</p>": "x < y\n\nz",  # ">" inside a quoted value
+        "<div>a<script>if (a<b && c>d) {}</script>b</div>": "ab",  # script content is not markup
+        "<!DOCTYPE html><body>caf&eacute; &#233; 3 < 4 and x<3 &nosuch;</body>": "café é 3 < 4 and x<3 &nosuch;",
+        "<svg><text>hidden</text></svg>after<svg/>shown": "aftershown",
+        "<P>Upper</P><SCRIPT>x</SCRIPT>ok": "Upper\nok",
+        "<![CDATA[ in html, a bogus comment ]]>after": "after",
+        "line1<br>line2<br/>line3": "line1\nline2\nline3",
+        "kept <b>text</b> <a href='x": "kept text",  # a tag left open at the end swallows the rest
+        "kept <!-- never closed <p>gone</p>": "kept",
+    }
+    for html, text in cases.items():
+        assert R.html_visible_text(html) == text, html
+
+
+READ_DOCS = ("import json, sys\nfrom pathlib import Path\nfrom sab_byon_omni.data import readers as R\n"
+             "print(json.dumps(list(R.read_documents(Path(sys.argv[1])))))")
+
+
+@pytest.mark.parametrize("unit", ["<a", "<!--", "<![", '<a b="', "<a title='x'"])
+def test_html_left_open_a_hundred_thousand_times_is_read_in_one_pass(tmp_path, unit):
+    """600 KB or more of one construct left open: html.parser rescanned the rest of the file from
+    each one (quadratic: minutes for "<a", "<!--"), or raised AssertionError ("<!["). Read in a
+    child with a generous time limit, so a hang fails this test instead of the whole run."""
+    p = write(tmp_path / "a.html", "<p>kept <b>text</b></p>" + unit * 300_000)
+    out = subprocess.run([sys.executable, "-c", READ_DOCS, str(p)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == ["kept text"]
+
+
 def test_bad_utf8_is_replaced_and_counted(tmp_path):
     p = write(tmp_path / "latin1.txt", "caf\xe9 ok\n".encode("latin-1") + "real \ufffd kept\n".encode())
     stats = R.ReadStats()
@@ -148,6 +181,43 @@ def test_glob_and_single_file(tmp_path):
     assert [p.name for p in R.find_files(str(tmp_path / "g" / "*.py"))] == ["a.py", "b.py"]
     assert [p.name for p in R.find_files(str(tmp_path / "g" / "**" / "*.py"))] == ["a.py", "b.py", "d.py"]
     assert [p.name for p in R.find_files(str(tmp_path / "g" / "c.txt"))] == ["c.txt"]
+
+
+def test_links_that_loop_are_searched_once(tmp_path, caplog):
+    """A folder with two links back into itself: glob's ``**`` followed them without end (2 ways
+    down at every level, until the path was too long). Found in a child with a time limit."""
+    write(tmp_path / "d" / "a.txt", "a")
+    write(tmp_path / "d" / "sub" / "b.txt", "b")
+    (tmp_path / "d" / "self").symlink_to(".")
+    (tmp_path / "d" / "sub" / "up").symlink_to("..")
+    code = ("import sys\nfrom sab_byon_omni.data.readers import find_files\n"
+            "print(*[p.name for p in find_files(sys.argv[1])])")
+    for spec in ("d/**", "d/**/*.txt", "d", "d/*"):
+        out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.split() == ["a.txt", "b.txt"], (spec, out.stderr[-2000:])
+    with caplog.at_level("WARNING"):
+        R.find_files(str(tmp_path / "d" / "**"))
+    assert "a link to a folder above it (a loop)" in caplog.text
+
+
+def test_folders_nested_deeper_than_the_recursion_limit(tmp_path):
+    """os.walk and glob recurse once per level: a folder 1200 deep raised RecursionError."""
+    depth, fd = 1200, os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):  # relative to a descriptor: no path gets long while making it
+            os.mkdir("n", dir_fd=fd)
+            fd, old = os.open("n", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        for spec in ("n", "n/**", "n/**/*.txt"):
+            assert [p.name for p in R.find_files(str(tmp_path / spec))] == ["deep.txt"], spec
+    finally:
+        os.close(fd)
+        leaf = tmp_path.joinpath(*["n"] * depth)  # removed bottom up: shutil.rmtree recurses too
+        (leaf / "deep.txt").unlink(missing_ok=True)
+        for level in range(depth, 0, -1):
+            tmp_path.joinpath(*["n"] * level).rmdir()
 
 
 @pytest.mark.parametrize("make, match", [

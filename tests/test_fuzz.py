@@ -5,15 +5,20 @@ handling or a SabError (exit 2 at the CLI): never another exception, never a cha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sab_byon_omni.cli import build_parser, main
@@ -300,6 +305,204 @@ def test_one_huge_line_without_newline(tmp_path, tokenizer):
     f.write_bytes(b"abc def ghi " * (3 * 2**20 // 12))
     tok, train, val = load_datasets(_data_cfg(f, tmp_path / "cache", tokenizer))
     assert len(train) > 1000 and len(val) >= 1
+
+
+# ------------------------------------------------------------- algorithmic-complexity inputs
+# Inputs shaped to make a reader do more than linear work: constructs left open by the hundred
+# thousand, links that loop, columnar files whose declared sizes lie. Each example must end in a
+# result or a SabError/skip; a hang is caught by an alarm (60 s, far past the time it needs) and a
+# generous deadline, so these tests never measure a speed.
+BOUNDED = settings(max_examples=max(N // 4, 8), deadline=30_000, database=None,
+                   phases=[Phase.explicit, Phase.reuse, Phase.generate],  # a failing example is reported as found:
+                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # each is slow
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int = 60):
+    """SIGALRM after ``seconds``: a hang fails the example instead of stalling the run."""
+    def fire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+HTML_UNITS = ["<a", "<a ", "<!--", "-->", "<![", "<![CDATA[", "]]>", '<a b="', "<a b='", '="', "</", "</a", "<?",
+              "<!", "<!DOCTYPE", "<script>", "</script", "<style>", "<svg>", "<svg/>", "<p>", "<br/>", "<div ", "<a =",
+              ">", "<", '"', "'", "&", "&#", "&#x", "&amp", "x", " ", "\n", "é"]
+
+
+@BOUNDED
+@given(st.lists(st.tuples(st.lists(st.sampled_from(HTML_UNITS), min_size=1, max_size=3).map("".join),
+                          st.integers(1, 100_000)), min_size=1, max_size=3),
+       st.text(max_size=40))
+def test_html_with_constructs_left_open_is_read_in_bounded_work(pieces, text):
+    INPUTS["data"] += 1
+    from sab_byon_omni.data import readers
+
+    html = text + "".join(unit * min(n, 300_000 // len(unit)) for unit, n in pieces) + text
+    d = Path(tempfile.mkdtemp())
+    try:
+        (d / "page.html").write_text(html, encoding="utf-8", errors="surrogatepass")
+        with hang_guard():
+            visible = readers.html_visible_text(html)
+            try:
+                docs = list(readers.read_documents(d / "page.html"))
+            except readers.SkipFile as e:  # a NUL among the first bytes: a binary file
+                assert str(e) == "binary" and "\x00" in html, e
+                docs = [visible] if visible else []
+        assert isinstance(visible, str) and len(visible) <= len(html)
+        assert docs == ([visible] if visible else []) or "\ufffd" in "".join(docs)  # lone surrogates replaced
+    finally:
+        shutil.rmtree(d)
+
+
+# a chain of folders root/n/n/...; files at some levels; links at some levels to another level's
+# folder (one above: a loop; one below: a second path to it)
+folder_trees = st.fixed_dictionaries({
+    "depth": st.integers(1, 40),
+    "files": st.lists(st.integers(0, 40), min_size=1, max_size=5),
+    "links": st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=4),
+    "hidden": st.booleans(),
+})
+
+
+@BOUNDED
+@given(folder_trees)
+def test_nested_folders_and_link_loops_are_searched_in_bounded_work(tree):
+    INPUTS["data"] += 1
+    from sab_byon_omni.data.readers import find_files
+
+    d = Path(tempfile.mkdtemp())
+    try:
+        depth = tree["depth"]
+        level = [d / "root" / Path(*["n"] * k) if k else d / "root" for k in range(depth + 1)]
+        level[-1].mkdir(parents=True)
+        want = set()
+        for k in tree["files"]:
+            f = level[k % (depth + 1)] / f"f{k}.txt"
+            f.write_text(f"file at level {k}\n")
+            want.add(f.resolve())
+        if tree["hidden"]:
+            (level[-1] / ".hidden").mkdir(exist_ok=True)
+            (level[-1] / ".hidden" / "secret.txt").write_text("never read\n")
+        for i, (a, b) in enumerate(tree["links"]):
+            at, to = level[a % (depth + 1)], level[b % (depth + 1)]
+            (at / f"link{i}").symlink_to(os.path.relpath(to, at), target_is_directory=True)
+        for spec in ("root", "root/**", "root/**/*.txt", "root/*"):
+            with hang_guard():
+                try:
+                    found = find_files(str(d / spec))
+                except SabError as e:  # root/* on a tree whose only file is deeper: matches are folders
+                    assert "\n" not in str(e)
+                    continue
+            assert found == sorted(set(found)) and set(found) <= want, spec
+            if spec != "root/*":
+                assert set(found) == want, (spec, tree)
+    finally:
+        shutil.rmtree(d)
+
+
+COLUMNAR_CHILD = """
+import json, resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from sab_byon_omni.data import readers as R
+from sab_byon_omni.errors import SabError
+out = []
+for name in sys.argv[1:]:
+    n = 0
+    try:
+        for doc in R.read_documents(Path(name)):
+            n += 1
+        out.append(["read", n])
+    except R.SkipFile as e:
+        out.append(["skipped", str(e)])
+    except SabError as e:
+        out.append(["error", str(e)])
+print(json.dumps(out))
+"""
+
+
+def _columnar_files() -> dict[str, bytes]:
+    import io
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc  # noqa: F401
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"document {i} " * (i % 7 + 1) for i in range(60)], "id": list(range(60))})
+    files = {}
+    for name, options in (("plain", dict(use_dictionary=False)), ("dict", dict(compression="zstd"))):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=25, **options)
+        files[f"{name}.parquet"] = buf.getvalue()
+    for name, compression in (("stream.arrow", None), ("zstd.arrow", "zstd")):
+        buf = io.BytesIO()
+        with pa.ipc.new_stream(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+            for batch in table.to_batches(max_chunksize=20):
+                w.write_batch(batch)
+        files[name] = buf.getvalue()
+    return files
+
+
+def _dictionary_bomb(value_len: int, rows: int) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["y" * value_len]))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": text}), buf, compression="zstd", dictionary_pagesize_limit=1 << 30,
+                   store_schema=False, row_group_size=max(rows, 1))
+    return buf.getvalue()
+
+
+columnar_changes = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["plain.parquet", "dict.parquet", "stream.arrow", "zstd.arrow"]),
+              st.sampled_from(["footer", "anywhere", "truncate"]), st.integers(0, 2**31),
+              st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("bomb.parquet"), st.integers(1, 4_000_000), st.integers(1, 3000), st.just(b"")),
+), min_size=1, max_size=6)
+
+
+@settings(max_examples=max(N // 10, 4), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(columnar_changes)
+def test_columnar_files_whose_sizes_lie_are_read_or_skipped_in_bounded_memory(changes):
+    """Footers and pages overwritten where their sizes are kept, files cut short, dictionary bombs
+    of any size: read in one child capped at 2 GiB of address space (a time limit catches a hang)."""
+    INPUTS["data"] += 1
+    base = _columnar_files()
+    d = Path(tempfile.mkdtemp())
+    try:
+        paths = []
+        for i, (name, how, at, patch) in enumerate(changes):
+            if name == "bomb.parquet":
+                data = _dictionary_bomb(how, at)
+            else:
+                data = bytearray(base[name])
+                footer = int.from_bytes(data[-8:-4], "little") if name.endswith(".parquet") else len(data) - 8
+                lo = max(len(data) - 8 - footer, 0) if how == "footer" else 0
+                pos = lo + at % max(len(data) - lo, 1)
+                data = data[:pos] if how == "truncate" else data[:pos] + patch + data[pos + len(patch):]
+            paths.append(d / f"{i}-{name}")
+            paths[-1].write_bytes(bytes(data))
+        out = subprocess.run([sys.executable, "-c", COLUMNAR_CHILD, *map(str, paths)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for (kind, detail), change in zip(json.loads(out.stdout), changes):
+            assert kind in ("read", "skipped", "error") and "\n" not in str(detail), (kind, detail, change)
+            if change[0] == "bomb.parquet" and change[1] * change[2] > 1000 * (2 << 20):
+                assert kind == "skipped", (detail, change)  # gigabytes of text from a small file
+    finally:
+        shutil.rmtree(d)
 
 
 def test_report_counts():

@@ -120,3 +120,35 @@ def test_a_line_python_cannot_convert_is_skipped_not_a_traceback(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": ' + "1" * 5000 + "}\n")
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1]
+
+
+def test_x_ticks_are_whole_steps_and_no_legend_covers_a_curve():
+    """Three steps gave ticks at 1.25, 1.5, ...; the legends sat in the upper right, over a rising
+    learning rate (warmup)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [interval(s, 4.0 - s, 1e-4 * s) for s in (1, 2, 3)] + [{"step": 3, "val_loss": 1.5}]
+    fig = make_figure(collect_series(rows))
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        legend, plot_area = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert not legend.overlaps(plot_area), (legend, plot_area)  # beside the plot, not on it
+        assert fig.bbox.contains(legend.x1 - 1, legend.y0 + 1)  # and inside the picture
+
+
+def test_steps_that_are_not_step_numbers_are_skipped_with_a_warning(tmp_path, monkeypatch, capsys, caplog):
+    """``{"step": 1e400}`` is valid JSON for infinity: int() of it was an OverflowError traceback."""
+    monkeypatch.chdir(tmp_path)
+    bad = ['{"step": 1e400, "loss": 1.0}', '{"step": -1e400, "loss": 1.0}', '{"step": NaN, "loss": 1.0}',
+           '{"step": 2.5, "loss": 1.0}', '{"step": -3, "loss": 1.0}', '{"step": 1e300, "loss": 1.0}',
+           '{"step": 1' + "0" * 400 + ', "loss": 1.0}', '{"step": true, "loss": 1.0}']
+    write_run(tmp_path / "run", ROWS, extra_text="\n".join(bad) + "\n")
+    with caplog.at_level("WARNING"):
+        assert cli.main(["plot", "run"]) == 0
+    assert "last train loss 2.0000 at step 20" in capsys.readouterr().out
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warned) == len(bad), warned  # each once, though the command reads the rows for two things
+    assert collect_series(read_metrics(tmp_path / "run" / "metrics.jsonl")).loss[0] == list(range(1, 21))

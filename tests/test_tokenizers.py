@@ -1,6 +1,9 @@
 import json
+import os
 import re
 import string
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from sab_byon_omni.data.tokenizers import (
     utf8_safe,
 )
 from sab_byon_omni.errors import SabError
+from tests.helpers import tiny_run
 
 PRINTABLE = "".join(chr(c) for c in range(32, 127))
 
@@ -161,3 +165,61 @@ def test_build_tokenizer_by_name_or_config(bpe, tmp_path):
 ])
 def test_utf8_safe_replaces_each_lone_surrogate(text, want):
     assert utf8_safe(text) == want
+
+
+# ------------------------------------------------------------------ panics inside `tokenizers`
+def evil_tokenizer_json(bpe: BPETokenizer) -> str:
+    """A valid tokenizer.json whose normalizer regex backtracks without end on ``"a" * 40 + "!"``:
+    the regex engine gives up and the library panics (pyo3's PanicException, a BaseException)."""
+    spec = json.loads(bpe.to_spec()["json"])
+    spec["normalizer"] = {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "b"}
+    return json.dumps(spec)
+
+
+def test_a_panic_in_the_tokenizers_library_is_a_sab_error_naming_the_file(bpe, tmp_path):
+    path = tmp_path / "evil_tokenizer.json"
+    path.write_text(evil_tokenizer_json(bpe))
+    tok = BPETokenizer.load(path)
+    assert tok.encode("aaa") != []  # harmless text encodes
+    for call in (lambda: tok.encode("a" * 40 + "!"), lambda: tok.encode_batch(["ok", "a" * 40 + "!"]),
+                 lambda: tok.encode_array(["a" * 40 + "!"])):
+        with pytest.raises(SabError, match=re.escape(str(path)) + ".*failed while encoding.*retry-limit"):
+            call()
+    with pytest.raises(SabError, match="stored with the model"):
+        from_spec({"name": "bpe", "json": path.read_text()}).encode("a" * 40 + "!")
+
+
+def test_rust_calls_turns_only_panics_into_sab_errors(bpe):
+    from sab_byon_omni.data.tokenizers import rust_calls
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        HFTokenizer.from_str(evil_tokenizer_json(bpe)).encode("a" * 40 + "!")  # the library: a panic
+    except Exception:  # noqa: BLE001
+        pytest.fail("a panic is not an Exception")
+    except BaseException as e:  # noqa: BLE001
+        panic = e
+    assert not isinstance(panic, Exception)
+    with pytest.raises(SabError, match="^x.json: the tokenizers library failed while decoding"):
+        with rust_calls("x.json", "decoding"):
+            raise panic
+    for other in (KeyboardInterrupt(), SystemExit(3), ValueError("not ours to rename")):
+        with pytest.raises(type(other)):
+            with rust_calls("x.json", "decoding"):
+                raise other
+
+
+def test_a_hostile_tokenizer_file_through_train_is_one_error_line(bpe, tmp_path):
+    """Before: exit 1 with a PanicException traceback that named no file."""
+    (tmp_path / "evil.json").write_text(evil_tokenizer_json(bpe))
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"{i}.txt").write_text("a" * 40 + "!\n" + "hello world\n" * 20)
+    out = subprocess.run([sys.executable, "-m", "sab_byon_omni", "train", "--data", "data", "--tokenizer", "bpe",
+                          "--tokenizer_path", "evil.json", *tiny_run(num_samples=None), "--checkpoint_dir", "ck"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RUST_BACKTRACE": "0"})
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert err[-1].startswith("error: ") and "evil.json" in err[-1] and "failed while encoding" in err[-1], err[-1]

@@ -1,12 +1,15 @@
-"""Shared CLI plumbing: config-dataclass fields as flags, and dotted overrides from them."""
+"""Shared CLI plumbing: config-dataclass fields as flags, dotted overrides from them, and the
+checks of paths that a command makes before it imports torch."""
 
 from __future__ import annotations
 
 import argparse
 import typing
+from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.config import FIELD_SECTION, RENAMED, SECTIONS, field_help
+from sab_byon_omni.errors import SabError
 
 PREFIX = "cfg:"
 
@@ -44,3 +47,23 @@ def _shown(default: Any) -> str:
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given on the command line, as ``{"section.name": "value"}``."""
     return {k[len(PREFIX):]: v for k, v in vars(args).items() if k.startswith(PREFIX)}
+
+
+def check_paths_first(source: str | None = None, data: str | None = None) -> None:
+    """Stop in milliseconds on a path that cannot be right, before the command imports torch
+    (seconds, more on a busy machine), with the loaders' own messages: a model ``source`` that is
+    neither a file or folder nor shaped like a Hub id ``user/name`` (which the loader looks up in
+    the local cache), and a ``data`` file or folder that does not exist."""
+    if source is not None and not Path(source).expanduser().exists() and not _maybe_hub_id(source):
+        raise SabError(f"checkpoint not found: {source[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
+                       "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local "
+                       "cache)")  # as io.sources.locate says it
+    if data and data != "synthetic":
+        from sab_byon_omni.data.readers import check_dataset  # numpy, no torch
+
+        check_dataset(data)
+
+
+def _maybe_hub_id(text: str) -> bool:
+    """Shaped like ``user/name`` (io.sources decides whether it is one)."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))

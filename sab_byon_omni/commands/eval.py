@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 
+from sab_byon_omni.commands.common import check_paths_first
 from sab_byon_omni.errors import SabError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_paths_first(source=args.checkpoint, data=args.data)
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
     from sab_byon_omni.device import make_precision, resolve_device
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sab_byon_omni.commands.common import check_paths_first
 from sab_byon_omni.config import EXPORT_FORMATS, PRECISIONS
 from sab_byon_omni.errors import SabError
 
@@ -48,10 +49,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sab_byon_omni.core.export import export_model
-
+    check_paths_first(source=args.checkpoint or args.from_safetensors)
     if not args.output:
         raise SabError("export: -o/--output is required (the file or folder to write)")
+    from sab_byon_omni.core.export import export_model
+
     source = args.checkpoint or args.from_safetensors
     fmt = args.format or ("pt" if args.from_safetensors and not args.format else None)
     out = export_model(source, args.output, fmt=fmt, dtype=args.dtype, overwrite=args.force)

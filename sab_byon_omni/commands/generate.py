@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sab_byon_omni.commands.common import check_paths_first
+
 EXAMPLE = """examples:
   sab-omni generate --checkpoint checkpoints/best_model.pt --prompt "Consciousness is"
   sab-omni generate --checkpoint run/best_model.pt --prompt "def " --temperature 0.7 --top-p 0.9 --seed 1
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_paths_first(source=args.checkpoint)
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2, check_sampling
     from sab_byon_omni.device import resolve_device
 

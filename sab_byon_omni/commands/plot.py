@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = plot_metrics(args.run_dir, args.output, args.title)
-    s = collect_series(read_metrics(metrics_path(args.run_dir)))
+    s = collect_series(read_metrics(metrics_path(args.run_dir)))  # read once: a skipped row is warned about once
+    path = plot_metrics(args.run_dir, args.output, args.title, series=s)
     parts = []
     if s.loss[0]:
         parts.append(f"last train loss {s.loss[1][-1]:.4f} at step {s.loss[0][-1]}")

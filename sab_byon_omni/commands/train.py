@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 
-from sab_byon_omni.commands.common import add_config_flags, collect_overrides
+from sab_byon_omni.commands.common import add_config_flags, check_paths_first, collect_overrides
 from sab_byon_omni.config import load_config
 
 EXAMPLE = """examples:
@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    overrides = collect_overrides(args)
+    cfg = load_config(args.config, overrides)  # no torch yet: a bad flag, file or path fails at once
+    check_paths_first(source=cfg.train.init_from, data=cfg.data.dataset)
     from sab_byon_omni.training import train_3b
     from sab_byon_omni.training.distributed import shutdown
     from sab_byon_omni.training.signals import EXIT_STOPPED
 
-    overrides = collect_overrides(args)
-    cfg = load_config(args.config, overrides)
     recipe, notes = None, []  # the from-scratch recipe: own data, no config file; the flags given win
     if "data.dataset" in overrides and args.config is None:
         recipe = {key.rsplit(".", 1)[-1] for key in overrides}

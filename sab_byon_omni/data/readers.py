@@ -19,7 +19,6 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import columnar
+from sab_byon_omni.data.html_text import html_visible_text
 from sab_byon_omni.data.tokenizers import utf8_safe
 from sab_byon_omni.errors import SabError
 
@@ -114,52 +114,6 @@ def _clean(text: str) -> str:
     if safe is not text:
         _count_bad(safe.count("\ufffd") - text.count("\ufffd"))
     return safe
-
-
-# --------------------------------------------------------------------------------------- html
-class _VisibleText(HTMLParser):
-    """The text a browser would show: no script/style/head, line breaks at block elements."""
-
-    HIDDEN = {"script", "style", "head", "noscript", "template", "svg"}
-    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "pre", "blockquote",
-             "h1", "h2", "h3", "h4", "h5", "h6", "hr", "header", "footer", "title", "dd", "dt"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.hidden = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self.HIDDEN:
-            self.hidden += 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.HIDDEN:
-            self.hidden = max(self.hidden - 1, 0)
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.hidden:
-            self.parts.append(data)
-
-    def text(self) -> str:
-        lines = (" ".join(line.split()) for line in "".join(self.parts).splitlines())
-        out, blank = [], False
-        for line in lines:
-            if line or not blank:
-                out.append(line)
-            blank = not line
-        return "\n".join(out).strip("\n")
-
-
-def html_visible_text(html: str) -> str:
-    parser = _VisibleText()
-    parser.feed(html)
-    parser.close()
-    return parser.text()
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -300,35 +254,125 @@ def is_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+def _scan(folder: str) -> tuple[list[str], list[str]]:
+    """(folders, other entries) of ``folder``, by name (a link to a folder is a folder); an
+    unreadable folder is empty, as in ``os.walk``."""
+    dirs, others = [], []
+    try:
+        with os.scandir(folder or os.curdir) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                (dirs if is_dir else others).append(entry.name)
+    except OSError as e:
+        log.debug("cannot list %s: %s", folder, e.strerror or e)
+    return dirs, others
+
+
+def _real_folder(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder or os.curdir)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    """The files under ``root``, without following links to folders and without recursion (any
+    depth). A folder in ``seen`` (real folders walked before) is not walked again."""
+    stack = [str(root)]
+    while stack:
+        dirpath = stack.pop()
+        real = _real_folder(dirpath)
+        if real is None or real in seen:
+            continue
+        seen.add(real)
+        dirnames, filenames = _scan(dirpath)
         dataset = columnar.dataset_files(Path(dirpath), filenames)
         if dataset is not None:  # a `datasets` folder is one dataset: its data files, not its metadata
-            dirnames[:] = []
             yield from dataset
             continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS)
         for name in filenames:
             if not name.startswith("."):
                 yield Path(dirpath) / name
+        stack.extend(os.path.join(dirpath, d) for d in sorted(dirnames, reverse=True)
+                     if not d.startswith(".") and d not in SKIP_DIRS and not os.path.islink(os.path.join(dirpath, d)))
+
+
+def _glob(pattern: str) -> Iterator[str]:
+    """The paths ``glob.glob(pattern, recursive=True)`` gives, except that ``**`` searches each real
+    folder once, without recursion: links that loop (a folder linking to itself or to a folder
+    above it) or that reach one folder by many paths neither hang nor multiply the work, and a
+    tree of any depth is searched. A link back to a folder above it is logged as a loop."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:  # no recursion: glob's work is bounded by the pattern's depth
+        yield from glob.iglob(pattern)
+        return
+    i = parts.index("**")
+    head = os.sep.join(parts[:i]) or (os.sep if i else "")
+    rest = parts[i + 1:]
+    while rest[:1] == ["**"]:
+        rest = rest[1:]
+    bases = (b for b in glob.iglob(head) if os.path.isdir(b)) if is_glob(head) else \
+        [head] if os.path.isdir(head or os.curdir) else []
+    seen: set[tuple[int, int]] = set()
+    for base in bases:
+        stack: list[tuple[str, tuple | None]] = [(base, None)]  # (folder, its parent's (real, parent) chain)
+        while stack:
+            folder, parent = stack.pop()
+            real = _real_folder(folder)
+            if real is None:
+                continue
+            if real in seen:  # reached before: by a link to a folder above it (a loop), or another path
+                if _on_chain(real, parent):
+                    log.warning("%s: %s is a link to a folder above it (a loop): not followed", pattern, folder)
+                continue
+            seen.add(real)
+            dirnames, others = _scan(folder)
+            if rest:  # what follows "**", from this folder
+                yield from _glob(os.path.join(glob.escape(folder), *rest) if folder else os.path.join(*rest))
+            else:  # "**" last: this folder and everything in it
+                yield folder or os.curdir
+                yield from (os.path.join(folder, n) for n in others if not n.startswith("."))
+            node = (real, parent)
+            stack.extend((os.path.join(folder, d), node) for d in sorted(dirnames, reverse=True)
+                         if not d.startswith("."))
+
+
+def _on_chain(real: tuple[int, int], node: tuple | None) -> bool:
+    while node is not None:
+        if node[0] == real:
+            return True
+        node = node[1]
+    return False
+
+
+def check_dataset(spec: str) -> None:
+    """A SabError when ``data.dataset`` names a file or folder that does not exist (a glob is
+    searched by :func:`find_files`); cheap: commands call it before they import torch."""
+    expanded = os.path.expanduser(spec)
+    if not is_glob(expanded) and not os.path.exists(expanded):
+        raise SabError(f"data.dataset={spec!r}: no such file or folder")
 
 
 def find_files(spec: str) -> list[Path]:
     """The files that ``data.dataset`` names, sorted; a clear SabError if there are none."""
+    check_dataset(spec)
     expanded = os.path.expanduser(spec)
+    seen: set[tuple[int, int]] = set()  # real folders walked: each once, whatever links and matches lead to it
     if is_glob(expanded):
-        matches = sorted(glob.glob(expanded, recursive=True))
+        matches = sorted(set(_glob(expanded)))
         if not matches:
             raise SabError(f"data.dataset={spec!r}: the pattern matches no file")
         files: list[Path] = []
         for m in matches:
             p = Path(m)
-            files.extend(_walk(p) if p.is_dir() else [p] if p.is_file() else [])
+            files.extend(_walk(p, seen) if p.is_dir() else [p] if p.is_file() else [])
     else:
         p = Path(expanded)
-        if not p.exists():
-            raise SabError(f"data.dataset={spec!r}: no such file or folder")
-        files = list(_walk(p)) if p.is_dir() else [p]
+        files = list(_walk(p, seen)) if p.is_dir() else [p]
         if not files:
             raise SabError(f"data.dataset={spec!r}: the folder holds no files")
     files = sorted(set(f.resolve() for f in files if f.is_file()))

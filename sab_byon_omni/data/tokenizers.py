@@ -15,6 +15,7 @@ and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -152,19 +153,42 @@ class ByteTokenizer(_FixedVocabulary):
         return data.decode("utf-8", errors="replace")
 
 
+def _is_panic(e: BaseException) -> bool:
+    """A Rust panic inside ``tokenizers`` (pyo3's PanicException): it derives from BaseException,
+    so ``except Exception`` lets it through. KeyboardInterrupt, SystemExit... are not panics."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def rust_calls(source: str, what: str) -> Iterator[None]:
+    """Turn a panic of the ``tokenizers`` library into a SabError that names ``source`` (the
+    tokenizer file): a hostile tokenizer.json (a normalizer regex that backtracks, ``(a|aa)+$``)
+    makes the regex engine give up, and the library panics instead of returning an error."""
+    try:
+        yield
+    except BaseException as e:
+        if not _is_panic(e):
+            raise
+        raise SabError(f"{source}: the tokenizers library failed while {what} ({first_line(e, 100)}): "
+                       "the tokenizer file is damaged or hostile; use another one") from None
+
+
 class BPETokenizer:
-    """Byte-level BPE (Hugging Face ``tokenizers``) with ``<PAD>`` = 0 and ``<EOS>`` = 1."""
+    """Byte-level BPE (Hugging Face ``tokenizers``) with ``<PAD>`` = 0 and ``<EOS>`` = 1. Every
+    call into the library goes through :func:`rust_calls`, so a panic names ``source``."""
 
     name = "bpe"
     pad_id = 0
     eos_id = 1
     needs_file = True
 
-    def __init__(self, tok: Any) -> None:
-        self._tok = tok
-        tok.encode_special_tokens = True  # "<EOS>" typed in a text is text, not the end token
-        self.vocab_size = tok.get_vocab_size()
-        if tok.token_to_id(PAD) != 0 or tok.token_to_id(EOS) != 1:
+    def __init__(self, tok: Any, source: str = "the BPE tokenizer") -> None:
+        self._tok, self.source = tok, source
+        with rust_calls(source, "reading its vocabulary"):
+            tok.encode_special_tokens = True  # "<EOS>" typed in a text is text, not the end token
+            self.vocab_size = tok.get_vocab_size()
+            ids = tok.token_to_id(PAD), tok.token_to_id(EOS)
+        if ids != (0, 1):
             raise SabError("BPE tokenizer must have <PAD> as id 0 and <EOS> as id 1")
 
     @classmethod
@@ -178,7 +202,8 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(texts, trainer=trainer)
+        with rust_calls("the BPE tokenizer being trained", "training it"):
+            tok.train_from_iterator(texts, trainer=trainer)  # an exception from ``texts`` comes through as it is
         return cls(tok)
 
     @classmethod
@@ -207,19 +232,25 @@ class BPETokenizer:
         return tok
 
     @classmethod
-    def from_json(cls, text: str) -> "BPETokenizer":
+    def from_json(cls, text: str, source: str = "the BPE tokenizer") -> "BPETokenizer":
+        """From the text of a tokenizer.json; ``source`` names it in later errors (SabError here
+        does not name it: the caller knows where the text came from)."""
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            return cls(HFTokenizer.from_str(text))
+            with rust_calls("invalid BPE tokenizer JSON", "reading it"):
+                tok = HFTokenizer.from_str(text)
+        except SabError:
+            raise
         except Exception as e:  # the library raises its own exception types
             raise SabError(f"invalid BPE tokenizer JSON: {first_line(e)}") from None
+        return cls(tok, source)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "BPETokenizer":
         if not isinstance(spec.get("json"), str):
             raise SabError("BPE tokenizer spec has no 'json' field")
-        return cls.from_json(spec["json"])
+        return cls.from_json(spec["json"], "the BPE tokenizer stored with the model")
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
@@ -231,28 +262,34 @@ class BPETokenizer:
         except (OSError, UnicodeDecodeError) as e:
             raise SabError(f"{p}: not a tokenizer.json (a UTF-8 JSON file written by a BPE run): {first_line(e)}") from None
         try:
-            return cls.from_json(text)
+            return cls.from_json(text, str(p))
         except SabError as e:
             raise SabError(f"{p}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, self._tok.to_str(), what="tokenizer")
+        atomic_write_text(path, self.to_spec()["json"], what="tokenizer")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(utf8_safe(text)).ids
+        with rust_calls(self.source, "encoding a text"):
+            return self._tok.encode(utf8_safe(text)).ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self._tok.encode_batch([utf8_safe(t) for t in texts])
-        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        with rust_calls(self.source, "encoding texts"):
+            encodings = self._tok.encode_batch([utf8_safe(t) for t in texts])
+            ids = [e.ids for e in encodings]
+        return [np.asarray(i, dtype=np.int64) for i in ids]
 
     def encode_array(self, texts: list[str]) -> np.ndarray:
         return np.concatenate([np.zeros(0, dtype=np.int64), *self.encode_batch(texts)])
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        ids = [int(i) for i in ids]
+        with rust_calls(self.source, "decoding"):
+            return self._tok.decode(ids, skip_special_tokens=True)
 
     def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name, "json": self._tok.to_str()}
+        with rust_calls(self.source, "writing it out"):
+            return {"name": self.name, "json": self._tok.to_str()}
 
 
 # ------------------------------------------------------------------------------------- registry

@@ -155,6 +155,6 @@ def tokenizer_from_json(text: str, source: str = TOKENIZER_JSON) -> Tokenizer:
         if model.get("vocab") == byte_vocab():
             return ByteTokenizer()
     try:
-        return BPETokenizer.from_json(text)
+        return BPETokenizer.from_json(text, source)
     except SabError as e:
         raise SabError(f"{source}: {e}") from None

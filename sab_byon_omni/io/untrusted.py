@@ -206,6 +206,26 @@ def _size(f: IO[bytes]) -> int:
         return end
 
 
+_MAGIC = [(b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"%PDF-", "a PDF document"), (b"\x7fELF", "an ELF program or library"), (b"\x1f\x8b", "gzip-compressed"),
+          (b"GGUF", "a GGUF model"), (b"\x93NUMPY", "a numpy .npy array"), (b"\x89HDF\r\n\x1a\n", "an HDF5 file")]
+
+
+def file_kind(head: bytes) -> str:
+    """What the first bytes of a file say it is, for messages: ``is a PNG image``, ``is a
+    safetensors file (...)``, ``starts with 'abc' (a text file?)``."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return f"is {kind}"
+    n = int.from_bytes(head[:8], "little") if len(head) > 8 else 0
+    if 2 <= n < 1 << 27 and head[8:9] == b"{":  # safetensors: a little-endian header length, then JSON
+        return "is a safetensors file (give it a .safetensors name)"
+    shown = bounded(head[:8].decode("latin-1"))
+    text = head.decode("utf-8", "ignore")
+    looks_text = text and all(c.isprintable() or c.isspace() for c in text)
+    return f"starts with {shown}" + (" (a text file?)" if looks_text else " (not a format it knows)")
+
+
 def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
     """Check a ``torch.save`` file (a zip) before ``torch.load`` reads it: every record stored
     uncompressed, as torch writes them, and no larger than the file (so what torch reads is
@@ -215,13 +235,13 @@ def check_torch_file(f: str | Path | IO[bytes], source: str) -> None:
     if isinstance(f, (str, Path)):
         with open(f, "rb") as stream:
             return check_torch_file(stream, source)
-    start = f.read(4)
+    start = f.read(16)
     f.seek(0)
     if not start:
         raise SabError(f"{source}: the file is empty (an interrupted copy?)")
     if start[:2] != b"PK" and start[:1] != b"\x80":  # neither a zip (torch.save) nor a pickle
-        raise SabError(f"{source}: not a checkpoint: a torch.save file is a zip archive, and this file starts with "
-                       f"{bounded(start.decode('latin-1'))} (a text file? pass a .pt, .safetensors or model folder)")
+        raise SabError(f"{source}: not a checkpoint: a torch.save file is a zip archive, and this file "
+                       f"{file_kind(start)}; pass a .pt, .safetensors or model folder")
     if start[:1] == b"\x80":  # a pickle's PROTO opcode: a raw pickle or the legacy torch format
         raise SabError(f"{source}: refused to load: a raw pickle or a legacy (pre-1.6) torch file, not a torch zip "
                        "checkpoint; re-save it with a current torch from a source you trust")
