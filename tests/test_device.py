@@ -86,3 +86,23 @@ def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch, world):
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "optimizer": "muon", "device": "cpu"})
     with pytest.raises(SabError, match="optimizer=muon with train.parallel=fsdp .* --parallel ddp, or --optimizer adamw"):
         RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
+
+
+@pytest.mark.parametrize("flags, opt_out, expected", [
+    ({"avx2", "fma"}, None, "fp32"),  # AVX2-only (EPYC Zen 2/3): bf16 would run emulated
+    ({"avx2", "avx512f", "avx512_bf16"}, None, "bf16"),  # AVX-512 BF16 (Cooper Lake, Zen 4)
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "bf16"),  # AMX (Sapphire Rapids)
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "0", "fp32"),  # SAB_CPU_NATIVE_BF16=0: as on an AVX2-only CPU
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "off", "fp32"),
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "1", "bf16"),  # no opt-out: the flags decide
+    ({"avx2", "fma"}, "1", "fp32"),  # nor does it switch bf16 on where the CPU lacks it
+])
+def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch, flags, opt_out, expected):
+    monkeypatch.setattr(M, "cpu_flags", lambda: flags)
+    if opt_out is None:
+        monkeypatch.delenv(M.NATIVE_BF16_OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(M.NATIVE_BF16_OPT_OUT, opt_out)
+    assert M.cpu_has_native_bf16() is (expected == "bf16")
+    assert P.resolve_precision("auto", torch.device("cpu")) == expected
+    assert P.resolve_precision("fp32", torch.device("cpu")) == "fp32"
