@@ -106,3 +106,26 @@ def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch, flags, opt
     assert M.cpu_has_native_bf16() is (expected == "bf16")
     assert P.resolve_precision("auto", torch.device("cpu")) == expected
     assert P.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("trained, native_bf16, expected", [
+    ("auto", True, "bf16"), ("auto", False, "fp32"),  # auto resolved on this CPU
+    ("fp32", True, "fp32"), ("fp32", False, "fp32"),
+    ("bf16", True, "bf16"),
+    ("bf16", False, "fp32"),  # emulated bf16 would be far slower: this CPU's own choice
+    ("fp16", True, "bf16"), ("fp16", False, "fp32"),  # no CPU here computes in fp16 natively
+])
+def test_eval_precision_is_the_trained_one_where_the_cpu_has_it(monkeypatch, trained, native_bf16, expected):
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: native_bf16)
+    name, why = P.trained_precision(trained, torch.device("cpu"))
+    assert name == expected and f"train.precision={trained}" in why
+    assert P.runs_natively(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("trained, capability, expected", [
+    ("bf16", (8, 0), "bf16"), ("bf16", (7, 5), "fp16"),  # a bf16 model on a T4: fp16, as auto there
+    ("fp16", (7, 5), "fp16"), ("fp32", (9, 0), "fp32"), ("auto", (9, 0), "bf16"),
+])
+def test_eval_precision_on_a_gpu(monkeypatch, trained, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert P.trained_precision(trained, torch.device("cuda"))[0] == expected
