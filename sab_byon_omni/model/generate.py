@@ -38,6 +38,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return logits.argmax(-1, keepdim=True)
 
 
+def decoding_threads(device: torch.device, threads: int | None = None, use_cache: bool = True) -> int | None:
+    """Torch intra-op threads to sample one sequence with: ``threads`` if given; on a CPU with the
+    KV cache, 1; else None (torch's setting, e.g. for recomputing the whole context each step).
+
+    Each cached step multiplies one row by every weight: too little work to share, so a second
+    thread gains at most ~1.6x on a quiet machine and, while other processes want the cores, every
+    op waits for the thread that is not running: 7-40x slower, measured (``sab-omni generate --help``).
+    """
+    if threads is not None:
+        return threads
+    return 1 if device.type == "cpu" and use_cache else None
+
+
 def cache_dtype(model: CausalTransformer, device: torch.device) -> torch.dtype:
     """The dtype attention computes in: autocast's when it is on (so no decoded token converts the
     whole cache in every layer), else the weights'."""
