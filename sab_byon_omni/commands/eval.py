@@ -8,9 +8,10 @@ scored on the same held-out samples as in training (and the report gives their e
 the lowest loss any model can reach on them).
 
 By default the model is scored as the training loop validated it: in the precision it was trained
-in (its train.precision, auto resolved on this device) and with its batch size, so the loss equals
-the validation loss training reported, bit for bit. Another precision differs by rounding, within
-about 1e-4 relative between fp32 and bf16 (docs/DATA.md).
+in (its train.precision, auto resolved on this device) and with its batch size, so on the machine
+it trained on (one process) the loss equals the validation loss training reported, bit for bit.
+Another precision differs by rounding, about 1e-4 relative at most between fp32 and bf16 in our
+measurements (docs/DATA.md).
 """
 
 from __future__ import annotations
