@@ -91,6 +91,28 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def _runnable_tasks() -> int:
+    """Tasks the kernel counts as running or ready to run now, this one included (``/proc/loadavg``)."""
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+
+
+def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
+    """CPUs this process may run on that no other task wants now, at least 1: its CPUs (affinity
+    mask) minus the other runnable tasks, the fewest of ``reads`` looks ``gap_s`` apart (so a task
+    that only woke for a moment does not count; one that keeps a core busy does). 1 where Linux's
+    counts are not available."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        others = []
+        for i in range(reads):
+            if i:
+                time.sleep(gap_s)
+            others.append(_runnable_tasks() - 1)
+    except (OSError, AttributeError, ValueError, IndexError):
+        return 1
+    return max(1, cpus - min(others))
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 _kept = False  # whether glibc keeps freed memory now, by set_freed_memory (process-wide)
 OPT_OUT = "SAB_KEEP_FREED_MEMORY"

@@ -116,13 +116,42 @@ def test_facade_drops_the_end_token_and_reports_throughput():
 
 
 def test_decoding_threads_rule():
-    """One thread for cached CPU decoding (one row times each weight: nothing to share); the
-    user's number when given; torch's own setting without the cache and on GPUs."""
+    """Cached CPU decoding takes the cores no other process is using (at most torch's setting, at
+    least one); the user's number when given; torch's own setting without the cache and on GPUs."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decoding_threads(cpu) == 1 and decoding_threads(cpu, None, use_cache=True) == 1
-    assert decoding_threads(cpu, 3) == 3 and decoding_threads(cpu, 2, use_cache=False) == 2
-    assert decoding_threads(cpu, None, use_cache=False) is None
-    assert decoding_threads(cuda) is None and decoding_threads(cuda, 4) == 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert decoding_threads(cpu, idle=2) == 2  # a quiet 2-core machine
+        assert decoding_threads(cpu, idle=1) == 1  # another process keeps a core busy
+        assert decoding_threads(cpu, idle=16) == 2 and decoding_threads(cpu, idle=0) == 1
+        assert decoding_threads(cpu, 3, idle=1) == 3 and decoding_threads(cpu, 2, use_cache=False) == 2
+        assert decoding_threads(cpu, None, use_cache=False, idle=1) is None
+        assert decoding_threads(cuda, idle=1) is None and decoding_threads(cuda, 4) == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("runnable, idle", [
+    ([1, 1, 1], 2),  # only this process: both cores free
+    ([2, 2, 2], 1),  # one other task keeps a core busy
+    ([3, 1, 3], 2),  # tasks that woke only for a moment do not count
+    ([9, 9, 9], 1),  # never fewer than one
+])
+def test_idle_cpus_are_the_processes_cpus_minus_the_other_runnable_tasks(monkeypatch, runnable, idle):
+    from sab_byon_omni import machine as M
+
+    reads = iter(runnable)
+    monkeypatch.setattr(M, "_runnable_tasks", lambda: next(reads))
+    monkeypatch.setattr(M.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert M.idle_cpus(gap_s=0) == idle
+
+
+def test_idle_cpus_without_linux_counts_is_one(monkeypatch):
+    from sab_byon_omni import machine as M
+
+    monkeypatch.setattr(M, "_runnable_tasks", lambda: int("not a number"))
+    assert M.idle_cpus(gap_s=0) == 1
 
 
 class ThreadSpy(Scripted):
@@ -137,15 +166,23 @@ class ThreadSpy(Scripted):
         return super().forward(ids, cache)
 
 
-@pytest.mark.parametrize("kwargs, inside", [({}, 1), ({"threads": 2}, 2), ({"use_cache": False}, 3)])
-def test_sampling_on_a_cpu_runs_on_the_chosen_threads_and_restores_the_callers(kwargs, inside):
+@pytest.mark.parametrize("kwargs, idle, inside", [
+    ({}, 1, 1),  # a busy machine: one thread
+    ({}, 8, 3),  # free cores: as many as the caller's setting allows
+    ({"threads": 2}, 1, 2), ({"use_cache": False}, 1, 3),
+])
+def test_sampling_on_a_cpu_runs_on_the_chosen_threads_and_restores_the_callers(monkeypatch, kwargs, idle, inside):
+    from sab_byon_omni.model import generate as G
+
+    monkeypatch.setattr(G, "idle_cpus", lambda: idle)
     sab = SABTranscendentV2(preset="tiny", config={"data": {"tokenizer": "byte"}})
     sab.model = ThreadSpy([ord("h") + 2, ord("i") + 2, 1], vocab=258)
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # the caller's setting
     try:
         assert sab.generate("a", max_new_tokens=5, temperature=0, **kwargs) == "hi"
-        assert sab.model.threads == [inside] * 3 and torch.get_num_threads() == 3
+        assert sab.model.threads == [inside] * 3 and sab.last_threads == inside
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
@@ -171,7 +208,7 @@ def generate_cli(ckpt, capsys, *extra: str) -> tuple[str, str]:
 
 def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys):
     out, err = generate_cli(checkpoint, capsys, "--seed", "3")
-    assert out.startswith("def ") and err.rstrip().endswith("tokens/s, 1 thread]")  # a CPU's default
+    assert out.startswith("def ") and err.rstrip().endswith("tokens/s, 1 thread]")  # the tests' 1 thread
     two, err = generate_cli(checkpoint, capsys, "--seed", "3", "--threads", "2")
     assert two.startswith("def ") and err.rstrip().endswith("tokens/s, 2 threads]")
     again, _ = generate_cli(checkpoint, capsys, "--seed", "3")

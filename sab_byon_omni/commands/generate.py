@@ -1,12 +1,12 @@
 """sab-omni generate: sample text from a checkpoint, streamed to the terminal.
 
-On a CPU, sampling runs on one thread unless --threads says otherwise: each new token multiplies
-one row by every weight, too little work to share, and while other processes keep the cores busy
-every op on two threads waits for the one that is not running. Measured on a 2-vCPU Xeon (Sapphire
-Rapids), greedy, fp32, 64 new tokens, with other jobs on the machine (python benchmarks/levers.py
-decode_threads --preset P): Lightweight 55.3 tokens/s on 1 thread vs 8.0 on 2, small 387.9 vs 9.5,
-tiny 755.3 vs 44.0. On a quiet machine a second thread gains at most about 1.6x (Lightweight: 128.5
-vs 80.8 tokens/s on a quiet 2-vCPU EPYC, docs/BENCHMARKS.md): pass --threads 2 there.
+On a CPU, sampling takes as many threads as there are cores no other process is using when it
+starts (at most torch's setting), or --threads. Each new token multiplies one row by every weight:
+on free cores a second thread helps a large model, but while another process keeps a core busy,
+every op on two threads waits for the one that is not running. Tokens/s on a 2-vCPU Xeon (Sapphire
+Rapids), greedy, fp32, 64 new tokens, 1 vs 2 threads (python benchmarks/levers.py decode_threads
+--preset P [--busy]): quiet: tiny 3,273 vs 3,210, small 869 vs 1,027, Lightweight 73 vs 129; one
+core kept busy: tiny 3,293 vs 1,447, small 838 vs 452, Lightweight 75 vs 17.
 """
 
 from __future__ import annotations
@@ -37,27 +37,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="autocast precision, as train.precision (default: auto: bf16/fp16 on GPUs, bf16 on CPUs "
                         "with AVX-512 BF16 or AMX, fp32 on other CPUs)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads while sampling (default: 1 on a CPU, at most ~1.6x slower than 2 on a "
-                        "quiet machine and 7-40x faster on a busy one, see above; torch's setting on GPUs and "
-                        "with --no-cache)")
+                   help="torch threads while sampling (default on a CPU: the cores no other process is using "
+                        "as it starts, see above; torch's setting on GPUs and with --no-cache)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2, check_sampling
     from sab_byon_omni.device import resolve_device
-    from sab_byon_omni.model.generate import decoding_threads
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True, threads=args.threads)
-    device = resolve_device(args.device)
-    sab = SABTranscendentV2.load(args.checkpoint, device=device)
+    sab = SABTranscendentV2.load(args.checkpoint, device=resolve_device(args.device))
     sys.stdout.write(args.prompt)
     sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stream=True,
                  use_cache=not args.no_cache, precision=args.precision, threads=args.threads)
     sys.stdout.write("\n")
-    n = decoding_threads(device, args.threads, not args.no_cache) or torch.get_num_threads()
+    n = sab.last_threads
     print(f"[{sab.last_tokens_per_second:,.1f} tokens/s, {n} thread{'' if n == 1 else 's'}]", file=sys.stderr)
     return 0

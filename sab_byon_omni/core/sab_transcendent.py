@@ -87,6 +87,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         self.config, self.tokenizer = cfg, tokenizer
         self.origin, self.global_step = "new model", 0  # where load() found it, and its training step
+        self.last_tokens_per_second, self.last_threads = 0.0, 0  # of the last generate()
         if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
             with torch.device("meta"):
                 self.model = CausalTransformer(cfg.model)
@@ -251,9 +252,10 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         ``stream=True`` writes text to stdout as it is produced; a callable receives each piece.
         ``precision``: as ``train.precision`` (``auto``: bf16/fp16 autocast on GPUs, bf16 on CPUs
         with AVX-512 BF16 or AMX, fp32 on other CPUs). ``threads``: torch intra-op threads while
-        sampling (default: 1 on a CPU with the cache, :func:`decoding_threads`; the caller's
-        setting is restored after). The throughput of the last call is in
-        ``self.last_tokens_per_second``.
+        sampling (default on a CPU: the cores no other process is using as it starts, see
+        :func:`~sab_byon_omni.model.generate.decoding_threads`; the caller's setting is restored
+        after). The throughput and threads of the last call are in ``self.last_tokens_per_second``
+        and ``self.last_threads``.
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p, threads=threads)
         ids = self.tokenizer.encode(prompt)
@@ -268,6 +270,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         try:
             with make_precision(precision, self.device).autocast(), \
                     intra_op_threads(decoding_threads(self.device, threads, use_cache)):
+                self.last_threads = torch.get_num_threads()
                 tokens = list(self._sample(ids, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache,
                                            sink, out))
         except ValueError as e:  # non-finite logits from damaged weights

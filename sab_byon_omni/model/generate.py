@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from sab_byon_omni.machine import idle_cpus
 from sab_byon_omni.model.transformer import CausalTransformer, KVCache
 
 
@@ -38,17 +39,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return logits.argmax(-1, keepdim=True)
 
 
-def decoding_threads(device: torch.device, threads: int | None = None, use_cache: bool = True) -> int | None:
+def decoding_threads(device: torch.device, threads: int | None = None, use_cache: bool = True,
+                     idle: int | None = None) -> int | None:
     """Torch intra-op threads to sample one sequence with: ``threads`` if given; on a CPU with the
-    KV cache, 1; else None (torch's setting, e.g. for recomputing the whole context each step).
+    KV cache, as many as no other process is using when sampling starts (``idle``, default
+    :func:`~sab_byon_omni.machine.idle_cpus`), at most torch's setting, at least 1; else None
+    (torch's setting: GPUs, and recomputing the whole context each step).
 
-    Each cached step multiplies one row by every weight: too little work to share, so a second
-    thread gains at most ~1.6x on a quiet machine and, while other processes want the cores, every
-    op waits for the thread that is not running: 7-40x slower, measured (``sab-omni generate --help``).
+    Each cached step multiplies one row by every weight. On free cores a second thread gains up to
+    1.8x (Lightweight); while another process keeps a core busy, every op on two threads waits for
+    the one that is not running: 2-40x slower than one thread, measured (``sab-omni generate --help``).
     """
     if threads is not None:
         return threads
-    return 1 if device.type == "cpu" and use_cache else None
+    if device.type != "cpu" or not use_cache:
+        return None
+    return max(1, min(torch.get_num_threads(), idle_cpus() if idle is None else idle))
 
 
 def cache_dtype(model: CausalTransformer, device: torch.device) -> torch.dtype:
