@@ -11,6 +11,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
     python benchmarks/levers.py compile       # a Lightweight step (batch 1 x 1024), eager vs torch.compile
     python benchmarks/levers.py gemv          # one-token decoding's matmuls: F.linear vs rows split over threads
+    python benchmarks/levers.py decode_threads --preset small [--busy]  # sampling 64 tokens: 1 vs 2 threads
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
     # whole training steps (benchmarks/levers_step.py):
     python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
@@ -25,13 +26,16 @@ others in one process (so a busy machine slows all of them alike). Run from the 
 Each prints the median seconds per call of each variant and its speed relative to the first (the
 first's time / its time: above 1 is faster). ``--threads N`` sets torch's threads; ``--clock cpu``
 times by the process's CPU time (robust to other processes' load with one thread);
-``--batch``/``--seq`` change the step levers' shape.
+``--batch``/``--seq`` change the step levers' shape; ``--preset`` the decoding model; ``--busy``
+keeps one other core busy (a ``while True: pass`` process) while it measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -318,7 +322,27 @@ def bench_attention(reps: int) -> None:
     interleave({"SDPA (CPU flash kernel)": sdpa, **{f"chunked bmm, chunk {c}": f for c, f in chunked.items()}}, reps)
 
 
-OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention")
+def bench_decode_threads(reps: int, preset: str = "lightweight", new_tokens: int = 64) -> None:
+    """Greedy sampling with the KV cache, batch 1, fp32 (16-token prompt, ``new_tokens`` new), as
+    ``sab-omni generate`` runs it, with 1 and with 2 intra-op threads."""
+    from sab_byon_omni.model.generate import generate_tokens
+
+    torch.manual_seed(0)
+    model = CausalTransformer(ModelConfig.from_name(preset, vocab_size=96)).eval()
+    prompt = torch.randint(0, 96, (16,)).tolist()
+
+    def sample(n: int) -> Callable[[], None]:
+        def fn() -> None:
+            torch.set_num_threads(n)
+            assert sum(1 for _ in generate_tokens(model, prompt, new_tokens, temperature=0)) == new_tokens
+        return fn
+
+    medians = interleave({"1 thread": sample(1), "2 threads": sample(2)}, reps)
+    print(f"{preset}: " + ", ".join(f"{k} {new_tokens / t:,.1f} tokens/s" for k, t in medians.items()))
+
+
+OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention",
+       "decode_threads")
 STEPS = ("memory_saving", "allocator", "regroup", "matmul_floor", "compile_block", "bf16", "profile", "muon")
 
 
@@ -331,18 +355,28 @@ def main() -> None:
     p.add_argument("--clock", choices=tuple(CLOCK), default="wall")
     p.add_argument("--batch", type=int, default=None, help="step levers: rows (default 4; muon: 16)")
     p.add_argument("--seq", type=int, default=None, help="step levers: tokens per row (default 1024; muon: 128)")
+    p.add_argument("--preset", default="lightweight", help="decode_threads: the model (default lightweight)")
+    p.add_argument("--busy", action="store_true", help="keep one other core busy while measuring")
     args = p.parse_args()
     clock = CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} thread(s), {args.clock} clock")
-    if args.lever in STEPS:
-        import levers_step
+    print(f"{torch.get_num_threads()} thread(s), {args.clock} clock" + (", one other core busy" if args.busy else ""))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        if args.lever in STEPS:
+            import levers_step
 
-        shape = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}
-        getattr(levers_step, f"bench_{args.lever}")(interleave, args.reps, **shape)
-    else:
-        globals()[f"bench_{args.lever}"](args.reps)
+            shape = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}
+            getattr(levers_step, f"bench_{args.lever}")(interleave, args.reps, **shape)
+        elif args.lever == "decode_threads":
+            bench_decode_threads(args.reps, args.preset)
+        else:
+            globals()[f"bench_{args.lever}"](args.reps)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,30 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def runs_natively(name: str, device: torch.device) -> bool:
+    """Whether ``device`` computes in precision ``name`` in hardware: fp32 everywhere, fp16 and bf16
+    (sm_80+) on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX. Elsewhere it runs emulated, far slower."""
+    if name == "fp32":
+        return True
+    if device.type == "cuda":
+        return name == "fp16" or native_cuda_bf16(device)
+    return device.type == "cpu" and name == "bf16" and cpu_has_native_bf16()
+
+
+def trained_precision(trained: str, device: torch.device) -> tuple[str, str]:
+    """(precision, why) to score a model on ``device`` in: the one it was trained in (its
+    ``train.precision``, ``auto`` resolved on this device), so that evaluation repeats the training
+    loop's validation exactly; where this device lacks that precision in hardware, the device's own
+    choice (``auto``), which differs from training's numbers by rounding (docs/DATA.md)."""
+    if trained == "auto":
+        name = resolve_precision("auto", device)
+        return name, f"train.precision=auto on this {device.type}"
+    if runs_natively(trained, device):
+        return trained, f"train.precision={trained}"
+    name = resolve_precision("auto", device)
+    return name, f"train.precision={trained}, which this {device.type} has no native {trained} for"
+
+
 @dataclass
 class Precision:
     name: str
@@ -89,3 +114,16 @@ def set_deterministic(device: torch.device) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cuda")
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: as they are), then restore the
+    caller's number: torch's setting is process-wide."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

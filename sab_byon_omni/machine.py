@@ -78,9 +78,39 @@ def cpu_flags_summary() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
+NATIVE_BF16_OPT_OUT = "SAB_CPU_NATIVE_BF16"
+_OFF = ("0", "false", "no", "off")
+
+
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX (where bf16 matmuls beat fp32)."""
+    """True on CPUs with AVX-512 BF16 or AMX (where bf16 matmuls beat fp32), unless
+    ``SAB_CPU_NATIVE_BF16=0`` says to treat this CPU as one without (``precision: auto`` then picks
+    fp32, as on an AVX2-only CPU; the tests of that path run this way on a bf16 machine)."""
+    if os.environ.get(NATIVE_BF16_OPT_OUT, "").strip().lower() in _OFF:
+        return False
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def _runnable_tasks() -> int:
+    """Tasks the kernel counts as running or ready to run now, this one included (``/proc/loadavg``)."""
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+
+
+def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
+    """CPUs this process may run on that no other task wants now, at least 1: its CPUs (affinity
+    mask) minus the other runnable tasks, the fewest of ``reads`` looks ``gap_s`` apart (so a task
+    that only woke for a moment does not count; one that keeps a core busy does). 1 where Linux's
+    counts are not available."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        others = []
+        for i in range(reads):
+            if i:
+                time.sleep(gap_s)
+            others.append(_runnable_tasks() - 1)
+    except (OSError, AttributeError, ValueError, IndexError):
+        return 1
+    return max(1, cpus - min(others))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
@@ -100,7 +130,7 @@ def _libc() -> Any:
 
 def _user_choice() -> str | None:
     """Why the user's environment says to leave glibc's malloc alone, if it does."""
-    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(OPT_OUT, "").strip().lower() in _OFF:
         return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
     chosen = sorted(k for k, v in os.environ.items()
                     if v.strip() and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))

@@ -11,8 +11,10 @@ from sab_byon_omni.benchmark.report import format_report
 from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.device import DTYPES, resolve_precision
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.trainer import Trainer
+from tests.helpers import CPU_PRECISIONS
 
 TINY = ["bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
 TRAIN_KEYS = {"tokens_per_s", "tflops", "mfu", "peak_tflops", "peak_source", "peak_memory_mb", "memory_kind",
@@ -37,25 +39,27 @@ def test_matmul_params_are_the_models_weight_matrices(tiny_cfg):
 
 
 def test_bench_prints_a_table(in_tmp, capsys):
-    assert main(TINY) == 0
+    assert main(TINY) == 0  # precision auto: bf16 on a CPU with native bf16, fp32 on others
+    auto = resolve_precision("auto", torch.device("cpu"))
     out = capsys.readouterr().out
-    for needle in ("| sab-byon-omni |", "tokens/s", "TFLOP/s", "MFU", "peak RSS", "measured fp32 matmul",
-                   "FLOPs per token"):
+    for needle in ("| sab-byon-omni |", "tokens/s", "TFLOP/s", "MFU", "peak RSS", f"measured {auto} matmul",
+                   f", {auto}, AdamW", "FLOPs per token"):
         assert needle in out
     assert list(in_tmp.iterdir()) == []  # nothing written where it ran
 
 
-def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeypatch):
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeypatch, precision):
     calls = []
     real = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step", lambda self, w: calls.append(1) or real(self, w))
-    assert main([*TINY, "--json"]) == 0
+    assert main([*TINY, "--precision", precision, "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     r = json.loads(lines[0])
     assert TRAIN_KEYS <= r.keys()
     assert len(calls) == 1 + 2  # the Trainer's own step: warm-up + timed
-    assert r["precision"] == "fp32" and r["device"] == "cpu" and r["optimizer"] == "AdamW fused"
+    assert r["precision"] == precision and r["device"] == "cpu" and r["optimizer"] == "AdamW fused"
     assert r["flops_per_token"] == estimate.train_flops_per_token(ModelConfig.from_name("tiny", vocab_size=96), 32)
     assert r["tokens_per_s"] > 0 and r["peak_tflops"] > 0 and 0 < r["mfu"]
     assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
@@ -64,14 +68,17 @@ def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeyp
     assert r["measured_peak_tflops"] == r["peak_tflops"] and r["measured_mfu"] == r["mfu"]
 
 
-def test_bench_generate_mode(in_tmp, capsys):
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+def test_bench_generate_mode(in_tmp, capsys, precision):
     assert main(["bench", "--mode", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "6",
-                 "--steps", "1", "--warmup", "0", "--json"]) == 0
+                 "--steps", "1", "--warmup", "0", "--precision", precision, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["mode"] == "generate" and r["new_tokens"] == 6 and r["tokens_per_s"] > 0
-    # MBU = bytes read per token x tokens/s / the read bandwidth measured in the same run.
+    assert r["mode"] == "generate" and r["new_tokens"] == 6 and r["tokens_per_s"] > 0 and r["precision"] == precision
+    # MBU = bytes read per token x tokens/s / the read bandwidth measured in the same run; under
+    # autocast a token reads the weights and the cache in the compute dtype (half of fp32's bytes).
     cfg = ModelConfig.from_name("tiny", vocab_size=96)
-    assert r["bytes_per_token"] == decode_bytes_per_token(CausalTransformer(cfg), 4 + 6 / 2)
+    dtype = DTYPES[precision] if precision != "fp32" else None
+    assert r["bytes_per_token"] == decode_bytes_per_token(CausalTransformer(cfg), 4 + 6 / 2, dtype)
     assert r["read_bandwidth_gbs"] > 0
     assert r["mbu"] == pytest.approx(r["tokens_per_s"] * r["bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
 

@@ -86,3 +86,46 @@ def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch, world):
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "optimizer": "muon", "device": "cpu"})
     with pytest.raises(SabError, match="optimizer=muon with train.parallel=fsdp .* --parallel ddp, or --optimizer adamw"):
         RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
+
+
+@pytest.mark.parametrize("flags, opt_out, expected", [
+    ({"avx2", "fma"}, None, "fp32"),  # AVX2-only (EPYC Zen 2/3): bf16 would run emulated
+    ({"avx2", "avx512f", "avx512_bf16"}, None, "bf16"),  # AVX-512 BF16 (Cooper Lake, Zen 4)
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, None, "bf16"),  # AMX (Sapphire Rapids)
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "0", "fp32"),  # SAB_CPU_NATIVE_BF16=0: as on an AVX2-only CPU
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "off", "fp32"),
+    ({"avx2", "avx512_bf16", "amx_bf16"}, "1", "bf16"),  # no opt-out: the flags decide
+    ({"avx2", "fma"}, "1", "fp32"),  # nor does it switch bf16 on where the CPU lacks it
+])
+def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch, flags, opt_out, expected):
+    monkeypatch.setattr(M, "cpu_flags", lambda: flags)
+    if opt_out is None:
+        monkeypatch.delenv(M.NATIVE_BF16_OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(M.NATIVE_BF16_OPT_OUT, opt_out)
+    assert M.cpu_has_native_bf16() is (expected == "bf16")
+    assert P.resolve_precision("auto", torch.device("cpu")) == expected
+    assert P.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("trained, native_bf16, expected", [
+    ("auto", True, "bf16"), ("auto", False, "fp32"),  # auto resolved on this CPU
+    ("fp32", True, "fp32"), ("fp32", False, "fp32"),
+    ("bf16", True, "bf16"),
+    ("bf16", False, "fp32"),  # emulated bf16 would be far slower: this CPU's own choice
+    ("fp16", True, "bf16"), ("fp16", False, "fp32"),  # no CPU here computes in fp16 natively
+])
+def test_eval_precision_is_the_trained_one_where_the_cpu_has_it(monkeypatch, trained, native_bf16, expected):
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: native_bf16)
+    name, why = P.trained_precision(trained, torch.device("cpu"))
+    assert name == expected and f"train.precision={trained}" in why
+    assert P.runs_natively(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("trained, capability, expected", [
+    ("bf16", (8, 0), "bf16"), ("bf16", (7, 5), "fp16"),  # a bf16 model on a T4: fp16, as auto there
+    ("fp16", (7, 5), "fp16"), ("fp32", (9, 0), "fp32"), ("auto", (9, 0), "bf16"),
+])
+def test_eval_precision_on_a_gpu(monkeypatch, trained, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert P.trained_precision(trained, torch.device("cuda"))[0] == expected

@@ -10,7 +10,7 @@ import torch
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.model.generate import filter_logits, generate_tokens, sample_next
+from sab_byon_omni.model.generate import decoding_threads, filter_logits, generate_tokens, sample_next
 from sab_byon_omni.model.transformer import CausalTransformer, KVCache
 
 
@@ -115,6 +115,78 @@ def test_facade_drops_the_end_token_and_reports_throughput():
     assert "".join(pieces) == "hi" and sab.last_tokens_per_second > 0
 
 
+def test_decoding_threads_rule():
+    """Cached CPU decoding takes the cores no other process is using (at most torch's setting, at
+    least one); the user's number when given; torch's own setting without the cache and on GPUs."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert decoding_threads(cpu, idle=2) == 2  # a quiet 2-core machine
+        assert decoding_threads(cpu, idle=1) == 1  # another process keeps a core busy
+        assert decoding_threads(cpu, idle=16) == 2 and decoding_threads(cpu, idle=0) == 1
+        assert decoding_threads(cpu, 3, idle=1) == 3 and decoding_threads(cpu, 2, use_cache=False) == 2
+        assert decoding_threads(cpu, None, use_cache=False, idle=1) is None
+        assert decoding_threads(cuda, idle=1) is None and decoding_threads(cuda, 4) == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("runnable, idle", [
+    ([1, 1, 1], 2),  # only this process: both cores free
+    ([2, 2, 2], 1),  # one other task keeps a core busy
+    ([3, 1, 3], 2),  # tasks that woke only for a moment do not count
+    ([9, 9, 9], 1),  # never fewer than one
+])
+def test_idle_cpus_are_the_processes_cpus_minus_the_other_runnable_tasks(monkeypatch, runnable, idle):
+    from sab_byon_omni import machine as M
+
+    reads = iter(runnable)
+    monkeypatch.setattr(M, "_runnable_tasks", lambda: next(reads))
+    monkeypatch.setattr(M.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert M.idle_cpus(gap_s=0) == idle
+
+
+def test_idle_cpus_without_linux_counts_is_one(monkeypatch):
+    from sab_byon_omni import machine as M
+
+    monkeypatch.setattr(M, "_runnable_tasks", lambda: int("not a number"))
+    assert M.idle_cpus(gap_s=0) == 1
+
+
+class ThreadSpy(Scripted):
+    """Records torch's intra-op threads at every forward pass."""
+
+    def __init__(self, script: list[int], vocab: int = 10) -> None:
+        super().__init__(script, vocab)
+        self.threads: list[int] = []
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return super().forward(ids, cache)
+
+
+@pytest.mark.parametrize("kwargs, idle, inside", [
+    ({}, 1, 1),  # a busy machine: one thread
+    ({}, 8, 3),  # free cores: as many as the caller's setting allows
+    ({"threads": 2}, 1, 2), ({"use_cache": False}, 1, 3),
+])
+def test_sampling_on_a_cpu_runs_on_the_chosen_threads_and_restores_the_callers(monkeypatch, kwargs, idle, inside):
+    from sab_byon_omni.model import generate as G
+
+    monkeypatch.setattr(G, "idle_cpus", lambda: idle)
+    sab = SABTranscendentV2(preset="tiny", config={"data": {"tokenizer": "byte"}})
+    sab.model = ThreadSpy([ord("h") + 2, ord("i") + 2, 1], vocab=258)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the caller's setting
+    try:
+        assert sab.generate("a", max_new_tokens=5, temperature=0, **kwargs) == "hi"
+        assert sab.model.threads == [inside] * 3 and sab.last_threads == inside
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def checkpoint(in_tmp, capsys):
@@ -136,7 +208,9 @@ def generate_cli(ckpt, capsys, *extra: str) -> tuple[str, str]:
 
 def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys):
     out, err = generate_cli(checkpoint, capsys, "--seed", "3")
-    assert out.startswith("def ") and "tokens/s" in err
+    assert out.startswith("def ") and err.rstrip().endswith("tokens/s, 1 thread]")  # the tests' 1 thread
+    two, err = generate_cli(checkpoint, capsys, "--seed", "3", "--threads", "2")
+    assert two.startswith("def ") and err.rstrip().endswith("tokens/s, 2 threads]")
     again, _ = generate_cli(checkpoint, capsys, "--seed", "3")
     assert again == out
     greedy, _ = generate_cli(checkpoint, capsys, "--temperature", "0")
@@ -145,7 +219,8 @@ def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("args, match", [(["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
-                                         (["--max-new-tokens", "0"], "--max-new-tokens")])
+                                         (["--max-new-tokens", "0"], "--max-new-tokens"),
+                                         (["--threads", "0"], "--threads=0 must be an integer in [1, 4096]")])
 def test_generate_cli_bad_arguments(checkpoint, capsys, args, match):
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "x", *args]) == 2
     assert match in capsys.readouterr().err

@@ -3,9 +3,8 @@ every model alike), thread settings and the peak an MFU is measured against."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,17 +106,6 @@ def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.
         for name in (names if i % 2 == 0 else names[::-1]):
             times[name].append(timed(runners[name], device))
     return times
-
-
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def peak(precision: str, device: torch.device, override: float | None) -> tuple[float | None, str]:

@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.benchmark.common import best_peak, peak, threads, timed
+from sab_byon_omni.benchmark.common import best_peak, peak, timed
 from sab_byon_omni.benchmark.results import EpochBench, Machine
 from sab_byon_omni.config import load_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch
 from sab_byon_omni.data.factory import load_datasets
+from sab_byon_omni.device import intra_op_threads
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import train_flops_per_token
 from sab_byon_omni.training.trainer import Trainer
@@ -29,7 +30,7 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
     """Time the first ``warmup + steps`` optimizer steps of the job and project its epoch."""
     if steps < 1 or warmup < 0:
         raise SabError(f"--steps={steps} must be at least 1 and --warmup={warmup} not negative")
-    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(n_threads):
+    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, intra_op_threads(n_threads):
         cfg = load_config(config, {**overrides, "train.checkpoint_dir": str(Path(tmp) / "ckpt"),
                                    "train.resume": "none", "train.progress": "false"})
         tokenizer, train, _ = load_datasets(cfg.data)

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sab_byon_omni.benchmark.common import BenchOptions, interleave, random_batch, threads, timed
+from sab_byon_omni.benchmark.common import BenchOptions, interleave, random_batch, timed
 from sab_byon_omni.benchmark.peers import build_hf_gpt2
 from sab_byon_omni.benchmark.results import GenerateBench, Machine
 from sab_byon_omni.config import replace
-from sab_byon_omni.device import DTYPES, make_precision, resolve_device
+from sab_byon_omni.device import DTYPES, intra_op_threads, make_precision, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import measure_read_bandwidth
 from sab_byon_omni.model.generate import generate_tokens
@@ -46,7 +46,7 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
         raise SabError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the {m.preset} "
                        f"preset's max_seq_len={m.max_seq_len}")
     cfg = replace(opts.run, seq_len=max(prompt_len + new_tokens, 2))
-    with threads(opts.threads):
+    with intra_op_threads(opts.threads):
         device = resolve_device(cfg.train.device)
         precision = make_precision(cfg.train.precision, device)
         torch.manual_seed(cfg.train.seed)

@@ -8,12 +8,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from sab_byon_omni.benchmark.common import BenchOptions, random_batch, threads
+from sab_byon_omni.benchmark.common import BenchOptions, random_batch
 from sab_byon_omni.benchmark.isolated import current_rss_mb, peak_rss_mb, reset_peak_rss
 from sab_byon_omni.benchmark.peers import PEER_STEPS
 from sab_byon_omni.benchmark.train import OursStep
 from sab_byon_omni.config import replace
-from sab_byon_omni.device import make_precision, resolve_device
+from sab_byon_omni.device import intra_op_threads, make_precision, resolve_device
 
 
 def child_main(arg: str) -> None:
@@ -21,7 +21,7 @@ def child_main(arg: str) -> None:
     spec = json.loads(arg)
     name, warmup = spec.pop("name"), spec.pop("warmup", 1)
     opts = BenchOptions.for_preset(**spec)
-    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(opts.threads):
+    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, intra_op_threads(opts.threads):
         cfg = replace(opts.run, checkpoint_dir=str(Path(tmp) / "ckpt"))
         device = resolve_device(cfg.train.device)
         batch = random_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, cfg.train.seed)

@@ -23,7 +23,6 @@ from sab_byon_omni.benchmark.common import (
     measured_peak,
     peak,
     random_batch,
-    threads,
     timed,
 )
 from sab_byon_omni.benchmark.isolated import isolated_peak_mb
@@ -32,7 +31,7 @@ from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
-from sab_byon_omni.device import Precision, make_precision, resolve_device
+from sab_byon_omni.device import Precision, intra_op_threads, make_precision, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
@@ -73,7 +72,7 @@ def _precision(name: str, device: torch.device) -> Precision:
 
 def run_train_bench(opts: BenchOptions) -> TrainBench:
     """Time ``opts.steps`` training steps of ours and each peer (after ``opts.warmup``), interleaved."""
-    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, threads(opts.threads):
+    with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, intra_op_threads(opts.threads):
         cfg = replace(opts.run, checkpoint_dir=str(Path(tmp) / "ckpt"))
         m, t = cfg.model, cfg.train
         device = resolve_device(t.device)

@@ -6,6 +6,12 @@ options and tokenizer) and scored with a sliding window, so `--data` pointing at
 folder evaluates the held-out validation documents. A model trained on the synthetic dataset is
 scored on the same held-out samples as in training (and the report gives their entropy floor,
 the lowest loss any model can reach on them).
+
+By default the model is scored as the training loop validated it: in the precision it was trained
+in (its train.precision, auto resolved on this device) and with its batch size, so on the machine
+it trained on (one process) the loss equals the validation loss training reported, bit for bit.
+Another precision differs by rounding, about 1e-4 relative at most between fp32 and bf16 in our
+measurements (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None,
                    help="window step, 1 .. seq_len-1; smaller gives each token more context "
                         "(default: seq_len-1, no overlap, the same as training's validation)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows (or samples) per forward pass (default: the checkpoint's train.batch_size, as "
+                        "training's validation)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="tokenised-corpus cache (default: as in training)")
     p.add_argument("--device", default="auto", help="torch device (default: auto)")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision (default: fp32)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (default: the one the model was trained in, its train.precision with "
+                        "auto resolved on this device, or auto where this device has no native support for it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -54,25 +63,28 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     check_paths_first(source=args.checkpoint, data=args.data)
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-    from sab_byon_omni.device import make_precision, resolve_device
+    from sab_byon_omni.device import make_precision, resolve_device, trained_precision
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise SabError(f"--batch-size={args.batch_size} must be at least 1")
     device = resolve_device(args.device)
     sab = SABTranscendentV2.load(args.checkpoint, device=device)
     cfg = sab.config
     dataset = args.data if args.data is not None else cfg.data.dataset
-    precision = make_precision(args.precision, device)
+    name, why = (args.precision, "--precision") if args.precision else trained_precision(cfg.train.precision, device)
+    precision = make_precision(name, device)
+    batch_size = args.batch_size or cfg.train.batch_size
+    how = f"{precision.name} ({why}), batch {batch_size}"
     if dataset == "synthetic":
-        result, where, extra = _synthetic(sab, args, device, precision)
+        result, where, extra = _synthetic(sab, args, batch_size, device, precision, how)
     else:
-        result, where, extra = _corpus(sab, args, dataset, device, precision)
+        result, where, extra = _corpus(sab, args, dataset, batch_size, device, precision, how)
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "data": dataset, "split": args.split, **extra,
-                          **result.as_dict()}))
+                          "precision": precision.name, "batch_size": batch_size, **result.as_dict()}))
     else:
         print(f"{args.split} split of {dataset}: {result.n_tokens:,} tokens, {result.n_bytes:,} bytes "
-              f"({where}, {result.seconds:.1f} s)")
+              f"({where}, {precision.name}, {result.seconds:.1f} s)")
         print(f"loss {result.loss:.4f} nats/token   perplexity {result.perplexity:.3f}   "
               f"bits/byte {result.bits_per_byte:.4f}"
               + (f"   (entropy floor {extra['entropy_floor']:.4f} nats/token)" if "entropy_floor" in extra else ""))
@@ -83,7 +95,7 @@ def _splits(args: argparse.Namespace) -> tuple[str, ...]:
     return ("train", "val") if args.split == "all" else (args.split,)
 
 
-def _synthetic(sab, args, device, precision):  # type: ignore[no-untyped-def]
+def _synthetic(sab, args, batch_size, device, precision, how):  # type: ignore[no-untyped-def]
     """The held-out samples of the synthetic dataset the model was trained on (same seed, size, split)."""
     from sab_byon_omni.data.synthetic import MultimodalConsciousnessDataset
     from sab_byon_omni.evaluation import EvalResult, evaluate_samples
@@ -95,10 +107,11 @@ def _synthetic(sab, args, device, precision):  # type: ignore[no-untyped-def]
     ds = MultimodalConsciousnessDataset(sab.tokenizer, d.num_samples, seq_len, d.data_seed)
     train, val = ds.split(d.val_fraction)
     result, floor, samples = EvalResult(0.0, 0, 0), [], 0
+    log.info("scoring synthetic samples (%s)", how)
     for name in _splits(args):
         part = val if name == "val" else train
         n_bytes = sum(len(ds.texts[int(i)].encode("utf-8")) for i in part.indices)
-        result = result + evaluate_samples(sab.model, part, n_bytes, args.batch_size, sab.tokenizer.pad_id, device,
+        result = result + evaluate_samples(sab.model, part, n_bytes, batch_size, sab.tokenizer.pad_id, device,
                                            precision.autocast())
         floor += list(part.indices)
         samples += len(part)
@@ -107,7 +120,7 @@ def _synthetic(sab, args, device, precision):  # type: ignore[no-untyped-def]
     return result, f"{samples:,} samples of {d.num_samples:,}, seed {d.data_seed}", extra
 
 
-def _corpus(sab, args, dataset, device, precision):  # type: ignore[no-untyped-def]
+def _corpus(sab, args, dataset, batch_size, device, precision, how):  # type: ignore[no-untyped-def]
     from sab_byon_omni.data.corpus import open_corpus
     from sab_byon_omni.evaluation import EvalResult, evaluate_stream
 
@@ -125,7 +138,7 @@ def _corpus(sab, args, dataset, device, precision):  # type: ignore[no-untyped-d
         tokens = corpus.val_tokens if split == "val" else corpus.train_tokens
         if len(tokens) < 2:
             raise SabError(f"the {split} split of {dataset!r} has {len(tokens)} token(s): nothing to score")
-        log.info("scoring %s %s tokens (window %d, stride %d)", f"{len(tokens):,}", split, seq_len, stride)
+        log.info("scoring %s %s tokens (window %d, stride %d, %s)", f"{len(tokens):,}", split, seq_len, stride, how)
         result = result + evaluate_stream(sab.model, tokens, corpus.meta[f"{split}_bytes"], seq_len, stride,
-                                          args.batch_size, device, precision.autocast())
+                                          batch_size, device, precision.autocast())
     return result, f"window {seq_len}, stride {stride}", {"seq_len": seq_len, "stride": stride}

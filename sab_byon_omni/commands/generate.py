@@ -1,4 +1,13 @@
-"""sab-omni generate: sample text from a checkpoint, streamed to the terminal."""
+"""sab-omni generate: sample text from a checkpoint, streamed to the terminal.
+
+On a CPU, sampling takes as many threads as there are cores no other process is using when it
+starts (at most torch's setting), or --threads. Each new token multiplies one row by every weight:
+on free cores a second thread helps a large model, but while another process keeps a core busy,
+every op on two threads waits for the one that is not running. Tokens/s on a 2-vCPU Xeon (Sapphire
+Rapids), greedy, fp32, 64 new tokens, 1 vs 2 threads (python benchmarks/levers.py decode_threads
+--preset P [--busy]): quiet: tiny 3,273 vs 3,210, small 869 vs 1,027, Lightweight 73 vs 129; one
+core kept busy: tiny 3,293 vs 1,447, small 838 vs 452, Lightweight 75 vs 17.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +36,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (slow; for checks)")
     p.add_argument("--device", default="auto", help="torch device; auto picks cuda, then mps, then cpu (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision, as train.precision (default: auto: bf16/fp16 on GPUs, fp32 on most CPUs)")
+                   help="autocast precision, as train.precision (default: auto: bf16/fp16 on GPUs, bf16 on CPUs "
+                        "with AVX-512 BF16 or AMX, fp32 on other CPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while sampling (default on a CPU: the cores no other process is using "
+                        "as it starts, see above; torch's setting on GPUs and with --no-cache)")
     return p
 
 
@@ -36,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2, check_sampling
     from sab_byon_omni.device import resolve_device
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True, threads=args.threads)
     sab = SABTranscendentV2.load(args.checkpoint, device=resolve_device(args.device))
     sys.stdout.write(args.prompt)
     sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stream=True,
-                 use_cache=not args.no_cache, precision=args.precision)
+                 use_cache=not args.no_cache, precision=args.precision, threads=args.threads)
     sys.stdout.write("\n")
-    print(f"[{sab.last_tokens_per_second:,.1f} tokens/s]", file=sys.stderr)
+    n = sab.last_threads
+    print(f"[{sab.last_tokens_per_second:,.1f} tokens/s, {n} thread{'' if n == 1 else 's'}]", file=sys.stderr)
     return 0

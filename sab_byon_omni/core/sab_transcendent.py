@@ -20,11 +20,11 @@ from huggingface_hub import ModelCard, ModelHubMixin
 
 from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config, replace
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
-from sab_byon_omni.device import make_precision
+from sab_byon_omni.device import intra_op_threads, make_precision
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.io.sources import (PRETRAINED_FORMAT, Weights, check_safetensors_header, is_pretrained_folder,
                                       locate, parse_json, read_weights)
-from sab_byon_omni.model.generate import generate_tokens
+from sab_byon_omni.model.generate import decoding_threads, generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         self.config, self.tokenizer = cfg, tokenizer
         self.origin, self.global_step = "new model", 0  # where load() found it, and its training step
+        self.last_tokens_per_second, self.last_threads = 0.0, 0  # of the last generate()
         if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
             with torch.device("meta"):
                 self.model = CausalTransformer(cfg.model)
@@ -246,14 +247,19 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
     # ------------------------------------------------------------------------------ sampling
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
                  top_p: float | None = None, seed: int | None = None, stream: bool | Callable[[str], Any] = False,
-                 use_cache: bool = True, stop_at_eos: bool = True, precision: str = "auto") -> str:
+                 use_cache: bool = True, stop_at_eos: bool = True, precision: str = "auto",
+                 threads: int | None = None) -> str:
         """Sample a continuation of ``prompt`` from the model (the prompt is not repeated).
 
         ``stream=True`` writes text to stdout as it is produced; a callable receives each piece.
-        ``precision``: as ``train.precision`` (``auto``: bf16/fp16 autocast on GPUs, fp32 on most
-        CPUs). The throughput of the last call is in ``self.last_tokens_per_second``.
+        ``precision``: as ``train.precision`` (``auto``: bf16/fp16 autocast on GPUs, bf16 on CPUs
+        with AVX-512 BF16 or AMX, fp32 on other CPUs). ``threads``: torch intra-op threads while
+        sampling (default on a CPU: the cores no other process is using as it starts, see
+        :func:`~sab_byon_omni.model.generate.decoding_threads`; the caller's setting is restored
+        after). The throughput and threads of the last call are in ``self.last_tokens_per_second``
+        and ``self.last_threads``.
         """
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, threads=threads)
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise SabError("the prompt is empty after tokenisation")
@@ -264,7 +270,9 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         t0 = time.perf_counter()
         eos = self.tokenizer.eos_id if stop_at_eos else None
         try:
-            with make_precision(precision, self.device).autocast():
+            with make_precision(precision, self.device).autocast(), \
+                    intra_op_threads(decoding_threads(self.device, threads, use_cache)):
+                self.last_threads = torch.get_num_threads()
                 tokens = list(self._sample(ids, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache,
                                            sink, out))
         except ValueError as e:  # non-finite logits from damaged weights
@@ -299,7 +307,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   cli: bool = False) -> None:
+                   cli: bool = False, threads: int | None = None) -> None:
     """Sampling options, checked before any work (one clear line each, naming the keyword or,
     with ``cli``, the command-line flag)."""
     name = (lambda k: "--" + k.replace("_", "-")) if cli else (lambda k: k)
@@ -311,6 +319,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise SabError(f"{name('top_k')}={bounded(top_k)} must be a non-negative integer (0 or None: off)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise SabError(f"{name('top_p')}={bounded(top_p)} must be in (0, 1]")
+    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= 4096):
+        raise SabError(f"{name('threads')}={bounded(threads)} must be an integer in [1, 4096]")
 
 
 def _check_weights_fit(cfg: RunConfig) -> None:

@@ -46,7 +46,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     matrix-vector product on one thread, at about half of the machine's memory bandwidth; viewing
     the weight's rows as ``threads`` blocks lets ``bmm`` spread it over every thread (1.7x on a
     2-core EPYC: ``python benchmarks/levers.py gemv``). The result is the same dot products.
-    Training, batches and other devices take ``F.linear``.
+    Training, batches and other devices take ``F.linear``. Sampling on a CPU takes only the cores no
+    other process is using (``model.generate.decoding_threads``): on a busy machine, one.
     """
     if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and weight.is_contiguous() and not (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
