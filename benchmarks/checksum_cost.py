@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from sab_byon_omni.config import ModelConfig
-from sab_byon_omni.io.atomic import atomic_write
-from sab_byon_omni.io.checkpoint import FORMAT, checksum, load_checkpoint, save_checkpoint
+from sab_byon_omni.files.atomic import atomic_write
+from sab_byon_omni.files.checkpoint import FORMAT, checksum, load_checkpoint, save_checkpoint
 from sab_byon_omni.machine import cpu_name
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.optim import make_optimizer

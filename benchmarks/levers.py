@@ -251,7 +251,7 @@ def bench_compile(reps: int) -> None:
 
 def bench_gemv(reps: int) -> None:
     """Lightweight's 24 block weights times one row (a decoding step's matmuls, 170 MB of fp32)."""
-    from sab_byon_omni.model.transformer import linear
+    from sab_byon_omni.model.ops import linear
 
     model = lightweight()
     weights = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]

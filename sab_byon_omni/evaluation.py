@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.data.batching import IGNORE_INDEX, iterate_batches
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.loss import causal_lm_loss
 
 
 @dataclass

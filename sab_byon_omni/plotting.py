@@ -183,7 +183,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
 def _atomic_savefig(fig: Any, dest: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from sab_byon_omni.io.atomic import atomic_write
+    from sab_byon_omni.files.atomic import atomic_write
 
     FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend is ever selected
     atomic_write(dest, lambda f: fig.savefig(f, format="png"), what="plot")

@@ -140,7 +140,7 @@ def test_bpe_model_vocabulary_follows_the_tokenizer_and_travels_in_the_checkpoin
 
 def test_a_bpe_corpus_run_resumes_with_the_same_tokenizer(in_tmp, capsys):
     from sab_byon_omni.cli import main
-    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.files.checkpoint import load_checkpoint
 
     root = word_corpus(in_tmp / "words")
     args = ["train", "--data", str(root), "--tokenizer", "bpe", "--bpe_vocab_size", "300", "--preset", "tiny",
@@ -155,7 +155,7 @@ def test_a_bpe_corpus_run_resumes_with_the_same_tokenizer(in_tmp, capsys):
 
 def test_resume_tokenises_with_the_checkpoints_tokenizer_even_if_settings_changed(in_tmp, capsys):
     from sab_byon_omni.cli import main
-    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.files.checkpoint import load_checkpoint
 
     root = word_corpus(in_tmp / "words")
     args = ["train", "--data", str(root), "--tokenizer", "bpe", "--preset", "tiny", "--seq_len", "16",

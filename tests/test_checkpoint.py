@@ -7,7 +7,7 @@ import torch
 from sab_byon_omni.config import build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint, to_cpu
+from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.train_3b import train_3b_rapid
 
@@ -192,7 +192,7 @@ def test_a_resume_from_a_hostile_optimizer_state_is_one_line_and_exit_2(in_tmp, 
     """An Adam moment of the wrong size (which would crash fused AdamW) in a correctly checksummed
     checkpoint: refused at load with the file named, nothing written or lost."""
     from sab_byon_omni.cli import main
-    from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+    from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint
     from tests.helpers import tiny_run
 
     args = ["train", *tiny_run(max_steps=2, save_every=2, optimizer="muon"), "--checkpoint_dir", "ck"]

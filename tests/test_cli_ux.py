@@ -178,7 +178,7 @@ def test_init_from_starts_a_new_run_from_the_weights(sources, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "weights:" in err and "a fresh optimizer and schedule" in err
     assert "tiny: hidden 64" in err  # the architecture comes from the weights, not from --preset small
-    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.files.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "ft" / "step_2.pt")
     assert ck["global_step"] == 2 and ck["config"]["model"]["preset"] == "tiny"

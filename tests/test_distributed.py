@@ -15,10 +15,10 @@ import torch
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import ModelConfig, build_config
 from sab_byon_omni.data.batching import iterate_batches, micro_steps_per_epoch
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training import memory as memory_mod
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.memory import apply_activation_checkpointing
 from sab_byon_omni.training.train_3b import run_training
 from tests.hostile import plant_metadata_payload, write_dcp

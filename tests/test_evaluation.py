@@ -17,7 +17,7 @@ from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.device import resolve_precision
 from sab_byon_omni.evaluation import EvalResult, evaluate_stream, stream_loss, window_spans
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.loss import causal_lm_loss
 from tests.helpers import CPU_PRECISIONS
 
 

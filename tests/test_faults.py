@@ -21,8 +21,8 @@ import torch
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io import atomic as atomic_io
-from sab_byon_omni.io import checkpoint as ckpt_io
+from sab_byon_omni.files import atomic as atomic_io
+from sab_byon_omni.files import checkpoint as ckpt_io
 from sab_byon_omni.training import checkpointer as checkpointer_mod
 from sab_byon_omni.training import trainer as T
 from tests.helpers import tiny_run

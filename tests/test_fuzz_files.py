@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint
 from tests.hostile import (
     Payload,
     claim_size,
@@ -448,7 +448,7 @@ def _decompression_bomb(base: bytes, bomb: tuple) -> bytes:
 
 
 def _opcode_bomb(bomb: tuple) -> bytes:
-    from sab_byon_omni.io import untrusted
+    from sab_byon_omni.files import untrusted
 
     kind, a, b = bomb
     if kind == "run":
@@ -466,7 +466,7 @@ def _opcode_bomb(bomb: tuple) -> bytes:
 @contextlib.contextmanager
 def _limits(scale: int) -> Iterator[None]:
     """The scan's object and opcode limits divided by ``scale`` for the block."""
-    from sab_byon_omni.io import untrusted
+    from sab_byon_omni.files import untrusted
 
     saved = untrusted.MAX_NODES, untrusted.MAX_OPS
     untrusted.MAX_NODES, untrusted.MAX_OPS = saved[0] // scale, saved[1] // scale
@@ -501,7 +501,7 @@ def _check_decompression_bomb(world, bomb):
 
 
 def _check_opcode_bomb(world, bomb, where, scale):
-    from sab_byon_omni.io.dcp import read_metadata
+    from sab_byon_omni.files.dcp import read_metadata
 
     with _limits(scale), scratch(world) as d:
         data = _opcode_bomb(bomb)

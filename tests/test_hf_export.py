@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from sab_byon_omni.config import ModelConfig  # noqa: E402
 from sab_byon_omni.data.tokenizers import BPETokenizer, ByteTokenizer, Char96Tokenizer  # noqa: E402
 from sab_byon_omni.errors import SabError  # noqa: E402
-from sab_byon_omni.io.hf import load_hf, save_hf  # noqa: E402
-from sab_byon_omni.io.hf_tokenizer import hf_tokenizer_files  # noqa: E402
+from sab_byon_omni.interop.hf import load_hf, save_hf  # noqa: E402
+from sab_byon_omni.interop.hf_tokenizer import hf_tokenizer_files  # noqa: E402
 from sab_byon_omni.model.generate import generate_tokens  # noqa: E402
 from sab_byon_omni.model.transformer import CausalTransformer  # noqa: E402
 

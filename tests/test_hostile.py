@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
-from sab_byon_omni.io.untrusted import MAX_NODES, check_pickle, check_torch_file
+from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.files.untrusted import MAX_NODES, check_pickle, check_torch_file
 from tests.hostile import (
     Payload,
     assert_one_error_line,
@@ -392,7 +392,7 @@ def test_cheap_opcode_runs_are_refused_by_count_not_by_exhaustion(monkeypatch):
     runs stop at the opcode, object or reference limits (shown here with small limits), and marks
     are found without searching the stack (10^5 objects under 10^5 empty batches used to cost 10^10
     steps)."""
-    from sab_byon_omni.io import untrusted
+    from sab_byon_omni.files import untrusted
 
     with pytest.raises(SabError, match="discards objects"):
         check_pickle(opcode_run(b"N0", 10), "none-pop")
@@ -469,7 +469,7 @@ def test_the_rewiring_pickle_is_real(target):
     file does set the attribute: on the class for every PosixPath, on the shared function or enum member."""
     import io
 
-    from sab_byon_omni.io.dcp import _MetadataUnpickler
+    from sab_byon_omni.files.dcp import _MetadataUnpickler
 
     obj = _rewired(target)
     assert not hasattr(obj, "sab_rewired")
@@ -502,7 +502,7 @@ def test_a_dcp_metadata_cannot_set_attributes_on_what_it_imports(in_tmp, capsys,
 
 
 def test_real_dcp_metadata_still_loads(in_tmp):
-    from sab_byon_omni.io.dcp import read_metadata
+    from sab_byon_omni.files.dcp import read_metadata
 
     metadata = read_metadata(write_dcp(in_tmp / "good.dcp"))
     assert "model.embed.weight" in metadata.state_dict_metadata
@@ -777,7 +777,7 @@ def test_a_failed_export_says_the_output_was_not_written(trained, in_tmp, monkey
     import io
     import os
 
-    from sab_byon_omni.io import checkpoint as ckpt_io
+    from sab_byon_omni.files import checkpoint as ckpt_io
 
     real_save = torch.save
 

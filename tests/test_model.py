@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from sab_byon_omni import estimate
 from sab_byon_omni.config import ModelConfig
-from sab_byon_omni.model.transformer import CausalTransformer, KVCache, apply_rope, linear, rope_tables
+from sab_byon_omni.model.ops import linear
+from sab_byon_omni.model.transformer import CausalTransformer, KVCache, apply_rope, rope_tables
 
 
 def test_logits_shape_and_dtype(tiny_cfg):
@@ -263,7 +264,7 @@ def test_rotating_q_and_k_together_gives_the_same_bits(tiny_cfg):
 
 def test_memory_saving_keeps_the_models_gradients_bit_for_bit(tiny_cfg):
     """Each trick alone and both (as the memory plan switches them): the same loss and gradients."""
-    from sab_byon_omni.training.loss import causal_lm_loss
+    from sab_byon_omni.loss import causal_lm_loss
 
     torch.manual_seed(0)
     model = CausalTransformer(tiny_cfg)

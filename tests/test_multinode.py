@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from tests.test_distributed import ATOL, RUN, assert_same_weights, flags, single, weights  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow

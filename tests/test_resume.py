@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"

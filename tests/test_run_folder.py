@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sab_byon_omni.cli import main
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint
 from tests.helpers import tiny_run
 from tests.hostile import assert_one_error_line, flip_tensor_bit, snapshot, start_train
 

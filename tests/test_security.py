@@ -21,7 +21,7 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.core.export import export_safetensors, import_safetensors
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from sab_byon_omni.training.signals import StopRequest
 from tests.helpers import tiny_run
 

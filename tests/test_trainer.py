@@ -12,9 +12,9 @@ from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import collate
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from sab_byon_omni.training import trainer as T
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.optim import lr_at
 from sab_byon_omni.training.trainer import Trainer
 

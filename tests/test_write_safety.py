@@ -1,6 +1,6 @@
 """No write follows a link out of its folder or changes a file the project did not create, and one
 lock per folder that deleting its ``.lock`` does not release (issue 22: F1, F4): the pieces
-(io/atomic.py, io/lock.py, the data cache, the metrics log, the checkpointer) one by one. The
+(files/atomic.py, files/lock.py, the data cache, the metrics log, the checkpointer) one by one. The
 whole run against planted links is tests/test_fuzz_run_folder.py."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import atomic_directory, atomic_write_text, open_own, remove_stale_temps
-from sab_byon_omni.io.lock import FolderLock
+from sab_byon_omni.files.atomic import atomic_directory, atomic_write_text, open_own, remove_stale_temps
+from sab_byon_omni.files.lock import FolderLock
 from sab_byon_omni.training.checkpointer import Checkpointer
 from sab_byon_omni.training.metrics import EvalRow, MetricsLog
 
@@ -130,7 +130,7 @@ def test_the_data_cache_never_writes_through_a_link(tmp_path, outside, monkeypat
     assert state(outside) == before
 
 
-# ------------------------------------------------------------------------------- io/atomic.py
+# ------------------------------------------------------------------------------- files/atomic.py
 def test_open_own_refuses_links_and_other_kinds_of_file(tmp_path, outside):
     before = state(outside)
     for kind, make in [("symbolic link", lambda p: p.symlink_to(outside / "precious")),

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
     if not src.name or src.name in (".", ".."):
         raise SabError(f"checkpoint {args.checkpoint!r}: give the path of a sharded checkpoint directory")
-    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.files.checkpoint import load_checkpoint
     from sab_byon_omni.training.consolidate import consolidate
 
     dst = Path(args.output) if args.output else src.with_suffix(".pt")

@@ -25,9 +25,9 @@ from sab_byon_omni import device
 from sab_byon_omni.config import EXPORT_FORMATS
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.errors import SabError, bounded
-from sab_byon_omni.io.atomic import atomic_path
-from sab_byon_omni.io.checkpoint import save_checkpoint
-from sab_byon_omni.io.sources import EXPORT_FORMAT, locate, read_exported_safetensors
+from sab_byon_omni.files.atomic import atomic_path
+from sab_byon_omni.files.checkpoint import save_checkpoint
+from sab_byon_omni.interop.sources import EXPORT_FORMAT, locate, read_exported_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str | None = None, dt
     out = Path(out)
     _check_out(out, locate(source), overwrite)
     if fmt == "hf":
-        from sab_byon_omni.io.hf import save_hf
+        from sab_byon_omni.interop.hf import save_hf
 
         sab = _model(source, dtype)
         return save_hf(sab.model, sab.tokenizer, out, overwrite=overwrite)

@@ -22,7 +22,7 @@ from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config,
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.device import intra_op_threads, make_precision
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.sources import (PRETRAINED_FORMAT, Weights, check_safetensors_header, is_pretrained_folder,
+from sab_byon_omni.interop.sources import (PRETRAINED_FORMAT, Weights, check_safetensors_header, is_pretrained_folder,
                                       locate, parse_json, read_weights)
 from sab_byon_omni.model.generate import decoding_threads, generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer

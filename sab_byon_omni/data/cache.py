@@ -22,8 +22,8 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import atomic_write_text, fsync_dir, open_temp
-from sab_byon_omni.io.lock import FolderLock
+from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp
+from sab_byon_omni.files.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def open_streams(directory: Path, meta: dict[str, Any]) -> tuple[np.ndarray, np.
 @contextlib.contextmanager
 def lock(directory: Path) -> Iterator[None]:
     """Held by one process at a time (processes that start together take turns building); the one
-    lock of io/lock.py, which deleting ``.lock`` does not release."""
+    lock of files/lock.py, which deleting ``.lock`` does not release."""
     held = FolderLock(directory)
     held.acquire(wait=True)
     try:

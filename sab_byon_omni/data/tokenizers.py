@@ -29,7 +29,7 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.atomic import atomic_write_text
+from sab_byon_omni.files.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

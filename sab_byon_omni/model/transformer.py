@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from torch import nn
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.fragmergent import Fragmergent
 from sab_byon_omni.model.init import init_rows
+from sab_byon_omni.model.ops import GeluLinear, linear
 
 
 def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,26 +37,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     # multiply-add instead of slice, negate, cat, two multiplies and an add (1.36x faster forward +
     # backward on CPU, benchmarks/levers.py rope).
     return torch.addcmul(x * cos.to(x.dtype), x.roll(x.shape[-1] // 2, dims=-1), sin_signed.to(x.dtype))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` with a faster path for a single row on a multi-threaded CPU.
-
-    Decoding one token multiplies one row by every weight matrix. CPU BLAS runs that
-    matrix-vector product on one thread, at about half of the machine's memory bandwidth; viewing
-    the weight's rows as ``threads`` blocks lets ``bmm`` spread it over every thread (1.7x on a
-    2-core EPYC: ``python benchmarks/levers.py gemv``). The result is the same dot products.
-    Training, batches and other devices take ``F.linear``. Sampling on a CPU takes only the cores no
-    other process is using (``model.generate.decoding_threads``): on a busy machine, one.
-    """
-    if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and weight.is_contiguous() and not (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        n, rows = torch.get_num_threads(), weight.shape[0]
-        if n > 1 and rows % n == 0 and weight.numel() >= 1 << 16:  # smaller ones: no gain
-            k = weight.shape[1]
-            out = torch.bmm(x.reshape(1, 1, k).expand(n, 1, k), weight.view(n, rows // n, k).transpose(1, 2))
-            return out.view(*x.shape[:-1], rows)
-    return F.linear(x, weight)
 
 
 @dataclass
@@ -112,30 +92,6 @@ class Attention(nn.Module):
         return linear(y.transpose(1, 2).reshape(b, t, c), self.proj.weight)
 
 
-class _GeluLinear(torch.autograd.Function):
-    """``linear(gelu_tanh(u), weight)`` that keeps only ``u`` for backward and recomputes the GELU
-    there, instead of keeping both ``u`` and ``gelu(u)`` (4 x hidden values per token each). The
-    gradients are the ones autograd computes for the two ops."""
-
-    @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(u, weight)
-        return F.linear(F.gelu(u, approximate="tanh"), weight)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        u, weight = ctx.saved_tensors
-        grad = grad.to(u.dtype)  # under autocast the forward matmul ran in u's dtype
-        grad_u = grad_w = None
-        if ctx.needs_input_grad[1]:
-            g = F.gelu(u, approximate="tanh")
-            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(g.reshape(-1, g.shape[-1])).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.ops.aten.gelu_backward(grad.matmul(weight.to(u.dtype)), u, approximate="tanh")
-        return grad_u, grad_w
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -147,7 +103,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = linear(x, self.up.weight)
         if self.recompute_gelu and torch.is_grad_enabled():
-            return self.dropout(_GeluLinear.apply(u, self.down.weight))
+            return self.dropout(GeluLinear.apply(u, self.down.weight))
         return self.dropout(linear(F.gelu(u, approximate="tanh"), self.down.weight))
 
 
@@ -211,7 +167,12 @@ class CausalTransformer(nn.Module):
             cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        self.fragmergent.set_step(0)
+        self.on_step(0)
+
+    def on_step(self, step: int) -> None:
+        """Tell the model which optimizer step comes next (the trainer calls it after every step and
+        on resume): the fragmergent modulation in ``step`` mode follows it."""
+        self.fragmergent.set_step(step)
 
     def set_memory_saving(self, on: bool) -> None:
         """Trade training speed for activation memory, with the same math (gradients equal bit for

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from sab_byon_omni.errors import SabError, first_line
-from sab_byon_omni.io import dcp
-from sab_byon_omni.io.atomic import check_own, remove_entry, remove_stale_temps
-from sab_byon_omni.io.checkpoint import load_checkpoint, save_checkpoint
-from sab_byon_omni.io.lock import LOCK_FILE, FolderLock
+from sab_byon_omni.files import dcp
+from sab_byon_omni.files.atomic import check_own, remove_entry, remove_stale_temps
+from sab_byon_omni.files.checkpoint import load_checkpoint, save_checkpoint
+from sab_byon_omni.files.lock import LOCK_FILE, FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------- the folder
     def lock(self) -> None:
         """One run per folder (the main process locks it for all): a lock that the OS drops when the
-        process dies and that deleting ``.lock`` does not release (io/lock.py)."""
+        process dies and that deleting ``.lock`` does not release (files/lock.py)."""
         if not self.is_main or self._lock.held:
             return
         self.make_dir()

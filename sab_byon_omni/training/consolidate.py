@@ -4,7 +4,7 @@ The file has the guide's format (``model_state_dict`` with the plain model's key
 ``optimizer_state_dict`` as ``torch.optim.AdamW.state_dict()`` gives it, ``epoch``,
 ``global_step``, ``config``, ...), so ``torch.load`` reads it, ``sab-omni generate`` samples
 from it and a single process resumes training from it with ``--resume FILE``. Run it in one
-process, without torchrun. No pickled code in the folder is ever run (see :mod:`sab_byon_omni.io.dcp`).
+process, without torchrun. No pickled code in the folder is ever run (see :mod:`sab_byon_omni.files.dcp`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from sab_byon_omni.config import build_config
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io import dcp
-from sab_byon_omni.io.checkpoint import save_checkpoint
+from sab_byon_omni.files import dcp
+from sab_byon_omni.files.checkpoint import save_checkpoint
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.distributed import materialize
 from sab_byon_omni.training.optim import make_optimizer

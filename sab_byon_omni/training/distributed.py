@@ -2,7 +2,7 @@
 
 A run started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group
 (``nccl`` on CUDA, ``gloo`` on CPU). Without torchrun everything here is a no-op. FSDP2's sharded
-checkpoints are read and written by :mod:`sab_byon_omni.io.dcp`.
+checkpoints are read and written by :mod:`sab_byon_omni.files.dcp`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import atomic_write_text, check_own, open_own
+from sab_byon_omni.files.atomic import atomic_write_text, check_own, open_own
 
 log = logging.getLogger(__name__)
 

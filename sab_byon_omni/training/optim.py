@@ -94,7 +94,7 @@ def check_loaded_state(optimizer: torch.optim.Optimizer, built: list[dict[str, A
     of crashing or silently changing the step (fused AdamW reads and writes out of bounds on a moment
     of the wrong size; state under an index no group lists is kept aside and the moments dropped).
     A moment saved in another dtype is cast by ``load_state_dict`` before this runs: the file's own
-    dtypes are checked when it is read (:func:`sab_byon_omni.io.checkpoint.check_format`)."""
+    dtypes are checked when it is read (:func:`sab_byon_omni.files.checkpoint.check_format`)."""
     for group, mine in zip(optimizer.param_groups, built):
         params = group["params"]
         group.clear()

@@ -26,8 +26,8 @@ from sab_byon_omni.data.tokenizers import Tokenizer, spec_equal
 from sab_byon_omni.device import DTYPES, make_precision, resolve_device, set_deterministic
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.estimate import estimate, fmt_count
-from sab_byon_omni.io import dcp
-from sab_byon_omni.io.atomic import atomic_write_text
+from sab_byon_omni.files import dcp
+from sab_byon_omni.files.atomic import atomic_write_text
 from sab_byon_omni.machine import device_name, give_back_freed_memory, measure_matmul_peak, set_freed_memory
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
@@ -133,8 +133,7 @@ class RunSetup:
         meta = D.is_meta(self.raw)  # built on the meta device (FSDP): materialised after sharding
         if not meta:
             self.raw.to(self.device)
-        if hasattr(self.raw, "set_memory_saving"):
-            self.raw.set_memory_saving(self.memory.memory_saving)
+        self.raw.set_memory_saving(self.memory.memory_saving)
         if self.cfg.model.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if self.fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
@@ -225,7 +224,7 @@ class RunSetup:
                         "the new plan from here on", path.name, sched.get("total_steps"), f"{self.total_steps:,}")
 
     def _sync_schedule(self) -> None:
-        self.raw.fragmergent.set_step(self.state.global_step)
+        self.raw.on_step(self.state.global_step)
         set_lr(self.optimizer, self.state.global_step, self.cfg.train, self.total_steps)
 
     # ------------------------------------------------------------------------------- the folder

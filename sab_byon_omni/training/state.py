@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sab_byon_omni.errors import SabError, bounded
-from sab_byon_omni.io.checkpoint import MAX_STEP, finite_float
+from sab_byon_omni.files.checkpoint import MAX_STEP, finite_float
 
 
 @dataclass

@@ -22,7 +22,7 @@ import yaml
 
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.errors import SabError, first_line
-from sab_byon_omni.io.atomic import check_own
+from sab_byon_omni.files.atomic import check_own
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 
 FOLDERS = {"tensorboard": "tb", "wandb": "wandb"}  # where each writes in the run folder

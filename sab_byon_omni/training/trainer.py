@@ -37,7 +37,7 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import sample_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
-from sab_byon_omni.training.loss import causal_lm_loss
+from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, lr_names, set_lr
 from sab_byon_omni.training.run_setup import RunSetup
@@ -387,7 +387,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         next_step = st.global_step + 1
         set_lr(self.optimizer, next_step, t, self.total_steps)
-        self.raw.fragmergent.set_step(next_step)
+        self.raw.on_step(next_step)
         return norm_value
 
     def _skip_step(self) -> None:

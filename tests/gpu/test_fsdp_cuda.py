@@ -21,12 +21,12 @@ SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
     from sab_byon_omni.config import build_config
     from sab_byon_omni.device import make_precision
-    from sab_byon_omni.io import dcp
-    from sab_byon_omni.io.checkpoint import load_checkpoint
+    from sab_byon_omni.files import dcp
+    from sab_byon_omni.files.checkpoint import load_checkpoint
     from sab_byon_omni.model.transformer import CausalTransformer
     from sab_byon_omni.training import distributed as D
     from sab_byon_omni.training.consolidate import consolidate
-    from sab_byon_omni.training.loss import causal_lm_loss
+    from sab_byon_omni.loss import causal_lm_loss
     from sab_byon_omni.training.optim import make_optimizer
 
     kind, preset = sys.argv[1], sys.argv[2]

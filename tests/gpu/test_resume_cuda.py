@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sab_byon_omni.io.checkpoint import load_checkpoint
+from sab_byon_omni.files.checkpoint import load_checkpoint
 from tests.test_resume import CHILD, _assert_same_state, _env
 
 pytestmark = pytest.mark.gpu

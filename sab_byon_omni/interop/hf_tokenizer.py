@@ -29,7 +29,7 @@ from typing import Any
 
 from sab_byon_omni.data.tokenizers import EOS, PAD, BPETokenizer, ByteTokenizer, Char96Tokenizer, Tokenizer
 from sab_byon_omni.errors import SabError, bounded
-from sab_byon_omni.io.untrusted import parse_json
+from sab_byon_omni.files.untrusted import parse_json
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -38,10 +38,10 @@ import torch
 from sab_byon_omni.config import PRESETS, ModelConfig, RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.atomic import atomic_directory
-from sab_byon_omni.io.checkpoint import check_tensors
-from sab_byon_omni.io.hf_tokenizer import TOKENIZER_JSON, hf_tokenizer_files, tokenizer_from_json
-from sab_byon_omni.io.untrusted import parse_json
+from sab_byon_omni.files.atomic import atomic_directory
+from sab_byon_omni.files.checkpoint import check_tensors
+from sab_byon_omni.interop.hf_tokenizer import TOKENIZER_JSON, hf_tokenizer_files, tokenizer_from_json
+from sab_byon_omni.files.untrusted import parse_json
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ print(tok.decode(out[0], skip_special_tokens=True))
 - Context: at most {cfg.max_seq_len} tokens; sab-byon-omni slides its window past that,
   `generate` here does not.
 
-Import back with `sab_byon_omni.io.hf.load_hf("<folder>")`.
+Import back with `sab_byon_omni.interop.hf.load_hf("<folder>")`.
 """
 
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.io.atomic import open_own, reason
+from sab_byon_omni.files.atomic import open_own, reason
 
 LOCK_FILE = ".lock"
 

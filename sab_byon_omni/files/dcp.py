@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.checkpoint import RESUME_ADVICE, check_format, read_file, save_checkpoint, verify
-from sab_byon_omni.io.untrusted import check_pickle, check_torch_file
+from sab_byon_omni.files.checkpoint import RESUME_ADVICE, check_format, read_file, save_checkpoint, verify
+from sab_byon_omni.files.untrusted import check_pickle, check_torch_file
 
 SUFFIX = ".dcp"
 META = "meta.pt"
@@ -171,7 +171,7 @@ def is_sharded(path: str | Path) -> bool:
 
 def read_meta(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """The checkpoint dict of a sharded checkpoint, without the two state dicts (``advice``: what a
-    damaged file's message suggests, see :func:`~sab_byon_omni.io.checkpoint.verify`)."""
+    damaged file's message suggests, see :func:`~sab_byon_omni.files.checkpoint.verify`)."""
     p = Path(path)
     if not (p / META).is_file():
         raise SabError(f"{p}: not a sharded checkpoint (no {META})")

@@ -24,9 +24,9 @@ import torch
 from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io import dcp
-from sab_byon_omni.io.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
-from sab_byon_omni.io.untrusted import MAX_JSON_BYTES, parse_json
+from sab_byon_omni.files import dcp
+from sab_byon_omni.files.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
+from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
@@ -82,7 +82,7 @@ def read_weights(p: Path) -> Weights:
     """The parts of the model at ``p`` (not a save_pretrained folder: the facade reads those)."""
     if p.is_dir():
         if (p / "config.json").is_file():
-            from sab_byon_omni.io.hf import load_hf
+            from sab_byon_omni.interop.hf import load_hf
 
             cfg, tokenizer, state = load_hf(p)
             return Weights(cfg, tokenizer, state, origin=f"transformers folder {p}")
@@ -143,7 +143,7 @@ def read_exported_safetensors(p: Path) -> Weights:
 def check_safetensors_header(p: Path) -> None:
     """Refuse a safetensors file holding complex tensors, from its header alone (before a loader
     copies them into real weights, dropping the imaginary part): the header-only counterpart of
-    :func:`~sab_byon_omni.io.checkpoint.check_tensors` (safetensors holds only dense tensors)."""
+    :func:`~sab_byon_omni.files.checkpoint.check_tensors` (safetensors holds only dense tensors)."""
     from safetensors import safe_open
 
     try:

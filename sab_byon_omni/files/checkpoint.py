@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.io.atomic import atomic_write
-from sab_byon_omni.io.untrusted import check_torch_file
+from sab_byon_omni.files.atomic import atomic_write
+from sab_byon_omni.files.untrusted import check_torch_file
 
 log = logging.getLogger(__name__)
 
