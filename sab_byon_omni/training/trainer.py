@@ -35,9 +35,9 @@ from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import sample_loss
+from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
-from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, lr_names, set_lr
 from sab_byon_omni.training.run_setup import RunSetup
