@@ -43,6 +43,10 @@ PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
 MEMORY_SAVING = ("auto", "on", "off")
+# The model's architecture options (model/transformer.py, docs/HF_EXPORT.md) and their choices; the first is ours.
+ARCHITECTURE_CHOICES = {"family": ("sab", "llama", "mistral", "qwen2", "gpt2", "gpt_neox"),
+                        "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "gelu_approximate": ("tanh", "none"),
+                        "positions": ("rope", "learned"), "rope_scaling": ("none", "linear", "llama3")}
 
 
 @dataclass
@@ -65,6 +69,26 @@ class ModelConfig:
     fragmergent_lambda: float = fld(0.2, "amplitude lambda of phi(t)")
     fragmergent_omega: float = fld(2.0, "angular frequency omega of phi(t)")
     fragmergent_strength: float = fld(0.1, "hidden *= 1 + strength * phi(t)")
+    # Options of open models; the defaults are the SAB model, so older configs and checkpoints mean what they meant.
+    family: str = fld("sab", "what the model is and `export --format hf` writes: sab (as GPT-NeoX), llama, mistral, "
+                             "qwen2, gpt2, gpt_neox")
+    norm: str = fld("layernorm", "layernorm, or rmsnorm (Llama, Mistral, Qwen2)")
+    norm_eps: float = fld(1e-5, "epsilon of every norm")
+    norm_bias: bool = fld(False, "LayerNorms with a bias (GPT-2, GPT-NeoX)")
+    mlp: str = fld("gelu", "gelu: down(gelu(up x)); swiglu: down(silu(gate x) * up x) (Llama, Mistral, Qwen2)")
+    gelu_approximate: str = fld("tanh", "the MLP's GELU: tanh (ours, GPT-2's gelu_new) or none (exact erf: Pythia)")
+    n_kv_heads: int | None = fld(None, "key/value heads (grouped-query attention), dividing n_heads (default: n_heads)")
+    rope_base: float = fld(10000.0, "rotary base theta")
+    rope_fraction: float = fld(1.0, "fraction of each head that rotary positions turn (Pythia: 0.25)")
+    rope_scaling: str = fld("none", "rotary frequency scaling: none, linear, or llama3 (Llama 3.1 and later)")
+    rope_scaling_factor: float = fld(1.0, "rope_scaling (linear, llama3): the factor")
+    rope_low_freq_factor: float = fld(1.0, "rope_scaling llama3: low_freq_factor")
+    rope_high_freq_factor: float = fld(4.0, "rope_scaling llama3: high_freq_factor")
+    rope_original_max_len: int = fld(8192, "rope_scaling llama3: original_max_position_embeddings")
+    positions: str = fld("rope", "rope (rotary), or learned: a table of absolute positions (GPT-2)")
+    parallel_residual: bool = fld(False, "x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX), not one after the other")
+    bias: bool = fld(False, "biases in every projection: qkv, attention output, MLP (GPT-2, GPT-NeoX)")
+    qkv_bias: bool = fld(False, "a bias in the qkv projection only (Qwen2); bias implies it")
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -78,8 +102,23 @@ class ModelConfig:
             _positive("model.vocab_size", self.vocab_size)
         if self.hidden % self.n_heads:
             raise SabError(f"model.n_heads={self.n_heads} does not divide model.hidden={self.hidden}")
-        if (self.hidden // self.n_heads) % 2:
-            raise SabError(f"model.hidden/model.n_heads={self.hidden // self.n_heads} must be even for rotary positions")
+        for name, choices in ARCHITECTURE_CHOICES.items():
+            if (v := getattr(self, name)) not in choices:
+                raise SabError(f"model.{name}={bounded(v)} is not one of: {', '.join(choices)}")
+        for name in ("norm_eps", "rope_base", "rope_fraction", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            if not math.isfinite(getattr(self, name)) or not getattr(self, name) > 0:
+                raise SabError(f"model.{name}={bounded(getattr(self, name))} must be a positive number")
+        for name in ("n_kv_heads", "rope_original_max_len"):
+            if getattr(self, name) is not None:
+                _positive(f"model.{name}", getattr(self, name))
+        if self.n_heads % self.kv_heads:
+            raise SabError(f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.rope_fraction > 1:
+            raise SabError(f"model.rope_fraction={self.rope_fraction} must be at most 1")
+        if self.positions == "rope" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            what = "model.hidden/model.n_heads" + (" x model.rope_fraction" if self.rope_fraction != 1 else "")
+            raise SabError(f"{what}={self.rotary_dim} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.fragmergent_mode not in FRAGMERGENT_MODES:
@@ -95,6 +134,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when unset (no grouping)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions (the first ones) the rotary positions turn."""
+        return int(self.head_dim * self.rope_fraction)
 
 
 @dataclass
@@ -280,9 +329,10 @@ assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "fi
 
 # Upper limits far beyond any real run, so that a typo (or a hostile file) is an error, not a
 # 100 GB allocation or an hour-long loop.
-LIMITS = {"hidden": 1 << 16, "n_heads": 1 << 12, "n_layers": 1 << 12, "ffn": 1 << 18, "max_seq_len": 1 << 20,
+LIMITS = {"hidden": 1 << 16, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "n_layers": 1 << 12, "ffn": 1 << 18, "max_seq_len": 1 << 20,
           "seq_len": 1 << 20, "vocab_size": 1 << 24, "bpe_vocab_size": 1 << 20, "batch_size": 1 << 20,
-          "gradient_accumulation_steps": 1 << 20, "epochs": 1 << 20, "num_samples": 1 << 31}
+          "gradient_accumulation_steps": 1 << 20, "epochs": 1 << 20, "num_samples": 1 << 31,
+          "rope_original_max_len": 1 << 24}
 
 
 def _positive(name: str, value: Any) -> None:

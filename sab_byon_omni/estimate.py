@@ -42,29 +42,55 @@ def num_parameters(cfg: ModelConfig) -> int:
         raise SabError("model.vocab_size must be set to count parameters")
     h, v = cfg.hidden, cfg.vocab_size
     head = 0 if cfg.tie_embeddings else v * h
-    return v * h + cfg.n_layers * block_parameters(cfg) + h + head
+    positions = cfg.max_seq_len * h if cfg.positions == "learned" else 0
+    return v * h + positions + cfg.n_layers * block_parameters(cfg) + norm_parameters(cfg) + head
+
+
+def norm_parameters(cfg: ModelConfig) -> int:
+    """One norm: a gain, and a bias for a LayerNorm with ``norm_bias``."""
+    return cfg.hidden * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
+
+
+def qkv_rows(cfg: ModelConfig) -> int:
+    """Rows of the fused qkv matrix: q's ``n_heads`` heads, k's and v's ``n_kv_heads`` each."""
+    return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+
+
+def block_matmul_parameters(cfg: ModelConfig) -> int:
+    """One block's matrices: qkv (3h^2 without grouped heads), output projection h^2, MLP up (h f,
+    2 h f for SwiGLU's gate and up) and down h f."""
+    up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
+    return cfg.hidden * qkv_rows(cfg) + cfg.hidden * cfg.hidden + cfg.hidden * up + cfg.ffn * cfg.hidden
 
 
 def block_parameters(cfg: ModelConfig) -> int:
-    """One block: qkv 3h^2, output projection h^2, MLP up and down h*f each, two norm weights."""
-    return 4 * cfg.hidden ** 2 + 2 * cfg.hidden * cfg.ffn + 2 * cfg.hidden
+    """One block: its matrices (:func:`block_matmul_parameters`), two norms, and the biases its
+    options give (every projection's with ``bias``, qkv's with ``qkv_bias``)."""
+    up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
+    biases = qkv_rows(cfg) * (cfg.bias or cfg.qkv_bias) + (2 * cfg.hidden + up) * cfg.bias
+    return block_matmul_parameters(cfg) + 2 * norm_parameters(cfg) + biases
 
 
 def block_activation_bytes(cfg: ModelConfig, act_bytes: int, memory_saving: bool = False) -> float:
     """Bytes autograd saves per token in one block (no activation checkpointing).
 
     The residual stream stays fp32 under autocast (it starts as the fp32 embedding): the block
-    input and the attention residual, saved by the two LayerNorms. In the compute dtype: the two
-    normalised inputs of the linears (2h), rotated q and k (2h) and v, the attention output (h;
-    its merged-head view is free, the fused kernels lay it out as (B, T, H, D)), and the MLP's up
-    projection (ffn). Plus the attention's log-sum-exp, one fp32 per head; no T x T matrix is
-    ever stored. Without memory saving, v is a view that keeps the whole qkv output (3h instead
-    of h) and the GELU's output is kept for the down projection (another ffn); with it
-    (``CausalTransformer.set_memory_saving``), v is copied out and the GELU recomputed.
+    input and the attention residual, saved by the two norms (one with a parallel residual: both
+    norms read the block input). In the compute dtype: the two normalised inputs of the linears
+    (2h), rotated q and k (q's h and k's kv = n_kv_heads x head_dim) and v, the attention output
+    (h; its merged-head view is free, the fused kernels lay it out as (B, T, H, D)), and the MLP's
+    up projection (ffn; a SwiGLU keeps gate and up, 2 ffn). Plus the attention's log-sum-exp, one
+    fp32 per head; no T x T matrix is ever stored. Without memory saving, v is a view that keeps
+    the whole qkv output (h + 2 kv instead of kv) and the GELU's output is kept for the down
+    projection (another ffn; a SwiGLU keeps silu(gate) and the product, 2 ffn, either way); with it
+    (``CausalTransformer.set_memory_saving``), v is copied out and a GELU recomputed.
     """
-    h, f = cfg.hidden, cfg.ffn
-    kept = 2 * h + 2 * h + h + h + f if memory_saving else 2 * h + 2 * h + 3 * h + h + 2 * f
-    return 2 * 4 * h + act_bytes * kept + 4 * cfg.n_heads
+    h, f, kv = cfg.hidden, cfg.ffn, cfg.kv_heads * cfg.head_dim
+    mlp = 4 * f if cfg.mlp == "swiglu" else (f if memory_saving else 2 * f)
+    v = kv if memory_saving else h + 2 * kv
+    kept = 2 * h + h + kv + v + h + mlp
+    residual = 1 if cfg.parallel_residual else 2
+    return residual * 4 * h + act_bytes * kept + 4 * cfg.n_heads
 
 
 @dataclass
@@ -101,9 +127,9 @@ class Estimate:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that multiply every token once: each block's qkv, output, up and down projections
-    (4 d^2 + 2 d f) and the output head (V d). Norm gains and the embedding lookup do no matmul."""
-    d, f, layers, vocab = cfg.hidden, cfg.ffn, cfg.n_layers, cfg.vocab_size
-    return layers * (4 * d * d + 2 * d * f) + vocab * d
+    (4 d^2 + 2 d f for the SAB shape; :func:`block_matmul_parameters`) and the output head (V d).
+    Norm gains, biases and the embedding and position lookups do no matmul."""
+    return cfg.n_layers * block_matmul_parameters(cfg) + cfg.vocab_size * cfg.hidden
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -185,8 +211,10 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
     logits = tokens * v * (12 + (act if mixed else 0))
     # backward of one MLP: the gradient through the down projection and the GELU's input gradient
-    # (2 ffn; with memory saving also the recomputed GELU), plus the residual gradient and its copy
-    workspace = tokens * ((3 if memory_saving else 2) * act * cfg.ffn + 8 * h)
+    # (2 ffn; with memory saving also the recomputed GELU; a SwiGLU's gate and up gradients, 3 ffn),
+    # plus the residual gradient and its copy
+    ffn_grads = 3 if memory_saving or cfg.mlp == "swiglu" else 2
+    workspace = tokens * (ffn_grads * act * cfg.ffn + 8 * h)
     return activations, logits, workspace
 
 
@@ -197,7 +225,8 @@ def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int,
     h, L = cfg.hidden, cfg.n_layers
     mixed = act != 4
     shard = gpus if parallel == "fsdp" else 1
-    matrix_weights = p - L * 2 * h - h  # everything but the norm weights
+    matrix_weights = p - L * (block_parameters(cfg) - block_matmul_parameters(cfg)) - norm_parameters(cfg) - (
+        cfg.max_seq_len * h if cfg.positions == "learned" else 0)  # everything but norms, biases, positions
     buffers_fwd = 0.0
     if parallel == "fsdp" and gpus > 1:
         root = p - L * block_parameters(cfg)

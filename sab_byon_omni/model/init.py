@@ -38,9 +38,9 @@ def _draw(shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
 def init_rows(out: torch.Tensor, full_shape: torch.Size | tuple[int, ...], seed: int, index: int,
               std: float | None, start: int = 0) -> None:
     """Write rows ``start .. start + len(out)`` of parameter ``index``'s initial value into ``out``
-    (any device and dtype). ``std`` None: ones (the norms' gains)."""
-    if std is None:
-        out.fill_(1.0)
+    (any device and dtype). ``std`` None: ones (the norms' gains); 0: zeros (biases)."""
+    if std is None or std == 0:
+        out.fill_(1.0 if std is None else 0.0)
         return
     out = out.detach()  # the same memory; in-place writes from worker threads (grad mode is per thread)
     rows, per = int(full_shape[0]), rows_per_block(full_shape)

@@ -1,5 +1,16 @@
-"""A pre-norm causal decoder: token embedding (+ fragmergent modulation), rotary positions,
-``scaled_dot_product_attention`` with a causal mask, GELU MLP, tied output head.
+"""A pre-norm causal decoder, one class for this project's model and the open ones whose options
+its config names: token embedding (+ fragmergent modulation), rotary or learned positions,
+``scaled_dot_product_attention`` with a causal mask and grouped-query heads, a GELU or SwiGLU MLP,
+LayerNorm or RMSNorm, optional biases, sequential or parallel residual, tied or untied head.
+
+The defaults are the SAB model: LayerNorm without bias, full-head RoPE (base 10000), tanh-GELU MLP,
+no biases, sequential residual; its parameters keep their names (``embed``, ``blocks.N.norm1``,
+``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.up``, ``mlp.down``, ``norm``, ``head``,
+``fragmergent.step``). An option adds parameters only when it is on: ``*.bias`` (``bias``,
+``qkv_bias``, ``norm_bias``) and ``pos`` (learned positions). Matrices stay fused: ``attn.qkv``
+holds rows [q; k; v] with ``n_heads``, ``n_kv_heads``, ``n_kv_heads`` heads, and a SwiGLU's
+``mlp.up`` holds [gate; up] (2 x ffn rows); :meth:`CausalTransformer.muon_matrices` says how the
+rows split.
 
 No training code lives here: precision, parallelism, activation checkpointing and the loss are
 applied from outside (see ``sab_byon_omni.training``).
@@ -20,19 +31,46 @@ from sab_byon_omni.model.fragmergent import Fragmergent
 from sab_byon_omni.model.init import init_rows
 from sab_byon_omni.model.ops import GeluLinear, linear
 
+# torch >= 2.5 attends grouped heads without copying k and v (1.3x faster forward + backward than
+# expanded copies on a 2-core CPU, SmolLM2-135M's 9 query and 3 key/value heads, 4 x 256 tokens)
+SDPA_GQA = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
 
-def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary inverse frequencies base^(-2i/d) of the ``rotary_dim`` rotated dimensions, with
+    ``rope_scaling`` applied (linear: all divided by the factor; llama3: Llama 3.1's long-context
+    rule, low frequencies divided, high ones kept, a smooth blend between)."""
+    d = cfg.rotary_dim
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling == "linear":
+        return inv / cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        factor, old = cfg.rope_scaling_factor, cfg.rope_original_max_len
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rope_tables(head_dim: int, max_len: int, base: float = 10000.0,
+                inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, signed sin) tables of shape (max_len, head_dim) for :func:`apply_rope`; the sine's first
-    half is negated once here rather than at every call."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    half is negated once here rather than at every call. ``inv``: the inverse frequencies (default:
+    base^(-2i/head_dim))."""
+    if inv is None:
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (T, D/2)
     return torch.cat([ang, ang], dim=-1).cos(), torch.cat([-ang.sin(), ang.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotate the last dimension of ``x`` by the angles of positions given as tables from
-    :func:`rope_tables`, shaped to broadcast against ``x``: (T, D) for (B, H, T, D), or (T, 1, 1, D)
-    for the model's (B, T, 2, H, D) q and k."""
+    :func:`rope_tables`, shaped to broadcast against ``x``: (T, D) for (B, H, T, D), or (T, 1, D)
+    for the model's (B, T, heads, D) q and k."""
     # x * cos + cat(-x2, x1) * sin == x * cos + roll(x) * cat(-sin1, sin2): one roll and one fused
     # multiply-add instead of slice, negate, cat, two multiplies and an add (1.36x faster forward +
     # backward on CPU, benchmarks/levers.py rope).
@@ -41,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 
 @dataclass
 class KVCache:
-    """Pre-allocated keys and values for every layer; ``pos`` tokens are filled."""
+    """Pre-allocated keys and values (``n_kv_heads`` heads) for every layer; ``pos`` tokens are filled."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -49,75 +87,129 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
-        shape = (batch, cfg.n_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         # Uninitialised: attention only ever reads the first ``pos`` positions, which are written first.
         return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
                    [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of (B, H, T, D) queries with (B, K, S, D) keys and values,
+    K dividing H (query head i reads key head i // (H / K))."""
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    if SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+    rep = q.shape[1] // k.shape[1]  # torch 2.4: the heads copied
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), **kw)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.rotary_dim = cfg.rotary_dim if cfg.positions == "rope" else 0
+        rows = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden, rows, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.copy_v = False  # memory saving (see CausalTransformer.set_memory_saving)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q and k (B, T, heads, D) rotated together in memory order: 2.1x faster forward + backward
+        than one by one as (B, H, T, D) views (benchmarks/levers.py rope), the same numbers."""
+        cos, sin = cos[:, None], sin[:, None]
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(qk, cos, sin)
+        turned, kept = qk.split((self.rotary_dim, self.head_dim - self.rotary_dim), dim=-1)
+        return torch.cat([apply_rope(turned, cos, sin), kept], dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        b, t, c = x.shape
-        qk, v = linear(x, self.qkv.weight).view(b, t, 3, self.n_heads, self.head_dim).split((2, 1), dim=2)
-        # q and k rotated together in memory order, then viewed as (B, H, T, D): 2.1x faster forward +
-        # backward than one by one as (B, H, T, D) views (benchmarks/levers.py rope), the same numbers
-        q, k = apply_rope(qk, cos[:, None, None], sin[:, None, None]).permute(2, 0, 3, 1, 4).unbind(0)
-        v = v.squeeze(2).transpose(1, 2)
+        b, t, _ = x.shape
+        h, kv = self.n_heads, self.n_kv_heads
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, t, h + 2 * kv, self.head_dim)
+        qk, v = qkv.split((h + kv, kv), dim=2)
+        if self.rotary_dim:
+            qk = self.rotate(qk, cos, sin)
+        q, k = qk.transpose(1, 2).split((h, kv), dim=1)
+        v = v.transpose(1, 2)
         if cache is None:
             if self.copy_v and torch.is_grad_enabled():
                 v = v.contiguous()  # else v, a view, keeps the whole qkv output alive for backward
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = attend(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             start = cache.pos
             cache.k[layer][:, :, start:start + t] = k
             cache.v[layer][:, :, start:start + t] = v
             k_all, v_all = cache.k[layer][:, :, :start + t], cache.v[layer][:, :, :start + t]
             if t == 1:
-                y = F.scaled_dot_product_attention(q, k_all, v_all)
+                y = attend(q, k_all, v_all)
             elif start == 0:  # the prompt: plain causal attention (the flash kernels, no mask built)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+                y = attend(q, k_all, v_all, is_causal=True)
             else:  # a chunk after a prefix: query i sees keys 0 .. start + i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        return linear(y.transpose(1, 2).reshape(b, t, c), self.proj.weight)
+                y = attend(q, k_all, v_all, attn_mask=mask)
+        return linear(y.transpose(1, 2).reshape(b, t, h * self.head_dim), self.proj.weight, self.proj.bias)
 
 
 class MLP(nn.Module):
+    """down(gelu(up x)), the GELU tanh-approximated or exact (``gelu_approximate``)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
+        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = cfg.gelu_approximate
         self.recompute_gelu = False  # memory saving (see CausalTransformer.set_memory_saving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = linear(x, self.up.weight)
+        u = linear(x, self.up.weight, self.up.bias)
         if self.recompute_gelu and torch.is_grad_enabled():
-            return self.dropout(GeluLinear.apply(u, self.down.weight))
-        return self.dropout(linear(F.gelu(u, approximate="tanh"), self.down.weight))
+            return self.dropout(GeluLinear.apply(u, self.down.weight, self.down.bias, self.approximate))
+        return self.dropout(linear(F.gelu(u, approximate=self.approximate), self.down.weight, self.down.bias))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate x) * up x), gate and up fused in ``up`` (rows [gate; up])."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden, 2 * cfg.ffn, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.recompute_gelu = False  # no GELU to recompute: memory saving leaves this MLP as it is
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.up.weight, self.up.bias).chunk(2, dim=-1)
+        return self.dropout(linear(F.silu(gate) * up, self.down.weight, self.down.bias))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": MLP, "swiglu": SwiGLU}
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer = layer
-        self.norm1 = nn.LayerNorm(cfg.hidden, bias=False)
+        self.layer, self.parallel = layer, cfg.parallel_residual
+        self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden, bias=False)
-        self.mlp = MLP(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cache, self.layer)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cos, sin, cache, self.layer)
+        if self.parallel:  # GPT-NeoX: both branches read the block's input
+            return x + a + self.mlp(self.norm2(x))
+        x = x + a
         return x + self.mlp(self.norm2(x))
 
 
@@ -133,26 +225,33 @@ class CausalTransformer(nn.Module):
         # model/init.py), so a model built on the meta device and initialised later (FSDP) equals this one.
         self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        if cfg.positions == "learned":
+            self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden)
         self.fragmergent = Fragmergent(cfg.fragmergent_mode, cfg.fragmergent_t, cfg.fragmergent_alpha,
                                        cfg.fragmergent_lambda, cfg.fragmergent_omega, cfg.fragmergent_strength)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.hidden, bias=False)
+        self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        if cfg.positions == "rope":
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.rotary_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.rotary_dim), persistent=False)
         if not self.embed.weight.is_meta:
             self.reset_parameters()
             self.reset_buffers()
 
     def init_plan(self) -> Iterator[tuple[int, nn.Parameter, float | None]]:
         """(index, parameter, std) of every parameter in a fixed order: N(0, 0.02) for matrices,
-        0.02 / sqrt(2 n_layers) for the residual projections, ones for the norm gains (std None)."""
+        0.02 / sqrt(2 n_layers) for the residual projections, ones for the norm gains (std None),
+        zeros for biases (std 0)."""
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for index, (name, p) in enumerate(self.named_parameters()):
-            std = None if p.dim() < 2 else resid_std if name.endswith(("proj.weight", "down.weight")) else 0.02
+            if name.endswith(".bias"):
+                std = 0.0
+            else:
+                std = None if p.dim() < 2 else resid_std if name.endswith(("proj.weight", "down.weight")) else 0.02
             yield index, p, std
 
     @torch.no_grad()
@@ -163,10 +262,11 @@ class CausalTransformer(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """The RoPE tables and the fragmergent step of a new model (after ``to_empty``, say)."""
-        with torch.device("cpu"):  # the same tables whatever device context the model is built in
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        if self.cfg.positions == "rope":
+            with torch.device("cpu"):  # the same tables whatever device context the model is built in
+                cos, sin = rope_tables(self.cfg.rotary_dim, self.cfg.max_seq_len, inv=rope_frequencies(self.cfg))
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         self.on_step(0)
 
     def on_step(self, step: int) -> None:
@@ -176,13 +276,33 @@ class CausalTransformer(nn.Module):
 
     def set_memory_saving(self, on: bool) -> None:
         """Trade training speed for activation memory, with the same math (gradients equal bit for
-        bit in fp32, tested): the MLP recomputes its GELU in backward instead of keeping it, and
+        bit in fp32, tested): a GELU MLP recomputes its GELU in backward instead of keeping it, and
         attention copies ``v`` out of the qkv output so that the rest of it is freed. Per block and
-        token that keeps 12 instead of 18 hidden-size activations for backward, for an extra GELU
-        and a copy. Off by default; the training memory plan switches it on only when a run would
-        not fit without it (``train.memory_saving``)."""
+        token that keeps 12 instead of 18 hidden-size activations for backward (the SAB shape), for
+        an extra GELU and a copy. Off by default; the training memory plan switches it on only when
+        a run would not fit without it (``train.memory_saving``)."""
         for block in self.blocks:
-            block.attn.copy_v = block.mlp.recompute_gelu = on
+            block.attn.copy_v = on
+            block.mlp.recompute_gelu = on and isinstance(block.mlp, MLP)
+
+    def muon_matrices(self) -> list[tuple[nn.Parameter, list[int]]]:
+        """Every 2-D hidden matrix (the blocks' projections; not the embedding, positions or head)
+        with the sizes of the row blocks it is made of, which Muon orthogonalises one by one: qkv
+        [q, k, v] rows (unequal with grouped-query attention), a SwiGLU's up [ffn, ffn] ([gate;
+        up]), every other matrix its rows whole."""
+        cfg = self.cfg
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        out = []
+        for block in self.blocks:
+            for p in (block.attn.qkv.weight, block.attn.proj.weight, block.mlp.up.weight, block.mlp.down.weight):
+                if p is block.attn.qkv.weight:
+                    rows = [q, kv, kv]
+                elif p is block.mlp.up.weight and cfg.mlp == "swiglu":
+                    rows = [cfg.ffn, cfg.ffn]
+                else:
+                    rows = [p.shape[0]]
+                out.append((p, rows))
+        return out
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
@@ -193,8 +313,13 @@ class CausalTransformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
-        x = self.drop(self.fragmergent(self.embed(input_ids)))
+        x = self.fragmergent(self.embed(input_ids))
+        cos = sin = None
+        if self.cfg.positions == "rope":
+            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        else:
+            x = x + self.pos.weight[start:start + t]
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:

@@ -1,0 +1,215 @@
+"""The architecture options of the one model class (norm, MLP, grouped-query attention, RoPE base,
+fraction and scaling, learned positions, parallel residual, biases): the SAB model and its
+checkpoints unchanged, each option against a plain reference, the KV cache, the estimator."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sab_byon_omni import estimate
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.model.generate import generate_tokens
+from sab_byon_omni.model.transformer import CausalTransformer, KVCache, rope_frequencies
+
+DATA = Path(__file__).parent / "data"
+SMALL = dict(preset="tiny", hidden=32, n_heads=4, n_layers=2, ffn=48, max_seq_len=40, vocab_size=50)
+# One configuration per option, and the open families' combinations of them.
+OPTIONS = {
+    "sab": {},
+    "rmsnorm": dict(norm="rmsnorm", norm_eps=1e-6),
+    "layernorm-bias": dict(norm_bias=True),
+    "swiglu": dict(mlp="swiglu"),
+    "exact-gelu": dict(gelu_approximate="none"),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1),
+    "rope-base-fraction": dict(rope_base=500.0, rope_fraction=0.5),
+    "rope-linear": dict(rope_scaling="linear", rope_scaling_factor=4.0),
+    "rope-llama3": dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=16),
+    "learned": dict(positions="learned"),
+    "parallel": dict(parallel_residual=True),
+    "bias": dict(bias=True),
+    "qkv-bias": dict(qkv_bias=True),
+    "untied": dict(tie_embeddings=False),
+    "llama": dict(family="llama", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, fragmergent_mode="off"),
+    "qwen2": dict(family="qwen2", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, qkv_bias=True, fragmergent_mode="off"),
+    "gpt2": dict(family="gpt2", norm_bias=True, bias=True, positions="learned", fragmergent_mode="off"),
+    "gpt_neox": dict(family="gpt_neox", norm_bias=True, bias=True, parallel_residual=True, rope_fraction=0.5,
+                     gelu_approximate="none", tie_embeddings=False, fragmergent_mode="off"),
+}
+
+
+def _model(seed: int = 0, **options) -> CausalTransformer:
+    torch.manual_seed(seed)
+    model = CausalTransformer(ModelConfig(**{**SMALL, **options})).eval()
+    with torch.no_grad():  # biases and gains away from their initial zeros and ones, so that they count
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_a_checkpoint_written_by_main_gives_the_same_logits_and_tokens():
+    """tests/data/main_step3.pt: 3 training steps of main before the options existed (untied head,
+    fragmergent step 3), with its fp32 logits, greedy tokens and a seed's initial weights."""
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+
+    ref = torch.load(DATA / "main_step3_logits.pt")
+    model = SABTranscendentV2.load(DATA / "main_step3.pt").model.float().eval()
+    with torch.no_grad():
+        assert torch.equal(model(ref["ids"]), ref["logits"])
+    assert list(generate_tokens(model, ref["greedy_prompt"], 20, temperature=0, top_k=None)) == ref["greedy"]
+    torch.manual_seed(0)
+    fresh = CausalTransformer(ModelConfig(**{**SMALL, "n_heads": 2, "ffn": 64, "max_seq_len": 32, "vocab_size": 96}))
+    state = fresh.state_dict()
+    assert list(state) == list(ref["init_seed0"])  # the same names in the same order
+    assert all(torch.equal(state[k], v) for k, v in ref["init_seed0"].items())  # the same initial weights
+
+
+def test_the_sab_parameter_names_stay_and_options_add_their_own():
+    names = lambda **o: {n for n, _ in CausalTransformer(ModelConfig(**{**SMALL, **o})).named_parameters()}  # noqa: E731
+    sab = names()
+    assert sab == {"embed.weight", "norm.weight", *(f"blocks.{i}.{p}.weight" for i in range(2) for p in (
+        "norm1", "attn.qkv", "attn.proj", "norm2", "mlp.up", "mlp.down"))}
+    assert names(norm="rmsnorm", mlp="swiglu", n_kv_heads=2, rope_base=1e6) == sab  # same names, other shapes
+    assert names(positions="learned") == sab | {"pos.weight"}
+    assert names(qkv_bias=True) == sab | {f"blocks.{i}.attn.qkv.bias" for i in range(2)}
+    assert names(bias=True) - sab == {f"blocks.{i}.{p}.bias" for i in range(2)
+                                      for p in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")}
+    assert names(norm_bias=True) - sab == {"norm.bias", *(f"blocks.{i}.{n}.bias" for i in range(2)
+                                                          for n in ("norm1", "norm2"))}
+    model = CausalTransformer(ModelConfig(**SMALL, n_kv_heads=1, mlp="swiglu", bias=True))
+    assert model.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 1) * 8, 32)
+    assert model.blocks[0].mlp.up.weight.shape == (2 * 48, 32)
+    assert all(not torch.count_nonzero(p) for n, p in model.named_parameters() if n.endswith(".bias"))  # zeros
+    assert {k for k in model.state_dict() if "rope" in k} == set()  # rotary tables are not saved
+
+
+def _reference(model: CausalTransformer, ids: torch.Tensor) -> torch.Tensor:
+    """The forward written out from the textbook definitions, one option at a time."""
+    cfg = model.cfg
+    h, kv, d, rot = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.rotary_dim
+    t = ids.shape[1]
+
+    def norm(m, x):
+        if cfg.norm == "rmsnorm":
+            return m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+        return F.layer_norm(x, (cfg.hidden,), m.weight, m.bias, cfg.norm_eps)
+
+    def rotate(x):  # rotate-half on the first ``rot`` dimensions of (B, H, T, D)
+        ang = torch.outer(torch.arange(t, dtype=torch.float32), rope_frequencies(cfg))
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        x1, x2, rest = x[..., :rot // 2], x[..., rot // 2:rot], x[..., rot:]
+        return torch.cat([x[..., :rot] * cos + torch.cat([-x2, x1], -1) * sin, rest], -1)
+
+    x = model.fragmergent(model.embed(ids))
+    if cfg.positions == "learned":
+        x = x + model.pos.weight[:t]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+    for block in model.blocks:
+        a, m = block.attn, block.mlp
+        q, k, v = F.linear(norm(block.norm1, x), a.qkv.weight, a.qkv.bias).split((h * d, kv * d, kv * d), -1)
+        q, k, v = (z.view(*ids.shape, -1, d).transpose(1, 2) for z in (q, k, v))
+        if cfg.positions == "rope":
+            q, k = rotate(q), rotate(k)
+        k, v = k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, float("-inf"))
+        y = F.linear((scores.softmax(-1) @ v).transpose(1, 2).reshape(*ids.shape, -1), a.proj.weight, a.proj.bias)
+        u = F.linear(norm(block.norm2, x if cfg.parallel_residual else x + y), m.up.weight, m.up.bias)
+        if cfg.mlp == "swiglu":
+            gate, up = u.chunk(2, -1)
+            u = F.silu(gate) * up
+        else:
+            u = F.gelu(u, approximate=cfg.gelu_approximate)
+        x = x + y + F.linear(u, m.down.weight, m.down.bias)
+    return F.linear(norm(model.norm, x), model.head.weight)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_each_option_matches_its_textbook_forward_and_the_kv_cache(options):
+    model = _model(**options)
+    ids = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(ids)
+        torch.testing.assert_close(full, _reference(model, ids), rtol=1e-5, atol=1e-5)
+        cache = KVCache.empty(model.cfg, 2, 40, torch.device("cpu"), torch.float32)
+        parts = [model(ids[:, :9], cache=cache), model(ids[:, 9:20], cache=cache)]  # prompt, then a chunk
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(20, 30)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.k[0].shape[1] == model.cfg.kv_heads  # the cache holds only the key/value heads
+
+
+def test_the_estimator_counts_every_option_exactly():
+    for name, options in OPTIONS.items():
+        for extra in ({}, dict(n_layers=3, ffn=40, tie_embeddings=not options.get("tie_embeddings", True))):
+            cfg = ModelConfig(**{**SMALL, **options, **extra})
+            with torch.device("meta"):
+                model = CausalTransformer(cfg)
+            assert estimate.num_parameters(cfg) == model.num_parameters(), name
+            matrices = sum(p.numel() for p, _ in model.muon_matrices()) + cfg.vocab_size * cfg.hidden
+            assert estimate.matmul_params(cfg) == matrices, name
+
+
+def test_muon_matrices_name_each_hidden_matrix_with_its_row_blocks():
+    model = CausalTransformer(ModelConfig(**SMALL, n_kv_heads=1, mlp="swiglu", bias=True))
+    got = model.muon_matrices()
+    blocks = [(p.shape, rows) for p, rows in got]
+    assert blocks[:4] == [((48, 32), [32, 8, 8]), ((32, 32), [32]), ((96, 32), [48, 48]), ((32, 48), [32])]
+    assert len(got) == 4 * 2 and all(sum(rows) == p.shape[0] for p, rows in got)
+    hidden = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert {id(p) for p, _ in got} == hidden  # every block matrix, nothing else
+    sab = CausalTransformer(ModelConfig(**SMALL)).muon_matrices()
+    assert [rows for _, rows in sab[:4]] == [[32, 32, 32], [32], [48], [32]]  # equal thirds: the SAB qkv
+
+
+@pytest.mark.parametrize("options", [dict(bias=True), dict(gelu_approximate="none", bias=True),
+                                     dict(mlp="swiglu", n_kv_heads=2)], ids=["bias", "exact-gelu", "swiglu-gqa"])
+def test_memory_saving_gives_the_same_gradients(options):
+    model = _model(**options).train()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for saving in (False, True):
+        model.set_memory_saving(saving)
+        model.zero_grad()
+        model(ids).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    if options.get("mlp") == "swiglu":  # no GELU to recompute
+        assert not any(b.mlp.recompute_gelu for b in model.blocks)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = ModelConfig(**SMALL, rope_base=500000.0, rope_scaling="llama3", rope_scaling_factor=32.0,
+                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
+    theirs = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    inv, scale = ROPE_INIT_FUNCTIONS["llama3"](theirs, "cpu")
+    torch.testing.assert_close(rope_frequencies(cfg), inv.float(), rtol=1e-6, atol=0)
+    assert scale == 1.0
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(n_kv_heads=3), "n_kv_heads=3 does not divide model.n_heads=4"),
+    (dict(n_kv_heads=0), "n_kv_heads=0 must be a positive integer"),
+    (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of: layernorm, rmsnorm"),
+    (dict(mlp="relu2"), "model.mlp='relu2' is not one of"),
+    (dict(family="llama4"), "model.family='llama4' is not one of"),
+    (dict(rope_fraction=0.1), r"x model.rope_fraction=0 must be even"),
+    (dict(rope_fraction=1.5), "rope_fraction=1.5 must be at most 1"),
+    (dict(rope_base=float("nan")), "rope_base=nan must be a positive number"),
+    (dict(norm_eps=0.0), "norm_eps=0.0 must be a positive number"),
+    (dict(rope_scaling="yarn"), "rope_scaling='yarn' is not one of: none, linear, llama3"),
+])
+def test_bad_options_are_one_line_naming_the_field(options, message):
+    with pytest.raises(SabError, match=message):
+        ModelConfig(**{**SMALL, **options})
+    ModelConfig(**{**SMALL, "hidden": 36, "n_heads": 4, "positions": "learned"})  # odd heads need no rotary
