@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TOKENIZERS = ("char96", "byte", "bpe")
+TOKENIZERS = ("char96", "byte", "bpe", "hf")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 PARALLEL = ("ddp", "fsdp")

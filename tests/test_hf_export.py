@@ -244,20 +244,32 @@ def _tokenizer_json(model_type):
     return edit
 
 
+@pytest.mark.parametrize("edit", [
+    _edit_config(use_parallel_residual=True), _edit_config(hidden_act="gelu"),
+    _edit_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    _edit_config(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 1.0}),
+    _nonzero_bias, _tokenizer_json("WordLevel"),
+], ids=["parallel", "gelu", "partial-rotary", "theta", "bias", "wordlevel"])
+def test_a_gpt_neox_unlike_ours_imports_as_gpt_neox_with_transformers_logits(tmp_path, exported, edit):
+    """Not our SAB shape, bias or tokenizer: the folder imports as family gpt_neox (parallel
+    residual, exact GELU, partial rotary, another base, biases, its own tokenizer as it is) and
+    computes what transformers computes from it."""
+    import shutil
+
+    shutil.copytree(exported[1], tmp_path / "m")
+    edit(tmp_path / "m")
+    cfg, tok, back = _rebuilt(tmp_path / "m")
+    assert (cfg.model.family, cfg.model.bias, cfg.model.norm_bias, tok.name) == ("gpt_neox", True, True, "hf")
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_logits(back, ids), _logits(_hf_model(tmp_path / "m"), ids), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("edit, message", [
-    (_edit_config(use_parallel_residual=True), "use_parallel_residual"),
-    (_edit_config(hidden_act="gelu"), "hidden_act"),
-    (_edit_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
-     "rotary fraction"),
-    (_edit_config(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 1.0}),
-     "rope_theta"),
-    (_edit_config(model_type="llama"), "not gpt_neox"),
-    (_edit_config(num_hidden_layers=3), "no layers.2"),
-    (_nonzero_bias, "dense_h_to_4h.bias is not zero"),
-    (_tokenizer_json("WordLevel"), "WordLevel'? is not one of ours"),
-    (_tokenizer_json("BPE"), "<PAD> as id 0"),
-], ids=["parallel", "gelu", "partial-rotary", "theta", "llama", "layers", "bias", "wordlevel", "bpe-ids"])
-def test_a_gpt_neox_that_does_not_fit_is_refused(tmp_path, exported, edit, message):
+    (_edit_config(model_type="llama"), "this llama model is not supported: hidden_act 'gelu_pytorch_tanh' is not silu"),
+    (_edit_config(num_hidden_layers=3), "no gpt_neox.layers.2"),
+    (_edit_config(model_type="gpt_bigcode"), "model_type 'gpt_bigcode' is not supported"),
+], ids=["llama", "layers", "unknown"])
+def test_a_folder_whose_weights_do_not_fit_is_refused(tmp_path, exported, edit, message):
     import shutil
 
     shutil.copytree(exported[1], tmp_path / "m")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sab_byon_omni import config
 from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data.pretrained_tokenizer import HFTokenizer
 from sab_byon_omni.data.tokenizers import (
     TOKENIZERS,
     BPETokenizer,
@@ -95,8 +96,14 @@ def bpe() -> BPETokenizer:
 
 
 @pytest.fixture(scope="module")
-def all_tokenizers(bpe):
-    return [Char96Tokenizer(), ByteTokenizer(), bpe]
+def pretrained(bpe) -> HFTokenizer:
+    """The hf kind: a tokenizer.json used as it is, here the BPE's, with its tokens named by a config."""
+    return HFTokenizer.from_parts(bpe.to_spec()["json"], {"eos_token": "<EOS>", "pad_token": "<PAD>"})
+
+
+@pytest.fixture(scope="module")
+def all_tokenizers(bpe, pretrained):
+    return [Char96Tokenizer(), ByteTokenizer(), bpe, pretrained]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -117,8 +124,9 @@ def test_encode_array_of_nothing_is_empty(all_tokenizers):
             assert ids.dtype == np.int64 and ids.shape == (0,), (tok.name, texts)
 
 
-def test_every_registered_tokenizer_round_trips_through_its_spec(bpe):
-    made = {name: (bpe if cls.needs_file else build_tokenizer(name)) for name, cls in TOKENIZERS.items()}
+def test_every_registered_tokenizer_round_trips_through_its_spec(bpe, pretrained):
+    made = {name: build_tokenizer(name) for name, cls in TOKENIZERS.items() if not cls.needs_file}
+    made.update(bpe=bpe, hf=pretrained)
     assert tuple(TOKENIZERS) == config.TOKENIZERS  # the config accepts exactly the registered names
     for name, tok in made.items():
         assert type(tok) is TOKENIZERS[name] and tok.name == name
@@ -128,7 +136,7 @@ def test_every_registered_tokenizer_round_trips_through_its_spec(bpe):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"name": "nope"}, "unknown tokenizer 'nope': use one of char96, byte, bpe"),
+    ({"name": "nope"}, "unknown tokenizer 'nope': use one of char96, byte, bpe, hf"),
     ({"name": ["char96"] * 1000}, "unknown tokenizer"),
     (["char96"], "invalid tokenizer spec: expected a mapping with a 'name', got list"),
     ("char96", "invalid tokenizer spec"),

@@ -115,8 +115,9 @@ def _synthetic(sab, args, batch_size, device, precision, how):  # type: ignore[n
                                            precision.autocast())
         floor += list(part.indices)
         samples += len(part)
-    extra = {"samples": samples, "entropy_floor": ds.entropy_floor(floor)} if sab.tokenizer.name != "bpe" else \
-        {"samples": samples}
+    # the floor counts characters: only for the character- and byte-level tokenizers
+    extra = {"samples": samples, "entropy_floor": ds.entropy_floor(floor)} if sab.tokenizer.name in (
+        "char96", "byte") else {"samples": samples}
     return result, f"{samples:,} samples of {d.num_samples:,}, seed {d.data_seed}", extra
 
 

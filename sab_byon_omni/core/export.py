@@ -66,7 +66,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str | None = None, dt
     out = Path(out)
     _check_out(out, locate(source), overwrite)
     if fmt == "hf":
-        from sab_byon_omni.interop.hf import save_hf
+        from sab_byon_omni.interop.hf_export import save_hf
 
         sab = _model(source, dtype)
         return save_hf(sab.model, sab.tokenizer, out, overwrite=overwrite)

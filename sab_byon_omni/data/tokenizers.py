@@ -8,6 +8,8 @@ and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint a
   and what is still not printable ASCII becomes ``?``. Decoding skips ``<PAD>``.
 * ``byte``: ``<PAD>`` = 0, ``<EOS>`` = 1, then the 256 byte values: lossless for any text.
 * ``bpe``: byte-level BPE trained with Hugging Face ``tokenizers``; ``<PAD>`` = 0, ``<EOS>`` = 1.
+* ``hf``: a pretrained model's own ``tokenizer.json``, used as it is, with its special tokens and
+  chat template (:mod:`sab_byon_omni.data.pretrained_tokenizer`).
 
 :data:`TOKENIZERS` maps each name to its class; :func:`from_spec` rebuilds one from its spec and
 :func:`build_tokenizer` makes one from a name or a :class:`~sab_byon_omni.config.DataConfig`.
@@ -15,7 +17,6 @@ and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data.pretrained_tokenizer import HFTokenizer
+from sab_byon_omni.data.rust import rust_calls, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
 
@@ -51,17 +54,6 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def to_spec(self) -> dict[str, Any]: ...
-
-
-def utf8_safe(text: str) -> str:
-    """``text`` with each lone surrogate replaced by U+FFFD; the one rule for text that has no UTF-8
-    form. Lone surrogates come from undecodable bytes in ``sys.argv`` (one per byte) and from JSON
-    escapes such as ``"\\ud800"``; a pair of surrogates becomes the character it encodes."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _uint8(data: bytes) -> np.ndarray:
@@ -151,26 +143,6 @@ class ByteTokenizer(_FixedVocabulary):
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET)
         return data.decode("utf-8", errors="replace")
-
-
-def _is_panic(e: BaseException) -> bool:
-    """A Rust panic inside ``tokenizers`` (pyo3's PanicException): it derives from BaseException,
-    so ``except Exception`` lets it through. KeyboardInterrupt, SystemExit... are not panics."""
-    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
-
-
-@contextlib.contextmanager
-def rust_calls(source: str, what: str) -> Iterator[None]:
-    """Turn a panic of the ``tokenizers`` library into a SabError that names ``source`` (the
-    tokenizer file): a hostile tokenizer.json (a normalizer regex that backtracks, ``(a|aa)+$``)
-    makes the regex engine give up, and the library panics instead of returning an error."""
-    try:
-        yield
-    except BaseException as e:
-        if not _is_panic(e):
-            raise
-        raise SabError(f"{source}: the tokenizers library failed while {what} ({first_line(e, 100)}): "
-                       "the tokenizer file is damaged or hostile; use another one") from None
 
 
 class BPETokenizer:
@@ -293,7 +265,7 @@ class BPETokenizer:
 
 
 # ------------------------------------------------------------------------------------- registry
-TOKENIZERS: dict[str, type] = {cls.name: cls for cls in (Char96Tokenizer, ByteTokenizer, BPETokenizer)}
+TOKENIZERS: dict[str, type] = {cls.name: cls for cls in (Char96Tokenizer, ByteTokenizer, BPETokenizer, HFTokenizer)}
 
 
 def tokenizer_class(name: Any) -> Any:

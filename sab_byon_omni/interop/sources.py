@@ -7,7 +7,9 @@ accepts the same sources:
 * a sharded FSDP checkpoint (a ``.dcp`` folder);
 * a ``.safetensors`` file written by ``sab-omni export`` (config and tokenizer in its header);
 * a folder written by ``save_pretrained`` (or its ``model.safetensors``), read by the facade;
-* a transformers folder (GPT-NeoX) written by ``sab-omni export --format hf``;
+* a transformers folder: one written by ``sab-omni export --format hf``, or a Llama-family (Llama
+  2/3, SmolLM, Qwen2, TinyLlama, Mistral without sliding window), GPT-2 or GPT-NeoX/Pythia model
+  (safetensors weights; :mod:`~sab_byon_omni.interop.hf_import`);
 * a Hub id ``user/name`` that is already in the local Hugging Face cache: nothing is downloaded.
 """
 
@@ -15,11 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from sab_byon_omni.config import RunConfig, build_config
 from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
@@ -27,23 +26,12 @@ from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
 from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json
+from sab_byon_omni.interop.weights import Weights
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _COUNT = re.compile(r"[0-9]{1,13}")  # ASCII digits: str.isdigit() accepts "²", which int() refuses
-
-
-@dataclass
-class Weights:
-    """A model's parts, read from any source; the facade builds and checks the model."""
-
-    config: RunConfig
-    tokenizer: Tokenizer
-    state_dict: dict[str, torch.Tensor]
-    epoch: int = 0
-    global_step: int = 0
-    origin: str = ""
 
 
 def is_pretrained_folder(d: Path) -> bool:
@@ -82,10 +70,9 @@ def read_weights(p: Path) -> Weights:
     """The parts of the model at ``p`` (not a save_pretrained folder: the facade reads those)."""
     if p.is_dir():
         if (p / "config.json").is_file():
-            from sab_byon_omni.interop.hf import load_hf
+            from sab_byon_omni.interop.hf_import import read_hf_folder
 
-            cfg, tokenizer, state = load_hf(p)
-            return Weights(cfg, tokenizer, state, origin=f"transformers folder {p}")
+            return read_hf_folder(p)
         if (p / dcp.META).is_file():
             return _read_sharded(p)
         raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
