@@ -140,6 +140,35 @@ def test_compare_hf_reports_a_ratio(in_tmp, capsys):
     assert "| HF GPT-2" in capsys.readouterr().out
 
 
+LLAMA = ["--model.family", "llama", "--model.norm", "rmsnorm", "--model.mlp", "swiglu", "--model.n_kv_heads", "2",
+         "--model.rope_base", "100000", "--model.fragmergent_mode", "off"]
+
+
+def test_the_hf_peer_of_an_open_family_is_its_class_with_our_weights():
+    pytest.importorskip("transformers")
+    from sab_byon_omni.benchmark.peers import build_hf_peer
+
+    cfg = ModelConfig.from_name("tiny", vocab_size=96, family="qwen2", norm="rmsnorm", mlp="swiglu", n_kv_heads=2,
+                                qkv_bias=True, fragmergent_mode="off")
+    hf = build_hf_peer(cfg, seed=5).eval()
+    torch.manual_seed(5)
+    ours = CausalTransformer(cfg).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
+    assert sum(p.numel() for p in hf.parameters()) == ours.num_parameters()
+
+
+def test_compare_hf_with_an_open_family_names_its_class(in_tmp, capsys):
+    pytest.importorskip("transformers")
+    assert main([*TINY, "--precision", "fp32", "--compare", "hf", *LLAMA]) == 0
+    out = capsys.readouterr().out
+    assert "| HF LlamaForCausalLM (same weights)" in out and "ratio (ours / HF LlamaForCausalLM" in out
+    assert main([*TINY, "--train.learning_rate", "0.1"]) == 2
+    assert "--train.learning_rate applies to --mode epoch" in capsys.readouterr().err
+
+
 def test_the_plain_reference_has_our_dimensions_and_matmul_weights(tiny_cfg):
     from sab_byon_omni.benchmark.minimal_gpt import MinimalGPT
 

@@ -32,11 +32,15 @@ class BenchOptions:
     peak_tflops: float | None = None
     threads: int | None = None
     isolated_memory: bool = False  # also each model's peak RSS in a fresh process (benchmark/isolated.py)
+    model: dict[str, Any] = field(default_factory=dict)  # the model fields given over the preset's
 
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
                    precision: str = "auto", vocab_size: int = 96, device: str = "auto", compile: bool = False,
-                   activation_checkpointing: bool = False, seed: int = 1234, **bench: Any) -> "BenchOptions":
+                   activation_checkpointing: bool = False, seed: int = 1234, model: dict[str, Any] | None = None,
+                   **bench: Any) -> "BenchOptions":
+        """``model``: further model fields over the preset's (``--model.n_kv_heads 3``...): any
+        architecture, e.g. an open model's (docs/BENCHMARKS.md)."""
         if preset not in PRESETS:
             raise SabError(f"--preset={preset!r} is not one of: {', '.join(PRESETS)}")
         for name, value in (("seq-len", seq_len), ("batch-size", batch_size), ("vocab-size", vocab_size),
@@ -45,16 +49,17 @@ class BenchOptions:
                 raise SabError(f"--{name}={value} must be at least 1")
         if seq_len < 2:
             raise SabError(f"--seq-len={seq_len} must be at least 2 (one input and one target)")
-        max_len = PRESETS[preset]["max_seq_len"]
-        if seq_len > max_len:
-            raise SabError(f"--seq-len={seq_len} exceeds the {preset} preset's max_seq_len={max_len}")
         run = build_config({
-            "model": {"preset": preset, "vocab_size": vocab_size, "activation_checkpointing": activation_checkpointing},
+            "model": {"preset": preset, "vocab_size": vocab_size, "activation_checkpointing": activation_checkpointing,
+                      **(model or {})},
             "data": {"seq_len": seq_len},
             "train": {"batch_size": batch_size, "gradient_accumulation_steps": 1, "precision": precision,
                       "device": device, "compile": compile, "progress": False, "seed": seed},
         }, source="bench")
-        return cls(run=run, **bench).checked()
+        if seq_len > run.model.max_seq_len:
+            whose = "--model.max_seq_len" if "max_seq_len" in (model or {}) else f"the {preset} preset's max_seq_len"
+            raise SabError(f"--seq-len={seq_len} exceeds {whose}={run.model.max_seq_len}")
+        return cls(run=run, model=dict(model or {}), **bench).checked()
 
     def checked(self) -> "BenchOptions":
         if self.steps < 1:
@@ -79,7 +84,7 @@ class BenchOptions:
         return dict(preset=m.preset, seq_len=self.run.data.seq_len, batch_size=t.batch_size, precision=t.precision,
                     vocab_size=m.vocab_size, device=t.device, compile=t.compile,
                     activation_checkpointing=m.activation_checkpointing, seed=t.seed, threads=self.threads,
-                    warmup=self.warmup)
+                    warmup=self.warmup, model=self.model)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.benchmark.common import BenchOptions, interleave, random_batch, timed
-from sab_byon_omni.benchmark.peers import build_hf_gpt2
+from sab_byon_omni.benchmark.peers import build_hf_peer
 from sab_byon_omni.benchmark.results import GenerateBench, Machine
 from sab_byon_omni.config import replace
 from sab_byon_omni.device import DTYPES, intra_op_threads, make_precision, resolve_device
@@ -33,12 +33,12 @@ def decode_bytes_per_token(model: nn.Module, context: float, dtype: torch.dtype 
     cfg = model.cfg
     size = torch.empty((), dtype=dtype).element_size() if dtype is not None else next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters()) * size
-    return weights + 2 * cfg.n_layers * context * cfg.hidden * size
+    return weights + 2 * cfg.n_layers * context * cfg.kv_heads * cfg.head_dim * size
 
 
 def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int = 128) -> GenerateBench:
     """Greedy generation of ``new_tokens`` after a random prompt, batch 1, with the KV cache; the
-    peer is HF ``generate`` (its default dynamic cache) on a GPT-2 of the same dimensions."""
+    peer is HF ``generate`` (its default dynamic cache) on the ``hf`` peer (benchmark/peers.py)."""
     if prompt_len < 1 or new_tokens < 1:
         raise SabError("--prompt-len and --new-tokens must be at least 1")
     m = opts.run.model
@@ -61,7 +61,7 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
 
         runners: dict[str, Callable[[], Any]] = {"ours": run_ours}
         if "hf" in opts.compare:
-            runners["hf"] = _hf_runner(cfg.model, device, precision, prompt, new_tokens)
+            runners["hf"] = _hf_runner(cfg.model, cfg.train.seed, device, precision, prompt, new_tokens)
         for _ in range(opts.warmup):
             for fn in runners.values():
                 timed(fn, device)
@@ -84,9 +84,10 @@ def run_generate_bench(opts: BenchOptions, prompt_len: int = 64, new_tokens: int
         return result
 
 
-def _hf_runner(m: Any, device: torch.device, precision: Any, prompt: torch.Tensor, new_tokens: int) -> Any:
+def _hf_runner(m: Any, seed: int, device: torch.device, precision: Any, prompt: torch.Tensor,
+               new_tokens: int) -> Any:
     with torch.device(device):
-        hf = build_hf_gpt2(m).to(device).eval()
+        hf = build_hf_peer(m, seed).to(device).eval()
     hf.generation_config.pad_token_id = 0
 
     @torch.no_grad()

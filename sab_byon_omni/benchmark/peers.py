@@ -1,7 +1,10 @@
 """The models ours is timed against, built with our dimensions in the same process:
 
-* ``hf``: Hugging Face ``transformers`` GPT-2 from a local ``GPT2Config``, trained the way the HF
-  ``Trainer`` does by default (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``);
+* ``hf``: Hugging Face ``transformers``, trained the way the HF ``Trainer`` does by default (mean
+  loss, ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``): for the SAB model a GPT-2 from a
+  local ``GPT2Config`` of the same dimensions; for a model of an open family (``model.family``
+  llama, qwen2...) that family's own class (``LlamaForCausalLM``...) holding the very weights ours
+  starts from (:func:`~sab_byon_omni.interop.hf.to_hf_parts`);
 * ``minimal``: a plain GPT written from its textbook definition (:mod:`.minimal_gpt`), trained the
   textbook way (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(foreach=True)``).
 """
@@ -16,6 +19,7 @@ from torch import nn
 from sab_byon_omni.benchmark.common import PeerStep
 from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
 from sab_byon_omni.config import ModelConfig, RunConfig
+from sab_byon_omni.data.tokenizers import Char96Tokenizer
 from sab_byon_omni.data.batching import Batch
 from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
@@ -32,24 +36,57 @@ def hf_gpt2_config(cfg: ModelConfig) -> Any:
                       use_cache=False)
 
 
-def build_hf_gpt2(cfg: ModelConfig) -> nn.Module:
+def _transformers() -> Any:
     try:
         import transformers
-        from transformers import GPT2LMHeadModel
     except ImportError:
         raise SabError("--compare hf needs Hugging Face transformers: pip install 'sab-byon-omni[bench]'") from None
     transformers.utils.logging.set_verbosity_error()
-    return GPT2LMHeadModel._from_config(hf_gpt2_config(cfg), attn_implementation="sdpa")
+    return transformers
+
+
+def build_hf_gpt2(cfg: ModelConfig) -> nn.Module:
+    return _transformers().GPT2LMHeadModel._from_config(hf_gpt2_config(cfg), attn_implementation="sdpa")
+
+
+def build_hf_family(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The transformers model of ``cfg.family`` with the weights ``CausalTransformer(cfg)`` starts
+    from after ``torch.manual_seed(seed)`` (the same init as ours in the benchmark)."""
+    from sab_byon_omni.interop.hf import to_hf_parts
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    transformers = _transformers()
+    torch.manual_seed(seed)
+    ours = CausalTransformer(cfg)
+    config, tensors, _, _ = to_hf_parts(ours, Char96Tokenizer())
+    model_type = config.pop("model_type")
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config),
+                                                       attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    if unexpected or [k for k in missing if k not in ("lm_head.weight",)]:  # a tied head is the embedding
+        raise SabError(f"--compare hf: the {model_type} peer does not take our weights: {(missing + unexpected)[:3]}")
+    return hf
+
+
+def build_hf_peer(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The ``hf`` peer for ``cfg``: GPT-2 of the same dimensions (SAB), else its family's class."""
+    return build_hf_gpt2(cfg) if cfg.family == "sab" else build_hf_family(cfg, seed)
+
+
+def hf_peer_name(cfg: ModelConfig) -> str:
+    from sab_byon_omni.interop.hf_families import ARCHITECTURES
+
+    return "HF GPT-2" if cfg.family == "sab" else f"HF {ARCHITECTURES[cfg.family]} (same weights)"
 
 
 class HFStep(PeerStep):
-    """One step of HF GPT-2 the way the HF Trainer runs it by default."""
+    """One step of the HF peer the way the HF Trainer runs it by default."""
 
     def __init__(self, cfg: RunConfig, batch: Batch, precision: Precision) -> None:
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
         with torch.device(precision.device):  # initialised there: a 1B GPT-2 builds in seconds on a GPU
-            self.model = build_hf_gpt2(cfg.model).to(precision.device).train()
+            self.model = build_hf_peer(cfg.model, cfg.train.seed).to(precision.device).train()
         fused = precision.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, betas=(t.beta1, t.beta2),
                                            weight_decay=t.weight_decay, fused=fused or None)

@@ -70,8 +70,9 @@ def _train(r: TrainBench) -> str:
         f"{_pct(r.ours.mfu)} | {_pct(r.measured_mfu(r.ours))} | "
         f"{_memory(r.ours, f'{r.peak_memory_mb:,.0f} ({r.memory_kind})')} |",
     ]
+    names = {**PEER_NAMES, **r.peer_names}
     for name, s in r.peers.items():
-        lines.append(f"| {PEER_NAMES.get(name, name)} ({s.params / 1e6:.1f}M params) | {s.tokens_per_s:,.0f} | "
+        lines.append(f"| {names.get(name, name)} ({s.params / 1e6:.1f}M params) | {s.tokens_per_s:,.0f} | "
                      f"{s.step_s:.2f} | {s.tflops:.3g} | {_pct(s.mfu)} | {_pct(r.measured_mfu(s))} | "
                      f"{_memory(s, '-')} |")
     lines.append("")
@@ -79,7 +80,7 @@ def _train(r: TrainBench) -> str:
                  + (f"; first step {r.first_step_s:.1f} s" if r.first_step_s else "")
                  + (f", compile about {r.compile_s:.1f} s" if r.compile_s is not None else ""))
     for name, s in r.peers.items():
-        lines.append(f"ratio (ours / {PEER_NAMES.get(name, name)} tokens/s): {r.ratio(name):.2f}x, steps interleaved "
+        lines.append(f"ratio (ours / {names.get(name, name)} tokens/s): {r.ratio(name):.2f}x, steps interleaved "
                      "in one process" + (f"; peak RSS ratio {r.ours.isolated_peak_mb / s.isolated_peak_mb:.2f}x"
                                          if s.isolated_peak_mb and r.ours.isolated_peak_mb else ""))
     if r.ours.isolated_peak_mb:

@@ -70,6 +70,7 @@ class TrainBench:
     first_step_s: float | None = None
     compile_s: float | None = None
     peers: dict[str, Speed] = field(default_factory=dict)  # "hf", "minimal"
+    peer_names: dict[str, str] = field(default_factory=dict)  # what each peer is ("HF LlamaForCausalLM ...")
     measured_peak_tflops: float | None = None  # the dtype's matmul rate measured in the run
     mode: str = "train"
     allocator: str = ""  # CPU: what glibc does with freed memory, for every model in the process

@@ -26,7 +26,7 @@ from sab_byon_omni.benchmark.common import (
     timed,
 )
 from sab_byon_omni.benchmark.isolated import isolated_peak_mb
-from sab_byon_omni.benchmark.peers import PEER_STEPS
+from sab_byon_omni.benchmark.peers import PEER_STEPS, hf_peer_name
 from sab_byon_omni.benchmark.results import Machine, Speed, TrainBench
 from sab_byon_omni.config import RunConfig, replace
 from sab_byon_omni.data.batching import Batch
@@ -114,6 +114,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
+            peer_names={"hf": hf_peer_name(m)} if "hf" in opts.compare else {},
             allocator=ours.trainer.run.allocator)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))

@@ -22,6 +22,11 @@ EXAMPLE = """examples:
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
   sab-omni bench --preset 1b --vocab-size 50000 --seq-len 2048 --batch-size 4 --precision bf16 --device cuda --compare hf
   sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucket_size=64
+  # SmolLM2-135M's architecture against transformers' LlamaForCausalLM holding the same weights:
+  sab-omni bench --preset small --vocab-size 49152 --seq-len 256 --batch-size 4 --precision fp32 --compare hf \
+      --model.family llama --model.hidden 576 --model.n_layers 30 --model.n_heads 9 --model.n_kv_heads 3 \
+      --model.ffn 1536 --model.norm rmsnorm --model.mlp swiglu --model.rope_base 100000 --model.max_seq_len 2048 \
+      --model.fragmergent_mode off
 """
 
 
@@ -52,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--compare", metavar="PEER[,PEER]", default="",
-                   help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, needs "
+                   help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, or "
+                        "with --model.family llama/qwen2/... that family's transformers class with our weights; needs "
                         "transformers), minimal (a plain textbook GPT); e.g. --compare hf,minimal")
     p.add_argument("--isolated-memory", action="store_true",
                    help="also measure each model's peak RSS in a fresh process of its own (CPU; one more run of "
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         result = _epoch(args, compare)
     else:
         flags = {k: getattr(args, k) for k in PRESET_FLAGS}
+        bench["model"] = _model_fields(args)
         if args.mode == "generate":  # the sequence is the prompt and the new tokens
             flags["seq_len"] = min(max(args.prompt_len + args.new_tokens, 2), PRESETS[args.preset]["max_seq_len"])
         opts = BenchOptions.for_preset(**flags, seed=args.seed, **bench)
@@ -100,6 +107,16 @@ def run(args: argparse.Namespace) -> int:
             result = run_train_bench(opts)
     print(json.dumps(to_json(result)) if args.json else format_report(result))
     return 0
+
+
+def _model_fields(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--model.*`` fields given (any architecture over the preset's); other sections' flags
+    belong to --mode epoch, whose config they change."""
+    given = collect_overrides(args)
+    other = sorted(k for k in given if not k.startswith("model."))
+    if other:
+        raise SabError(f"--{other[0]} applies to --mode epoch; --mode {args.mode} takes the bench flags and --model.*")
+    return {k.removeprefix("model."): v for k, v in given.items()}
 
 
 def _epoch(args: argparse.Namespace, compare: tuple[str, ...]) -> object:
