@@ -155,6 +155,14 @@ def test_the_estimator_counts_every_option_exactly():
             assert estimate.matmul_params(cfg) == matrices, name
 
 
+def test_smollm2_135m_has_its_published_parameter_count():
+    cfg = ModelConfig(preset="small", family="llama", hidden=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn=1536,
+                      vocab_size=49152, max_seq_len=8192, norm="rmsnorm", mlp="swiglu", rope_base=100000.0)
+    assert estimate.num_parameters(cfg) == 134_515_008  # HuggingFaceTB/SmolLM2-135M
+    with torch.device("meta"):
+        assert CausalTransformer(cfg).num_parameters() == 134_515_008
+
+
 def test_muon_matrices_name_each_hidden_matrix_with_its_row_blocks():
     model = CausalTransformer(ModelConfig(**SMALL, n_kv_heads=1, mlp="swiglu", bias=True))
     got = model.muon_matrices()

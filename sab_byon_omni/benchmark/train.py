@@ -93,8 +93,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             for _ in range(opts.warmup):
                 timed(runners[name], device)
         times = interleave(runners, opts.steps, device)
-        if memory is None:
-            memory = peak_memory_mb(device)
+        memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
         tokens = t.batch_size * cfg.data.seq_len
@@ -114,7 +113,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
-            peer_names={"hf": hf_peer_name(m)} if "hf" in opts.compare else {},
+            peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
             allocator=ours.trainer.run.allocator)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))

@@ -1,12 +1,15 @@
 """sab-omni export: write a trained model for another tool.
 
 Formats (by default from the output's name): a .safetensors file (weights plus the run's config
-and tokenizer in its header; loading it never runs code), a transformers folder (GPT-NeoX, read by
-AutoModelForCausalLM and AutoTokenizer without this package), or a .pt training checkpoint
-(no optimizer state). The source is anything generate takes: a checkpoint, a .safetensors file
-from export, a save_pretrained folder, a transformers folder from export, or a Hub id in the
-local cache. Exporting a transformers folder back to a .pt is the import (exact for folders this
-command wrote, and for GPT-NeoX models of the same shape).
+and tokenizer in its header; loading it never runs code), a transformers folder in the model's own
+architecture (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
+GPTNeoXForCausalLM; a model trained here as GPT-NeoX), read by AutoModelForCausalLM and
+AutoTokenizer without this package, with its tokenizer and chat template; or a .pt training
+checkpoint (no optimizer state). The source is anything generate takes: a checkpoint, a
+.safetensors file from export, a save_pretrained folder, a transformers folder (ours, or a Llama,
+Mistral, Qwen2, GPT-2 or GPT-NeoX model), or a Hub id in the local cache. Exporting a transformers
+folder to a .pt is the import; an option the target architecture cannot compute is refused, never
+approximated (docs/HF_EXPORT.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ EXAMPLE = """examples:
   sab-omni export --checkpoint checkpoints/best_model.pt -o model-bf16.safetensors --dtype bf16
   sab-omni export --checkpoint checkpoints/best_model.pt -o hf_model --format hf   # for transformers
   sab-omni export --checkpoint hf_model -o imported.pt                             # and back
+  sab-omni export --checkpoint ~/models/SmolLM2-135M -o smollm2.pt                 # import a Llama-family model
   sab-omni generate --checkpoint imported.pt --prompt "Consciousness is"
 """
 

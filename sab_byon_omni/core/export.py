@@ -4,7 +4,8 @@
   header, so the file alone rebuilds the model. Loading it can never run code. A tied head
   shares its tensor with the embedding; safetensors refuses shared tensors, so it is stored once
   and re-tied on load.
-* ``hf``: a transformers folder (GPT-NeoX) that ``AutoModelForCausalLM.from_pretrained`` and
+* ``hf``: a transformers folder in the model's own architecture (Llama, Mistral, Qwen2, GPT-2,
+  GPT-NeoX; the SAB model as GPT-NeoX) that ``AutoModelForCausalLM.from_pretrained`` and
   ``AutoTokenizer.from_pretrained`` read without this package (see docs/HF_EXPORT.md).
 * ``pt``: a training checkpoint (weights, config, tokenizer; no optimizer state), which
   ``generate``, ``eval`` and ``train --resume``/``--init_from`` take.
