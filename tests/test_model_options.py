@@ -221,3 +221,28 @@ def test_bad_options_are_one_line_naming_the_field(options, message):
     with pytest.raises(SabError, match=message):
         ModelConfig(**{**SMALL, **options})
     ModelConfig(**{**SMALL, "hidden": 36, "n_heads": 4, "positions": "learned"})  # odd heads need no rotary
+
+
+def test_grouped_heads_without_sdpa_gqa_give_the_same_logits(monkeypatch):
+    """torch 2.4 has no enable_gqa: the key/value heads are repeated instead, the same numbers."""
+    import sab_byon_omni.model.transformer as T
+
+    model = _model(n_kv_heads=2)
+    ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = model(ids)
+        monkeypatch.setattr(T, "SDPA_GQA", False)
+        torch.testing.assert_close(model(ids), fused, rtol=1e-6, atol=1e-6)
+
+
+def test_one_row_decoding_with_biases_on_several_threads_matches_f_linear():
+    from sab_byon_omni.model.ops import linear
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, b, x = torch.randn(512, 256), torch.randn(512), torch.randn(1, 1, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
