@@ -213,3 +213,44 @@ def test_what_our_model_cannot_compute_is_one_line_and_exit_2(folders, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(family="llama"), "model.norm='layernorm' has no exact form in LlamaForCausalLM"),
+    (dict(family="llama", norm="rmsnorm", mlp="swiglu", qkv_bias=True), "model.qkv_bias=True has no exact form"),
+    (dict(family="gpt2", positions="learned", n_kv_heads=2), "model.n_kv_heads=2 has no exact form in GPT2LMHead"),
+    (dict(family="gpt_neox", rope_scaling="linear", rope_scaling_factor=2.0), "model.rope_scaling='linear'"),
+    (dict(family="sab", mlp="swiglu"), "model.mlp='swiglu' has no exact form in GPTNeoXForCausalLM"),
+    (dict(fragmergent_mode="clock"), "fragmergent_mode=clock"),
+], ids=["layernorm-as-llama", "qkv-bias-as-llama", "gqa-as-gpt2", "scaled-rope-as-neox", "swiglu-as-sab", "clock"])
+def test_an_export_that_would_not_be_exact_is_refused_and_writes_nothing(tmp_path, options, message):
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.data.tokenizers import Char96Tokenizer
+    from sab_byon_omni.errors import SabError
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96, **options))
+    with pytest.raises(SabError, match=message):
+        save_hf(model, Char96Tokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_trained_here_with_llama_options_exports_as_llama_with_a_folded_factor(tmp_path):
+    """From scratch (our tokenizer, fragmergent on): LlamaForCausalLM, the factor in the embedding, untied."""
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.data.tokenizers import ByteTokenizer
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    torch.manual_seed(0)
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=258, family="llama", norm="rmsnorm",
+                                                    mlp="swiglu", n_kv_heads=2, rope_base=1e5)).eval()
+    model.fragmergent.set_step(7)
+    assert model.fragmergent.scale() != 1.0
+    save_hf(model, ByteTokenizer(), tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and not hf.config.tie_word_embeddings
+    ids = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("héllo")["input_ids"] == ByteTokenizer().encode("héllo")

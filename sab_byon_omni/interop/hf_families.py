@@ -200,19 +200,20 @@ def model_fields(conf: Any, source: str) -> dict[str, Any]:
 def check_representable(cfg: ModelConfig, family: str) -> None:
     """Refuse (one line) a model that ``family``'s architecture cannot compute exactly."""
     arch = ARCHITECTURES[family]
-    need: list[tuple[str, Any]]
+    need: list[tuple[str, Any]]  # (field, the value the architecture computes)
     if family in LLAMA_LIKE:
         need = [("norm", "rmsnorm"), ("mlp", "swiglu"), ("positions", "rope"), ("rope_fraction", 1.0),
                 ("parallel_residual", False), ("bias", False)]
         need += [("qkv_bias", False)] if family != "qwen2" else []
-    else:
-        need = [("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_heads", cfg.n_heads if cfg.n_kv_heads else None)]
+    else:  # GPT-2 and GPT-NeoX: every head its own keys and values
+        need = [("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_heads", cfg.n_heads)]
         need += [("positions", "learned"), ("parallel_residual", False)] if family == "gpt2" else \
             [("positions", "rope"), ("rope_scaling", "none")]
     for name, want in need:
-        if getattr(cfg, name) != want:
-            raise SabError(f"model.{name}={bounded(getattr(cfg, name))} has no exact form in {arch} (it needs "
-                           f"{want}); export it with the family whose architecture it has")
+        have = cfg.kv_heads if name == "n_kv_heads" else getattr(cfg, name)
+        if have != want:
+            raise SabError(f"model.{name}={bounded(have)} has no exact form in {arch} (it needs {want}); export "
+                           "it with the family whose architecture it has")
 
 
 def hf_config(cfg: ModelConfig, family: str, dtype: str, ids: dict[str, Any]) -> dict[str, Any]:
