@@ -302,7 +302,7 @@ def spec_hash(spec: dict[str, Any]) -> str:
 def describe_tokenizer(spec: dict[str, Any]) -> str:
     """``bpe, 8,192 ids, spec 0123abcd...``: a spec in a few words, for logs and errors."""
     vocab = ""
-    if spec.get("name") == BPETokenizer.name:
+    if spec.get("name") in (BPETokenizer.name, HFTokenizer.name):
         try:
             vocab = f", {len(json.loads(spec['json'])['model']['vocab']):,} ids"
         except (KeyError, TypeError, ValueError):

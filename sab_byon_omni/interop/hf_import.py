@@ -136,6 +136,7 @@ def ours_from_theirs(tensors: dict[str, torch.Tensor], cfg: ModelConfig, layout:
             if f"{mine}.{kind}" in want:
                 out[f"{mine}.{kind}"] = _pop(tensors, f"{theirs}.{kind}", source)
     head = tensors.pop(f"{layout.head}.weight", None)
+    head = tensors.pop("lm_head.weight", None) if head is None else head  # NeoX's embed_out, re-saved by some tools
     if cfg.tie_embeddings:  # as transformers: a tied head is the embedding, whatever the file also holds
         out["head.weight"] = out["embed.weight"]
     elif head is None:
