@@ -33,7 +33,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "1b": dict(hidden=2048, n_heads=16, n_layers=24, ffn=8192, max_seq_len=2048),
     "3b": dict(hidden=4096, n_heads=64, n_layers=36, ffn=16384, max_seq_len=2048),
 }
-
 FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("char96", "byte", "bpe")
@@ -42,6 +41,7 @@ OPTIMIZERS = ("adamw", "muon")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
+GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 MEMORY_SAVING = ("auto", "on", "off")
 
 
