@@ -188,6 +188,7 @@ def test_what_a_gguf_cannot_hold_is_refused_in_one_line(tmp_path):
     config, tensors, *_ = parts_of(model, tok_json, tok_config)
     cases = [({**config, "model_type": "gpt_neox"}, tensors, tok_json, "only Llama-shaped models"),
              ({**config, "hidden_act": "gelu"}, tensors, tok_json, "hidden_act must be silu"),
+             ({k: v for k, v in config.items() if k != "hidden_size"}, tensors, tok_json, "no hidden_size"),
              ({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, tensors, tok_json, "RoPE"),
              (config, {**tensors, "extra.weight": torch.zeros(1)}, tok_json, "an unexpected tensor"),
              (config, {k: v for k, v in tensors.items() if "ffn_up" not in k and "up_proj" not in k}, tok_json,

@@ -277,9 +277,13 @@ def _arch_for(config: dict[str, Any], source: str) -> Arch:
     return arch
 
 
-def _write_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields :func:`expected_tensors` reads, with transformers' defaults filled in."""
+def _write_config(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The fields :func:`expected_tensors` reads, checked, with transformers' defaults filled in."""
     c = dict(config)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings"):
+        if type(c.get(key)) is not int or c[key] < 1:
+            raise SabError(f"{source}: its config has no {key} (a positive integer): {bounded(c.get(key))}")
     c.setdefault("num_key_value_heads", c["num_attention_heads"])
     c["head_dim"] = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return c
@@ -339,8 +343,8 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, torc
         raise SabError(f"--gguf-type={bounded(dtype)} is not one of: {', '.join(GGUF_TYPES)}")
     if out.exists() and not overwrite:
         raise SabError(f"{out} already exists; pass --force to replace it")
-    arch = _arch_for(config, source)
-    c = _write_config(config)
+    c = _write_config(config, source)
+    arch = _arch_for(c, source)
     expected = expected_tensors(c, arch)
     tied = "lm_head.weight" not in tensors
     wanted = {hf: (name, shape) for name, (hf, shape) in expected.items() if not (tied and name == "output.weight")}

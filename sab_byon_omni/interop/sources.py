@@ -95,6 +95,8 @@ def gguf_file(p: Path) -> Path | None:
         return found[0] if found else None
     if p.suffix == ".gguf":
         return p
+    if not p.is_file():  # a pipe is never opened to look: it would wait for a writer
+        return None
     try:
         with open(p, "rb") as f:
             return p if f.read(4) == GGUF_MAGIC else None
