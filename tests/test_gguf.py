@@ -177,6 +177,8 @@ def test_written_files_read_back_in_the_gguf_reader_and_transformers(tmp_path, d
     assert error <= WRITE_TOLERANCE[dtype], (dtype, float(error))
     assert (logits(model_from_parts(back), IDS) - logits(theirs, IDS)).abs().max() <= 1e-4
     assert back.tokenizer_json == tok_json and back.tokenizer_config == tok_config
+    text = "the world's inn <|im_start|>hi<|im_end|> <think>"  # no digits: transformers splits smollm as gpt2
+    assert Tokenizer.from_str(tok_json).encode(text).ids == transformers_tokenizer(out)(text)["input_ids"]
     if dtype == "f32":
         _same_state(back.tensors, model.state_dict(), tie)  # permuted and back: exact
 
