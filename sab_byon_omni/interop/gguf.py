@@ -33,7 +33,9 @@ import torch
 from sab_byon_omni.config import GGUF_TYPES
 from sab_byon_omni.errors import SabError, bounded
 from sab_byon_omni.files.gguf_header import GGUFHeader, TensorInfo, read_gguf_header
-from sab_byon_omni.interop.gguf_tokenizer import SPECIALS, tokenizer_config, tokenizer_json, vocab_from_metadata
+from sab_byon_omni.interop.gguf_tokenizer import (
+    SPECIALS, GGUFVocab, tokenizer_config, tokenizer_json, vocab_from_json, vocab_from_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +291,7 @@ def _write_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     return c
 
 
-def _ggml_type(name: str, w: torch.Tensor, dtype: str) -> Any:
+def _ggml_type(w: torch.Tensor, dtype: str) -> Any:
     """llama.cpp's choice: vectors in F32, matrices in the asked type (F16 where a row is not whole Q8_0 blocks)."""
     q = _gguf().GGMLQuantizationType
     if w.dim() == 1 or dtype == "f32":
@@ -299,7 +301,7 @@ def _ggml_type(name: str, w: torch.Tensor, dtype: str) -> Any:
     return q.F16
 
 
-def _add_metadata(w: Any, c: dict[str, Any], arch: Arch, dtype: str, vocab: Any) -> None:
+def _add_metadata(w: Any, c: dict[str, Any], arch: Arch, dtype: str, vocab: GGUFVocab) -> None:
     gguf, a = _gguf(), arch.name
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
@@ -336,7 +338,6 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, torc
     """Write the transformers-shaped model (see :class:`HFParts`) as a GGUF file at ``path``, its
     matrices in ``dtype`` (one of ``config.GGUF_TYPES``), atomically; an existing file only with ``overwrite``."""
     from sab_byon_omni.files.atomic import atomic_path
-    from sab_byon_omni.interop.gguf_tokenizer import vocab_from_json
 
     out, source = Path(path), "the model"
     if dtype not in GGUF_TYPES:
@@ -367,7 +368,7 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, torc
             part = name.split(".")[2] if name.startswith("blk.") else ""
             if arch.permute_qk and part in heads:
                 t = _permute(t, heads[part])
-            qtype = _ggml_type(name, t, dtype)
+            qtype = _ggml_type(t, dtype)
             w.add_tensor(name, gguf.quants.quantize(t.contiguous().numpy(), qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
