@@ -33,7 +33,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "1b": dict(hidden=2048, n_heads=16, n_layers=24, ffn=8192, max_seq_len=2048),
     "3b": dict(hidden=4096, n_heads=64, n_layers=36, ffn=16384, max_seq_len=2048),
 }
-
 FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZERS = ("char96", "byte", "bpe")
@@ -41,7 +40,8 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 PARALLEL = ("ddp", "fsdp")
 TRACKERS = ("tensorboard", "wandb")
-EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
+EXPORT_FORMATS = ("safetensors", "hf", "pt", "gguf")  # sab-omni export --format
+GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 MEMORY_SAVING = ("auto", "on", "off")
 
 
@@ -166,10 +166,10 @@ class TrainConfig:
     save_every: int = fld(0, "also save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_last: int = fld(3, "step checkpoints to keep (epoch checkpoints and best_model.pt are always kept)")
     resume: str = fld("none", "none | auto (latest checkpoint in checkpoint_dir, if any) | a checkpoint path")
-    init_from: str | None = fld(None, "start a new run from these weights (a checkpoint, .safetensors file, saved or "
-                                      "transformers folder, or a Hub id in the local cache): the model and tokenizer "
-                                      "come from it, the optimizer and schedule start fresh; a checkpoint to resume "
-                                      "from takes precedence")
+    init_from: str | None = fld(None, "start a new run from these weights (a checkpoint, .safetensors or .gguf file, "
+                                      "saved or transformers folder, or a Hub id in the local cache): the model and "
+                                      "tokenizer come from it, the optimizer and schedule start fresh; a checkpoint to "
+                                      "resume from takes precedence")
     eval_interval: int = fld(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_batches: int = fld(0, "validation batches per evaluation (0: the whole validation set)")
     log_interval: int = fld(10, "optimizer steps between metric lines")

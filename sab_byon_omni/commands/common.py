@@ -55,9 +55,9 @@ def check_paths_first(source: str | None = None, data: str | None = None) -> Non
     neither a file or folder nor shaped like a Hub id ``user/name`` (which the loader looks up in
     the local cache), and a ``data`` file or folder that does not exist."""
     if source is not None and not Path(source).expanduser().exists() and not _maybe_hub_id(source):
-        raise SabError(f"checkpoint not found: {source[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
-                       "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local "
-                       "cache)")  # as io.sources.locate says it
+        raise SabError(f"checkpoint not found: {source[:200]} (looked for a checkpoint .pt, a .safetensors or .gguf "
+                       "file, a folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the "
+                       "local cache)")  # as io.sources.locate says it
     if data and data != "synthetic":
         from sab_byon_omni.data.readers import check_dataset  # numpy, no torch
 

@@ -104,8 +104,9 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         """Model, tokenizer and config from any source a command accepts: a training checkpoint
         (``.pt``), a sharded one (``.dcp``), a ``.safetensors`` file from ``sab-omni export``, a folder
         written by :meth:`save_pretrained` (or its ``model.safetensors``), a transformers folder
-        from ``sab-omni export --format hf``, or a Hub id in the local cache (never downloaded).
-        Which one it was is in ``self.origin``."""
+        from ``sab-omni export --format hf``, a GGUF file (``.gguf``, dequantised; see
+        ``interop.gguf``), or a Hub id in the local cache (never downloaded). Which one it was is in
+        ``self.origin``."""
         p = locate(source)
         folder = p if p.is_dir() else p.parent if p.name == WEIGHTS_FILE else None
         if folder is not None and is_pretrained_folder(folder):
