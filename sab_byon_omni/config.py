@@ -300,11 +300,11 @@ def _finite(name: str, value: Any) -> None:
         raise SabError(f"{name}={bounded(value)} must be a finite number")
 
 
-HINTS: dict[str, dict[str, Any]] = {s: typing.get_type_hints(c) for s, c in SECTIONS.items()}
+_HINTS: dict[str, dict[str, Any]] = {s: typing.get_type_hints(c) for s, c in SECTIONS.items()}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def expected(hint: Any, value: Any = "") -> str:
+def _expected(hint: Any, value: Any = "") -> str:
     """What a field of this type takes, as the end of an error message."""
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
@@ -334,7 +334,7 @@ def _plain(name: str, value: Any, hint: Any) -> Any:
         try:  # int() first, so that a 20-digit seed stays exact
             value = int(word) if base is int and word.lstrip("+-").replace("_", "").isdigit() else float(word)
         except ValueError:
-            raise SabError(f"{name}={bounded(value)} {expected(hint)}") from None
+            raise SabError(f"{name}={bounded(value)} {_expected(hint)}") from None
     return int(value) if base is int and isinstance(value, float) and value.is_integer() else value
 
 
@@ -377,17 +377,17 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
     routed = _route(raw, source)
     if isinstance(preset := routed["model"].get("preset"), str) and preset in PRESETS:  # the whole set; given win
         routed["model"] = {**PRESETS[preset], **routed["model"]}
-    typed = {s: {k: _plain(f"{s}.{k}", v, HINTS[s][k]) for k, v in section.items()} for s, section in routed.items()}
+    typed = {s: {k: _plain(f"{s}.{k}", v, _HINTS[s][k]) for k, v in section.items()} for s, section in routed.items()}
     parser = _checker()
     try:
         built = parser.instantiate(parser.parse_object(typed, defaults=False))  # the dataclasses hold the defaults
     except ArgumentError as e:  # "Parser key "train.epochs":\n  Expected a <class 'int'>. Got value: ..."
         found = re.search(r'key "(\w+)\.(\w+)"', str(e))
-        if not found or found[2] not in HINTS.get(found[1], {}):
+        if not found or found[2] not in _HINTS.get(found[1], {}):
             raise SabError(f"{source}: {first_line(e)}") from None
         section, name = found.groups()
         value = typed[section].get(name)
-        raise SabError(f"{section}.{name}={bounded(value)} {expected(HINTS[section][name], value)}") from None
+        raise SabError(f"{section}.{name}={bounded(value)} {_expected(_HINTS[section][name], value)}") from None
     except (RecursionError, OverflowError) as e:
         raise SabError(f"{source}: a value is {'nested too deeply' if isinstance(e, RecursionError) else 'too large'}") \
             from None
