@@ -25,7 +25,7 @@ def test_three_steps_of_both_models_then_the_report(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ours, gpt2 = (json.loads(line) for line in results.read_text().splitlines())
     assert (ours["model"], gpt2["model"]) == ("ours", "gpt2") and ours["steps"] == gpt2["steps"] == 3
-    assert ours["optimizer"] == "muon" and ours["muon_lr"] == pytest.approx(R.muon_learning_rate(ModelConfig(preset="tiny")))
+    assert ours["optimizer"] == "muon" and ours["muon_lr"] == pytest.approx(R.muon_learning_rate(ModelConfig.from_name("tiny")))
     assert gpt2["optimizer"] == "adamw" and gpt2["muon_lr"] is None
     assert ours["val"]["bytes"] == gpt2["val"]["bytes"] > 0  # scored on the very same windows
     for row in (ours, gpt2):  # 3 steps from a uniform guess over 258 ids: log2(258) = 8.0 bits per token

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sab_byon_omni.commands.common import check_paths_first
+from sab_byon_omni.commands.common import check_paths_first, spellings
 from sab_byon_omni.config import EXPORT_FORMATS, GGUF_TYPES, PRECISIONS
 from sab_byon_omni.errors import SabError
 
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=__doc__, epilog=EXAMPLE)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="SOURCE", help="the model to export (any source generate takes)")
-    src.add_argument("--from-safetensors", metavar="PATH",
+    src.add_argument(*spellings("--from-safetensors"), metavar="PATH",
                      help="the same as --checkpoint PATH (the earlier spelling of importing a .safetensors file)")
     p.add_argument("-o", "--output", required=False, metavar="PATH",
                    help="the file or folder to write (never replaced without --force)")
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="gguf: store the matrices as f16 (default), q8_0 (8-bit blocks, half the size) or f32; "
                         "vectors stay f32")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
-    p.alias("--out", "--output")  # the earlier spelling
+    p.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier spelling
     return p
 
 
