@@ -25,6 +25,10 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
 NS_STEPS = 5
 MOMENTUM = 0.95
+# Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
+# (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 8-16%
+# slower than one call per matrix, a smaller one up to 1.9x faster (tiny's matrices, bf16): benchmarks/levers.py muon.
+BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 
 
 def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
@@ -35,17 +39,56 @@ def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
     iteration multiplies a small singular value by at most 3.4445 per step (the quintic's slope at
     zero), so smaller ones stay small: 1e-4 of the norm ends near 0.05, 1e-3 near 0.47."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(dtype)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.mT
+    tall = update.size(-2) > update.size(-1)
+    # iterate on the smaller Gram matrix, in a contiguous copy (bmm would copy a transposed view each time)
+    x = (update.mT if tall else update).to(dtype, memory_format=torch.contiguous_format)
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    if tall:
-        x = x.mT
-    return x.to(update.dtype)
+    batch = x.view(-1, *x.shape[-2:])
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T, with the sums inside the matmuls
+        gram = torch.bmm(batch, batch.mT)
+        batch = torch.baddbmm(batch, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), batch, beta=a)
+    x = batch.view(x.shape)
+    return (x.mT if tall else x).to(update.dtype)
+
+
+def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None) -> list[list[int]]:
+    """Which matrices to orthogonalise in one call (modded-nanogpt's batching): indices into
+    ``shapes``, each ``(device, dtype, k, rows, cols)`` for ``k`` matrices of ``rows x cols``, in
+    batches of one device, dtype and shape (a tall matrix counts transposed, so ``rows x cols`` and
+    ``cols x rows`` share one) of at most ``max_elements`` weights (default: the device's
+    :data:`BATCH_ELEMENTS`; one matrix alone, if larger)."""
+    by_shape: dict[tuple[Any, ...], list[list[int]]] = {}
+    size: dict[tuple[Any, ...], int] = {}
+    for i, (device, dtype, k, rows, cols) in enumerate(shapes):
+        key, n = (device, dtype, min(rows, cols), max(rows, cols)), k * rows * cols
+        limit = max_elements or BATCH_ELEMENTS.get(device.type, BATCH_ELEMENTS["cuda"])
+        batches = by_shape.setdefault(key, [[]])
+        if batches[-1] and size[key] + n > limit:
+            batches.append([])
+            size[key] = 0
+        batches[-1].append(i)
+        size[key] = size.get(key, 0) + n
+    return [b for batches in by_shape.values() for b in batches]
+
+
+def orthogonalize_stacked(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices of one
+    shape, up to transposition) in one call: the tall ones go in transposed."""
+    tall = [u.size(-2) > u.size(-1) for u in updates]
+    together = orthogonalize(torch.cat([u.mT if t else u for u, t in zip(updates, tall)]), dtype=dtype)
+    return [x.mT if t else x for x, t in zip(together.split([u.size(0) for u in updates]), tall)]
+
+
+def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices), one
+    call per batch of :func:`shape_batches`. ``dtype``: that of the iteration (default:
+    :func:`newton_schulz_dtype` of the matrices' device)."""
+    out = list(updates)
+    for members in shape_batches([(u.device, u.dtype, *u.shape) for u in updates]):
+        batch = [updates[i] for i in members]
+        for i, x in zip(members, orthogonalize_stacked(batch, dtype or newton_schulz_dtype(batch[0].device))):
+            out[i] = x
+    return out
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
@@ -86,26 +129,29 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def _nesterov(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The Nesterov momentum of ``p``'s gradient (its buffer updated), as ``(split, rows, cols)``."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, beta, k = state["momentum_buffer"], group["momentum"], group["split"]
+        buf.lerp_(p.grad, 1 - beta)
+        return p.grad.lerp(buf, beta).view(k, p.shape[0] // k, p.shape[1])
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, decay, beta, k = group["lr"], group["weight_decay"], group["momentum"], group["split"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - beta)
-                nesterov = p.grad.lerp(buf, beta)
-                rows, cols = p.shape[0] // k, p.shape[1]
-                dtype = self.ns_dtype or newton_schulz_dtype(p.device)
-                direction = orthogonalize(nesterov.view(k, rows, cols), dtype=dtype).view_as(p)
-                p.mul_(1 - lr * decay)
-                p.add_(direction, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+        todo = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        shapes = [(p.device, p.dtype, g["split"], p.shape[0] // g["split"], p.shape[1]) for p, g in todo]
+        for members in shape_batches(shapes):
+            batch = [todo[i] for i in members]
+            dtype = self.ns_dtype or newton_schulz_dtype(batch[0][0].device)
+            directions = orthogonalize_stacked([self._nesterov(p, g) for p, g in batch], dtype)
+            for (p, group), direction in zip(batch, directions):
+                lr, (k, rows, cols) = group["lr"], direction.shape
+                p.mul_(1 - lr * group["weight_decay"])
+                p.view(k, rows, cols).add_(direction, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
         return loss
