@@ -11,7 +11,7 @@ import torch
 
 from sab_byon_omni.config import ModelConfig, TrainConfig
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.muon import Muon, orthogonalize, orthogonalize_all, shape_batches
+from sab_byon_omni.training.muon import Muon, newton_schulz_dtype, orthogonalize, orthogonalize_all, shape_batches
 from sab_byon_omni.training.optim import MuonWithAdamW, lr_at, make_optimizer, set_lr
 
 
@@ -96,6 +96,32 @@ def test_bf16_newton_schulz_is_within_its_rounding_of_fp32():
     assert (bf16 - fp32).norm() / fp32.norm() < 0.03  # 0.014 on a Xeon with AMX
     s = torch.linalg.svdvals(bf16)
     assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    """bf16 on CUDA sm_80+ and on CPUs with AVX-512 BF16 / AMX; fp32 where bf16 is emulated (T4,
+    V100, AVX2-only CPUs), as ``precision: auto`` decides; SAB_MUON_NS_DTYPE forces one."""
+    from sab_byon_omni.training import muon as M
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("SAB_MUON_NS_DTYPE", raising=False)
+    monkeypatch.setenv("SAB_CPU_NATIVE_BF16", "0")
+    assert newton_schulz_dtype(cpu) == torch.float32
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
+    assert newton_schulz_dtype(cpu) == torch.bfloat16
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(M, "native_cuda_bf16", lambda device, native=native: native)
+        assert newton_schulz_dtype(cuda) == dtype
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "fp32")
+    assert newton_schulz_dtype(cpu) == newton_schulz_dtype(cuda) == torch.float32
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "bf16")
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"))
+    _train(model, opt, range(1))
+    assert opt.muon.ns_dtypes == {cpu: torch.bfloat16}  # the optimizer asked, once
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "fp64")
+    with pytest.raises(ValueError, match="SAB_MUON_NS_DTYPE='fp64' is not one of: fp32, bf16"):
+        newton_schulz_dtype(cpu)
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")

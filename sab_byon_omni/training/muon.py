@@ -11,20 +11,28 @@ native bf16 run some 400x slower than fp32 (a 200-step run of preset small took 
 instead of 4), and it does not exist before torch 2.9. The update here is the same algorithm (same
 momentum, Nesterov step, Newton-Schulz coefficients, decoupled weight decay and
 ``sqrt(max(1, rows / cols))`` rate adjustment), with a matrix's rows optionally split into equal
-blocks orthogonalised one by one (a fused qkv as its q, k and v).
+blocks orthogonalised one by one (a fused qkv as its q, k and v), the iteration in bf16 only where
+the device has it natively (:func:`newton_schulz_dtype`) and same-shape matrices stacked into one
+call (:func:`shape_batches`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from sab_byon_omni.device import native_cuda_bf16
+from sab_byon_omni.machine import cpu_has_native_bf16
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
 NS_STEPS = 5
 MOMENTUM = 0.95
+NS_DTYPE_ENV = "SAB_MUON_NS_DTYPE"
+NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
 # (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 8-16%
 # slower than one call per matrix, a smaller one up to 1.9x faster (tiny's matrices, bf16): benchmarks/levers.py muon.
@@ -92,8 +100,17 @@ def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype | None = N
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """The dtype Muon runs Newton-Schulz in on ``device``: bf16 on CUDA, fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The dtype Muon runs Newton-Schulz in on ``device``: bf16 where the device multiplies bf16
+    natively (CUDA sm_80+, a CPU with AVX-512 BF16 or AMX: the checks ``precision: auto`` uses), fp32
+    where bf16 would be emulated (T4, V100, AVX2-only CPUs: several times slower than fp32).
+    ``SAB_MUON_NS_DTYPE=fp32`` (or ``bf16``) forces one, for benchmarks."""
+    forced = os.environ.get(NS_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in NS_DTYPES:
+            raise ValueError(f"{NS_DTYPE_ENV}={forced[:20]!r} is not one of: {', '.join(NS_DTYPES)}")
+        return NS_DTYPES[forced]
+    native = native_cuda_bf16(device) if device.type == "cuda" else device.type == "cpu" and cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 def _check_split(group: dict[str, Any]) -> None:
@@ -114,12 +131,14 @@ class Muon(torch.optim.Optimizer):
     orthogonalised on its own (3 for a fused qkv). Other keys of a group are kept as they are (the
     ``muon`` mark of :class:`~sab_byon_omni.training.optim.MuonWithAdamW`'s groups). ``ns_dtype``:
     the dtype of the Newton-Schulz iteration (default: :func:`newton_schulz_dtype` of the
-    parameter's device). The state of a parameter is its ``momentum_buffer``."""
+    parameters' device, asked at the first step there). The state of a parameter is its
+    ``momentum_buffer``."""
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = MOMENTUM, split: int = 1, ns_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split))
         self.ns_dtype = ns_dtype
+        self.ns_dtypes: dict[torch.device, torch.dtype] = {}  # the default's choice per device, made once
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -148,7 +167,10 @@ class Muon(torch.optim.Optimizer):
         shapes = [(p.device, p.dtype, g["split"], p.shape[0] // g["split"], p.shape[1]) for p, g in todo]
         for members in shape_batches(shapes):
             batch = [todo[i] for i in members]
-            dtype = self.ns_dtype or newton_schulz_dtype(batch[0][0].device)
+            device = batch[0][0].device
+            if device not in self.ns_dtypes:
+                self.ns_dtypes[device] = newton_schulz_dtype(device)
+            dtype = self.ns_dtype or self.ns_dtypes[device]
             directions = orthogonalize_stacked([self._nesterov(p, g) for p, g in batch], dtype)
             for (p, group), direction in zip(batch, directions):
                 lr, (k, rows, cols) = group["lr"], direction.shape
