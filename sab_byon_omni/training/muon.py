@@ -34,8 +34,8 @@ MOMENTUM = 0.95
 NS_DTYPE_ENV = "SAB_MUON_NS_DTYPE"
 NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
-# (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 8-16%
-# slower than one call per matrix, a smaller one up to 1.9x faster (tiny's matrices, bf16): benchmarks/levers.py muon.
+# (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 10-18%
+# slower than one call per matrix, a smaller one up to 2.6x faster (tiny's matrices, bf16): levers.py muon.
 BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 
 
