@@ -102,11 +102,38 @@ def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int 
 
 
 def bench_muon(interleave: Interleave, reps: int, batch: int = 16, seq: int = 128) -> None:
-    """The Trainer's whole step with AdamW and with Muon for the blocks' matrices, preset small
-    (the learning benchmark's model and, by default, its 16 x 128-token step). Muon's Newton-Schulz
-    work per matrix does not grow with the batch: try ``--batch 16 --seq 1024`` too."""
-    steps = {f"AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small"),
-             f"Muon + AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small", optimizer="muon")}
+    """What Muon costs. First its Newton-Schulz iterations alone, one optimizer step's worth for
+    each preset's matrices (``muon_matrices``, qkv as 3 blocks): fp32 and bf16, one call per matrix,
+    the optimizer's batches (``orthogonalize_all``: same-shape matrices stacked up to the device's
+    ``BATCH_ELEMENTS``) and one call per shape. Then the Trainer's whole step, preset small (the
+    learning benchmark's model and, by default, its 16 x 128-token step), with AdamW and with Muon +
+    AdamW in fp32 and in bf16 Newton-Schulz. Muon's work per matrix does not grow with the batch:
+    try ``--batch 16 --seq 1024`` too."""
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.model.transformer import CausalTransformer
+    from sab_byon_omni.training.muon import orthogonalize, orthogonalize_all, orthogonalize_stacked, shape_batches
+
+    print(f"CPU: {cpu_flags_summary()}; native bf16: {cpu_has_native_bf16()}")
+    for preset in ("tiny", "small", "lightweight"):
+        model = CausalTransformer(ModelConfig.from_name(preset, vocab_size=96))
+        g = torch.Generator().manual_seed(0)
+        mats = [torch.randn(k, p.shape[0] // k, p.shape[1], generator=g) for p, k in model.muon_matrices()]
+        print(f"\n{preset}: Newton-Schulz of one step, {len(mats)} matrices, {sum(m.numel() for m in mats):,} weights")
+        whole = shape_batches([(m.device, m.dtype, *m.shape) for m in mats], max_elements=1 << 40)
+        variants = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            variants[f"{name}, per matrix"] = lambda d=dtype: [orthogonalize(m, dtype=d) for m in mats]
+            variants[f"{name}, batched (the optimizer's)"] = lambda d=dtype: orthogonalize_all(mats, dtype=d)
+            variants[f"{name}, one call per shape"] = lambda d=dtype: [
+                orthogonalize_stacked([mats[i] for i in b], d) for b in whole]
+        interleave(variants, reps)
+    print(f"\nthe Trainer's step, small, {batch} x {seq}")
+    steps = {"AdamW": ours_step(batch, seq, preset="small")}
+    for dtype in (torch.float32, torch.bfloat16):
+        step = ours_step(batch, seq, preset="small", optimizer="muon")
+        step.trainer.optimizer.muon.ns_dtype = dtype
+        steps[f"Muon + AdamW, {str(dtype).removeprefix('torch.')} Newton-Schulz"] = step
     interleave(steps, reps)
 
 

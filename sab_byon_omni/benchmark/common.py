@@ -36,7 +36,8 @@ class BenchOptions:
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
                    precision: str = "auto", vocab_size: int = 96, device: str = "auto", compile: bool = False,
-                   activation_checkpointing: bool = False, seed: int = 1234, **bench: Any) -> "BenchOptions":
+                   activation_checkpointing: bool = False, seed: int = 1234, optimizer: str = "adamw",
+                   **bench: Any) -> "BenchOptions":
         if preset not in PRESETS:
             raise SabError(f"--preset={preset!r} is not one of: {', '.join(PRESETS)}")
         for name, value in (("seq-len", seq_len), ("batch-size", batch_size), ("vocab-size", vocab_size),
@@ -52,7 +53,7 @@ class BenchOptions:
             "model": {"preset": preset, "vocab_size": vocab_size, "activation_checkpointing": activation_checkpointing},
             "data": {"seq_len": seq_len},
             "train": {"batch_size": batch_size, "gradient_accumulation_steps": 1, "precision": precision,
-                      "device": device, "compile": compile, "progress": False, "seed": seed},
+                      "device": device, "compile": compile, "progress": False, "seed": seed, "optimizer": optimizer},
         }, source="bench")
         return cls(run=run, **bench).checked()
 
@@ -79,7 +80,7 @@ class BenchOptions:
         return dict(preset=m.preset, seq_len=self.run.data.seq_len, batch_size=t.batch_size, precision=t.precision,
                     vocab_size=m.vocab_size, device=t.device, compile=t.compile,
                     activation_checkpointing=m.activation_checkpointing, seed=t.seed, threads=self.threads,
-                    warmup=self.warmup)
+                    warmup=self.warmup, optimizer=t.optimizer)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:

@@ -37,6 +37,7 @@ from sab_byon_omni.estimate import matmul_params, train_flops_per_token
 from sab_byon_omni.machine import cpu_has_native_bf16
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.memory import peak_memory_mb
+from sab_byon_omni.training.optim import optimizer_name
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ class OursStep:
         self.trainer.train_step(self.window)
 
     def optimizer_kind(self) -> str:
-        d = self.trainer.optimizer.defaults
-        return "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
+        return optimizer_name(self.trainer.optimizer)
 
 
 def _precision(name: str, device: torch.device) -> Precision:

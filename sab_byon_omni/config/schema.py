@@ -154,7 +154,7 @@ class TrainConfig:
     batch_size: int = fld(4, "samples per micro-batch (per process)")
     gradient_accumulation_steps: int = fld(16, "micro-batches per optimizer step")
     learning_rate: float = fld(2e-5, "AdamW peak learning rate (with optimizer muon: of the embedding, head and norms)")
-    weight_decay: float = fld(0.01, "AdamW weight decay (not applied to norms and biases)")
+    weight_decay: float = fld(0.01, "decoupled decay of matrices, not norms (AdamW's; optimizer muon: Muon's too)")
     max_grad_norm: float = fld(1.0, "gradient clipping threshold (0 disables clipping)")
     beta1: float = fld(0.9, "AdamW beta1")
     beta2: float = fld(0.95, "AdamW beta2")

@@ -184,6 +184,13 @@ class CausalTransformer(nn.Module):
         for block in self.blocks:
             block.attn.copy_v = block.mlp.recompute_gelu = on
 
+    def muon_matrices(self) -> list[tuple[nn.Parameter, int]]:
+        """The hidden weight matrices an optimizer such as Muon may update as matrices (every
+        block's 2-D weights; not the embedding, the head or the norms), each with the number of equal
+        row blocks it is made of: 3 for the fused qkv (q, k and v), 1 for the others."""
+        return [(p, 3 if p is block.attn.qkv.weight else 1)
+                for block in self.blocks for p in block.parameters() if p.dim() == 2]
+
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
