@@ -4,6 +4,8 @@ closing summary.
 
 Everything goes through ``logging`` (logger ``sab_byon_omni.training.console``); the handler from
 :func:`install_handler` writes through ``tqdm.write`` so that lines never break a progress bar.
+The CLI installs that handler before it knows what it will run: this module imports torch only in
+the functions that need it (a wrong path is an error line before torch is loaded).
 """
 
 from __future__ import annotations
@@ -15,12 +17,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from sab_byon_omni.device import DTYPES
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration
-from sab_byon_omni.machine import device_name, measure_matmul_peak
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
@@ -176,6 +174,10 @@ def summary(result: Any, directory: str) -> list[str]:
 # ------------------------------------------------------------------------------- the run's start
 def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The start banner: (key, text) lines; ``notes`` (which recipe, which weights) come before the time."""
+    import torch
+
+    from sab_byon_omni.machine import device_name
+
     m, d, t, info = run.cfg.model, run.cfg.data, run.cfg.train, run.info
     n = sum(p.numel() for p in run.model.parameters())
     eff = t.batch_size * t.gradient_accumulation_steps * info.world
@@ -243,6 +245,8 @@ def validation_plan(run: Run) -> str:
 def start_time(run: Run) -> str:
     """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
     process's share, from the estimator) at this device's measured matmul rate."""
+    import torch
+
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
     later = "measured after the first steps"
     targets = predicted_tokens(run.train_data)
@@ -262,6 +266,11 @@ def start_time(run: Run) -> str:
 @functools.lru_cache(maxsize=8)
 def _matmul_rate(precision: str, device: str, threads: int) -> float:
     """This device's square-matmul FLOP/s in ``precision``, measured once per process (~0.5 s)."""
+    import torch
+
+    from sab_byon_omni.device import DTYPES
+    from sab_byon_omni.machine import measure_matmul_peak
+
     dev = torch.device(device)
     sizes = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
     return measure_matmul_peak(DTYPES[precision], dev, budget_s=0.4, sizes=sizes)
@@ -269,6 +278,8 @@ def _matmul_rate(precision: str, device: str, threads: int) -> float:
 
 def oom_message(run: Run, step: int) -> str:
     """What to do when step ``step + 1`` ran out of memory: a smaller micro-batch, the same effective batch."""
+    import torch
+
     t = run.cfg.train
     if run.device.type == "cuda":
         torch.cuda.empty_cache()

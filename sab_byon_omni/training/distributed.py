@@ -2,8 +2,9 @@
 
 A run started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group
 (``nccl`` on CUDA, ``gloo`` on CPU). Without torchrun everything here is a no-op. This module is
-the one place that reads torchrun's environment (:func:`launch_info`). FSDP2's sharded
-checkpoints are read and written by :mod:`sab_byon_omni.files.dcp`.
+the one place that reads where a process stands among the others (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``: :func:`launch_info`). FSDP2's sharded checkpoints are read and written by
+:mod:`sab_byon_omni.files.dcp`.
 """
 
 from __future__ import annotations
