@@ -85,8 +85,8 @@ def shape_overrides(args: argparse.Namespace) -> dict:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(preset=args.preset, vocab_size=ByteTokenizer.vocab_size, max_seq_len=args.seq_len,
-                       **shape_overrides(args))
+    return ModelConfig.from_name(args.preset, vocab_size=ByteTokenizer.vocab_size, max_seq_len=args.seq_len,
+                                 **shape_overrides(args))
 
 
 def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> tuple:

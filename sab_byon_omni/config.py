@@ -1,23 +1,28 @@
-"""Typed configuration: one dataclass per concern, YAML loading, dotted overrides, validation.
+"""Typed configuration: one dataclass per concern, read from YAML files, flags and checkpoints.
 
-Every field carries its help text in ``metadata["help"]``; the CLI builds its flags from it.
-Field names are unique across sections, so both ``--train.learning_rate`` and
-``--learning_rate`` address the same value, and a flat YAML with the guide's keys
-(``epochs: 3``, ``seq_len: 1024``, ...) is understood as well as a sectioned one.
+A field's type says what its value may be (``Literal`` for a choice) and ``metadata["help"]`` what
+it means; the CLI builds its flags from both. jsonargparse checks a merged mapping against the types
+and builds the dataclasses; ``__post_init__`` checks what a type cannot say (ranges, limits, one
+field against another). Field names are unique across sections, so ``train.learning_rate`` and
+``learning_rate`` address the same value, and a flat YAML with the guide's keys (``epochs: 3``,
+``seq_len: 1024``, ...) is understood as well as a sectioned one. A preset names a whole set of
+model dimensions, filled in as the mapping is built; dimensions given explicitly win.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.errors import SabError, bounded, first_line
 
 
 def fld(default: Any, help: str) -> Any:
@@ -34,32 +39,43 @@ PRESETS: dict[str, dict[str, int]] = {
     "3b": dict(hidden=4096, n_heads=64, n_layers=36, ffn=16384, max_seq_len=2048),
 }
 
-FRAGMERGENT_MODES = ("clock", "step", "fixed", "off")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TOKENIZERS = ("char96", "byte", "bpe")
-SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adamw", "muon")
-PARALLEL = ("ddp", "fsdp")
+PRESET_FIELDS = tuple(PRESETS["lightweight"])  # every preset sets these five
+_LIGHT = PRESETS["lightweight"]  # the default model
+
+# The choices of a field, as its type.
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  # the names above
+FragmergentMode = Literal["clock", "step", "fixed", "off"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+TokenizerName = Literal["char96", "byte", "bpe"]
+Schedule = Literal["constant", "cosine"]
+OptimizerName = Literal["adamw", "muon"]
+Parallel = Literal["ddp", "fsdp"]
+MemorySaving = Literal["auto", "on", "off"]
+FRAGMERGENT_MODES, PRECISIONS, TOKENIZERS, SCHEDULES, OPTIMIZERS, PARALLEL, MEMORY_SAVING = (
+    typing.get_args(t) for t in (FragmergentMode, Precision, TokenizerName, Schedule, OptimizerName, Parallel,
+                                 MemorySaving))
 TRACKERS = ("tensorboard", "wandb")
-EXPORT_FORMATS = ("safetensors", "hf", "pt")  # sab-omni export --format
-MEMORY_SAVING = ("auto", "on", "off")
+EXPORT_FORMATS = ("safetensors", "hf", "pt", "gguf")  # sab-omni export --format
+GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 
 
 @dataclass
 class ModelConfig:
     """Architecture of the causal decoder."""
 
-    preset: str = fld("lightweight", "architecture preset: " + ", ".join(PRESETS))
-    hidden: int | None = fld(None, "model width (default: from the preset)")
-    n_heads: int | None = fld(None, "attention heads; must divide hidden (default: from the preset)")
-    n_layers: int | None = fld(None, "transformer blocks (default: from the preset)")
-    ffn: int | None = fld(None, "feed-forward width (default: from the preset)")
-    max_seq_len: int | None = fld(None, "longest context the model accepts (default: from the preset)")
+    preset: Preset = fld("lightweight", "architecture preset, which sets the five dimensions below (those given "
+                                        "explicitly win): " + ", ".join(PRESETS))
+    hidden: int = fld(_LIGHT["hidden"], "model width (default: from the preset)")
+    n_heads: int = fld(_LIGHT["n_heads"], "attention heads; must divide hidden (default: from the preset)")
+    n_layers: int = fld(_LIGHT["n_layers"], "transformer blocks (default: from the preset)")
+    ffn: int = fld(_LIGHT["ffn"], "feed-forward width (default: from the preset)")
+    max_seq_len: int = fld(_LIGHT["max_seq_len"], "longest context the model accepts (default: from the preset)")
     vocab_size: int | None = fld(None, "vocabulary size (default: the tokenizer's)")
     dropout: float = fld(0.0, "dropout probability in attention output and MLP")
     tie_embeddings: bool = fld(True, "share the token embedding with the output head")
     activation_checkpointing: bool = fld(False, "recompute each block's activations in backward to save memory")
-    fragmergent_mode: str = fld("step", "embedding modulation: step (reproducible), clock (the guide's), fixed, off")
+    fragmergent_mode: FragmergentMode = fld("step", "embedding modulation: step (reproducible), clock (the guide's), "
+                                                    "fixed, off")
     fragmergent_t: float = fld(0.0, "the time t used when fragmergent_mode is fixed")
     fragmergent_alpha: float = fld(0.02, "decay rate alpha of phi(t)")
     fragmergent_lambda: float = fld(0.2, "amplitude lambda of phi(t)")
@@ -67,12 +83,7 @@ class ModelConfig:
     fragmergent_strength: float = fld(0.1, "hidden *= 1 + strength * phi(t)")
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise SabError(f"model.preset={bounded(self.preset)} is not one of: {', '.join(PRESETS)}")
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        for name in ("hidden", "n_heads", "n_layers", "ffn", "max_seq_len"):
+        for name in PRESET_FIELDS:
             _positive(f"model.{name}", getattr(self, name))
         if self.vocab_size is not None:
             _positive("model.vocab_size", self.vocab_size)
@@ -82,15 +93,16 @@ class ModelConfig:
             raise SabError(f"model.hidden/model.n_heads={self.hidden // self.n_heads} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.fragmergent_mode not in FRAGMERGENT_MODES:
-            raise SabError(f"model.fragmergent_mode={bounded(self.fragmergent_mode)} is not one of: {', '.join(FRAGMERGENT_MODES)}")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A preset by name, e.g. ``ModelConfig.from_name("lightweight")``."""
-        return cls(preset=name, **overrides)
+        """A preset built whole by name, e.g. ``ModelConfig.from_name("tiny", vocab_size=96)``; the
+        fields given win over the preset's."""
+        if name not in PRESETS:
+            raise SabError(f"model.preset={bounded(name)} is not one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
 
     @property
     def head_dim(self) -> int:
@@ -105,7 +117,7 @@ class DataConfig:
     num_samples: int = fld(5000, "number of synthetic samples (train + validation)")
     seq_len: int = fld(1024, "maximum sequence length; synthetic batches are padded only to their longest sample")
     val_fraction: float = fld(0.1, "fraction of samples (or documents) held out for validation")
-    tokenizer: str = fld("char96", "tokenizer: char96 (the guide's), byte, or bpe (trained on the corpus)")
+    tokenizer: TokenizerName = fld("char96", "tokenizer: char96 (the guide's), byte, or bpe (trained on the corpus)")
     tokenizer_path: str | None = fld(None, "reuse a saved tokenizer.json (bpe) instead of training one")
     bpe_vocab_size: int = fld(8192, "vocabulary size when training a BPE tokenizer")
     text_field: str = fld("text", "field holding the text in .json/.jsonl files; column in .parquet/.arrow files "
@@ -126,8 +138,6 @@ class DataConfig:
         _positive("data.seq_len", self.seq_len)
         if not 0.0 < self.val_fraction < 1.0:
             raise SabError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.tokenizer not in TOKENIZERS:
-            raise SabError(f"data.tokenizer={bounded(self.tokenizer)} is not one of: {', '.join(TOKENIZERS)}")
         if self.bpe_vocab_size < 300:
             raise SabError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 300 (256 bytes + specials + merges)")
         _positive("data.bpe_vocab_size", self.bpe_vocab_size)
@@ -151,25 +161,25 @@ class TrainConfig:
     max_grad_norm: float = fld(1.0, "gradient clipping threshold (0 disables clipping)")
     beta1: float = fld(0.9, "AdamW beta1")
     beta2: float = fld(0.95, "AdamW beta2")
-    optimizer: str = fld("adamw", "adamw (the guide's), or muon: Muon for the blocks' weight matrices, AdamW for "
-                                  "the rest (the from-scratch recipe's choice; docs/RECIPES.md)")
+    optimizer: OptimizerName = fld("adamw", "adamw (the guide's), or muon: Muon for the blocks' weight matrices, "
+                                            "AdamW for the rest (the from-scratch recipe's choice; docs/RECIPES.md)")
     muon_learning_rate: float = fld(0.05, "peak learning rate of the Muon-updated matrices (optimizer muon; the "
                                           "from-scratch recipe sets 0.8 / sqrt(hidden))")
     muon_warmup_steps: int = fld(10, "linear warmup steps of the Muon-updated matrices (optimizer muon)")
-    lr_schedule: str = fld("constant", "learning-rate schedule: constant (the guide's) or cosine")
+    lr_schedule: Schedule = fld("constant", "learning-rate schedule: constant (the guide's) or cosine")
     warmup_steps: int = fld(0, "linear warmup steps (both schedules)")
     min_lr_ratio: float = fld(0.1, "cosine floor as a fraction of learning_rate")
-    precision: str = fld("auto", "auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
+    precision: Precision = fld("auto", "auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
     device: str = fld("auto", "auto (cuda, then mps, then cpu) or a torch device string")
     compile: bool = fld(False, "wrap the model in torch.compile")
     checkpoint_dir: str = fld("checkpoints", "where checkpoints and metrics.jsonl are written")
     save_every: int = fld(0, "also save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_last: int = fld(3, "step checkpoints to keep (epoch checkpoints and best_model.pt are always kept)")
     resume: str = fld("none", "none | auto (latest checkpoint in checkpoint_dir, if any) | a checkpoint path")
-    init_from: str | None = fld(None, "start a new run from these weights (a checkpoint, .safetensors file, saved or "
-                                      "transformers folder, or a Hub id in the local cache): the model and tokenizer "
-                                      "come from it, the optimizer and schedule start fresh; a checkpoint to resume "
-                                      "from takes precedence")
+    init_from: str | None = fld(None, "start a new run from these weights (a checkpoint, .safetensors or .gguf file, "
+                                      "saved or transformers folder, or a Hub id in the local cache): the model and "
+                                      "tokenizer come from it, the optimizer and schedule start fresh; a checkpoint to "
+                                      "resume from takes precedence")
     eval_interval: int = fld(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_batches: int = fld(0, "validation batches per evaluation (0: the whole validation set)")
     log_interval: int = fld(10, "optimizer steps between metric lines")
@@ -181,14 +191,14 @@ class TrainConfig:
     tensorboard: bool = fld(False, "also log to TensorBoard in checkpoint_dir/tb (the same as --report_to tensorboard)")
     seed: int = fld(1234, "seed for initialisation and sampling")
     deterministic: bool = fld(False, "use deterministic algorithms (slower; for bit-exact reproduction)")
-    parallel: str = fld("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp "
-                         "(FSDP2: weights, gradients and optimizer state sharded across processes)")
+    parallel: Parallel = fld("ddp", "under torchrun: ddp (every process holds the whole model) or fsdp "
+                                    "(FSDP2: weights, gradients and optimizer state sharded across processes)")
     auto_micro_batch: bool = fld(False, "use the largest micro-batch the device's memory fits, raising "
                                  "gradient_accumulation_steps to keep batch_size x gradient_accumulation_steps")
     check_memory: bool = fld(True, "estimate peak memory before training and stop with advice if it cannot fit")
-    memory_saving: str = fld("auto", "keep fewer activations for a slightly slower step (GELU recomputed in "
-                             "backward, v copied out of the qkv output; same math): auto (only when the run "
-                             "would not fit without it), on, off")
+    memory_saving: MemorySaving = fld("auto", "keep fewer activations for a slightly slower step (GELU recomputed "
+                                              "in backward, v copied out of the qkv output; same math): auto (only "
+                                              "when the run would not fit without it), on, off")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
@@ -210,10 +220,6 @@ class TrainConfig:
                 raise SabError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise SabError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        for name, choices in (("lr_schedule", SCHEDULES), ("parallel", PARALLEL), ("precision", PRECISIONS),
-                              ("memory_saving", MEMORY_SAVING), ("optimizer", OPTIMIZERS)):
-            if (v := getattr(self, name)) not in choices:
-                raise SabError(f"train.{name}={bounded(v)} is not one of: {', '.join(choices)}{did_you_mean(str(v).lower(), choices)}")
         if not self.checkpoint_dir:
             raise SabError("train.checkpoint_dir is empty")
         for name in (n.strip() for n in self.report_to.split(",")):
@@ -245,34 +251,23 @@ class RunConfig:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
-def _micro_batch_mode(value: Any) -> Any:
-    return {"auto": True, "fixed": False}.get(value, value) if isinstance(value, str) else value
-
-
-# Keys renamed to say what they are; the old spellings (in configs, flags and the checkpoints of
-# earlier versions) keep working.
+# Keys renamed to say what they are: old name -> (new name, old value -> new value). The old
+# spellings (in configs, flags and the checkpoints of earlier versions) keep working.
 RENAMED: dict[str, tuple[str, Any]] = {
     "length_bucketing": ("length_bucket_size", lambda v: v),
-    "micro_batch_size": ("auto_micro_batch", _micro_batch_mode),
+    "micro_batch_size": ("auto_micro_batch", lambda v: {"auto": True, "fixed": False}.get(v, v) if isinstance(v, str)
+                         else v),
 }
-
-
-def _on_off(value: Any) -> Any:
-    return ("on" if value else "off") if isinstance(value, bool) else value
-
-
-# Fields whose words YAML reads as booleans (``memory_saving: off`` is False in YAML 1.1).
-SPELLINGS: dict[str, Any] = {"memory_saving": _on_off}
+# Fields whose words YAML 1.1 reads as booleans (``memory_saving: off`` is False): the words back.
+SPELLINGS: dict[str, Any] = {"memory_saving": lambda v: ("on" if v else "off") if isinstance(v, bool) else v}
 
 
 def renamed(name: str, value: Any) -> tuple[str, Any]:
     """(current name, value) for a possibly old key, with YAML's booleans back as the words meant."""
-    if name in RENAMED:
-        new, convert = RENAMED[name]
-        return new, convert(value)
-    if name in SPELLINGS:
-        return name, SPELLINGS[name](value)
-    return name, value
+    new, convert = RENAMED.get(name) or (name, SPELLINGS.get(name, lambda v: v))
+    return new, convert(value)
+
+
 # field name -> section, for flat keys and short CLI flags; names are unique across sections.
 FIELD_SECTION: dict[str, str] = {f.name: s for s, c in SECTIONS.items() for f in fields(c)}
 assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "field names must be unique"
@@ -306,87 +301,98 @@ def _finite(name: str, value: Any) -> None:
         raise SabError(f"{name}={bounded(value)} must be a finite number")
 
 
-def coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check/convert one value against its annotation; strings (from the CLI) are parsed."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+_HINTS: dict[str, dict[str, Any]] = {s: typing.get_type_hints(c) for s, c in SECTIONS.items()}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _expected(hint: Any, value: Any = "") -> str:
+    """What a field of this type takes, as the end of an error message."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return f"is not one of: {', '.join(choices)}{did_you_mean(str(value).lower(), choices)}"
+    base = next(a for a in (*typing.get_args(hint), hint) if a is not type(None))
+    return {int: "must be an integer", float: "must be a number", bool: "must be true or false"}.get(
+        base, "must be a string")
+
+
+def _plain(name: str, value: Any, hint: Any) -> Any:
+    """A value as jsonargparse is given it. A string for a number or a switch (a flag, a quoted value,
+    YAML 1.1's ``3e-4``) is read here: jsonargparse would read it as YAML with aliases, where a
+    short string can expand to gigabytes. Where None is allowed, ``none``, ``null`` and an empty
+    string mean None; a whole float (``3.0``) is an integer; a number is the text of a string field."""
+    args = typing.get_args(hint)
+    optional, base = type(None) in args, next(a for a in (*args, hint) if a is not type(None))
+    if value is None or optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "~", ""):
         if optional:
             return None
         raise SabError(f"{name} must not be empty")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise SabError(f"{name}={bounded(value)} must be true or false")
-    if base is int:
-        if isinstance(value, bool):
-            raise SabError(f"{name}={bounded(value)} must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    f = math.nan
-                if math.isfinite(f) and f.is_integer():
-                    return int(f)
-        raise SabError(f"{name}={bounded(value)} must be an integer")
-    if base is float:
-        if isinstance(value, bool):
-            raise SabError(f"{name}={bounded(value)} must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise SabError(f"{name}={bounded(value)} must be a number")
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise SabError(f"{name}={bounded(value)} must be a string")
-    raise TypeError(f"unsupported annotation {annotation!r} for {name}")  # programming error
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `dataset: 2024`, a folder named 2024
+    if isinstance(value, str) and base in (int, float, bool):
+        word = value.strip().lower()
+        if base is bool and word in (*_TRUE, *_FALSE):
+            return word in _TRUE
+        try:  # int() first, so that a 20-digit seed stays exact
+            value = int(word) if base is int and word.lstrip("+-").replace("_", "").isdigit() else float(word)
+        except ValueError:
+            raise SabError(f"{name}={bounded(value)} {_expected(hint)}") from None
+    return int(value) if base is int and isinstance(value, float) and value.is_integer() else value
 
 
-def build_config(raw: Any, source: str = "config") -> RunConfig:
-    """Validate a (sectioned or flat) mapping into a RunConfig; unknown keys are errors."""
+def _route(raw: Any, source: str) -> dict[str, dict[str, Any]]:
+    """A sectioned or flat mapping (or both, with earlier spellings) as ``{section: {field: value}}``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise SabError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    sectioned: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    routed: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in raw.items():
-        key, value = renamed(key, value) if isinstance(key, str) else (key, value)
-        if key in SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise SabError(f"{source}: section {bounded(key)} must be a mapping, got {type(value).__name__}")
-            for sub, v in value.items():
-                sub, v = renamed(sub, v) if isinstance(sub, str) else (sub, v)
-                if FIELD_SECTION.get(sub) != key:
-                    known = [f.name for f in fields(SECTIONS[key])]
-                    raise SabError(f"{source}: unknown key {bounded(f'{key}.{sub}')}{did_you_mean(sub, known)}")
-                sectioned[key][sub] = v
-        elif isinstance(key, str) and key in FIELD_SECTION:
-            sectioned[FIELD_SECTION[key]][key] = value
-        else:
-            raise SabError(f"{source}: unknown key {bounded(key)}{did_you_mean(key, [*SECTIONS, *FIELD_SECTION])}")
-    built = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        kwargs = {k: coerce(f"{section}.{k}", v, hints[k]) for k, v in sectioned[section].items()}
-        built[section] = cls(**kwargs)
-    return RunConfig(**built)
+        if key in SECTIONS and not isinstance(value, (dict, type(None))):
+            raise SabError(f"{source}: section {bounded(key)} must be a mapping, got {type(value).__name__}")
+        for given, v in (value or {}).items() if key in SECTIONS else [(key, value)]:
+            name, v = renamed(given, v) if isinstance(given, str) else (given, v)
+            section = FIELD_SECTION.get(name) if isinstance(name, str) else None
+            if section is None or (key in SECTIONS and section != key):
+                where = f"{key}.{given}" if key in SECTIONS else key
+                known = [f.name for f in fields(SECTIONS[key])] if key in SECTIONS else [*SECTIONS, *FIELD_SECTION]
+                raise SabError(f"{source}: unknown key {bounded(where)}{did_you_mean(given, known)}")
+            routed[section][name] = v
+    return routed
+
+
+@functools.cache
+def _checker() -> Any:
+    """jsonargparse's parser of RunConfig mappings, built once (imported here, not for ``--help``)."""
+    from jsonargparse import ArgumentParser
+
+    # parser_mode json: strings it reads itself (those of string fields) are read as JSON, never YAML with aliases
+    parser = ArgumentParser(exit_on_error=False, parser_mode="json")
+    parser.add_class_arguments(RunConfig, nested_key=None)
+    return parser
+
+
+def build_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a (sectioned or flat) mapping into a RunConfig; unknown keys are errors."""
+    from jsonargparse import ArgumentError
+
+    routed = _route(raw, source)
+    if isinstance(preset := routed["model"].get("preset"), str) and preset in PRESETS:  # the whole set; given win
+        routed["model"] = {**PRESETS[preset], **routed["model"]}
+    typed = {s: {k: _plain(f"{s}.{k}", v, _HINTS[s][k]) for k, v in section.items()} for s, section in routed.items()}
+    parser = _checker()
+    try:
+        built = parser.instantiate(parser.parse_object(typed, defaults=False))  # the dataclasses hold the defaults
+    except ArgumentError as e:  # "Parser key "train.epochs":\n  Expected a <class 'int'>. Got value: ..."
+        found = re.search(r'key "(\w+)\.(\w+)"', str(e))
+        if not found or found[2] not in _HINTS.get(found[1], {}):
+            raise SabError(f"{source}: {first_line(e)}") from None
+        section, name = found.groups()
+        value = typed[section].get(name)
+        raise SabError(f"{section}.{name}={bounded(value)} {_expected(_HINTS[section][name], value)}") from None
+    except (RecursionError, OverflowError) as e:
+        raise SabError(f"{source}: a value is {'nested too deeply' if isinstance(e, RecursionError) else 'too large'}") \
+            from None
+    return RunConfig(**{s: built[s] for s in SECTIONS})
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -449,28 +455,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw or {}
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``{"train.learning_rate": 3e-4}`` or ``{"learning_rate": 3e-4}`` into a raw mapping."""
-    merged: dict[str, Any] = {}
-    for key, value in raw.items():  # normalise to sectioned form
-        if key in SECTIONS and (value is None or isinstance(value, dict)):  # "data:" with nothing under it
-            merged.setdefault(key, {}).update(value or {})
-        elif key in FIELD_SECTION:
-            section = merged.setdefault(FIELD_SECTION[key], {})
-            if not isinstance(section, dict):
-                raise SabError(f"section {bounded(FIELD_SECTION[key])} must be a mapping, got {type(section).__name__}")
-            section[key] = value
-        else:
-            merged[key] = value
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``raw`` sectioned, with ``{"train.learning_rate": 3e-4}`` or ``{"learning_rate": 3e-4}`` merged in."""
+    merged = _route(raw, source)
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
         name, value = renamed(name, value)
         section = section or FIELD_SECTION.get(name, "")
         if FIELD_SECTION.get(name) != section:
             raise SabError(f"unknown option {bounded(key)}{did_you_mean(name, FIELD_SECTION)}")
-        if not isinstance(merged.get(section, {}), dict):
-            raise SabError(f"section {bounded(section)} must be a mapping")
-        merged.setdefault(section, {})[name] = value
+        merged[section][name] = value
     return merged
 
 
@@ -478,18 +472,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Load a YAML file (or the defaults) and apply dotted overrides."""
     raw = load_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "config"
-    return build_config(apply_overrides(raw, overrides or {}), source=source)
+    return build_config(apply_overrides(raw, overrides or {}, source), source=source)
 
 
 def replace(cfg: RunConfig, **overrides: Any) -> RunConfig:
-    """A new validated RunConfig with flat or dotted overrides applied.
-
-    Changing the preset resets the fields the old preset filled in (unless also overridden).
-    """
+    """A new validated RunConfig with flat or dotted overrides applied. A new preset brings its whole
+    set of dimensions, except those overridden in the same call."""
     base = cfg.to_dict()
     if {"preset", "model.preset"} & overrides.keys():
-        for name in PRESETS[cfg.model.preset]:
-            base["model"][name] = None
+        base["model"] = {k: v for k, v in base["model"].items() if k not in PRESET_FIELDS}
     return build_config(apply_overrides(base, overrides))
 
 

@@ -1,10 +1,8 @@
 """Plots of a run's ``metrics.jsonl``: loss and learning rate against optimizer steps.
 
-The trainer appends one JSON object per line to ``<checkpoint_dir>/metrics.jsonl``:
-
-* interval rows: ``step, epoch, loss, lr, grad_norm, tokens_per_s, memory_mb, skipped``;
-* evaluation rows (``train.eval_interval``): ``step, epoch, val_loss``;
-* epoch-end rows: ``step, epoch, train_loss, val_loss``.
+The trainer appends one JSON object per line to ``<checkpoint_dir>/metrics.jsonl``, each of a kind
+that :mod:`sab_byon_omni.training.metrics` defines: ``train`` rows give the loss and learning-rate
+curves, ``eval`` rows validation points, ``epoch_end`` rows the epoch means and their validation.
 
 A resumed run appends to the same file and may repeat steps it had logged before it stopped;
 for every series the last row written for a step wins. A torn last line (a run killed while
@@ -25,7 +23,7 @@ from typing import Any
 
 from sab_byon_omni.errors import SabError, bounded
 from sab_byon_omni.files.untrusted import MAX_STEP  # the one step limit (a float holds every step up to it exactly)
-from sab_byon_omni.training.metrics import METRICS_FILE
+from sab_byon_omni.training.metrics import EPOCH_END, EVAL, METRICS_FILE, TRAIN, row_kind
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +92,17 @@ def _is_step(step: int | float) -> bool:
     return 0 <= step <= MAX_STEP
 
 
+# the curves each kind of row feeds: (field, curve)
+CURVES = {TRAIN: (("loss", "loss"), ("lr", "lr")), EVAL: (("val_loss", "val_loss"),),
+          EPOCH_END: (("train_loss", "epoch_train_loss"), ("val_loss", "val_loss"))}
+
+
 def collect_series(rows: list[dict[str, Any]]) -> Series:
     """Split rows into curves. A later row for the same step replaces an earlier one (resumed runs)."""
     latest: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "val_loss": {}, "epoch_train_loss": {}}
     for row in rows:
         step = int(row["step"])
-        for key, name in (("loss", "loss"), ("lr", "lr"), ("val_loss", "val_loss"), ("train_loss", "epoch_train_loss")):
+        for key, name in CURVES.get(row_kind(row), ()):
             v = row.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 latest[name][step] = float(v)

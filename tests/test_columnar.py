@@ -172,7 +172,7 @@ def test_a_datasets_folder_is_one_dataset_not_loose_files(tmp_path):
     ("missing shard", r"lists 'data-00001-of-00003.arrow', which is missing"),
     ("not a list", "_data_files is not a list of files"),
     ("outside", "is not a file name in its folder"),
-    ("bad json", "not readable as JSON"),
+    ("bad json", "not valid JSON"),
 ])
 def test_a_broken_datasets_folder_is_a_clear_error(tmp_path, breakage, match):
     ds = write_dataset_folder(tmp_path / "ds", TEXTS)

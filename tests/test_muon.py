@@ -16,7 +16,7 @@ from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
 
 def _model(seed: int = 0) -> CausalTransformer:
     torch.manual_seed(seed)
-    return CausalTransformer(ModelConfig(preset="tiny", vocab_size=50, max_seq_len=16))
+    return CausalTransformer(ModelConfig.from_name("tiny", vocab_size=50, max_seq_len=16))
 
 
 def _loss(model: CausalTransformer, seed: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training import trainer as T
 from sab_byon_omni.training.build import Run, build_run
 from sab_byon_omni.training.checkpointer import PART_KEYS, Checkpointer, CheckpointMeta
+from sab_byon_omni.training.metrics import EPOCH_END, EVAL, TRAIN, row_kind
 from sab_byon_omni.training.state import capture_rng
 from tests.hostile import flip_tensor_bit
 
@@ -99,10 +100,9 @@ def test_log_eval_and_save_cadence_and_the_state_after_an_epoch(tmp_path, monkey
     run = built(config(tmp_path, log_interval=3, eval_interval=4, save_every=5, keep_last=10))
     result = T.Trainer(run).fit()
     got = rows(tmp_path / "ckpt")
-    assert [r["step"] for r in got if "lr" in r] == [3, 6, 9, 10]  # every 3 steps, and the epoch's last
-    assert [(r["step"], r["val_loss"]) for r in got if set(r) == {"step", "epoch", "val_loss", "time"}] == [
-        (4, 3.0), (8, 2.0)]
-    assert [(r["step"], r["epoch"], r["val_loss"]) for r in got if "train_loss" in r] == [(10, 1, 2.5)]
+    assert [r["step"] for r in got if row_kind(r) == TRAIN] == [3, 6, 9, 10]  # every 3 steps, and the epoch's last
+    assert [(r["step"], r["val_loss"]) for r in got if row_kind(r) == EVAL] == [(4, 3.0), (8, 2.0)]
+    assert [(r["step"], r["epoch"], r["val_loss"]) for r in got if row_kind(r) == EPOCH_END] == [(10, 1, 2.5)]
     assert saved == [("best_model", 4), ("step_5", 5), ("best_model", 8), ("step_10", 10), ("epoch_1", 10)]
     st = run.state
     assert (st.epoch, st.cursor, st.global_step, st.epoch_tokens, st.best_val_loss) == (1, 0, 10, 0, 2.0)

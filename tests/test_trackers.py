@@ -26,7 +26,6 @@ pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "
 RUN = dict(preset="tiny", num_samples=48, seq_len=64, epochs=2, batch_size=4, gradient_accumulation_steps=1,
            learning_rate=3e-3, precision="fp32", device="cpu", progress=False, log_interval=1, eval_interval=2,
            seed=3)
-KIND = {"lr": "train", "train_loss": "epoch_end"}
 
 
 def expected(run: Path) -> dict[tuple[str, int], float]:
@@ -34,9 +33,10 @@ def expected(run: Path) -> dict[tuple[str, int], float]:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        kind = next((KIND[k] for k in KIND if k in row), "eval")
+        kind = row["kind"]  # every row says what it is
+        assert kind in ("train", "eval", "epoch_end"), row
         for k, v in row.items():
-            if k not in ("step", "time") and v is not None:
+            if k not in ("kind", "step", "time") and v is not None:
                 key = (f"{kind}/{k}", row["step"])
                 assert key not in out, f"{key} twice"
                 out[key] = float(v)

@@ -22,8 +22,15 @@ from sab_byon_omni.config import SECTIONS, RunConfig, build_config, load_config,
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, from_spec
 from sab_byon_omni.device import intra_op_threads, make_precision
 from sab_byon_omni.errors import SabError, bounded, first_line
-from sab_byon_omni.interop.sources import (PRETRAINED_FORMAT, Weights, check_safetensors_header, is_pretrained_folder,
-                                      locate, parse_json, read_weights)
+from sab_byon_omni.files.untrusted import read_json
+from sab_byon_omni.interop.sources import (
+    PRETRAINED_FORMAT,
+    Weights,
+    check_safetensors_header,
+    is_pretrained_folder,
+    locate,
+    read_weights,
+)
 from sab_byon_omni.model.generate import decoding_threads, generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer
 
@@ -32,13 +39,6 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "sab_tokenizer.json"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return parse_json(path.read_bytes(), str(path))
-    except OSError as e:
-        raise SabError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["causal-lm", "sab-byon-omni"]):
@@ -105,8 +105,9 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         """Model, tokenizer and config from any source a command accepts: a training checkpoint
         (``.pt``), a sharded one (``.dcp``), a ``.safetensors`` file from ``sab-omni export``, a folder
         written by :meth:`save_pretrained` (or its ``model.safetensors``), a transformers folder
-        from ``sab-omni export --format hf``, or a Hub id in the local cache (never downloaded).
-        Which one it was is in ``self.origin``."""
+        from ``sab-omni export --format hf``, a GGUF file (``.gguf``, dequantised; see
+        ``interop.gguf``), or a Hub id in the local cache (never downloaded). Which one it was is in
+        ``self.origin``."""
         p = locate(source)
         folder = p if p.is_dir() else p.parent if p.name == WEIGHTS_FILE else None
         if folder is not None and is_pretrained_folder(folder):
@@ -187,7 +188,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         if p.is_dir():
             where = str(p)
             if (p / CONFIG_FILE).is_file():
-                _read_json(p / CONFIG_FILE)  # the mixin parses it first; fail here with a SabError
+                read_json(p / CONFIG_FILE)  # the mixin parses it first; fail here with a SabError
         elif p.exists() or where.startswith(("/", ".", "~")) or where.count("/") != 1:
             raise SabError(f"pretrained model directory not found: {where}")
         try:
@@ -221,11 +222,11 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
             except Exception as e:  # network, auth, missing file: the hub client raises many types
                 raise SabError(f"{model_id}: cannot get {name} from the Hub: {first_line(e)}") from None
 
-        raw = _read_json(fetch(CONFIG_FILE))
+        raw = read_json(fetch(CONFIG_FILE))
         if not isinstance(raw, dict) or raw.get("format") != PRETRAINED_FORMAT:
             raise SabError(f"{model_id}: {CONFIG_FILE} is not a sab-byon-omni config (format {PRETRAINED_FORMAT})")
         cfg = build_config({k: v for k, v in raw.items() if k in SECTIONS}, source=f"{model_id}/{CONFIG_FILE}")
-        self = cls(config=cfg, tokenizer=from_spec(_read_json(fetch(TOKENIZER_FILE))))
+        self = cls(config=cfg, tokenizer=from_spec(read_json(fetch(TOKENIZER_FILE))))
         weights = fetch(WEIGHTS_FILE)
         check_safetensors_header(weights)
         try:

@@ -23,7 +23,6 @@ one dataset: its data files are read in the order ``state.json`` gives, and noth
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.files.untrusted import read_json
 
 EXTENSIONS = {".parquet", ".arrow", ".feather"}  # .feather: an arrow IPC file
 STATE_FILE, INFO_FILE, DICT_FILE = "state.json", "dataset_info.json", "dataset_dict.json"
@@ -285,10 +285,7 @@ def _plain_name(where: Path, name: str) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SabError(f"{path}: not readable as JSON ({first_line(e, 80)})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise SabError(f"{path}: not a JSON object")
     return data

@@ -285,3 +285,16 @@ def parse_json(text: str | bytes, source: str) -> Any:
         raise SabError(f"{source}: JSON nested too deeply to be a config") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise SabError(f"{source}: not valid JSON: {first_line(e)}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in a file we did not write (a ``config.json``, a tokenizer, an index), read through
+    :func:`parse_json`: a file too large is refused before it is read; an unreadable one is a SabError."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_JSON_BYTES:
+            raise SabError(f"{p}: {p.stat().st_size:,} bytes of JSON is more than a config can need")
+        return parse_json(p.read_bytes(), str(p))
+    except OSError as e:
+        raise SabError(f"cannot read {p}: {e.strerror or e}") from None
+

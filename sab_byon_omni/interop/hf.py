@@ -40,8 +40,8 @@ from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_directory
 from sab_byon_omni.files.checkpoint import check_tensors
+from sab_byon_omni.files.untrusted import read_json
 from sab_byon_omni.interop.hf_tokenizer import TOKENIZER_JSON, hf_tokenizer_files, tokenizer_from_json
-from sab_byon_omni.files.untrusted import parse_json
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,7 @@ def save_hf(model: CausalTransformer, tokenizer: Tokenizer, directory: str | Pat
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise SabError(f"{path} not found: not a transformers model folder")
-    try:
-        return parse_json(path.read_bytes(), str(path))
-    except OSError as e:
-        raise SabError(f"cannot read {path}: {e.strerror or e}") from None
+    return read_json(path)
 
 
 def _rope(conf: dict[str, Any]) -> dict[str, Any]:

@@ -46,11 +46,15 @@ def byte_alphabet() -> list[str]:
 
 
 def char96_vocab() -> dict[str, int]:
-    return {PAD: 0, **{ch: i + 1 for i, ch in enumerate(PRINTABLE)}}
+    """char96's ids as a vocabulary: the tokenizer's own encoding of each printable character."""
+    ours = Char96Tokenizer()
+    return {PAD: ours.pad_id, **{ch: ours.encode(ch)[0] for ch in PRINTABLE}}
 
 
 def byte_vocab() -> dict[str, int]:
-    return {PAD: 0, EOS: 1, **{ch: b + 2 for b, ch in enumerate(byte_alphabet())}}
+    """byte's ids as a vocabulary: byte b (id ``b + ByteTokenizer.OFFSET``) under its byte-level character."""
+    ours = ByteTokenizer()
+    return {PAD: ours.pad_id, EOS: ours.eos_id, **{ch: b + ours.OFFSET for b, ch in enumerate(byte_alphabet())}}
 
 
 def _char_class(chars: Iterable[str]) -> str:

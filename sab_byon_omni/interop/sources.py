@@ -8,6 +8,8 @@ accepts the same sources:
 * a ``.safetensors`` file written by ``sab-omni export`` (config and tokenizer in its header);
 * a folder written by ``save_pretrained`` (or its ``model.safetensors``), read by the facade;
 * a transformers folder (GPT-NeoX) written by ``sab-omni export --format hf``;
+* a GGUF file (llama.cpp's format: ``.gguf``, or any file that starts with its magic), or a
+  folder holding exactly one, such as a Hub snapshot of a GGUF repository (see ``interop.gguf``);
 * a Hub id ``user/name`` that is already in the local Hugging Face cache: nothing is downloaded.
 """
 
@@ -30,6 +32,7 @@ from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, MAX_STEP, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
+GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _DIGITS = re.compile(r"[0-9]{1,%d}" % len(str(MAX_STEP)))  # ASCII digits: str.isdigit() accepts "²", which int() refuses
 
@@ -74,12 +77,53 @@ def locate(source: str | Path) -> Path:
             raise SabError(f"{text}: not found as a file or folder, nor in the local Hugging Face cache "
                            f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`; "
                            f"{type(e).__name__})") from None
-    raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
-                   "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local cache)")
+    raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors or .gguf file, "
+                   "a folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local "
+                   "cache)")
+
+
+def gguf_file(p: Path) -> Path | None:
+    """The GGUF file that ``p`` names: ``p`` itself if it is one (by its name or its first bytes),
+    the one ``.gguf`` file of a folder that holds no other model, else None."""
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / dcp.META).is_file():
+            return None
+        found = sorted(f for f in p.glob("*.gguf") if f.is_file())
+        if len(found) > 1:
+            raise SabError(f"{p}: a folder of {len(found)} GGUF files ({bounded([f.name for f in found])}); "
+                           "pass the one to use")
+        return found[0] if found else None
+    if p.suffix == ".gguf":
+        return p
+    if not p.is_file():  # a pipe is never opened to look: it would wait for a writer
+        return None
+    try:
+        with open(p, "rb") as f:
+            return p if f.read(4) == GGUF_MAGIC else None
+    except OSError:
+        return None
+
+
+def read_gguf_weights(p: Path) -> Weights:
+    """The model in a GGUF file, through the transformers-shaped form of ``interop.gguf``."""
+    from sab_byon_omni.interop.gguf import read_gguf
+
+    parts = read_gguf(p)
+    origin = f"GGUF file {p}"
+    try:  # issue 24: the Llama-family model and its converter live in interop.hf (written beside this)
+        from sab_byon_omni.interop.hf import from_hf_parts  # type: ignore[attr-defined]
+    except ImportError:
+        raise SabError(f"{p}: read as a {parts.config['architectures'][0]}, but this build has no model of that "
+                       "shape yet (sab_byon_omni.interop.hf.from_hf_parts)") from None
+    cfg, tokenizer, state = from_hf_parts(*parts, source=origin)
+    return Weights(cfg, tokenizer, state, origin=origin)
 
 
 def read_weights(p: Path) -> Weights:
     """The parts of the model at ``p`` (not a save_pretrained folder: the facade reads those)."""
+    gguf = gguf_file(p)
+    if gguf is not None:
+        return read_gguf_weights(gguf)
     if p.is_dir():
         if (p / "config.json").is_file():
             from sab_byon_omni.interop.hf import load_hf
@@ -88,7 +132,8 @@ def read_weights(p: Path) -> Weights:
             return Weights(cfg, tokenizer, state, origin=f"transformers folder {p}")
         if (p / dcp.META).is_file():
             return _read_sharded(p)
-        raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
+        raise SabError(f"{p}: a folder, but neither a saved model (config.json), a sharded checkpoint (meta.pt) nor "
+                       "a GGUF file")
     if p.suffix == ".safetensors":
         return read_exported_safetensors(p)
     ck = load_checkpoint(p, advice=COPY_ADVICE)  # a model to use: a damaged file asks for another copy

@@ -40,12 +40,21 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def ours_or_warning(record: logging.LogRecord) -> bool:
+    """The package's records, and other libraries' warnings: their INFO lines (the gguf writer's
+    progress, naming its temporary file) are not for the person running a command."""
+    name = record.name
+    return (record.levelno >= logging.WARNING or name in ("root", PACKAGE_LOGGER)
+            or name.startswith(PACKAGE_LOGGER + "."))
+
+
 def install_handler(logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
     """Send ``logger``'s records (the root's by default) to stderr through tqdm, plain messages."""
     logger = logger or logging.getLogger()
     if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
         handler = TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(ours_or_warning)
         logger.addHandler(handler)
     logger.setLevel(level)
 

@@ -1,12 +1,16 @@
 """The run's metrics: one definition of each row, written to ``metrics.jsonl`` (and to the trackers
 the run reports to), reconciled with the checkpoint a run starts from.
 
-Rows (each also carries ``time``, seconds since the epoch):
+This module is the schema of ``metrics.jsonl``: the writer, the reconciliation on resume, the
+trackers and ``sab-omni plot`` all read a row's kind through :func:`row_kind`. Every row carries its
+``kind`` and ``time`` (seconds since the epoch):
 
-* :class:`StepRow`  every ``train.log_interval`` steps: step, epoch, loss, lr, grad_norm,
+* ``train`` (:class:`StepRow`) every ``train.log_interval`` steps: step, epoch, loss, lr, grad_norm,
   tokens_per_s, memory_mb, skipped (and muon_lr with ``optimizer: muon``; lr is AdamW's);
-* :class:`EvalRow`  every ``train.eval_interval`` steps: step, epoch, val_loss;
-* :class:`EpochRow` at each epoch's end: step, epoch, train_loss, val_loss.
+* ``eval`` (:class:`EvalRow`) at every validation inside an epoch: step, epoch, val_loss;
+* ``epoch_end`` (:class:`EpochRow`) at each epoch's end: step, epoch, train_loss, val_loss.
+
+Files written before rows carried a kind are read by their fields (:func:`row_kind`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.files.atomic import atomic_write_text, check_own, open_own
@@ -29,8 +33,12 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+TRAIN, EVAL, EPOCH_END = "train", "eval", "epoch_end"
+
+
 @dataclass
 class StepRow:
+    kind: ClassVar[str] = TRAIN
     step: int
     epoch: int
     loss: float
@@ -44,6 +52,7 @@ class StepRow:
 
 @dataclass
 class EvalRow:
+    kind: ClassVar[str] = EVAL
     step: int
     epoch: int
     val_loss: float
@@ -51,6 +60,7 @@ class EvalRow:
 
 @dataclass
 class EpochRow:
+    kind: ClassVar[str] = EPOCH_END
     step: int
     epoch: int
     train_loss: float
@@ -58,6 +68,20 @@ class EpochRow:
 
 
 Row = StepRow | EvalRow | EpochRow
+ROWS: dict[str, type] = {cls.kind: cls for cls in (StepRow, EvalRow, EpochRow)}
+# kind -> (the fields every such row has, all its fields): optional ones (StepRow.muon_lr) may be left out
+FIELDS = {kind: (frozenset(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING),
+                 frozenset(f.name for f in dataclasses.fields(cls))) for kind, cls in ROWS.items()}
+
+
+def row_kind(row: dict[str, Any]) -> str | None:
+    """The kind of a row read back (``train``, ``eval``, ``epoch_end``), or None for a line that is
+    none of them. A row written before rows carried their kind has the kind whose fields it holds."""
+    kind = row.get("kind")
+    if kind is not None:
+        return kind if kind in ROWS else None
+    keys = frozenset(row) - {"time"}
+    return next((k for k, (required, every) in FIELDS.items() if required <= keys <= every), None)
 
 
 class Tracker(Protocol):
@@ -76,8 +100,8 @@ class MetricsLog:
     def write(self, row: Row) -> None:
         if not self.enabled:
             return
-        data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON: no NaN
-                for k, v in dataclasses.asdict(row).items() if v is not None}  # None: a field this run lacks
+        data = {"kind": row.kind, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # no NaN
+                                     for k, v in dataclasses.asdict(row).items() if v is not None}}  # None: not in this run
         data["time"] = time.time()
         # appended in place, never through a link (refused with one line, as a full or read-only disk)
         fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the run's metrics")
@@ -130,6 +154,5 @@ def _row_key(line: str, step: int) -> tuple | None:
         return None
     if not isinstance(s, int) or isinstance(s, bool) or not 0 < s <= step:
         return None
-    kind = next((k for k in ("lr", "train_loss", "val_loss") if k in row), "other")
-    return kind, s
+    return row_kind(row) or "other", s
 

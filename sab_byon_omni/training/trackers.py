@@ -13,7 +13,6 @@ the run folder.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,10 @@ import yaml
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.errors import SabError, first_line
 from sab_byon_omni.files.atomic import check_own
-from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
+from sab_byon_omni.training.metrics import row_kind
 
 FOLDERS = {"tensorboard": "tb", "wandb": "wandb"}  # where each writes in the run folder
 INSTALL = {"tensorboard": "pip install 'sab-byon-omni[tensorboard]'", "wandb": "pip install 'sab-byon-omni[wandb]'"}
-# kind -> (the fields every such row has, all its fields): optional ones (StepRow.muon_lr) may be left out
-KINDS = {kind: (frozenset(f.name for f in dataclasses.fields(row) if f.default is dataclasses.MISSING),
-                frozenset(f.name for f in dataclasses.fields(row)))
-         for row, kind in ((StepRow, "train"), (EvalRow, "eval"), (EpochRow, "epoch_end"))}
 NOT_SCALARS = ("step", "time")
 
 
@@ -66,8 +61,7 @@ def _import(name: str) -> Any:
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of one metrics row as ``kind/name`` scalars (a value JSON could not hold is None
     in the row and left out here, as in ``metrics.jsonl``)."""
-    keys = frozenset(row) - {"time"}
-    kind = next((k for k, (required, fields) in KINDS.items() if required <= keys <= fields), "other")
+    kind = row_kind(row) or "other"
     return {f"{kind}/{k}": float(v) for k, v in row.items()
             if k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
