@@ -15,7 +15,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
     # whole training steps (benchmarks/levers_step.py):
     python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
-    python benchmarks/levers.py allocator     # the step with freed memory kept in glibc's heap vs glibc's default
+    python benchmarks/levers.py allocator     # the step, freed memory kept in glibc's heap (GLIBC_TUNABLES) or not
     python benchmarks/levers.py regroup       # the default job's steps: configured micro-batches vs regrouped
     python benchmarks/levers.py matmul_floor  # the default job's step against its own matmuls alone and its bound
     python benchmarks/levers.py compile_block # torch.compile of each block only, compile time apart

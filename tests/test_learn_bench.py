@@ -21,7 +21,8 @@ def test_three_steps_of_both_models_then_the_report(tmp_path):
     results = tmp_path / "rows.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--corpus", "stdlib", "--preset", "tiny",
                           "--steps", "3", "--val-windows", "8", "--results", str(results), "--cache", str(tmp_path / "c")],
-                         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                         capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})  # this checkout's package
     assert run.returncode == 0, run.stderr[-3000:]
     ours, gpt2 = (json.loads(line) for line in results.read_text().splitlines())
     assert (ours["model"], gpt2["model"]) == ("ours", "gpt2") and ours["steps"] == gpt2["steps"] == 3

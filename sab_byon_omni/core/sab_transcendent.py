@@ -89,6 +89,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         self.config, self.tokenizer = cfg, tokenizer
         self.origin, self.global_step = "new model", 0  # where load() found it, and its training step
         self.last_tokens_per_second, self.last_threads = 0.0, 0  # of the last generate()
+        self._printed = ""  # the text the last generate() streamed so far
         if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
             with torch.device("meta"):
                 self.model = CausalTransformer(cfg.model)

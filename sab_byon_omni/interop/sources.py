@@ -28,13 +28,13 @@ from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
-from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json
+from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, MAX_STEP, parse_json
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
 GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
-_COUNT = re.compile(r"[0-9]{1,13}")  # ASCII digits: str.isdigit() accepts "²", which int() refuses
+_DIGITS = re.compile(r"[0-9]{1,%d}" % len(str(MAX_STEP)))  # ASCII digits: str.isdigit() accepts "²", which int() refuses
 
 
 @dataclass
@@ -204,6 +204,6 @@ def check_safetensors_header(p: Path) -> None:
 
 def _count(value: Any, name: str, p: Path) -> int:
     text = str(value)
-    if not _COUNT.fullmatch(text):
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_STEP:
         raise SabError(f"{p}: damaged metadata: {name}={bounded(value)} is not a step count")
     return int(text)
