@@ -85,21 +85,21 @@ def shape_overrides(args: argparse.Namespace) -> dict:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(preset=args.preset, vocab_size=ByteTokenizer.vocab_size, max_seq_len=args.seq_len,
-                       **shape_overrides(args))
+    return ModelConfig.from_name(args.preset, vocab_size=ByteTokenizer.vocab_size, max_seq_len=args.seq_len,
+                                 **shape_overrides(args))
 
 
 def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> tuple:
     """(model object, set-up Trainer, config) for our side. The one place that touches the Trainer:
-    ``Trainer(...)``, ``setup()``, ``epoch_batches(0)`` and ``fit()``."""
+    ``build_run(...)``, ``Trainer(run)``, ``epoch_batches(0)`` and ``fit()``."""
+    from sab_byon_omni.training.build import build_run
     from sab_byon_omni.training.trainer import Trainer
 
     train, _ = corpus.corpus.windows(args.seq_len)
     cfg = our_config(args, corpus, ckpt_dir)
     sab = SABTranscendentV2(config=cfg, tokenizer=ByteTokenizer())
-    trainer = Trainer(sab.model, sab.tokenizer, train, None, sab.config)
-    trainer.setup()
-    return sab, trainer, cfg
+    trainer = Trainer(build_run(sab.model, sab.tokenizer, train, None, sab.config))
+    return sab, trainer, trainer.run.cfg
 
 
 def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tuple[dict, list[Batch]]:

@@ -49,7 +49,7 @@ def on_rule_schedule(row: dict, beta1: float | None = SWEEP_BETA1, muon: bool = 
     """An ours run whose schedule, betas, decay and clipping are the rule's (only the rate may differ),
     except beta1, which must be ``beta1`` (default: the sweep's 0.9; None: the rule's), and the
     optimizer: AdamW (the rate sweep's) unless ``muon`` (then the rule's Muon, its rate free)."""
-    rule = recipe_for_geometry(ModelConfig(preset="tiny"), row["seq_len"], row["batch"], 1, 1, row["steps"])
+    rule = recipe_for_geometry(ModelConfig.from_name("tiny"), row["seq_len"], row["batch"], 1, 1, row["steps"])
     want = dict(warmup=rule.warmup_steps, schedule=rule.lr_schedule, min_lr_ratio=rule.min_lr_ratio,
                 beta1=rule.beta1 if beta1 is None else beta1, beta2=rule.beta2, weight_decay=rule.weight_decay,
                 clip=1.0, **muon_fields("muon" if muon else "adamw", row["muon_lr"], rule.muon_warmup_steps))
@@ -64,7 +64,7 @@ def reference_gpt2(row: dict) -> bool:
 def slow_in_rule(row: dict) -> bool:
     """Whether the current rule (not the one of the run's day) calls this rate slow."""
     shape = row.get("shape") or {}
-    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    model = ModelConfig.from_name(row["preset"].split("/")[0], **shape)
     return learns_slowly(row["lr"], model, row["batch"] * row["seq_len"]) is not None
 
 
@@ -75,7 +75,7 @@ def _size(rows: list[dict], preset: str) -> int:
 def at_rule(row: dict) -> bool:
     """An ours run with everything from the rule: its schedule and its peak rate for this shape."""
     shape = row.get("shape") or {}
-    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    model = ModelConfig.from_name(row["preset"].split("/")[0], **shape)
     rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
     return (on_rule_schedule(row, beta1=None, muon=True) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
             and math.isclose(row["muon_lr"], rule.muon_learning_rate, rel_tol=1e-6))
@@ -122,7 +122,7 @@ def sweep_table(rows: list[dict], corpus: str) -> list[str]:
 def muon_rule(row: dict) -> bool:
     """An ours run with the rule's Muon recipe in all but the Muon rate (a point of the Muon sweep)."""
     shape = row.get("shape") or {}
-    model = ModelConfig(preset=row["preset"].split("/")[0], **shape)
+    model = ModelConfig.from_name(row["preset"].split("/")[0], **shape)
     rule = recipe_for_geometry(model, row["seq_len"], row["batch"], 1, 1, row["steps"])
     return on_rule_schedule(row, beta1=None, muon=True) and math.isclose(row["lr"], rule.learning_rate, rel_tol=1e-6)
 

@@ -15,13 +15,13 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
     # whole training steps (benchmarks/levers_step.py):
     python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
-    python benchmarks/levers.py allocator     # the step with freed memory kept in glibc's heap vs glibc's default
+    python benchmarks/levers.py allocator     # the step, freed memory kept in glibc's heap (GLIBC_TUNABLES) or not
     python benchmarks/levers.py regroup       # the default job's steps: configured micro-batches vs regrouped
     python benchmarks/levers.py matmul_floor  # the default job's step against its own matmuls alone and its bound
     python benchmarks/levers.py compile_block # torch.compile of each block only, compile time apart
     python benchmarks/levers.py bf16          # native bf16? then bf16 autocast vs fp32
     python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
-    python benchmarks/levers.py muon          # the step with AdamW vs Muon + AdamW, preset small, 16 x 128
+    python benchmarks/levers.py muon          # Newton-Schulz fp32/bf16, per matrix/batched; the step AdamW vs Muon
 
 Each prints the median seconds per call of each variant and its speed relative to the first (the
 first's time / its time: above 1 is faster). ``--threads N`` sets torch's threads; ``--clock cpu``

@@ -9,6 +9,7 @@ which other processes' load does not inflate (with 2 threads CPU time would coun
 from __future__ import annotations
 
 import collections
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,20 +70,26 @@ def plain_step(batch: int, seq: int) -> Callable[[], None]:
     return PEER_STEPS["minimal"](cfg, random_batch(batch, seq, 96, 0), make_precision("fp32", torch.device("cpu")))
 
 
+# glibc's malloc keeping freed memory for the next step (read by glibc when a process starts; the
+# package never changes it: docs/TRAINING.md, "The C allocator"). MALLOC_MMAP_MAX_=0
+# MALLOC_TRIM_THRESHOLD_=2147483647 are the older spelling of the same two settings.
+KEEP_FREED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"}
+
+
 def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int = 1024, steps: int = 3) -> None:
-    """Whole steps, each variant in processes of its own (the allocator is per process), alternating:
-    ours with freed memory kept in glibc's heap (what a CPU run with room does:
-    ``machine.set_freed_memory``), ours with glibc's default (``SAB_KEEP_FREED_MEMORY=0``), the
-    plain reference GPT (which leaves glibc as it is), and ours with memory saving on (what the plan
-    does when memory is short). Median step time, page faults per step, peak RSS."""
+    """Whole steps, each variant in processes of its own (glibc reads its malloc settings when a
+    process starts), alternating: ours with glibc's default, ours with freed memory kept in glibc's
+    heap (:data:`KEEP_FREED` in the child's environment), the plain reference GPT (glibc's default),
+    and ours with memory saving on (what the plan does when memory is short). Median step time,
+    page faults per step, peak RSS."""
     import json
     import os
     import statistics
     import subprocess
     import sys
 
-    glibc = {"SAB_KEEP_FREED_MEMORY": "0"}
-    variants = {"ours (freed memory kept)": ("ours", {}), "ours, glibc's default": ("ours", glibc),
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    variants = {"ours, glibc's default": ("ours", {}), "ours, freed memory kept (GLIBC_TUNABLES)": ("ours", KEEP_FREED),
                 "plain reference (glibc's default)": ("plain", {}), "ours, memory saving on": ("saving", {})}
     rows: dict[str, list[list[float]]] = {k: [] for k in variants}
     for i in range(max(reps, 2)):
@@ -90,23 +97,50 @@ def bench_allocator(interleave: Interleave, reps: int, batch: int = 4, seq: int 
             which, env = variants[name]
             code = _ALLOC_CHILD.format(here=os.path.dirname(os.path.abspath(__file__)), threads=torch.get_num_threads(),
                                        batch=batch, seq=seq, steps=steps, which=which)
-            out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+            out = subprocess.run([sys.executable, "-c", code], env={**base, **env},
                                  capture_output=True, text=True, check=True)
             rows[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     last = statistics.median(r[0] for r in rows["plain reference (glibc's default)"])
     rss = max(r[2] for r in rows["plain reference (glibc's default)"])
     for name, rs in rows.items():
         t, peak = statistics.median(r[0] for r in rs), max(r[2] for r in rs)
-        print(f"{name:36s} step {t:7.2f} s ({last / t:5.3f}x the plain's speed)   page faults per step "
+        print(f"{name:42s} step {t:7.2f} s ({last / t:5.3f}x the plain's speed)   page faults per step "
               f"{statistics.median(r[1] for r in rs):9,.0f}   peak RSS {peak:7,.0f} MB ({peak / rss:5.3f}x the plain's)")
 
 
 def bench_muon(interleave: Interleave, reps: int, batch: int = 16, seq: int = 128) -> None:
-    """The Trainer's whole step with AdamW and with Muon for the blocks' matrices, preset small
-    (the learning benchmark's model and, by default, its 16 x 128-token step). Muon's Newton-Schulz
-    work per matrix does not grow with the batch: try ``--batch 16 --seq 1024`` too."""
-    steps = {f"AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small"),
-             f"Muon + AdamW, small, {batch} x {seq}": ours_step(batch, seq, preset="small", optimizer="muon")}
+    """What Muon costs. First its Newton-Schulz iterations alone, one optimizer step's worth for
+    each preset's matrices (``muon_matrices``, qkv as 3 blocks): fp32 and bf16, one call per matrix,
+    the optimizer's batches (``orthogonalize_all``: same-shape matrices stacked up to the device's
+    ``BATCH_ELEMENTS``) and one call per shape. Then the Trainer's whole step, preset small (the
+    learning benchmark's model and, by default, its 16 x 128-token step), with AdamW and with Muon +
+    AdamW in fp32 and in bf16 Newton-Schulz. Muon's work per matrix does not grow with the batch:
+    try ``--batch 16 --seq 1024`` too."""
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.model.transformer import CausalTransformer
+    from sab_byon_omni.training.muon import orthogonalize, orthogonalize_all, orthogonalize_stacked, shape_batches
+
+    print(f"CPU: {cpu_flags_summary()}; native bf16: {cpu_has_native_bf16()}")
+    for preset in ("tiny", "small", "lightweight"):
+        model = CausalTransformer(ModelConfig.from_name(preset, vocab_size=96))
+        g = torch.Generator().manual_seed(0)
+        mats = [torch.randn(k, p.shape[0] // k, p.shape[1], generator=g) for p, k in model.muon_matrices()]
+        print(f"\n{preset}: Newton-Schulz of one step, {len(mats)} matrices, {sum(m.numel() for m in mats):,} weights")
+        whole = shape_batches([(m.device, m.dtype, *m.shape) for m in mats], max_elements=1 << 40)
+        variants = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            variants[f"{name}, per matrix"] = lambda d=dtype: [orthogonalize(m, dtype=d) for m in mats]
+            variants[f"{name}, batched (the optimizer's)"] = lambda d=dtype: orthogonalize_all(mats, dtype=d)
+            variants[f"{name}, one call per shape"] = lambda d=dtype: [
+                orthogonalize_stacked([mats[i] for i in b], d) for b in whole]
+        interleave(variants, reps)
+    print(f"\nthe Trainer's step, small, {batch} x {seq}")
+    steps = {"AdamW": ours_step(batch, seq, preset="small")}
+    for dtype in (torch.float32, torch.bfloat16):
+        step = ours_step(batch, seq, preset="small", optimizer="muon")
+        step.trainer.run.optimizer.muon.ns_dtype = dtype
+        steps[f"Muon + AdamW, {str(dtype).removeprefix('torch.')} Newton-Schulz"] = step
     interleave(steps, reps)
 
 
@@ -115,13 +149,13 @@ def default_job(windows: int) -> tuple[Trainer, list[list[Batch]]]:
     ``windows`` accumulation windows."""
     from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
     from sab_byon_omni.data.factory import load_datasets
+    from sab_byon_omni.training.build import build_run
 
     cfg = load_config("configs/default.yaml", {"train.checkpoint_dir": tempfile.mkdtemp(prefix="sab_lever_") + "/c",
                                                "train.progress": "false", "train.resume": "none"})
     tok, train, _ = load_datasets(cfg.data)
     sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    trainer = Trainer(sab.model, tok, train, None, sab.config)
-    trainer.setup()
+    trainer = Trainer(build_run(sab.model, tok, train, None, sab.config))
     batches = list(trainer.epoch_batches(0))
     per = cfg.train.gradient_accumulation_steps
     return trainer, [batches[i:i + per] for i in range(0, per * windows, per)]
@@ -135,11 +169,14 @@ def bench_regroup(interleave: Interleave, reps: int, windows: int = 2, **_: int)
     print(plan.describe(), f"; regrouping: up to {plan.pass_rows} rows, ~{plan.pass_positions} tokens per pass")
 
     def run(positions: int) -> Callable[[], None]:
+        passes = (64, positions) if positions else (0, 0)
+        variant = Trainer(dataclasses.replace(trainer.run, memory=dataclasses.replace(
+            plan, pass_rows=passes[0], pass_positions=passes[1])))
+
         def fn() -> None:
-            plan.pass_rows, plan.pass_positions = (64, positions) if positions else (0, 0)
             for w in wins:
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.forward_backward(w)
+                variant.run.optimizer.zero_grad(set_to_none=True)
+                variant.forward_backward(w)
         return fn
 
     interleave({"configured (16 x 4)": run(0), "regrouped, ~512 tokens/pass": run(512),
@@ -200,7 +237,7 @@ def bench_matmul_floor(interleave: Interleave, reps: int, windows: int = 1, **_:
     real = sum(int((b.labels != IGNORE_INDEX).sum()) for w in wins for b in w)
     mean = real / sum(b.input_ids.shape[0] for w in wins for b in w)
     top = measure_matmul_peak(torch.float32, torch.device("cpu"))
-    bound = real * train_flops_per_token(trainer.cfg.model, round(mean)) / top
+    bound = real * train_flops_per_token(trainer.run.cfg.model, round(mean)) / top
     s, m = times["optimizer step(s) of the default job"], times["their matmuls alone"]
     print(f"{real:,} real tokens; matmul bound {bound:.2f} s at the fp32 peak measured now ({top / 1e12:.3g} "
           f"TFLOP/s): step / bound {s / bound:.2f}x = matmuls alone / bound {m / bound:.2f}x "

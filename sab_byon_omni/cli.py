@@ -4,14 +4,15 @@ Each command lives in ``sab_byon_omni/commands/<name>.py`` with ``register(subpa
 parser, with help and an example) and ``run(args) -> int``. Command modules import only light
 modules at the top (torch is imported when a command runs), so ``--help`` answers at once.
 
-Every long flag is accepted as ``--flag-name`` and ``--flag_name``; a flag is never guessed from a
-prefix; a mistyped one gets a "did you mean". Bad input anywhere ends as one line ``error: ...``
-on stderr and exit status 2; a run stopped by a signal exits with 130.
+Every long flag is declared as ``--flag-name`` and ``--flag_name`` (--help shows the first); a flag
+is never guessed from a prefix; a mistyped one gets a "did you mean". Bad input anywhere ends as one
+line ``error: ...`` on stderr and exit status 2; a run stopped by a signal exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import importlib
 import logging
@@ -20,8 +21,10 @@ import re
 import signal
 import sys
 import threading
+from typing import Any
 
 from sab_byon_omni import __version__
+from sab_byon_omni.commands.common import spellings
 from sab_byon_omni.errors import SabError
 
 COMMANDS = ("train", "eval", "generate", "estimate", "bench", "plot", "export", "consolidate")
@@ -42,15 +45,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _expand_help(self, action: argparse.Action) -> str:
         return plain(super()._expand_help(action)) or ""
 
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        """Each flag in the spelling given first: ``--max-new-tokens``, not also ``--max_new_tokens``."""
+        shown, seen = copy.copy(action), set()
+        shown.option_strings = []
+        for o in action.option_strings:
+            if o.replace("_", "-") not in seen:
+                shown.option_strings.append(o)
+                seen.add(o.replace("_", "-"))
+        return super()._format_action_invocation(shown)
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse that never guesses a flag from its prefix, accepts ``-``/``_`` spellings alike, and
-    reports bad arguments as one ``error:`` line (with a "did you mean") and exit 2."""
+    """argparse that never guesses a flag from its prefix, declares each long flag in both spellings,
+    and reports bad arguments as one ``error:`` line (with a "did you mean") and exit 2."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        """argparse's, with each long flag in both spellings (:func:`spellings`)."""
+        return super().add_argument(*spellings(*names), **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise SabError(f"{self.prog}: {message}{self._suggestion(message)}")
@@ -59,29 +76,11 @@ class Parser(argparse.ArgumentParser):
         found = re.search(r"unrecognized arguments: (\S+)", message)
         if not found:
             return ""
-        word = found.group(1).split("=", 1)[0]
-        known = [o for o in self._option_string_actions if o.startswith("--")]
-        close = difflib.get_close_matches(word.replace("-", "_"), [k.replace("-", "_") for k in known], n=1,
-                                          cutoff=0.75)
+        word = found.group(1).split("=", 1)[0].replace("-", "_")
+        # the flags --help shows (argparse lists its actions only in _actions; read, never written)
+        known = [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o[:2] == "--"]
+        close = difflib.get_close_matches(word, [k.replace("-", "_") for k in known], n=1, cutoff=0.75)
         return f" (did you mean {known[[k.replace('-', '_') for k in known].index(close[0])]}?)" if close else ""
-
-    def alias(self, old: str, new: str) -> None:
-        """Accept ``old`` as an earlier spelling of the flag ``new`` (not shown in --help)."""
-        self._option_string_actions[old] = self._option_string_actions[new]
-
-    def accept_both_spellings(self) -> None:
-        """Register ``--a_b`` for every ``--a-b`` (and the reverse), without showing both in --help."""
-        for action in list(self._actions):
-            for opt in list(action.option_strings):
-                if not opt.startswith("--"):
-                    continue
-                for alt in ("--" + opt[2:].replace("-", "_"), "--" + opt[2:].replace("_", "-")):
-                    if alt not in self._option_string_actions:
-                        self._option_string_actions[alt] = action
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def build_parser() -> Parser:
@@ -99,8 +98,7 @@ def build_parser() -> Parser:
         p = module.register(sub)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="log warnings and errors only")
-        p.set_defaults(_run=module.run)
-        p.accept_both_spellings()
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -109,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:  # reported by the command's own parser, which knows its flags (for "did you mean")
-            command = _subparsers(parser).choices.get(getattr(args, "command", None) or "", parser)
-            command.error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2

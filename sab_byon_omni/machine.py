@@ -3,14 +3,12 @@ data-sheet peak, and the peaks measured in the run (matmul FLOP/s, memory read b
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import platform
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -113,71 +111,15 @@ def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
     return max(1, cpus - min(others))
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
-_kept = False  # whether glibc keeps freed memory now, by set_freed_memory (process-wide)
-OPT_OUT = "SAB_KEEP_FREED_MEMORY"
-
-
-def _libc() -> Any:
-    """glibc through ctypes on Linux, else the reason it cannot be reached."""
+def malloc_settings() -> str:
+    """The C allocator's settings this process started with, in words, for a benchmark's header: glibc
+    reads ``GLIBC_TUNABLES`` and its ``MALLOC_*_`` variables once, at start-up (how to keep freed
+    memory for the next training step: docs/TRAINING.md, "The C allocator"). Nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library's own allocator (not glibc)"
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return "glibc's default (not reachable through ctypes)"
-
-
-def _user_choice() -> str | None:
-    """Why the user's environment says to leave glibc's malloc alone, if it does."""
-    if os.environ.get(OPT_OUT, "").strip().lower() in _OFF:
-        return f"glibc's default ({OPT_OUT}={os.environ[OPT_OUT]})"
-    chosen = sorted(k for k, v in os.environ.items()
+    chosen = sorted(f"{k}={v.strip()[:120]}" for k, v in os.environ.items()
                     if v.strip() and (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"))
-    return f"glibc malloc settings from {', '.join(chosen)}" if chosen else None
-
-
-def set_freed_memory(keep: bool) -> str:
-    """Whether glibc keeps freed memory for the next training step (``keep``) or gives it back to
-    the system, process-wide. Returns what is in force, in words, for the run's banner.
-
-    glibc maps each allocation above its mmap threshold (at most 32 MiB; an activation of a
-    4 x 1024-token Lightweight step is 48 MiB) with ``mmap`` and unmaps it on ``free``, so every
-    step page-faults its largest tensors in again: about 290,000 faults per step, and 1.03x the
-    step time, on a 2-core EPYC (``python benchmarks/levers.py allocator``). Keeping serves every
-    allocation from the heap and never trims it during the run. The peak RSS stayed the same there,
-    but a heap can fragment (a loop of 48 MiB tensors settled at twice that), so the memory plan
-    asks for it only with room to spare. Giving back, after keeping, maps allocations above 32 MiB
-    again and trims the heap: glibc's limits as its own adjustment leaves them once large tensors
-    have come and gone (that adjustment cannot be switched back on). Nothing is changed where the
-    user chose (``SAB_KEEP_FREED_MEMORY=0``, any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``; set
-    in the middle of a process that kept memory, it is given back) nor on other C libraries."""
-    global _kept
-    libc, user = _libc(), _user_choice()
-    if isinstance(libc, str):
-        state = libc
-    elif keep and user is None:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-        state = (f"freed memory kept for reuse (glibc; {OPT_OUT}=0 gives it back)" if ok
-                 else "glibc's default (mallopt refused)")
-        _kept = ok
-    elif _kept:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_MMAP_MAX, 65536)
-        libc.malloc_trim(0)
-        state = (user or "glibc's default") + ", restored after an earlier run kept freed memory (mmap above 32 MiB)"
-        _kept = False
-    else:
-        state = user or "glibc's default"
-    return state
-
-
-def give_back_freed_memory() -> None:
-    """At the end of a run that kept freed memory: return the free part of the heap to the system
-    (``malloc_trim``), so that the process does not hold the run's peak afterwards."""
-    if _kept:
-        _libc().malloc_trim(0)  # kept: glibc was reachable
+    return "glibc, " + (", ".join(chosen) if chosen else "its defaults")
 
 
 def device_name(device: torch.device) -> str:

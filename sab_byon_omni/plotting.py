@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.files.untrusted import MAX_STEP  # the one step limit (a float holds every step up to it exactly)
 from sab_byon_omni.training.metrics import EPOCH_END, EVAL, METRICS_FILE, TRAIN, row_kind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PNG = "metrics.png"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MAX_STEP = 2**53  # an optimizer step a float holds exactly; a row claiming more (or inf, NaN) is skipped
 
 
 @dataclass

@@ -100,9 +100,8 @@ def test_compiled_model_saves_plain_keys(tmp_path):
     cfg = build_config({"model": {"preset": "tiny"}, "data": {"num_samples": 40, "seq_len": 64},
                         "train": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 1,
                                   "compile": True, "checkpoint_dir": str(tmp_path), "progress": False}})
-    from tests.test_trainer import make_trainer
-    trainer = make_trainer(cfg)
-    trainer.setup()
+    from tests.helpers import trainer_for
+    trainer = trainer_for(cfg)
     trainer.save_checkpoint("c", loss=0.0)
     keys = torch.load(tmp_path / "c.pt")["model_state_dict"].keys()
     assert "embed.weight" in keys and not any("_orig_mod" in k for k in keys)

@@ -5,6 +5,8 @@ transformers folder, cached Hub id) in generate, eval, export and train --init_f
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sab_byon_omni.cli import build_parser, main
+from sab_byon_omni.commands.common import collect_overrides
 from sab_byon_omni.config import load_config
 from tests.helpers import tiny_run
 
@@ -41,11 +44,40 @@ def test_every_flag_takes_both_spellings(argv):
     assert args.command == argv[0]
 
 
+def _command_parsers() -> dict:
+    parser = build_parser()
+    return dict(next(a for a in parser._actions if a.dest == "command").choices)
+
+
+def test_both_spellings_are_declared_for_every_flag_and_help_shows_one():
+    """Declared as ordinary option strings of one argument (no private argparse table written);
+    --help shows the spelling given first, once."""
+    for name, p in _command_parsers().items():
+        shown = set(re.findall(r"--[\w.-]+", p.format_help()))
+        for action in p._actions:
+            long = [o for o in action.option_strings if o.startswith("--")]
+            for o in long:
+                assert {"--" + o[2:].replace("_", "-"), "--" + o[2:].replace("-", "_")} <= set(long), (name, o)
+            if action.help != argparse.SUPPRESS:
+                first = list({o.replace("_", "-"): o for o in reversed(long)}.values())
+                assert set(first) <= shown and not (set(long) - set(first)) & shown, (name, long)
+
+
+@pytest.mark.parametrize("flag", ["--learning_rate", "--learning-rate", "--train.learning_rate", "--train.learning-rate"])
+def test_every_spelling_of_a_config_flag_sets_the_same_field(flag):
+    args = build_parser().parse_args(["train", flag, "3e-4", "--data", "notes"])
+    assert collect_overrides(args) == {"train.learning_rate": "3e-4", "data.dataset": "notes"}
+
+
 def test_a_prefix_is_never_taken_for_a_flag_and_a_typo_gets_a_suggestion(in_tmp, capsys):
     assert main(["train", "--learning_rat", "1e-3"]) == 2  # not the 35-minute default job
     one_error(capsys.readouterr().err, "--learning_rat", "did you mean --learning_rate")
     assert main(["generate", "--checkpoint", "x", "--prompt", "y", "--max-new-token", "3"]) == 2
     one_error(capsys.readouterr().err, "did you mean --max-new-tokens")
+    assert main(["train", "--train.learning-rat", "1e-3"]) == 2
+    one_error(capsys.readouterr().err, "did you mean --train.learning_rate")
+    assert main(["plot", "run", "--outptu", "x.png"]) == 2  # the suggestion is a flag --help shows
+    one_error(capsys.readouterr().err, "did you mean --output")
     assert list(in_tmp.iterdir()) == []
 
 

@@ -69,23 +69,23 @@ def test_bf16_is_accepted_only_where_the_gpu_has_it(monkeypatch, capability, nat
 
 def test_fsdp_with_fp16_is_refused_with_what_to_use_instead(monkeypatch):
     from sab_byon_omni.training import distributed as D
-    from sab_byon_omni.training.run_setup import RunSetup
+    from sab_byon_omni.training.build import build_run
 
     monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=2, rank=0))
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "precision": "fp16", "device": "cpu"})
     with pytest.raises(SabError, match="--parallel ddp with fp16 on older ones"):
-        RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
+        build_run(torch.nn.Linear(1, 1), None, [], None, cfg)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_fsdp_with_muon_is_refused_with_what_to_use_instead(monkeypatch, world):
     from sab_byon_omni.training import distributed as D
-    from sab_byon_omni.training.run_setup import RunSetup
+    from sab_byon_omni.training.build import build_run
 
     monkeypatch.setattr(D, "init_distributed", lambda device_type: D.DistInfo(world=world, rank=0))
     cfg = build_config({"preset": "tiny", "parallel": "fsdp", "optimizer": "muon", "device": "cpu"})
     with pytest.raises(SabError, match="optimizer=muon with train.parallel=fsdp .* --parallel ddp, or --optimizer adamw"):
-        RunSetup(torch.nn.Linear(1, 1), None, [], cfg)
+        build_run(torch.nn.Linear(1, 1), None, [], None, cfg)
 
 
 @pytest.mark.parametrize("flags, opt_out, expected", [

@@ -20,7 +20,7 @@ from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training import memory as memory_mod
 from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.memory import apply_activation_checkpointing
-from sab_byon_omni.training.train_3b import run_training
+from sab_byon_omni.training.launch import run_training
 from tests.hostile import plant_metadata_payload, write_dcp
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
@@ -77,7 +77,7 @@ SCENARIOS = textwrap.dedent("""
     # Run by torchrun: every rank executes the same sequence of training runs.
     import sys
     from sab_byon_omni.config import build_config
-    from sab_byon_omni.training.train_3b import run_training
+    from sab_byon_omni.training.launch import run_training
     from sab_byon_omni.training import distributed as D
     RUN = %r
     INIT = %r
@@ -87,21 +87,20 @@ SCENARIOS = textwrap.dedent("""
         import torch
         from sab_byon_omni.data.factory import load_datasets
         from sab_byon_omni.model import init
-        from sab_byon_omni.training.train_3b import new_model
-        from sab_byon_omni.training.trainer import Trainer
+        from sab_byon_omni.training.build import build_run
+        from sab_byon_omni.training.launch import new_model
         init.BLOCK_ELEMENTS = 1000  # shards of 51 and 50 rows cross blocks of 15 rows
         cfg = build_config({**RUN, **INIT})
         tok, tr, va = load_datasets(cfg.data)
         sab = new_model(cfg, tok)
         assert next(sab.model.parameters()).is_meta
-        trainer = Trainer(sab.model, tok, tr, va, sab.config)
-        trainer.setup()
+        run = build_run(sab.model, tok, tr, va, sab.config)
         assert sab.model.head.weight is sab.model.embed.weight
         state = {n: p.full_tensor() for n, p in sab.model.named_parameters()}
         state.update({n: b.clone() for n, b in sab.model.named_buffers()})
-        if trainer.info.is_main:
+        if run.info.is_main:
             torch.save({**state, "local_embed_rows": sab.model.embed.weight.to_local().shape[0]}, "fsdp_init.pt")
-        trainer.run.close()
+        run.close()
         init.BLOCK_ELEMENTS = 1 << 20
     fsdp_initial_weights()
     train(checkpoint_dir="ddp")                                          # the whole epoch
@@ -321,14 +320,8 @@ def test_micro_batch_auto_keeps_the_effective_batch(in_tmp, monkeypatch):
     monkeypatch.setattr(memory_mod, "memory_budget", lambda device: ((need4 * 1.05 - 5e5) / 0.9, "test"))
     cfg = build_config({**RUN, "batch_size": 16, "gradient_accumulation_steps": 1, "auto_micro_batch": True,
                         "max_steps": 1, "checkpoint_dir": "c", "num_samples": 80})
-    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-    from sab_byon_omni.data.factory import load_datasets
-    from sab_byon_omni.training.trainer import Trainer
+    from tests.helpers import trainer_for
 
-    tok, train, val = load_datasets(cfg.data)
-    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    trainer = Trainer(sab.model, tok, train, val, sab.config)
-    trainer.setup()
-    t = trainer.cfg.train
+    t = trainer_for(cfg).run.cfg.train  # the plan's config
     assert t.batch_size * t.gradient_accumulation_steps == 16
     assert t.batch_size < 16 and t.batch_size >= 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sab_byon_omni import cli
+from sab_byon_omni.commands.common import spellings
 from sab_byon_omni.config import RENAMED, SECTIONS
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
@@ -99,10 +100,10 @@ def test_every_available_command_has_help_and_an_example():
         assert p.description, f"'{name}' has no description"
         assert p.epilog and "example" in p.epilog.lower() and f"sab-omni {name}" in p.epilog, \
             f"'{name}' --help has no example"
-        old = {f"--{o}" for o in RENAMED} | {f"--{s}.{o}" for o in RENAMED for s in SECTIONS}
+        old = {*spellings(*(f"--{o}" for o in RENAMED), *(f"--{s}.{o}" for o in RENAMED for s in SECTIONS)), "--out"}
         for action in p._actions:
             if isinstance(action, argparse._HelpAction) or set(action.option_strings) <= old:
-                continue  # the hidden earlier spellings of renamed keys
+                continue  # the hidden earlier spellings of renamed keys and of --output
             assert action.help and action.help != argparse.SUPPRESS, \
                 f"'{name}' option {action.option_strings or action.dest} has no help text"
 

@@ -70,6 +70,7 @@ MEASURE = textwrap.dedent("""
     from sab_byon_omni.config import build_config
     from sab_byon_omni.data.tokenizers import build_tokenizer
     from sab_byon_omni.model.transformer import CausalTransformer
+    from sab_byon_omni.training.build import build_run
     from sab_byon_omni.training.trainer import Trainer
 
     def rss():
@@ -85,7 +86,7 @@ MEASURE = textwrap.dedent("""
                             "train": {"batch_size": batch, "gradient_accumulation_steps": 2, "max_steps": steps,
                                       "progress": False, "checkpoint_dir": tempfile.mkdtemp(), "precision": "fp32",
                                       "device": "cpu", "memory_saving": saving}})
-        Trainer(CausalTransformer(cfg.model), build_token, data, None, cfg).fit()
+        Trainer(build_run(CausalTransformer(cfg.model), build_token, data, None, cfg)).fit()
 
     build_token = build_tokenizer("char96")
     def peak():  # VmHWM: the high-water mark since the last reset
@@ -235,6 +236,7 @@ def test_estimate_agrees_with_cuda_max_memory_allocated(preset, batch, seq, prec
     import numpy as np
 
     from sab_byon_omni.data.tokenizers import build_tokenizer
+    from sab_byon_omni.training.build import build_run
     from sab_byon_omni.training.trainer import Trainer
 
     if not torch.cuda.is_available():
@@ -249,7 +251,7 @@ def test_estimate_agrees_with_cuda_max_memory_allocated(preset, batch, seq, prec
                                   "device": "cuda"}})
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    Trainer(CausalTransformer(cfg.model), build_tokenizer("char96"), data, None, cfg).fit()
+    Trainer(build_run(CausalTransformer(cfg.model), build_tokenizer("char96"), data, None, cfg)).fit()
     measured = torch.cuda.max_memory_allocated() - base
     predicted = estimate(cfg.model, seq, batch, precision, activation_checkpointing=ac, device="cuda").peak
     assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)

@@ -136,13 +136,13 @@ ARG_VALUES = TRICKY + ["precious.txt", "ck", "missing.pt", "out.safetensors", "-
 @pytest.fixture
 def sandbox(in_tmp, monkeypatch):
     """The CLI runs for real, except that training stops right after its config is validated."""
-    import sab_byon_omni.training.train_3b as train_3b
+    import sab_byon_omni.training.launch as launch
 
     def no_training(cfg, **kw):
         assert isinstance(cfg, RunConfig)
         return None, TrainResult()
 
-    monkeypatch.setattr(train_3b, "run_training", no_training)
+    monkeypatch.setattr(launch, "run_training", no_training)
     Path("precious.txt").write_text("the user's file\n")
     return in_tmp
 

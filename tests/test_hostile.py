@@ -323,7 +323,7 @@ def test_a_temperature_too_small_to_divide_by_samples_greedily(trained, capsys):
 
 
 def test_checkpoint_values_out_of_range_are_refused_by_the_loader(trained, tmp_path):
-    from sab_byon_omni.training.state import TrainState
+    from sab_byon_omni.training.checkpointer import read_train_state
 
     ck = load_checkpoint(trained)
     for bad in (-1, 2.5, True, 10**13, "3"):
@@ -331,7 +331,7 @@ def test_checkpoint_values_out_of_range_are_refused_by_the_loader(trained, tmp_p
             load_checkpoint(_variant(trained, tmp_path / "x.pt", global_step=bad))
     for cursor in (-1, 10**12, 1.5):
         with pytest.raises(SabError, match="cursor"):
-            TrainState.from_checkpoint({**ck, "data_state": {**ck["data_state"], "cursor": cursor}}, "x.pt", 100)
+            read_train_state({**ck, "data_state": {**ck["data_state"], "cursor": cursor}}, "x.pt", 100)
 
 
 def test_deeply_nested_json_in_data_and_metrics_is_skipped_not_a_traceback(tmp_path, caplog):

@@ -21,11 +21,12 @@ def test_three_steps_of_both_models_then_the_report(tmp_path):
     results = tmp_path / "rows.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--corpus", "stdlib", "--preset", "tiny",
                           "--steps", "3", "--val-windows", "8", "--results", str(results), "--cache", str(tmp_path / "c")],
-                         capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                         capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})  # this checkout's package
     assert run.returncode == 0, run.stderr[-3000:]
     ours, gpt2 = (json.loads(line) for line in results.read_text().splitlines())
     assert (ours["model"], gpt2["model"]) == ("ours", "gpt2") and ours["steps"] == gpt2["steps"] == 3
-    assert ours["optimizer"] == "muon" and ours["muon_lr"] == pytest.approx(R.muon_learning_rate(ModelConfig(preset="tiny")))
+    assert ours["optimizer"] == "muon" and ours["muon_lr"] == pytest.approx(R.muon_learning_rate(ModelConfig.from_name("tiny")))
     assert gpt2["optimizer"] == "adamw" and gpt2["muon_lr"] is None
     assert ours["val"]["bytes"] == gpt2["val"]["bytes"] > 0  # scored on the very same windows
     for row in (ours, gpt2):  # 3 steps from a uniform guess over 258 ids: log2(258) = 8.0 bits per token

@@ -2,6 +2,8 @@
 run would not fit without it, and the regrouping of an accumulation window into fewer, larger
 passes, which must train the same model up to float rounding."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,26 +14,16 @@ from sab_byon_omni.data.batching import IGNORE_INDEX, collate, regroup
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import estimate
+from sab_byon_omni.training import console
 from sab_byon_omni.training import memory as memory_mod
 from sab_byon_omni.training.trainer import Trainer
+from tests.helpers import tiny_config, trainer_for
 
 
 def run_config(tmp_path, **train):
-    return build_config({
-        "model": {"preset": "tiny"},
-        "data": {"num_samples": 200, "seq_len": 128},
-        "train": {"epochs": 1, "batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 3e-3,
-                  "checkpoint_dir": str(tmp_path / "ckpt"), "progress": False, "precision": "fp32", "device": "cpu",
-                  **train},
-    })
-
-
-def trainer_for(cfg):
-    tok, train, val = load_datasets(cfg.data)
-    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    trainer = Trainer(sab.model, tok, train, val, sab.config)
-    trainer.setup()
-    return trainer
+    """The plan's tests' tiny run: micro-batches of 2, 4 accumulated, fp32 on the CPU."""
+    return tiny_config(tmp_path, **{"batch_size": 2, "gradient_accumulation_steps": 4, "precision": "fp32",
+                                    "device": "cpu", **train})
 
 
 def budget_between(monkeypatch, cfg, saving_fits: bool):
@@ -55,7 +47,7 @@ def saving_on(trainer) -> bool:
 def test_memory_saving_stays_off_when_the_run_fits(tmp_path):
     trainer = trainer_for(run_config(tmp_path))
     assert trainer.run.memory.memory_saving is False and not saving_on(trainer)
-    banner = dict(trainer.run.banner_lines([], None))
+    banner = dict(console.banner_lines(trainer.run, []))
     assert "memory saving off (the run fits without it)" in banner["memory"]
 
 
@@ -64,7 +56,7 @@ def test_memory_saving_goes_on_when_the_run_would_not_fit_without_it(tmp_path, m
     budget_between(monkeypatch, cfg, saving_fits=True)
     trainer = trainer_for(cfg)
     assert trainer.run.memory.memory_saving is True and saving_on(trainer)
-    assert "memory saving on (the run would not fit without it)" in dict(trainer.run.banner_lines([], None))["memory"]
+    assert "memory saving on (the run would not fit without it)" in dict(console.banner_lines(trainer.run, []))["memory"]
 
 
 def test_memory_saving_off_that_cannot_fit_says_auto_would(tmp_path, monkeypatch):
@@ -76,7 +68,7 @@ def test_memory_saving_off_that_cannot_fit_says_auto_would(tmp_path, monkeypatch
 
 def test_memory_saving_on_is_obeyed(tmp_path):
     trainer = trainer_for(run_config(tmp_path, memory_saving=True))  # YAML's `on` is the boolean true
-    assert trainer.cfg.train.memory_saving == "on" and saving_on(trainer)
+    assert trainer.run.cfg.train.memory_saving == "on" and saving_on(trainer)
     assert "train.memory_saving=on" in trainer.run.memory.describe()
 
 
@@ -131,91 +123,13 @@ def test_regrouped_steps_train_the_same_weights_as_the_configured_micro_batches(
     three optimizer steps: the same weights to float rounding."""
     weights = []
     for regrouped in (False, True):
-        trainer = trainer_for(run_config(tmp_path / str(regrouped), batch_size=2, gradient_accumulation_steps=8,
-                                         max_steps=3))
-        if not regrouped:
-            trainer.run.memory.pass_rows = 0
+        trainer = trainer_for(run_config(tmp_path / str(regrouped), gradient_accumulation_steps=8, max_steps=3))
+        if not regrouped:  # the same run with the plan's regrouping off
+            run = trainer.run
+            trainer = Trainer(dataclasses.replace(run, memory=dataclasses.replace(run.memory, pass_rows=0)))
         assert trainer.run.memory.pass_rows == (16 if regrouped else 0)
         trainer.fit()
         weights.append([p.detach().clone() for p in trainer.raw.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)  # as the bucketing test in test_trainer.py
     assert any(not torch.equal(a, b) for a, b in zip(*weights))  # really another geometry (rounding differs)
-
-
-# ---- freed memory kept for the next step (glibc's heap) only with room to spare -----------------
-_FAULTS = """
-import resource, sys, torch
-from sab_byon_omni import machine
-import os
-for keep in sys.argv[1:]:
-    if keep == "optout":
-        os.environ["SAB_KEEP_FREED_MEMORY"] = "0"
-        continue
-    print(machine.set_freed_memory(keep == "keep"))
-per = []
-for _ in range(24):  # kept: the heap settles after ~10 (posix_memalign's trailing remainders split early holes)
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(12 << 20)  # 48 MiB: above glibc's largest mmap threshold
-    x.fill_(1.0)
-    del x
-    per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(max(per[-4:]))
-"""
-
-
-def _faults(*keeps, **env):
-    import os
-    import subprocess
-    import sys
-
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SAB_KEEP_FREED_MEMORY")
-            and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _FAULTS, *keeps], env={**base, **env},
-                         capture_output=True, text=True, check=True, timeout=120)
-    *said, faults = out.stdout.strip().splitlines()
-    return said, int(faults)
-
-
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_kept_freed_memory_ends_the_page_faults_of_large_tensors():
-    said, faults = _faults("keep")
-    assert said == ["freed memory kept for reuse (glibc; SAB_KEEP_FREED_MEMORY=0 gives it back)"] and faults < 1000  # 12,288 pages if mapped afresh
-    said, faults = _faults()
-    assert faults > 10_000  # glibc's default: mapped and faulted in every time
-    said, faults = _faults("give", "keep", "give")  # a tight run after a roomy one in the same process
-    assert [x.split(" (")[0].split(",")[0] for x in said] == ["glibc's default", "freed memory kept for reuse",
-                                                               "glibc's default"]
-    assert said[2].endswith("restored after an earlier run kept freed memory (mmap above 32 MiB)") and faults > 10_000
-    said, faults = _faults("keep", "optout", "give")  # the opt-out set in the middle of the process
-    assert said[1].startswith("glibc's default (SAB_KEEP_FREED_MEMORY=0), restored") and faults > 10_000
-    for env in ({"SAB_KEEP_FREED_MEMORY": "0"}, {"MALLOC_ARENA_MAX": "2"}):  # the user's choice wins
-        said, faults = _faults("keep", **env)
-        assert said[0].startswith(("glibc's default (SAB_KEEP", "glibc malloc settings from MALLOC_ARENA_MAX"))
-        assert faults > 10_000
-    said, faults = _faults("keep", GLIBC_TUNABLES=" ")  # blank: nothing chosen
-    assert said[0].startswith("freed memory kept for reuse")
-
-
-def test_freed_memory_is_kept_only_with_room_for_the_heaps_fragmentation():
-    plan = memory_mod.MemoryPlan(cfg=None, peak=100.0, usable=100.0 * memory_mod.HEAP_REUSE_ROOM, what="test")
-    assert memory_mod.keeps_freed_memory(plan)
-    plan.usable -= 1
-    assert not memory_mod.keeps_freed_memory(plan)
-    plan.peak = float("nan")  # no estimate for this device: nothing to trade against
-    assert not memory_mod.keeps_freed_memory(plan)
-
-
-def test_the_banner_says_what_the_cpu_run_does_with_freed_memory(tmp_path, monkeypatch):
-    from sab_byon_omni.training import run_setup
-
-    asked = []
-    monkeypatch.setattr(run_setup, "set_freed_memory", lambda keep: asked.append(keep) or f"stub: keep={keep}")
-    trainer = trainer_for(run_config(tmp_path))
-    assert dict(trainer.run.banner_lines([], None))["memory"].endswith("; allocator: stub: keep=True")
-    cfg = run_config(tmp_path / "tight")
-    budget_between(monkeypatch, cfg, saving_fits=True)  # fits, but without 1.5x room
-    tight = trainer_for(cfg)
-    assert dict(tight.run.banner_lines([], None))["memory"].endswith(
-        "; allocator: stub: keep=False: keeping freed memory needs room for 1.5x the estimated peak")
-    assert asked == [True, False]

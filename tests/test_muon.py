@@ -1,4 +1,5 @@
-"""Muon for the blocks' matrices, AdamW for the rest, as one optimizer (training/muon.py, optim.py)."""
+"""Muon (training/muon.py) for the matrices the model declares, AdamW for the rest, behind one
+optimizer and one state dict (optim.py MuonWithAdamW)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import torch
 
 from sab_byon_omni.config import ModelConfig, TrainConfig
 from sab_byon_omni.model.transformer import CausalTransformer
-from sab_byon_omni.training.muon import MuonAdamW, orthogonalize
-from sab_byon_omni.training.optim import lr_at, make_optimizer, set_lr
+from sab_byon_omni.training.muon import Muon, newton_schulz_dtype, orthogonalize, orthogonalize_all, shape_batches
+from sab_byon_omni.training.optim import MuonWithAdamW, lr_at, make_optimizer, set_lr
 
 
 def _model(seed: int = 0) -> CausalTransformer:
     torch.manual_seed(seed)
-    return CausalTransformer(ModelConfig(preset="tiny", vocab_size=50, max_seq_len=16))
+    return CausalTransformer(ModelConfig.from_name("tiny", vocab_size=50, max_seq_len=16))
 
 
 def _loss(model: CausalTransformer, seed: int) -> torch.Tensor:
@@ -50,6 +51,79 @@ def test_orthogonalize_of_a_batch_is_each_matrix_on_its_own():
         assert torch.allclose(together[i], orthogonalize(g[i]), atol=1e-6)
 
 
+def test_batched_newton_schulz_equals_the_per_matrix_one():
+    """Same-shape matrices stacked into one call (a tall one transposed to join the wide ones) give
+    each matrix's own result, back in its own orientation."""
+    g = torch.Generator().manual_seed(5)
+    updates = [torch.randn(3, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g),
+               torch.randn(1, 64, 16, generator=g), torch.randn(1, 16, 64, generator=g),
+               torch.randn(1, 8, 24, generator=g)]
+    together = orthogonalize_all(updates, torch.float32)
+    for u, t in zip(updates, together):
+        assert t.shape == u.shape
+        torch.testing.assert_close(t, orthogonalize(u), rtol=0, atol=1e-5)
+
+
+def test_shape_batches_group_one_shape_up_to_a_size():
+    cpu = torch.device("cpu")
+    shapes = [(cpu, torch.float32, 3, 8, 8), (cpu, torch.float32, 1, 32, 8), (cpu, torch.float32, 1, 8, 8),
+              (cpu, torch.float32, 1, 8, 32), (cpu, torch.bfloat16, 1, 8, 8), (cpu, torch.float32, 1, 8, 8)]
+    assert shape_batches(shapes) == [[0, 2, 5], [1, 3], [4]]  # 8 x 32 and 32 x 8 share a call; bf16 apart
+    assert shape_batches(shapes, max_elements=4 * 64) == [[0, 2], [5], [1], [3], [4]]  # a matrix over it: alone
+
+
+def test_the_muon_step_is_each_matrixs_own_update():
+    """Muon's step (batched by shape) moves each matrix by its own orthogonalised Nesterov momentum."""
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2, muon_learning_rate=0.05))
+    opt.muon.ns_dtype = torch.float32
+    _loss(model, 0).backward()
+    before = {p: p.detach().clone() for p, _ in model.muon_matrices()}
+    grads = {p: p.grad.clone() for p, _ in model.muon_matrices()}
+    opt.step()
+    for p, k in model.muon_matrices():
+        rows, cols = p.shape[0] // k, p.shape[1]
+        nesterov = grads[p] * (1 - 0.95) * (1 + 0.95)  # the first step: the buffer is (1 - beta) grad
+        expected = before[p] * (1 - 0.05 * 0.01) - 0.05 * math.sqrt(max(1, rows / cols)) * \
+            orthogonalize(nesterov.view(k, rows, cols)).view_as(p)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_bf16_newton_schulz_is_within_its_rounding_of_fp32():
+    g = torch.randn(4, 64, 256, generator=torch.Generator().manual_seed(6))
+    fp32, bf16 = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.03  # 0.014 on a Xeon with AMX
+    s = torch.linalg.svdvals(bf16)
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    """bf16 on CUDA sm_80+ and on CPUs with AVX-512 BF16 / AMX; fp32 where bf16 is emulated (T4,
+    V100, AVX2-only CPUs), as ``precision: auto`` decides; SAB_MUON_NS_DTYPE forces one."""
+    from sab_byon_omni.training import muon as M
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("SAB_MUON_NS_DTYPE", raising=False)
+    monkeypatch.setenv("SAB_CPU_NATIVE_BF16", "0")
+    assert newton_schulz_dtype(cpu) == torch.float32
+    monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
+    assert newton_schulz_dtype(cpu) == torch.bfloat16
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(M, "native_cuda_bf16", lambda device, native=native: native)
+        assert newton_schulz_dtype(cuda) == dtype
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "fp32")
+    assert newton_schulz_dtype(cpu) == newton_schulz_dtype(cuda) == torch.float32
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "bf16")
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"))
+    _train(model, opt, range(1))
+    assert opt.muon.ns_dtypes == {cpu: torch.bfloat16}  # the optimizer asked, once
+    monkeypatch.setenv("SAB_MUON_NS_DTYPE", "fp64")
+    with pytest.raises(ValueError, match="SAB_MUON_NS_DTYPE='fp64' is not one of: fp32, bf16"):
+        newton_schulz_dtype(cpu)
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_the_muon_update_is_torchs_muon_up_to_its_bf16_rounding():
     """Same momentum, Nesterov step, Newton-Schulz, decay and rate adjustment as torch.optim.Muon
@@ -57,7 +131,7 @@ def test_the_muon_update_is_torchs_muon_up_to_its_bf16_rounding():
     torch.manual_seed(3)
     w0 = torch.randn(96, 32) * 0.05
     ours, theirs = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    a = MuonAdamW([{"params": [ours], "muon": True, "lr": 0.05, "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.95))
+    a = Muon([ours], lr=0.05, weight_decay=0.1, ns_dtype=torch.float32)
     b = torch.optim.Muon([theirs], lr=0.05, weight_decay=0.1)
     for step in range(3):
         grad = torch.randn(96, 32, generator=torch.Generator().manual_seed(step))
@@ -75,8 +149,7 @@ def test_a_split_matrix_is_orthogonalised_block_by_block():
     torch.manual_seed(4)
     w0 = torch.randn(3 * 16, 16)
     p = torch.nn.Parameter(w0.clone())
-    opt = MuonAdamW([{"params": [p], "muon": True, "split": 3, "lr": 0.1, "weight_decay": 0.5}], lr=1e-3,
-                    betas=(0.9, 0.95))
+    opt = Muon([p], lr=0.1, weight_decay=0.5, split=3, ns_dtype=torch.float32)
     grad = torch.randn(48, 16)
     grad[:16] *= 100  # q's gradient is far larger: split, it must not drown k's and v's
     p.grad = grad
@@ -88,16 +161,45 @@ def test_a_split_matrix_is_orthogonalised_block_by_block():
         assert torch.linalg.svdvals(step[block]).min() > 0.5
 
 
+def test_unequal_row_blocks_are_orthogonalised_block_by_block():
+    """A grouped-query qkv [q; k; v] with k and v smaller than q: each block moves by its own
+    orthogonalised momentum, scaled for its own shape; the two equal ones share one call."""
+    torch.manual_seed(5)
+    w0, grad = torch.randn(32 + 8 + 8, 16), torch.randn(48, 16)
+    p = torch.nn.Parameter(w0.clone())
+    opt = Muon([p], lr=0.1, weight_decay=0.5, split=[32, 8, 8], ns_dtype=torch.float32)
+    p.grad = grad
+    opt.step()
+    step = (w0 * (1 - 0.1 * 0.5) - p.detach()) / 0.1
+    for block, scale in ((slice(0, 32), math.sqrt(2)), (slice(32, 40), 1.0), (slice(40, 48), 1.0)):
+        assert torch.allclose(step[block], orthogonalize(grad[block]) * scale, atol=1e-5)
+    with pytest.raises(ValueError, match="split into"):
+        Muon([torch.nn.Parameter(torch.zeros(40, 4))], split=[32, 8, 8])
+
+
+def test_a_grouped_query_model_trains_with_muon():
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=50, n_kv_heads=2, mlp="swiglu"))
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"))
+    assert [g["split"] for g in opt.param_groups if g["muon"]] == [[64, 32, 32], 1, 2]
+    _train(model, opt, range(2))
+    again = make_optimizer(model, TrainConfig(optimizer="muon"))
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))  # the list survives the state dict
+
+
 def test_rows_that_do_not_split_evenly_are_refused():
     with pytest.raises(ValueError, match="split into 3"):
-        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(10, 4))], "muon": True, "split": 3}], lr=1e-3,
-                  betas=(0.9, 0.95))
+        Muon([torch.nn.Parameter(torch.zeros(10, 4))], split=3)
+    opt = Muon([torch.nn.Parameter(torch.zeros(6, 4))], split=3)
+    with pytest.raises(ValueError, match="split into 3"):  # a group added later, too; and it is not kept
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(10, 4))]})
+    assert len(opt.param_groups) == 1
 
 
 def test_make_optimizer_gives_muon_the_blocks_matrices_and_adamw_the_rest():
     model = _model()
     opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=3e-3, muon_learning_rate=0.07))
-    assert isinstance(opt, MuonAdamW)
+    assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, Muon)
+    assert type(opt.adamw) is torch.optim.AdamW and opt.adamw.defaults["fused"]
     name = {id(p): n for n, p in model.named_parameters()}
     seen = [name[id(p)] for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(name.values())  # every parameter exactly once (the tied head counts once)
@@ -108,8 +210,7 @@ def test_make_optimizer_gives_muon_the_blocks_matrices_and_adamw_the_rest():
     adamw = [g for g in opt.param_groups if not g["muon"]]
     assert {name[id(p)] for g in adamw for p in g["params"]} >= {"embed.weight", "norm.weight"}
     assert {g["lr"] for g in adamw} == {3e-3}
-    assert isinstance(make_optimizer(model, TrainConfig()), torch.optim.AdamW)
-    assert not isinstance(make_optimizer(model, TrainConfig()), MuonAdamW)  # the guide's job keeps plain AdamW
+    assert type(make_optimizer(model, TrainConfig())) is torch.optim.AdamW  # the guide's job keeps plain AdamW
 
 
 def test_the_adamw_part_is_exactly_torchs_adamw():
@@ -244,8 +345,142 @@ def test_the_codes_groups_win_over_a_files():
     _train(model, opt, range(2, 3))  # and it steps
 
 
-@pytest.mark.parametrize("split", [0, -3, 2.0, True, "3"])
+@pytest.mark.parametrize("split", [0, -3, 2.0, True, "3", [], [3, 0], [2.0, 4]])
 def test_a_split_that_is_not_a_positive_integer_is_refused(split):
-    with pytest.raises(ValueError, match="positive integer"):
-        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(6, 4))], "muon": True, "split": split}], lr=1e-3,
-                  betas=(0.9, 0.95))
+    with pytest.raises(ValueError, match="positive integer or a list"):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(6, 4))], "split": split}])
+
+
+def test_the_model_declares_its_muon_matrices():
+    """Every block's 2-D weight, the fused qkv as three row blocks; not the embedding (= the tied
+    head) nor the norms. optim.py asks the model instead of matching parameter names."""
+    model = _model()
+    declared = {n: k for n, p in model.named_parameters() for q, k in model.muon_matrices() if p is q}
+    assert declared == {f"blocks.{i}.{m}.weight": 3 if m == "attn.qkv" else 1
+                        for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")}
+    assert len(model.muon_matrices()) == len(declared)
+
+
+def test_a_model_that_declares_no_matrices_is_refused_for_muon():
+    with pytest.raises(ValueError, match="muon_matrices"):
+        make_optimizer(torch.nn.Linear(4, 4), TrainConfig(optimizer="muon"))
+
+
+# Parameter order of the optimizer's state dict for _model(): Muon's groups (qkv, then the other
+# matrices), then AdamW's (the embedding, then the norms); the index of each is its position here.
+ORDER = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight",
+         *(f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.proj", "mlp.up", "mlp.down")),
+         "embed.weight", *(f"blocks.{i}.norm{j}.weight" for i in range(2) for j in (1, 2)), "norm.weight"]
+
+
+def _earlier_format() -> dict:
+    """An optimizer state dict exactly as the single ``MuonAdamW(torch.optim.AdamW)`` of earlier
+    versions saved it for ``_model()`` after two steps (``make_optimizer(model, TrainConfig(
+    optimizer="muon", learning_rate=1e-2))``, torch 2.13): its Muon groups carry AdamW's keys too.
+    The moments are made up; their places and shapes are that optimizer's."""
+    adamw = {"amsgrad": False, "betas": (0.9, 0.95), "capturable": False, "decoupled_weight_decay": True,
+             "differentiable": False, "eps": 1e-08, "foreach": None, "fused": True, "maximize": False}
+    groups = [{**adamw, "lr": 0.05, "momentum": 0.95, "muon": True, "params": [0, 1], "split": 3, "weight_decay": 0.01},
+              {**adamw, "lr": 0.05, "momentum": 0.95, "muon": True, "params": [2, 3, 4, 5, 6, 7], "split": 1,
+               "weight_decay": 0.01},
+              {**adamw, "lr": 0.01, "muon": False, "params": [8], "weight_decay": 0.01},
+              {**adamw, "lr": 0.01, "muon": False, "params": [9, 10, 11, 12, 13], "weight_decay": 0.0}]
+    shapes = [(192, 64)] * 2 + [(64, 64), (256, 64), (64, 256)] * 2 + [(50, 64)] + [(64,)] * 5
+    g = torch.Generator().manual_seed(11)
+    state = {i: {"momentum_buffer": torch.randn(s, generator=g)} for i, s in enumerate(shapes[:8])}
+    state.update({i: {"exp_avg": torch.randn(s, generator=g), "exp_avg_sq": torch.rand(s, generator=g),
+                      "step": torch.tensor(2.0)} for i, s in enumerate(shapes) if i >= 8})
+    return {"state": state, "param_groups": groups}
+
+
+def test_a_checkpoint_of_the_earlier_single_optimizer_loads_each_moment_onto_its_parameter():
+    from sab_byon_omni.training.optim import check_loaded_state
+
+    saved = _earlier_format()
+    model = _model()
+    params = dict(model.named_parameters())
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2))
+    built = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(saved))  # the guide's line
+    assert all("betas" not in g for g in opt.muon.param_groups)  # AdamW's keys are not Muon's
+    check_loaded_state(opt, built)  # and the resume's check
+    for i, name in enumerate(ORDER):
+        for key, value in saved["state"][i].items():
+            assert torch.equal(opt.state[params[name]][key], value), (name, key)
+    again = opt.state_dict()  # and saved again in the same form
+    assert again["state"].keys() == saved["state"].keys()
+    keys = ("muon", "split", "momentum", "params", "lr", "weight_decay")
+    assert [{k: g.get(k) for k in keys} for g in again["param_groups"]] == \
+        [{k: g.get(k) for k in keys} for g in saved["param_groups"]]
+    _train(model, opt, range(1))
+    assert opt.state[params["embed.weight"]]["step"] == 3
+
+
+def test_the_state_dict_is_one_optimizers_with_global_indices():
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2))
+    _train(model, opt, range(1))
+    saved = opt.state_dict()
+    assert [i for g in saved["param_groups"] for i in g["params"]] == list(range(len(ORDER)))
+    assert [g["muon"] for g in saved["param_groups"]] == [True, True, False, False]
+    params = dict(model.named_parameters())
+    for i, name in enumerate(ORDER):
+        assert all(v is opt.state[params[name]][k] for k, v in saved["state"][i].items())
+    assert set(saved["state"][0]) == {"momentum_buffer"} and set(saved["state"][8]) == {"exp_avg", "exp_avg_sq", "step"}
+
+
+def test_a_state_dict_that_does_not_fit_is_refused_before_either_part_loads():
+    """An AdamW-only file (2 groups, no Muon marks) into the Muon optimizer: a ValueError, and
+    neither Muon nor AdamW has taken anything from it."""
+    model, adamw_saved = _saved_state("adamw")
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2))
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(adamw_saved)
+    assert not opt.state and [g["lr"] for g in opt.param_groups] == [0.05, 0.05, 1e-2, 1e-2]
+    saved = _earlier_format()
+    saved["param_groups"][1]["params"].pop()
+    with pytest.raises(ValueError, match=r"Muon parameter groups hold \[2, 5\] parameters, this optimizer's \[2, 6\]"):
+        opt.load_state_dict(saved)
+
+
+def test_grad_scaler_unscales_then_steps_or_skips_both_parts():
+    """The trainer's ``scaler.unscale_(optimizer); scaler.step(optimizer)``: a finite step is the
+    step without a scaler (a power-of-two scale unscales exactly); a non-finite one moves nothing,
+    neither Muon's matrices and momentum nor AdamW's parameters and moments."""
+    model, ref = _model(), _model()
+    opt, ref_opt = (make_optimizer(m, TrainConfig(optimizer="muon", learning_rate=1e-2)) for m in (model, ref))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(2):
+        scaler.scale(_loss(model, step)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    _train(ref, ref_opt, range(2))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    scaler.scale(_loss(model, 2)).backward()
+    model.blocks[0].attn.qkv.weight.grad[0, 0] = math.inf
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before[0].values()))
+    assert all(torch.equal(v, before[1]["state"][i][k]) for i, s in opt.state_dict()["state"].items() for k, v in s.items())
+
+
+def test_bench_times_the_step_with_muon(in_tmp, capsys, monkeypatch):
+    """``sab-omni bench --optimizer muon``: the timed step is the Trainer's, Muon's step included."""
+    import json
+
+    from sab_byon_omni.cli import main
+
+    calls = []
+    real = Muon.step
+    monkeypatch.setattr(Muon, "step", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    args = ["bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
+    assert main([*args, "--optimizer", "muon", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["optimizer"] == "Muon + AdamW fused" and len(calls) == 1 + 2
+    assert main(["bench", "--mode", "epoch", "--optimizer", "muon"]) == 2
+    assert "--set train.optimizer=" in capsys.readouterr().err

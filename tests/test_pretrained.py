@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sab_byon_omni.config import build_config
 from sab_byon_omni.core.sab_transcendent import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, SABTranscendentV2
 from sab_byon_omni.data.tokenizers import BPETokenizer
 from sab_byon_omni.errors import SabError
@@ -72,7 +73,7 @@ def test_untied_head_and_bpe_tokenizer_survive(tmp_path, no_pickle):
 
 def test_config_json_is_plain_and_resume_is_dropped(tmp_path):
     sab = _tiny()
-    sab.config = sab.config.__class__.from_dict({**sab.config.to_dict(), "train": {"resume": "auto"}})
+    sab.config = build_config({**sab.config.to_dict(), "train": {"resume": "auto"}})
     sab.save_pretrained(tmp_path / "m")
     raw = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     assert raw["model"]["hidden"] == 64 and raw["train"]["resume"] == "none"

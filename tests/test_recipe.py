@@ -40,7 +40,7 @@ def test_warmup(steps: int, expected: int) -> None:
 
 
 def trainer_steps(windows: int, batch: int, accum: int) -> int:
-    """Optimizer steps of one epoch as the trainer plans them (RunSetup._plan_steps)."""
+    """Optimizer steps of one epoch as the trainer plans them (build.steps_per_epoch)."""
     return math.ceil(micro_steps_per_epoch(windows, batch) / accum)
 
 

@@ -154,7 +154,7 @@ def test_a_bad_spec_is_a_short_sab_error(spec, match):
 def test_build_tokenizer_by_name_or_config(bpe, tmp_path):
     assert type(build_tokenizer("byte")) is ByteTokenizer
     assert type(build_tokenizer(DataConfig(tokenizer="char96"))) is Char96Tokenizer
-    with pytest.raises(SabError, match="not one of: char96, byte, bpe"):
+    with pytest.raises(SabError, match="unknown tokenizer 'nope': use one of char96, byte, bpe"):
         build_tokenizer("nope")
     with pytest.raises(SabError, match="bpe needs a trained tokenizer: set data.tokenizer_path"):
         build_tokenizer("bpe")

@@ -17,7 +17,7 @@ import yaml
 from sab_byon_omni.config import build_config
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import trackers
-from sab_byon_omni.training.train_3b import run_training
+from sab_byon_omni.training.launch import run_training
 
 pytestmark = pytest.mark.integration  # whole runs, subprocesses: skip with -m "not integration"
 

@@ -16,7 +16,8 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.config import build_config
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.training import recipe as R
-from sab_byon_omni.training.train_3b import apply_recipe, train_3b_rapid
+from sab_byon_omni.training.launch import apply_recipe
+from sab_byon_omni.training.train_3b import train_3b_rapid
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,31 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from sab_byon_omni.config import RunConfig, build_config
-from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.config import build_config
 from sab_byon_omni.data.batching import collate
-from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.files.checkpoint import load_checkpoint
 from sab_byon_omni.training import trainer as T
 from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training.optim import lr_at
-from sab_byon_omni.training.trainer import Trainer
-
-
-def tiny_run(tmp_path, **train) -> RunConfig:
-    return build_config({
-        "model": {"preset": "tiny"},
-        "data": {"num_samples": 200, "seq_len": 128},
-        "train": {"epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
-                  "checkpoint_dir": str(tmp_path / "ckpt"), "progress": False, "log_interval": 1, **train},
-    })
-
-
-def make_trainer(cfg: RunConfig) -> Trainer:
-    tok, train, val = load_datasets(cfg.data)
-    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    return Trainer(sab.model, tok, train, val, sab.config)
+from tests.helpers import tiny_config, trainer_for
 
 
 def test_loss_is_the_guide_shift_and_ignores_padding():
@@ -44,7 +27,7 @@ def test_loss_is_the_guide_shift_and_ignores_padding():
 
 
 def _grads(trainer, window):
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.run.optimizer.zero_grad(set_to_none=True)
     trainer.forward_backward(window)
     return [p.grad.clone() for p in trainer.raw.parameters()]
 
@@ -52,8 +35,7 @@ def _grads(trainer, window):
 def test_accumulating_16_micro_batches_of_4_equals_one_batch_of_64(tmp_path):
     """In fp32, where the sum over 16 micro-batches equals the big batch's to rounding (bf16
     autocast differs by ~4e-5 whichever way the batch is cut; its training path is tested below)."""
-    trainer = make_trainer(tiny_run(tmp_path, precision="fp32"))
-    trainer.setup()
+    trainer = trainer_for(tiny_config(tmp_path, precision="fp32"))
     rng = np.random.default_rng(0)
     rows = [rng.integers(1, 96, size=int(rng.integers(5, 60))) for _ in range(64)]  # very uneven lengths
     small = [collate(rows[i:i + 4], pad_id=0) for i in range(0, 64, 4)]
@@ -66,17 +48,17 @@ def test_accumulating_16_micro_batches_of_4_equals_one_batch_of_64(tmp_path):
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step(tmp_path):
-    const = tiny_run(tmp_path)
+    const = tiny_config(tmp_path)
     assert [lr_at(s, const.train, 100) for s in (0, 50, 99)] == [3e-3] * 3
-    cos = tiny_run(tmp_path, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    cos = tiny_config(tmp_path, lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, cos.train, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(3e-4) and lrs[9] == pytest.approx(3e-3)
     assert lrs[-1] == pytest.approx(3e-4, rel=0.01)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
-def test_loss_falls_on_a_tiny_run(tmp_path):
-    trainer = make_trainer(tiny_run(tmp_path, epochs=3))
+def test_loss_falls_on_a_tiny_config(tmp_path):
+    trainer = trainer_for(tiny_config(tmp_path, epochs=3))
     result = trainer.fit()
     assert len(result.train_losses) == 3 and len(result.val_losses) == 3
     assert result.val_losses[-1] < result.val_losses[0] < math.log(96)
@@ -88,10 +70,10 @@ def test_loss_falls_on_a_tiny_run(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_train_on_cpu(tmp_path, precision):
-    trainer = make_trainer(tiny_run(tmp_path, precision=precision, max_steps=3))
+    trainer = trainer_for(tiny_config(tmp_path, precision=precision, max_steps=3))
     result = trainer.fit()
-    assert trainer.precision.name == precision
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert trainer.run.precision.name == precision
+    assert trainer.run.scaler.is_enabled() == (precision == "fp16")
     assert result.global_step == 3
     if precision == "bf16":  # fp16 may skip its first steps while the GradScaler calibrates
         assert result.skipped_steps == 0
@@ -99,7 +81,7 @@ def test_mixed_precision_paths_train_on_cpu(tmp_path, precision):
 
 
 def test_no_host_sync_inside_the_accumulation_window(tmp_path, monkeypatch):
-    trainer = make_trainer(tiny_run(tmp_path, gradient_accumulation_steps=4, max_steps=2, log_interval=100))
+    trainer = trainer_for(tiny_config(tmp_path, gradient_accumulation_steps=4, max_steps=2, log_interval=100))
     state = {"inside": False, "syncs": 0, "windows": 0}
 
     def counting(name):
@@ -127,7 +109,7 @@ def test_no_host_sync_inside_the_accumulation_window(tmp_path, monkeypatch):
 
 
 def test_step_mode_modulation_follows_theoptimizer_step(tmp_path):
-    trainer = make_trainer(tiny_run(tmp_path, max_steps=5))
+    trainer = trainer_for(tiny_config(tmp_path, max_steps=5))
     trainer.fit()
     assert float(trainer.raw.fragmergent.step) == 5.0
 
@@ -136,10 +118,10 @@ def test_bucketing_by_theoptimizer_step_keeps_the_training_trajectory(tmp_path):
     # length_bucket_size = batch x accumulation only regroups the samples inside each step, whose
     # gradient is the sum over the window: same weights up to rounding, with less padding.
     def run(bucket):
-        cfg = tiny_run(tmp_path / str(bucket), max_steps=4, gradient_accumulation_steps=4, batch_size=2,
+        cfg = tiny_config(tmp_path / str(bucket), max_steps=4, gradient_accumulation_steps=4, batch_size=2,
                        lr_schedule="constant")
         cfg = build_config({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "length_bucket_size": bucket}})
-        trainer = make_trainer(cfg)
+        trainer = trainer_for(cfg)
         trainer.fit()
         return [p.detach().clone() for p in trainer.raw.parameters()]
 
@@ -155,7 +137,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def test_a_run_that_max_steps_ends_inside_its_first_epoch_validates_and_keeps_best_model(tmp_path):
-    trainer = make_trainer(tiny_run(tmp_path, max_steps=3))  # 12 steps per epoch, no eval_interval
+    trainer = trainer_for(tiny_config(tmp_path, max_steps=3))  # 12 steps per epoch, no eval_interval
     result = trainer.fit()
     evals = [r for r in _rows(tmp_path / "ckpt") if "val_loss" in r]
     assert [r["step"] for r in evals] == [3]  # one validation, at the last step
@@ -177,7 +159,7 @@ def test_validations_at_an_interval_keep_the_best_so_far(tmp_path, monkeypatch):
         return real(self, name, loss, val_loss)
 
     monkeypatch.setattr(T.Trainer, "save_checkpoint", recording)
-    make_trainer(tiny_run(tmp_path, eval_interval=2, max_steps=11)).fit()
+    trainer_for(tiny_config(tmp_path, eval_interval=2, max_steps=11)).fit()
     assert [s for s in saved if s[0] == "best_model"] == [("best_model", 2, 3.0), ("best_model", 4, 2.0),
                                                           ("best_model", 10, 1.0)]
     assert [(r["step"], r["val_loss"]) for r in _rows(tmp_path / "ckpt") if "val_loss" in r][-1] == (11, 4.0)
@@ -190,7 +172,7 @@ def test_identical_runs_save_identical_python_and_numpy_random_states(tmp_path):
     for i in (1, 2):
         random.seed(i)  # whatever the process did before, train.seed decides
         np.random.seed(i)
-        trainer = make_trainer(tiny_run(tmp_path / str(i), max_steps=1))
+        trainer = trainer_for(tiny_config(tmp_path / str(i), max_steps=1))
         trainer.fit()
         states.append(load_checkpoint(tmp_path / str(i) / "ckpt" / "step_1.pt")["rng_state"])
     assert states[0]["python"] == states[1]["python"]
@@ -204,11 +186,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_removes_the_folder_it_crea
 
     monkeypatch.setattr(T.Trainer, "optimizer_step", failing)
     with pytest.raises(SabError, match="injected"):
-        make_trainer(tiny_run(tmp_path)).fit()
+        trainer_for(tiny_config(tmp_path)).fit()
     assert not (tmp_path / "ckpt").exists()  # no config.yaml, metrics.jsonl or .lock left behind
     (tmp_path / "mine").mkdir()  # a folder the run did not create is never removed
     with pytest.raises(SabError, match="injected"):
-        make_trainer(tiny_run(tmp_path, checkpoint_dir=str(tmp_path / "mine"))).fit()
+        trainer_for(tiny_config(tmp_path, checkpoint_dir=str(tmp_path / "mine"))).fit()
     assert (tmp_path / "mine").is_dir()
 
 
@@ -222,5 +204,5 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_its_folder(tmp_path, monkeypa
 
     monkeypatch.setattr(T.Trainer, "optimizer_step", failing_at_step_3)
     with pytest.raises(SabError, match="injected"):
-        make_trainer(tiny_run(tmp_path, save_every=1)).fit()
+        trainer_for(tiny_config(tmp_path, save_every=1)).fit()
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["step_1.pt", "step_2.pt"]

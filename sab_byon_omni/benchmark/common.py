@@ -37,8 +37,8 @@ class BenchOptions:
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
                    precision: str = "auto", vocab_size: int = 96, device: str = "auto", compile: bool = False,
-                   activation_checkpointing: bool = False, seed: int = 1234, model: dict[str, Any] | None = None,
-                   **bench: Any) -> "BenchOptions":
+                   activation_checkpointing: bool = False, seed: int = 1234, optimizer: str = "adamw",
+                   model: dict[str, Any] | None = None, **bench: Any) -> "BenchOptions":
         """``model``: further model fields over the preset's (``--model.n_kv_heads 3``...): any
         architecture, e.g. an open model's (docs/BENCHMARKS.md)."""
         if preset not in PRESETS:
@@ -54,7 +54,7 @@ class BenchOptions:
                       **(model or {})},
             "data": {"seq_len": seq_len},
             "train": {"batch_size": batch_size, "gradient_accumulation_steps": 1, "precision": precision,
-                      "device": device, "compile": compile, "progress": False, "seed": seed},
+                      "device": device, "compile": compile, "progress": False, "seed": seed, "optimizer": optimizer},
         }, source="bench")
         if seq_len > run.model.max_seq_len:
             whose = "--model.max_seq_len" if "max_seq_len" in (model or {}) else f"the {preset} preset's max_seq_len"
@@ -84,7 +84,7 @@ class BenchOptions:
         return dict(preset=m.preset, seq_len=self.run.data.seq_len, batch_size=t.batch_size, precision=t.precision,
                     vocab_size=m.vocab_size, device=t.device, compile=t.compile,
                     activation_checkpointing=m.activation_checkpointing, seed=t.seed, threads=self.threads,
-                    warmup=self.warmup, model=self.model)
+                    warmup=self.warmup, optimizer=t.optimizer, model=self.model)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:

@@ -17,6 +17,7 @@ from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.device import intra_op_threads
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import train_flops_per_token
+from sab_byon_omni.training.build import build_run
 from sab_byon_omni.training.trainer import Trainer
 
 
@@ -35,17 +36,17 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
                                    "train.resume": "none", "train.progress": "false"})
         tokenizer, train, _ = load_datasets(cfg.data)
         sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer)
-        trainer = Trainer(sab.model, tokenizer, train, None, sab.config)
-        trainer.setup()
-        t, d = trainer.cfg.train, trainer.cfg.data
-        if trainer.info.enabled:
+        run = build_run(sab.model, tokenizer, train, None, sab.config)
+        trainer = Trainer(run)
+        t, d = run.cfg.train, run.cfg.data
+        if run.info.enabled:
             raise SabError("--mode epoch runs in one process")
         batches = list(trainer.epoch_batches(0))
         windows = [batches[i:i + t.gradient_accumulation_steps]
                    for i in range(0, len(batches), t.gradient_accumulation_steps)]
         if warmup + steps > len(windows):
             raise SabError(f"--warmup + --steps = {warmup + steps} exceeds the epoch's {len(windows)} optimizer steps")
-        device, precision = trainer.device, trainer.precision
+        device, precision = run.device, run.precision
         peak_before = peak(precision.name, device, peak_tflops)
         for w in windows[:warmup]:
             timed(lambda w=w: trainer.train_step(w), device)
@@ -54,11 +55,11 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
         top, source = best_peak(peak_before, peak(precision.name, device, peak_tflops))
         epoch_real = _real(windows)
         mean_len = epoch_real / sum(b.input_ids.shape[0] for w in windows for b in w)
-        flops_tok = train_flops_per_token(trainer.cfg.model, round(mean_len))
+        flops_tok = train_flops_per_token(run.cfg.model, round(mean_len))
         tps = _real(timed_windows) / seconds
         bound = epoch_real * flops_tok / (top * 1e12) if top else None
         return EpochBench(
-            config=config or "(defaults)", preset=trainer.cfg.model.preset, precision=precision.name,
+            config=config or "(defaults)", preset=run.cfg.model.preset, precision=precision.name,
             batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
             length_bucket_size=d.length_bucket_size, machine=Machine.of(device), optimizer_steps_per_epoch=len(windows),
             steps=steps, warmup=warmup, epoch_real_tokens=epoch_real,

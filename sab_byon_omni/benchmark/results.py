@@ -73,7 +73,7 @@ class TrainBench:
     peer_names: dict[str, str] = field(default_factory=dict)  # what each peer is ("HF LlamaForCausalLM ...")
     measured_peak_tflops: float | None = None  # the dtype's matmul rate measured in the run
     mode: str = "train"
-    allocator: str = ""  # CPU: what glibc does with freed memory, for every model in the process
+    allocator: str = ""  # CPU: the C allocator's settings from the environment (machine.malloc_settings)
 
     def ratio(self, peer: str) -> float:
         return self.ours.tokens_per_s / self.peers[peer].tokens_per_s

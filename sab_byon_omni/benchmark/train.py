@@ -34,9 +34,11 @@ from sab_byon_omni.data.tokenizers import Char96Tokenizer
 from sab_byon_omni.device import Precision, intra_op_threads, make_precision, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import matmul_params, train_flops_per_token
-from sab_byon_omni.machine import cpu_has_native_bf16
+from sab_byon_omni.machine import cpu_has_native_bf16, malloc_settings
 from sab_byon_omni.model.transformer import CausalTransformer
+from sab_byon_omni.training.build import build_run
 from sab_byon_omni.training.memory import peak_memory_mb
+from sab_byon_omni.training.optim import optimizer_name
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -50,16 +52,14 @@ class OursStep:
         with torch.device(resolve_device(cfg.train.device)):  # allocated there: a 1B model builds in seconds on a GPU
             self.model = CausalTransformer(cfg.model)
         rows = [r.numpy() for r in batch.input_ids]
-        self.trainer = Trainer(self.model, Char96Tokenizer(), rows, None, cfg)
-        self.trainer.setup()
+        self.trainer = Trainer(build_run(self.model, Char96Tokenizer(), rows, None, cfg))
         self.window = [batch]
 
     def __call__(self) -> None:
         self.trainer.train_step(self.window)
 
     def optimizer_kind(self) -> str:
-        d = self.trainer.optimizer.defaults
-        return "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
+        return optimizer_name(self.trainer.run.optimizer)
 
 
 def _precision(name: str, device: torch.device) -> Precision:
@@ -114,7 +114,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=ours.trainer.run.allocator)
+            allocator=malloc_settings() if device.type == "cpu" else "")
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:

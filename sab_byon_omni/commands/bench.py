@@ -13,12 +13,13 @@ import argparse
 import json
 
 from sab_byon_omni.commands.common import add_config_flags, collect_overrides
-from sab_byon_omni.config import PRECISIONS, PRESETS
+from sab_byon_omni.config import OPTIMIZERS, PRECISIONS, PRESETS
 from sab_byon_omni.errors import SabError
 
 EXAMPLE = """examples:
   sab-omni bench --preset lightweight --seq-len 1024 --batch-size 4 --precision fp32 --compare hf
   sab-omni bench --preset tiny --seq-len 128 --steps 5 --json
+  sab-omni bench --preset small --seq-len 128 --batch-size 16 --optimizer muon
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
   sab-omni bench --preset 1b --vocab-size 50000 --seq-len 2048 --batch-size 4 --precision bf16 --device cuda --compare hf
   sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucket_size=64
@@ -55,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile our model (as train.compile); the "
                    "compile time is reported separately")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="as train.optimizer: adamw, or muon (Muon for the blocks' matrices, AdamW for the rest), whose "
+                        "Newton-Schulz iterations are then part of the timed step (default: adamw)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--compare", metavar="PEER[,PEER]", default="",
                    help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, or "
@@ -76,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", 1024),
                 "batch_size": ("train.batch_size", 4), "precision": ("train.precision", "auto"),
                 "device": ("train.device", "auto"), "vocab_size": ("model.vocab_size", 96),
-                "compile": ("train.compile", False), "activation_checkpointing": ("model.activation_checkpointing", False)}
+                "compile": ("train.compile", False),
+                "activation_checkpointing": ("model.activation_checkpointing", False),
+                "optimizer": ("train.optimizer", "adamw")}
 
 
 def run(args: argparse.Namespace) -> int:

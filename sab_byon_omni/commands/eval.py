@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=__doc__, epilog=EXAMPLE)
     p.add_argument("--checkpoint", required=True, metavar="SOURCE",
                    help="the model: a checkpoint, a .safetensors file from export, a save_pretrained or transformers "
-                        "folder, or a Hub id in the local cache (as for generate)")
+                        "folder, a .gguf file, or a Hub id in the local cache (as for generate)")
     p.add_argument("--data", metavar="PATH", default=None,
                    help="file, folder or glob, or 'synthetic' (default: the data the model was trained on)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",

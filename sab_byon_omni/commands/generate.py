@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint", description=__doc__, epilog=EXAMPLE)
     p.add_argument("--checkpoint", required=True, metavar="SOURCE",
                    help="the model: a checkpoint (.pt or .dcp), a .safetensors file from export, a save_pretrained "
-                        "folder, a transformers folder from export, or a Hub id user/name in the local cache")
+                        "folder, a transformers folder from export, a .gguf file (llama.cpp), or a Hub id user/name in "
+                        "the local cache")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"where to write the PNG (default: RUN_DIR/{DEFAULT_PNG}); an existing non-PNG file is never "
                         "overwritten")
     p.add_argument("--title", default=None, help="figure title (default: the run directory's name)")
-    p.alias("--out", "--output")  # the earlier spelling
+    p.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier spelling
     return p
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from sab_byon_omni.commands.common import add_config_flags, check_paths_first, collect_overrides
 from sab_byon_omni.config import load_config
@@ -35,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = collect_overrides(args)
     cfg = load_config(args.config, overrides)  # no torch yet: a bad flag, file or path fails at once
     check_paths_first(source=cfg.train.init_from, data=cfg.data.dataset)
-    from sab_byon_omni.training import train_3b
-    from sab_byon_omni.training.distributed import shutdown
+    from sab_byon_omni.training import launch
+    from sab_byon_omni.training.distributed import launch_info, shutdown
     from sab_byon_omni.training.signals import EXIT_STOPPED
 
     recipe, notes = None, []  # the from-scratch recipe: own data, no config file; the flags given win
@@ -47,11 +46,10 @@ def run(args: argparse.Namespace) -> int:
         given = ", ".join(f"--{key.rsplit('.', 1)[-1]}" for key in overrides)
         notes = [("recipe", source + (f", with {given}" if given else ""))]
     try:
-        sab, result = train_3b.run_training(cfg, notes=notes, resume_hint="continue with --resume auto",
-                                            recipe=recipe)
+        sab, result = launch.run_training(cfg, notes=notes, resume_hint="continue with --resume auto", recipe=recipe)
     finally:
         shutdown()  # leave the torchrun process group, if the run joined one
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not launch_info().is_main:
         return EXIT_STOPPED if result.stopped_early else 0  # under torchrun, rank 0 reports for all
     if result.stopped_early:
         print(f"stopped at step {result.global_step}; checkpoints in {cfg.train.checkpoint_dir} "

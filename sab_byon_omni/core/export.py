@@ -9,6 +9,8 @@
   ``AutoTokenizer.from_pretrained`` read without this package (see docs/HF_EXPORT.md).
 * ``pt``: a training checkpoint (weights, config, tokenizer; no optimizer state), which
   ``generate``, ``eval`` and ``train --resume``/``--init_from`` take.
+* ``gguf``: llama.cpp's format, matrices in F16, Q8_0 or F32 (``--gguf-type``), for a model of
+  Llama shape (see ``interop.gguf``); a GGUF source is re-written without building a model.
 
 The source is anything :meth:`SABTranscendentV2.load` reads, including the outputs above.
 """
@@ -37,9 +39,9 @@ DTYPES: dict[str, torch.dtype | None] = {"keep": None, **device.DTYPES}
 
 
 def format_for(out: str | Path) -> str:
-    """The format an output path asks for: ``*.safetensors``, ``*.pt``, else a transformers folder."""
+    """The format an output path asks for: ``*.safetensors``, ``*.pt``, ``*.gguf``, else a transformers folder."""
     suffix = Path(out).suffix
-    return {".safetensors": "safetensors", ".pt": "pt"}.get(suffix, "hf")
+    return {".safetensors": "safetensors", ".pt": "pt", ".gguf": "gguf"}.get(suffix, "hf")
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
@@ -59,13 +61,18 @@ def _model(source: str | Path, dtype: str) -> SABTranscendentV2:
 
 
 def export_model(source: str | Path, out: str | Path, fmt: str | None = None, dtype: str = "keep",
-                 overwrite: bool = False) -> Path:
-    """Write the model at ``source`` to ``out`` in ``fmt`` (default: from ``out``'s name)."""
+                 overwrite: bool = False, gguf_type: str | None = None) -> Path:
+    """Write the model at ``source`` to ``out`` in ``fmt`` (default: from ``out``'s name);
+    ``gguf_type``: the GGUF's matrix type (default f16)."""
     fmt = fmt or format_for(out)
     if fmt not in EXPORT_FORMATS:
         raise SabError(f"--format={bounded(fmt)} is not one of: {', '.join(EXPORT_FORMATS)}")
+    if gguf_type is not None and fmt != "gguf":
+        raise SabError(f"--gguf-type applies to a GGUF export (--format gguf or a .gguf output), not {fmt}")
     out = Path(out)
     _check_out(out, locate(source), overwrite)
+    if fmt == "gguf":
+        return export_gguf(source, out, gguf_type or "f16", dtype, overwrite)
     if fmt == "hf":
         from sab_byon_omni.interop.hf_export import save_hf
 
@@ -120,3 +127,34 @@ def import_safetensors(path: str | Path, out: str | Path | None = None, overwrit
     if out is not None:
         save_checkpoint(ck, out, kept=NOT_WRITTEN)
     return ck
+
+
+def export_gguf(source: str | Path, out: str | Path, gguf_type: str = "f16", dtype: str = "keep",
+                overwrite: bool = False) -> Path:
+    """Write the model at ``source`` as a GGUF file with matrices in ``gguf_type``. A GGUF source
+    goes straight through the transformers-shaped form (no model is built); any other source is
+    loaded and must be of Llama shape."""
+    from sab_byon_omni.interop.gguf import read_gguf, write_gguf
+    from sab_byon_omni.interop.sources import gguf_file
+
+    if dtype != "keep":
+        raise SabError("--dtype applies to safetensors and hf exports; a GGUF's types are chosen by --gguf-type")
+    out, p = Path(out), locate(source)
+    if out.exists() and not out.is_file():
+        raise SabError(f"{out} is not a file")
+    gguf = gguf_file(p)
+    parts = read_gguf(gguf) if gguf is not None else _hf_parts(SABTranscendentV2.load(source))
+    return write_gguf(out, *parts, dtype=gguf_type, overwrite=overwrite)
+
+
+def _hf_parts(sab: SABTranscendentV2) -> Any:
+    """The transformers-shaped form of a loaded model: only a Llama-shaped one has a GGUF form."""
+    from sab_byon_omni.interop.hf import to_hf_parts
+
+    family = sab.model.cfg.family
+    if family in ("sab", "gpt2", "gpt_neox"):
+        what = ("a SAB-family model (LayerNorm, tanh-GELU MLP, fragmergent embedding)" if family == "sab"
+                else f"a {family} model")
+        raise SabError(f"{sab.origin}: {what} has no GGUF form here: GGUF export writes Llama-shaped models "
+                       "(llama, mistral, qwen2). Use --format hf for a transformers folder")
+    return to_hf_parts(sab.model, sab.tokenizer)

@@ -89,6 +89,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         self.config, self.tokenizer = cfg, tokenizer
         self.origin, self.global_step = "new model", 0  # where load() found it, and its training step
         self.last_tokens_per_second, self.last_threads = 0.0, 0  # of the last generate()
+        self._printed = ""  # the text the last generate() streamed so far
         if device is not None and torch.device(device).type == "meta":  # shapes only: inspect the 3b preset anywhere
             with torch.device("meta"):
                 self.model = CausalTransformer(cfg.model)
@@ -105,8 +106,8 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         (``.pt``), a sharded one (``.dcp``), a ``.safetensors`` file from ``sab-omni export``, a folder
         written by :meth:`save_pretrained` (or its ``model.safetensors``), a transformers folder
         (from ``sab-omni export --format hf``, or a Llama, Mistral, Qwen2, GPT-2 or GPT-NeoX model),
-        or a Hub id in the local cache (never downloaded).
-        Which one it was is in ``self.origin``."""
+        a GGUF file (``.gguf``, dequantised; see ``interop.gguf``), or a Hub id in the local cache
+        (never downloaded). Which one it was is in ``self.origin``."""
         p = locate(source)
         folder = p if p.is_dir() else p.parent if p.name == WEIGHTS_FILE else None
         if folder is not None and is_pretrained_folder(folder):

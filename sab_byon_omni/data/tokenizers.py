@@ -287,8 +287,9 @@ def build_tokenizer(source: str | DataConfig, texts: Iterable[Any] | None = None
     """The tokenizer that a name or ``data`` config asks for. ``bpe`` is loaded from
     ``data.tokenizer_path`` if set, else trained on ``texts`` (strings or lists of strings, only
     consumed when training) with ``data.bpe_vocab_size`` ids."""
-    cfg = DataConfig(tokenizer=source) if isinstance(source, str) else source
-    return tokenizer_class(cfg.tokenizer).build(cfg, texts)
+    if isinstance(source, str):  # the name is checked here, with this function's own message
+        return tokenizer_class(source).build(DataConfig(tokenizer=source), texts)
+    return tokenizer_class(source.tokenizer).build(source, texts)
 
 
 def spec_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -36,6 +36,12 @@ MAX_NODES = 10**6  # objects a pickle may create, references it may make, and ob
 MAX_OPS = 3 * MAX_NODES  # opcodes (a real pickle has 2-3 per object: the object, its memo entry, a reference)
 MAX_DEPTH = 64  # containers inside containers
 MAX_JSON_BYTES = 16 << 20  # JSON we parse from a header, a config.json or a tokenizer.json
+MAX_STEP = 10**12  # the one limit of a step, epoch or sample count: no run takes more; a larger one is damaged or hostile
+
+
+def is_count(value: Any) -> bool:
+    """A whole number from 0 to :data:`MAX_STEP` (not a bool, not a float): a step, epoch or sample count."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP
 _NEW, _IN_PLACE, _MARK, _PUT, _GET, _STOP, _NOTHING, _DISCARD = range(8)  # what an opcode does
 
 

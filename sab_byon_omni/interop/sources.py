@@ -10,6 +10,8 @@ accepts the same sources:
 * a transformers folder: one written by ``sab-omni export --format hf``, or a Llama-family (Llama
   2/3, SmolLM, Qwen2, TinyLlama, Mistral without sliding window), GPT-2 or GPT-NeoX/Pythia model
   (safetensors weights; :mod:`~sab_byon_omni.interop.hf_import`);
+* a GGUF file (llama.cpp's format: ``.gguf``, or any file that starts with its magic), or a
+  folder holding exactly one, such as a Hub snapshot of a GGUF repository (see ``interop.gguf``);
 * a Hub id ``user/name`` that is already in the local Hugging Face cache: nothing is downloaded.
 """
 
@@ -25,13 +27,14 @@ from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
-from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json
+from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, MAX_STEP, parse_json
 from sab_byon_omni.interop.weights import Weights
 
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
+GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
-_COUNT = re.compile(r"[0-9]{1,13}")  # ASCII digits: str.isdigit() accepts "²", which int() refuses
+_DIGITS = re.compile(r"[0-9]{1,%d}" % len(str(MAX_STEP)))  # ASCII digits: str.isdigit() accepts "²", which int() refuses
 
 
 def is_pretrained_folder(d: Path) -> bool:
@@ -62,12 +65,49 @@ def locate(source: str | Path) -> Path:
             raise SabError(f"{text}: not found as a file or folder, nor in the local Hugging Face cache "
                            f"(nothing is downloaded; fetch it first, e.g. `hf download {text}`; "
                            f"{type(e).__name__})") from None
-    raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors file, a "
-                   "folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local cache)")
+    raise SabError(f"checkpoint not found: {text[:200]} (looked for a checkpoint .pt, a .safetensors or .gguf file, "
+                   "a folder written by save_pretrained or `sab-omni export`, or a Hub id user/name in the local "
+                   "cache)")
+
+
+def gguf_file(p: Path) -> Path | None:
+    """The GGUF file that ``p`` names: ``p`` itself if it is one (by its name or its first bytes),
+    the one ``.gguf`` file of a folder that holds no other model, else None."""
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / dcp.META).is_file():
+            return None
+        found = sorted(f for f in p.glob("*.gguf") if f.is_file())
+        if len(found) > 1:
+            raise SabError(f"{p}: a folder of {len(found)} GGUF files ({bounded([f.name for f in found])}); "
+                           "pass the one to use")
+        return found[0] if found else None
+    if p.suffix == ".gguf":
+        return p
+    if not p.is_file():  # a pipe is never opened to look: it would wait for a writer
+        return None
+    try:
+        with open(p, "rb") as f:
+            return p if f.read(4) == GGUF_MAGIC else None
+    except OSError:
+        return None
+
+
+def read_gguf_weights(p: Path) -> Weights:
+    """The model in a GGUF file, through the transformers-shaped form of ``interop.gguf``."""
+    from sab_byon_omni.interop.gguf import read_gguf
+
+    from sab_byon_omni.interop.hf import from_hf_parts
+
+    weights = from_hf_parts(*read_gguf(p), source=str(p))
+    weights.origin = f"GGUF file {p}"
+    return weights
 
 
 def read_weights(p: Path) -> Weights:
     """The parts of the model at ``p`` (not a save_pretrained folder: the facade reads those)."""
+    gguf = gguf_file(p)
+    if gguf is not None:
+        return read_gguf_weights(gguf)
     if p.is_dir():
         if (p / "config.json").is_file():
             from sab_byon_omni.interop.hf_import import read_hf_folder
@@ -75,7 +115,8 @@ def read_weights(p: Path) -> Weights:
             return read_hf_folder(p)
         if (p / dcp.META).is_file():
             return _read_sharded(p)
-        raise SabError(f"{p}: a folder, but neither a saved model (config.json) nor a sharded checkpoint (meta.pt)")
+        raise SabError(f"{p}: a folder, but neither a saved model (config.json), a sharded checkpoint (meta.pt) nor "
+                       "a GGUF file")
     if p.suffix == ".safetensors":
         return read_exported_safetensors(p)
     ck = load_checkpoint(p, advice=COPY_ADVICE)  # a model to use: a damaged file asks for another copy
@@ -146,6 +187,6 @@ def check_safetensors_header(p: Path) -> None:
 
 def _count(value: Any, name: str, p: Path) -> int:
     text = str(value)
-    if not _COUNT.fullmatch(text):
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_STEP:
         raise SabError(f"{p}: damaged metadata: {name}={bounded(value)} is not a step count")
     return int(text)

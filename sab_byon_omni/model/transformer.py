@@ -285,23 +285,19 @@ class CausalTransformer(nn.Module):
             block.attn.copy_v = on
             block.mlp.recompute_gelu = on and isinstance(block.mlp, MLP)
 
-    def muon_matrices(self) -> list[tuple[nn.Parameter, list[int]]]:
+    def muon_matrices(self) -> list[tuple[nn.Parameter, int | list[int]]]:
         """Every 2-D hidden matrix (the blocks' projections; not the embedding, positions or head)
-        with the sizes of the row blocks it is made of, which Muon orthogonalises one by one: qkv
-        [q, k, v] rows (unequal with grouped-query attention), a SwiGLU's up [ffn, ffn] ([gate;
-        up]), every other matrix its rows whole."""
+        with the row blocks it is made of, which Muon orthogonalises one by one: their number when
+        they are equal, else their sizes. qkv is [q, k, v] (3, or unequal sizes with grouped-query
+        attention), a SwiGLU's up is [gate; up] (2), every other matrix is one block."""
         cfg = self.cfg
         q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        out = []
+        out: list[tuple[nn.Parameter, int | list[int]]] = []
         for block in self.blocks:
             for p in (block.attn.qkv.weight, block.attn.proj.weight, block.mlp.up.weight, block.mlp.down.weight):
-                if p is block.attn.qkv.weight:
-                    rows = [q, kv, kv]
-                elif p is block.mlp.up.weight and cfg.mlp == "swiglu":
-                    rows = [cfg.ffn, cfg.ffn]
-                else:
-                    rows = [p.shape[0]]
-                out.append((p, rows))
+                rows = ([q, kv, kv] if p is block.attn.qkv.weight
+                        else [cfg.ffn, cfg.ffn] if p is block.mlp.up.weight and cfg.mlp == "swiglu" else [p.shape[0]])
+                out.append((p, len(rows) if len(set(rows)) == 1 else rows))
         return out
 
     def num_parameters(self) -> int:

@@ -1,19 +1,28 @@
 """What a run tells the person watching it: a start banner, a line every ``log_interval`` steps and
-at each evaluation, a time estimate for the whole run, and a closing summary.
+at each evaluation, a time estimate for the whole run, advice when it runs out of memory, and a
+closing summary.
 
 Everything goes through ``logging`` (logger ``sab_byon_omni.training.console``); the handler from
 :func:`install_handler` writes through ``tqdm.write`` so that lines never break a progress bar.
+The CLI installs that handler before it knows what it will run: this module imports torch only in
+the functions that need it (a wrong path is an error line before torch is loaded).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sab_byon_omni.estimate import fmt_count, fmt_duration
+from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration
+from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
+
+if TYPE_CHECKING:
+    from sab_byon_omni.training.build import Run
 
 log = logging.getLogger(__name__)
 PACKAGE_LOGGER = "sab_byon_omni"
@@ -31,12 +40,21 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def ours_or_warning(record: logging.LogRecord) -> bool:
+    """The package's records, and other libraries' warnings: their INFO lines (the gguf writer's
+    progress, naming its temporary file) are not for the person running a command."""
+    name = record.name
+    return (record.levelno >= logging.WARNING or name in ("root", PACKAGE_LOGGER)
+            or name.startswith(PACKAGE_LOGGER + "."))
+
+
 def install_handler(logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
     """Send ``logger``'s records (the root's by default) to stderr through tqdm, plain messages."""
     logger = logger or logging.getLogger()
     if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
         handler = TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(ours_or_warning)
         logger.addHandler(handler)
     logger.setLevel(level)
 
@@ -160,3 +178,122 @@ def summary(result: Any, directory: str) -> list[str]:
         lines.append(f"  sab-omni eval --checkpoint {best}")
         lines.append(f"  sab-omni plot {directory}")
     return lines
+
+
+# ------------------------------------------------------------------------------- the run's start
+def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The start banner: (key, text) lines; ``notes`` (which recipe, which weights) come before the time."""
+    import torch
+
+    from sab_byon_omni.machine import device_name
+
+    m, d, t, info = run.cfg.model, run.cfg.data, run.cfg.train, run.info
+    n = sum(p.numel() for p in run.model.parameters())
+    eff = t.batch_size * t.gradient_accumulation_steps * info.world
+    start = f"resuming from {run.resume_from} (step {run.state.global_step:,})" if run.resume_from else "new run"
+    return [
+        ("run folder", f"{run.checkpointer.dir} ({start})"),
+        ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
+        ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
+        ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
+                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
+        ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, {torch.get_num_threads()} "
+                   f"thread(s), {info.world} process(es)" + (" with FSDP" if run.fsdp else "")),
+        ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
+                  + (f" x {info.world} processes" if info.enabled else "")
+                  + f" = {eff} samples per optimizer step (up to {eff * d.seq_len:,} tokens)"),
+        ("steps", f"{run.steps_per_epoch:,} per epoch x {t.epochs} epoch(s)"
+                  + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
+                  + f": {run.total_steps:,} optimizer steps"),
+        ("schedule", (f"Muon peak lr {t.muon_learning_rate:g} for the blocks' matrices after "
+                      f"{t.muon_warmup_steps} warmup steps, " if t.optimizer == "muon" else "")
+                     + f"AdamW peak lr {t.learning_rate:g}" + (" for the rest" if t.optimizer == "muon" else "")
+                     + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
+                     + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
+        *([("", slow)] if (slow := _slow_rate(run)) and d.dataset == "synthetic" else []),
+        ("memory", run.memory.describe()),
+        ("validation", validation_plan(run)),
+        *notes,
+        ("time", start_time(run)),
+    ]
+
+
+def from_scratch_warnings(run: Run) -> list[str]:
+    """For a fresh model (no checkpoint, no ``init_from``): a rate the sweep showed to learn
+    slowly (on your own data; on the synthetic data it is the guide's choice, which the banner
+    mentions), or too few optimizer steps to learn much (docs/RECIPES.md)."""
+    t = run.cfg.train
+    if not _fresh(run):
+        return []
+    capped = bool(t.max_steps) and t.max_steps == run.total_steps
+    slow = None if run.cfg.data.dataset == "synthetic" else _slow_rate(run)
+    return [w for w in (slow, too_few_steps(run.total_steps, capped)) if w]
+
+
+def _fresh(run: Run) -> bool:
+    return run.resume_from is None and not run.cfg.train.init_from
+
+
+def _slow_rate(run: Run) -> str | None:
+    t = run.cfg.train
+    tokens = t.batch_size * t.gradient_accumulation_steps * run.info.world * run.cfg.data.seq_len
+    return learns_slowly(t.learning_rate, run.cfg.model, tokens) if _fresh(run) else None
+
+
+def validation_plan(run: Run) -> str:
+    t, val = run.cfg.train, run.val_data
+    if val is None or not len(val):
+        return "none (no validation data, so no best_model.pt)"
+    every = {0: "", 1: "every step, "}.get(t.eval_interval, f"every {t.eval_interval:,} steps, ")
+    when = every + "at each epoch's end and at the last step"
+    on = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''} of {t.batch_size}"
+          if t.eval_batches else "all")
+    return f"{when}, on {on} of {len(val):,} samples; the best so far is saved as best_model.pt"
+
+
+def start_time(run: Run) -> str:
+    """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
+    process's share, from the estimator) at this device's measured matmul rate."""
+    import torch
+
+    m, t, name = run.cfg.model, run.cfg.train, run.precision.name
+    later = "measured after the first steps"
+    targets = predicted_tokens(run.train_data)
+    mean = targets / len(run.train_data) if targets and len(run.train_data) else run.cfg.data.seq_len - 1
+    try:
+        est = estimate(m, seq_len=max(2, round(mean) + 1), micro_batch=t.batch_size, precision=name,
+                       gpus=run.info.world, parallel="fsdp" if run.fsdp else "ddp", device=run.device.type)
+        rate = _matmul_rate(name, str(run.device), torch.get_num_threads())
+    except (SabError, RuntimeError, KeyError):
+        return later
+    if not rate > 0:
+        return later
+    flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
+    return start_estimate(flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_rate(precision: str, device: str, threads: int) -> float:
+    """This device's square-matmul FLOP/s in ``precision``, measured once per process (~0.5 s)."""
+    import torch
+
+    from sab_byon_omni.device import DTYPES
+    from sab_byon_omni.machine import measure_matmul_peak
+
+    dev = torch.device(device)
+    sizes = (1024, 2048, 4096) if dev.type == "cuda" else (256, 512, 1024)
+    return measure_matmul_peak(DTYPES[precision], dev, budget_s=0.4, sizes=sizes)
+
+
+def oom_message(run: Run, step: int) -> str:
+    """What to do when step ``step + 1`` ran out of memory: a smaller micro-batch, the same effective batch."""
+    import torch
+
+    t = run.cfg.train
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller, more = max(t.batch_size // 2, 1), t.gradient_accumulation_steps * (2 if t.batch_size > 1 else 1)
+    return (f"out of memory on {run.device} at step {step + 1} with train.batch_size={t.batch_size}: use a smaller "
+            f"batch with more accumulation, e.g. --batch_size {smaller} --gradient_accumulation_steps {more} "
+            "(same effective batch), or --activation_checkpointing true or a shorter --seq_len; "
+            "--resume auto continues from the last checkpoint")

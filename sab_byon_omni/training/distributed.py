@@ -1,8 +1,10 @@
-"""torchrun integration: process-group set-up, model wrapping (DDP or FSDP2), and small collectives.
+"""torchrun integration: process-group set-up, model wrapping (DDP or FSDP2), and the few collectives.
 
 A run started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group
-(``nccl`` on CUDA, ``gloo`` on CPU). Without torchrun everything here is a no-op. FSDP2's sharded
-checkpoints are read and written by :mod:`sab_byon_omni.files.dcp`.
+(``nccl`` on CUDA, ``gloo`` on CPU). Without torchrun everything here is a no-op. This module is
+the one place that reads where a process stands among the others (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``: :func:`launch_info`). FSDP2's sharded checkpoints are read and written by
+:mod:`sab_byon_omni.files.dcp`.
 """
 
 from __future__ import annotations
@@ -33,17 +35,32 @@ class DistInfo:
         return self.world > 1
 
 
+def launch_info() -> DistInfo:
+    """This process's place among the processes torchrun started (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``), read from the environment without joining anything; one process without torchrun."""
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    if world == 1:
+        return DistInfo()
+    return DistInfo(world=world, rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several that torchrun started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launch_info().enabled
+
+
+def uses_fsdp(parallel: str, info: DistInfo) -> bool:
+    """FSDP2 (sharded parameters, gradients, optimizer state and checkpoints): asked for
+    (``train.parallel: fsdp``) and more than one process to shard over."""
+    return parallel == "fsdp" and info.enabled
 
 
 def init_distributed(device_type: str) -> DistInfo:
     """Join the torchrun process group if there is one."""
-    if not launched_by_torchrun():
-        return DistInfo()
-    world = int(os.environ["WORLD_SIZE"])
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    info = launch_info()
+    if not info.enabled:
+        return info
+    local_rank = info.local_rank
     if not dist.is_initialized():
         # A long save on rank 0 (a big single-file checkpoint) keeps the others waiting at a barrier:
         # allow it far longer than NCCL's default 10 minutes.
@@ -53,7 +70,7 @@ def init_distributed(device_type: str) -> DistInfo:
             dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
-    return DistInfo(world=world, rank=rank, local_rank=local_rank)
+    return info
 
 
 def shutdown() -> None:
@@ -180,3 +197,28 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+STOP_SIGNAL = 15  # SIGTERM: what torchrun sends, and what a stop another process received is reported as
+
+
+def agree(norm: torch.Tensor, stop: bool, info: DistInfo) -> tuple[float, int]:
+    """(gradient norm, a stop signal any process received or 0): the optimizer step's one host
+    synchronisation, with under torchrun one tiny collective so that every process stops at the
+    same step."""
+    if not info.enabled:
+        return float(norm), 0
+    flags = torch.stack([norm.detach().float().reshape(()), torch.tensor(float(stop), device=norm.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    value, any_stop = flags.tolist()
+    return value, STOP_SIGNAL if any_stop else 0
+
+
+def all_finite(model: nn.Module, info: DistInfo, device: torch.device, sharded: bool) -> bool:
+    """Whether every weight of ``model`` is finite (each process checks its own shard; ``sharded``:
+    FSDP, where the answer is agreed over all processes)."""
+    params = [local(p).detach() for p in model.parameters()]
+    finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if sharded:
+        finite = all_reduce_sum([float(not finite)], info, device)[0] == 0
+    return finite

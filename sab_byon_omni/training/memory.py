@@ -88,14 +88,6 @@ SAVING_CHOICES = {"auto": (False, True), "off": (False,), "on": (True,)}
 # run near their peak where the default job's 4 x ~72 do not, and more rows would pad more
 # (docs/BENCHMARKS.md, "the default job"); a GPU wants far more rows.
 PASS_POSITIONS = {"cpu": 1024, "cuda": 16384}
-HEAP_REUSE_ROOM = 1.5  # margin for the heap's fragmentation when freed memory is kept (machine.set_freed_memory)
-
-
-def keeps_freed_memory(plan: MemoryPlan) -> bool:
-    """Whether a CPU run keeps freed memory for its next step (faster: no page faults, see
-    :func:`~sab_byon_omni.machine.set_freed_memory`) rather than giving it back to the system:
-    only when the usable memory has room for the estimated peak and the heap's fragmentation."""
-    return plan.peak * HEAP_REUSE_ROOM <= plan.usable  # False without an estimate (nan)
 
 
 def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch.device, precision: str,

@@ -1,82 +1,180 @@
-"""Muon for the blocks' weight matrices, AdamW for everything else, as one optimizer.
+"""Muon, an optimizer of its own for the hidden weight matrices (optim.py pairs it with AdamW).
 
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; torch >= 2.9 ships it as
 ``torch.optim.Muon``) updates a matrix by the orthogonalised Nesterov momentum of its gradient:
-five Newton-Schulz iterations push every singular value of the update towards 1, so each step
-moves all directions of the matrix by a similar amount. On this project's learning benchmark it is
-the largest single lever found (docs/RECIPES.md).
+five Newton-Schulz iterations map the momentum to a matrix with its singular vectors and its
+singular values pushed towards 1, so each step moves the matrix's directions by similar amounts.
+On this project's learning benchmark it is the largest single lever found (docs/RECIPES.md).
 
-Why not ``torch.optim.Muon`` itself: it orthogonalises in bfloat16, which CPUs without native bf16
-run some 400x slower than fp32 (a 200-step run of preset small took over 17 minutes instead of 4),
-it does not exist before torch 2.9, and a second optimizer object would break the guide's
-``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])``. The update here is the same
-algorithm (same momentum, Nesterov step, Newton-Schulz coefficients, decoupled weight decay and
-``sqrt(max(1, rows / cols))`` rate adjustment), in fp32 on CPU and bf16 on CUDA, with the fused
-qkv matrix orthogonalised as its three q, k and v blocks.
+Why not ``torch.optim.Muon`` itself: it orthogonalises in bfloat16 always, which CPUs without
+native bf16 run some 400x slower than fp32 (a 200-step run of preset small took over 17 minutes
+instead of 4), and it does not exist before torch 2.9. The update here is the same algorithm (same
+momentum, Nesterov step, Newton-Schulz coefficients, decoupled weight decay and
+``sqrt(max(1, rows / cols))`` rate adjustment), with a matrix's rows optionally split into
+blocks orthogonalised one by one (a fused qkv as its q, k and v), the iteration in bf16 only where
+the device has it natively (:func:`newton_schulz_dtype`) and same-shape matrices stacked into one
+call (:func:`shape_batches`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from sab_byon_omni.device import native_cuda_bf16
+from sab_byon_omni.machine import cpu_has_native_bf16
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
 NS_STEPS = 5
 MOMENTUM = 0.95
+NS_DTYPE_ENV = "SAB_MUON_NS_DTYPE"
+NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
+# (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 10-18%
+# slower than one call per matrix, a smaller one up to 2.6x faster (tiny's matrices, bf16): levers.py muon.
+BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 
 
-def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """An approximately orthogonal matrix with the singular vectors of ``update`` (a matrix, or a
-    batch of matrices along the first dimension): singular values land roughly in [0.7, 1.2]."""
+def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Newton-Schulz in ``dtype`` on ``update`` (a matrix, or a batch of matrices along the first
+    dimension), returned in ``update``'s dtype: the same singular vectors, and every singular value
+    at least about 1/600 of the matrix's Frobenius norm mapped into roughly [0.68, 1.2]. The
+    iteration multiplies a small singular value by at most 3.4445 per step (the quintic's slope at
+    zero), so smaller ones stay small: 1e-4 of the norm ends near 0.05, 1e-3 near 0.47."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.mT
+    tall = update.size(-2) > update.size(-1)
+    # iterate on the smaller Gram matrix, in a contiguous copy (bmm would copy a transposed view each time)
+    x = (update.mT if tall else update).to(dtype, memory_format=torch.contiguous_format)
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    if tall:
-        x = x.mT
-    return x.to(update.dtype)
+    batch = x.view(-1, *x.shape[-2:])
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T, with the sums inside the matmuls
+        gram = torch.bmm(batch, batch.mT)
+        batch = torch.baddbmm(batch, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), batch, beta=a)
+    x = batch.view(x.shape)
+    return (x.mT if tall else x).to(update.dtype)
 
 
-class MuonAdamW(torch.optim.AdamW):
-    """AdamW whose parameter groups marked ``muon=True`` take Muon's update instead.
+def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None) -> list[list[int]]:
+    """Which matrices to orthogonalise in one call (modded-nanogpt's batching): indices into
+    ``shapes``, each ``(device, dtype, k, rows, cols)`` for ``k`` matrices of ``rows x cols``, in
+    batches of one device, dtype and shape (a tall matrix counts transposed, so ``rows x cols`` and
+    ``cols x rows`` share one) of at most ``max_elements`` weights (default: the device's
+    :data:`BATCH_ELEMENTS`; one matrix alone, if larger)."""
+    by_shape: dict[tuple[Any, ...], list[list[int]]] = {}
+    size: dict[tuple[Any, ...], int] = {}
+    for i, (device, dtype, k, rows, cols) in enumerate(shapes):
+        key, n = (device, dtype, min(rows, cols), max(rows, cols)), k * rows * cols
+        limit = max_elements or BATCH_ELEMENTS.get(device.type, BATCH_ELEMENTS["cuda"])
+        batches = by_shape.setdefault(key, [[]])
+        if batches[-1] and size[key] + n > limit:
+            batches.append([])
+            size[key] = 0
+        batches[-1].append(i)
+        size[key] = size.get(key, 0) + n
+    return [b for batches in by_shape.values() for b in batches]
 
-    Groups without the mark are plain (fused where available) AdamW; a Muon group holds 2-D
-    matrices and may give ``split`` (rows split into that many equal blocks, each orthogonalised on
-    its own: 3 for a fused qkv). Its ``lr`` and ``weight_decay`` are Muon's. One ``state_dict``
-    holds both (``momentum_buffer`` for Muon parameters, AdamW's moments for the rest)."""
 
-    def __init__(self, params: Iterable[dict[str, Any]], lr: float, betas: tuple[float, float],
-                 fused: bool | None = None, foreach: bool | None = None) -> None:
-        groups = [dict(g) for g in params]
-        for g in groups:
-            g.setdefault("muon", False)
-            if g["muon"]:
-                g.setdefault("momentum", MOMENTUM)
-                g.setdefault("split", 1)
-                if not isinstance(g["split"], int) or isinstance(g["split"], bool) or g["split"] < 1:
-                    raise ValueError(f"Muon's split must be a positive integer, got {g['split']!r}")
-                bad = [tuple(p.shape) for p in g["params"] if p.dim() != 2 or p.shape[0] % g["split"]]
-                if bad:
-                    raise ValueError(f"Muon updates 2-D matrices whose rows split into {g['split']}; got {bad[0]}")
-        super().__init__(groups, lr=lr, betas=betas, fused=fused, foreach=foreach)
-        # GradScaler: unscale the gradients and skip a non-finite step before calling step() (a fused
-        # AdamW would otherwise be handed the scale and skip on its own, which Muon's part would not)
-        self._step_supports_amp_scaling = False
+def orthogonalize_stacked(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices of one
+    shape, up to transposition) in one call: the tall ones go in transposed."""
+    tall = [u.size(-2) > u.size(-1) for u in updates]
+    together = orthogonalize(torch.cat([u.mT if t else u for u, t in zip(updates, tall)]), dtype=dtype)
+    return [x.mT if t else x for x, t in zip(together.split([u.size(0) for u in updates]), tall)]
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # (load_state_dict, unpickling) AdamW's checks of its per-parameter state, over its groups only
-        groups = state["param_groups"]
-        state["param_groups"] = [g for g in groups if not g.get("muon")]
-        super().__setstate__(state)
-        self.param_groups = groups
+
+def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices), one
+    call per batch of :func:`shape_batches`. ``dtype``: that of the iteration (default:
+    :func:`newton_schulz_dtype` of the matrices' device)."""
+    out = list(updates)
+    for members in shape_batches([(u.device, u.dtype, *u.shape) for u in updates]):
+        batch = [updates[i] for i in members]
+        for i, x in zip(members, orthogonalize_stacked(batch, dtype or newton_schulz_dtype(batch[0].device))):
+            out[i] = x
+    return out
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """The dtype Muon runs Newton-Schulz in on ``device``: bf16 where the device multiplies bf16
+    natively (CUDA sm_80+, a CPU with AVX-512 BF16 or AMX: the checks ``precision: auto`` uses), fp32
+    where bf16 would be emulated (T4, V100, AVX2-only CPUs: several times slower than fp32).
+    ``SAB_MUON_NS_DTYPE=fp32`` (or ``bf16``) forces one, for benchmarks."""
+    forced = os.environ.get(NS_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in NS_DTYPES:
+            raise ValueError(f"{NS_DTYPE_ENV}={forced[:20]!r} is not one of: {', '.join(NS_DTYPES)}")
+        return NS_DTYPES[forced]
+    native = native_cuda_bf16(device) if device.type == "cuda" else device.type == "cpu" and cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
+
+
+def row_runs(split: int | Iterable[int], rows: int) -> list[tuple[int, int, int]]:
+    """A matrix's row blocks as runs of equal blocks ``(first row, count, rows each)``: ``split`` is
+    a number of equal blocks (3 for a fused qkv) or the blocks' sizes (``[q, kv, kv]`` with grouped
+    key/value heads: two runs)."""
+    sizes = [rows // split] * split if isinstance(split, int) else list(split)
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for size in sizes:
+        if runs and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, size)
+        else:
+            runs.append((start, 1, size))
+        start += size
+    return runs
+
+
+def _check_split(group: dict[str, Any]) -> None:
+    k = group["split"]
+    sizes = [k] if isinstance(k, int) else list(k) if isinstance(k, (list, tuple)) else [None]
+    if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+        raise ValueError(f"Muon's split must be a positive integer or a list of row counts, got {k!r}")
+    fits = (lambda n: n % k == 0) if isinstance(k, int) else (lambda n: n == sum(sizes))
+    bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2 or not fits(p.shape[0])]
+    if bad:
+        raise ValueError(f"Muon updates 2-D matrices whose rows split into {k}; got {bad[0]}")
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices: Nesterov momentum (``momentum``), orthogonalised by
+    :func:`orthogonalize`, applied at ``lr * sqrt(max(1, rows / cols))`` after the decoupled weight
+    decay ``p -= lr * weight_decay * p``.
+
+    A group's ``split`` (default 1) says its matrices' rows are that many equal blocks, each
+    orthogonalised on its own (3 for a fused qkv), or lists the blocks' row counts when they differ
+    (``[q, kv, kv]`` with grouped key/value heads). Other keys of a group are kept as they are (the
+    ``muon`` mark of :class:`~sab_byon_omni.training.optim.MuonWithAdamW`'s groups). ``ns_dtype``:
+    the dtype of the Newton-Schulz iteration (default: :func:`newton_schulz_dtype` of the
+    parameters' device, asked at the first step there). The state of a parameter is its
+    ``momentum_buffer``."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
+                 momentum: float = MOMENTUM, split: int | list[int] = 1, ns_dtype: torch.dtype | None = None) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split))
+        self.ns_dtype = ns_dtype
+        self.ns_dtypes: dict[torch.device, torch.dtype] = {}  # the default's choice per device, made once
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            _check_split(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _nesterov(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """The Nesterov momentum of ``p``'s gradient (its buffer updated)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, beta = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - beta)
+        return p.grad.lerp(buf, beta)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -84,29 +182,28 @@ class MuonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self.param_groups
-        try:  # AdamW's own step, over its groups only
-            self.param_groups = [g for g in groups if not g.get("muon")]
-            super().step()
-        finally:
-            self.param_groups = groups
-        for g in groups:
-            if g.get("muon"):
-                self._muon_step(g)
+        # one unit per run of equal row blocks of a matrix: (parameter, group, first row, blocks, rows each)
+        todo = [(p, g, *run) for g in self.param_groups for p in g["params"] if p.grad is not None
+                for run in row_runs(g["split"], p.shape[0])]
+        left = {p: sum(1 for u in todo if u[0] is p) for p, *_ in todo}
+        momenta: dict[torch.Tensor, torch.Tensor] = {}  # a matrix's momentum while some of its units wait
+        shapes = [(p.device, p.dtype, k, rows, p.shape[1]) for p, _, _, k, rows in todo]
+        for members in shape_batches(shapes):
+            batch = [todo[i] for i in members]
+            device = batch[0][0].device
+            if device not in self.ns_dtypes:
+                self.ns_dtypes[device] = newton_schulz_dtype(device)
+            dtype = self.ns_dtype or self.ns_dtypes[device]
+            blocks = []
+            for p, g, start, k, rows in batch:
+                if p not in momenta:
+                    momenta[p] = self._nesterov(p, g)
+                    p.mul_(1 - g["lr"] * g["weight_decay"])  # once per matrix, before its update
+                blocks.append(momenta[p][start:start + k * rows].view(k, rows, p.shape[1]))
+            for (p, group, start, k, rows), direction in zip(batch, orthogonalize_stacked(blocks, dtype)):
+                cols, lr = p.shape[1], group["lr"]
+                p[start:start + k * rows].view(k, rows, cols).add_(direction, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+                left[p] -= 1
+                if not left[p]:
+                    del momenta[p]
         return loss
-
-    def _muon_step(self, group: dict[str, Any]) -> None:
-        lr, decay, beta, k = group["lr"], group["weight_decay"], group["momentum"], group["split"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - beta)
-            nesterov = p.grad.lerp(buf, beta)
-            rows, cols = p.shape[0] // k, p.shape[1]
-            direction = orthogonalize(nesterov.view(k, rows, cols)).view_as(p)
-            p.mul_(1 - lr * decay)
-            p.add_(direction, alpha=-lr * math.sqrt(max(1.0, rows / cols)))

@@ -1,17 +1,19 @@
-"""The optimizer and the learning-rate schedule: AdamW with decay/no-decay groups (or Muon for the
-blocks' matrices, ``train.optimizer: muon``), and a schedule that is a pure function of the step
-(so a resumed run continues exactly)."""
+"""The optimizer and the learning-rate schedule: AdamW with decay/no-decay groups (or, with
+``train.optimizer: muon``, Muon for the matrices the model declares and AdamW for the rest, behind
+one state dict), and a schedule that is a pure function of the step (so a resumed run continues
+exactly)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from sab_byon_omni.config import TrainConfig
-from sab_byon_omni.training.muon import MuonAdamW
+from sab_byon_omni.training.muon import Muon
 
 
 def param_groups(params: nn.Module | list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -28,32 +30,118 @@ def uses_fused_adamw(device: torch.device | str) -> bool:
     return torch.device(device).type in ("cuda", "cpu")
 
 
+class MuonWithAdamW:
+    """Muon for the parameter groups marked ``muon=True``, (fused) AdamW for the others: two torch
+    optimizers, :attr:`muon` and :attr:`adamw`, behind the optimizer interface the trainer, the
+    GradScaler and the guide use (``param_groups``, ``state``, ``step``, ``zero_grad``,
+    ``state_dict``, ``load_state_dict``); as torchtitan's ``OptimizersContainer`` or Keller
+    Jordan's ``MuonWithAuxAdam``.
+
+    Its state dict is one optimizer's, the one the single ``MuonAdamW`` optimizer of earlier
+    versions wrote: ``param_groups`` are Muon's groups then AdamW's, each with its ``muon`` mark
+    (Muon's with ``split`` and ``momentum``), and ``state`` is keyed by a parameter's index across
+    all of them. So earlier checkpoints load, and so does the guide's
+    ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])``. It does not take a
+    GradScaler's scale into its step: the scaler unscales the gradients and skips a non-finite
+    step before calling :meth:`step`."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+                 fused: bool | None = None, foreach: bool | None = None, ns_dtype: torch.dtype | None = None) -> None:
+        self.muon = Muon([g for g in groups if g.get("muon")], ns_dtype=ns_dtype)
+        self.adamw = torch.optim.AdamW([{**g, "muon": False} for g in groups if not g.get("muon")], lr=lr,
+                                       betas=betas, fused=fused, foreach=foreach)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Muon's groups, then AdamW's (the group dicts themselves: a rate set here is the optimizer's)."""
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Every parameter's state (Muon's ``momentum_buffer``, AdamW's moments and step)."""
+        return {**self.muon.state, **self.adamw.state}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.adamw.step()
+        self.muon.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        groups: list[dict[str, Any]] = []
+        state: dict[int, Any] = {}
+        for opt in (self.muon, self.adamw):
+            offset = sum(len(g["params"]) for g in groups)
+            saved = opt.state_dict()
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in saved["param_groups"]]
+            state.update({i + offset: s for i, s in saved["state"].items()})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of :meth:`state_dict`'s form: groups marked ``muon`` are Muon's (keys
+        of AdamW's that an earlier version saved in them are dropped), the others AdamW's; a file
+        whose groups do not match this optimizer's is refused before either part loads."""
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        muon = [{k: v for k, v in g.items() if k in ("params", "muon", *self.muon.defaults)}
+                for g in groups if g.get("muon")]
+        adamw = [g for g in groups if not g.get("muon")]
+        for name, opt, saved in (("Muon", self.muon, muon), ("AdamW", self.adamw, adamw)):
+            theirs, ours = ([len(g["params"]) for g in gs] for gs in (saved, opt.param_groups))
+            if theirs != ours:
+                raise ValueError(f"loaded state dict's {name} parameter groups hold {theirs} parameters, this "
+                                 f"optimizer's {ours}")
+        mine = {i for g in muon for i in g["params"]}
+        self.muon.load_state_dict({"state": {i: s for i, s in state.items() if i in mine}, "param_groups": muon})
+        # state under an index no group lists goes to AdamW, which keeps it aside (check_loaded_state refuses it)
+        self.adamw.load_state_dict({"state": {i: s for i, s in state.items() if i not in mine},
+                                    "param_groups": adamw})
+
+
 def muon_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
-    """Muon for the blocks' 2-D matrices (a fused qkv as its three blocks); AdamW, at
-    ``learning_rate``, for the embedding, the head and the norms."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    in_blocks = lambda n, p: p.dim() == 2 and (n.startswith("blocks.") or ".blocks." in n)  # noqa: E731
-    qkv = [p for n, p in named if in_blocks(n, p) and n.endswith("attn.qkv.weight")]
-    rest = [p for n, p in named if in_blocks(n, p) and not n.endswith("attn.qkv.weight")]
+    """Muon for the matrices ``model.muon_matrices()`` declares (a group per way of splitting their
+    rows: a fused qkv's three blocks, or its [q, kv, kv] sizes), at ``muon_learning_rate``; AdamW, at ``learning_rate``, for
+    the rest (the embedding, the head and the norms)."""
+    if not hasattr(model, "muon_matrices"):
+        raise ValueError(f"optimizer muon needs the model to declare its hidden matrices (muon_matrices()); "
+                         f"{type(model).__name__} does not: use optimizer adamw")
+    matrices = [(p, k if isinstance(k, int) else tuple(k)) for p, k in model.muon_matrices() if p.requires_grad]
+    splits = list(dict.fromkeys(k for _, k in matrices))  # in order of first appearance
     muon = dict(muon=True, lr=train.muon_learning_rate, weight_decay=train.weight_decay)
-    groups = [{"params": qkv, "split": 3, **muon}, {"params": rest, **muon}]
-    groups += param_groups([p for n, p in named if not in_blocks(n, p)], train.weight_decay)
+    groups = [{"params": [p for p, k in matrices if k == split], "split": split if isinstance(split, int) else
+               list(split), **muon} for split in splits]
+    taken = {id(p) for p, _ in matrices}
+    groups += param_groups([p for p in model.parameters() if id(p) not in taken], train.weight_decay)
     return [g for g in groups if g["params"]]
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig | None = None, device: torch.device | str | None = None,
-                   ) -> torch.optim.AdamW:
+                   ) -> torch.optim.AdamW | MuonWithAdamW:
     """The optimizer the trainer builds for ``model`` from ``train`` (the defaults if omitted):
-    AdamW with two parameter groups (weight decay on matrices, none on norms), or with
-    ``train.optimizer == "muon"`` a :class:`~sab_byon_omni.training.muon.MuonAdamW` (Muon for the
-    blocks' matrices). The guide's ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])``
-    works on it as written."""
+    ``torch.optim.AdamW`` with two parameter groups (weight decay on matrices, none on norms), or
+    with ``train.optimizer == "muon"`` a :class:`MuonWithAdamW` (Muon for the model's
+    :meth:`~sab_byon_omni.model.transformer.CausalTransformer.muon_matrices`). The guide's
+    ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])`` works on either as written."""
     t = train or TrainConfig()
     fused = uses_fused_adamw(device if device is not None else next(model.parameters()).device)
     kw = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=fused or None, foreach=None if fused else True)
     if t.optimizer == "muon":
-        return MuonAdamW(muon_groups(model, t), **kw)
+        return MuonWithAdamW(muon_groups(model, t), **kw)
     return torch.optim.AdamW(param_groups(model, t.weight_decay), **kw)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer | MuonWithAdamW) -> str:
+    """How a report names ``optimizer``: "AdamW fused", "Muon + AdamW foreach"..."""
+    adamw = optimizer.adamw if isinstance(optimizer, MuonWithAdamW) else optimizer
+    d = adamw.defaults
+    name = "AdamW fused" if d.get("fused") else ("AdamW foreach" if d.get("foreach") else "AdamW for-loop")
+    return f"Muon + {name}" if isinstance(optimizer, MuonWithAdamW) else name
 
 
 def lr_at(step: int, t: TrainConfig, total_steps: int, muon: bool = False) -> float:

@@ -1,13 +1,15 @@
-"""What a run is at a given moment (``TrainState``), and every random-number generator it uses.
+"""The parts of a run that have state besides the model, the optimizer and the GradScaler: where the
+run is (:class:`TrainState`), every random-number generator it uses (:class:`RngState`) and the
+learning-rate schedule (:class:`Schedule`).
 
-Together with the model, the optimizer and the GradScaler this is everything an exact resume
-needs; :class:`~sab_byon_omni.training.checkpointer.Checkpointer` writes it into the checkpoint
-dict (``data_state``, ``history``, ``best_val_loss``, ``global_step``, ``epoch``, ``rng_state``)
-and reads it back, checking every field.
+Each has ``state_dict()`` and ``load_state_dict()``, as a model and an optimizer do, and
+:class:`~sab_byon_omni.training.checkpointer.Checkpointer` composes them into the checkpoint file.
+The checkpointer validates what it reads, once; these parts trust what they are given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -15,14 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from sab_byon_omni.errors import SabError, bounded
-from sab_byon_omni.files.checkpoint import MAX_STEP, finite_float
+from sab_byon_omni.config import TrainConfig
+from sab_byon_omni.training.optim import set_lr
 
 
 @dataclass
 class TrainState:
-    """The loop's position and running sums. Every field is saved; nothing else is."""
+    """The loop's position and running sums. Every field is saved; nothing else is. ``epoch`` and
+    ``cursor`` are the data cursor: the order of an epoch's samples is a function of (seed, epoch),
+    so the samples consumed by all processes together say where any number of processes continues."""
 
     epoch: int = 0  # epochs completed
     cursor: int = 0  # samples of this epoch's order consumed, by all processes together
@@ -35,58 +40,58 @@ class TrainState:
     train_losses: list[float] = field(default_factory=list)  # per finished epoch
     val_losses: list[float] = field(default_factory=list)
 
-    def to_checkpoint(self, world: int) -> dict[str, Any]:
-        """The checkpoint keys that hold the state (the guide's ``epoch`` and ``global_step`` among them)."""
-        return {
-            "epoch": self.epoch, "global_step": self.global_step,
-            "data_state": {"epoch": self.epoch, "cursor": self.cursor, "world_size": world,
-                           "epoch_loss_sum": float(self.epoch_loss_sum), "epoch_tokens": int(self.epoch_tokens),
-                           "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row},
-            "history": {"train_loss": list(self.train_losses), "val_loss": list(self.val_losses)},
-            "best_val_loss": self.best_val_loss,
-        }
+    def state_dict(self) -> dict[str, Any]:
+        """Every field by name (the lists copied)."""
+        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_checkpoint(cls, ck: dict[str, Any], source: str, epoch_size: int) -> "TrainState":
-        """The state saved in ``ck``; a field of the wrong type or out of range is a SabError.
-        ``epoch_size``: samples in an epoch of this run's data (a cursor past it is refused)."""
-        data = ck.get("data_state", {"epoch": ck["epoch"], "cursor": 0})
-        hist = ck.get("history", {})
-        if not isinstance(data, dict) or not isinstance(hist, dict):
-            raise SabError(f"{source}: data_state/history must be mappings (damaged checkpoint?)")
-        st = cls(epoch=_count(data.get("epoch", ck["epoch"]), "data_state.epoch", source),
-                 cursor=_count(data.get("cursor", 0), "data_state.cursor", source),
-                 global_step=_count(ck["global_step"], "global_step", source),
-                 best_val_loss=finite_float(ck.get("best_val_loss")),
-                 epoch_loss_sum=finite_float(data.get("epoch_loss_sum", 0.0), 0.0),
-                 epoch_tokens=_count(data.get("epoch_tokens", 0), "data_state.epoch_tokens", source),
-                 skipped_steps=_count(data.get("skipped_steps", 0), "data_state.skipped_steps", source),
-                 skipped_in_a_row=_count(data.get("skipped_in_a_row", 0), "data_state.skipped_in_a_row", source),
-                 train_losses=_losses(hist.get("train_loss", []), source),
-                 val_losses=_losses(hist.get("val_loss", []), source))
-        if st.cursor > epoch_size:
-            raise SabError(f"{source}: its data cursor ({st.cursor:,}) is past the end of an epoch of this run's data "
-                           f"({epoch_size:,} samples): was it trained on other data or settings?")
-        return st
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every field from ``state`` (as :meth:`state_dict` gives it, or the checkpointer's validated reading)."""
+        for f in dataclasses.fields(self):
+            value = state[f.name]
+            setattr(self, f.name, list(value) if isinstance(value, list) else value)
 
 
-def _count(value: Any, name: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEP:
-        raise SabError(f"{source}: {name}={bounded(value)} is not a count (damaged checkpoint?)")
-    return value
+class RngState:
+    """Every random-number generator the run uses, in this process: torch's CPU generator, this
+    process's own CUDA device, Python's and numpy's."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state, self.device)
 
 
-def _losses(values: Any, source: str) -> list[float]:
-    if not isinstance(values, list) or len(values) > 100_000:
-        raise SabError(f"{source}: history must be a list of losses (damaged checkpoint?)")
-    return [finite_float(v, math.nan) for v in values]
+class Schedule:
+    """The learning-rate schedule, a pure function of the optimizer step
+    (:func:`~sab_byon_omni.training.optim.lr_at`): its state is its name, the step it stands at (the
+    train state's) and the steps it was planned for. :meth:`set_step` sets every group's rate for a
+    step and tells the model (``model.on_step``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, train: TrainConfig, total_steps: int,
+                 state: TrainState) -> None:
+        self.optimizer, self.model, self.train = optimizer, model, train
+        self.total_steps, self.state = total_steps, state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.train.lr_schedule, "step": self.state.global_step, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the rate follows from the step, which the train state brings back (a
+        run planned for another length follows its own plan; the checkpointer says so)."""
+
+    def set_step(self, step: int) -> None:
+        set_lr(self.optimizer, step, self.train, self.total_steps)
+        self.model.on_step(step)
 
 
 # ---------------------------------------------------------------------------------- randomness
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
-    """Every RNG the run uses, as tensors and primitives: torch's CPU generator, this process's own
-    CUDA device, Python's and numpy's. Under torchrun every rank's goes into the checkpoint
-    (``rng_state_by_rank``) and each restores its own (:func:`rank_rng`)."""
+    """Every RNG the run uses, as tensors and primitives. Under torchrun every rank's goes into the
+    checkpoint (``rng_state_by_rank``) and each restores its own."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -98,25 +103,12 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     return state
 
 
-def rank_rng(ck: dict[str, Any], rank: int, world: int) -> Any:
-    """The random state this rank saved, when the checkpoint holds one per rank of a run of the same
-    size (``rng_state_by_rank``: each rank's generators move differently, e.g. dropout on batches
-    of other lengths); else the main process's ``rng_state``."""
-    per_rank = ck.get("rng_state_by_rank")
-    if isinstance(per_rank, list) and len(per_rank) == world:
-        return per_rank[rank]
-    return ck["rng_state"]
-
-
-def restore_rng(state: Any, device: torch.device | None, source: str) -> None:
-    """Restore what :func:`capture_rng` saved; a malformed entry is a SabError."""
-    try:
-        torch.set_rng_state(state["torch"])
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        if device is not None and device.type == "cuda" and "cuda_device" in state:
-            torch.cuda.set_rng_state(state["cuda_device"], device)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise SabError(f"{source}: its rng_state cannot be restored ({type(e).__name__}): damaged checkpoint?") from None
+def restore_rng(state: dict[str, Any], device: torch.device | None) -> None:
+    """Restore what :func:`capture_rng` saved (a malformed entry raises; the checkpointer names the file)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if device is not None and device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)

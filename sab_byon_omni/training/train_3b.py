@@ -1,35 +1,25 @@
-"""``train_3b_rapid``: the guide's one-call training entry point, a thin wrapper over the Trainer."""
+"""``train_3b_rapid``: the guide's one-call training entry point, a thin wrapper over
+:mod:`sab_byon_omni.training.launch` and the Trainer. ``make_optimizer`` and ``TrainResult`` are
+re-exported here, where the guide imports them from."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import os
-from pathlib import Path
 from typing import Any
 
-from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
+from sab_byon_omni.config import replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
-from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
-from sab_byon_omni.errors import SabError
-from sab_byon_omni.training.checkpointer import Checkpointer
-from sab_byon_omni.training.distributed import launched_by_torchrun
+from sab_byon_omni.data.tokenizers import spec_equal
+from sab_byon_omni.training.build import build_run
+from sab_byon_omni.training.launch import apply_recipe
 from sab_byon_omni.training.optim import make_optimizer
-from sab_byon_omni.training.recipe import batch_geometry, describe, evaluation_cadence, recipe_for_geometry
-from sab_byon_omni.training.run_setup import CONFIG_FILE
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
-__all__ = ["train_3b_rapid", "run_training", "make_optimizer", "apply_recipe", "TrainResult"]
+__all__ = ["train_3b_rapid", "make_optimizer", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
-
-RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-                 "epochs", "eval_interval", "eval_batches")  # what the from-scratch recipe sets
 GUIDE_GEOMETRY = dict(epochs=3, batch_size=4, gradient_accumulation_steps=16, seq_len=1024)  # the guide's call
 
 
@@ -76,138 +66,6 @@ def train_3b_rapid(sab: SABTranscendentV2, epochs: int | None = None, batch_size
                 log.info("architecture changed: starting from fresh weights")
         sab.model, sab.tokenizer, cfg = fresh.model, tokenizer, fresh.config
     sab.config = cfg
-    return Trainer(sab.model, tokenizer, train, val, cfg, notes=notes,
-                   resume_hint='continue with train_3b_rapid(..., resume="auto")').fit()
-
-
-def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
-                 val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:
-    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples (and a
-    validation set of ``val_windows``) in every train setting not in ``explicit`` (field names), and
-    the banner lines that say so. The peak rate follows the final batch geometry, so a batch size you
-    give moves the rule's rate with it."""
-    t, seq = cfg.train, cfg.data.seq_len
-    batch, accum, epochs, _, reasons = batch_geometry(windows * (seq - 1) + 1, seq)
-    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    if world > 1:  # the recipe counts samples per optimizer step over all processes
-        batch, accum = (batch, -(-accum // world)) if accum >= world else (max(1, -(-batch * accum // world)), 1)
-    pick = lambda name, ours: getattr(t, name) if name in explicit else ours  # noqa: E731
-    batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
-    per_epoch = math.ceil(micro_steps_per_epoch(windows, batch, world) / accum)  # as the trainer counts
-    total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
-    geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
-    reasons = [] if geometry_given else reasons
-    if total < per_epoch * epochs:  # the schedule and the validations follow the steps the run will take
-        reasons.append(f"train.max_steps={t.max_steps:,} stops the run after {total:,} of {per_epoch * epochs:,} "
-                       f"steps ({per_epoch:,} per epoch x {epochs}): the schedule and validations are planned "
-                       f"for {total:,}")
-    final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
-    # what each process accumulates; and each validates its own eval_batches
-    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
-    final = dataclasses.replace(final, gradient_accumulation_steps=accum,
-                                eval_batches=evaluation_cadence(total, accum, epochs, whole)[1])
-    changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
-    if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
-        changes["train.optimizer"] = "adamw"
-    out = replace(cfg, **changes)
-    yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
-    lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
-                        + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total)
-    lines += [("", reason) for reason in reasons + described]
-    return out, lines
-
-
-def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
-                 resume_hint: str = "continue with --resume auto",
-                 recipe: set[str] | None = None) -> tuple[SABTranscendentV2, TrainResult]:
-    """Build tokenizer, data and model from ``cfg`` and train (what ``sab-omni train`` runs).
-
-    ``recipe``: apply the from-scratch recipe to a fresh model, except to the train settings named
-    in it (the ones the user gave); ignored for a run that starts from ``init_from`` weights."""
-    notes = list(notes or [])
-    if cfg.train.resume == "none":  # before the corpus is read: the only line is the error
-        Checkpointer(cfg.train.checkpoint_dir).refuse_existing()
-    cfg, resume_tok = resume_tokenizer(cfg)
-    init = None
-    if cfg.train.init_from and resume_tok is None:  # a checkpoint to resume from takes precedence
-        init = SABTranscendentV2.load(cfg.train.init_from)
-        cfg = adopt_architecture(cfg, init)
-        notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
-    tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
-    if recipe is not None and init is None:
-        cfg, lines = apply_recipe(cfg, len(train), recipe, "--data", len(val) if val is not None else 0)
-        notes = lines + notes
-    elif recipe is not None:
-        notes.append(("recipe", "the config's settings: --init_from fine-tunes, the from-scratch recipe is for "
-                                "fresh models"))
-    # weights to start from need a whole model; else, under FSDP, one built on the meta device
-    sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer) if init is not None else new_model(cfg, tokenizer)
-    if init is not None:
-        sab.model.load_state_dict(init.model.state_dict())
-    return sab, Trainer(sab.model, tokenizer, train, val, sab.config, notes=notes, resume_hint=resume_hint).fit()
-
-
-def new_model(cfg: RunConfig, tokenizer: Tokenizer) -> SABTranscendentV2:
-    """A fresh model for ``cfg``. Under torchrun with ``parallel: fsdp`` it is built on the meta
-    device (shapes only): the trainer shards it, then each rank allocates and initialises only its
-    own shards, to the values of a normal build with the same seed."""
-    fsdp = cfg.train.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return SABTranscendentV2(config=cfg, tokenizer=tokenizer, device="meta" if fsdp else None)
-
-
-def adopt_architecture(cfg: RunConfig, init: SABTranscendentV2) -> RunConfig:
-    """``cfg`` with the model section and tokenizer of ``init`` (what its weights need); the run
-    keeps its own dropout and activation checkpointing, and its sequence length (rotary positions
-    extend to a longer one)."""
-    model = {**init.config.to_dict()["model"], "dropout": cfg.model.dropout,
-             "activation_checkpointing": cfg.model.activation_checkpointing}
-    model["max_seq_len"] = max(model["max_seq_len"], cfg.data.seq_len)
-    raw = cfg.to_dict()
-    raw["model"] = model
-    raw["data"] = {**raw["data"], "tokenizer": init.tokenizer.name, "tokenizer_path": None}
-    return build_config(raw, source="init_from")
-
-
-def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
-    """The tokenizer of the checkpoint this run resumes from (and ``cfg`` naming it), so that the
-    data is tokenised the way the run began: no BPE retrained, no cache rebuilt with other settings.
-
-    The rule: the checkpoint's tokenizer is adopted when the run asks for the same kind, or for
-    nothing beyond the default (char96, no file); a different one is adopted with a logged notice.
-    A run that names another tokenizer (``--tokenizer byte`` for a char96 run, a ``--tokenizer_path``
-    holding another vocabulary) is refused: its own config.yaml continues it."""
-    path = _resume_point(cfg)
-    try:
-        spec = Checkpointer.read_meta(path).get("tokenizer") if path is not None else None
-        theirs = from_spec(spec) if spec is not None else None
-    except SabError:
-        return cfg, None  # the trainer reads it again, under the folder's lock, and says what is wrong
-    if theirs is None:
-        return cfg, None
-    d = cfg.data
-    if d.tokenizer_path:
-        mine = BPETokenizer.load(d.tokenizer_path) if d.tokenizer == BPETokenizer.name else None
-        differs = mine is None or not spec_equal(mine.to_spec(), theirs.to_spec())
-    else:
-        differs = d.tokenizer not in (theirs.name, DataConfig().tokenizer)
-    if differs:
-        asked = f"{d.tokenizer} from {d.tokenizer_path}" if d.tokenizer_path else d.tokenizer
-        raise SabError(f"{path}: the run resumes with its own tokenizer ({describe_tokenizer(spec)}), but this "
-                       f"command asks for {asked}; continue it with --config {path.parent / CONFIG_FILE}, or start "
-                       "a new run in another --checkpoint_dir")
-    if theirs.name != d.tokenizer:
-        log.warning("resuming %s with its tokenizer (%s); this command's default was %s", path, theirs.name,
-                    d.tokenizer)
-    return replace(cfg, tokenizer=theirs.name), theirs
-
-
-def _resume_point(cfg: RunConfig) -> Path | None:
-    """The checkpoint ``train.resume`` points at, as the trainer will find it (None: a new run)."""
-    resume = cfg.train.resume
-    if resume == "none":
-        return None
-    if resume != "auto":
-        return Path(resume)
-    sharded = cfg.train.parallel == "fsdp" and launched_by_torchrun()
-    return Checkpointer(cfg.train.checkpoint_dir, sharded=sharded).latest()
+    run = build_run(sab.model, tokenizer, train, val, cfg)
+    sab.config = run.cfg  # the config the run uses (the memory plan may change its micro-batch)
+    return Trainer(run, notes=notes, resume_hint='continue with train_3b_rapid(..., resume="auto")').fit()

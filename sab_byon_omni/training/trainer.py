@@ -1,11 +1,12 @@
-"""The training loop. It hands each decision to a named part:
+"""The training loop. It reads one :class:`~sab_byon_omni.training.build.Run`, built once before
+the first step, and hands each decision to a named part:
 
+* :mod:`.build`         the run: device, processes, precision, memory plan, model, optimizer, resume;
 * :mod:`.optim`         the optimizer and the learning-rate schedule (a pure function of the step);
-* :mod:`.precision`     one autocast context and one GradScaler;
 * :mod:`.memory`        will it fit, and the micro-batch that does;
 * :mod:`.distributed`   torchrun: DDP or FSDP2, and the few collectives;
-* :mod:`.state`         ``TrainState``: where the run is, and the random generators;
-* :mod:`.checkpointer`  save, load, the resume point, pruning, one run per folder;
+* :mod:`.state`         the parts with state: ``TrainState`` (where the run is), the random generators, the schedule;
+* :mod:`.checkpointer`  the checkpoint (a composition of the parts), validation, the resume point, pruning;
 * :mod:`.metrics`       the rows of ``metrics.jsonl`` and the trackers;
 * :mod:`.console`       what the person watching sees;
 * :mod:`.signals`       Ctrl-C and SIGTERM.
@@ -31,18 +32,19 @@ from torch import nn
 
 from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches, regroup
-from sab_byon_omni.data.tokenizers import Tokenizer
 from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.evaluation import sample_loss
 from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
+from sab_byon_omni.training.build import Run
+from sab_byon_omni.training.checkpointer import CheckpointMeta
+from sab_byon_omni.training.memory import peak_memory_mb
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
-from sab_byon_omni.training.optim import lr_at, lr_names, set_lr
-from sab_byon_omni.training.run_setup import RunSetup
+from sab_byon_omni.training.optim import lr_at, lr_names
 from sab_byon_omni.training.signals import StopRequest, signal_name
-from sab_byon_omni.training.state import capture_rng, restore_rng
+from sab_byon_omni.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class TrainResult:
     stopped_early: bool = False  # a signal (Ctrl-C, SIGTERM) stopped the run; it saved first
     stop_signal: int | None = None
     best_val_loss: float | None = None  # the lowest validation loss so far (best_model.pt's), if any
+    config: RunConfig | None = None  # the config the run used: the memory plan may have changed its micro-batch
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,75 +110,74 @@ class _Sums:
         return s / n if n else math.nan
 
 
-class Trainer:
-    """Trains ``model`` in place on ``train_data``. :meth:`setup` prepares everything (device,
-    parallelism, memory plan, optimizer, resume) and writes nothing until the inputs are known to
-    be good; :meth:`fit` runs the loop; :meth:`train_step` is one optimizer step (what ``sab-omni
-    bench`` times). ``notes``: (key, text) lines for the start banner (which recipe, which weights);
-    ``resume_hint``: how the caller continues a stopped run."""
+class _LogWindow:
+    """The steps since the last metrics row: their losses, how many, since when, the last gradient norm."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_data: TokenDataset,
-                 val_data: TokenDataset | None, cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
+    def __init__(self, device: torch.device) -> None:
+        self.sums, self.t0, self.steps, self.last_norm = _Sums(device), time.perf_counter(), 0, math.nan
+
+
+class Trainer:
+    """Trains the model of ``run`` (built by :func:`~sab_byon_omni.training.build.build_run`),
+    reading the run and owning no copy of it: :meth:`fit` runs the loop; :meth:`train_step` is one
+    optimizer step (what ``sab-omni bench`` times). ``notes``: (key, text) lines for the start banner
+    (which recipe, which weights); ``resume_hint``: how the caller continues a stopped run."""
+
+    def __init__(self, run: Run, notes: list[tuple[str, str]] | None = None,
                  resume_hint: str = 'continue with resume="auto"') -> None:
-        self.raw, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.train_data, self.val_data = train_data, val_data
+        self.run = run
         self.notes, self.resume_hint = list(notes or []), resume_hint
         self.stop = StopRequest(self._stop_message)
-        self.ready = False
         self.agreed_stop = False  # under torchrun: a stop request every process knows of (from the last step)
         self.saved_step: int | None = None  # the step of the newest step checkpoint this run wrote
+        self.clock = console.Clock(run.total_steps)  # measures from the end of the first step on
+        self.window = _LogWindow(run.device)
 
-    # ------------------------------------------------------------------------------- set-up
-    def setup(self) -> None:
-        """Prepare the run (idempotent). Bad input is a SabError before anything is written."""
-        if self.ready:
-            return
-        self.run = RunSetup(self.raw, self.tokenizer, self.train_data, self.cfg)
-        self.cfg, self.device, self.info, self.precision = self.run.cfg, self.run.device, self.run.info, self.run.precision
-        self.checkpointer, self.state = self.run.checkpointer, self.run.state
-        self.model, self.optimizer, self.scaler = self.run.model, self.run.optimizer, self.run.scaler
-        self.steps_per_epoch, self.total_steps = self.run.steps_per_epoch, self.run.total_steps
-        self.metrics = self.run.metrics
-        self.ready = True
+    @property
+    def state(self) -> TrainState:
+        return self.run.state
+
+    @property
+    def raw(self) -> nn.Module:
+        """The model trained (``run.model``; ``run.wrapped`` is what the forward pass runs)."""
+        return self.run.model
 
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """This process's micro-batches of ``epoch`` from global cursor ``start``."""
-        t, d = self.cfg.train, self.cfg.data
-        return iterate_batches(self.train_data, t.batch_size, pad_id=self.tokenizer.pad_id, epoch=epoch,
-                               seed=d.data_seed, shuffle=d.shuffle, start=start, world=self.info.world,
-                               rank=self.info.rank, bucket=d.length_bucket_size)
+        run = self.run
+        t, d = run.cfg.train, run.cfg.data
+        return iterate_batches(run.train_data, t.batch_size, pad_id=run.tokenizer.pad_id, epoch=epoch,
+                               seed=d.data_seed, shuffle=d.shuffle, start=start, world=run.info.world,
+                               rank=run.info.rank, bucket=d.length_bucket_size)
 
     # ------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
-        """Train for ``train.epochs`` epochs (or ``train.max_steps``), from a checkpoint if resuming."""
-        self.setup()
+        """Train for ``train.epochs`` epochs (or ``train.max_steps``), from where the run was built to start."""
+        run, st = self.run, self.run.state
         console.ensure_visible()
-        if self.info.is_main:
+        if run.info.is_main:
             if console.log.isEnabledFor(logging.INFO):  # (its time estimate measures the device: not for -q)
-                console.banner(self.run.banner_lines(self.notes, self.val_data))
-            for warning in self.run.from_scratch_warnings():
+                console.banner(console.banner_lines(run, self.notes))
+            for warning in console.from_scratch_warnings(run):
                 log.warning("%s", warning)
-        st = self.state
-        result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses)
-        self.clock = console.Clock(self.total_steps)  # measures from the end of the first step on
+        result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses, config=run.cfg)
         start = time.perf_counter()
         failed = True
         try:
             with self.stop, self._out_of_memory_as_error():
-                while st.epoch < self.cfg.train.epochs and not self._should_stop():
+                while st.epoch < run.cfg.train.epochs and not self._should_stop():
                     self._run_epoch(result)
             failed = False
         finally:
-            self.metrics.close()
-            self.run.close(failed=failed)
+            run.close(failed=failed)
         result.seconds = time.perf_counter() - start
         result.global_step, result.skipped_steps = st.global_step, st.skipped_steps
         result.stopped_early, result.stop_signal = self.stop.requested, self.stop.signum
-        best = self.checkpointer.path("best_model")
+        best = run.checkpointer.path("best_model")
         result.best_checkpoint = str(best) if best.exists() else None
         result.best_val_loss = st.best_val_loss if math.isfinite(st.best_val_loss) else None
-        if self.info.is_main:
-            for line in console.summary(result, str(self.checkpointer.dir)):
+        if run.info.is_main:
+            for line in console.summary(result, str(run.checkpointer.dir)):
                 log.info("%s", line)
         return result
 
@@ -185,21 +187,20 @@ class Trainer:
     def _stopping(self) -> bool:
         """A signal asked to stop (under torchrun: one that every process knows of, so that all stop
         at the same step and take part in the same collectives)."""
-        return self.agreed_stop if self.info.enabled else self.stop.requested
+        return self.agreed_stop if self.run.info.enabled else self.stop.requested
 
     def _at_max_steps(self) -> bool:
-        t = self.cfg.train
+        t = self.run.cfg.train
         return bool(t.max_steps and self.state.global_step >= t.max_steps)
 
     def _run_epoch(self, result: TrainResult) -> None:
-        st, t, info = self.state, self.cfg.train, self.info
-        per_step = t.batch_size * info.world * t.gradient_accumulation_steps
-        done = round(st.cursor / per_step)
-        bar = console.progress_bar(self.steps_per_epoch, done, f"epoch {st.epoch + 1}/{t.epochs}",
-                                   info.is_main and t.progress)
-        epoch_sums = _Sums(self.device, st.epoch_loss_sum, st.epoch_tokens)
-        self._log_sums, self._log_t0, self._log_steps = _Sums(self.device), time.perf_counter(), 0
-        self.model.train()
+        run, st, t = self.run, self.run.state, self.run.cfg.train
+        done = round(st.cursor / (t.batch_size * run.info.world * t.gradient_accumulation_steps))
+        bar = console.progress_bar(run.steps_per_epoch, done, f"epoch {st.epoch + 1}/{t.epochs}",
+                                   run.info.is_main and t.progress)
+        epoch_sums = _Sums(run.device, st.epoch_loss_sum, st.epoch_tokens)
+        self.window = _LogWindow(run.device)
+        run.wrapped.train()
         batches = self.epoch_batches(st.epoch, st.cursor)
         finished = True
         while window := list(itertools.islice(batches, t.gradient_accumulation_steps)):
@@ -226,9 +227,9 @@ class Trainer:
         st.cursor = window[-1].cursor
         if math.isfinite(out.grad_norm):  # a skipped (non-finite) step stays out of the loss means
             sums.add(out.loss_sum, out.local_tokens)
-            self._log_sums.add(out.loss_sum, out.local_tokens)
-        self._last_norm = out.grad_norm
-        self._log_steps += 1
+            self.window.sums.add(out.loss_sum, out.local_tokens)
+        self.window.last_norm = out.grad_norm
+        self.window.steps += 1
         result.tokens += out.tokens
         self.clock.step_done(st.global_step, out.tokens)
 
@@ -236,16 +237,16 @@ class Trainer:
         """The cadence of logging, evaluation and step checkpoints, in one place. A validation comes
         every ``eval_interval`` steps and at the last step of a run that ``max_steps`` ends (an epoch's
         end validates in :meth:`_end_epoch`), not after a signal: a stop should be quick."""
-        t, st = self.cfg.train, self.state
+        run, st, t = self.run, self.run.state, self.run.cfg.train
         step = st.global_step
         if step % t.log_interval == 0 or self._at_max_steps():
             self._flush_log(bar)
-        if self.info.is_main and self.clock.ready_to_announce():
+        if run.info.is_main and self.clock.ready_to_announce():
             self.clock.announced = True
             log.info("%s", console.time_line(self.clock))
-        epoch_ends = len(self.train_data) - st.cursor < self.info.world  # as iterate_batches ends an epoch
+        epoch_ends = len(run.train_data) - st.cursor < run.info.world  # as iterate_batches ends an epoch
         interval = bool(t.eval_interval) and step % t.eval_interval == 0 and not epoch_ends
-        if self.val_data is not None and (interval or self._at_max_steps()) and not self._stopping():
+        if run.val_data is not None and (interval or self._at_max_steps()) and not self._stopping():
             self._validate(epoch_sums)
         if t.save_every and step % t.save_every == 0:
             self._save_step(epoch_sums)
@@ -255,8 +256,8 @@ class Trainer:
         before any step checkpoint of this step, the resume point: a kill in between redoes both)."""
         st, step = self.state, self.state.global_step
         val = self.evaluate()
-        self.metrics.write(EvalRow(step=step, epoch=st.epoch + 1, val_loss=val))
-        if self.info.is_main:
+        self.run.metrics.write(EvalRow(step=step, epoch=st.epoch + 1, val_loss=val))
+        if self.run.info.is_main:
             log.info("step %s: validation loss %.4f", f"{step:,}", val)
         if math.isfinite(val) and val < st.best_val_loss:
             st.best_val_loss = val
@@ -264,30 +265,30 @@ class Trainer:
 
     def _flush_log(self, bar: Any) -> None:
         """A metrics row (and a console line) over the steps since the last one, if any."""
-        if not self._log_steps:
+        w = self.window
+        if not w.steps:
             return
-        st, t, sums = self.state, self.cfg.train, self._log_sums
-        loss, n = sums.global_totals(self.info)
+        run, st, t = self.run, self.run.state, self.run.cfg.train
+        loss, n = w.sums.global_totals(run.info)
         loss = loss / n if n else math.nan
-        tps = n / max(time.perf_counter() - self._log_t0, 1e-9)
-        lr = lr_at(st.global_step - 1, t, self.total_steps)
-        self.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr,
-                                   grad_norm=self._last_norm, tokens_per_s=tps,
-                                   memory_mb=self.run.peak_memory_mb(), skipped=st.skipped_steps,
-                                   muon_lr=lr_at(st.global_step - 1, t, self.total_steps, muon=True)
-                                   if t.optimizer == "muon" else None))
-        if self.info.is_main:
+        tps = n / max(time.perf_counter() - w.t0, 1e-9)
+        lr = lr_at(st.global_step - 1, t, run.total_steps)
+        run.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=w.last_norm,
+                                  tokens_per_s=tps, memory_mb=peak_memory_mb(run.device), skipped=st.skipped_steps,
+                                  muon_lr=lr_at(st.global_step - 1, t, run.total_steps, muon=True)
+                                  if t.optimizer == "muon" else None))
+        if run.info.is_main:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-            log.info("%s", console.step_line(st.global_step, self.total_steps, st.epoch + 1, t.epochs, loss, lr, tps,
+            log.info("%s", console.step_line(st.global_step, run.total_steps, st.epoch + 1, t.epochs, loss, lr, tps,
                                              self.clock.eta()))
-        self._log_sums, self._log_t0, self._log_steps = _Sums(self.device), time.perf_counter(), 0
+        self.window = _LogWindow(run.device)
 
     def _end_epoch(self, epoch_sums: _Sums, result: TrainResult) -> None:
-        st, t = self.state, self.cfg.train
-        train_loss = epoch_sums.global_mean(self.info)
-        val_loss = self.evaluate() if self.val_data is not None else math.nan
-        if self.val_data is not None and t.eval_interval and st.global_step % t.eval_interval == 0:
-            self.metrics.write(EvalRow(step=st.global_step, epoch=st.epoch + 1, val_loss=val_loss))  # one evaluation
+        run, st, t = self.run, self.run.state, self.run.cfg.train
+        train_loss = epoch_sums.global_mean(run.info)
+        val_loss = self.evaluate() if run.val_data is not None else math.nan
+        if run.val_data is not None and t.eval_interval and st.global_step % t.eval_interval == 0:
+            run.metrics.write(EvalRow(step=st.global_step, epoch=st.epoch + 1, val_loss=val_loss))  # one evaluation
         st.train_losses.append(train_loss)
         st.val_losses.append(val_loss)
         st.epoch, st.cursor, st.epoch_loss_sum, st.epoch_tokens = st.epoch + 1, 0, 0.0, 0
@@ -296,52 +297,50 @@ class Trainer:
         if math.isfinite(val_loss) and val_loss < st.best_val_loss:
             st.best_val_loss = val_loss
             self.save_checkpoint("best_model", loss=train_loss, val_loss=val_loss)
-        self.metrics.write(EpochRow(step=st.global_step, epoch=st.epoch, train_loss=train_loss, val_loss=val_loss))
+        run.metrics.write(EpochRow(step=st.global_step, epoch=st.epoch, train_loss=train_loss, val_loss=val_loss))
         path = self.save_checkpoint(f"epoch_{st.epoch}", loss=train_loss, val_loss=val_loss)
         result.checkpoints.append(str(path))
-        if self.info.is_main:
+        if run.info.is_main:
             log.info("epoch %d/%d: train loss %.4f, validation loss %.4f, saved %s", st.epoch, t.epochs, train_loss,
                      val_loss, path)
 
     def _save_step(self, epoch_sums: _Sums, name: str = "", val_loss: float | None = None) -> Path:
         """Save the state inside an epoch: ``step_N`` unless ``name`` says otherwise (``best_model``)."""
-        self.state.epoch_loss_sum, self.state.epoch_tokens = self._owned(epoch_sums.global_totals(self.info))
-        path = self.save_checkpoint(name or f"step_{self.state.global_step}", loss=self._epoch_mean(),
-                                    val_loss=val_loss)
+        st = self.state
+        st.epoch_loss_sum, st.epoch_tokens = self._owned(epoch_sums.global_totals(self.run.info))
+        mean = st.epoch_loss_sum / st.epoch_tokens if st.epoch_tokens else math.nan
+        path = self.save_checkpoint(name or f"step_{st.global_step}", loss=mean, val_loss=val_loss)
         if not name:
-            self.saved_step = self.state.global_step
+            self.saved_step = st.global_step
         return path
 
     def _save_stop(self, epoch_sums: _Sums, result: TrainResult) -> None:
         """A signal or train.max_steps: keep the work done so far in a step checkpoint."""
         st = self.state
-        path = self.checkpointer.path(f"step_{st.global_step}")
+        path = self.run.checkpointer.path(f"step_{st.global_step}")
         if self.saved_step != st.global_step:
             path = self._save_step(epoch_sums)
         result.checkpoints.append(str(path))
-        if self.stop.requested and self.info.is_main:
+        if self.stop.requested and self.run.info.is_main:
             log.warning("stopped by %s at step %s; saved %s (%s)", signal_name(self.stop.signum), f"{st.global_step:,}",
                         path, self.resume_hint)
 
     def _owned(self, totals: tuple[float, int]) -> tuple[float, int]:
         """The epoch's global sums are carried by the main process only (they are summed on resume)."""
-        return totals if self.info.is_main else (0.0, 0)
-
-    def _epoch_mean(self) -> float:
-        st = self.state
-        return st.epoch_loss_sum / st.epoch_tokens if st.epoch_tokens else math.nan
+        return totals if self.run.info.is_main else (0.0, 0)
 
     # ------------------------------------------------------------------------------- one step
     def train_step(self, window: list[Batch]) -> StepOutput | None:
         """One optimizer step over an accumulation window. ``None`` if a stop request arrived
         between its micro-batches (single process only): the gradients and the random state are
         then reset to the window's start, so a resume redoes this step exactly."""
-        rng = capture_rng(self.device) if not self.info.enabled and self.cfg.model.dropout > 0 else None
+        run = self.run
+        rng = run.rng.state_dict() if not run.info.enabled and run.cfg.model.dropout > 0 else None
         done = self.forward_backward(window)
         if done is None:
-            self.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             if rng is not None:
-                restore_rng(rng, self.device, "the interrupted step")
+                run.rng.load_state_dict(rng)
             return None
         loss_sum, local = done
         norm = self.optimizer_step()
@@ -353,48 +352,46 @@ class Trainer:
         collective, no host synchronisation), so the gradient equals that of one big batch. That
         makes the micro-batches an execution detail: the memory plan may regroup the window's
         samples into fewer, larger passes (``MemoryPlan.pass_rows``), the same step up to rounding."""
-        scale = self.info.world / max(sum(b.global_targets for b in window), 1)  # DDP averages over ranks
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        plan = self.run.memory
-        passes = regroup(window, plan.pass_rows, plan.pass_positions, self.tokenizer.pad_id)
+        run = self.run
+        scale = run.info.world / max(sum(b.global_targets for b in window), 1)  # DDP averages over ranks
+        total = torch.zeros((), dtype=torch.float64, device=run.device)
+        passes = regroup(window, run.memory.pass_rows, run.memory.pass_positions, run.tokenizer.pad_id)
         for i, batch in enumerate(passes):
-            if i and self.stop.requested and not self.info.enabled:
+            if i and self.stop.requested and not run.info.enabled:
                 return None
-            batch = batch.to(self.device)
-            with D.no_sync(self.model, skip=i < len(passes) - 1), self.precision.autocast():
-                loss_sum = causal_lm_loss(self.model(batch.input_ids), batch.labels)
-            self.scaler.scale(loss_sum * scale).backward()
+            batch = batch.to(run.device)
+            with D.no_sync(run.wrapped, skip=i < len(passes) - 1), run.precision.autocast():
+                loss_sum = causal_lm_loss(run.wrapped(batch.input_ids), batch.labels)
+            run.scaler.scale(loss_sum * scale).backward()
             total += loss_sum.detach().double()
         return total, sum(b.n_targets for b in window)
 
     def optimizer_step(self) -> float:
-        """Unscale, clip, step (or skip a non-finite step), update the schedule. Returns the
+        """Unscale, clip, step (or skip a non-finite step), set the schedule's next step. Returns the
         gradient norm. One host synchronisation per optimizer step: the norm (with, under
         torchrun, every process's stop request, so that all stop at the same step)."""
-        t, st = self.cfg.train, self.state
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        norm_value, stop = self.run.agree(D.full_value(norm), self.stop.requested)
+        run, st, t = self.run, self.run.state, self.run.cfg.train
+        run.scaler.unscale_(run.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        norm_value, stop = D.agree(D.full_value(norm), self.stop.requested, run.info)
         if stop and not self.stop.requested:
             self.stop.signum = stop
         self.agreed_stop = bool(stop)
         if math.isfinite(norm_value):
-            self.scaler.step(self.optimizer)
+            run.scaler.step(run.optimizer)
             st.skipped_in_a_row = 0
         else:
             self._skip_step()
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        next_step = st.global_step + 1
-        set_lr(self.optimizer, next_step, t, self.total_steps)
-        self.raw.on_step(next_step)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.schedule.set_step(st.global_step + 1)
         return norm_value
 
     def _skip_step(self) -> None:
-        st, t = self.state, self.cfg.train
+        run, st, t = self.run, self.run.state, self.run.cfg.train
         st.skipped_steps += 1
         st.skipped_in_a_row += 1
-        fp16_calibrating = self.precision.name == "fp16" and self.scaler.get_scale() >= 1.0
+        fp16_calibrating = run.precision.name == "fp16" and run.scaler.get_scale() >= 1.0
         log.warning("non-finite gradient at step %d: skipped (%d in a row)", st.global_step + 1, st.skipped_in_a_row)
         if st.skipped_in_a_row >= t.max_nonfinite_steps and not fp16_calibrating:
             raise SabError(f"{st.skipped_in_a_row} optimizer steps in a row had non-finite gradients; "
@@ -402,28 +399,25 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean validation loss per predicted token (``train.eval_batches`` batches, or all)."""
-        return evaluate(self.model, self.val_data, self.cfg.train.batch_size, self.tokenizer.pad_id, self.precision,
-                        self.info, self.cfg.train.eval_batches)
+        run, t = self.run, self.run.cfg.train
+        return evaluate(run.wrapped, run.val_data, t.batch_size, run.tokenizer.pad_id, run.precision, run.info,
+                        t.eval_batches)
 
     # ------------------------------------------------------------------------------- saving
     def save_checkpoint(self, name: str, loss: float, val_loss: float | None = None) -> Path:
-        """Save checkpoint ``name`` (``step_7``, ``epoch_1``, ``best_model``) of the current state."""
-        self.run.check_finite(f"{name}{self.checkpointer.suffix}")
-        st, rng = self.state, capture_rng(self.device)
-        payload = {
-            **st.to_checkpoint(self.info.world), "loss": loss, "val_loss": val_loss, "config": self.cfg.to_dict(),
-            "scaler_state_dict": self.scaler.state_dict(), "rng_state": rng,
-            **({"rng_state_by_rank": D.all_gather_object(rng, self.info)} if self.info.enabled else {}),
-            "scheduler_state_dict": {"name": self.cfg.train.lr_schedule, "step": st.global_step,
-                                     "total_steps": self.total_steps},
-            "tokenizer": self.tokenizer.to_spec(), "torch_version": str(torch.__version__),
-            "best_val_loss": st.best_val_loss if val_loss is None else min(st.best_val_loss, val_loss),
-        }
-        return self.checkpointer.save(name, payload, self.raw, self.optimizer)
+        """Save checkpoint ``name`` (``step_7``, ``epoch_1``, ``best_model``) of the run's parts.
+        Non-finite weights are never saved (every process checks its own shard)."""
+        run = self.run
+        if not D.all_finite(run.model, run.info, run.device, run.fsdp):
+            raise SabError(f"the weights are non-finite at step {run.state.global_step}: not saving "
+                           f"{name}{run.checkpointer.suffix} (earlier checkpoints are intact); lower "
+                           f"{lr_names(run.cfg.train)} or use fp32")
+        meta = CheckpointMeta(run.cfg.to_dict(), run.tokenizer.to_spec())
+        return run.checkpointer.save(name, run.parts(), meta, loss, val_loss)
 
     # ------------------------------------------------------------------------------- signals, memory
     def _stop_message(self, signum: int) -> str:
-        where = ("after this micro-batch (the unfinished step is redone on resume)" if not self.info.enabled
+        where = ("after this micro-batch (the unfinished step is redone on resume)" if not self.run.info.enabled
                  else "at the end of this optimizer step")
         return (f"\n{signal_name(signum)}: stopping {where}, then saving a checkpoint; "
                 "press Ctrl-C again to stop at once without saving")
@@ -433,8 +427,8 @@ class Trainer:
         try:
             yield
         except _OOM:
-            raise SabError(self.run.oom_message(self.state.global_step)) from None
+            raise SabError(console.oom_message(self.run, self.state.global_step)) from None
         except RuntimeError as e:  # the CPU allocator's out-of-memory is a plain RuntimeError
             if "can't allocate memory" not in str(e):
                 raise
-            raise SabError(self.run.oom_message(self.state.global_step)) from None
+            raise SabError(console.oom_message(self.run, self.state.global_step)) from None

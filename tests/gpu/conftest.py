@@ -7,6 +7,7 @@ mean something on a GPU (memory against the CUDA allocator, compile, the noteboo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,8 @@ import pytest
 import torch
 
 from sab_byon_omni.config import build_config
-from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
-from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.training.trainer import Trainer
+from tests.helpers import trainer_for
 
 DRY_RUN = os.environ.get("SAB_GPU_CHECK_DRY_RUN") == "1"
 
@@ -69,11 +69,12 @@ def make_trainer(folder: Path, dev: torch.device, sizes: Sizes, precision: str, 
                         "batch_size": sizes.batch_size, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                         "precision": precision, "device": dev.type, "progress": False, "seed": 7,
                         "checkpoint_dir": str(folder), **train})
-    tok, data, val = load_datasets(cfg.data)
-    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
-    trainer = Trainer(sab.model, tok, data, val, sab.config)
-    trainer.setup()
-    return trainer
+    return trainer_for(cfg)
+
+
+def with_scaler(trainer: Trainer, scaler: torch.amp.GradScaler) -> Trainer:
+    """The same run with another GradScaler (e.g. an initial scale that cannot overflow at once)."""
+    return Trainer(dataclasses.replace(trainer.run, scaler=scaler))
 
 
 def train_losses(trainer: Trainer, steps: int) -> list[float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tests.gpu.conftest import make_trainer, train_losses
+from tests.gpu.conftest import make_trainer, train_losses, with_scaler
 from tests.test_checkpoint import saved_locations
 
 pytestmark = pytest.mark.gpu
@@ -32,9 +32,9 @@ def test_mixed_precision_follows_fp32_over_20_steps(dev, sizes, tmp_path, precis
         fp32_losses["ref"] = train_losses(make_trainer(tmp_path / "fp32", dev, sizes, "fp32"), STEPS)
     ref = fp32_losses["ref"]
     trainer = make_trainer(tmp_path / precision, dev, sizes, precision)
-    assert trainer.precision.name == precision and trainer.scaler.is_enabled() == (precision == "fp16")
+    assert trainer.run.precision.name == precision and trainer.run.scaler.is_enabled() == (precision == "fp16")
     if precision == "fp16":  # a scale that cannot overflow at once: the default 65536 may calibrate by skipping
-        trainer.scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**12)  # steps (the next test skips one)
+        trainer = with_scaler(trainer, torch.amp.GradScaler(dev.type, init_scale=2.0**12))  # steps (the next test skips one)
     got = train_losses(trainer, STEPS)
     worst = max(abs(a - b) for a, b in zip(got, ref))
     assert worst <= TOLERANCE[precision], (precision, worst, got, ref)
@@ -44,9 +44,9 @@ def test_mixed_precision_follows_fp32_over_20_steps(dev, sizes, tmp_path, precis
 
 def test_grad_scaler_skips_an_injected_inf_step_and_its_scale_recovers(dev, sizes, tmp_path):
     trainer = make_trainer(tmp_path / "fp16", dev, sizes, "fp16")
-    trainer.scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**10, growth_interval=3)
+    trainer = with_scaler(trainer, torch.amp.GradScaler(dev.type, init_scale=2.0**10, growth_interval=3))
     train_losses(trainer, 1)
-    scale = trainer.scaler.get_scale()
+    scale = trainer.run.scaler.get_scale()
     batches = trainer.epoch_batches(0, start=trainer.state.cursor)
     trainer.forward_backward([next(batches)])
     param = trainer.raw.blocks[0].mlp.up.weight
@@ -54,9 +54,9 @@ def test_grad_scaler_skips_an_injected_inf_step_and_its_scale_recovers(dev, size
     param.grad[0, 0] = math.inf  # an overflow in the scaled fp16 gradients
     assert not math.isfinite(trainer.optimizer_step())
     assert torch.equal(param.detach(), before)  # the step was skipped, AdamW untouched
-    assert trainer.scaler.get_scale() == scale / 2 and trainer.state.skipped_steps == 1
+    assert trainer.run.scaler.get_scale() == scale / 2 and trainer.state.skipped_steps == 1
     losses = train_losses(trainer, 3)  # growth_interval clean steps double it back
-    assert trainer.scaler.get_scale() == scale and all(math.isfinite(x) for x in losses)
+    assert trainer.run.scaler.get_scale() == scale and all(math.isfinite(x) for x in losses)
     assert not torch.equal(param.detach(), before)
 
 
@@ -70,7 +70,7 @@ def test_training_step_runs_on_the_flash_or_memory_efficient_attention_kernel(de
         from sab_byon_omni.model.generate import generate_tokens
         from sab_byon_omni.model.transformer import KVCache
 
-        with trainer.precision.autocast(), torch.inference_mode():  # generation: the prompt, then one token
+        with trainer.run.precision.autocast(), torch.inference_mode():  # generation: the prompt, then one token
             cache = KVCache.empty(trainer.raw.cfg, 1, 64, dev, torch.bfloat16 if precision == "bf16" else torch.half)
             trainer.raw(ids[:, :39], cache=cache)
             trainer.raw(ids[:, 39:], cache=cache)
@@ -81,7 +81,7 @@ def test_training_step_runs_on_the_flash_or_memory_efficient_attention_kernel(de
 def test_compiled_training_step_matches_eager(cuda_only, sizes, tmp_path):
     eager = train_losses(make_trainer(tmp_path / "eager", cuda_only, sizes, "bf16"), 3)
     compiled = make_trainer(tmp_path / "compiled", cuda_only, sizes, "bf16", compile=True)
-    assert compiled.model is not compiled.raw  # the OptimizedModule
+    assert compiled.run.wrapped is not compiled.run.model  # the OptimizedModule
     got = train_losses(compiled, 3)
     assert max(abs(a - b) for a, b in zip(got, eager)) <= TOLERANCE["bf16"], (got, eager)
 
@@ -103,14 +103,14 @@ def test_muon_trains_in_mixed_precision_and_skips_a_non_finite_step(dev, sizes, 
     GradScaler's skipped step leaves Muon's matrices and momentum untouched."""
     trainer = make_trainer(tmp_path / precision, dev, sizes, precision, optimizer="muon", muon_learning_rate=0.05)
     if precision == "fp16":
-        trainer.scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**12)
+        trainer = with_scaler(trainer, torch.amp.GradScaler(dev.type, init_scale=2.0**12))
     losses = train_losses(trainer, STEPS)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.3, losses
     if precision == "fp16":
         batches = trainer.epoch_batches(0, start=trainer.state.cursor)
         trainer.forward_backward([next(batches)])
         param = trainer.raw.blocks[0].attn.qkv.weight
-        before, buf = param.detach().clone(), trainer.optimizer.state[param]["momentum_buffer"].clone()
+        before, buf = param.detach().clone(), trainer.run.optimizer.state[param]["momentum_buffer"].clone()
         param.grad[0, 0] = math.inf
         assert not math.isfinite(trainer.optimizer_step())
-        assert torch.equal(param.detach(), before) and torch.equal(trainer.optimizer.state[param]["momentum_buffer"], buf)
+        assert torch.equal(param.detach(), before) and torch.equal(trainer.run.optimizer.state[param]["momentum_buffer"], buf)
