@@ -16,17 +16,13 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta
-from sab_byon_omni.training.recipe import batch_geometry, describe, evaluation_cadence, recipe_for_geometry
+from sab_byon_omni.training.recipe import (RECIPE_FIELDS, batch_geometry, describe, evaluation_cadence,
+                                            recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
 
 log = logging.getLogger(__name__)
-
-RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-                 "epochs", "eval_interval", "eval_batches")  # what the from-scratch recipe sets
-
 
 def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
                  val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:

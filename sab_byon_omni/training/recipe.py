@@ -75,6 +75,11 @@ EVAL_SHARE = 0.1  # the share of the training compute all of a run's validations
 MIN_EVAL_BATCHES = 8  # fewer validation batches are too noisy to rank checkpoints by
 
 
+RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
+                 "epochs", "eval_interval", "eval_batches")  # the train settings a recipe sets
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A from-scratch training recipe and, in ``reasons``, one line per choice saying why."""
@@ -99,10 +104,7 @@ class Recipe:
 
     def train_overrides(self) -> dict[str, Any]:
         """The ``train.*`` settings, for :func:`sab_byon_omni.config.replace` or ``build_config``."""
-        return {f"train.{k}": getattr(self, k) for k in (
-            "learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-            "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-            "epochs", "eval_interval", "eval_batches")}
+        return {f"train.{k}": getattr(self, k) for k in RECIPE_FIELDS}
 
 
 def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> float:
