@@ -127,7 +127,8 @@ class Trainer:
                  resume_hint: str = 'continue with resume="auto"') -> None:
         self.run = run
         self.notes, self.resume_hint = list(notes or []), resume_hint
-        self.stop = StopRequest(self._stop_message)
+        # a second Ctrl-C inside a long torch call ends the process: a new folder with no checkpoint goes too
+        self.stop = StopRequest(self._stop_message, on_hard_exit=run.checkpointer.remove_if_unused)
         self.agreed_stop = False  # under torchrun: a stop request every process knows of (from the last step)
         self.saved_step: int | None = None  # the step of the newest step checkpoint this run wrote
         self.clock = console.Clock(run.total_steps)  # measures from the end of the first step on
