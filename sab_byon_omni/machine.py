@@ -94,6 +94,14 @@ def _runnable_tasks() -> int:
     return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
 def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
     """CPUs this process may run on that no other task wants now, at least 1: its CPUs (affinity
     mask) minus the other runnable tasks, the fewest of ``reads`` looks ``gap_s`` apart (so a task
