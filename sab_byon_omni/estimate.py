@@ -282,6 +282,11 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1 process``, ``3 processes`` (``many``: the plural when not ``word + "s"``)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
 def fmt_count(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

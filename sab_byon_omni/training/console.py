@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration
+from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration, plural
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
@@ -159,10 +159,22 @@ def start_estimate(flops_per_step: float, flop_rate: float, total_steps: int, wh
 
     seconds = flops_per_step / flop_rate
     flop = f"{flops_per_step:.1e}".replace("e+0", "e").replace("e+", "e")
-    steps = f"{total_steps:,} step{'s' if total_steps != 1 else ''}"
+    steps = plural(total_steps, "step")
     return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {steps} "
             f"({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
             "measured after the first steps")
+
+
+def nothing_to_train(run: Run) -> str | None:
+    """What to say when a resumed run has no step left (None when it has): at which step it is, and
+    how to train it further."""
+    t, st = run.cfg.train, run.state
+    if not (st.epoch >= t.epochs or (t.max_steps and st.global_step >= t.max_steps)):
+        return None
+    limit = (f"train.max_steps={t.max_steps:,}" if t.max_steps and st.global_step >= t.max_steps
+             else f"train.epochs={t.epochs}")
+    return (f"nothing to train: the run is already at step {st.global_step:,} of {run.total_steps:,} ({limit}); to "
+            "train it further, resume with a higher --max_steps or --epochs (and --resume auto)")
 
 
 def summary(result: Any, directory: str) -> list[str]:
@@ -197,12 +209,13 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
         ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
                   f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
-        ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, {torch.get_num_threads()} "
-                   f"thread(s), {info.world} process(es)" + (" with FSDP" if run.fsdp else "")),
+        ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
+                   f"{plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
+                   + (" with FSDP" if run.fsdp else "")),
         ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
                   + (f" x {info.world} processes" if info.enabled else "")
                   + f" = {eff} samples per optimizer step (up to {eff * d.seq_len:,} tokens)"),
-        ("steps", f"{run.steps_per_epoch:,} per epoch x {t.epochs} epoch(s)"
+        ("steps", f"{run.steps_per_epoch:,} per epoch x {plural(t.epochs, 'epoch')}"
                   + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
                   + f": {run.total_steps:,} optimizer steps"),
         ("schedule", (f"Muon peak lr {t.muon_learning_rate:g} for the blocks' matrices after "
@@ -258,6 +271,8 @@ def start_time(run: Run) -> str:
 
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
     later = "measured after the first steps"
+    if nothing_to_train(run):
+        return "no step left to train"
     targets = predicted_tokens(run.train_data)
     mean = targets / len(run.train_data) if targets and len(run.train_data) else run.cfg.data.seq_len - 1
     try:
