@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.files.atomic import atomic_write, missing_folders
 from sab_byon_omni.files.untrusted import MAX_STEP  # the one step limit (a float holds every step up to it exactly)
 from sab_byon_omni.training.metrics import EPOCH_END, EVAL, METRICS_FILE, TRAIN, row_kind
 
@@ -193,7 +194,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
             if f.read(8) != _PNG_MAGIC:
                 raise SabError(f"-o {dest} exists and is not a PNG; refusing to overwrite it")
     fig = make_figure(series, title if title is not None else str(src.parent.name or src.parent))
-    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # created here, deepest first
+    made = missing_folders(dest.parent)  # created here, deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _atomic_savefig(fig, dest)
@@ -217,8 +218,6 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _atomic_savefig(fig: Any, dest: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from sab_byon_omni.files.atomic import atomic_write
 
     FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend is ever selected
     atomic_write(dest, lambda f: fig.savefig(f, format="png"), what="plot")

@@ -40,7 +40,7 @@ from sab_byon_omni.config import OPTIMIZERS, RunConfig
 from sab_byon_omni.data.tokenizers import spec_equal
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
-from sab_byon_omni.files.atomic import atomic_write_text, check_own, remove_entry, remove_stale_temps
+from sab_byon_omni.files.atomic import atomic_write_text, check_own, missing_folders, remove_entry, remove_stale_temps
 from sab_byon_omni.files.checkpoint import FORMAT, finite_float, load_checkpoint, save_checkpoint
 from sab_byon_omni.files.lock import LOCK_FILE, FolderLock
 from sab_byon_omni.files.untrusted import is_count
@@ -173,20 +173,13 @@ def check_same_data(meta: CheckpointMeta, cfg: RunConfig, path: Path) -> None:
     saved = meta.config.get("data")
     theirs = saved.get("dataset") if isinstance(saved, dict) else None
     mine = cfg.data.dataset
-    if not isinstance(theirs, str) or theirs == mine or _same_path(theirs, mine):
+    if not isinstance(theirs, str) or theirs == mine or os.path.realpath(theirs) == os.path.realpath(mine):
         return
     theirs = theirs if len(theirs) <= 500 and theirs.isprintable() else bounded(theirs)  # from a file: bounded
     raise SabError(f"{path}: the run was trained on --data {theirs}, this command gives --data "
                    f"{mine}; resume it with --data {theirs}, or train on the new data from its "
                    f"weights as a new run: --init_from {path} --checkpoint_dir <another folder> (a fresh "
                    "optimizer and schedule)")
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return os.path.realpath(a) == os.path.realpath(b)
-    except (OSError, ValueError):
-        return False
 
 
 class Checkpointer:
@@ -199,7 +192,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.suffix = dcp.SUFFIX if sharded else ".pt"
         self.created = not self.dir.exists()  # by this run: removed again if it fails before a save (release)
-        self._made = _missing_folders(self.dir)  # it and its missing parents, deepest first: what make_dir creates
+        self._made = missing_folders(self.dir)  # it and its missing parents, deepest first: what make_dir creates
         self._lock = FolderLock(self.dir)
         self._damaged: set[Path] = set()  # failed their checksum when read in full: never ranked, never pruned
 
@@ -488,16 +481,6 @@ class Checkpointer:
     def read_meta(path: Path) -> dict[str, Any]:
         """The checkpoint dict without reading or checking its tensors (cheap)."""
         return dcp.read_meta(path) if dcp.is_sharded(path) else load_checkpoint(path, mmap=True)
-
-
-def _missing_folders(directory: Path) -> list[Path]:
-    """``directory`` and its parents up to the first that exists, deepest first (none if it exists)."""
-    made: list[Path] = []
-    d = directory.absolute()
-    while not os.path.lexists(d) and d != d.parent:
-        made.append(d)
-        d = d.parent
-    return made
 
 
 def _warn_once(path: Path, message: str) -> None:

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration, plural
+from sab_byon_omni.estimate import PRECISION_BYTES, estimate, fmt_count, fmt_duration, plural, step_seconds
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
@@ -149,19 +149,18 @@ def data_summary(train: Any, val: Any) -> str:
     return ", ".join(parts)
 
 
-def start_estimate(flops_per_step: float, flop_rate: float, total_steps: int, what: str) -> str:
-    """The banner's ``time:`` line before the first step: an optimizer step's FLOPs at the device's
-    measured matmul rate (``what``). A lower bound: a step also runs kernels slower than a matmul."""
+def start_estimate(seconds: float, flops_per_step: float, flop_rate: float, total_steps: int, what: str) -> str:
+    """The banner's ``time:`` line before the first step: ``seconds`` per optimizer step (from
+    :func:`~sab_byon_omni.estimate.step_seconds`), its FLOPs and the measured matmul rate (``what``)."""
     def short(s: float) -> str:
         if s < 1:
             return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.2g} ms"
         return f"{s:.2g} s" if s < 10 else fmt_duration(s)
 
-    seconds = flops_per_step / flop_rate
     flop = f"{flops_per_step:.1e}".replace("e+0", "e").replace("e+", "e")
-    steps = plural(total_steps, "step")
-    return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {steps} "
-            f"({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
+    return (f"about {short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for "
+            f"{plural(total_steps, 'step')} (estimated: {flop} FLOP per step at the {what} of "
+            f"{flop_rate / 1e9:,.0f} GFLOP/s, plus each op's overhead and the memory traffic, measured here); "
             "measured after the first steps")
 
 
@@ -265,8 +264,8 @@ def validation_plan(run: Run) -> str:
 
 
 def start_time(run: Run) -> str:
-    """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
-    process's share, from the estimator) at this device's measured matmul rate."""
+    """The ``time:`` banner line before the first step: one optimizer step (this process's share)
+    from the estimator's FLOPs and per-step costs, at this device's measured rates."""
     import torch
 
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
@@ -279,12 +278,25 @@ def start_time(run: Run) -> str:
         est = estimate(m, seq_len=max(2, round(mean) + 1), micro_batch=t.batch_size, precision=name,
                        gpus=run.info.world, parallel="fsdp" if run.fsdp else "ddp", device=run.device.type)
         rate = _matmul_rate(name, str(run.device), torch.get_num_threads())
+        op_s, bandwidth = _op_costs(str(run.device), torch.get_num_threads())
     except (SabError, RuntimeError, KeyError):
         return later
     if not rate > 0:
         return later
     flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
-    return start_estimate(flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+    seconds = step_seconds(m, mean * t.batch_size, t.gradient_accumulation_steps, flops, rate, op_s, bandwidth,
+                           PRECISION_BYTES[name])
+    return start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+
+
+@functools.lru_cache(maxsize=8)
+def _op_costs(device: str, threads: int) -> tuple[float, float]:
+    """Seconds per eager op and elementwise bytes per second here, measured once per process (~0.15 s)."""
+    import torch
+
+    from sab_byon_omni.machine import measure_op_costs
+
+    return measure_op_costs(torch.device(device))
 
 
 @functools.lru_cache(maxsize=8)
