@@ -242,6 +242,38 @@ def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int,
     return buffers_fwd, ddp_buckets, opt_temp
 
 
+# The fixed cost of a step, in units of one small eager op with autograd (measured): per block and
+# micro-batch (a dispatch mode counts 92 aten ops per block forward and backward in fp32, 44 outside
+# the blocks; on real tensors each costs about 4 small ones), per micro-batch (the trainer's batch
+# assembly, loss sums and the rest outside the model), and per optimizer step (clipping, the
+# finiteness check, AdamW, zeroing). Fitted to tiny and small steps on one Sapphire Rapids core;
+# it is what dominates small models, where matmul FLOPs alone were 100-3000x too low.
+OPS_PER_MICRO_BATCH, OPS_PER_BLOCK, OPS_PER_STEP = 2000, 400, 200
+# Values each token streams through memory per block outside the matmuls (norms, residuals,
+# activation and their gradients), per hidden unit and per FFN unit; the head's softmax per vocab
+# entry; the optimizer per parameter (fused AdamW: weight, gradient, two moments read and written,
+# clipping and zeroing the gradient), in bytes.
+VALUES_PER_HIDDEN, VALUES_PER_FFN, VALUES_PER_VOCAB, OPTIMIZER_BYTES_PER_PARAM = 40, 12, 6, 40
+MATMUL_EFFICIENCY = 0.5  # a training step's matmuls (rectangular, transposed in backward) at the square peak
+AUTOCAST_OP_FACTOR = 3  # bf16/fp16 autocast: every matmul casts its weight and inputs, forward and backward
+
+
+def step_seconds(cfg: ModelConfig, tokens: float, micro_batches: int, flops: float, matmul_rate: float,
+                 op_seconds: float, bytes_per_second: float, act_bytes: int = 4) -> float:
+    """Seconds of one optimizer step over ``micro_batches`` micro-batches of ``tokens`` tokens each
+    (``flops``: the step's matmul FLOPs): its matmuls at :data:`MATMUL_EFFICIENCY` of the measured
+    ``matmul_rate``, every eager op's fixed cost (``op_seconds``), and the elementwise work and the
+    optimizer's at ``bytes_per_second`` (costs measured on the device:
+    :func:`~sab_byon_omni.machine.measure_op_costs`). Checked against real steps of tiny, small and
+    lightweight in docs/TRAINING.md."""
+    ops = micro_batches * (OPS_PER_MICRO_BATCH + OPS_PER_BLOCK * cfg.n_layers) + OPS_PER_STEP
+    ops *= AUTOCAST_OP_FACTOR if act_bytes < 4 else 1
+    values = tokens * micro_batches * (cfg.n_layers * (VALUES_PER_HIDDEN * cfg.hidden + VALUES_PER_FFN * cfg.ffn))
+    moved = values * act_bytes + tokens * micro_batches * VALUES_PER_VOCAB * (cfg.vocab_size or 0) * 4
+    moved += OPTIMIZER_BYTES_PER_PARAM * num_parameters(cfg)
+    return flops / (matmul_rate * MATMUL_EFFICIENCY) + ops * op_seconds + moved / bytes_per_second
+
+
 def estimate_fitting(cfg: ModelConfig, seq_len: int, micro_batch: int, budget: float, **kw) -> Estimate:
     """What ``train.memory_saving: auto`` trains: the estimate without memory saving when it fits
     ``budget`` bytes, else the one with it."""
@@ -280,6 +312,11 @@ def fmt_bytes(n: float) -> str:
     if n >= GiB:
         return f"{n / GiB:,.1f} GiB"
     return f"{n / 2**20:,.1f} MiB"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1 process``, ``3 processes`` (``many``: the plural when not ``word + "s"``)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def fmt_count(n: float) -> str:

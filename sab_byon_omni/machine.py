@@ -94,6 +94,14 @@ def _runnable_tasks() -> int:
     return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
 def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
     """CPUs this process may run on that no other task wants now, at least 1: its CPUs (affinity
     mask) minus the other runnable tasks, the fewest of ``reads`` looks ``gap_s`` apart (so a task
@@ -133,6 +141,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def measure_op_costs(device: torch.device, budget_s: float = 0.15) -> tuple[float, float]:
+    """(seconds per small eager op with autograd, elementwise bytes per second) on ``device``, the
+    two costs of a training step besides its matmuls: each of the hundreds of ops a step runs pays
+    the first, normalisation, activations, residuals and the optimizer stream memory at the second.
+    The best of a few rounds within about ``budget_s`` (a busy machine measures slower)."""
+    x = torch.ones(8, device=device, requires_grad=True)
+    n = 1 << 22
+    a, b = torch.ones(n, device=device), torch.ones(n, device=device)
+    out = torch.empty(n, device=device)
+    per_op = per_byte = float("inf")
+    deadline = time.perf_counter() + budget_s
+    while True:
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(40):
+            y = y * 1.0001
+        y.sum().backward()  # 40 multiplies forward, about 80 ops backward
+        sync(device)
+        per_op = min(per_op, (time.perf_counter() - t0) / 120)
+        t0 = time.perf_counter()
+        torch.add(a, b, out=out)
+        sync(device)
+        per_byte = min(per_byte, (time.perf_counter() - t0) / (12 * n))
+        if time.perf_counter() > deadline:
+            return per_op, 1.0 / per_byte
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.5,

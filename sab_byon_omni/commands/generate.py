@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "with AVX-512 BF16 or AMX, fp32 on other CPUs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads while sampling (default on a CPU: the cores no other process is using "
-                        "as it starts, see above; torch's setting on GPUs and with --no-cache)")
+                        "as it starts, see above; torch's setting on GPUs and with --no-cache; more than the cores this "
+                        "process may use: lowered to them, with a warning)")
     return p
 
 

@@ -15,7 +15,7 @@ from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_toke
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
-from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta
+from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
 from sab_byon_omni.training.recipe import (RECIPE_FIELDS, batch_geometry, describe, evaluation_cadence,
                                             recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
@@ -129,10 +129,13 @@ def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
         spec = CheckpointMeta.of(point[1]).tokenizer if point is not None else None
         theirs = from_spec(spec) if spec is not None else None
     except SabError:
+        if cfg.train.resume not in ("auto", "none"):  # a file named: refused now, before anything is written
+            raise
         return cfg, None  # the run reads it again, under the folder's lock, and says what is wrong
     if theirs is None:
         return cfg, None
     path = point[0]
+    check_same_data(CheckpointMeta.of(point[1]), cfg, path)  # before the corpus is read
     d = cfg.data
     if d.tokenizer_path:
         mine = BPETokenizer.load(d.tokenizer_path) if d.tokenizer == BPETokenizer.name else None
