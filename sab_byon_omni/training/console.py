@@ -22,6 +22,8 @@ from sab_byon_omni.estimate import PRECISION_BYTES, estimate, fmt_count, fmt_dur
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
+    import torch
+
     from sab_byon_omni.training.build import Run
 
 log = logging.getLogger(__name__)
@@ -223,7 +225,7 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
                      + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                      + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
         *([("", slow)] if (slow := _slow_rate(run)) and d.dataset == "synthetic" else []),
-        ("memory", run.memory.describe()),
+        ("memory", run.memory.describe() + _process_memory(run.device)),
         ("validation", validation_plan(run)),
         *notes,
         ("time", start_time(run)),
@@ -261,6 +263,16 @@ def validation_plan(run: Run) -> str:
     on = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''} of {t.batch_size}"
           if t.eval_batches else "all")
     return f"{when}, on {on} of {len(val):,} samples; the best so far is saved as best_model.pt"
+
+
+def _process_memory(device: torch.device) -> str:
+    """On a CPU the estimate counts the run's tensors; the process (torch's libraries, the data, the
+    model already built) holds memory of its own, which the peak RSS that ``bench`` reports includes."""
+    if device.type != "cpu":
+        return ""
+    from sab_byon_omni.training.memory import peak_memory_mb
+
+    return f"; this process holds {peak_memory_mb(device):,.0f} MB already (torch, the data, the model)"
 
 
 def start_time(run: Run) -> str:

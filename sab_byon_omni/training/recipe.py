@@ -241,7 +241,7 @@ def too_few_steps(total_steps: int, capped: bool = False) -> str | None:
     """A one-line warning when a from-scratch run plans fewer than ``MIN_STEPS`` optimizer steps
     (``capped``: because ``max_steps`` stops it there)."""
     if total_steps < MIN_STEPS:
-        return (f"only {total_steps} optimizer step(s) planned: a model trained from scratch needs at least "
-                f"~{MIN_STEPS} to learn more than byte frequencies; "
+        return (f"only {total_steps} optimizer step{'s' * (total_steps != 1)} planned: a model trained from "
+                f"scratch needs at least ~{MIN_STEPS} to learn more than byte frequencies; "
                 + ("raise --max_steps" if capped else "use a smaller batch or more epochs"))
     return None
