@@ -131,7 +131,7 @@ class Encoded:
     turn_ends: list[int]
 
 
-def _encode_texts(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     """Ids of each text, with no token the tokenizer adds around a text (a BOS): the template writes those."""
     if tokenizer.name == "hf":
         return tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -141,7 +141,7 @@ def _encode_texts(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
 def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]]) -> Encoded:
     """Render ``messages`` with ``template`` and encode them piece by piece (see the module doc)."""
     pieces = assistant_segments(template, messages)
-    encoded = _encode_texts(tokenizer, [text for text, _ in pieces])
+    encoded = encode_texts(tokenizer, [text for text, _ in pieces])
     ids = np.concatenate([np.zeros(0, dtype=np.int64), *encoded]).astype(np.int64)
     labels = np.concatenate([np.zeros(0, dtype=np.int64)] + [
         e if answer else np.full(len(e), IGNORE_INDEX, dtype=np.int64) for e, (_, answer) in zip(encoded, pieces)])
