@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,23 +67,19 @@ def _held_back(text: str, stop: str | None) -> tuple[str, bool]:
     return text, False
 
 
-@dataclass
 class ChatSession:
     """A conversation with ``sab`` (a :class:`~sab_byon_omni.core.sab_transcendent.SABTranscendentV2`)."""
 
-    sab: Any
-    system: str | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-    history: list[dict[str, str]] = field(default_factory=list)
-    last: Turn = field(default_factory=Turn)
-
-    def __post_init__(self) -> None:
-        tok = self.sab.tokenizer
+    def __init__(self, sab: Any, system: str | None = None, sampling: Sampling | None = None) -> None:
+        tok = sab.tokenizer
+        self.sab, self.system, self.sampling = sab, system, sampling or Sampling()
+        self.history: list[dict[str, str]] = []
+        self.last = Turn()
         self.template = ChatTemplate.of(tok)
         self.end_text = self.template.end_of_turn()
         end_id = tok.token_id(self.end_text) if self.end_text and hasattr(tok, "token_id") else None
         self.stop_ids = {i for i in (tok.eos_id, end_id) if i is not None}
-        self.context = self.sab.config.model.max_seq_len
+        self.context = sab.config.model.max_seq_len
         self.template.render(self._messages([{"role": "user", "content": "Hi"}]), add_generation_prompt=True)
 
     def reset(self) -> None:

@@ -81,12 +81,16 @@ def load_chat_corpus(cfg: DataConfig, forms: dict[Path, str], directory: Path,
     recipe = cache.tokenizer_recipe(cfg) if tokenizer is None else None
     why = _stale(cfg, directory, signature, tokenizer, recipe)
     if why is not None:
+        n = sum(1 for path in sorted(forms) for _ in read_conversations(path, forms[path]))  # checks every line
+        if n < 2:
+            raise SabError(f"data.dataset={cfg.dataset!r} holds {n} conversation(s): at least 2 are needed "
+                           "(one for validation)")
         directory.mkdir(parents=True, exist_ok=True)
         with cache.lock(directory):
             why = _stale(cfg, directory, signature, tokenizer, recipe)  # built meanwhile by another process?
             if why is not None:
                 log.info("chat corpus: building %s (%s)", directory, why)
-                _build(cfg, forms, signature, directory, tokenizer, recipe)
+                _build(cfg, forms, n, signature, directory, tokenizer, recipe)
     meta = cache.read_meta(directory)
     assert meta is not None
     tokenizer = tokenizer if tokenizer is not None else cache.load_tokenizer(directory, meta)
@@ -146,12 +150,9 @@ def _conversations(forms: dict[Path, str], seq_len: int, tokenizer: Tokenizer,
     return out, cut
 
 
-def _build(cfg: DataConfig, forms: dict[Path, str], signature: list, directory: Path, tokenizer: Tokenizer | None,
-           recipe: dict[str, Any] | None) -> None:
-    n = sum(1 for path in sorted(forms) for _ in read_conversations(path, forms[path]))  # checks every line
-    if n < 2:
-        raise SabError(f"data.dataset={cfg.dataset!r} holds {n} conversation(s): at least 2 are needed "
-                       "(one for validation)")
+def _build(cfg: DataConfig, forms: dict[Path, str], n: int, signature: list, directory: Path,
+           tokenizer: Tokenizer | None, recipe: dict[str, Any] | None) -> None:
+    """Encode the ``n`` conversations of ``forms`` into ``directory`` and write ``meta.json`` last."""
     n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng(cfg.data_seed).permutation(n)[:n_val]] = True
