@@ -26,6 +26,9 @@ The pipeline, for ``data.dataset = PATH`` (a file, a folder searched recursively
 
 Training samples are windows of ``seq_len`` tokens taken with stride ``seq_len - 1``
 (:class:`~.windows.TokenWindows`), so no window is padded.
+
+Chat and instruction JSONL files (:mod:`.chat`) take another path (:mod:`.chat_corpus`): each
+conversation is a sample whose labels are the assistant's tokens only.
 """
 
 from __future__ import annotations
