@@ -16,6 +16,7 @@ import torch
 
 from sab_byon_omni.cli import main
 from sab_byon_omni.config import DataConfig
+from sab_byon_omni.data import cache
 from sab_byon_omni.data.batching import IGNORE_INDEX, collate, iterate_batches, regroup
 from sab_byon_omni.data.chat import cut_to_fit, encode_conversation, file_format
 from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate, assistant_segments
@@ -220,3 +221,20 @@ def test_cache_is_reused_and_rebuilt_for_another_seq_len(tmp_path, caplog):
     assert "building" not in caplog.text and [again[i].tolist() for i in range(3)] == [first[i].tolist() for i in range(3)]
     short = load_corpus(dataclasses.replace(cfg, seq_len=100))[1]
     assert "seq_len changed" in caplog.text and len(short) == 2 * len(first) and math.isfinite(short.num_targets)
+    meta = cache.read_meta(tmp_path / "c")  # the text path never reads a chat cache as a token stream
+    assert cache.stale_reason(meta, tmp_path / "c", cfg, meta["files"]) == "a chat corpus was cached here"
+
+
+def test_eval_scores_the_answers_as_training_validated_them(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": CONVERSATION}] * 6 + [{"messages": CONVERSATION[1:3]}] * 6)
+    args = ["--data", str(tmp_path / "a.jsonl"), "--cache_dir", str(tmp_path / "c")]
+    assert main(["train", *args[:2], "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "128", "--max_steps", "2",
+                 "--batch_size", "4", "--gradient_accumulation_steps", "1", "--precision", "fp32", "--progress", "false",
+                 "--checkpoint_dir", str(tmp_path / "ck"), *args[2:]]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["val_loss"] for r in rows if r.get("kind") == "eval"][-1]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "ck" / "step_2.pt"), "--json", *args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(trained, rel=1e-6) and result["samples"] > 0
+    assert result["bytes"] == result["tokens"]  # byte tokens: one byte each, answers only

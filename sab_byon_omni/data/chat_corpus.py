@@ -52,6 +52,11 @@ class ChatSamples:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def answer_bytes(self, tokenizer: Tokenizer) -> int:
+        """UTF-8 bytes of the text the samples' targets decode to (the answers, for bits per byte)."""
+        return sum(len(tokenizer.decode(row[0][1:][row[1][1:] != IGNORE_INDEX]).encode("utf-8"))
+                   for row in (self[i] for i in range(len(self))))
+
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -103,12 +108,10 @@ def load_chat_corpus(cfg: DataConfig, forms: dict[Path, str], directory: Path,
 def _stale(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokenizer | None,
            recipe: dict[str, Any] | None) -> str | None:
     meta = cache.read_meta(directory)
-    if meta is not None and meta.get("kind") != KIND:
-        return "a text corpus was cached here"
     if tokenizer is not None and meta is not None and meta.get("tokenizer_hash") != spec_hash(tokenizer.to_spec()):
         raise SabError(f"the data cache {directory} was built with tokenizer {meta.get('tokenizer_desc')}, "
                        f"but the model's is {describe_tokenizer(tokenizer.to_spec())}: pass --cache-dir to a new folder")
-    why = cache.stale_reason(meta, directory, cfg, signature)
+    why = cache.stale_reason(meta, directory, cfg, signature, KIND)
     if why is not None:
         return why
     assert meta is not None
