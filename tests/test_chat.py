@@ -99,6 +99,8 @@ def test_generate_chat_answers_one_rendered_turn(tiny, monkeypatch, capsys, prom
     session = ChatSession(SABTranscendentV2.load(tiny), "Be brief.", Sampling(max_new_tokens=6, temperature=0))
     assert out == "".join(session.answer("What?")) + "\n" and "tokens/s" in err
     assert main(["generate", "--checkpoint", str(tiny), "--system", "x", "--prompt", "y"]) == 2
+    assert main(["generate", "--checkpoint", str(tiny), "--chat", "--no-cache", "--prompt", "y"]) == 2
+    assert "--no-cache is for plain continuations" in capsys.readouterr().err
 
 
 def test_the_answer_stops_at_the_end_of_turn(tiny, monkeypatch):

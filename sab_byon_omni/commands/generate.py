@@ -69,10 +69,12 @@ def load_for_sampling(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def run(args: argparse.Namespace) -> int:
     check_paths_first(source=args.checkpoint)
-    if args.system is not None and not args.chat:
-        from sab_byon_omni.errors import SabError
+    from sab_byon_omni.errors import SabError
 
+    if args.system is not None and not args.chat:
         raise SabError("--system is a chat turn: use it with --chat")
+    if args.chat and args.no_cache:
+        raise SabError("--no-cache is for plain continuations: --chat samples with the cache")
     sab, sampling = load_for_sampling(args)
     if args.chat:
         from sab_byon_omni.core.chat import ChatSession
