@@ -63,3 +63,14 @@ def test_the_documented_fsdp_command_runs_from_scratch_with_adamw_and_says_why(t
     assert steps(tmp_path / "run")[-1]["step"] == 3
     cfg = (tmp_path / "run" / "config.yaml").read_text()
     assert "optimizer: adamw" in cfg and "parallel: fsdp" in cfg
+
+
+def test_fsdp_with_accumulation_over_variable_lengths_finishes_when_ranks_hold_different_token_counts(tmp_path):
+    """The passes per accumulation window come from facts every rank shares: with each rank's own
+    count (about 1,080 tokens per rank and window, 1,024 per pass on CPU; no length buckets) the ranks
+    ran 2 and 1 passes at step 4, and FSDP's all-gathers waited for each other until the timeout."""
+    args = ["train", "--preset", "tiny", "--num_samples", "400", "--seq_len", "128", "--batch_size", "5",
+            "--gradient_accumulation_steps", "3", "--length_bucket_size", "0", "--parallel", "fsdp", "--precision", "fp32", "--max_steps", "6",
+            "--learning_rate", "1e-3", "--checkpoint_dir", "run", "--progress", "false", "--log_interval", "1"]
+    sab_omni(args, tmp_path, timeout=150, env={"SAB_DIST_TIMEOUT_S": "40"})
+    assert [r["step"] for r in steps(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]

@@ -185,6 +185,16 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
+def agree_min(value: float, info: DistInfo, device: torch.device) -> float:
+    """The smallest of every rank's ``value`` (one collective; ``value`` without torchrun): a plan
+    that must be the same on every rank, made from what each rank measured."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` without torchrun)."""
     if not info.enabled:
