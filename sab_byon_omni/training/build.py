@@ -165,7 +165,7 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
         D.wrap_fsdp(model, DTYPES[precision.name] if precision.name != "fp32" else None)
     if meta:
         D.materialize(model, device, init_weights=fresh)
-    optimizer = make_optimizer(model, t, device)
+    optimizer = make_optimizer(model, t, device, process_group=None if fsdp else D.data_parallel_group(info))
     wrapped = model if fsdp else D.wrap_ddp(model, info, device)
     if t.compile:
         wrapped = torch.compile(wrapped)

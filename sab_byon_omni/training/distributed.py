@@ -79,6 +79,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def data_parallel_group(info: DistInfo) -> Any:
+    """The process group whose ranks hold the same gradients after DDP's all-reduce (all of them),
+    or None in a single process."""
+    return dist.group.WORLD if info.enabled and dist.is_initialized() else None
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if not info.enabled:
         return model
