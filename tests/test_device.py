@@ -61,6 +61,36 @@ def test_deterministic_mode_on_cpu_only_warns(monkeypatch, restore_determinism):
     assert torch.is_deterministic_algorithms_warn_only_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
+def test_a_deterministic_run_after_cuda_was_used_warns_that_it_is_best_effort(monkeypatch, restore_determinism,
+                                                                            caplog):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after a CUDA matmul in this process
+    P.set_deterministic(torch.device("cuda"))
+    assert "best-effort" in caplog.text and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # set in time: no warning
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    P.set_deterministic(torch.device("cuda"))
+    assert "best-effort" not in caplog.text
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_is_on_for_fp32_matmuls_on_cuda_unless_the_run_is_deterministic(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    assert P.set_fp32_matmul(torch.device("cpu"), deterministic=False) == "highest"  # a CPU is left alone
+    assert P.set_fp32_matmul(torch.device("cuda"), deterministic=False) == "high"  # a global switch: no GPU needed
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert M.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == (494.7, "table: H100 tf32")  # MFU's peak follows
+    assert P.set_fp32_matmul(torch.device("cuda"), deterministic=True) == "highest"
+    assert M.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == (66.9, "table: H100 fp32")
+
+
 @pytest.mark.parametrize("capability, native", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
 def test_bf16_is_accepted_only_where_the_gpu_has_it(monkeypatch, capability, native):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
