@@ -13,8 +13,8 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
 * **logits**: the output head's logits, their fp32 log-softmax and its gradient;
 * **workspace**: backward's temporaries in one block (the recomputed GELU and two gradients);
   the logits are freed before the blocks' backward begins, so the peak holds the larger of the two;
-* **buffers**: what the framework adds: autocast's low-precision weight copies, DDP's gradient
-  buckets, FSDP's all-gathered blocks, and (foreach AdamW only) one temporary at the step.
+* **buffers**: what the framework adds: autocast's low-precision weight copies, NCCL's communication
+  buffers (CUDA, several GPUs), FSDP's all-gathered blocks, and (foreach AdamW only) one temporary at the step.
 
 With ``parallel="fsdp"`` over N devices, weights, gradients and optimizer state are divided by N
 (FSDP2 ``fully_shard`` per block and at the root) and the buffers hold two unsharded blocks plus
@@ -218,9 +218,12 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     return activations, logits, workspace
 
 
+NCCL_BUFFERS = 512 * 2**20  # bytes per process of NCCL's communicators (an upper estimate, see _buffer_memory)
+
+
 def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int, device: str,
                    fused_optimizer: bool | None) -> tuple[float, float, float]:
-    """(forward buffers: gathered FSDP blocks or autocast's weight copies, DDP's gradient buckets,
+    """(forward buffers: gathered FSDP blocks or autocast's weight copies, NCCL's buffers,
     the optimizer step's temporary) in bytes."""
     h, L = cfg.hidden, cfg.n_layers
     mixed = act != 4
@@ -235,7 +238,10 @@ def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int,
         buffers_fwd = act * (root + 2 * block_parameters(cfg)) + 2 * block_parameters(cfg) * (act + 4)
     elif mixed:
         buffers_fwd = act * matrix_weights  # autocast's cached low-precision weight copies
-    ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
+    # DDP(gradient_as_bucket_view=True): the gradients are views of its buckets, no second copy; what
+    # remains is NCCL's own communication buffers on CUDA (NCCL_BUFFSIZE 4 MiB per channel and
+    # direction, up to 32 channels, ring and tree: about 512 MiB), none with gloo on CPU
+    ddp_buckets = NCCL_BUFFERS if device == "cuda" and gpus > 1 else 0.0
     if fused_optimizer is None:  # the trainer uses fused AdamW wherever torch has it (CUDA, CPU)
         fused_optimizer = device in ("cuda", "cpu")
     opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary

@@ -127,15 +127,28 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
         yield collate(rows, pad_id, cursor, total)
 
 
-def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int) -> list[Batch]:
+def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int, world: int = 1,
+            batch_size: int = 0) -> list[Batch]:
     """The samples of an accumulation window as fewer, larger micro-batches: an execution detail
     of one optimizer step, whose gradient is the sum over the whole window (the same up to float
     rounding, in any grouping). Enough passes for about ``pass_positions`` real tokens each (never
     more passes than the window has micro-batches), of at most ``max_rows`` rows; the rows are
     sorted by length and cut where the padding is least (:func:`least_padding_cuts`). A window
-    that would not shrink, or ``max_rows`` < 2, stays as it is."""
+    that would not shrink, or ``max_rows`` < 2, stays as it is.
+
+    With ``world`` > 1 processes the number of passes comes from facts every process shares (the
+    window's tokens over all processes, per process, and ``batch_size``, the configured rows per
+    micro-batch of one process), never from this process's own samples: every pass communicates
+    under FSDP (and DDP's last one), so processes that ran different numbers of passes would wait
+    for each other forever."""
     lengths = np.array([n for b in window for n in b.lengths], dtype=np.int64)
-    passes = max(-(-int(lengths.sum()) // max(pass_positions, 1)), -(-len(lengths) // max(max_rows, 1)))
+    if world > 1:
+        if batch_size < 1:
+            raise ValueError("regroup over several processes needs the configured batch_size")
+        tokens, rows_bound = -(-sum(b.global_targets for b in window) // world), batch_size * len(window)
+    else:
+        tokens, rows_bound = int(lengths.sum()), len(lengths)
+    passes = max(-(-tokens // max(pass_positions, 1)), -(-rows_bound // max(max_rows, 1)))
     if max_rows < 2 or passes >= len(window):
         return list(window)
     rows = [torch.stack((b.input_ids[i, :n], b.labels[i, :n])) for b in window for i, n in enumerate(b.lengths)]

@@ -22,7 +22,8 @@ from torch import nn
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer
-from sab_byon_omni.device import DTYPES, Precision, make_precision, resolve_device, set_deterministic
+from sab_byon_omni.device import (DTYPES, Precision, make_precision, resolve_device, set_deterministic,
+                                  set_fp32_matmul)
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
@@ -155,6 +156,7 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
     np.random.seed(t.seed % 2**32)
     if t.deterministic:
         set_deterministic(device)
+    set_fp32_matmul(device, t.deterministic)  # TF32 for fp32 matmuls on CUDA, unless deterministic
     meta = D.is_meta(model)  # built on the meta device (FSDP): materialised after sharding
     if not meta:
         model.to(device)
@@ -165,7 +167,7 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
         D.wrap_fsdp(model, DTYPES[precision.name] if precision.name != "fp32" else None)
     if meta:
         D.materialize(model, device, init_weights=fresh)
-    optimizer = make_optimizer(model, t, device)
+    optimizer = make_optimizer(model, t, device, process_group=None if fsdp else D.data_parallel_group(info))
     wrapped = model if fsdp else D.wrap_ddp(model, info, device)
     if t.compile:
         wrapped = torch.compile(wrapped)

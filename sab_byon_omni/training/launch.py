@@ -16,8 +16,8 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
-from sab_byon_omni.training.recipe import (RECIPE_FIELDS, batch_geometry, describe, evaluation_cadence,
-                                            recipe_for_geometry)
+from sab_byon_omni.training.recipe import (RECIPE_FIELDS, batch_geometry, describe, evaluation_cadence, optimizer_for,
+                                           recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
@@ -53,6 +53,10 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
+    optimizer, why_not_muon = optimizer_for(D.uses_fsdp(t.parallel, D.launch_info()))
+    if why_not_muon and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
+        changes["train.optimizer"] = optimizer
+        reasons.append(why_not_muon)
     out = replace(cfg, **changes)
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"

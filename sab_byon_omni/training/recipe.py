@@ -168,6 +168,16 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     return batch, accumulation, epochs, steps_per_epoch * epochs, reasons
 
 
+def optimizer_for(sharded: bool) -> tuple[str, str]:
+    """The recipe's optimizer for a run whose weights are (``sharded``: FSDP) or are not sharded over
+    processes, and why, for the banner: Muon orthogonalises whole matrices, which FSDP splits over the
+    processes, so the recipe takes AdamW there."""
+    if sharded:
+        return "adamw", ("AdamW, not the recipe's Muon: --parallel fsdp shards the matrices Muon orthogonalises "
+                         "whole (--parallel ddp keeps Muon)")
+    return OPTIMIZER, ""
+
+
 def from_scratch_recipe(model_cfg: ModelConfig, corpus_tokens: int, seq_len: int) -> Recipe:
     """The recipe for training ``model_cfg`` from a fresh initialisation on ``corpus_tokens`` tokens."""
     batch, accumulation, epochs, steps, reasons = batch_geometry(corpus_tokens, seq_len)

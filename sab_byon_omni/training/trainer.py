@@ -364,7 +364,8 @@ class Trainer:
         run = self.run
         scale = run.info.world / max(sum(b.global_targets for b in window), 1)  # DDP averages over ranks
         total = torch.zeros((), dtype=torch.float64, device=run.device)
-        passes = regroup(window, run.memory.pass_rows, run.memory.pass_positions, run.tokenizer.pad_id)
+        passes = regroup(window, run.memory.pass_rows, run.memory.pass_positions, run.tokenizer.pad_id,
+                         run.info.world, run.cfg.train.batch_size)
         for i, batch in enumerate(passes):
             if i and self.stop.requested and not run.info.enabled:
                 return None
