@@ -160,9 +160,18 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
         raise SabError(f"{path}: it was trained with optimizer {bounded(theirs_opt)}, this run asks for "
                        f"{bounded(cfg.train.optimizer)}; {other}start a new run from its weights with "
                        f"--init_from {path}")
+    if _lora(saved) != _lora(cfg.to_dict()["train"]):
+        raise SabError(f"{path}: it was trained with {_lora(saved)}, this run asks for {_lora(cfg.to_dict()['train'])};"
+                       f" {again}")
     if meta.tokenizer is not None and not spec_equal(meta.tokenizer, tokenizer):
         raise SabError(f"{path}: its tokenizer ({meta.tokenizer.get('name')}) differs from this run's "
                        f"({tokenizer.get('name')}); {again}")
+
+
+def _lora(train: Any) -> str:
+    """A run's LoRA settings in words, from its config's train section (what a resume must match)."""
+    rank = train.get("lora_rank", 0) if isinstance(train, dict) else 0
+    return f"LoRA rank {bounded(rank)} on {bounded(train.get('lora_targets'))}" if rank else "no LoRA"
 
 
 class Checkpointer:

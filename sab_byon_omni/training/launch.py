@@ -13,6 +13,7 @@ from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta
@@ -94,7 +95,9 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
     if init is not None:
         sab.model.load_state_dict(init.model.state_dict())
     run = build_run(sab.model, tokenizer, train, val, sab.config)
-    return sab, Trainer(run, notes=notes, resume_hint=resume_hint).fit()
+    result = Trainer(run, notes=notes, resume_hint=resume_hint).fit()
+    merge_lora(sab.model)  # the model handed back is the base architecture (its checkpoints keep the adapters)
+    return sab, result
 
 
 def new_model(cfg: RunConfig, tokenizer: Tokenizer) -> SABTranscendentV2:
