@@ -5,6 +5,7 @@ with LoRA, at the learning rates given; one JSON line per run (and one for the u
     python benchmarks/finetune.py --mode full --lr 2e-5,6e-5,2e-4
     python benchmarks/finetune.py --mode lora --lr 3e-4,1e-3,3e-3 --lora_rank 8
     python benchmarks/finetune.py --mode none                       # the model as it comes
+    OMP_NUM_THREADS=1 python benchmarks/finetune.py --mode step --batch 4 --seq_len 128   # LoRA's step and memory
 
 Each run is ``sab-omni train --init_from GGUF --data "$STDLIB/*.py"`` as a library call, with the
 fine-tuning recipe's settings except the peak rate and the budget (``--steps`` steps of
@@ -122,9 +123,58 @@ def one(args: argparse.Namespace, lr: float | None) -> dict:
     return {**row, **score(sab, args)}
 
 
+def step_compare(args: argparse.Namespace) -> list[dict]:
+    """Full fine-tuning against LoRA on the same batch, interleaved (``--repeats`` rounds of one step
+    each after a warm-up step), in this process: CPU time of a training step (forward, backward,
+    AdamW; bf16 autocast where the CPU has it natively, as training's precision auto), and the
+    persistent memory of each (weights + gradients + AdamW state, counted from the tensors)."""
+    import copy
+
+    from sab_byon_omni.model.lora import add_lora
+    from sab_byon_omni.training.build import lora_base_dtype
+
+    base = SABTranscendentV2.load(smollm2_gguf()).model.train()
+    precision = make_precision("auto", torch.device("cpu"))
+    ids = torch.randint(0, base.cfg.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    models = {"full": base, "lora": copy.deepcopy(base)}
+    add_lora(models["lora"], args.lora_rank, args.lora_alpha, base_dtype=lora_base_dtype(precision))
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, fused=True)
+            for k, m in models.items()}
+
+    def step(name: str) -> float:
+        start = time.process_time()
+        with precision.autocast():
+            logits = models[name](ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=False)
+        return time.process_time() - start
+
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for name in models:
+        step(name)  # warm-up: kernels, optimizer state
+    for _ in range(args.repeats):
+        for name in models:
+            times[name].append(step(name))
+    rows = []
+    for name, m in models.items():
+        tensors = [p for p in m.parameters()] + [p.grad for p in m.parameters() if p.grad is not None] + [
+            t for st in opts[name].state.values() for t in st.values() if torch.is_tensor(t)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        rows.append({"mode": name, "step_cpu_s": sorted(times[name])[len(times[name]) // 2], "all_s": times[name],
+                     "persistent_mib": nbytes / 2**20, "trainable": trainable, "batch": args.batch,
+                     "seq_len": args.seq_len, "precision": precision.name, "threads": torch.get_num_threads(),
+                     "lora_rank": args.lora_rank, "cpu": cpu_name()})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("full", "lora", "none"), default="full")
+    p.add_argument("--mode", choices=("full", "lora", "none", "step"), default="full",
+                   help="step: full against LoRA, step time and memory, interleaved")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lr", default="6e-5", help="comma-separated peak learning rates")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
@@ -137,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "sab_finetune_cache"))
     p.add_argument("--results", default=None, help="append each JSON line to this file too")
     args = p.parse_args(argv)
-    lrs = [None] if args.mode == "none" else [float(x) for x in args.lr.split(",")]
-    for lr in lrs:
-        row = one(args, lr)
+    lrs = [None] if args.mode in ("none", "step") else [float(x) for x in args.lr.split(",")]
+    rows = step_compare(args) if args.mode == "step" else (one(args, lr) for lr in lrs)
+    for row in rows:
         line = json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
         print(line, flush=True)
         if args.results:
