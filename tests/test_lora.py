@@ -115,6 +115,8 @@ def test_a_resume_with_other_lora_settings_is_refused(base, in_tmp, capsys):
     assert main([*args, "--lora_rank", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "LoRA rank 4" in err[0] and "LoRA rank 8" in err[0], err
+    assert main([*args, "--lora_rank", "4", "--lora_alpha", "4"]) == 2  # another scale of the same adapters
+    assert "alpha 16.0" in capsys.readouterr().err
     assert main([*args, "--lora_rank", "4", "--max_steps", "2"]) == 0  # the same command continues it
 
 

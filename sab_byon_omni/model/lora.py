@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scale = alpha / rank
+        self.scale = alpha / rank  # a Python number in forward (kept in fp32 math); a resume checks alpha matches
         self.register_buffer("lora_scale", torch.tensor(self.scale, dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain fp32 ``nn.Linear`` holding ``W + scale * B @ A`` (and the bias)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
-        out.weight.copy_(merge_weight(self.weight, self.lora_A, self.lora_B, self.scale))
+        out.weight.copy_(merge_weight(self.weight, self.lora_A, self.lora_B, self.lora_scale))
         if self.bias is not None:
             out.bias.copy_(self.bias.float())
         return out

@@ -171,7 +171,8 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
 def _lora(train: Any) -> str:
     """A run's LoRA settings in words, from its config's train section (what a resume must match)."""
     rank = train.get("lora_rank", 0) if isinstance(train, dict) else 0
-    return f"LoRA rank {bounded(rank)} on {bounded(train.get('lora_targets'))}" if rank else "no LoRA"
+    return (f"LoRA rank {bounded(rank)}, alpha {bounded(train.get('lora_alpha'))}, on "
+            f"{bounded(train.get('lora_targets'))}" if rank else "no LoRA")
 
 
 class Checkpointer:
