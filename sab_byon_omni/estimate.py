@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from sab_byon_omni.config import PARALLEL, ModelConfig
+from sab_byon_omni.config.schema import lora_target_names
 from sab_byon_omni.errors import SabError
 
 GiB = 2**30
@@ -61,6 +62,19 @@ def block_matmul_parameters(cfg: ModelConfig) -> int:
     2 h f for SwiGLU's gate and up) and down h f."""
     up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
     return cfg.hidden * qkv_rows(cfg) + cfg.hidden * cfg.hidden + cfg.hidden * up + cfg.ffn * cfg.hidden
+
+
+def lora_shapes(cfg: ModelConfig, targets: str) -> list[tuple[int, int]]:
+    """(in, out) of each projection of one block that LoRA ``targets`` adapts (model/lora.py)."""
+    up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
+    shapes = {"qkv": (cfg.hidden, qkv_rows(cfg)), "proj": (cfg.hidden, cfg.hidden), "up": (cfg.hidden, up),
+              "down": (cfg.ffn, cfg.hidden)}
+    return [shapes[name] for name in lora_target_names(targets)]
+
+
+def lora_parameters(cfg: ModelConfig, rank: int, targets: str = "qkv,proj,up,down") -> int:
+    """The adapters' parameters: rank x (in + out) per adapted projection, in every block."""
+    return cfg.n_layers * sum(rank * (i + o) for i, o in lora_shapes(cfg, targets))
 
 
 def block_parameters(cfg: ModelConfig) -> int:
@@ -150,12 +164,16 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
              parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda",
-             fused_optimizer: bool | None = None, memory_saving: bool = False) -> Estimate:
+             fused_optimizer: bool | None = None, memory_saving: bool = False, lora_rank: int = 0,
+             lora_targets: str = "qkv,proj,up,down", lora_base_bytes: int = 4) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
     memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
     temporaries; foreach AdamW adds one parameter-sized buffer at the step. ``memory_saving``: the
-    model's GELU recompute and v copy (see :func:`block_activation_bytes`)."""
+    model's GELU recompute and v copy (see :func:`block_activation_bytes`). ``lora_rank``: LoRA on
+    ``lora_targets``, their frozen weights held in ``lora_base_bytes`` per value (2: bf16/fp16 where
+    native), gradients and AdamW state only for the adapters (fp32); the adapters' own activations
+    (rank per token) and the FLOPs saved on frozen weights' gradients are not counted."""
     _check_estimate_args(cfg, precision, parallel, seq_len=seq_len, micro_batch=micro_batch, gpus=gpus)
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     p = num_parameters(cfg)
@@ -164,10 +182,20 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     shard = gpus if parallel == "fsdp" else 1
 
     weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
+    frozen_low = 0  # frozen weights already in the compute dtype: autocast copies none of them
+    if lora_rank:
+        adapters = lora_parameters(cfg, lora_rank, lora_targets)
+        adapted = cfg.n_layers * sum(i * o for i, o in lora_shapes(cfg, lora_targets))
+        weights = 4.0 * (p - adapted + adapters) + lora_base_bytes * adapted
+        gradients, optimizer = 4.0 * adapters, 8.0 * adapters
+        frozen_low = adapted if lora_base_bytes == act else 0
 
     tokens = seq_len * micro_batch
     activations, logits, workspace = _activation_memory(cfg, tokens, act, ac, memory_saving)
     buffers_fwd, ddp_buckets, opt_temp = _buffer_memory(cfg, p, act, parallel, gpus, device, fused_optimizer)
+    if lora_rank:
+        buffers_fwd -= act * frozen_low if act != 4 else 0
+        ddp_buckets, opt_temp = min(ddp_buckets, gradients), min(opt_temp, gradients)
     persistent = weights + gradients + optimizer + ddp_buckets
     peak = persistent + max(activations + max(logits, workspace) + buffers_fwd, opt_temp)
     buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - max(logits, workspace), 0.0)

@@ -15,10 +15,13 @@ EXAMPLE = """examples:
   sab-omni train --preset tiny --epochs 1 --num_samples 200 --checkpoint_dir /tmp/ckpt
   sab-omni train --data ~/notes --preset small     # your files, with the from-scratch recipe
   sab-omni train --data ~/notes --preset small --resume auto
+  sab-omni train --init_from model.gguf --data ~/notes                 # fine-tune pretrained weights
+  sab-omni train --init_from model.gguf --data ~/notes --lora_rank 8  # LoRA adapters, the rest frozen
 
 --data without --config trains with the from-scratch recipe (peak rate by model width, warmup +
-cosine, batches sized for the corpus; docs/RECIPES.md); any flag you give wins. With --config the
-file's settings apply as written.
+cosine, batches sized for the corpus; docs/RECIPES.md), or with --init_from the fine-tuning recipe
+(AdamW at a swept low rate, short warmup, cosine; docs/FINETUNE.md); any flag you give wins. With
+--config the file's settings apply as written.
 """
 
 

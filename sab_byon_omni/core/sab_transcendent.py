@@ -32,6 +32,7 @@ from sab_byon_omni.interop.sources import (
     read_weights,
 )
 from sab_byon_omni.model.generate import decoding_threads, generate_tokens
+from sab_byon_omni.model.lora import merged_state_dict
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         """Build the model of ``w.config`` and load ``w.state_dict`` into it, strictly."""
         self = cls(config=w.config, tokenizer=w.tokenizer)
         try:
-            self.model.load_state_dict(w.state_dict)
-        except (RuntimeError, TypeError, AttributeError) as e:
+            self.model.load_state_dict(merged_state_dict(w.state_dict))  # a LoRA run's adapters folded in
+        except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
             raise SabError(f"{w.origin}: weights do not fit the model in its config: {first_line(e)}") from None
         self.origin, self.global_step = w.origin, w.global_step
         return self

@@ -161,15 +161,17 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
                        f"{bounded(cfg.train.optimizer)}; {other}start a new run from its weights with "
                        f"--init_from {path}")
     check_same_data(meta, cfg, path)
+    if _lora(saved) != _lora(cfg.to_dict()["train"]):
+        raise SabError(f"{path}: it was trained with {_lora(saved)}, this run asks for {_lora(cfg.to_dict()['train'])};"
+                       f" {again}")
     if meta.tokenizer is not None and not spec_equal(meta.tokenizer, tokenizer):
         raise SabError(f"{path}: its tokenizer ({meta.tokenizer.get('name')}) differs from this run's "
                        f"({tokenizer.get('name')}); {again}")
 
 
 def check_same_data(meta: CheckpointMeta, cfg: RunConfig, path: Path) -> None:
-    """A run continues on the data it was started with (``data.dataset``, the same string or the same
-    path): its data cursor and epochs count that corpus's samples. Other data is refused; training
-    on it from these weights is a new run (``--init_from``)."""
+    """A run continues on the data it was started with (the same string or path): its data cursor
+    counts that corpus's samples. Other data is a new run from these weights (``--init_from``)."""
     saved = meta.config.get("data")
     theirs = saved.get("dataset") if isinstance(saved, dict) else None
     mine = cfg.data.dataset
@@ -180,6 +182,11 @@ def check_same_data(meta: CheckpointMeta, cfg: RunConfig, path: Path) -> None:
                    f"{mine}; resume it with --data {theirs}, or train on the new data from its "
                    f"weights as a new run: --init_from {path} --checkpoint_dir <another folder> (a fresh "
                    "optimizer and schedule)")
+def _lora(train: Any) -> str:
+    """A run's LoRA settings in words, from its config's train section (what a resume must match)."""
+    rank = train.get("lora_rank", 0) if isinstance(train, dict) else 0
+    return (f"LoRA rank {bounded(rank)}, alpha {bounded(train.get('lora_alpha'))}, on "
+            f"{bounded(train.get('lora_targets'))}" if rank else "no LoRA")
 
 
 class Checkpointer:

@@ -202,6 +202,8 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
 
     m, d, t, info = run.cfg.model, run.cfg.data, run.cfg.train, run.info
     n = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    base = str(run.model.blocks[0].attn.qkv.weight.dtype).removeprefix("torch.") if t.lora_rank else ""
     eff = t.batch_size * t.gradient_accumulation_steps * info.world
     start = f"resuming from {run.resume_from} (step {run.state.global_step:,})" if run.resume_from else "new run"
     return [
@@ -209,7 +211,9 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
         ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
-                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
+                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
+                  + (f"; LoRA rank {t.lora_rank} on {t.lora_targets}: {trainable:,} trainable, the rest frozen"
+                     + (f" (projections held in {base})" if base != "float32" else "") if t.lora_rank else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
                    f"{plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
                    + (" with FSDP" if run.fsdp else "")),

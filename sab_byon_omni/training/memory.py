@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sab_byon_omni.config import RunConfig, replace
+from sab_byon_omni.device import runs_natively
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import PRECISION_BYTES, GiB, estimate, fmt_bytes, largest_micro_batch
 from sab_byon_omni.machine import memory_budget
@@ -108,7 +109,10 @@ def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch
     seq = longest_sample(train_data, cfg.data.seq_len)
     kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world,
               parallel=t.parallel if info.enabled else "ddp", device=device.type,
-              fused_optimizer=uses_fused_adamw(device), activation_checkpointing=m.activation_checkpointing)
+              fused_optimizer=uses_fused_adamw(device), activation_checkpointing=m.activation_checkpointing,
+              lora_rank=t.lora_rank, lora_targets=t.lora_targets,
+              lora_base_bytes=PRECISION_BYTES[precision] if precision in ("bf16", "fp16") and runs_natively(
+                  precision, device) else 4)  # as build.lora_base_dtype holds the frozen base
     for saving in choices:
         fitted, e = _fit_micro_batch(cfg, seq, usable, what, info, dict(kw, memory_saving=saving))
         if e.peak <= usable or (not t.check_memory and saving == choices[-1]):
