@@ -38,7 +38,8 @@ from sab_byon_omni.machine import cpu_has_native_bf16, malloc_settings
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.build import build_run
 from sab_byon_omni.training.memory import peak_memory_mb
-from sab_byon_omni.training.optim import optimizer_name
+from sab_byon_omni.training.muon import newton_schulz_dtype
+from sab_byon_omni.training.optim import MuonWithAdamW, optimizer_name
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,44 @@ def _precision(name: str, device: torch.device) -> Precision:
     return precision
 
 
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """What one training step computes: ``tokens`` x ``flops_per_token`` of the model, against
+    ``peak`` TFLOP/s (None: no MFU)."""
+
+    tokens: int
+    flops_per_token: float
+    peak: float | None
+
+    def speed(self, times: list[float], params: int, ns_flops: int = 0, ns_dtype: str = "",
+              ns_peak: float | None = None) -> Speed:
+        """The median step's speed. Muon's Newton-Schulz FLOPs (``ns_flops`` per step, run in
+        ``ns_dtype`` whose peak is ``ns_peak``) count as work done: in TFLOP/s, and in MFU as the time
+        they would take at their own dtype's peak (MFU = the step's time at the peaks / its time)."""
+        step_s = statistics.median(times)
+        model_flops = self.tokens * self.flops_per_token
+        tflops = (model_flops + ns_flops) / step_s / 1e12
+        ideal_s = None
+        if self.peak and (not ns_flops or ns_peak):
+            ideal_s = model_flops / (self.peak * 1e12) + (ns_flops / (ns_peak * 1e12) if ns_flops else 0.0)
+        return Speed(step_s, times, self.tokens / step_s, tflops, ideal_s / step_s if ideal_s else None, params)
+
+
+def newton_schulz_work(step: OursStep, precision: str, device: torch.device, top: float | None,
+                       override: float | None) -> tuple[int, str, float | None] | tuple[()]:
+    """(Newton-Schulz FLOPs per step, the dtype they run in, that dtype's peak TFLOP/s) of ``step``'s
+    Muon, or ``()`` without Muon. The peak is the run's own (``top``) when the dtypes agree, else the
+    iteration dtype's: measured on a CPU, the data sheet's on CUDA (``--peak-tflops`` is the run
+    dtype's, so it does not apply)."""
+    optimizer = step.trainer.run.optimizer
+    if not isinstance(optimizer, MuonWithAdamW):
+        return ()
+    dtype = optimizer.muon.ns_dtype or newton_schulz_dtype(device)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    ns_peak = top if name == precision else peak(name, device, None)[0]
+    return optimizer.muon.flops_per_step(), name, ns_peak
+
+
 def run_train_bench(opts: BenchOptions) -> TrainBench:
     """Time ``opts.steps`` training steps of ours and each peer (after ``opts.warmup``), interleaved."""
     with tempfile.TemporaryDirectory(prefix="sab_bench_") as tmp, intra_op_threads(opts.threads):
@@ -96,13 +135,12 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
-        tokens = t.batch_size * cfg.data.seq_len
+        work = StepWork(t.batch_size * cfg.data.seq_len, flops_tok, top)
+        ns = newton_schulz_work(ours, precision.name, device, top, opts.peak_tflops)
 
         def speed(name: str) -> Speed:
-            step_s = statistics.median(times[name])
-            tflops = tokens / step_s * flops_tok / 1e12
-            params = sum(p.numel() for p in (ours.model if name == "ours" else runners[name].model).parameters())
-            return Speed(step_s, times[name], tokens / step_s, tflops, tflops / top if top else None, params)
+            model = ours.model if name == "ours" else runners[name].model
+            return work.speed(times[name], sum(p.numel() for p in model.parameters()), *(ns if name == "ours" else ()))
 
         result = TrainBench(
             preset=m.preset, params=ours.model.num_parameters(), matmul_params=matmul_params(m),
@@ -114,7 +152,9 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=malloc_settings() if device.type == "cpu" else "")
+            allocator=malloc_settings() if device.type == "cpu" else "",
+            newton_schulz_flops=ns[0] if ns else None, newton_schulz_dtype=ns[1] if ns else None,
+            newton_schulz_peak_tflops=ns[2] if ns else None)
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:

@@ -59,6 +59,14 @@ def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
     return (x.mT if tall else x).to(update.dtype)
 
 
+def newton_schulz_flops(k: int, rows: int, cols: int, steps: int = NS_STEPS) -> int:
+    """FLOPs of :func:`orthogonalize` on ``k`` matrices of ``rows x cols`` (a multiply-add is 2):
+    per iteration on the ``m x n`` wide form (``m = min(rows, cols)``), ``G = x x^T`` (2 m^2 n),
+    ``G G`` (2 m^3) and the product with ``x`` (2 m^2 n)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return k * steps * (4 * m * m * n + 2 * m ** 3)
+
+
 def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None) -> list[list[int]]:
     """Which matrices to orthogonalise in one call (modded-nanogpt's batching): indices into
     ``shapes``, each ``(device, dtype, k, rows, cols)`` for ``k`` matrices of ``rows x cols``, in
@@ -174,6 +182,12 @@ class Muon(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def flops_per_step(self) -> int:
+        """Newton-Schulz FLOPs of one step over every trainable matrix (all ranks together: under a
+        process group each rank does about its share, :func:`assign_owners`)."""
+        return sum(newton_schulz_flops(k, rows, p.shape[1]) for g in self.param_groups for p in g["params"]
+                   if p.requires_grad for _, k, rows in row_runs(g["split"], p.shape[0]))
 
     def _nesterov(self, p: torch.Tensor, group: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
         """The Nesterov momentum of ``p``'s gradient (its buffer updated; ``keep=False``: only that)."""
