@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sab_byon_omni.device import native_cuda_bf16
+from sab_byon_omni.estimate import MUON_BATCH_ELEMENTS
 from sab_byon_omni.machine import cpu_has_native_bf16
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
@@ -36,7 +37,8 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
 # (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 10-18%
 # slower than one call per matrix, a smaller one up to 2.6x faster (tiny's matrices, bf16): levers.py muon.
-BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
+# (The memory estimate counts one such batch's temporaries: it lives in estimate.py for that.)
+BATCH_ELEMENTS = MUON_BATCH_ELEMENTS
 
 
 def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,

@@ -42,7 +42,7 @@ from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import Run
 from sab_byon_omni.training.checkpointer import CheckpointMeta
-from sab_byon_omni.training.memory import peak_memory_mb
+from sab_byon_omni.training.memory import peak_memory_mb, peak_reserved_mb
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, lr_names
 from sab_byon_omni.training.signals import StopRequest, signal_name
@@ -295,7 +295,7 @@ class Trainer:
         run.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=w.last_norm,
                                   tokens_per_s=tps, memory_mb=peak_memory_mb(run.device), skipped=st.skipped_steps,
                                   muon_lr=lr_at(st.global_step - 1, t, run.total_steps, muon=True)
-                                  if t.optimizer == "muon" else None))
+                                  if t.optimizer == "muon" else None, reserved_mb=peak_reserved_mb(run.device)))
         if run.info.is_main:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
             log.info("%s", console.step_line(st.global_step, run.total_steps, st.epoch + 1, t.epochs, loss, lr, tps,
