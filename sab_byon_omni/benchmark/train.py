@@ -94,8 +94,8 @@ class StepWork:
         return Speed(step_s, times, self.tokens / step_s, tflops, ideal_s / step_s if ideal_s else None, params)
 
 
-def newton_schulz_work(step: OursStep, precision: str, device: torch.device, top: float | None,
-                       override: float | None) -> tuple[int, str, float | None] | tuple[()]:
+def newton_schulz_work(step: OursStep, precision: str, device: torch.device,
+                       top: float | None) -> tuple[int, str, float | None] | tuple[()]:
     """(Newton-Schulz FLOPs per step, the dtype they run in, that dtype's peak TFLOP/s) of ``step``'s
     Muon, or ``()`` without Muon. The peak is the run's own (``top``) when the dtypes agree, else the
     iteration dtype's: measured on a CPU, the data sheet's on CUDA (``--peak-tflops`` is the run
@@ -135,8 +135,8 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
-        work = StepWork(t.batch_size * cfg.data.seq_len, flops_tok, top)
-        ns = newton_schulz_work(ours, precision.name, device, top, opts.peak_tflops)
+        work, ns = StepWork(t.batch_size * cfg.data.seq_len, flops_tok, top), newton_schulz_work(ours, precision.name,
+                                                                                                  device, top)
 
         def speed(name: str) -> Speed:
             model = ours.model if name == "ours" else runners[name].model
