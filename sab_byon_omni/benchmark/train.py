@@ -94,6 +94,9 @@ class StepWork:
         return Speed(step_s, times, self.tokens / step_s, tflops, ideal_s / step_s if ideal_s else None, params)
 
 
+NS_FIELDS = ("newton_schulz_flops", "newton_schulz_dtype", "newton_schulz_peak_tflops")  # newton_schulz_work's
+
+
 def newton_schulz_work(step: OursStep, precision: str, device: torch.device,
                        top: float | None) -> tuple[int, str, float | None] | tuple[()]:
     """(Newton-Schulz FLOPs per step, the dtype they run in, that dtype's peak TFLOP/s) of ``step``'s
@@ -152,9 +155,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=malloc_settings() if device.type == "cpu" else "",
-            newton_schulz_flops=ns[0] if ns else None, newton_schulz_dtype=ns[1] if ns else None,
-            newton_schulz_peak_tflops=ns[2] if ns else None)
+            allocator=malloc_settings() if device.type == "cpu" else "", **dict(zip(NS_FIELDS, ns)))
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:
