@@ -291,3 +291,37 @@ def test_bench_report_states_how_muon_is_counted():
     out = format_report(r)
     assert "Newton-Schulz: 0.064 GFLOP per step in bf16 (50.0% of the step's FLOPs)" in out
     assert "bf16 peak (2 TFLOP/s)" in out
+
+
+def test_steps_the_scaler_skipped_are_not_timed():
+    """fp16's GradScaler skips the first steps (no optimizer step: shorter): tokens/s counts applied ones."""
+    from sab_byon_omni.benchmark.common import interleave
+
+    outcomes = {"ours": iter([False, False, True, True, True]), "peer": iter([True, False, True, True])}
+    calls = {k: 0 for k in outcomes}
+
+    def runner(name):
+        def call():
+            calls[name] += 1
+            return next(outcomes[name])
+        return call
+
+    times = interleave({k: runner(k) for k in outcomes}, 3, torch.device("cpu"))
+    assert {k: len(v) for k, v in times.items()} == {"ours": 3, "peer": 3} and calls == {"ours": 5, "peer": 4}
+    from sab_byon_omni.errors import SabError
+
+    with pytest.raises(SabError, match="skipped by the GradScaler"):
+        interleave({"ours": lambda: False}, 2, torch.device("cpu"))
+
+
+def test_the_trainer_step_says_when_it_was_skipped(in_tmp):
+    from sab_byon_omni.benchmark.common import BenchOptions, random_batch
+    from sab_byon_omni.benchmark.train import OursStep
+
+    opts = BenchOptions.for_preset("tiny", seq_len=16, batch_size=2, precision="fp32", device="cpu")
+    cfg = opts.run
+    step = OursStep(cfg, random_batch(2, 16, 96, 0))
+    assert step() is True
+    with torch.no_grad():
+        step.model.head.weight.fill_(float("inf"))
+    assert step() is False

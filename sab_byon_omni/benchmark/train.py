@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -56,8 +57,10 @@ class OursStep:
         self.trainer = Trainer(build_run(self.model, Char96Tokenizer(), rows, None, cfg))
         self.window = [batch]
 
-    def __call__(self) -> None:
-        self.trainer.train_step(self.window)
+    def __call__(self) -> bool:
+        """One step; False when it was skipped (non-finite gradients: fp16's GradScaler backing off)."""
+        out = self.trainer.train_step(self.window)
+        return out is not None and math.isfinite(out.grad_norm)
 
     def optimizer_kind(self) -> str:
         return optimizer_name(self.trainer.run.optimizer)
@@ -88,10 +91,10 @@ class StepWork:
         step_s = statistics.median(times)
         model_flops = self.tokens * self.flops_per_token
         tflops = (model_flops + ns_flops) / step_s / 1e12
-        ideal_s = None
-        if self.peak and (not ns_flops or ns_peak):
-            ideal_s = model_flops / (self.peak * 1e12) + (ns_flops / (ns_peak * 1e12) if ns_flops else 0.0)
-        return Speed(step_s, times, self.tokens / step_s, tflops, ideal_s / step_s if ideal_s else None, params)
+        mfu = tflops / self.peak if self.peak and not ns_flops else None
+        if self.peak and ns_flops and ns_peak:
+            mfu = (model_flops / (self.peak * 1e12) + ns_flops / (ns_peak * 1e12)) / step_s
+        return Speed(step_s, times, self.tokens / step_s, tflops, mfu, params)
 
 
 NS_FIELDS = ("newton_schulz_flops", "newton_schulz_dtype", "newton_schulz_peak_tflops")  # newton_schulz_work's
