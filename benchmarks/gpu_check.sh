@@ -7,11 +7,12 @@
 #   benchmarks/gpu_check.sh --dry-run OUTDIR  the same script on a CPU with tiny sizes and short limits
 #                                             (CI runs it: tests/test_gpu_check.py)
 #
-# Parts: (1) facts: the device, driver, torch, CUDA, cuDNN; (2) gpu_tests: `pytest -m gpu tests/gpu`;
-# (3) sab-omni bench: Lightweight bf16 at a batch that fills the GPU, the 1b preset (vocab 50,000,
+# Parts: (1) facts: the device, driver, torch, CUDA, cuDNN; (2) gpu_tests: `pytest -m gpu tests/gpu`
+# (with pytest-xdist where installed, else in one process); (3) sab-omni bench: Lightweight bf16 at a batch that fills the GPU, the 1b preset (vocab 50,000,
 # 2048 tokens) in bf16 with compile off and on and in fp16, each against HF GPT-2 of the same
 # dimensions in the same process, MFU against the data-sheet peak and a matmul peak measured in
-# the run; generation tokens/s and MBU against HF generate. Runs from the source tree
+# the run; Lightweight with Muon (its Newton-Schulz FLOPs counted); (4) a real 200-step training run of
+# Lightweight, its loss curve in the report; (5) generation tokens/s and MBU against HF generate. Runs from the source tree
 # (PYTHONPATH), so nothing needs installing: the GPU machine has no network.
 # Environment: PYTHON (default python3), GPU_CHECK_LIGHT_BATCH (Lightweight's sequences of 1024 a step,
 # default 64: 65k tokens, about 10 GiB by the estimator, room left for the HF peer in the same process),
@@ -47,17 +48,27 @@ if [[ $DRY == 1 ]]; then
   DEVICE=cpu; LIGHT=(--preset tiny --seq-len 32 --batch-size 2); BIG=(--preset tiny --seq-len 64 --batch-size 2)
   STEPS=(--steps 1 --warmup 1); TEST_ARGS=(-k "not sigkill and not fsdp2"); NOCOMPILE=(env TORCHDYNAMO_DISABLE=1)
   GEN_LIGHT=(--preset tiny --prompt-len 8 --new-tokens 8); GEN_BIG=(--preset tiny --prompt-len 16 --new-tokens 8)
-  L_FACTS=60; L_TESTS=150; L_LIGHT=90; L_BIG=90; L_COMPILE=90; L_FP16=90; L_GEN=90; L_GEN_BIG=90; TOTAL_S=${GPU_CHECK_TOTAL_S:-900}
+  TRAIN_RUN=(--preset tiny --seq_len 32 --batch_size 4 --gradient_accumulation_steps 1 --num_samples 200
+             --max_steps 20 --log_interval 2)
+  L_FACTS=60; L_TESTS=150; L_LIGHT=90; L_BIG=90; L_COMPILE=90; L_FP16=90; L_MUON=90; L_TRAIN=120; L_GEN=90
+  L_GEN_BIG=90; TOTAL_S=${GPU_CHECK_TOTAL_S:-1200}
 else
   DEVICE=cuda; B1=${GPU_CHECK_1B_BATCH:-4}; LANES=1  # one part at a time: the timings are the point
   LIGHT=(--preset lightweight --seq-len 1024 --batch-size "${GPU_CHECK_LIGHT_BATCH:-64}")
   BIG=(--preset 1b --vocab-size 50000 --seq-len 2048 --batch-size "$B1")
-  STEPS=(--steps 3 --warmup 1); TEST_ARGS=(-n 3 --dist loadfile); NOCOMPILE=()  # xdist: tests side by side
+  STEPS=(--steps 3 --warmup 1); NOCOMPILE=()
+  # tests side by side where pytest-xdist is installed (the lent machine's python may lack it): else one process
+  TEST_ARGS=(); "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS=(-n 3 --dist loadfile)
   GEN_LIGHT=(--preset lightweight --prompt-len 128 --new-tokens 256)
   GEN_BIG=(--preset 1b --vocab-size 50000 --prompt-len 128 --new-tokens 256)
-  # Each part's own limit, and a deadline for all: 470 s, so the check ends within 8 minutes whatever
-  # happens inside a part (a part that starts late gets what is left; with nothing left it is skipped).
-  L_FACTS=15; L_TESTS=150; L_LIGHT=40; L_BIG=60; L_COMPILE=150; L_FP16=60; L_GEN=30; L_GEN_BIG=45; TOTAL_S=${GPU_CHECK_TOTAL_S:-470}
+  # a real training run: 200 optimizer steps of Lightweight on the synthetic set, its loss curve in the report
+  TRAIN_RUN=(--preset lightweight --seq_len 512 --batch_size 32 --gradient_accumulation_steps 1 --num_samples 8000
+             --max_steps 200 --log_interval 10)
+  # Each part's own limit, and a deadline for all: the limits add up to 465 s within the 470 s deadline,
+  # so the check ends within 8 minutes whatever happens inside a part (a part that starts late gets
+  # what is left; with nothing left it is skipped).
+  L_FACTS=10; L_TESTS=110; L_LIGHT=30; L_BIG=40; L_COMPILE=100; L_FP16=40; L_MUON=35; L_TRAIN=50; L_GEN=20
+  L_GEN_BIG=30; TOTAL_S=${GPU_CHECK_TOTAL_S:-470}
 fi
 
 DEADLINE=$(($(date +%s) + TOTAL_S))
@@ -118,13 +129,18 @@ run_part() {
 BENCH=("$PY" -m sab_byon_omni bench --device "$DEVICE" --json)
 
 part facts "$L_FACTS" "$PY" "$ROOT/benchmarks/gpu_report.py" facts
-part gpu_tests "$L_TESTS" "$PY" -m pytest "$ROOT/tests/gpu" -m gpu -q -rA -p no:cacheprovider \
+# -v: one line per test as it ends, so a run the part's limit cuts short still reports each test done
+# (gpu_report.py reads them when the JUnit file, written at the end, is missing)
+part gpu_tests "$L_TESTS" "$PY" -m pytest "$ROOT/tests/gpu" -m gpu -v -rA -p no:cacheprovider \
   --rootdir "$ROOT" --junitxml "$WORK/junit.xml" "${TEST_ARGS[@]}"
 part bench_lightweight_bf16 "$L_LIGHT" "${BENCH[@]}" "${LIGHT[@]}" --precision bf16 "${STEPS[@]}" --compare hf
 part bench_1b_bf16 "$L_BIG" "${BENCH[@]}" "${BIG[@]}" --precision bf16 "${STEPS[@]}" --compare hf
 part bench_1b_bf16_compile "$L_COMPILE" "${NOCOMPILE[@]}" "${BENCH[@]}" "${BIG[@]}" --precision bf16 "${STEPS[@]}" \
   --compile --compare hf
 part bench_1b_fp16 "$L_FP16" "${BENCH[@]}" "${BIG[@]}" --precision fp16 "${STEPS[@]}" --compare hf
+part bench_lightweight_muon "$L_MUON" "${BENCH[@]}" "${LIGHT[@]}" --precision bf16 "${STEPS[@]}" --optimizer muon
+part train_200 "$L_TRAIN" "$PY" -m sab_byon_omni train "${TRAIN_RUN[@]}" --device "$DEVICE" --precision bf16 \
+  --progress false --checkpoint_dir "$WORK/train_200"
 part generate_lightweight "$L_GEN" "${BENCH[@]}" --mode generate "${GEN_LIGHT[@]}" --precision bf16 "${STEPS[@]}" \
   --compare hf
 part generate_1b "$L_GEN_BIG" "${BENCH[@]}" --mode generate "${GEN_BIG[@]}" --precision bf16 "${STEPS[@]}" --compare hf

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ TAIL = 2500  # characters of a failed part's log kept in the report
 # What each bench part's JSON line contributes to the report.
 TRAIN_FIGURES = ("preset", "params", "precision", "compile", "batch_size", "seq_len", "tokens_per_s", "step_s",
                  "tflops", "mfu", "peak_tflops", "peak_source", "measured_peak_tflops", "measured_mfu",
-                 "peak_memory_mb", "compile_s", "hf_tokens_per_s", "hf_mfu", "hf_measured_mfu", "ratio_vs_hf")
+                 "peak_memory_mb", "compile_s", "hf_tokens_per_s", "hf_mfu", "hf_measured_mfu", "ratio_vs_hf",
+                 "optimizer", "newton_schulz_flops", "newton_schulz_dtype")
 GENERATE_FIGURES = ("preset", "params", "precision", "prompt_len", "new_tokens", "tokens_per_s", "mbu",
                     "read_bandwidth_gbs", "bytes_per_token", "hf_tokens_per_s", "hf_mbu", "ratio_vs_hf")
 
@@ -123,11 +125,54 @@ def _junit(path: Path) -> dict[str, Any] | None:
     return {**counts, "tests": sorted(tests, key=lambda t: t["test"])}
 
 
+VERBOSE = re.compile(r"(?:^|\s)(?:(?P<id1>\S+::\S+) (?P<o1>PASSED|FAILED|ERROR|SKIPPED)"
+                     r"|(?P<o2>PASSED|FAILED|ERROR|SKIPPED) (?P<id2>\S+::\S+))")
+
+
+def _verbose(text: str) -> dict[str, Any] | None:
+    """Counts and one row per test from ``pytest -v``'s lines (one process, or pytest-xdist's
+    ``[gw0] [ 50%] PASSED ...``): what a run cut short by its limit leaves, having no JUnit file."""
+    tests = {}
+    for line in text.splitlines():
+        m = VERBOSE.search(line)
+        if m:
+            test_id, outcome = m["id1"] or m["id2"], (m["o1"] or m["o2"]).lower()
+            path, _, name = test_id.partition("::")
+            tests[test_id] = {"test": f"{Path(path).stem}::{name}", "outcome": outcome,
+                              "seconds": None, "message": ""}
+    if not tests:
+        return None
+    rows = list(tests.values())
+    counts = {k: sum(t["outcome"] == k for t in rows) for k in ("passed", "failed", "error", "skipped")}
+    return {**counts, "tests": sorted(rows, key=lambda t: t["test"]), "cut_short": True}
+
+
+def _training(work: Path) -> dict[str, Any] | None:
+    """The 200-step run's loss curve and speed, from its ``metrics.jsonl``."""
+    rows = []
+    for line in _read(work / "train_200" / "metrics.jsonl").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("kind") == "train":
+            rows.append(row)
+    if not rows:
+        return None
+    speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows if isinstance(r.get("tokens_per_s"), (int, float)))
+    return {"steps": rows[-1].get("step"), "first_loss": rows[0].get("loss"), "last_loss": rows[-1].get("loss"),
+            "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
+            "memory_mb": rows[-1].get("memory_mb"), "reserved_mb": rows[-1].get("reserved_mb"),
+            "skipped": rows[-1].get("skipped"), "loss_curve": [[r.get("step"), r.get("loss")] for r in rows]}
+
+
 def _figures(name: str, work: Path) -> dict[str, Any] | None:
     if name == "facts":
         return _last_json(_read(work / "facts.out"))
     if name == "gpu_tests":
-        return _junit(work / "junit.xml")
+        return _junit(work / "junit.xml") or _verbose(_read(work / "gpu_tests.out"))
+    if name == "train_200":
+        return _training(work)
     r = _last_json(_read(work / f"{name}.out"))
     if r is None:
         return None
@@ -200,6 +245,10 @@ def _summary(p: dict[str, Any]) -> str:
         return ", ".join(f"{f.get(k)} {k}" for k in ("passed", "failed", "error", "skipped") if f.get(k)) or "-"
     if p["name"] == "facts":
         return f"{f.get('device', '-')}"
+    if p["name"] == "train_200":
+        return (f"{f.get('steps')} steps: loss {_num(f.get('first_loss'))} -> {_num(f.get('last_loss'))}, "
+                f"{_num(f.get('tokens_per_s'))} tok/s, {_num(f.get('memory_mb'))} MB allocated, "
+                f"{_num(f.get('reserved_mb'))} MB reserved, {f.get('skipped')} skipped")
     if "mbu" in f:
         return (f"{f.get('preset')} {f.get('precision')}: {_num(f.get('tokens_per_s'))} tok/s, MBU {_cell(f.get('mbu'), 'mbu')}; "
                 f"HF {_num(f.get('hf_tokens_per_s'))} tok/s, MBU {_cell(f.get('hf_mbu'), 'mbu')}; ratio {_x(f.get('ratio_vs_hf'))}")
@@ -209,7 +258,9 @@ def _summary(p: dict[str, Any]) -> str:
                 f"{_cell(f.get('mfu'), 'mfu')} of {_num(f.get('peak_tflops'))} TFLOP/s ({f.get('peak_source')}) and "
                 f"{_cell(f.get('measured_mfu'), 'mfu')} of the {_num(f.get('measured_peak_tflops'))} TFLOP/s measured "
                 f"in the run, {_num(f.get('peak_memory_mb'))} MB; "
-                f"HF {_num(f.get('hf_tokens_per_s'))} tok/s, ratio {_x(f.get('ratio_vs_hf'))}")
+                f"HF {_num(f.get('hf_tokens_per_s'))} tok/s, ratio {_x(f.get('ratio_vs_hf'))}"
+                + (f"; {f.get('optimizer')}, Newton-Schulz {_num(f['newton_schulz_flops'] / 1e9)} GFLOP a step in "
+                   f"{f.get('newton_schulz_dtype')} (counted in MFU)" if f.get("newton_schulz_flops") else ""))
     return "-"
 
 
@@ -240,6 +291,10 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", "## GPU tests", "", "| test | outcome | seconds | message |", "|---|---|---:|---|"]
         lines += [f"| {t['test']} | {t['outcome']} | {t['seconds']} | {_cell(t['message'][:160]) if t['message'] else ''} |"
                   for t in tests["tests"]]
+    training = next((p["figures"] for p in r["parts"] if p["name"] == "train_200" and p["figures"]), None)
+    if training:
+        lines += ["", "## Loss curve of the 200-step run", "", "| step | loss |", "|---:|---:|"]
+        lines += [f"| {step} | {_cell(loss)} |" for step, loss in training["loss_curve"]]
     for p in r["parts"]:
         if p.get("log_tail"):
             lines += ["", f"## {p['name']}: {p['status']} (exit {p['exit_code']}), end of its log", "", "```",

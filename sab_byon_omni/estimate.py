@@ -6,7 +6,7 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
 * **weights**: fp32 master weights (all precisions keep them; autocast computes in bf16/fp16);
 * **gradients**: fp32, one per parameter (alive from the first micro-step's backward to the step);
 * **optimizer**: AdamW's two fp32 moments (with ``optimizer: muon`` the blocks' matrices keep one
-  momentum instead, so the figure is then an upper bound);
+  momentum instead, and Muon's step adds its temporaries: :func:`muon_step_bytes`);
 * **activations**: the tensors autograd saves per block and token (enumerated in
   :func:`block_activation_bytes`), or only each block's input with activation checkpointing plus
   one block recomputed in backward;
@@ -164,16 +164,17 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
              parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda",
-             fused_optimizer: bool | None = None, memory_saving: bool = False, lora_rank: int = 0,
-             lora_targets: str = "qkv,proj,up,down", lora_base_bytes: int = 4) -> Estimate:
+             fused_optimizer: bool | None = None, memory_saving: bool = False, optimizer: str = "adamw",
+             lora_rank: int = 0, lora_targets: str = "qkv,proj,up,down", lora_base_bytes: int = 4) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
     memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
     temporaries; foreach AdamW adds one parameter-sized buffer at the step. ``memory_saving``: the
-    model's GELU recompute and v copy (see :func:`block_activation_bytes`). ``lora_rank``: LoRA on
-    ``lora_targets``, their frozen weights held in ``lora_base_bytes`` per value (2: bf16/fp16 where
-    native), gradients and AdamW state only for the adapters (fp32); the adapters' own activations
-    (rank per token) and the FLOPs saved on frozen weights' gradients are not counted."""
+    model's GELU recompute and v copy (see :func:`block_activation_bytes`). ``optimizer="muon"``:
+    the blocks' matrices keep one fp32 momentum instead of two moments, and Muon's step holds its
+    temporaries (:func:`muon_step_bytes`). ``lora_rank``: LoRA on ``lora_targets``, frozen weights
+    in ``lora_base_bytes`` per value (2: bf16/fp16 where native), gradients and AdamW state for the
+    adapters only (their activations and the FLOPs saved on frozen weights are not counted)."""
     _check_estimate_args(cfg, precision, parallel, seq_len=seq_len, micro_batch=micro_batch, gpus=gpus)
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     p = num_parameters(cfg)
@@ -181,13 +182,14 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     act = PRECISION_BYTES[precision]
     shard = gpus if parallel == "fsdp" else 1
 
-    weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
+    muon = cfg.n_layers * block_matmul_parameters(cfg) if optimizer == "muon" and not lora_rank else 0
+    weights, gradients, opt_state = 4.0 * p / shard, 4.0 * p / shard, (8.0 * p - 4.0 * muon) / shard
     frozen_low = 0  # frozen weights already in the compute dtype: autocast copies none of them
     if lora_rank:
         adapters = lora_parameters(cfg, lora_rank, lora_targets)
         adapted = cfg.n_layers * sum(i * o for i, o in lora_shapes(cfg, lora_targets))
         weights = 4.0 * (p - adapted + adapters) + lora_base_bytes * adapted
-        gradients, optimizer = 4.0 * adapters, 8.0 * adapters
+        gradients, opt_state = 4.0 * adapters, 8.0 * adapters
         frozen_low = adapted if lora_base_bytes == act else 0
 
     tokens = seq_len * micro_batch
@@ -196,7 +198,8 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     if lora_rank:
         buffers_fwd -= act * frozen_low if act != 4 else 0
         ddp_buckets, opt_temp = min(ddp_buckets, gradients), min(opt_temp, gradients)
-    persistent = weights + gradients + optimizer + ddp_buckets
+    opt_temp += muon_step_bytes(muon, gpus if parallel == "ddp" else 1, 2 if act == 2 else 4, device) if muon else 0.0
+    persistent = weights + gradients + opt_state + ddp_buckets
     peak = persistent + max(activations + max(logits, workspace) + buffers_fwd, opt_temp)
     buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - max(logits, workspace), 0.0)
 
@@ -206,7 +209,7 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     return Estimate(preset=cfg.preset, parameters=p, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
                     gpus=gpus, parallel=parallel, activation_checkpointing=ac, memory_saving=memory_saving,
                     weights=weights, gradients=gradients,
-                    optimizer=optimizer, activations=activations, logits=logits, workspace=workspace, buffers=buffers,
+                    optimizer=opt_state, activations=activations, logits=logits, workspace=workspace, buffers=buffers,
                     peak=peak,
                     flops_per_token=flops, hardware_flops_per_token=hw)
 
@@ -244,6 +247,24 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     ffn_grads = 3 if memory_saving or cfg.mlp == "swiglu" else 2
     workspace = tokens * (ffn_grads * act * cfg.ffn + 8 * h)
     return activations, logits, workspace
+
+
+# Weights per stacked Newton-Schulz call in Muon's step, at most, per device (training/muon.py explains the figures)
+MUON_BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
+
+
+def muon_step_bytes(matrix_params: int, ranks: int, ns_bytes: int, device: str) -> float:
+    """Bytes Muon's step holds beyond its momentum buffers, for ``matrix_params`` weights of fp32
+    matrices split over ``ranks`` DDP ranks (each orthogonalises about 1/ranks of them) with the
+    Newton-Schulz iteration in ``ns_bytes`` per element: the Nesterov momenta of this rank's share
+    (fp32) and their orthogonalised directions (``ns_bytes``), all alive until the updates are
+    applied; with several ranks the all-gather's send buffer and every rank's received share
+    (about all the directions again); and one stacked batch's iteration (its copy, the normalised
+    matrix and the two products, at most the device's batch of weights)."""
+    share = matrix_params / ranks
+    gathered = (share + matrix_params) * ns_bytes if ranks > 1 else 0.0
+    batch = min(matrix_params, MUON_BATCH_ELEMENTS.get(device, MUON_BATCH_ELEMENTS["cuda"]))
+    return share * (4 + ns_bytes) + gathered + 4 * batch * ns_bytes
 
 
 NCCL_BUFFERS = 512 * 2**20  # bytes per process of NCCL's communicators (an upper estimate, see _buffer_memory)

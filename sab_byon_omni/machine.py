@@ -247,11 +247,13 @@ def measure_read_bandwidth(device: torch.device, nbytes: int | None = None, repe
 
 
 def memory_budget(device: torch.device) -> tuple[float, str]:
-    """(bytes this process may use, a description): a CUDA device's total memory, or the
-    available RAM (divided among the processes of this machine) on CPU."""
+    """(bytes this process may use, a description): a CUDA device's free memory now
+    (``mem_get_info``: what another process or this one already holds is not there to plan on),
+    or the available RAM (divided among the processes of this machine) on CPU."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return float(total), f"{torch.cuda.get_device_name(device)} ({total / 2**30:.1f} GiB)"
+        free, total = torch.cuda.mem_get_info(device)
+        return float(free), (f"{torch.cuda.get_device_name(device)} ({free / 2**30:.1f} GiB free of "
+                             f"{total / 2**30:.1f} GiB)")
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

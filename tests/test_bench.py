@@ -262,3 +262,66 @@ def test_epoch_mode_bad_input_is_one_error_line(in_tmp, capsys, args, message):
     assert main(["bench", "--mode", "epoch", "--set", "model.preset=tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_with_muon_counts_newton_schulz_in_tflops_and_mfu(in_tmp, capsys):
+    """TFLOP/s = (model FLOPs + Newton-Schulz FLOPs) / step time; MFU counts each at its dtype's peak."""
+    assert main([*TINY, "--optimizer", "muon", "--precision", "fp32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96))
+    from sab_byon_omni.training.optim import make_optimizer
+    from sab_byon_omni.config import TrainConfig
+
+    ns = make_optimizer(model, TrainConfig(optimizer="muon")).muon.flops_per_step()
+    assert r["optimizer"].startswith("Muon") and r["newton_schulz_flops"] == ns > 0
+    tokens = 2 * 32
+    assert r["tflops"] == pytest.approx((tokens * r["flops_per_token"] + ns) / r["step_s"] / 1e12)
+    ideal = tokens * r["flops_per_token"] / (r["peak_tflops"] * 1e12) + ns / (r["newton_schulz_peak_tflops"] * 1e12)
+    assert r["mfu"] == pytest.approx(ideal / r["step_s"])
+    assert r["newton_schulz_dtype"] == ("bf16" if M.cpu_has_native_bf16() else "fp32")
+
+
+def test_bench_report_states_how_muon_is_counted():
+    speed = Speed(0.5, [0.5], 128.0, 1.0, 0.5)
+    r = TrainBench(preset="tiny", params=1, matmul_params=1, vocab_size=96, seq_len=32, batch_size=2, precision="fp32",
+                   compile=False, activation_checkpointing=False, optimizer="Muon + AdamW fused", steps=1, warmup=1,
+                   machine=Machine("cpu", "x", 1, "t"), flops_per_token=1e6, peak_tflops=1.0, peak_source="s",
+                   ours=speed, peak_memory_mb=1.0, memory_kind="peak RSS", newton_schulz_flops=64_000_000,
+                   newton_schulz_dtype="bf16", newton_schulz_peak_tflops=2.0)
+    out = format_report(r)
+    assert "Newton-Schulz: 0.064 GFLOP per step in bf16 (50.0% of the step's FLOPs)" in out
+    assert "bf16 peak (2 TFLOP/s)" in out
+
+
+def test_steps_the_scaler_skipped_are_not_timed():
+    """fp16's GradScaler skips the first steps (no optimizer step: shorter): tokens/s counts applied ones."""
+    from sab_byon_omni.benchmark.common import interleave
+
+    outcomes = {"ours": iter([False, False, True, True, True]), "peer": iter([True, False, True, True])}
+    calls = {k: 0 for k in outcomes}
+
+    def runner(name):
+        def call():
+            calls[name] += 1
+            return next(outcomes[name])
+        return call
+
+    times = interleave({k: runner(k) for k in outcomes}, 3, torch.device("cpu"))
+    assert {k: len(v) for k, v in times.items()} == {"ours": 3, "peer": 3} and calls == {"ours": 5, "peer": 4}
+    from sab_byon_omni.errors import SabError
+
+    with pytest.raises(SabError, match="skipped by the GradScaler"):
+        interleave({"ours": lambda: False}, 2, torch.device("cpu"))
+
+
+def test_the_trainer_step_says_when_it_was_skipped(in_tmp):
+    from sab_byon_omni.benchmark.common import BenchOptions, random_batch
+    from sab_byon_omni.benchmark.train import OursStep
+
+    opts = BenchOptions.for_preset("tiny", seq_len=16, batch_size=2, precision="fp32", device="cpu")
+    cfg = opts.run
+    step = OursStep(cfg, random_batch(2, 16, 96, 0))
+    assert step() is True
+    with torch.no_grad():
+        step.model.head.weight.fill_(float("inf"))
+    assert step() is False

@@ -42,8 +42,8 @@ def flags(**kw):
     return [f"--{k}={v}" for k, v in kw.items()]
 
 
-def torchrun(args, cwd, nproc=2, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+def torchrun(args, cwd, nproc=2, timeout=300, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

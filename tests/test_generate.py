@@ -272,3 +272,49 @@ def test_generate_cli_on_a_run_folder_uses_its_best_model_and_says_so(checkpoint
         p.unlink()  # a folder with no model: one line, as before
     assert main(["generate", "--checkpoint", str(folder), "--prompt", "x"]) == 2
     assert "neither a saved model" in capsys.readouterr().err
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a tensor's values to Python (each one a device sync on a GPU)."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ids_come_back_to_the_host_once_per_chunk_with_the_same_tokens(model, use_cache):
+    prompt = [5, 17, 42, 8]
+    with HostReads() as one:
+        each = list(generate_tokens(model, prompt, 60, temperature=0, use_cache=use_cache, every=1))
+    with HostReads() as chunked:
+        eight = list(generate_tokens(model, prompt, 60, temperature=0, use_cache=use_cache, every=8))
+    assert eight == each and len(each) == 60  # past the context limit of 48 too
+    assert one.count == 2 * 60  # each read back: the ids, and whether their logits were finite
+    if use_cache:  # ceil(60 / 8) chunks, and a read back before each of the 2 rebuilds of the full cache
+        assert chunked.count <= 2 * (8 + 2)
+    sampled = [list(generate_tokens(model, prompt, 30, temperature=1.0, seed=3, every=k)) for k in (1, 7)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_end_token_inside_a_chunk_ends_the_stream_there(every):
+    assert list(generate_tokens(Scripted([4, 5, 1, 6, 7, 8]), [3], 6, temperature=0, eos_id=1, every=every)) == [4, 5, 1]
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_non_finite_logits_are_found_at_the_next_read_back(model, every):
+    broken = Scripted([4, 5, 6])
+    real = broken.forward
+    broken.forward = lambda ids, cache=None: real(ids, cache).index_fill(-1, torch.tensor([2]), float("nan"))
+    with pytest.raises(ValueError, match="non-finite logits"):
+        list(generate_tokens(broken, [3], 3, temperature=0, every=every))
+    sampled = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="non-finite logits"):
+        sample_next(sampled, 1.0, None, None, None)  # no NaN reaches multinomial, which would fail otherwise

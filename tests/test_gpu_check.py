@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 PARTS = ["facts", "gpu_tests", "bench_lightweight_bf16", "bench_1b_bf16", "bench_1b_bf16_compile", "bench_1b_fp16",
-         "generate_lightweight", "generate_1b"]
+         "bench_lightweight_muon", "train_200", "generate_lightweight", "generate_1b"]
 TRAIN = {"tokens_per_s", "mfu", "peak_tflops", "measured_peak_tflops", "measured_mfu", "peak_memory_mb",
          "hf_tokens_per_s", "hf_mfu", "ratio_vs_hf", "precision", "preset"}
 GENERATE = {"tokens_per_s", "mbu", "read_bandwidth_gbs", "hf_tokens_per_s", "hf_mbu", "ratio_vs_hf"}
@@ -52,12 +52,16 @@ def test_the_dry_run_writes_the_whole_report(tmp_path):
     for name in PARTS[2:6]:
         assert TRAIN <= figures[name].keys() and figures[name]["tokens_per_s"] > 0, name
     assert figures["bench_1b_bf16_compile"]["compile"] is True and figures["bench_1b_fp16"]["precision"] == "fp16"
-    for name in PARTS[6:]:
+    muon = figures["bench_lightweight_muon"]
+    assert muon["optimizer"].startswith("Muon") and muon["newton_schulz_flops"] > 0 and muon["tokens_per_s"] > 0
+    run = figures["train_200"]  # (20 steps in the dry run)
+    assert run["steps"] == 20 and len(run["loss_curve"]) == 10 and run["last_loss"] < run["first_loss"]
+    for name in PARTS[8:]:
         assert GENERATE <= figures[name].keys() and figures[name]["mbu"] > 0, name
     assert [t["met"] for t in r["targets"]] == [None] * 5  # a dry run meets or misses no GPU target
     md = (tmp_path / "out" / "gpu_report.md").read_text()
     assert md.startswith("# GPU check (DRY RUN") and all(f"| {name} | **ok** |" in md for name in PARTS)
-    assert "## Targets" in md and "## GPU tests" in md
+    assert "## Targets" in md and "## GPU tests" in md and "## Loss curve of the 200-step run" in md
 
 
 def test_a_failed_or_timed_out_part_is_reported_with_its_log(tmp_path):
@@ -107,3 +111,27 @@ def test_the_script_refuses_a_missing_outdir(tmp_path):
                                               (None, "mfu", "-"), ("a|b", "", "a/b")])
 def test_report_cells(value, key, text):
     assert _report_module()._cell(value, key) == text
+
+
+def test_a_test_run_cut_short_still_reports_each_finished_test(tmp_path):
+    """No JUnit file (the part's limit killed pytest): the -v lines give each test that ended."""
+    gpu_report = _report_module()
+    work = tmp_path
+    (work / "gpu_tests.out").write_text(
+        "tests/gpu/test_training_cuda.py::test_compiled_training_step_matches_eager PASSED [ 10%]\n"
+        "[gw1] [ 20%] FAILED tests/gpu/test_memory_cuda.py::test_estimated_peak[lightweight]\n"
+        "tests/gpu/test_generate_cuda.py::test_greedy SKIPPED (no CUDA)    [ 30%]\n"
+        "collecting ... collected 12 items\n")
+    f = gpu_report._figures("gpu_tests", work)
+    assert f["cut_short"] is True and (f["passed"], f["failed"], f["skipped"]) == (1, 1, 1)
+    assert [t["test"] for t in f["tests"]] == ["test_generate_cuda::test_greedy", "test_memory_cuda::test_estimated_"
+                                               "peak[lightweight]", "test_training_cuda::test_compiled_training_"
+                                               "step_matches_eager"]
+
+
+def test_xdist_is_used_only_where_installed():
+    text = SCRIPT.read_text()
+    assert 'TEST_ARGS=(); "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS=(-n 3 --dist loadfile)' in text
+    limits = dict(x.split("=") for x in text.split("L_FACTS=10;")[1].split("TOTAL_S")[0].replace("\n", " ")
+                  .replace(";", " ").split() if x.startswith("L_"))
+    assert 10 + sum(map(int, limits.values())) <= 470  # every part's limit within the deadline

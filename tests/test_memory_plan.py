@@ -158,3 +158,47 @@ def test_regrouped_steps_train_the_same_weights_as_the_configured_micro_batches(
     for a, b in zip(*weights):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)  # as the bucketing test in test_trainer.py
     assert any(not torch.equal(a, b) for a, b in zip(*weights))  # really another geometry (rounding differs)
+
+
+def fake_gpu(monkeypatch, free: float, total: float = 80 * 2**30):
+    from sab_byon_omni import machine
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), int(total)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    return machine.memory_budget(torch.device("cuda"))
+
+
+def test_a_gpu_is_planned_on_its_free_memory_not_its_total(tmp_path, monkeypatch):
+    """Another process (or this one) holding most of an 80 GiB device leaves only the free part."""
+    assert fake_gpu(monkeypatch, 6 * 2**30) == (6 * 2**30, "Test GPU (6.0 GiB free of 80.0 GiB)")
+    cfg = run_config(tmp_path)
+    tok, train, _ = load_datasets(cfg.data)
+    sab = SABTranscendentV2(config=cfg, tokenizer=tok)
+    model, cfg = sab.model, sab.config  # the model on the CPU: nothing of it counts on the GPU
+    seq = memory_mod.longest_sample(train, cfg.data.seq_len)
+    need = estimate(model.cfg, seq, 2, precision="bf16", device="cuda", fused_optimizer=True).peak
+    info = memory_mod.DistInfo()
+    room = (need + memory_mod.CUDA_RESERVE) / memory_mod.HEADROOM  # free memory that just fits
+    fake_gpu(monkeypatch, room * 1.01)
+    plan = memory_mod.plan_memory(model, train, cfg, torch.device("cuda"), "bf16", info)
+    assert plan.peak == pytest.approx(need) and "free of 80.0 GiB" in plan.what
+    fake_gpu(monkeypatch, room * 0.99)
+    with pytest.raises(SabError, match=r"GiB free of 80\.0 GiB\) leaves"):
+        memory_mod.plan_memory(model, train, cfg, torch.device("cuda"), "bf16", info)
+
+
+def test_muon_keeps_one_moment_and_counts_its_step_temporaries():
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.estimate import block_matmul_parameters, muon_step_bytes
+
+    cfg = ModelConfig.from_name("small", vocab_size=96)
+    matrices = cfg.n_layers * block_matmul_parameters(cfg)
+    adamw, muon = (estimate(cfg, 64, 1, precision="fp32", device="cpu", optimizer=o) for o in ("adamw", "muon"))
+    assert adamw.optimizer - muon.optimizer == 4 * matrices  # one fp32 momentum instead of two moments
+    # one rank: every momentum (fp32) and direction (fp32 here) alive together, plus one stacked batch
+    assert muon_step_bytes(matrices, 1, 4, "cpu") == matrices * 8 + 4 * min(matrices, 1 << 18) * 4
+    # two DDP ranks: half the work each, and the all-gather holds every direction (bf16)
+    assert muon_step_bytes(matrices, 2, 2, "cuda") == matrices / 2 * 6 + (matrices / 2 + matrices) * 2 \
+        + 4 * matrices * 2
+    # at a micro-batch of 1 the step, not the activations, is Muon's peak
+    assert muon.peak > adamw.peak - 4 * matrices

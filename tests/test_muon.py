@@ -484,3 +484,24 @@ def test_bench_times_the_step_with_muon(in_tmp, capsys, monkeypatch):
     assert r["optimizer"] == "Muon + AdamW fused" and len(calls) == 1 + 2
     assert main(["bench", "--mode", "epoch", "--optimizer", "muon"]) == 2
     assert "--set train.optimizer=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 48), (2, 40, 8), (1, 24, 24)])
+def test_newton_schulz_flops_match_torchs_flop_counter(shape):
+    """The formula bench counts is what the iteration really multiplies (torch's own counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sab_byon_omni.training.muon import newton_schulz_flops
+
+    with FlopCounterMode(display=False) as counter:
+        orthogonalize(torch.randn(*shape))
+    assert newton_schulz_flops(*shape) == counter.get_total_flops()
+
+
+def test_muon_flops_per_step_sum_each_matrix_row_block():
+    from sab_byon_omni.training.muon import newton_schulz_flops
+
+    qkv, out = torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 16))
+    frozen = torch.nn.Parameter(torch.randn(16, 16), requires_grad=False)
+    opt = Muon([{"params": [qkv], "split": 3}, {"params": [out, frozen]}])
+    assert opt.flops_per_step() == newton_schulz_flops(3, 16, 16) + newton_schulz_flops(1, 16, 16)

@@ -65,7 +65,7 @@ def test_a_run_is_built_once_frozen_and_the_trainer_reads_it(tmp_path):
     trainer = T.Trainer(run)
     assert trainer.state is run.state and trainer.raw is run.model
     assert set(vars(trainer)) == {"run", "notes", "resume_hint", "stop", "agreed_stop", "saved_step", "clock",
-                                  "last_loss", "window"}  # the trainer's own: the loop's; nothing copied from the run
+                                  "last_loss", "window", "wait_limit"}  # the trainer's own: the loop's only
     run.close()
 
 
@@ -265,3 +265,32 @@ def test_training_leaves_the_processs_allocator_as_it_was(tmp_path):
 
     assert faults() > 10_000  # 12,288 pages each time
     assert faults(GLIBC_TUNABLES="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647") < 1_000
+
+
+@pytest.mark.slow  # 1.5 min on 2 shared cores: torch.compile on a CPU
+def test_compiled_blocks_train_ten_steps_of_variable_lengths_without_recompiling(tmp_path):
+    """train.compile compiles each block (one graph for all of them, dynamic shapes): 10 steps over
+    batches of different lengths compile once for training and once for the validation (no grad)."""
+    from torch._dynamo.utils import counters
+
+    from sab_byon_omni.training.build import compile_blocks
+    from sab_byon_omni.training.launch import run_training
+
+    lengths: set[int] = set()
+    real = compile_blocks
+
+    def spy(model):  # records the length each block 0 call sees (outside the compiled code)
+        model.blocks[0].register_forward_pre_hook(lambda m, args: lengths.add(args[0].shape[1]))
+        real(model)
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = build_config(dict(preset="tiny", num_samples=60, seq_len=64, batch_size=2, gradient_accumulation_steps=1,
+                            epochs=1, max_steps=10, precision="fp32", device="cpu", progress=False, compile=True,
+                            checkpoint_dir=str(tmp_path / "run")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sab_byon_omni.training.build.compile_blocks", spy)
+        _, result = run_training(cfg)
+    assert result.global_step == 10 and len(lengths) >= 3, lengths
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # training, and validation
+    assert not counters["recompiles"], dict(counters["recompiles"])

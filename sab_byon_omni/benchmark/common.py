@@ -94,22 +94,40 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> B
     return collate(rows, pad_id=0)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds ``fn()`` took on ``device``, what it returned)."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, out
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    return timed_call(fn, device)[0]
 
 
 def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.device) -> dict[str, list[float]]:
     """``steps`` timed calls of each runner, alternating which goes first (ABBA) so that a slow
-    spell on a shared machine hits all of them."""
+    spell on a shared machine hits all of them. A call that returns False did not do the work (a
+    training step fp16's GradScaler skipped: no optimizer step, a shorter time): it is not counted,
+    and the runner goes on until ``steps`` calls counted (at most ``3 x steps`` calls)."""
     times: dict[str, list[float]] = {k: [] for k in runners}
+    calls = dict.fromkeys(runners, 0)
     names = list(runners)
-    for i in range(steps):
+    i = 0
+    while any(len(times[n]) < steps and calls[n] < 3 * steps for n in names):
         for name in (names if i % 2 == 0 else names[::-1]):
-            times[name].append(timed(runners[name], device))
+            if len(times[name]) < steps and calls[name] < 3 * steps:
+                seconds, out = timed_call(runners[name], device)
+                calls[name] += 1
+                if out is not False:
+                    times[name].append(seconds)
+        i += 1
+    for name in names:
+        if not times[name]:
+            raise SabError(f"every one of {name}'s {calls[name]} timed training steps was skipped by the "
+                           "GradScaler (non-finite gradients): no speed to report; use bf16 or fp32")
     return times
 
 
@@ -149,12 +167,15 @@ class PeerStep:
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self) -> None:
+    def __call__(self) -> bool:
+        """One step; False when the GradScaler skipped it (its scale went down: non-finite gradients)."""
         with self.precision.autocast():
             loss = self.loss()
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return scale is None or self.scaler.get_scale() >= scale

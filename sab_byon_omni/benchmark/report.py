@@ -63,7 +63,8 @@ def _train(r: TrainBench) -> str:
         f"FLOPs per token: {r.flops_per_token / 1e6:.1f} M (6 x {r.matmul_params / 1e6:.2f}M matmul weights "
         f"+ 12 x layers x seq_len x hidden); peak {_fmt(r.peak_tflops, '.3g')} TFLOP/s ({r.peak_source}); "
         f"matmul measured in this run {_fmt(r.measured_peak_tflops, '.3g')} TFLOP/s"
-        + (f"\nallocator, for every model in this process: {r.allocator}" if r.allocator else ""),
+        + (f"\nallocator, for every model in this process: {r.allocator}" if r.allocator else "")
+        + _newton_schulz(r),
         "", "| model | tokens/s | step s | TFLOP/s | MFU | MFU of measured matmul | peak memory MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| sab-byon-omni | {r.ours.tokens_per_s:,.0f} | {r.ours.step_s:.2f} | {r.ours.tflops:.3g} | "
@@ -87,6 +88,17 @@ def _train(r: TrainBench) -> str:
         lines.append("peak memory: peak RSS of a fresh process running only that model's step (--isolated-memory), "
                      "with the RSS before the model was built in brackets")
     return "\n".join(lines)
+
+
+def _newton_schulz(r: TrainBench) -> str:
+    if not r.newton_schulz_flops:
+        return ""
+    model = r.batch_size * r.seq_len * r.flops_per_token
+    share = r.newton_schulz_flops / (model + r.newton_schulz_flops)
+    return (f"\nMuon's Newton-Schulz: {r.newton_schulz_flops / 1e9:.3g} GFLOP per step in {r.newton_schulz_dtype} "
+            f"({100 * share:.1f}% of the step's FLOPs), counted in our TFLOP/s; MFU counts them at the "
+            f"{r.newton_schulz_dtype} peak ({_fmt(r.newton_schulz_peak_tflops, '.3g')} TFLOP/s): MFU = (model FLOPs "
+            "/ run peak + Newton-Schulz FLOPs / its peak) / step time")
 
 
 def _memory(s: Speed, otherwise: str) -> str:

@@ -73,6 +73,9 @@ class TrainBench:
     peer_names: dict[str, str] = field(default_factory=dict)  # what each peer is ("HF LlamaForCausalLM ...")
     measured_peak_tflops: float | None = None  # the dtype's matmul rate measured in the run
     mode: str = "train"
+    newton_schulz_flops: int | None = None  # Muon's per step (counted in ours' TFLOP/s and MFU)
+    newton_schulz_dtype: str | None = None  # the dtype Muon's Newton-Schulz ran in
+    newton_schulz_peak_tflops: float | None = None  # that dtype's peak, which MFU counts those FLOPs against
     allocator: str = ""  # CPU: the C allocator's settings from the environment (machine.malloc_settings)
 
     def ratio(self, peer: str) -> float:

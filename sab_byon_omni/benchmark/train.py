@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -38,7 +39,8 @@ from sab_byon_omni.machine import cpu_has_native_bf16, malloc_settings
 from sab_byon_omni.model.transformer import CausalTransformer
 from sab_byon_omni.training.build import build_run
 from sab_byon_omni.training.memory import peak_memory_mb
-from sab_byon_omni.training.optim import optimizer_name
+from sab_byon_omni.training.muon import newton_schulz_dtype
+from sab_byon_omni.training.optim import MuonWithAdamW, optimizer_name
 from sab_byon_omni.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class OursStep:
         self.trainer = Trainer(build_run(self.model, Char96Tokenizer(), rows, None, cfg))
         self.window = [batch]
 
-    def __call__(self) -> None:
-        self.trainer.train_step(self.window)
+    def __call__(self) -> bool:
+        """One step; False when it was skipped (non-finite gradients: fp16's GradScaler backing off)."""
+        out = self.trainer.train_step(self.window)
+        return out is not None and math.isfinite(out.grad_norm)
 
     def optimizer_kind(self) -> str:
         return optimizer_name(self.trainer.run.optimizer)
@@ -68,6 +72,47 @@ def _precision(name: str, device: torch.device) -> Precision:
         log.warning("this CPU has no native bf16/fp16 matmul (no AVX-512-BF16 or AMX): %s runs emulated and "
                     "far slower than fp32", precision.name)
     return precision
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """What one training step computes: ``tokens`` x ``flops_per_token`` of the model, against
+    ``peak`` TFLOP/s (None: no MFU)."""
+
+    tokens: int
+    flops_per_token: float
+    peak: float | None
+
+    def speed(self, times: list[float], params: int, ns_flops: int = 0, ns_dtype: str = "",
+              ns_peak: float | None = None) -> Speed:
+        """The median step's speed. Muon's Newton-Schulz FLOPs (``ns_flops`` per step, run in
+        ``ns_dtype`` whose peak is ``ns_peak``) count as work done: in TFLOP/s, and in MFU as the time
+        they would take at their own dtype's peak (MFU = the step's time at the peaks / its time)."""
+        step_s = statistics.median(times)
+        model_flops = self.tokens * self.flops_per_token
+        tflops = (model_flops + ns_flops) / step_s / 1e12
+        mfu = tflops / self.peak if self.peak and not ns_flops else None
+        if self.peak and ns_flops and ns_peak:
+            mfu = (model_flops / (self.peak * 1e12) + ns_flops / (ns_peak * 1e12)) / step_s
+        return Speed(step_s, times, self.tokens / step_s, tflops, mfu, params)
+
+
+NS_FIELDS = ("newton_schulz_flops", "newton_schulz_dtype", "newton_schulz_peak_tflops")  # newton_schulz_work's
+
+
+def newton_schulz_work(step: OursStep, precision: str, device: torch.device,
+                       top: float | None) -> tuple[int, str, float | None] | tuple[()]:
+    """(Newton-Schulz FLOPs per step, the dtype they run in, that dtype's peak TFLOP/s) of ``step``'s
+    Muon, or ``()`` without Muon. The peak is the run's own (``top``) when the dtypes agree, else the
+    iteration dtype's: measured on a CPU, the data sheet's on CUDA (``--peak-tflops`` is the run
+    dtype's, so it does not apply)."""
+    optimizer = step.trainer.run.optimizer
+    if not isinstance(optimizer, MuonWithAdamW):
+        return ()
+    dtype = optimizer.muon.ns_dtype or newton_schulz_dtype(device)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    ns_peak = top if name == precision else peak(name, device, None)[0]
+    return optimizer.muon.flops_per_step(), name, ns_peak
 
 
 def run_train_bench(opts: BenchOptions) -> TrainBench:
@@ -96,13 +141,12 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
-        tokens = t.batch_size * cfg.data.seq_len
+        work, ns = StepWork(t.batch_size * cfg.data.seq_len, flops_tok, top), newton_schulz_work(ours, precision.name,
+                                                                                                  device, top)
 
         def speed(name: str) -> Speed:
-            step_s = statistics.median(times[name])
-            tflops = tokens / step_s * flops_tok / 1e12
-            params = sum(p.numel() for p in (ours.model if name == "ours" else runners[name].model).parameters())
-            return Speed(step_s, times[name], tokens / step_s, tflops, tflops / top if top else None, params)
+            model = ours.model if name == "ours" else runners[name].model
+            return work.speed(times[name], sum(p.numel() for p in model.parameters()), *(ns if name == "ours" else ()))
 
         result = TrainBench(
             preset=m.preset, params=ours.model.num_parameters(), matmul_params=matmul_params(m),
@@ -114,7 +158,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=malloc_settings() if device.type == "cpu" else "")
+            allocator=malloc_settings() if device.type == "cpu" else "", **dict(zip(NS_FIELDS, ns)))
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:

@@ -219,7 +219,7 @@ class TrainConfig:
     min_lr_ratio: float = fld(0.1, "cosine floor as a fraction of learning_rate")
     precision: Precision = fld("auto", "auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
     device: str = fld("auto", "auto (cuda, then mps, then cpu) or a torch device string")
-    compile: bool = fld(False, "wrap the model in torch.compile")
+    compile: bool = fld(False, "torch.compile each block (one graph for all, shapes dynamic: no recompiles over lengths)")
     checkpoint_dir: str = fld("checkpoints", "where checkpoints and metrics.jsonl are written")
     save_every: int = fld(0, "also save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_last: int = fld(3, "step checkpoints to keep (epoch checkpoints and best_model.pt are always kept)")

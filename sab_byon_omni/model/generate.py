@@ -28,15 +28,30 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
                 generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) ids; temperature 0 is greedy (and so is the limit of a temperature
     too small to divide by). Non-finite logits mean damaged weights: a ValueError."""
+    ids, finite = sample_on_device(logits, temperature, top_k, top_p, generator)
+    if not bool(finite):
+        raise ValueError(NON_FINITE)
+    return ids
+
+
+NON_FINITE = "the model produced non-finite logits (NaN or infinite weights?)"
+
+
+def sample_on_device(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_next` without waiting for the device: ((B, 1) ids, a 0-d bool tensor saying
+    whether every logit was finite, for the caller to check when it next reads ids back anyway)."""
     logits = logits.float()
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("the model produced non-finite logits (NaN or infinite weights?)")
-    if temperature > 0:
-        scaled = logits / temperature
-        if bool(torch.isfinite(scaled).all()):
-            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-            return torch.multinomial(probs, 1, generator=generator)
-    return logits.argmax(-1, keepdim=True)
+    finite = torch.isfinite(logits).all()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True), finite
+    # Non-finite logits (reported by ``finite``) become zeros, so multinomial never sees a NaN (on
+    # CUDA a device assert). Shifted so that the largest is 0 (softmax, top-k and top-p do not
+    # change), a temperature too small to divide by gives 0 and -inf, never inf: the greedy limit.
+    safe = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
+    scaled = (safe - safe.amax(-1, keepdim=True)) / temperature
+    probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator), finite
 
 
 def decoding_threads(device: torch.device, threads: int | None = None, use_cache: bool = True,
@@ -65,42 +80,98 @@ def cache_dtype(model: CausalTransformer, device: torch.device) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def readback_every(device: torch.device) -> int:
+    """Tokens sampled between two reads of the ids back to the host: 1 on a CPU (reading a CPU
+    tensor waits for nothing), 8 on a GPU, where each read waits for the device to finish and
+    leaves it idle while Python prepares the next step."""
+    return 1 if device.type == "cpu" else 8
+
+
 @torch.inference_mode()
 def generate_tokens(model: CausalTransformer, prompt_ids: list[int], max_new_tokens: int = 200,
                     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-                    seed: int | None = None, eos_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
+                    seed: int | None = None, eos_id: int | None = None, use_cache: bool = True,
+                    every: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (for streaming). Stops at ``max_new_tokens`` or ``eos_id``.
 
     With the cache, each step feeds one token; when the context fills up, the cache is rebuilt from
     the most recent half of the context. Without it, each step re-runs the whole (cropped) context.
+    With the cache the sampled ids stay on the device and feed the next step there; every ``every``
+    tokens (default :func:`readback_every`) they come back to the host together, which is also when
+    the finiteness of their logits is checked and the end token looked for (a chunk's tokens after
+    it are dropped), so a GPU does not wait on the host between those reads. (A rebuild of the
+    cache and the path without it read every id back first: they need the context on the host.)
     """
     if not prompt_ids:
         raise ValueError("the prompt must encode to at least one token")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    every = every or readback_every(device)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
-    limit = model.cfg.max_seq_len
     context = list(prompt_ids)
-    cache = None
+    pending: list[torch.Tensor] = []  # sampled ids not yet read back, each (1, 1)
+    finite: list[torch.Tensor] = []  # whether each one's logits were finite
+    step = _Decoder(model, use_cache, device)
     try:
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                window = context[-limit:]
-                logits = model(torch.tensor([window], device=device))[:, -1]
-            elif cache is None or cache.pos >= limit:
-                window = context[-(limit // 2 if cache is not None else limit):]
-                cache = KVCache.empty(model.cfg, 1, limit, device, cache_dtype(model, device))
-                logits = model(torch.tensor([window], device=device), cache=cache)[:, -1]
-            else:
-                logits = model(torch.tensor([[context[-1]]], device=device), cache=cache)[:, -1]
-            nxt = int(sample_next(logits, temperature, top_k, top_p, gen))
-            context.append(nxt)
-            yield nxt
-            if eos_id is not None and nxt == eos_id:
+        for i in range(max_new_tokens):
+            if pending and step.needs_context():
+                yield from _read_back(pending, finite, context, eos_id)
+            if context[-1:] == [eos_id] and len(context) > len(prompt_ids):
                 return
+            nxt, ok = sample_on_device(step(context, pending[-1] if pending else None), temperature, top_k, top_p, gen)
+            pending.append(nxt)
+            finite.append(ok)
+            if len(pending) == every or i + 1 == max_new_tokens:
+                yield from _read_back(pending, finite, context, eos_id)
+                if context[-1] == eos_id:
+                    return
     finally:
         model.train(was_training)
+
+
+def _read_back(pending: list[torch.Tensor], finite: list[torch.Tensor], context: list[int],
+               eos_id: int | None) -> Iterator[int]:
+    """The pending ids on the host, once their logits are known to be finite: appended to
+    ``context`` and yielded, up to the end token; both lists emptied."""
+    ok = finite[0] if len(finite) == 1 else torch.stack(finite).all()
+    if not bool(ok):
+        raise ValueError(NON_FINITE)
+    ids = (pending[0] if len(pending) == 1 else torch.cat(pending)).view(-1).tolist()
+    pending.clear()
+    finite.clear()
+    for tok in ids:
+        context.append(tok)
+        yield tok
+        if tok == eos_id:
+            return
+
+
+class _Decoder:
+    """The logits of the next token: with the cache, of the last sampled id (``last``, still on the
+    device; the cache rebuilt from the last half of ``context`` when it fills up), else of the whole
+    (cropped) ``context`` each time."""
+
+    def __init__(self, model: CausalTransformer, use_cache: bool, device: torch.device) -> None:
+        self.model, self.use_cache, self.device = model, use_cache, device
+        self.limit = model.cfg.max_seq_len
+        self.cache: KVCache | None = None
+
+    def needs_context(self) -> bool:
+        """Whether the next call reads ``context`` (every id on the host) rather than only ``last``."""
+        return not self.use_cache or self.cache is None or self.cache.pos >= self.limit
+
+    def __call__(self, context: list[int], last: torch.Tensor | None) -> torch.Tensor:
+        model, limit = self.model, self.limit
+        if not self.use_cache:
+            return model(torch.tensor([context[-limit:]], device=self.device))[:, -1]
+        if self.needs_context():
+            window = context[-(limit // 2 if self.cache is not None else limit):]
+            self.cache = KVCache.empty(model.cfg, 1, limit, self.device, cache_dtype(model, self.device))
+            return model(torch.tensor([window], device=self.device), cache=self.cache)[:, -1]
+        if last is None:
+            last = torch.tensor([context[-1:]], device=self.device)
+        return model(last, cache=self.cache)[:, -1]

@@ -169,14 +169,14 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
     model.set_memory_saving(memory.memory_saving)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if t.compile:  # torchtitan's order: activation checkpointing, compile, fully_shard
+        compile_blocks(model)
     if fsdp:  # before the optimizer: fully_shard swaps in sharded parameters
         D.wrap_fsdp(model, DTYPES[precision.name] if precision.name != "fp32" else None)
     if meta:
         D.materialize(model, device, init_weights=fresh)
     optimizer = make_optimizer(model, t, device, process_group=None if fsdp else D.data_parallel_group(info))
     wrapped = model if fsdp else D.wrap_ddp(model, info, device)
-    if t.compile:
-        wrapped = torch.compile(wrapped)
     return wrapped, optimizer
 
 
@@ -187,6 +187,16 @@ def lora_base_dtype(precision: Precision) -> torch.dtype | None:
     if precision.name in ("bf16", "fp16") and runs_natively(precision.name, precision.device):
         return DTYPES[precision.name]
     return None
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each block's forward in place, as torchtitan does: the blocks are the work,
+    all of one code, so they share one graph; fully_shard's hooks and DDP stay outside the compiled
+    code (they run around each block's forward); the parameter names do not change. Shapes are
+    dynamic from the first call: batches of another length or size (variable-length data, the
+    epoch's last batch) reuse that graph instead of recompiling (``tests/test_run.py`` counts)."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
 
 
 def _open_folder(ck: Checkpointer, cfg: RunConfig, resume_from: Path | None, step: int,

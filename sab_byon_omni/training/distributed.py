@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sab_byon_omni.errors import SabError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -62,15 +64,76 @@ def init_distributed(device_type: str) -> DistInfo:
         return info
     local_rank = info.local_rank
     if not dist.is_initialized():
-        # A long save on rank 0 (a big single-file checkpoint) keeps the others waiting at a barrier:
-        # allow it far longer than NCCL's default 10 minutes.
-        timeout = datetime.timedelta(seconds=float(os.environ.get("SAB_DIST_TIMEOUT_S", "3600")))
+        # the first step compiles, reads data and (FSDP) materialises the model: a long wait at start
+        timeout = wait_limits().start
+        step_wait_limit()  # a bad value stops the run now, not after its first step
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
             dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
     return info
+
+
+START_TIMEOUT_ENV = "SAB_DIST_TIMEOUT_S"  # collectives until the first step is done, and around saves
+STEP_TIMEOUT_ENV = "SAB_DIST_STEP_TIMEOUT_S"  # collectives after it
+START_TIMEOUT_S, STEP_TIMEOUT_S = 3600.0, 600.0
+
+
+@dataclass(frozen=True)
+class WaitLimits:
+    """How long a collective may wait for the other processes (torchtitan's pattern): ``start``
+    until the first optimizer step is done (compiling, reading data, building the model all take
+    their time on some rank first) and around saves (a big single-file checkpoint written by rank 0
+    keeps the others waiting); ``step`` after that, so that a stuck or dead rank stops the run
+    within minutes instead of an hour."""
+
+    start: datetime.timedelta
+    step: datetime.timedelta
+
+
+def _seconds(env: str, default: float) -> datetime.timedelta:
+    raw = os.environ.get(env, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e8:
+        raise SabError(f"{env}={raw[:20]!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=value)
+
+
+def wait_limits() -> WaitLimits:
+    """The limits from ``SAB_DIST_TIMEOUT_S`` (default an hour) and ``SAB_DIST_STEP_TIMEOUT_S``
+    (default 10 minutes; never longer than the first)."""
+    start = _seconds(START_TIMEOUT_ENV, START_TIMEOUT_S)
+    return WaitLimits(start, min(step_wait_limit(), start))
+
+
+def step_wait_limit() -> datetime.timedelta:
+    return _seconds(STEP_TIMEOUT_ENV, STEP_TIMEOUT_S)
+
+
+def set_wait_limit(limit: datetime.timedelta, info: DistInfo) -> None:
+    """Every later collective of the default process group may wait ``limit`` (torchtitan shortens
+    it the same way, with the same private torch call; gloo and NCCL both take it)."""
+    if info.enabled and dist.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(limit, dist.group.WORLD)
+
+
+@contextlib.contextmanager
+def long_waits(info: DistInfo, after: datetime.timedelta | None) -> Any:
+    """The start's long limit inside (a save), ``after`` again once done (None: leave it long)."""
+    if not info.enabled or after is None:
+        yield
+        return
+    set_wait_limit(wait_limits().start, info)
+    try:
+        yield
+    finally:
+        set_wait_limit(after, info)
 
 
 def shutdown() -> None:

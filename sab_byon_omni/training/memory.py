@@ -39,6 +39,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_reserved_mb(device: torch.device) -> float | None:
+    """CUDA's ``max_memory_reserved`` (what the caching allocator holds from the device: what an
+    out-of-memory error is about), None elsewhere."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward. Patches ``forward`` so state-dict keys do not change."""
     for block in model.blocks:
@@ -56,8 +62,8 @@ def longest_sample(data: Any, seq_len: int) -> int:
 def usable_bytes(model: nn.Module, device: torch.device) -> tuple[float, str]:
     """(bytes training may use on ``device``, a description of the device's memory)."""
     budget, what = memory_budget(device)
-    if device.type == "cpu":  # the model already sits in RAM: count it as available again
-        budget += sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    # free memory (RAM, or CUDA's mem_get_info) excludes the model where it already sits: count it as available again
+    budget += sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
     return budget * HEADROOM - (CUDA_RESERVE if device.type == "cuda" else 0), what
 
 
@@ -110,9 +116,9 @@ def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch
     kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world,
               parallel=t.parallel if info.enabled else "ddp", device=device.type,
               fused_optimizer=uses_fused_adamw(device), activation_checkpointing=m.activation_checkpointing,
-              lora_rank=t.lora_rank, lora_targets=t.lora_targets,
-              lora_base_bytes=PRECISION_BYTES[precision] if precision in ("bf16", "fp16") and runs_natively(
-                  precision, device) else 4)  # as build.lora_base_dtype holds the frozen base
+              optimizer=t.optimizer, lora_rank=t.lora_rank, lora_targets=t.lora_targets,
+              lora_base_bytes=PRECISION_BYTES[precision] if t.lora_rank and precision in ("bf16", "fp16")
+              and runs_natively(precision, device) else 4)  # as build.lora_base_dtype holds the frozen base
     for saving in choices:
         fitted, e = _fit_micro_batch(cfg, seq, usable, what, info, dict(kw, memory_saving=saving))
         if e.peak <= usable or (not t.check_memory and saving == choices[-1]):

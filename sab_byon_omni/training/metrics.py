@@ -48,6 +48,7 @@ class StepRow:
     memory_mb: float
     skipped: int
     muon_lr: float | None = None  # the Muon groups' rate (optimizer muon; not written otherwise)
+    reserved_mb: float | None = None  # CUDA: max_memory_reserved beside memory_mb's allocated (not written elsewhere)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sab_byon_omni.device import native_cuda_bf16
+from sab_byon_omni.estimate import MUON_BATCH_ELEMENTS
 from sab_byon_omni.machine import cpu_has_native_bf16
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
@@ -36,7 +37,8 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Weights per stacked Newton-Schulz call, at most. On a GPU many matrices per call save kernel launches
 # (bounded: 128 MiB in fp32). On a CPU a stack larger than a core's L2 cache (~1 MiB in fp32) ran 10-18%
 # slower than one call per matrix, a smaller one up to 2.6x faster (tiny's matrices, bf16): levers.py muon.
-BATCH_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
+# (The memory estimate counts one such batch's temporaries: it lives in estimate.py for that.)
+BATCH_ELEMENTS = MUON_BATCH_ELEMENTS
 
 
 def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
@@ -57,6 +59,14 @@ def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
         batch = torch.baddbmm(batch, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), batch, beta=a)
     x = batch.view(x.shape)
     return (x.mT if tall else x).to(update.dtype)
+
+
+def newton_schulz_flops(k: int, rows: int, cols: int, steps: int = NS_STEPS) -> int:
+    """FLOPs of :func:`orthogonalize` on ``k`` matrices of ``rows x cols`` (a multiply-add is 2):
+    per iteration on the ``m x n`` wide form (``m = min(rows, cols)``), ``G = x x^T`` (2 m^2 n),
+    ``G G`` (2 m^3) and the product with ``x`` (2 m^2 n)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return k * steps * (4 * m * m * n + 2 * m ** 3)
 
 
 def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None) -> list[list[int]]:
@@ -174,6 +184,12 @@ class Muon(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def flops_per_step(self) -> int:
+        """Newton-Schulz FLOPs of one step over every trainable matrix (all ranks together: under a
+        process group each rank does about its share, :func:`assign_owners`)."""
+        return sum(newton_schulz_flops(k, rows, p.shape[1]) for g in self.param_groups for p in g["params"]
+                   if p.requires_grad for _, k, rows in row_runs(g["split"], p.shape[0]))
 
     def _nesterov(self, p: torch.Tensor, group: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
         """The Nesterov momentum of ``p``'s gradient (its buffer updated; ``keep=False``: only that)."""

@@ -18,6 +18,7 @@ processes), so ``batch_size x gradient_accumulation_steps`` equals one big batch
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import logging
 import math
@@ -34,13 +35,14 @@ from sab_byon_omni.config import RunConfig
 from sab_byon_omni.data.batching import Batch, TokenDataset, iterate_batches, regroup
 from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import fmt_duration
 from sab_byon_omni.evaluation import sample_loss
 from sab_byon_omni.loss import causal_lm_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import Run
 from sab_byon_omni.training.checkpointer import CheckpointMeta
-from sab_byon_omni.training.memory import peak_memory_mb
+from sab_byon_omni.training.memory import peak_memory_mb, peak_reserved_mb
 from sab_byon_omni.training.metrics import EpochRow, EvalRow, StepRow
 from sab_byon_omni.training.optim import lr_at, lr_names
 from sab_byon_omni.training.signals import StopRequest, signal_name
@@ -136,6 +138,7 @@ class Trainer:
         self.clock = console.Clock(run.total_steps)  # measures from the end of the first step on
         self.window = _LogWindow(run.device)
         self.last_loss: float | None = None  # of the last metrics row
+        self.wait_limit: datetime.timedelta | None = None  # under torchrun: collectives' limit after the first step
 
     @property
     def state(self) -> TrainState:
@@ -247,6 +250,13 @@ class Trainer:
         end validates in :meth:`_end_epoch`), not after a signal: a stop should be quick."""
         run, st, t = self.run, self.run.state, self.run.cfg.train
         step = st.global_step
+        if self.wait_limit is None and run.info.enabled:  # the first step is done: a hang shows sooner now
+            self.wait_limit = D.wait_limits().step
+            D.set_wait_limit(self.wait_limit, run.info)
+            if run.info.is_main:
+                log.info("collectives now wait at most %s for a process (%s; saves wait up to %s)",
+                         fmt_duration(self.wait_limit.total_seconds()), D.STEP_TIMEOUT_ENV,
+                         fmt_duration(D.wait_limits().start.total_seconds()))
         if step % t.log_interval == 0 or self._at_max_steps():
             self._flush_log(bar)
         if run.info.is_main and self.clock.ready_to_announce():
@@ -285,7 +295,7 @@ class Trainer:
         run.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=w.last_norm,
                                   tokens_per_s=tps, memory_mb=peak_memory_mb(run.device), skipped=st.skipped_steps,
                                   muon_lr=lr_at(st.global_step - 1, t, run.total_steps, muon=True)
-                                  if t.optimizer == "muon" else None))
+                                  if t.optimizer == "muon" else None, reserved_mb=peak_reserved_mb(run.device)))
         if run.info.is_main:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
             log.info("%s", console.step_line(st.global_step, run.total_steps, st.epoch + 1, t.epochs, loss, lr, tps,
@@ -423,7 +433,8 @@ class Trainer:
                            f"{name}{run.checkpointer.suffix} (earlier checkpoints are intact); lower "
                            f"{lr_names(run.cfg.train)} or use fp32")
         meta = CheckpointMeta(run.cfg.to_dict(), run.tokenizer.to_spec())
-        return run.checkpointer.save(name, run.parts(), meta, loss, val_loss)
+        with D.long_waits(run.info, self.wait_limit):  # rank 0 may write a big file while the others wait
+            return run.checkpointer.save(name, run.parts(), meta, loss, val_loss)
 
     # ------------------------------------------------------------------------------- signals, memory
     def _stop_message(self, signum: int) -> str:
