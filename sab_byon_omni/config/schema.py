@@ -55,7 +55,7 @@ GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type
 # The model's architecture options (model/transformer.py, docs/HF_EXPORT.md); the first of each is ours.
 Family = Literal["sab", "llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
 Norm = Literal["layernorm", "rmsnorm"]
-Mlp = Literal["gelu", "swiglu"]
+Mlp = Literal["gelu", "swiglu", "relu2"]
 GeluApproximate = Literal["tanh", "none"]
 Positions = Literal["rope", "learned"]
 RopeScaling = Literal["none", "linear", "llama3"]
@@ -104,6 +104,18 @@ class ModelConfig:
     parallel_residual: bool = fld(False, "x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX), not one after the other")
     bias: bool = fld(False, "biases in every projection: qkv, attention output, MLP (GPT-2, GPT-NeoX)")
     qkv_bias: bool = fld(False, "a bias in the qkv projection only (Qwen2); bias implies it")
+    # Speed-run levers (modded-nanogpt; docs/RECIPES.md): off by default, so older checkpoints mean what they meant.
+    qk_norm: bool = fld(False, "RMSNorm (with a gain) on each head's queries and keys before the rotary positions "
+                               "(Qwen3)")
+    zero_init_proj: bool = fld(False, "initialise the output projections attn.proj and mlp.down to zero (each "
+                                      "block starts as the identity)")
+    logit_softcap: float = fld(0.0, "logits = cap * tanh(logits / cap) (Gemma 2's final soft-capping; 0: off)")
+    value_embed: bool = fld(False, "a second token embedding added, times a learned per-layer gain, to every "
+                                   "layer's values")
+    unet_skips: bool = fld(False, "U-net skips: the outputs of the first n_layers/2 blocks, times learned gains, "
+                                  "added to the inputs of the last n_layers/2 blocks in mirror order")
+    document_mask_id: int | None = fld(None, "the token id that ends a document (the tokenizer's <EOS>): attention "
+                                             "does not cross it inside a packed window (default: off)")
 
     def __post_init__(self) -> None:
         _choices(self, "model")
@@ -129,6 +141,10 @@ class ModelConfig:
             raise SabError(f"{what}={self.rotary_dim} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not math.isfinite(self.logit_softcap) or self.logit_softcap < 0:
+            raise SabError(f"model.logit_softcap={bounded(self.logit_softcap)} must be 0 (off) or a positive number")
+        if self.document_mask_id is not None and self.document_mask_id < 0:
+            raise SabError(f"model.document_mask_id={self.document_mask_id} must be a token id (0 or more)")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
 
