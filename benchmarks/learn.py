@@ -21,7 +21,8 @@ our Trainer's own ``epoch_batches(0)``. Validation bits per byte = summed loss i
 
 Time to quality: both models are also scored on the validation windows every ``--eval-every`` steps
 (with the clock stopped: the seconds reported are training seconds; evaluation time is reported
-apart, ``eval_seconds``). Ours is credited with the training seconds at which it first reaches the
+apart, ``eval_seconds``). ``--clock cpu`` counts this process's CPU seconds instead of wall seconds (on a shared machine).
+Ours is credited with the training seconds at which it first reaches the
 target, GPT-2's final validation loss at its step budget. ``--wall-budget`` adds a run of ours given
 GPT-2's training seconds: its schedule planned for as many steps as its measured step time fits in
 them, and cut at the budget if it runs over; its bits per byte there against GPT-2's. ``--arch``
@@ -130,11 +131,13 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
     """``step(batch) -> loss`` over ``batches``, timed, with ``model`` scored on ``windows`` every
     ``--eval-every`` steps and after the last (the clock stopped meanwhile); stops early after
     ``budget`` training seconds. Returns the row's timing fields and its final ``val``."""
-    losses, curve, seconds, eval_seconds = [], [], 0.0, 0.0
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    losses, curve, seconds, eval_seconds, wall = [], [], 0.0, 0.0, 0.0
     for it, batch in enumerate(batches, 1):
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         losses.append(step(batch))
-        seconds += time.perf_counter() - t0
+        seconds += clock() - t0
+        wall += time.perf_counter() - w0
         last = it == len(batches) or (budget is not None and seconds >= budget)
         if last or it % args.eval_every == 0:
             t0 = time.perf_counter()
@@ -143,7 +146,8 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
             curve.append([it, round(seconds, 2), round(val["loss"], 5)])
         if last:
             break
-    return dict(seconds=round(seconds, 1), eval_seconds=round(eval_seconds, 1), steps=len(losses), val=val,
+    return dict(seconds=round(seconds, 1), wall_seconds=round(wall, 1), clock=args.clock,
+                eval_seconds=round(eval_seconds, 1), steps=len(losses), val=val,
                 val_curve=curve, train_loss=statistics.fmean(losses[-20:]),
                 curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
 
@@ -401,6 +405,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--eval-every", type=int, default=20,
                    help="score both models on the validation windows every N steps, clock stopped (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the timed seconds count: wall (default), or this process's CPU seconds (steadier on "
+                        "a machine other processes share; with --threads 1 the same as wall time on an idle one)")
     p.add_argument("--wall-budget", action="store_true",
                    help="also train ours for GPT-2's training seconds (its schedule planned for them)")
     p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "

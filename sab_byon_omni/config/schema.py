@@ -53,7 +53,7 @@ TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt", "gguf")  # sab-omni export --format
 GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 # The model's architecture options (model/transformer.py, docs/HF_EXPORT.md); the first of each is ours.
-Family = Literal["sab", "llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
+Family = Literal["sab", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
 Norm = Literal["layernorm", "rmsnorm"]
 Mlp = Literal["gelu", "swiglu", "relu2"]
 GeluApproximate = Literal["tanh", "none"]
@@ -85,7 +85,7 @@ class ModelConfig:
     fragmergent_strength: float = fld(0.1, "hidden *= 1 + strength * phi(t)")
     # Options of open models; the defaults are the SAB model, so older configs and checkpoints mean what they meant.
     family: Family = fld("sab", "what the model is and `export --format hf` writes: sab (as GPT-NeoX), llama, "
-                                "mistral, qwen2, gpt2, gpt_neox")
+                                "mistral, qwen2, qwen3, gpt2, gpt_neox")
     norm: Norm = fld("layernorm", "layernorm, or rmsnorm (Llama, Mistral, Qwen2)")
     norm_eps: float = fld(1e-5, "epsilon of every norm")
     norm_bias: bool = fld(False, "LayerNorms with a bias (GPT-2, GPT-NeoX)")
