@@ -65,7 +65,7 @@ from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
 from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
-from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry  # noqa: E402
+from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_for_geometry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,8 +87,14 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         max_grad_norm=pick(args.clip, 1.0), precision=args.precision, device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
-    model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **args.arch_value}
+    model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **our_arch(args)}
     return build_config({"model": model, "data": data, "train": train})
+
+
+def our_arch(args: argparse.Namespace) -> dict:
+    """Our model's fields beyond the preset: the recipe's architecture (``recipe.architecture``), then
+    the ``--arch`` variant's fields, which win."""
+    return {**architecture(model_config(args), set(args.arch_value))[0], **args.arch_value}
 
 
 def shape_overrides(args: argparse.Namespace) -> dict:
@@ -176,7 +182,7 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
                min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
                **muon_fields(t.optimizer, t.muon_learning_rate, t.muon_warmup_steps),
                params=sab.model.num_parameters(), slow=learns_slowly(t.learning_rate, cfg.model),
-               arch=args.arch_value, precision=t.precision, **timing)
+               arch=our_arch(args), precision=t.precision, **timing)
     return row, batches
 
 
@@ -310,7 +316,7 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
     if "ours" in args.models or gpt2:
         row, batches = run_ours(args, corpus) if "ours" in args.models else (None, None)
         if row is not None:
-            rows.append({**common, **row})
+            rows.append({**common, **row, "variant": args.arch_value})
         if gpt2:
             if batches is None:  # GPT-2 alone: the windows our Trainer would visit, without training
                 batches = batches_only(args, corpus)
@@ -348,7 +354,7 @@ def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> l
     gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
     if args.wall_budget and gpt2 is not None:
         for ours in [r for r in rows if r["model"] == "ours"]:
-            args.arch_value, args.lr_value = ours["arch"], ours["lr"] if args.lr else None
+            args.arch_value, args.lr_value = ours["variant"], ours["lr"] if args.lr else None
             rows.append(wall_budget_run(args, corpus, ours, gpt2["seconds"]))
     time_to_target(rows)
     return rows
@@ -378,6 +384,21 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- main
+def add_time_options(p: argparse.ArgumentParser) -> None:
+    """The time-to-quality options: validation cadence, clock, wall budget, model variants, precision."""
+    p.add_argument("--eval-every", type=int, default=20,
+                   help="score both models on the validation windows every N steps, clock stopped (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the timed seconds count: wall (default), or this process's CPU seconds (steadier on "
+                        "a machine other processes share; with --threads 1 the same as wall time on an idle one)")
+    p.add_argument("--wall-budget", action="store_true",
+                   help="also train ours for GPT-2's training seconds (its schedule planned for them)")
+    p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "
+                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\")")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"),
+                   help="our precision (default fp32, as GPT-2 trains; auto: bf16 where the CPU has it natively)")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", choices=("stdlib", "prose", "both"), default="both")
@@ -403,19 +424,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],
                    help="GPT-2's peak rate (default 1e-3, nanoGPT's; min_lr stays peak / 10)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--eval-every", type=int, default=20,
-                   help="score both models on the validation windows every N steps, clock stopped (default 20)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="what the timed seconds count: wall (default), or this process's CPU seconds (steadier on "
-                        "a machine other processes share; with --threads 1 the same as wall time on an idle one)")
-    p.add_argument("--wall-budget", action="store_true",
-                   help="also train ours for GPT-2's training seconds (its schedule planned for them)")
-    p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "
-                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\")")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"),
-                   help="our precision (default fp32, as GPT-2 trains; auto: bf16 where the CPU has it natively)")
     p.add_argument("--batch", type=int, default=16, help="windows per optimizer step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    add_time_options(p)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="initialisation seed (the windows stay the same)")
     p.add_argument("--val-windows", type=int, default=0,
                    help="score this many validation windows spread over the split (default 0: all)")

@@ -49,9 +49,10 @@ def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tm
                          env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
+    base, variant = R.ARCHITECTURE, {**R.ARCHITECTURE, "qk_norm": True, "mlp": "relu2"}  # ours: the recipe's model
     assert [(r["model"], r["mode"], r["arch"]) for r in rows] == [
-        ("ours", "steps", {}), ("gpt2", "steps", {}), ("ours", "steps", {"qk_norm": True, "mlp": "relu2"}),
-        ("ours", "wall", {}), ("ours", "wall", {"qk_norm": True, "mlp": "relu2"})]
+        ("ours", "steps", base), ("gpt2", "steps", {}), ("ours", "steps", variant), ("ours", "wall", base),
+        ("ours", "wall", variant)]
     gpt2 = rows[1]
     for r in rows:  # validations at steps 2 and 4 (the last), training seconds rising, evaluation apart
         steps, seconds, losses = zip(*r["val_curve"])
@@ -64,7 +65,9 @@ def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tm
     for wall in rows[3:]:  # planned from the measured step time for GPT-2's seconds, cut there if over
         assert wall["budget_seconds"] == gpt2["seconds"] and wall["planned_steps"] >= 1
         assert wall["steps"] <= wall["planned_steps"]
-    assert "time to GPT-2's loss" in run.stdout and "| stdlib | tiny | qk_norm=True,mlp=relu2, fp32 |" in run.stdout
+    label = ",".join(f"{k}={v}" for k, v in variant.items())
+    assert "time to GPT-2's loss" in run.stdout and f"| stdlib | tiny | {label}, fp32 |" in run.stdout
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--report", str(results)],
                             capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0 and "| stdlib | tiny | base, fp32 |" in report.stdout, report.stderr[-3000:]
+    base_label = ",".join(f"{k}={v}" for k, v in base.items()) or "base"
+    assert report.returncode == 0 and f"| stdlib | tiny | {base_label}, fp32 |" in report.stdout, report.stderr[-3000:]

@@ -16,7 +16,8 @@ from sab_byon_omni.errors import SabError
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta
-from sab_byon_omni.training.recipe import batch_geometry, describe, evaluation_cadence, recipe_for_geometry
+from sab_byon_omni.training.recipe import (architecture, batch_geometry, describe, evaluation_cadence,
+                                           recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
@@ -57,12 +58,14 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
+    model, model_lines = architecture(cfg.model, explicit)
+    changes.update({f"model.{k}": v for k, v in model.items()})
     out = replace(cfg, **changes)
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
                         + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
     described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total)
-    lines += [("", reason) for reason in reasons + described]
+    lines += [("", reason) for reason in reasons + described + model_lines]
     return out, lines
 
 
