@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             arch = ",".join(f"{k}={v}" for k, v in row["arch"].items()) or "base"
             reach = row.get("time_to_target")
             target = "" if row["model"] == "gpt2" else \
-                f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.0f} s'}"
+                f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
             print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch} lr "
                   f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
                   f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "

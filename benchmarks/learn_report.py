@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from sab_byon_omni.config import ModelConfig
-from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry
+from sab_byon_omni.training.recipe import ARCHITECTURE, learns_slowly, recipe_for_geometry
 
 DEFAULT_SEED = 1234
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
@@ -85,7 +85,8 @@ def at_rule(row: dict) -> bool:
 def bench_table(rows: list[dict]) -> list[str]:
     """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
     rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))
-            and r.get("mode", "steps") == "steps" and not r.get("arch") and r.get("precision", "fp32") == "fp32"]
+            and r.get("mode", "steps") == "steps" and r.get("arch", {}) in ({}, ARCHITECTURE)
+            and r.get("precision", "fp32") == "fp32"]  # the rule's model: of its day (no arch), or today's
     lines = ["| corpus | preset | ours: lr, warmup (Muon: rate, warmup) | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
@@ -120,8 +121,9 @@ def time_table(rows: list[dict]) -> list[str]:
         g = gpt2s.get((r["corpus"], r["preset"]))
         if g is None:
             continue
+        g = {**g, "seconds": r.get("gpt2_seconds", g["seconds"])}  # the GPT-2 run of the same invocation
         reach = "never" if r["time_to_target"] is None else \
-            f"{r['time_to_target']:.0f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
+            f"{r['time_to_target']:.1f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
         wall = next((w for w in timed if w.get("mode") == "wall" and (w["corpus"], w["preset"], arch_label(w),
                      w.get("precision")) == (r["corpus"], r["preset"], arch_label(r), r.get("precision"))), None)
         at_wall = "" if wall is None else f"{_bpb(wall):.4f} ({_bpb(wall) / _bpb(g):.3f}x)"
@@ -196,7 +198,7 @@ def ablation_table(rows: list[dict]) -> list[str]:
 def report(rows: list[dict], plot: str | None) -> str:
     """Markdown tables (benchmark, sweep, other schedules) from result rows; draws the sweep plot."""
     lines = bench_table(rows) + time_table(rows)
-    sweep = [r for r in rows if r["tag"] != "benchmark"]
+    sweep = [r for r in rows if r["tag"] not in ("benchmark", "levers")]  # levers: time-to-loss rows
     for corpus in sorted({r["corpus"] for r in sweep}):
         lines += sweep_table(sweep, corpus)
     lines += muon_table(rows)  # the benchmark's own rows are points of it too
