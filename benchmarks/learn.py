@@ -152,8 +152,8 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
             curve.append([it, round(seconds, 2), round(val["loss"], 5)])
         if last:
             break
-    return dict(seconds=round(seconds, 1), wall_seconds=round(wall, 1), clock=args.clock,
-                eval_seconds=round(eval_seconds, 1), steps=len(losses), val=val,
+    return dict(seconds=round(seconds, 2), wall_seconds=round(wall, 2), clock=args.clock,
+                eval_seconds=round(eval_seconds, 3), steps=len(losses), val=val,
                 val_curve=curve, train_loss=statistics.fmean(losses[-20:]),
                 curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
 
