@@ -27,7 +27,7 @@ from sab_byon_omni import __version__
 from sab_byon_omni.commands.common import spellings
 from sab_byon_omni.errors import SabError
 
-COMMANDS = ("train", "eval", "generate", "estimate", "bench", "plot", "export", "consolidate")
+COMMANDS = ("train", "eval", "generate", "chat", "estimate", "bench", "plot", "export", "consolidate")
 _ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 
 

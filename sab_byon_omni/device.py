@@ -112,8 +112,22 @@ def set_deterministic(device: torch.device) -> None:
     deterministic path only when non-deterministic kernels are errors rather than warnings.
     """
     if device.type == "cuda":
+        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+            log.warning("deterministic is best-effort in this process: CUDA was already in use before "
+                        "CUBLAS_WORKSPACE_CONFIG could be set (start the process with "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 for bitwise repeatable matmuls)")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cuda")
+
+
+def set_fp32_matmul(device: torch.device, deterministic: bool) -> str:
+    """On CUDA, fp32 matmuls on the TF32 tensor cores (``torch.set_float32_matmul_precision("high")``,
+    about 8x the plain fp32 rate on A100/H100, a 10-bit mantissa for the products) unless the run is
+    deterministic, which keeps full fp32 ("highest"). Returns the setting; the MFU peak of
+    :func:`sab_byon_omni.machine.gpu_peak_tflops` follows it. A CPU is left as it is."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("highest" if deterministic else "high")
+    return torch.get_float32_matmul_precision()
 
 
 @contextlib.contextmanager

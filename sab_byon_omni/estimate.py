@@ -13,8 +13,8 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
 * **logits**: the output head's logits, their fp32 log-softmax and its gradient;
 * **workspace**: backward's temporaries in one block (the recomputed GELU and two gradients);
   the logits are freed before the blocks' backward begins, so the peak holds the larger of the two;
-* **buffers**: what the framework adds: autocast's low-precision weight copies, DDP's gradient
-  buckets, FSDP's all-gathered blocks, and (foreach AdamW only) one temporary at the step.
+* **buffers**: what the framework adds: autocast's low-precision weight copies, NCCL's communication
+  buffers (CUDA, several GPUs), FSDP's all-gathered blocks, and (foreach AdamW only) one temporary at the step.
 
 With ``parallel="fsdp"`` over N devices, weights, gradients and optimizer state are divided by N
 (FSDP2 ``fully_shard`` per block and at the root) and the buffers hold two unsharded blocks plus
@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from sab_byon_omni.config import PARALLEL, ModelConfig
+from sab_byon_omni.config.schema import lora_target_names
 from sab_byon_omni.errors import SabError
 
 GiB = 2**30
@@ -62,6 +63,19 @@ def block_matmul_parameters(cfg: ModelConfig) -> int:
     2 h f for SwiGLU's gate and up) and down h f."""
     up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
     return cfg.hidden * qkv_rows(cfg) + cfg.hidden * cfg.hidden + cfg.hidden * up + cfg.ffn * cfg.hidden
+
+
+def lora_shapes(cfg: ModelConfig, targets: str) -> list[tuple[int, int]]:
+    """(in, out) of each projection of one block that LoRA ``targets`` adapts (model/lora.py)."""
+    up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
+    shapes = {"qkv": (cfg.hidden, qkv_rows(cfg)), "proj": (cfg.hidden, cfg.hidden), "up": (cfg.hidden, up),
+              "down": (cfg.ffn, cfg.hidden)}
+    return [shapes[name] for name in lora_target_names(targets)]
+
+
+def lora_parameters(cfg: ModelConfig, rank: int, targets: str = "qkv,proj,up,down") -> int:
+    """The adapters' parameters: rank x (in + out) per adapted projection, in every block."""
+    return cfg.n_layers * sum(rank * (i + o) for i, o in lora_shapes(cfg, targets))
 
 
 def block_parameters(cfg: ModelConfig) -> int:
@@ -156,12 +170,16 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> int:
 
 def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = "bf16", gpus: int = 1,
              parallel: str = "ddp", activation_checkpointing: bool | None = None, device: str = "cuda",
-             fused_optimizer: bool | None = None, memory_saving: bool = False) -> Estimate:
+             fused_optimizer: bool | None = None, memory_saving: bool = False, lora_rank: int = 0,
+             lora_targets: str = "qkv,proj,up,down", lora_base_bytes: int = 4) -> Estimate:
     """Memory per device and FLOPs per token for training ``cfg`` with ``micro_batch`` sequences of
     ``seq_len`` tokens per device (the micro-batch, not the effective batch: accumulation costs no
     memory beyond the gradients). ``fused_optimizer`` (the trainer's choice on CUDA and CPU) has no
     temporaries; foreach AdamW adds one parameter-sized buffer at the step. ``memory_saving``: the
-    model's GELU recompute and v copy (see :func:`block_activation_bytes`)."""
+    model's GELU recompute and v copy (see :func:`block_activation_bytes`). ``lora_rank``: LoRA on
+    ``lora_targets``, their frozen weights held in ``lora_base_bytes`` per value (2: bf16/fp16 where
+    native), gradients and AdamW state only for the adapters (fp32); the adapters' own activations
+    (rank per token) and the FLOPs saved on frozen weights' gradients are not counted."""
     _check_estimate_args(cfg, precision, parallel, seq_len=seq_len, micro_batch=micro_batch, gpus=gpus)
     ac = cfg.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     p = num_parameters(cfg)
@@ -170,10 +188,20 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
     shard = gpus if parallel == "fsdp" else 1
 
     weights, gradients, optimizer = 4.0 * p / shard, 4.0 * p / shard, 8.0 * p / shard
+    frozen_low = 0  # frozen weights already in the compute dtype: autocast copies none of them
+    if lora_rank:
+        adapters = lora_parameters(cfg, lora_rank, lora_targets)
+        adapted = cfg.n_layers * sum(i * o for i, o in lora_shapes(cfg, lora_targets))
+        weights = 4.0 * (p - adapted + adapters) + lora_base_bytes * adapted
+        gradients, optimizer = 4.0 * adapters, 8.0 * adapters
+        frozen_low = adapted if lora_base_bytes == act else 0
 
     tokens = seq_len * micro_batch
     activations, logits, workspace = _activation_memory(cfg, tokens, act, ac, memory_saving)
     buffers_fwd, ddp_buckets, opt_temp = _buffer_memory(cfg, p, act, parallel, gpus, device, fused_optimizer)
+    if lora_rank:
+        buffers_fwd -= act * frozen_low if act != 4 else 0
+        ddp_buckets, opt_temp = min(ddp_buckets, gradients), min(opt_temp, gradients)
     persistent = weights + gradients + optimizer + ddp_buckets
     peak = persistent + max(activations + max(logits, workspace) + buffers_fwd, opt_temp)
     buffers = ddp_buckets + max(buffers_fwd, opt_temp - activations - max(logits, workspace), 0.0)
@@ -224,9 +252,12 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     return activations, logits, workspace
 
 
+NCCL_BUFFERS = 512 * 2**20  # bytes per process of NCCL's communicators (an upper estimate, see _buffer_memory)
+
+
 def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int, device: str,
                    fused_optimizer: bool | None) -> tuple[float, float, float]:
-    """(forward buffers: gathered FSDP blocks or autocast's weight copies, DDP's gradient buckets,
+    """(forward buffers: gathered FSDP blocks or autocast's weight copies, NCCL's buffers,
     the optimizer step's temporary) in bytes."""
     h, L = cfg.hidden, cfg.n_layers
     mixed = act != 4
@@ -241,11 +272,46 @@ def _buffer_memory(cfg: ModelConfig, p: int, act: int, parallel: str, gpus: int,
         buffers_fwd = act * (root + 2 * block_parameters(cfg)) + 2 * block_parameters(cfg) * (act + 4)
     elif mixed:
         buffers_fwd = act * matrix_weights  # autocast's cached low-precision weight copies
-    ddp_buckets = 4.0 * p if parallel == "ddp" and gpus > 1 else 0.0
+    # DDP(gradient_as_bucket_view=True): the gradients are views of its buckets, no second copy; what
+    # remains is NCCL's own communication buffers on CUDA (NCCL_BUFFSIZE 4 MiB per channel and
+    # direction, up to 32 channels, ring and tree: about 512 MiB), none with gloo on CPU
+    ddp_buckets = NCCL_BUFFERS if device == "cuda" and gpus > 1 else 0.0
     if fused_optimizer is None:  # the trainer uses fused AdamW wherever torch has it (CUDA, CPU)
         fused_optimizer = device in ("cuda", "cpu")
     opt_temp = 0.0 if fused_optimizer else 4.0 * p / shard  # foreach AdamW's sqrt(v) temporary
     return buffers_fwd, ddp_buckets, opt_temp
+
+
+# The fixed cost of a step, in units of one small eager op with autograd (measured): per block and
+# micro-batch (a dispatch mode counts 92 aten ops per block forward and backward in fp32, 44 outside
+# the blocks; on real tensors each costs about 4 small ones), per micro-batch (the trainer's batch
+# assembly, loss sums and the rest outside the model), and per optimizer step (clipping, the
+# finiteness check, AdamW, zeroing). Fitted to tiny and small steps on one Sapphire Rapids core;
+# it is what dominates small models, where matmul FLOPs alone were 100-3000x too low.
+OPS_PER_MICRO_BATCH, OPS_PER_BLOCK, OPS_PER_STEP = 2000, 400, 200
+# Values each token streams through memory per block outside the matmuls (norms, residuals,
+# activation and their gradients), per hidden unit and per FFN unit; the head's softmax per vocab
+# entry; the optimizer per parameter (fused AdamW: weight, gradient, two moments read and written,
+# clipping and zeroing the gradient), in bytes.
+VALUES_PER_HIDDEN, VALUES_PER_FFN, VALUES_PER_VOCAB, OPTIMIZER_BYTES_PER_PARAM = 40, 12, 6, 40
+MATMUL_EFFICIENCY = 0.5  # a training step's matmuls (rectangular, transposed in backward) at the square peak
+AUTOCAST_OP_FACTOR = 3  # bf16/fp16 autocast: every matmul casts its weight and inputs, forward and backward
+
+
+def step_seconds(cfg: ModelConfig, tokens: float, micro_batches: int, flops: float, matmul_rate: float,
+                 op_seconds: float, bytes_per_second: float, act_bytes: int = 4) -> float:
+    """Seconds of one optimizer step over ``micro_batches`` micro-batches of ``tokens`` tokens each
+    (``flops``: the step's matmul FLOPs): its matmuls at :data:`MATMUL_EFFICIENCY` of the measured
+    ``matmul_rate``, every eager op's fixed cost (``op_seconds``), and the elementwise work and the
+    optimizer's at ``bytes_per_second`` (costs measured on the device:
+    :func:`~sab_byon_omni.machine.measure_op_costs`). Checked against real steps of tiny, small and
+    lightweight in docs/TRAINING.md."""
+    ops = micro_batches * (OPS_PER_MICRO_BATCH + OPS_PER_BLOCK * cfg.n_layers) + OPS_PER_STEP
+    ops *= AUTOCAST_OP_FACTOR if act_bytes < 4 else 1
+    values = tokens * micro_batches * (cfg.n_layers * (VALUES_PER_HIDDEN * cfg.hidden + VALUES_PER_FFN * cfg.ffn))
+    moved = values * act_bytes + tokens * micro_batches * VALUES_PER_VOCAB * (cfg.vocab_size or 0) * 4
+    moved += OPTIMIZER_BYTES_PER_PARAM * num_parameters(cfg)
+    return flops / (matmul_rate * MATMUL_EFFICIENCY) + ops * op_seconds + moved / bytes_per_second
 
 
 def estimate_fitting(cfg: ModelConfig, seq_len: int, micro_batch: int, budget: float, **kw) -> Estimate:
@@ -286,6 +352,11 @@ def fmt_bytes(n: float) -> str:
     if n >= GiB:
         return f"{n / GiB:,.1f} GiB"
     return f"{n / 2**20:,.1f} MiB"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 step``, ``2 steps``, ``1 process``, ``3 processes`` (``many``: the plural when not ``word + "s"``)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def fmt_count(n: float) -> str:

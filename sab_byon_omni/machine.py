@@ -12,39 +12,68 @@ from pathlib import Path
 
 import torch
 
-# Dense (no sparsity) matmul peaks in TFLOP/s from the vendors' data sheets. A row matches a device
-# name (``torch.cuda.get_device_name()``) only as whole words, the most specific row first: "NVIDIA
-# L40S" is not the L40 or the L4, "RTX A1000" is not the A100, "H100 NVL" is not the SXM part.
-# "fp32" is the plain FP32 rate, "tf32" the tensor-core rate used when TF32 matmuls are allowed.
+# Dense (no sparsity) matmul peaks in TFLOP/s from the vendors' data sheets and architecture
+# whitepapers; for GeForce and RTX cards the tensor rate with FP32 accumulation (what PyTorch's
+# fp16/bf16 matmuls use), not the FP16-accumulate one. "fp32" is the plain FP32 rate, "tf32" the
+# tensor-core rate used when TF32 matmuls are allowed. A device name
+# (``torch.cuda.get_device_name()``) matches a row only exactly, once its vendor words ("NVIDIA",
+# "Tesla", "GeForce", "Generation"), memory size ("80GB", "HBM3") and SXM form factor are dropped:
+# "L40S" is not the L40, "RTX A1000" not the A100, "RTX 4090 D" and "RTX 4090 Laptop GPU" not the
+# RTX 4090; a PCIe part has its own row where its rates differ ("H100 PCIe"), else the row without it.
+# Sources: NVIDIA H100 / H200 / GH200 / H20 / A100 / A10 / L40 / L40S / L4 / V100 / T4 / RTX A6000 /
+# RTX 6000 Ada / HGX B200 data sheets; Ampere GA102 (RTX 3090), Ada (RTX 4090) and Blackwell GB202
+# (RTX 5090) architecture whitepapers (their "Peak FP16/BF16 Tensor TFLOPS with FP32 Accumulate",
+# dense). B200 lists no plain FP32 figure that fits this table: none is given.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
     "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM ("NVIDIA H100 80GB HBM3")
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # its H100-class GPU ("NVIDIA GH200 480GB")
+    "H20": {"bf16": 148.0, "fp16": 148.0, "tf32": 74.0, "fp32": 44.0},
+    "B200": {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
     "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
     "L40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
     "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 6000 Ada": {"bf16": 364.2, "fp16": 364.2, "tf32": 182.1, "fp32": 91.1},
+    "RTX A6000": {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7},
+    "RTX 5090": {"bf16": 209.5, "fp16": 209.5, "tf32": 104.8, "fp32": 104.8},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
     "V100": {"fp16": 125.0, "fp32": 15.7},
     "T4": {"fp16": 65.0, "fp32": 8.1},
 }
+_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "GENERATION"}
+
+
+def gpu_table_row(name: str) -> str | None:
+    """The row of :data:`GPU_PEAK_TFLOPS` that is exactly this device name (see there), or None."""
+    words = [w for w in re.sub(r"[^A-Za-z0-9]+", " ", name).upper().split()
+             if w not in _VENDOR_WORDS and not re.fullmatch(r"\d+GB|HBM\w*|SXM\d*", w)]
+    rows = {" ".join(row.upper().split()): row for row in GPU_PEAK_TFLOPS}
+    for candidate in (words, [w for w in words if w != "PCIE"]):  # a PCIe part without a row of its own
+        if " ".join(candidate) in rows:
+            return rows[" ".join(candidate)]
+    return None
 
 
 def gpu_peak_tflops(name: str, precision: str, allow_tf32: bool | None = None) -> tuple[float | None, str]:
-    """(data-sheet peak TFLOP/s, the table row used) for a CUDA device name, or (None, why not)."""
+    """(data-sheet peak TFLOP/s, the table row used) for a CUDA device name, or (None, why not).
+    fp32 counts at the TF32 tensor rate when TF32 matmuls are allowed (``allow_tf32``, default:
+    torch's current setting, which ``torch.set_float32_matmul_precision("high")`` turns on)."""
     key = precision
     tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
     if precision == "fp32" and tf32:
         key = "tf32"
-    words = re.sub(r"[^A-Za-z0-9]+", " ", name).upper().split()
-    for row, peaks in GPU_PEAK_TFLOPS.items():
-        want = row.upper().split()
-        if any(words[i:i + len(want)] == want for i in range(len(words))):
-            if key in peaks:
-                return peaks[key], f"table: {row} {key}"
-            return None, f"table: {row} has no {key} figure"
-    return None, f"{name!r} is not in the peak table"
+    row = gpu_table_row(name)
+    if row is None:
+        return None, f"{name[:80]!r} is not in the peak table"
+    if key in GPU_PEAK_TFLOPS[row]:
+        return GPU_PEAK_TFLOPS[row][key], f"table: {row} {key}"
+    return None, f"table: {row} has no {key} figure"
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,6 +123,14 @@ def _runnable_tasks() -> int:
     return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
 def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
     """CPUs this process may run on that no other task wants now, at least 1: its CPUs (affinity
     mask) minus the other runnable tasks, the fewest of ``reads`` looks ``gap_s`` apart (so a task
@@ -133,6 +170,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def measure_op_costs(device: torch.device, budget_s: float = 0.15) -> tuple[float, float]:
+    """(seconds per small eager op with autograd, elementwise bytes per second) on ``device``, the
+    two costs of a training step besides its matmuls: each of the hundreds of ops a step runs pays
+    the first, normalisation, activations, residuals and the optimizer stream memory at the second.
+    The best of a few rounds within about ``budget_s`` (a busy machine measures slower)."""
+    x = torch.ones(8, device=device, requires_grad=True)
+    n = 1 << 22
+    a, b = torch.ones(n, device=device), torch.ones(n, device=device)
+    out = torch.empty(n, device=device)
+    per_op = per_byte = float("inf")
+    deadline = time.perf_counter() + budget_s
+    while True:
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(40):
+            y = y * 1.0001
+        y.sum().backward()  # 40 multiplies forward, about 80 ops backward
+        sync(device)
+        per_op = min(per_op, (time.perf_counter() - t0) / 120)
+        t0 = time.perf_counter()
+        torch.add(a, b, out=out)
+        sync(device)
+        per_byte = min(per_byte, (time.perf_counter() - t0) / (12 * n))
+        if time.perf_counter() > deadline:
+            return per_op, 1.0 / per_byte
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 1.5,

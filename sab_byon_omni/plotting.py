@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.errors import SabError, bounded
+from sab_byon_omni.files.atomic import atomic_write, missing_folders
 from sab_byon_omni.files.untrusted import MAX_STEP  # the one step limit (a float holds every step up to it exactly)
 from sab_byon_omni.training.metrics import EPOCH_END, EVAL, METRICS_FILE, TRAIN, row_kind
 
@@ -37,12 +38,13 @@ class Series:
 
     loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
     lr: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    muon_lr: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))  # optimizer muon
     val_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
     epoch_train_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
 
     def names(self) -> list[str]:
         """Names of the non-empty series."""
-        return [k for k in ("loss", "lr", "val_loss", "epoch_train_loss") if getattr(self, k)[0]]
+        return [k for k in ("loss", "lr", "muon_lr", "val_loss", "epoch_train_loss") if getattr(self, k)[0]]
 
 
 def metrics_path(run: str | Path) -> Path:
@@ -93,13 +95,13 @@ def _is_step(step: int | float) -> bool:
 
 
 # the curves each kind of row feeds: (field, curve)
-CURVES = {TRAIN: (("loss", "loss"), ("lr", "lr")), EVAL: (("val_loss", "val_loss"),),
+CURVES = {TRAIN: (("loss", "loss"), ("lr", "lr"), ("muon_lr", "muon_lr")), EVAL: (("val_loss", "val_loss"),),
           EPOCH_END: (("train_loss", "epoch_train_loss"), ("val_loss", "val_loss"))}
 
 
 def collect_series(rows: list[dict[str, Any]]) -> Series:
     """Split rows into curves. A later row for the same step replaces an earlier one (resumed runs)."""
-    latest: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "val_loss": {}, "epoch_train_loss": {}}
+    latest: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "muon_lr": {}, "val_loss": {}, "epoch_train_loss": {}}
     for row in rows:
         step = int(row["step"])
         for key, name in CURVES.get(row_kind(row), ()):
@@ -137,9 +139,7 @@ def make_figure(series: Series, title: str = "") -> Any:
     ax_loss.grid(True, alpha=0.3)
     if ax_loss.lines or ax_loss.collections:
         _legend_outside(ax_loss)
-    if series.lr[0]:
-        ax_lr.plot(*series.lr, color="tab:green", linewidth=1.2, label="learning rate")
-        _legend_outside(ax_lr)
+    _plot_rates(ax_lr, series)
     ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared with the loss plot: no step 1.25
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.set_ylabel("learning rate")
@@ -150,16 +150,32 @@ def make_figure(series: Series, title: str = "") -> Any:
     return fig
 
 
-def _legend_outside(ax: Any) -> None:
+def _plot_rates(ax: Any, series: Series) -> None:
+    """The learning rate (AdamW's) and, for a run with optimizer muon, Muon's on an axis of its own
+    at the right (its rate is one to two orders of magnitude larger)."""
+    lines = ax.plot(*series.lr, color="tab:green", linewidth=1.2,
+                    label="AdamW learning rate" if series.muon_lr[0] else "learning rate") if series.lr[0] else []
+    if series.muon_lr[0]:
+        twin = ax.twinx()
+        lines += twin.plot(*series.muon_lr, "--", color="tab:purple", linewidth=1.2, label="Muon learning rate")
+        twin.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        twin.set_ylabel("Muon learning rate", color="tab:purple")
+    if lines:
+        _legend_outside(ax, lines, 1.12 if series.muon_lr[0] else 1.01)
+
+
+def _legend_outside(ax: Any, lines: list[Any] | None = None, x: float = 1.01) -> None:
     """The legend right of the plot (the constrained layout makes room), never over a curve."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    extra = {"handles": lines} if lines else {}
+    ax.legend(loc="upper left", bbox_to_anchor=(x, 1.0), borderaxespad=0.0, frameon=False, **extra)
 
 
 def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | None = None,
                  series: Series | None = None) -> Path:
     """Write a PNG of loss and learning rate vs step for a run directory (or a metrics.jsonl file).
 
-    ``out`` defaults to ``metrics.png`` next to the metrics file. An existing file at ``out`` is
+    ``out`` defaults to ``metrics.png`` next to the metrics file; missing folders on its way are
+    created (and removed again if the write fails). An existing file at ``out`` is
     replaced only if it is itself a PNG (a previous plot); anything else is left alone. ``series``:
     the file's curves when the caller has read them already (its warnings are then not repeated).
     """
@@ -178,15 +194,30 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
             if f.read(8) != _PNG_MAGIC:
                 raise SabError(f"-o {dest} exists and is not a PNG; refusing to overwrite it")
     fig = make_figure(series, title if title is not None else str(src.parent.name or src.parent))
-    _atomic_savefig(fig, dest)
+    made = missing_folders(dest.parent)  # created here, deepest first
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_savefig(fig, dest)
+    except OSError as e:
+        _remove_empty(made)
+        raise SabError(f"-o {dest}: cannot create its folder: {e.strerror or e}") from None
+    except BaseException:
+        _remove_empty(made)
+        raise
     log.debug("wrote %s (%s)", dest, ", ".join(series.names()))
     return dest
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:  # deepest first; only what is still empty
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def _atomic_savefig(fig: Any, dest: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from sab_byon_omni.files.atomic import atomic_write
 
     FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend is ever selected
     atomic_write(dest, lambda f: fig.savefig(f, format="png"), what="plot")

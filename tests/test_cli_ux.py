@@ -142,6 +142,25 @@ def test_step_and_evaluation_lines_and_a_closing_summary(run):
     assert "sab-omni eval --checkpoint ck/best_model.pt" in proc.stderr and "sab-omni plot ck" in proc.stderr
 
 
+def test_a_run_ended_by_max_steps_and_resumed_when_finished_says_where_it_is(in_tmp, capsys):
+    """No "-" alone where an epoch did not finish (the last logged loss, the best validation loss);
+    a finished run resumed says at which step it is and how to train further; no "1 steps" or "(s)"."""
+    argv = ["train", *TINY, "--epochs", "1", "--checkpoint_dir", "ck", "--max_steps", "3", "--log_interval", "1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^train loss per epoch: - \(no epoch finished; last logged loss \d\.\d{4} at step 3\)$", out, re.M)
+    assert re.search(r"^validation loss per epoch: - \(best validation loss \d\.\d{4}\)$", out, re.M), out
+    assert "3 optimizer steps in this run, ended at step 3;" in out
+    assert "1 epoch," in err and "1 process" in err and "(s)" not in err
+    assert main([*argv, "--resume", "auto"]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to train: the run is already at step 3 of 3 (train.max_steps=3); to train it further, resume " \
+           "with a higher --max_steps or --epochs" in err
+    assert out.strip() == "nothing trained: the run is already at step 3 (see above)"
+    assert main([*argv[:-4], "--max_steps", "4", "--resume", "auto"]) == 0
+    assert "1 optimizer step in this run, ended at step 4;" in capsys.readouterr().out
+
+
 def test_the_run_folder_holds_a_config_that_continues_it(run):
     d, _ = run
     cfg = load_config(d / "ck" / "config.yaml")

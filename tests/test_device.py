@@ -19,7 +19,16 @@ from sab_byon_omni.errors import SabError
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "bf16", 835.5),
     ("NVIDIA H200", "bf16", 989.4), ("NVIDIA L40", "bf16", 181.0), ("NVIDIA L40S", "fp16", 362.1),
     ("NVIDIA L4", "bf16", 121.0), ("NVIDIA A100-SXM4-40GB", "bf16", 312.0), ("Tesla T4", "fp16", 65.0),
-    ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA GeForce RTX 4090", "bf16", None), ("Tesla T4", "bf16", None),
+    ("NVIDIA RTX A1000", "bf16", None), ("Tesla T4", "bf16", None),
+    # the cards people own (issue 25): exact names only
+    ("NVIDIA GeForce RTX 3090", "bf16", 71.0), ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("NVIDIA GeForce RTX 5090", "fp16", 209.5), ("NVIDIA RTX A6000", "bf16", 154.8),
+    ("NVIDIA RTX 6000 Ada Generation", "bf16", 364.2), ("NVIDIA A10", "bf16", 125.0), ("NVIDIA A10G", "bf16", 70.0),
+    ("NVIDIA GH200 480GB", "bf16", 989.4), ("NVIDIA B200", "bf16", 2250.0), ("NVIDIA H20", "bf16", 148.0),
+    ("NVIDIA A100-PCIE-40GB", "bf16", 312.0), ("Tesla V100-SXM2-16GB", "fp16", 125.0),
+    ("NVIDIA GeForce RTX 4090 D", "bf16", None), ("NVIDIA GeForce RTX 4090 Laptop GPU", "bf16", None),
+    ("NVIDIA GeForce RTX 3090 Ti", "bf16", None), ("NVIDIA RTX 6000", "bf16", None), ("NVIDIA B200", "fp32", None),
+    ("NVIDIA H200 NVL", "bf16", None), ("NVIDIA A100X", "bf16", None), ("NVIDIA H100 80GB HBM3", "tf32", 494.7),
 ])
 def test_the_peak_table_matches_whole_device_names(name, precision, tflops):
     assert M.gpu_peak_tflops(name, precision)[0] == tflops
@@ -50,6 +59,36 @@ def test_deterministic_mode_on_cpu_only_warns(monkeypatch, restore_determinism):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     P.set_deterministic(torch.device("cpu"))
     assert torch.is_deterministic_algorithms_warn_only_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_a_deterministic_run_after_cuda_was_used_warns_that_it_is_best_effort(monkeypatch, restore_determinism,
+                                                                            caplog):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after a CUDA matmul in this process
+    P.set_deterministic(torch.device("cuda"))
+    assert "best-effort" in caplog.text and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # set in time: no warning
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    P.set_deterministic(torch.device("cuda"))
+    assert "best-effort" not in caplog.text
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_is_on_for_fp32_matmuls_on_cuda_unless_the_run_is_deterministic(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    assert P.set_fp32_matmul(torch.device("cpu"), deterministic=False) == "highest"  # a CPU is left alone
+    assert P.set_fp32_matmul(torch.device("cuda"), deterministic=False) == "high"  # a global switch: no GPU needed
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert M.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == (494.7, "table: H100 tf32")  # MFU's peak follows
+    assert P.set_fp32_matmul(torch.device("cuda"), deterministic=True) == "highest"
+    assert M.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == (66.9, "table: H100 fp32")
 
 
 @pytest.mark.parametrize("capability, native", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])

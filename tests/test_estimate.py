@@ -255,3 +255,23 @@ def test_estimate_agrees_with_cuda_max_memory_allocated(preset, batch, seq, prec
     measured = torch.cuda.max_memory_allocated() - base
     predicted = estimate(cfg.model, seq, batch, precision, activation_checkpointing=ac, device="cuda").peak
     assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)
+
+
+def test_a_step_estimate_counts_more_than_its_matmuls():
+    """The banner's estimate: matmul FLOPs alone were 100-3000x below a tiny model's real step; the
+    fixed per-op cost, the memory traffic and the optimizer now count, and grow with what drives them."""
+    from sab_byon_omni.config import build_config
+    from sab_byon_omni.estimate import AUTOCAST_OP_FACTOR, OPS_PER_BLOCK, OPS_PER_MICRO_BATCH, step_seconds
+
+    tiny = build_config({"model": {"preset": "tiny", "vocab_size": 96}}).model
+    deeper = build_config({"model": {"preset": "tiny", "vocab_size": 96, "n_layers": 4}}).model
+    costs = dict(matmul_rate=1e11, op_seconds=5e-6, bytes_per_second=2e10)
+    matmuls_only = 1e8 / (1e11 * 0.5)
+    one = step_seconds(tiny, 1024, 2, 1e8, **costs)
+    assert one >= matmuls_only + 2 * (OPS_PER_MICRO_BATCH + 2 * OPS_PER_BLOCK) * 5e-6
+    assert one > 10 * matmuls_only  # a tiny model's step is mostly not its matmuls
+    assert step_seconds(deeper, 1024, 2, 1e8, **costs) > one
+    assert step_seconds(tiny, 1024, 4, 1e8, **costs) > one  # more micro-batches, more fixed cost
+    low = step_seconds(tiny, 1024, 2, 1e8, act_bytes=2, **costs)
+    assert low > one and AUTOCAST_OP_FACTOR > 1  # autocast's casts
+    assert step_seconds(tiny, 1024, 2, 1e8, **{**costs, "op_seconds": 1e-5}) > one  # a busier machine

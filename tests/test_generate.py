@@ -175,6 +175,7 @@ def test_sampling_on_a_cpu_runs_on_the_chosen_threads_and_restores_the_callers(m
     from sab_byon_omni.model import generate as G
 
     monkeypatch.setattr(G, "idle_cpus", lambda: idle)
+    monkeypatch.setattr("sab_byon_omni.machine.usable_cpus", lambda: 4)
     sab = SABTranscendentV2(preset="tiny", config={"data": {"tokenizer": "byte"}})
     sab.model = ThreadSpy([ord("h") + 2, ord("i") + 2, 1], vocab=258)
     before = torch.get_num_threads()
@@ -183,6 +184,26 @@ def test_sampling_on_a_cpu_runs_on_the_chosen_threads_and_restores_the_callers(m
         assert sab.generate("a", max_new_tokens=5, temperature=0, **kwargs) == "hi"
         assert sab.model.threads == [inside] * 3 and sab.last_threads == inside
         assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_more_threads_than_usable_cores_are_lowered_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr("sab_byon_omni.machine.usable_cpus", lambda: 2)
+    sab = SABTranscendentV2(preset="tiny", config={"data": {"tokenizer": "byte"}})
+    before = torch.get_num_threads()
+
+    def threads_used(n: int) -> list[int]:
+        sab.model = ThreadSpy([ord("h") + 2, ord("i") + 2, 1], vocab=258)
+        assert sab.generate("a", max_new_tokens=5, temperature=0, threads=n) == "hi"
+        return sab.model.threads
+
+    try:
+        with caplog.at_level("WARNING"):
+            assert threads_used(64) == [2] * 3 and threads_used(64) == [2] * 3 and sab.last_threads == 2
+        warned = [r.getMessage() for r in caplog.records if "threads=64" in r.getMessage()]
+        assert warned == ["threads=64 is more than the 2 CPU cores this process may use: sampling with 2"]
+        assert threads_used(1) == [1] * 3  # within the cores: as asked
     finally:
         torch.set_num_threads(before)
 
@@ -206,7 +227,8 @@ def generate_cli(ckpt, capsys, *extra: str) -> tuple[str, str]:
     return capsys.readouterr()
 
 
-def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys):
+def test_generate_cli_streams_and_reports_tokens_per_second(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sab_byon_omni.machine.usable_cpus", lambda: 4)  # --threads 2 is within the cores
     out, err = generate_cli(checkpoint, capsys, "--seed", "3")
     assert out.startswith("def ") and err.rstrip().endswith("tokens/s, 1 thread]")  # the tests' 1 thread
     two, err = generate_cli(checkpoint, capsys, "--seed", "3", "--threads", "2")
@@ -239,3 +261,16 @@ def test_sampling_distribution_follows_temperature():
     cold = torch.bincount(torch.cat([sample_next(logits, 0.05, None, None, gen) for _ in range(200)]).flatten(),
                           minlength=3)
     assert cold[0] == 200 and math.isclose(float(want.sum()), 1.0)
+
+
+def test_generate_cli_on_a_run_folder_uses_its_best_model_and_says_so(checkpoint, capsys):
+    folder = checkpoint.parent
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert f"using {folder / 'best_model.pt'}" in capsys.readouterr().err
+    (folder / "best_model.pt").unlink()  # no validation yet: its newest checkpoint
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert f"using its newest checkpoint {checkpoint}" in capsys.readouterr().err
+    for p in folder.glob("*.pt"):
+        p.unlink()  # a folder with no model: one line, as before
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", "x"]) == 2
+    assert "neither a saved model" in capsys.readouterr().err

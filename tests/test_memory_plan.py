@@ -91,6 +91,31 @@ def test_regroup_keeps_every_sample_in_fewer_passes_with_little_padding():
     assert regroup(window, 0, 256, 0) == window
 
 
+def test_regroup_over_processes_runs_as_many_passes_on_every_rank_whatever_its_own_tokens():
+    """Two ranks' parts of the same windows (one short-rowed, one long-rowed): each rank's own count
+    would give them 1 and 2 passes (a deadlock under FSDP); the shared facts give both the same."""
+    from sab_byon_omni.data.batching import iterate_batches
+
+    class Data:
+        lengths = np.array([20, 100] * 24)  # rank 0 gets the 20s, rank 1 the 100s (no shuffle)
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def __getitem__(self, i):
+            return np.ones(int(self.lengths[i]), dtype=np.int64)
+
+    windows = [list(iterate_batches(Data(), 1, pad_id=0, shuffle=False, world=2, rank=r))[:8] for r in (0, 1)]
+    mine = [len(regroup(w, 8, 512, 0)) for w in windows]
+    assert mine[0] != mine[1]  # the case that deadlocked: 1 pass of 160 tokens, 2 of 800
+    shared = [len(regroup(w, 8, 512, 0, world=2, batch_size=1)) for w in windows]
+    assert shared[0] == shared[1] == 1  # (19 + 99) x 8 targets over 2 ranks: 472, one pass of 512
+    for w, passes in zip(windows, (regroup(w, 8, 512, 0, world=2, batch_size=1) for w in windows)):
+        assert rows_of(passes) == rows_of(w)
+    with pytest.raises(ValueError, match="batch_size"):
+        regroup(windows[0], 8, 512, 0, world=2)
+
+
 def test_the_cuts_pad_least_among_all_groupings():
     import itertools
 

@@ -152,3 +152,25 @@ def test_steps_that_are_not_step_numbers_are_skipped_with_a_warning(tmp_path, mo
     warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(warned) == len(bad), warned  # each once, though the command reads the rows for two things
     assert collect_series(read_metrics(tmp_path / "run" / "metrics.jsonl")).loss[0] == list(range(1, 21))
+
+
+def test_missing_folders_of_the_output_are_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "run", ROWS)
+    assert cli.main(["plot", "run", "-o", "some/missing/dir/x.png"]) == 0
+    assert imread(tmp_path / "some/missing/dir/x.png").shape[0] >= 400
+    (tmp_path / "afile").write_text("mine")  # a file where a folder would go: one line, nothing created
+    assert cli.main(["plot", "run", "-o", "afile/sub/x.png"]) == 2
+    assert "afile" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_muon_run_shows_both_learning_rates():
+    rows = [{**interval(s, 4.0 - 0.1 * s, 1e-3), "muon_lr": 0.05 * s / 20} for s in range(1, 21)]
+    s = collect_series(rows)
+    assert s.muon_lr == (list(range(1, 21)), [0.05 * i / 20 for i in range(1, 21)])
+    fig = make_figure(s)
+    labels = sorted(line.get_label() for ax in fig.axes[1:] for line in ax.lines)
+    assert labels == ["AdamW learning rate", "Muon learning rate"]
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["AdamW learning rate",
+                                                                            "Muon learning rate"]
+    assert collect_series(ROWS).muon_lr == ([], [])  # an AdamW run: one rate, as before

@@ -194,6 +194,33 @@ def test_a_muon_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     assert all(r["muon_lr"] > r["lr"] for r in rows[1:])  # Muon's own rate, beside AdamW's
 
 
+def test_a_lora_run_killed_then_resumed_is_bitwise_identical(tmp_path):
+    """LoRA from pretrained weights (the frozen base held in bf16 where the CPU has it, fp32 else):
+    SIGKILL after step 6, resume with the same command, and the run ends bit for bit where an
+    uninterrupted one does; the base never moves."""
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+
+    torch.manual_seed(5)
+    SABTranscendentV2(preset="tiny").save_pretrained(tmp_path / "base")
+    lora = ["--init_from", str(tmp_path / "base"), "--lora_rank", "4", "--lora_dropout", "0.1",
+            "--learning_rate", "0.01"]
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    reference = _start(ref, lora)
+    rc, _, err = _run(run, lora, SAB_KILL_AT_STEP="6")
+    assert rc == -signal.SIGKILL, err
+    assert _ckpt_dir_files(run) == ["best_model.pt", "metrics.jsonl", "step_4.pt"]
+    rc, _, err = _run(run, lora)
+    assert rc == 0, err
+    rc, _, err = _finish(reference)
+    assert rc == 0, err
+    _assert_identical_runs(ref, run)
+    state = load_checkpoint(run / "ck" / "epoch_2.pt")["model_state_dict"]
+    base = SABTranscendentV2.load(tmp_path / "base").model.state_dict()
+    assert any(k.endswith(".lora_B") for k in state)
+    for k in (k for k in base if k != "fragmergent.step"):  # a buffer: the step count
+        assert torch.equal(state[k], base[k].to(state[k].dtype)), k  # frozen (held in its run's dtype)
+
+
 @pytest.mark.parametrize("eval_interval", ["0", "5"])
 def test_a_kill_while_saving_best_model_loses_nothing(tmp_path, eval_interval):
     """best_model.pt and its metrics row are written before the step's resume point (epoch_N.pt at

@@ -65,7 +65,7 @@ def test_a_run_is_built_once_frozen_and_the_trainer_reads_it(tmp_path):
     trainer = T.Trainer(run)
     assert trainer.state is run.state and trainer.raw is run.model
     assert set(vars(trainer)) == {"run", "notes", "resume_hint", "stop", "agreed_stop", "saved_step", "clock",
-                                  "window"}  # the trainer's own: the loop's; nothing copied from the run
+                                  "last_loss", "window"}  # the trainer's own: the loop's; nothing copied from the run
     run.close()
 
 

@@ -244,3 +244,44 @@ def test_bad_input_leaves_no_cache_and_no_run_folder(in_tmp, capsys, monkeypatch
     assert main([*BASE, *extra]) == 2
     assert_one_error_line(capsys.readouterr().err)
     assert sorted(os.listdir(in_tmp)) == before  # no .sab_cache, no ck
+
+
+@pytest.mark.parametrize("case", ["missing file", "another model"])
+def test_a_refused_resume_leaves_no_folder_it_created(in_tmp, capsys, case):
+    """`train --checkpoint_dir new/deep/ck --resume PATH` refused: neither ck nor the parents it
+    would have created are left (a missing file before anything is read; a checkpoint of another
+    architecture after the folder was locked)."""
+    if case == "another model":
+        assert main([*BASE, "--save_every", "2", "--max_steps", "2"]) == 0
+    source = {"missing file": "nope.pt", "another model": "ck/step_2.pt"}[case]
+    before = snapshot(in_tmp), sorted(os.listdir(in_tmp))
+    argv = [*BASE, "--checkpoint_dir", "new/deep/ck", "--resume", source, "--max_steps", "4"]
+    assert main([*argv, *(["--n_layers", "3"] if case == "another model" else [])]) == 2
+    assert_one_error_line(capsys.readouterr().err, source)
+    assert (snapshot(in_tmp), sorted(os.listdir(in_tmp))) == before  # no new/, nothing else changed
+
+
+def test_a_parent_that_held_something_stays_after_a_refused_resume(in_tmp, capsys):
+    Path("new").mkdir()
+    Path("new/notes.txt").write_text("mine")
+    assert main([*BASE, "--checkpoint_dir", "new/deep/ck", "--resume", "nope.pt"]) == 2
+    capsys.readouterr()
+    assert sorted(os.listdir("new")) == ["notes.txt"]
+
+
+def test_resuming_on_other_data_is_refused_naming_both(in_tmp, capsys):
+    """The run's data cursor counts its own corpus: other --data is one line naming both, before the
+    corpus is read; the same folder by another spelling resumes; --init_from trains on new data."""
+    words, other = _corpus(in_tmp / "words", "alpha beta gamma delta\n" * 40), _corpus(in_tmp / "other", "x y z\n" * 99)
+    flags = [*BASE, "--data", str(words), "--save_every", "2"]
+    assert main([*flags, "--max_steps", "2"]) == 0
+    before = snapshot(Path("ck")), sorted(os.listdir(in_tmp))
+    refused = [*BASE, "--data", str(other), "--resume", "auto", "--max_steps", "4"]
+    assert main(refused) == 2
+    line = assert_one_error_line(capsys.readouterr().err, str(words), str(other), "--init_from")
+    assert "step_2.pt" in line
+    assert (snapshot(Path("ck")), sorted(os.listdir(in_tmp))) == before  # no cache built for the other corpus
+    assert main([*BASE, "--data", "./words/", "--resume", "auto", "--max_steps", "3"]) == 0  # the same folder
+    assert load_checkpoint("ck/step_3.pt")["global_step"] == 3
+    assert main([*BASE, "--data", str(other), "--init_from", "ck/step_3.pt", "--checkpoint_dir", "new",
+                 "--max_steps", "1"]) == 0

@@ -107,14 +107,14 @@ def test_two_ctrl_c_stop_at_once_and_never_damage_a_checkpoint(tmp_path, seed):
 # The second step's forward ends in one torch call that runs for minutes (125 4096^2 matmuls inside
 # C++ code, one thread): Python's own signal handlers cannot run until it returns.
 LONG_STEP = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     from sab_byon_omni.training import trainer as T
 
     real, calls = T.causal_lm_loss, []
 
     def loss(logits, labels):
         calls.append(1)
-        if len(calls) == 2:  # step 2: step_1.pt is on disk
+        if len(calls) == int(os.environ.get("LONG_CALL", "2")):  # step 2: step_1.pt is on disk
             print("long operation", file=sys.stderr, flush=True)
             torch.matrix_power(torch.eye(4096), 2**63 - 1)
         return real(logits, labels)
@@ -129,6 +129,33 @@ def _lines(stream, into: queue.Queue) -> None:
     for line in stream:
         into.put(line)
     into.put(None)
+
+
+def _two_signals_in_a_long_operation(cwd: Path, name: str, checkpoint_dir: str, long_call: int) -> tuple[int, str]:
+    """Train with a long torch call in step ``long_call``'s loss; send ``name`` twice inside it:
+    (exit status, stderr)."""
+    script = cwd / "child.py"
+    script.write_text(LONG_STEP)
+    args = tiny_run(save_every=1, max_steps=5, checkpoint_dir=checkpoint_dir)
+    proc = subprocess.Popen([sys.executable, str(script), "train", *args], cwd=cwd,
+                            env={**_env(), "LONG_CALL": str(long_call)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        _wait_for(lines, seen, "long operation", timeout=300)
+        time.sleep(0.5)  # inside torch.matrix_power now
+        proc.send_signal(getattr(signal, name))
+        _wait_for(lines, seen, f"{name}: stopping", timeout=60)  # said while the operation runs
+        proc.send_signal(getattr(signal, name))
+        rc = proc.wait(timeout=60)  # the operation alone would take minutes
+    finally:
+        proc.kill()
+        proc.wait()
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    return rc, "".join(seen)
 
 
 def _wait_for(lines: queue.Queue, seen: list[str], text: str, timeout: float) -> None:
@@ -146,31 +173,25 @@ def _wait_for(lines: queue.Queue, seen: list[str], text: str, timeout: float) ->
 def test_a_second_signal_ends_the_process_inside_a_long_torch_operation(tmp_path, name):
     """The first signal is answered while torch is busy in C++ code; the second ends the process at
     once (status 130), without waiting for the operation; the checkpoint already written loads."""
-    script = tmp_path / "child.py"
-    script.write_text(LONG_STEP)
-    args = tiny_run(save_every=1, max_steps=5, checkpoint_dir="ck")
-    proc = subprocess.Popen([sys.executable, str(script), "train", *args], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
-    seen: list[str] = []
-    try:
-        _wait_for(lines, seen, "long operation", timeout=300)
-        time.sleep(0.5)  # inside torch.matrix_power now
-        proc.send_signal(getattr(signal, name))
-        _wait_for(lines, seen, f"{name}: stopping", timeout=60)  # said while the operation runs
-        proc.send_signal(getattr(signal, name))
-        rc = proc.wait(timeout=60)  # the operation alone would take minutes
-    finally:
-        proc.kill()
-        proc.wait()
-    while (line := lines.get(timeout=10)) is not None:
-        seen.append(line)
-    err = "".join(seen)
+    rc, err = _two_signals_in_a_long_operation(tmp_path, name, "ck", long_call=2)
     assert rc == 130, err
     assert f"{name} again: stopped at once without saving" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "ck").glob("*.pt")) == ["step_1.pt"]
     assert load_checkpoint(tmp_path / "ck" / "step_1.pt", verify_tensors=True)["global_step"] == 1
+
+
+def test_a_second_signal_before_the_first_checkpoint_removes_the_new_run_folder(tmp_path):
+    """As a run that fails before its first checkpoint: the folder it created (and the parent it
+    created) goes, since it holds nothing but config.yaml, metrics.jsonl and .lock; a folder that
+    was there before stays, with what it held."""
+    rc, err = _two_signals_in_a_long_operation(tmp_path, "SIGINT", "new/ck", long_call=1)
+    assert rc == 130 and "SIGINT again: stopped at once" in err, err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    rc, err = _two_signals_in_a_long_operation(tmp_path, "SIGINT", "old", long_call=1)
+    assert rc == 130, err
+    assert (tmp_path / "old" / "notes.txt").read_text() == "mine" and (tmp_path / "old" / "config.yaml").is_file()
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="handlers need the main thread")

@@ -180,4 +180,4 @@ def test_the_banner_names_the_recipe_and_warns_in_a_subprocess(notes):
     text = out.stdout + out.stderr
     assert "recipe:" in text and "from scratch" in text and "yours: learning_rate" in text
     assert "learns slowly" in text  # 1e-5 is far below the rule for hidden 64
-    assert "optimizer step(s) planned" in text  # --max_steps 1: too few to learn
+    assert "optimizer step planned" in text  # --max_steps 1: too few to learn

@@ -23,6 +23,7 @@ from sab_byon_omni.estimate import (
     fmt_duration,
     gpu_table,
     largest_micro_batch,
+    lora_parameters,
     single_gpu_table,
 )
 
@@ -61,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="samples per epoch, 90%% of them trained on (default: 5000)")
     p.add_argument("--tokens", type=float, default=None,
                    help="training tokens per epoch (default: from --num-samples x --seq-len)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA adapters of this rank (0: off): only they train; the frozen projections are held in "
+                        "--precision when it is bf16 or fp16 (default: 0)")
+    p.add_argument("--lora-targets", default="qkv,proj,up,down", help="LoRA: which projections (default: all four)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument("--table", action="store_true", help="print the markdown GPU-requirements tables and exit")
     return p
@@ -74,6 +79,8 @@ def _check(args: argparse.Namespace) -> None:
             raise SabError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if args.vocab_size < 1 or args.num_samples < 1:
         raise SabError("--vocab-size and --num-samples must be positive")
+    if args.lora_rank < 0:
+        raise SabError(f"--lora-rank={args.lora_rank} must not be negative (0: off)")
     if args.tokens is not None and not 0 < args.tokens < float("inf"):
         raise SabError(f"--tokens={args.tokens} must be a positive number")
 
@@ -91,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise SabError(f"--preset={args.preset!r} is not one of: {', '.join(PRESETS)}")
     cfg = ModelConfig.from_name(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, 2))
+    lora = dict(lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                lora_base_bytes=PRECISION_BYTES[args.precision])
     e = estimate(cfg, args.seq_len, args.batch_size, args.precision, args.gpus, args.parallel,
-                 args.activation_checkpointing, fused_optimizer=not args.foreach_optimizer)
+                 args.activation_checkpointing, fused_optimizer=not args.foreach_optimizer, **lora)
     tokens = args.tokens if args.tokens is not None else epoch_tokens(args.num_samples, args.seq_len)
     seconds = e.seconds_per_tokens(tokens, args.peak_tflops, args.mfu) * e.hardware_flops_per_token / e.flops_per_token
     budget = args.memory_gb * 1e9
@@ -101,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
                           "fits": e.peak <= budget, "memory_bytes": budget}, indent=2))
         return 0
     print(f"preset {args.preset}: {e.parameters:,} parameters ({fmt_count(e.parameters)}), vocab {args.vocab_size}")
+    if args.lora_rank:
+        print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: "
+              f"{lora_parameters(cfg, args.lora_rank, args.lora_targets):,} trainable parameters, the rest frozen")
     print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {args.gpus} device(s), "
           f"{args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
     print("memory per device:")
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if e.peak > budget:
         mb = largest_micro_batch(cfg, args.seq_len, budget, args.batch_size, precision=args.precision, gpus=args.gpus,
                                  parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,
-                                 fused_optimizer=not args.foreach_optimizer)
+                                 fused_optimizer=not args.foreach_optimizer, **lora)
         hint = (f"micro-batch {mb} fits" if mb else
                 "even micro-batch 1 does not fit: try --parallel fsdp, more --gpus or --activation-checkpointing")
         print(f"  hint: {hint}")

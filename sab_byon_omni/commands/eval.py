@@ -122,7 +122,9 @@ def _synthetic(sab, args, batch_size, device, precision, how):  # type: ignore[n
 
 
 def _corpus(sab, args, dataset, batch_size, device, precision, how):  # type: ignore[no-untyped-def]
+    from sab_byon_omni.data.chat_corpus import chat_forms
     from sab_byon_omni.data.corpus import open_corpus
+    from sab_byon_omni.data.readers import find_files
     from sab_byon_omni.evaluation import EvalResult, evaluate_stream
 
     cfg = sab.config
@@ -133,6 +135,8 @@ def _corpus(sab, args, dataset, batch_size, device, precision, how):  # type: ig
     if not 1 <= stride <= seq_len - 1:
         raise SabError(f"--stride={stride} must be in [1, seq_len-1={seq_len - 1}]")
     data_cfg = dataclasses.replace(cfg.data, dataset=dataset, cache_dir=args.cache_dir or cfg.data.cache_dir)
+    if chat_forms(find_files(dataset)) is not None:
+        return _chat(sab, args, dataclasses.replace(data_cfg, seq_len=seq_len), batch_size, device, precision, how)
     corpus = open_corpus(data_cfg, sab.tokenizer)
     result = EvalResult(0.0, 0, 0)
     for split in _splits(args):
@@ -143,3 +147,22 @@ def _corpus(sab, args, dataset, batch_size, device, precision, how):  # type: ig
         result = result + evaluate_stream(sab.model, tokens, corpus.meta[f"{split}_bytes"], seq_len, stride,
                                           batch_size, device, precision.autocast())
     return result, f"window {seq_len}, stride {stride}", {"seq_len": seq_len, "stride": stride}
+
+
+def _chat(sab, args, data_cfg, batch_size, device, precision, how):  # type: ignore[no-untyped-def]
+    """Chat data (docs/CHAT.md): the conversations as samples, scored on the answers' tokens only."""
+    from sab_byon_omni.data.corpus import load_corpus
+    from sab_byon_omni.evaluation import EvalResult, evaluate_samples
+
+    if args.stride:
+        raise SabError("--stride applies to text corpora; conversations are scored whole")
+    _, train, val = load_corpus(data_cfg, sab.tokenizer)
+    result, samples = EvalResult(0.0, 0, 0), 0
+    for split in _splits(args):
+        part = val if split == "val" else train
+        log.info("scoring the answers of %s %s conversation samples (%s)", f"{len(part):,}", split, how)
+        result = result + evaluate_samples(sab.model, part, part.answer_bytes(sab.tokenizer), batch_size,
+                                           sab.tokenizer.pad_id, device, precision.autocast())
+        samples += len(part)
+    return result, f"{samples:,} conversation samples, answers only", {"samples": samples,
+                                                                         "seq_len": data_cfg.seq_len}

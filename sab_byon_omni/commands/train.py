@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from sab_byon_omni.commands.common import add_config_flags, check_paths_first, collect_overrides
 from sab_byon_omni.config import load_config
@@ -14,10 +15,13 @@ EXAMPLE = """examples:
   sab-omni train --preset tiny --epochs 1 --num_samples 200 --checkpoint_dir /tmp/ckpt
   sab-omni train --data ~/notes --preset small     # your files, with the from-scratch recipe
   sab-omni train --data ~/notes --preset small --resume auto
+  sab-omni train --init_from model.gguf --data ~/notes                 # fine-tune pretrained weights
+  sab-omni train --init_from model.gguf --data ~/notes --lora_rank 8  # LoRA adapters, the rest frozen
 
 --data without --config trains with the from-scratch recipe (peak rate by model width, warmup +
-cosine, batches sized for the corpus; docs/RECIPES.md); any flag you give wins. With --config the
-file's settings apply as written.
+cosine, batches sized for the corpus; docs/RECIPES.md), or with --init_from the fine-tuning recipe
+(AdamW at a swept low rate, short warmup, cosine; docs/FINETUNE.md); any flag you give wins. With
+--config the file's settings apply as written.
 """
 
 
@@ -51,15 +55,30 @@ def run(args: argparse.Namespace) -> int:
         shutdown()  # leave the torchrun process group, if the run joined one
     if not launch_info().is_main:
         return EXIT_STOPPED if result.stopped_early else 0  # under torchrun, rank 0 reports for all
-    if result.stopped_early:
-        print(f"stopped at step {result.global_step}; checkpoints in {cfg.train.checkpoint_dir} "
-              "(continue with --resume auto)")
-        return EXIT_STOPPED
-    fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs) if xs else "-"  # noqa: E731
-    print(f"checkpoints: {cfg.train.checkpoint_dir} ({', '.join(p.rsplit('/', 1)[-1] for p in result.checkpoints) or 'none new'})")
-    print(f"train loss per epoch: {fmt(result.train_losses)}")
-    print(f"validation loss per epoch: {fmt(result.val_losses)}"
-          + (f" (perplexity {math.exp(result.val_losses[-1]):.3f})" if result.val_losses else ""))
-    print(f"{result.global_step} optimizer steps, {result.tokens:,} tokens in {result.seconds:.1f} s "
-          f"({result.tokens_per_second:,.0f} tokens/s)")
-    return 0
+    for line in report(result, cfg.train.checkpoint_dir):
+        print(line)
+    return EXIT_STOPPED if result.stopped_early else 0
+
+
+def report(result: Any, checkpoint_dir: str) -> list[str]:
+    """The result lines on stdout (a stop's reason is in the log on stderr, not repeated here). A run
+    that ended inside an epoch (--max_steps, a signal) has no epoch mean yet: its last logged loss
+    and best validation loss stand in."""
+    from sab_byon_omni.estimate import plural
+
+    trained = result.global_step - result.start_step
+    if not trained and not result.stopped_early:
+        return [f"nothing trained: the run is already at step {result.global_step:,} (see above)"]
+    means = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+    train = means(result.train_losses) or "- (no epoch finished" + (
+        f"; last logged loss {result.last_loss:.4f} at step {result.global_step:,})" if result.last_loss else ")")
+    if result.val_losses:
+        val = f"{means(result.val_losses)} (perplexity {math.exp(result.val_losses[-1]):.3f})"
+    else:
+        val = "-" + (f" (best validation loss {result.best_val_loss:.4f})" if result.best_val_loss is not None else "")
+    names = ", ".join(p.rsplit("/", 1)[-1] for p in result.checkpoints) or "none new"
+    return [f"checkpoints: {checkpoint_dir} ({names})", f"train loss per epoch: {train}",
+            f"validation loss per epoch: {val}",
+            f"{plural(trained, 'optimizer step')} in this run, "
+            + ("stopped" if result.stopped_early else "ended") + f" at step {result.global_step:,}; "
+            f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"]

@@ -51,6 +51,7 @@ FRAGMERGENT_MODES, PRECISIONS, TOKENIZERS, SCHEDULES, OPTIMIZERS, PARALLEL, MEMO
                                  MemorySaving))
 TRACKERS = ("tensorboard", "wandb")
 EXPORT_FORMATS = ("safetensors", "hf", "pt", "gguf")  # sab-omni export --format
+LORA_TARGETS = ("qkv", "proj", "up", "down")  # train.lora_targets: the projections of a block (model/lora.py)
 GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 # The model's architecture options (model/transformer.py, docs/HF_EXPORT.md); the first of each is ours.
 Family = Literal["sab", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
@@ -243,6 +244,13 @@ class TrainConfig:
                                       "saved or transformers folder, or a Hub id in the local cache): the model and "
                                       "tokenizer come from it, the optimizer and schedule start fresh; a checkpoint to "
                                       "resume from takes precedence")
+    lora_rank: int = fld(0, "LoRA: train rank-R adapters beside the frozen weights of the projections lora_targets "
+                            "names, instead of every weight (0: off, full training; docs/FINETUNE.md)")
+    lora_alpha: float = fld(16.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = fld(0.0, "LoRA: dropout probability on the adapters' input")
+    lora_targets: str = fld("qkv,proj,up,down", "LoRA: comma-separated projections of every block to adapt: qkv "
+                                                "(fused attention input), proj (attention output), up (MLP up, "
+                                                "with a SwiGLU's gate), down (MLP down)")
     eval_interval: int = fld(0, "evaluate every N optimizer steps (0: only at epoch ends)")
     eval_batches: int = fld(0, "validation batches per evaluation (0: the whole validation set)")
     log_interval: int = fld(10, "optimizer steps between metric lines")
@@ -291,8 +299,38 @@ class TrainConfig:
                 raise SabError(f"train.report_to: unknown tracker {bounded(name)} (known: {', '.join(TRACKERS)}, none)")
         if not self.resume:
             raise SabError("train.resume is empty: use none, auto or a checkpoint path")
+        self._check_lora()
         if not -(1 << 63) <= self.seed < 1 << 64:  # what torch.manual_seed takes
             raise SabError(f"train.seed={bounded(self.seed)} must be in [-2**63, 2**64)")
+
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise SabError(f"train.lora_rank={self.lora_rank} must not be negative (0: off)")
+        if self.lora_rank > LIMITS["lora_rank"]:
+            raise SabError(f"train.lora_rank={self.lora_rank} is larger than this project supports "
+                           f"({LIMITS['lora_rank']:,})")
+        _finite("train.lora_alpha", self.lora_alpha)
+        if not self.lora_alpha > 0:
+            raise SabError(f"train.lora_alpha={self.lora_alpha} must be positive")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SabError(f"train.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        lora_target_names(self.lora_targets)
+        if self.lora_rank and self.optimizer == "muon":
+            raise SabError("train.optimizer=muon with train.lora_rank > 0 is not supported (the adapters are "
+                           "low-rank matrices that AdamW trains); use --optimizer adamw, or --lora_rank 0")
+
+
+def lora_target_names(spec: str) -> list[str]:
+    """``"qkv,proj,up,down"`` -> the LoRA target names, each checked, without repeats."""
+    names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    for name in names:
+        if name not in LORA_TARGETS:
+            raise SabError(f"train.lora_targets: unknown target {bounded(name)} (known: {', '.join(LORA_TARGETS)})"
+                           + did_you_mean(name, LORA_TARGETS))
+    if not names:
+        raise SabError(f"train.lora_targets={bounded(spec)} names no projection (known: {', '.join(LORA_TARGETS)})")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -321,7 +359,7 @@ assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "fi
 LIMITS = {"hidden": 1 << 16, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "n_layers": 1 << 12, "ffn": 1 << 18,
           "max_seq_len": 1 << 20, "seq_len": 1 << 20, "vocab_size": 1 << 24, "bpe_vocab_size": 1 << 20,
           "batch_size": 1 << 20, "gradient_accumulation_steps": 1 << 20, "epochs": 1 << 20, "num_samples": 1 << 31,
-          "rope_original_max_len": 1 << 24}
+          "rope_original_max_len": 1 << 24, "lora_rank": 1 << 16}
 
 
 def _positive(name: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from sab_byon_omni.interop.sources import (
     read_weights,
 )
 from sab_byon_omni.model.generate import decoding_threads, generate_tokens
+from sab_byon_omni.model.lora import merged_state_dict
 from sab_byon_omni.model.transformer import CausalTransformer
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         """Build the model of ``w.config`` and load ``w.state_dict`` into it, strictly."""
         self = cls(config=w.config, tokenizer=w.tokenizer)
         try:
-            self.model.load_state_dict(w.state_dict)
-        except (RuntimeError, TypeError, AttributeError) as e:
+            self.model.load_state_dict(merged_state_dict(w.state_dict))  # a LoRA run's adapters folded in
+        except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
             raise SabError(f"{w.origin}: weights do not fit the model in its config: {first_line(e)}") from None
         self.origin, self.global_step = w.origin, w.global_step
         return self
@@ -257,8 +258,8 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         ``precision``: as ``train.precision`` (``auto``: bf16/fp16 autocast on GPUs, bf16 on CPUs
         with AVX-512 BF16 or AMX, fp32 on other CPUs). ``threads``: torch intra-op threads while
         sampling (default on a CPU: the cores no other process is using as it starts, see
-        :func:`~sab_byon_omni.model.generate.decoding_threads`; the caller's setting is restored
-        after). The throughput and threads of the last call are in ``self.last_tokens_per_second``
+        :func:`~sab_byon_omni.model.generate.decoding_threads`; more than the cores this process may
+        use is lowered to that count, with a warning; the caller's setting is restored after). The throughput and threads of the last call are in ``self.last_tokens_per_second``
         and ``self.last_threads``.
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p, threads=threads)
@@ -273,7 +274,7 @@ class SABTranscendentV2(ModelHubMixin, library_name="sab-byon-omni", tags=["caus
         eos = self.tokenizer.eos_id if stop_at_eos else None
         try:
             with make_precision(precision, self.device).autocast(), \
-                    intra_op_threads(decoding_threads(self.device, threads, use_cache)):
+                    intra_op_threads(decoding_threads(self.device, _within_cores(threads, self.device), use_cache)):
                 self.last_threads = torch.get_num_threads()
                 tokens = list(self._sample(ids, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache,
                                            sink, out))
@@ -336,3 +337,20 @@ def _check_weights_fit(cfg: RunConfig) -> None:
         raise SabError(f"the {cfg.model.preset!r} preset needs {need / 2**30:.1f} GiB for its fp32 weights alone, "
                        f"more than the {what}; inspect it with device='meta', see `sab-omni estimate`, "
                        "or use a smaller preset")
+
+
+def _within_cores(threads: int | None, device: torch.device) -> int | None:
+    """``threads`` (sampling on a CPU), lowered to the cores this process may use: more threads than
+    cores only wait on one another (each op waits for its slowest thread). Warns once per count."""
+    from sab_byon_omni.machine import usable_cpus
+
+    if threads is None or device.type != "cpu" or threads <= (cores := usable_cpus()):
+        return threads
+    if (threads, cores) not in _THREADS_WARNED:
+        _THREADS_WARNED.add((threads, cores))
+        log.warning("threads=%d is more than the %d CPU core%s this process may use: sampling with %d", threads,
+                    cores, "" if cores == 1 else "s", cores)
+    return cores
+
+
+_THREADS_WARNED: set[tuple[int, int]] = set()

@@ -18,8 +18,18 @@ IGNORE_INDEX = -100
 
 
 class TokenDataset(Protocol):
+    """A sample is a 1-D array of ids (every token after the first is a target), or a (2, L) array
+    of ids and labels (``IGNORE_INDEX`` where a token is no target: chat data's prompts)."""
+
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+def row_targets(row: np.ndarray) -> int:
+    """The targets of one sample (see :class:`TokenDataset`)."""
+    if row.ndim == 2:
+        return int((row[1, 1:] != IGNORE_INDEX).sum())
+    return max(len(row) - 1, 0)
 
 
 @dataclass
@@ -48,16 +58,17 @@ class Batch:
 
 
 def collate(rows: Sequence[np.ndarray], pad_id: int, cursor: int = 0, global_targets: int = -1) -> Batch:
-    """Pad to the longest row of this batch (never to seq_len) and mask the padding."""
-    width = max(len(r) for r in rows)
+    """Pad to the longest row of this batch (never to seq_len) and mask the padding (and, for rows
+    of ids and labels, the tokens their labels ignore)."""
+    lengths = [r.shape[-1] for r in rows]
+    width = max(lengths)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        labels[i, :len(r)] = r
-    n_targets = int(sum(max(len(r) - 1, 0) for r in rows))
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets,
-                 tuple(len(r) for r in rows))
+        ids[i, :lengths[i]] = r[0] if r.ndim == 2 else r
+        labels[i, :lengths[i]] = r[1] if r.ndim == 2 else r
+    n_targets = sum(row_targets(r) for r in rows)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), n_targets, cursor, global_targets, tuple(lengths))
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool, lengths: np.ndarray | None = None,
@@ -107,24 +118,40 @@ def iterate_batches(dataset: TokenDataset, batch_size: int, *, pad_id: int, epoc
         rows = [dataset[int(i)] for i in parts[rank]]
         total = -1
         if world > 1:  # every process knows the whole step's token count: no collective needed
-            size = (lambda i: int(lengths[i])) if lengths is not None else (lambda i: len(dataset[int(i)]))
-            total = sum(max(size(i) - 1, 0) for r, part in enumerate(parts) if r != rank for i in part)
-            total += sum(max(len(row) - 1, 0) for row in rows)
+            targets = getattr(dataset, "targets", None)  # per sample, where labels ignore some tokens
+            size = ((lambda i: int(targets[i])) if targets is not None else
+                    (lambda i: max(int(lengths[i]) - 1, 0)) if lengths is not None else
+                    (lambda i: row_targets(dataset[int(i)])))
+            total = sum(size(i) for r, part in enumerate(parts) if r != rank for i in part)
+            total += sum(row_targets(row) for row in rows)
         yield collate(rows, pad_id, cursor, total)
 
 
-def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int) -> list[Batch]:
+def regroup(window: Sequence[Batch], max_rows: int, pass_positions: int, pad_id: int, world: int = 1,
+            batch_size: int = 0) -> list[Batch]:
     """The samples of an accumulation window as fewer, larger micro-batches: an execution detail
     of one optimizer step, whose gradient is the sum over the whole window (the same up to float
     rounding, in any grouping). Enough passes for about ``pass_positions`` real tokens each (never
     more passes than the window has micro-batches), of at most ``max_rows`` rows; the rows are
     sorted by length and cut where the padding is least (:func:`least_padding_cuts`). A window
-    that would not shrink, or ``max_rows`` < 2, stays as it is."""
+    that would not shrink, or ``max_rows`` < 2, stays as it is.
+
+    With ``world`` > 1 processes the number of passes comes from facts every process shares (the
+    window's tokens over all processes, per process, and ``batch_size``, the configured rows per
+    micro-batch of one process), never from this process's own samples: every pass communicates
+    under FSDP (and DDP's last one), so processes that ran different numbers of passes would wait
+    for each other forever."""
     lengths = np.array([n for b in window for n in b.lengths], dtype=np.int64)
-    passes = max(-(-int(lengths.sum()) // max(pass_positions, 1)), -(-len(lengths) // max(max_rows, 1)))
+    if world > 1:
+        if batch_size < 1:
+            raise ValueError("regroup over several processes needs the configured batch_size")
+        tokens, rows_bound = -(-sum(b.global_targets for b in window) // world), batch_size * len(window)
+    else:
+        tokens, rows_bound = int(lengths.sum()), len(lengths)
+    passes = max(-(-tokens // max(pass_positions, 1)), -(-rows_bound // max(max_rows, 1)))
     if max_rows < 2 or passes >= len(window):
         return list(window)
-    rows = [b.input_ids[i, :n] for b in window for i, n in enumerate(b.lengths)]
+    rows = [torch.stack((b.input_ids[i, :n], b.labels[i, :n])) for b in window for i, n in enumerate(b.lengths)]
     order = np.argsort(lengths, kind="stable")
     cuts = least_padding_cuts(lengths[order], passes, max_rows)
     cursor = window[-1].cursor

@@ -81,10 +81,14 @@ def removed_on_failure(directory: Path) -> Iterator[None]:
         raise
 
 
-def stale_reason(meta: dict[str, Any] | None, directory: Path, cfg: DataConfig, signature: list) -> str | None:
-    """Why the cache in ``directory`` does not hold these files read with these options, or None."""
+def stale_reason(meta: dict[str, Any] | None, directory: Path, cfg: DataConfig, signature: list,
+                 kind: str = "text") -> str | None:
+    """Why the cache in ``directory`` does not hold these files read with these options as a
+    corpus of ``kind`` (text, or chat: :mod:`.chat_corpus`), or None."""
     if meta is None:
         return "no cache yet"
+    if meta.get("kind", "text") != kind:
+        return f"a {meta.get('kind', 'text')} corpus was cached here"
     if meta.get("version") != CACHE_VERSION:
         return "cache format changed"
     for key in ("text_field", "csv_column", "val_fraction", "data_seed"):

@@ -26,6 +26,9 @@ The pipeline, for ``data.dataset = PATH`` (a file, a folder searched recursively
 
 Training samples are windows of ``seq_len`` tokens taken with stride ``seq_len - 1``
 (:class:`~.windows.TokenWindows`), so no window is padded.
+
+Chat and instruction JSONL files (:mod:`.chat`) take another path (:mod:`.chat_corpus`): each
+conversation is a sample whose labels are the assistant's tokens only.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import cache
+from sab_byon_omni.data.batching import TokenDataset
+from sab_byon_omni.data.chat_corpus import chat_forms, load_chat_corpus
 from sab_byon_omni.data.readers import Documents, file_signature, find_files
 from sab_byon_omni.data.tokenizers import Tokenizer, describe_tokenizer, spec_hash
 from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.files.atomic import reason
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +151,18 @@ def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokeniz
     return Corpus.open(directory, meta, tokenizer)
 
 
-def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenWindows, TokenWindows]:
-    """(tokenizer, training windows, validation windows) for ``data.dataset = PATH``; a corpus too
-    short for ``data.seq_len`` leaves no cache folder that this call created."""
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenDataset, TokenDataset]:
+    """(tokenizer, training windows, validation windows) for ``data.dataset = PATH``, or for chat
+    data (:mod:`.chat`) the conversations as samples with answer-only labels; a corpus too short for
+    ``data.seq_len`` leaves no cache folder that this call created."""
+    forms = chat_forms(find_files(cfg.dataset))
+    if forms is not None:
+        directory = cache_directory(cfg, tokenizer)
+        with cache.removed_on_failure(directory):
+            try:
+                return load_chat_corpus(cfg, forms, directory, tokenizer)
+            except OSError as e:
+                raise SabError(f"could not write the data cache {directory}: {reason(e)}") from None
     with cache.removed_on_failure(cache_directory(cfg, tokenizer)):
         corpus = open_corpus(cfg, tokenizer)
         train, val = corpus.windows(cfg.seq_len)

@@ -214,9 +214,12 @@ class HFTokenizer:
         with rust_calls(self.source, "encoding a text"):
             return self._tok.encode(utf8_safe(text)).ids
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
+        """``add_special_tokens=False``: without what the post processor adds (a BOS), as transformers
+        encodes a rendered chat template."""
         with rust_calls(self.source, "encoding texts"):
-            ids = [e.ids for e in self._tok.encode_batch([utf8_safe(t) for t in texts])]
+            ids = [e.ids for e in self._tok.encode_batch([utf8_safe(t) for t in texts],
+                                                         add_special_tokens=add_special_tokens)]
         return [np.asarray(i, dtype=np.int64) for i in ids]
 
     def encode_array(self, texts: list[str]) -> np.ndarray:

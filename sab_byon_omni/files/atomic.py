@@ -240,3 +240,14 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
     return removed
+
+
+def missing_folders(directory: str | Path) -> list[Path]:
+    """``directory`` and its parents up to the first that exists, deepest first (none if it
+    exists): what ``mkdir(parents=True)`` would create, so a failure can remove exactly that."""
+    made: list[Path] = []
+    d = Path(directory).absolute()
+    while not os.path.lexists(d) and d != d.parent:
+        made.append(d)
+        d = d.parent
+    return made

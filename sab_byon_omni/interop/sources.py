@@ -17,6 +17,7 @@ accepts the same sources:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ from sab_byon_omni.interop.weights import Weights
 EXPORT_FORMAT = FORMAT  # the header tag of a file written by `sab-omni export`: the checkpoint format's
 PRETRAINED_FORMAT = "sab-byon-omni-pretrained/1"  # config.json of a save_pretrained folder
 GGUF_MAGIC = b"GGUF"
+RUN_FOLDER_CHECKPOINT = re.compile(r"^(step|epoch)_\d+\.(pt|dcp)$")  # the names sab-omni train writes
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _DIGITS = re.compile(r"[0-9]{1,%d}" % len(str(MAX_STEP)))  # ASCII digits: str.isdigit() accepts "²", which int() refuses
 
@@ -115,6 +118,9 @@ def read_weights(p: Path) -> Weights:
             return read_hf_folder(p)
         if (p / dcp.META).is_file():
             return _read_sharded(p)
+        chosen = run_folder_checkpoint(p)
+        if chosen is not None:
+            return read_weights(chosen)
         raise SabError(f"{p}: a folder, but neither a saved model (config.json), a sharded checkpoint (meta.pt) nor "
                        "a GGUF file")
     if p.suffix == ".safetensors":
@@ -122,6 +128,23 @@ def read_weights(p: Path) -> Weights:
     ck = load_checkpoint(p, advice=COPY_ADVICE)  # a model to use: a damaged file asks for another copy
     cfg, tokenizer = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
     return Weights(cfg, tokenizer, ck["model_state_dict"], ck["epoch"], ck["global_step"], f"checkpoint {p}")
+
+
+def run_folder_checkpoint(p: Path) -> Path | None:
+    """The checkpoint to use from a run folder that ``sab-omni train`` wrote (logged, naming it): its
+    ``best_model`` (the best validation loss), else its newest step or epoch checkpoint; None for a
+    folder that holds neither."""
+    for name in ("best_model.pt", "best_model.dcp"):
+        if (p / name).exists():
+            log.info("%s is a run folder: using %s (its best validation loss)", p, p / name)
+            return p / name
+    found = [f for f in p.iterdir() if RUN_FOLDER_CHECKPOINT.match(f.name)]
+    if not found:
+        return None
+    newest = max(found, key=lambda f: (f.stat().st_mtime_ns, f.name))
+    log.info("%s is a run folder without best_model.pt (no validation yet): using its newest checkpoint %s", p,
+             newest)
+    return newest
 
 
 def _config_and_tokenizer(raw_cfg: Any, spec: Any, source: str) -> tuple[RunConfig, Tokenizer]:

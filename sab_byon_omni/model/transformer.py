@@ -132,6 +132,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> t
     return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), **kw)
 
 
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a projection: :func:`linear` (its CPU path) for a plain ``nn.Linear``, the
+    layer's own forward for another module in its place (a LoRA adapter, model/lora.py)."""
+    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
@@ -169,7 +175,7 @@ class Attention(nn.Module):
         ``ve``: the value embedding of the tokens (B, t, n_kv_heads x head_dim) when it is on."""
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv_heads
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, t, h + 2 * kv, self.head_dim)
+        qkv = project(self.qkv, x).view(b, t, h + 2 * kv, self.head_dim)
         qk, v = qkv.split((h + kv, kv), dim=2)
         if self.q_norm is not None:
             q, k = qk.split((h, kv), dim=2)
@@ -200,7 +206,7 @@ class Attention(nn.Module):
             else:  # a chunk after a prefix: query i sees keys 0 .. start + i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = attend(q, k_all, v_all, attn_mask=mask)
-        return linear(y.transpose(1, 2).reshape(b, t, h * self.head_dim), self.proj.weight, self.proj.bias)
+        return project(self.proj, y.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -215,10 +221,10 @@ class MLP(nn.Module):
         self.recompute_gelu = False  # memory saving (see CausalTransformer.set_memory_saving)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = linear(x, self.up.weight, self.up.bias)
+        u = project(self.up, x)
         if self.recompute_gelu and torch.is_grad_enabled():
             return self.dropout(GeluLinear.apply(u, self.down.weight, self.down.bias, self.approximate))
-        return self.dropout(linear(F.gelu(u, approximate=self.approximate), self.down.weight, self.down.bias))
+        return self.dropout(project(self.down, F.gelu(u, approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):
@@ -232,8 +238,8 @@ class SwiGLU(nn.Module):
         self.recompute_gelu = False  # no GELU to recompute: memory saving leaves this MLP as it is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.up.weight, self.up.bias).chunk(2, dim=-1)
-        return self.dropout(linear(F.silu(gate) * up, self.down.weight, self.down.bias))
+        gate, up = project(self.up, x).chunk(2, dim=-1)
+        return self.dropout(project(self.down, F.silu(gate) * up))
 
 
 class ReLU2(nn.Module):
@@ -349,7 +355,7 @@ class CausalTransformer(nn.Module):
         a run would not fit without it (``train.memory_saving``)."""
         for block in self.blocks:
             block.attn.copy_v = on
-            block.mlp.recompute_gelu = on and isinstance(block.mlp, MLP)
+            block.mlp.recompute_gelu = on and isinstance(block.mlp, MLP) and type(block.mlp.down) is nn.Linear
 
     def muon_matrices(self) -> list[tuple[nn.Parameter, int | list[int]]]:
         """Every 2-D hidden matrix (the blocks' projections; not the embedding, positions or head)

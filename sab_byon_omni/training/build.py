@@ -22,8 +22,10 @@ from torch import nn
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer
-from sab_byon_omni.device import DTYPES, Precision, make_precision, resolve_device, set_deterministic
+from sab_byon_omni.device import (DTYPES, Precision, make_precision, resolve_device, runs_natively, set_deterministic,
+                                  set_fp32_matmul)
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.model.lora import add_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import Checkpointer
@@ -140,6 +142,9 @@ def _refuse_unsupported(t: TrainConfig, precision: Precision, fsdp: bool) -> Non
         raise SabError("train.parallel=fsdp with precision fp16 needs a sharded gradient scaler, which is not "
                        "supported; use --precision bf16 on GPUs that have it (A100, H100, L4...), or --parallel "
                        "ddp with fp16 on older ones (T4, V100)")
+    if fsdp and t.lora_rank:
+        raise SabError("train.lora_rank > 0 with train.parallel=fsdp is not supported (FSDP shards parameters of "
+                       "one dtype, LoRA keeps a frozen base beside fp32 adapters); use --parallel ddp")
     if t.parallel == "fsdp" and t.optimizer == "muon":
         raise SabError("train.optimizer=muon with train.parallel=fsdp is not supported (Muon orthogonalises whole "
                        "matrices, FSDP holds shards of them); use --parallel ddp, or --optimizer adamw")
@@ -155,9 +160,12 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
     np.random.seed(t.seed % 2**32)
     if t.deterministic:
         set_deterministic(device)
+    set_fp32_matmul(device, t.deterministic)  # TF32 for fp32 matmuls on CUDA, unless deterministic
     meta = D.is_meta(model)  # built on the meta device (FSDP): materialised after sharding
     if not meta:
         model.to(device)
+    if t.lora_rank:
+        add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets, lora_base_dtype(precision))
     model.set_memory_saving(memory.memory_saving)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -165,11 +173,20 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
         D.wrap_fsdp(model, DTYPES[precision.name] if precision.name != "fp32" else None)
     if meta:
         D.materialize(model, device, init_weights=fresh)
-    optimizer = make_optimizer(model, t, device)
+    optimizer = make_optimizer(model, t, device, process_group=None if fsdp else D.data_parallel_group(info))
     wrapped = model if fsdp else D.wrap_ddp(model, info, device)
     if t.compile:
         wrapped = torch.compile(wrapped)
     return wrapped, optimizer
+
+
+def lora_base_dtype(precision: Precision) -> torch.dtype | None:
+    """The dtype a LoRA run holds its frozen base weights in: the autocast dtype where the device
+    multiplies in it natively (bf16 on CPUs with AVX-512 BF16 / AMX and CUDA sm_80+, fp16 on a T4),
+    halving their memory with no cast per step; None (as loaded, fp32) otherwise."""
+    if precision.name in ("bf16", "fp16") and runs_natively(precision.name, precision.device):
+        return DTYPES[precision.name]
+    return None
 
 
 def _open_folder(ck: Checkpointer, cfg: RunConfig, resume_from: Path | None, step: int,

@@ -40,7 +40,7 @@ from sab_byon_omni.config import OPTIMIZERS, RunConfig
 from sab_byon_omni.data.tokenizers import spec_equal
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
-from sab_byon_omni.files.atomic import atomic_write_text, check_own, remove_entry, remove_stale_temps
+from sab_byon_omni.files.atomic import atomic_write_text, check_own, missing_folders, remove_entry, remove_stale_temps
 from sab_byon_omni.files.checkpoint import FORMAT, finite_float, load_checkpoint, save_checkpoint
 from sab_byon_omni.files.lock import LOCK_FILE, FolderLock
 from sab_byon_omni.files.untrusted import is_count
@@ -160,9 +160,33 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
         raise SabError(f"{path}: it was trained with optimizer {bounded(theirs_opt)}, this run asks for "
                        f"{bounded(cfg.train.optimizer)}; {other}start a new run from its weights with "
                        f"--init_from {path}")
+    check_same_data(meta, cfg, path)
+    if _lora(saved) != _lora(cfg.to_dict()["train"]):
+        raise SabError(f"{path}: it was trained with {_lora(saved)}, this run asks for {_lora(cfg.to_dict()['train'])};"
+                       f" {again}")
     if meta.tokenizer is not None and not spec_equal(meta.tokenizer, tokenizer):
         raise SabError(f"{path}: its tokenizer ({meta.tokenizer.get('name')}) differs from this run's "
                        f"({tokenizer.get('name')}); {again}")
+
+
+def check_same_data(meta: CheckpointMeta, cfg: RunConfig, path: Path) -> None:
+    """A run continues on the data it was started with (the same string or path): its data cursor
+    counts that corpus's samples. Other data is a new run from these weights (``--init_from``)."""
+    saved = meta.config.get("data")
+    theirs = saved.get("dataset") if isinstance(saved, dict) else None
+    mine = cfg.data.dataset
+    if not isinstance(theirs, str) or theirs == mine or os.path.realpath(theirs) == os.path.realpath(mine):
+        return
+    theirs = theirs if len(theirs) <= 500 and theirs.isprintable() else bounded(theirs)  # from a file: bounded
+    raise SabError(f"{path}: the run was trained on --data {theirs}, this command gives --data "
+                   f"{mine}; resume it with --data {theirs}, or train on the new data from its "
+                   f"weights as a new run: --init_from {path} --checkpoint_dir <another folder> (a fresh "
+                   "optimizer and schedule)")
+def _lora(train: Any) -> str:
+    """A run's LoRA settings in words, from its config's train section (what a resume must match)."""
+    rank = train.get("lora_rank", 0) if isinstance(train, dict) else 0
+    return (f"LoRA rank {bounded(rank)}, alpha {bounded(train.get('lora_alpha'))}, on "
+            f"{bounded(train.get('lora_targets'))}" if rank else "no LoRA")
 
 
 class Checkpointer:
@@ -175,6 +199,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.suffix = dcp.SUFFIX if sharded else ".pt"
         self.created = not self.dir.exists()  # by this run: removed again if it fails before a save (release)
+        self._made = missing_folders(self.dir)  # it and its missing parents, deepest first: what make_dir creates
         self._lock = FolderLock(self.dir)
         self._damaged: set[Path] = set()  # failed their checksum when read in full: never ranked, never pruned
 
@@ -322,15 +347,30 @@ class Checkpointer:
         atomic_write_text(self.dir / CONFIG_FILE, text, what="config")
 
     def release(self, failed: bool = False) -> None:
-        """Release the folder lock; after a failure, first remove the folder if this run created it
-        and wrote nothing in it but what every run writes at its start (:data:`FOLDER_START`)."""
-        if failed and self.created and self.is_main:
-            try:
-                if {p.name for p in self.dir.iterdir()} <= FOLDER_START:
-                    shutil.rmtree(self.dir, ignore_errors=True)
-            except OSError:
-                pass
+        """Release the folder lock; after a failure, first remove what this run created
+        (:meth:`remove_if_unused`)."""
+        if failed:
+            self.remove_if_unused()
         self.unlock()
+
+    def remove_if_unused(self) -> None:
+        """Remove the folder if this run created it and wrote nothing in it but what every run writes
+        at its start (:data:`FOLDER_START`: no checkpoint, no save in progress), and then each parent
+        folder that this run created and that is empty. Nothing else: a folder that held anything
+        before, or that another process wrote into, stays. Called after a failure, and by the
+        watchdog before a second Ctrl-C ends the process (any thread)."""
+        if not (self.created and self.is_main):
+            return
+        try:
+            if {p.name for p in self.dir.iterdir()} <= FOLDER_START:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        except OSError:
+            pass
+        for folder in self._made[1:]:  # parents, deepest first; rmdir removes only an empty one
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     # ------------------------------------------------------------------------------- saving
     def save(self, name: str, parts: Mapping[str, Any], meta: CheckpointMeta, loss: float,

@@ -18,10 +18,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import estimate, fmt_count, fmt_duration
+from sab_byon_omni.estimate import PRECISION_BYTES, estimate, fmt_count, fmt_duration, plural, step_seconds
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
+    import torch
+
     from sab_byon_omni.training.build import Run
 
 log = logging.getLogger(__name__)
@@ -149,20 +151,31 @@ def data_summary(train: Any, val: Any) -> str:
     return ", ".join(parts)
 
 
-def start_estimate(flops_per_step: float, flop_rate: float, total_steps: int, what: str) -> str:
-    """The banner's ``time:`` line before the first step: an optimizer step's FLOPs at the device's
-    measured matmul rate (``what``). A lower bound: a step also runs kernels slower than a matmul."""
+def start_estimate(seconds: float, flops_per_step: float, flop_rate: float, total_steps: int, what: str) -> str:
+    """The banner's ``time:`` line before the first step: ``seconds`` per optimizer step (from
+    :func:`~sab_byon_omni.estimate.step_seconds`), its FLOPs and the measured matmul rate (``what``)."""
     def short(s: float) -> str:
         if s < 1:
             return f"{s * 1000:.0f} ms" if s >= 0.01 else f"{s * 1000:.2g} ms"
         return f"{s:.2g} s" if s < 10 else fmt_duration(s)
 
-    seconds = flops_per_step / flop_rate
     flop = f"{flops_per_step:.1e}".replace("e+0", "e").replace("e+", "e")
-    steps = f"{total_steps:,} step{'s' if total_steps != 1 else ''}"
-    return (f"at least ~{short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for {steps} "
-            f"({flop} FLOP per step at the {what} of {flop_rate / 1e9:,.0f} GFLOP/s); "
+    return (f"about {short(seconds)} per optimizer step, ~{short(seconds * total_steps)} for "
+            f"{plural(total_steps, 'step')} (estimated: {flop} FLOP per step at the {what} of "
+            f"{flop_rate / 1e9:,.0f} GFLOP/s, plus each op's overhead and the memory traffic, measured here); "
             "measured after the first steps")
+
+
+def nothing_to_train(run: Run) -> str | None:
+    """What to say when a resumed run has no step left (None when it has): at which step it is, and
+    how to train it further."""
+    t, st = run.cfg.train, run.state
+    if not (st.epoch >= t.epochs or (t.max_steps and st.global_step >= t.max_steps)):
+        return None
+    limit = (f"train.max_steps={t.max_steps:,}" if t.max_steps and st.global_step >= t.max_steps
+             else f"train.epochs={t.epochs}")
+    return (f"nothing to train: the run is already at step {st.global_step:,} of {run.total_steps:,} ({limit}); to "
+            "train it further, resume with a higher --max_steps or --epochs (and --resume auto)")
 
 
 def summary(result: Any, directory: str) -> list[str]:
@@ -189,6 +202,8 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
 
     m, d, t, info = run.cfg.model, run.cfg.data, run.cfg.train, run.info
     n = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    base = str(run.model.blocks[0].attn.qkv.weight.dtype).removeprefix("torch.") if t.lora_rank else ""
     eff = t.batch_size * t.gradient_accumulation_steps * info.world
     start = f"resuming from {run.resume_from} (step {run.state.global_step:,})" if run.resume_from else "new run"
     return [
@@ -196,13 +211,16 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
         ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
-                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
-        ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, {torch.get_num_threads()} "
-                   f"thread(s), {info.world} process(es)" + (" with FSDP" if run.fsdp else "")),
+                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
+                  + (f"; LoRA rank {t.lora_rank} on {t.lora_targets}: {trainable:,} trainable, the rest frozen"
+                     + (f" (projections held in {base})" if base != "float32" else "") if t.lora_rank else "")),
+        ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
+                   f"{plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
+                   + (" with FSDP" if run.fsdp else "")),
         ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
                   + (f" x {info.world} processes" if info.enabled else "")
                   + f" = {eff} samples per optimizer step (up to {eff * d.seq_len:,} tokens)"),
-        ("steps", f"{run.steps_per_epoch:,} per epoch x {t.epochs} epoch(s)"
+        ("steps", f"{run.steps_per_epoch:,} per epoch x {plural(t.epochs, 'epoch')}"
                   + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
                   + f": {run.total_steps:,} optimizer steps"),
         ("schedule", (f"Muon peak lr {t.muon_learning_rate:g} for the blocks' matrices after "
@@ -211,7 +229,7 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
                      + (f" after {t.warmup_steps} warmup steps" if t.warmup_steps else "") + f", {t.lr_schedule}"
                      + f", weight decay {t.weight_decay:g}, clip {t.max_grad_norm:g}"),
         *([("", slow)] if (slow := _slow_rate(run)) and d.dataset == "synthetic" else []),
-        ("memory", run.memory.describe()),
+        ("memory", run.memory.describe() + _process_memory(run.device)),
         ("validation", validation_plan(run)),
         *notes,
         ("time", start_time(run)),
@@ -251,25 +269,50 @@ def validation_plan(run: Run) -> str:
     return f"{when}, on {on} of {len(val):,} samples; the best so far is saved as best_model.pt"
 
 
+def _process_memory(device: torch.device) -> str:
+    """On a CPU the estimate counts the run's tensors; the process (torch's libraries, the data, the
+    model already built) holds memory of its own, which the peak RSS that ``bench`` reports includes."""
+    if device.type != "cpu":
+        return ""
+    from sab_byon_omni.training.memory import peak_memory_mb
+
+    return f"; this process holds {peak_memory_mb(device):,.0f} MB already (torch, the data, the model)"
+
+
 def start_time(run: Run) -> str:
-    """The ``time:`` banner line before the first step: the FLOPs of one optimizer step (this
-    process's share, from the estimator) at this device's measured matmul rate."""
+    """The ``time:`` banner line before the first step: one optimizer step (this process's share)
+    from the estimator's FLOPs and per-step costs, at this device's measured rates."""
     import torch
 
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
     later = "measured after the first steps"
+    if nothing_to_train(run):
+        return "no step left to train"
     targets = predicted_tokens(run.train_data)
     mean = targets / len(run.train_data) if targets and len(run.train_data) else run.cfg.data.seq_len - 1
     try:
         est = estimate(m, seq_len=max(2, round(mean) + 1), micro_batch=t.batch_size, precision=name,
                        gpus=run.info.world, parallel="fsdp" if run.fsdp else "ddp", device=run.device.type)
         rate = _matmul_rate(name, str(run.device), torch.get_num_threads())
+        op_s, bandwidth = _op_costs(str(run.device), torch.get_num_threads())
     except (SabError, RuntimeError, KeyError):
         return later
     if not rate > 0:
         return later
     flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
-    return start_estimate(flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+    seconds = step_seconds(m, mean * t.batch_size, t.gradient_accumulation_steps, flops, rate, op_s, bandwidth,
+                           PRECISION_BYTES[name])
+    return start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+
+
+@functools.lru_cache(maxsize=8)
+def _op_costs(device: str, threads: int) -> tuple[float, float]:
+    """Seconds per eager op and elementwise bytes per second here, measured once per process (~0.15 s)."""
+    import torch
+
+    from sab_byon_omni.machine import measure_op_costs
+
+    return measure_op_costs(torch.device(device))
 
 
 @functools.lru_cache(maxsize=8)

@@ -79,13 +79,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def data_parallel_group(info: DistInfo) -> Any:
+    """The process group whose ranks hold the same gradients after DDP's all-reduce (all of them),
+    or None in a single process."""
+    return dist.group.WORLD if info.enabled and dist.is_initialized() else None
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    # the model's buffers (RoPE tables) are the same on every rank by construction: no broadcast per
+    # forward; the gradients live in DDP's all-reduce buckets instead of a second fp32 copy
+    return DDP(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def wrap_fsdp(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
@@ -183,6 +191,16 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def agree_min(value: float, info: DistInfo, device: torch.device) -> float:
+    """The smallest of every rank's ``value`` (one collective; ``value`` without torchrun): a plan
+    that must be the same on every rank, made from what each rank measured."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:

@@ -13,34 +13,36 @@ from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
-from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta
-from sab_byon_omni.training.recipe import (architecture, batch_geometry, describe, evaluation_cadence,
-                                           recipe_for_geometry)
+from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
+from sab_byon_omni.training.recipe import (FT_MAX_EPOCHS, RECIPE_FIELDS, architecture, batch_geometry, describe,
+                                           evaluation_cadence, fine_tuning_recipe, optimizer_for, recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
 
 log = logging.getLogger(__name__)
 
-RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-                 "epochs", "eval_interval", "eval_batches")  # what the from-scratch recipe sets
-
-
 def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
                  val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:
-    """``cfg`` with the from-scratch recipe for a training set of ``windows`` samples (and a
-    validation set of ``val_windows``) in every train setting not in ``explicit`` (field names), and
-    the banner lines that say so. The peak rate follows the final batch geometry, so a batch size you
-    give moves the rule's rate with it."""
+    """``cfg`` with the recipe for a training set of ``windows`` samples (and a validation set of
+    ``val_windows``) in every train setting not in ``explicit`` (field names), and the banner lines
+    that say so: the fine-tuning recipe when ``train.init_from`` names weights to start from (its
+    LoRA rate with ``train.lora_rank``), else the from-scratch one. The from-scratch peak rate follows
+    the final batch geometry, so a batch size you give moves the rule's rate with it."""
+    tuning = bool(cfg.train.init_from)
     t, seq = cfg.train, cfg.data.seq_len
     batch, accum, epochs, _, reasons = batch_geometry(windows * (seq - 1) + 1, seq)
     world = D.launch_info().world
     if world > 1:  # the recipe counts samples per optimizer step over all processes
         batch, accum = (batch, -(-accum // world)) if accum >= world else (max(1, -(-batch * accum // world)), 1)
     pick = lambda name, ours: getattr(t, name) if name in explicit else ours  # noqa: E731
+    if tuning and epochs > FT_MAX_EPOCHS:
+        reasons = [r for r in reasons if "epochs, so the run takes" not in r]
+        reasons.append(f"{FT_MAX_EPOCHS} epochs at most: a pretrained model memorises a small corpus in a few passes")
+        epochs = FT_MAX_EPOCHS
     batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
     per_epoch = steps_per_epoch(windows, batch, accum, world)  # as the run counts them
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
@@ -50,7 +52,8 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
         reasons.append(f"train.max_steps={t.max_steps:,} stops the run after {total:,} of {per_epoch * epochs:,} "
                        f"steps ({per_epoch:,} per epoch x {epochs}): the schedule and validations are planned "
                        f"for {total:,}")
-    final = recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total)  # the rate sees all processes
+    final = (fine_tuning_recipe(cfg.model, seq, batch, accum * world, epochs, total, bool(cfg.train.lora_rank))
+             if tuning else recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total))  # all processes
     # what each process accumulates; and each validates its own eval_batches
     whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
     final = dataclasses.replace(final, gradient_accumulation_steps=accum,
@@ -58,13 +61,18 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
-    model, model_lines = architecture(cfg.model, explicit)
-    changes.update({f"model.{k}": v for k, v in model.items()})
-    out = replace(cfg, **changes)
+    optimizer, why_not_muon = optimizer_for(D.uses_fsdp(t.parallel, D.launch_info()))
+    if why_not_muon and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
+        changes["train.optimizer"] = optimizer
+        reasons.append(why_not_muon)
+    model, model_lines = ({}, []) if tuning else architecture(cfg.model, explicit)  # a fresh model's levers
+    out = replace(cfg, **changes, **{f"model.{k}": v for k, v in model.items()})
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
-    lines = [("recipe", f"from scratch, for this corpus ({why} without a config file"
-                        + (f"; yours: {', '.join(yours)}" if yours else "") + "; docs/RECIPES.md)")]
-    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total)
+    what = (f"fine-tuning{' with LoRA' if cfg.train.lora_rank else ''}, for pretrained weights (--init_from "
+            f"and {why}" if tuning else f"from scratch, for this corpus ({why}")
+    lines = [("recipe", f"{what} without a config file" + (f"; yours: {', '.join(yours)}" if yours else "")
+              + f"; {'docs/FINETUNE.md' if tuning else 'docs/RECIPES.md'})")]
+    described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total, tuning)
     lines += [("", reason) for reason in reasons + described + model_lines]
     return out, lines
 
@@ -86,18 +94,20 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
         cfg = adopt_architecture(cfg, init)
         notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
     tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
-    if recipe is not None and init is None:
+    if recipe is not None:  # from scratch, or fine-tuning init_from's weights (on resume too: the same plan)
         cfg, lines = apply_recipe(cfg, len(train), recipe, "--data", len(val) if val is not None else 0)
         notes = lines + notes
-    elif recipe is not None:
-        notes.append(("recipe", "the config's settings: --init_from fine-tunes, the from-scratch recipe is for "
-                                "fresh models"))
+    if cfg.train.lora_rank and not cfg.train.init_from:
+        log.warning("train.lora_rank=%d without --init_from: the frozen weights are a fresh model's, random; "
+                    "LoRA adapts pretrained weights (docs/FINETUNE.md)", cfg.train.lora_rank)
     # weights to start from need a whole model; else, under FSDP, one built on the meta device
     sab = SABTranscendentV2(config=cfg, tokenizer=tokenizer) if init is not None else new_model(cfg, tokenizer)
     if init is not None:
         sab.model.load_state_dict(init.model.state_dict())
     run = build_run(sab.model, tokenizer, train, val, sab.config)
-    return sab, Trainer(run, notes=notes, resume_hint=resume_hint).fit()
+    result = Trainer(run, notes=notes, resume_hint=resume_hint).fit()
+    merge_lora(sab.model)  # the model handed back is the base architecture (its checkpoints keep the adapters)
+    return sab, result
 
 
 def new_model(cfg: RunConfig, tokenizer: Tokenizer) -> SABTranscendentV2:
@@ -121,6 +131,18 @@ def adopt_architecture(cfg: RunConfig, init: SABTranscendentV2) -> RunConfig:
     return build_config(raw, source="init_from")
 
 
+def _checkpoint_architecture(cfg: RunConfig, saved: dict) -> RunConfig:
+    """``cfg`` with the model section of the checkpoint's config ``saved`` (a run that began from
+    ``init_from`` weights took its architecture from them; resumed, it reads it from its checkpoint),
+    keeping this run's dropout and activation checkpointing, as :func:`adopt_architecture` does."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
+        return cfg
+    raw = cfg.to_dict()
+    raw["model"] = {**model, "dropout": cfg.model.dropout, "activation_checkpointing": cfg.model.activation_checkpointing}
+    return build_config(raw, source="the checkpoint's config")
+
+
 def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
     """The tokenizer of the checkpoint this run resumes from (and ``cfg`` naming it), so that the
     data is tokenised the way the run began: no BPE retrained, no cache rebuilt with other settings.
@@ -135,11 +157,16 @@ def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
         point = ck.resume_point(cfg.train.resume, verify=False)  # the rule the run will follow, read cheaply
         spec = CheckpointMeta.of(point[1]).tokenizer if point is not None else None
         theirs = from_spec(spec) if spec is not None else None
+        if theirs is not None and cfg.train.init_from:  # init_from's architecture, as the run began with it
+            cfg = _checkpoint_architecture(cfg, CheckpointMeta.of(point[1]).config)
     except SabError:
+        if cfg.train.resume not in ("auto", "none"):  # a file named: refused now, before anything is written
+            raise
         return cfg, None  # the run reads it again, under the folder's lock, and says what is wrong
     if theirs is None:
         return cfg, None
     path = point[0]
+    check_same_data(CheckpointMeta.of(point[1]), cfg, path)  # before the corpus is read
     d = cfg.data
     if d.tokenizer_path:
         mine = BPETokenizer.load(d.tokenizer_path) if d.tokenizer == BPETokenizer.name else None

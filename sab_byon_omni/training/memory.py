@@ -19,10 +19,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sab_byon_omni.config import RunConfig, replace
+from sab_byon_omni.device import runs_natively
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import PRECISION_BYTES, GiB, estimate, fmt_bytes, largest_micro_batch
 from sab_byon_omni.machine import memory_budget
-from sab_byon_omni.training.distributed import DistInfo
+from sab_byon_omni.training.distributed import DistInfo, agree_min
 from sab_byon_omni.training.optim import uses_fused_adamw
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,15 @@ def plan_memory(model: nn.Module, train_data: Any, cfg: RunConfig, device: torch
         return MemoryPlan(cfg, float("nan"), float("nan"), device.type, choices[0], "no estimate for this device"
                           if len(choices) > 1 else f"train.memory_saving={t.memory_saving}")
     usable, what = usable_bytes(model, device)
+    # the same plan on every rank (the passes per window must agree: data/batching.py regroup), from the least room
+    usable = agree_min(usable, info, device)
     seq = longest_sample(train_data, cfg.data.seq_len)
     kw = dict(precision=precision if precision in PRECISION_BYTES else "fp32", gpus=info.world,
               parallel=t.parallel if info.enabled else "ddp", device=device.type,
-              fused_optimizer=uses_fused_adamw(device), activation_checkpointing=m.activation_checkpointing)
+              fused_optimizer=uses_fused_adamw(device), activation_checkpointing=m.activation_checkpointing,
+              lora_rank=t.lora_rank, lora_targets=t.lora_targets,
+              lora_base_bytes=PRECISION_BYTES[precision] if precision in ("bf16", "fp16") and runs_natively(
+                  precision, device) else 4)  # as build.lora_base_dtype holds the frozen base
     for saving in choices:
         fitted, e = _fit_micro_batch(cfg, seq, usable, what, info, dict(kw, memory_saving=saving))
         if e.peak <= usable or (not t.check_memory and saving == choices[-1]):

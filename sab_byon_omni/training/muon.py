@@ -151,12 +151,20 @@ class Muon(torch.optim.Optimizer):
     ``muon`` mark of :class:`~sab_byon_omni.training.optim.MuonWithAdamW`'s groups). ``ns_dtype``:
     the dtype of the Newton-Schulz iteration (default: :func:`newton_schulz_dtype` of the
     parameters' device, asked at the first step there). The state of a parameter is its
-    ``momentum_buffer``."""
+    ``momentum_buffer``.
+
+    ``process_group`` (DDP, where every rank holds the same gradients after the all-reduce): the
+    ranks split the work as modded-nanogpt does. The shape batches go to the ranks by their cost
+    (:func:`assign_owners`), each rank orthogonalises its share, and one all-gather hands every rank
+    all the directions. Every rank still keeps every momentum buffer and applies every update, so
+    its state is that of one rank alone, and a checkpoint of rank 0 holds all of it."""
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
-                 momentum: float = MOMENTUM, split: int | list[int] = 1, ns_dtype: torch.dtype | None = None) -> None:
+                 momentum: float = MOMENTUM, split: int | list[int] = 1, ns_dtype: torch.dtype | None = None,
+                 process_group: Any = None) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split))
         self.ns_dtype = ns_dtype
+        self.process_group = process_group  # ranks that share the Newton-Schulz work (identical gradients: DDP)
         self.ns_dtypes: dict[torch.device, torch.dtype] = {}  # the default's choice per device, made once
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -167,14 +175,14 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _nesterov(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """The Nesterov momentum of ``p``'s gradient (its buffer updated)."""
+    def _nesterov(self, p: torch.Tensor, group: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
+        """The Nesterov momentum of ``p``'s gradient (its buffer updated; ``keep=False``: only that)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         buf, beta = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - beta)
-        return p.grad.lerp(buf, beta)
+        return p.grad.lerp(buf, beta) if keep else None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -185,25 +193,90 @@ class Muon(torch.optim.Optimizer):
         # one unit per run of equal row blocks of a matrix: (parameter, group, first row, blocks, rows each)
         todo = [(p, g, *run) for g in self.param_groups for p in g["params"] if p.grad is not None
                 for run in row_runs(g["split"], p.shape[0])]
-        left = {p: sum(1 for u in todo if u[0] is p) for p, *_ in todo}
-        momenta: dict[torch.Tensor, torch.Tensor] = {}  # a matrix's momentum while some of its units wait
-        shapes = [(p.device, p.dtype, k, rows, p.shape[1]) for p, _, _, k, rows in todo]
-        for members in shape_batches(shapes):
-            batch = [todo[i] for i in members]
-            device = batch[0][0].device
-            if device not in self.ns_dtypes:
-                self.ns_dtypes[device] = newton_schulz_dtype(device)
-            dtype = self.ns_dtype or self.ns_dtypes[device]
-            blocks = []
-            for p, g, start, k, rows in batch:
-                if p not in momenta:
-                    momenta[p] = self._nesterov(p, g)
-                    p.mul_(1 - g["lr"] * g["weight_decay"])  # once per matrix, before its update
-                blocks.append(momenta[p][start:start + k * rows].view(k, rows, p.shape[1]))
-            for (p, group, start, k, rows), direction in zip(batch, orthogonalize_stacked(blocks, dtype)):
+        if not todo:
+            return loss
+        batches = shape_batches([(p.device, p.dtype, k, rows, p.shape[1]) for p, _, _, k, rows in todo])
+        device = todo[0][0].device
+        if device not in self.ns_dtypes:
+            self.ns_dtypes[device] = newton_schulz_dtype(device)
+        dtype = self.ns_dtype or self.ns_dtypes[device]
+        world, rank = _world_and_rank(self.process_group)
+        owners = assign_owners([_cost(todo[i] for i in b) for b in batches], world)
+        owned = {id(todo[i][0]) for b, members in enumerate(batches) if owners[b] == rank for i in members}
+        momenta: dict[int, torch.Tensor] = {}  # the Nesterov momentum of the matrices this rank orthogonalises
+        for g in self.param_groups:  # every rank updates every buffer: each holds the whole state
+            for p in g["params"]:
+                if p.grad is not None:
+                    direction = self._nesterov(p, g, keep=id(p) in owned)
+                    if direction is not None:
+                        momenta[id(p)] = direction
+        directions: dict[int, list[torch.Tensor]] = {}
+        for b, members in enumerate(batches):
+            if owners[b] == rank:
+                blocks = [momenta[id(p)][start:start + k * rows].view(k, rows, p.shape[1])
+                          for p, _, start, k, rows in (todo[i] for i in members)]
+                directions[b] = orthogonalize_stacked(blocks, dtype)
+        momenta.clear()
+        if world > 1:
+            directions = _exchange(directions, batches, todo, owners, world, rank, dtype, self.process_group)
+        decayed: set[torch.Tensor] = set()
+        for b, members in enumerate(batches):
+            for (p, group, start, k, rows), direction in zip((todo[i] for i in members), directions[b]):
+                if p not in decayed:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])  # once per matrix, before its update
+                    decayed.add(p)
                 cols, lr = p.shape[1], group["lr"]
-                p[start:start + k * rows].view(k, rows, cols).add_(direction, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
-                left[p] -= 1
-                if not left[p]:
-                    del momenta[p]
+                p[start:start + k * rows].view(k, rows, cols).add_(direction.to(p.dtype),
+                                                                   alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+            directions[b] = []
         return loss
+
+
+def _world_and_rank(group: Any) -> tuple[int, int]:
+    """(processes sharing the work, this one's rank): (1, 0) without a process group."""
+    if group is None or not torch.distributed.is_initialized():
+        return 1, 0
+    return torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+
+
+def _cost(units: Iterable[tuple[Any, ...]]) -> int:
+    """Newton-Schulz's multiply-adds of a batch, up to a constant: k x rows x cols x min(rows, cols) per unit."""
+    return sum(k * rows * p.shape[1] * min(rows, p.shape[1]) for p, _, _, k, rows in units)
+
+
+def assign_owners(costs: list[int], world: int) -> list[int]:
+    """Which rank orthogonalises each batch: the costliest first, each to the least loaded rank so
+    far (ties: the lower rank), a function of the costs alone, so every rank computes the same."""
+    load = [0] * world
+    owners = [0] * len(costs)
+    for b in sorted(range(len(costs)), key=lambda b: (-costs[b], b)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[b] = r
+        load[r] += costs[b]
+    return owners
+
+
+def _exchange(directions: dict[int, list[torch.Tensor]], batches: list[list[int]], todo: list[tuple[Any, ...]],
+              owners: list[int], world: int, rank: int, dtype: torch.dtype, group: Any) -> dict[int, list[torch.Tensor]]:
+    """Every batch's directions on every rank: each rank's own, flattened in ``dtype`` (the
+    iteration's: no rounding, the directions were computed in it), in one all-gather, padded to the
+    largest rank's share."""
+    sizes = [sum(todo[i][3] * todo[i][4] * todo[i][0].shape[1] for i in m) for m in batches]
+    share = [sum(n for b, n in enumerate(sizes) if owners[b] == r) for r in range(world)]
+    device = todo[0][0].device
+    flat = torch.zeros(max(share), dtype=dtype, device=device)
+    mine = [x.reshape(-1) for b in sorted(directions) for x in directions[b]]
+    if mine:
+        torch.cat(mine, out=flat[:share[rank]])
+    out = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(out, flat, group=group)
+    offsets = [0] * world
+    result: dict[int, list[torch.Tensor]] = {}
+    for b, members in enumerate(batches):
+        r, parts = owners[b], []
+        for p, _, _, k, rows in (todo[i] for i in members):
+            n = k * rows * p.shape[1]
+            parts.append(out[r][offsets[r]:offsets[r] + n].view(k, rows, p.shape[1]))
+            offsets[r] += n
+        result[b] = parts
+    return result

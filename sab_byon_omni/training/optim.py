@@ -46,8 +46,9 @@ class MuonWithAdamW:
     step before calling :meth:`step`."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
-                 fused: bool | None = None, foreach: bool | None = None, ns_dtype: torch.dtype | None = None) -> None:
-        self.muon = Muon([g for g in groups if g.get("muon")], ns_dtype=ns_dtype)
+                 fused: bool | None = None, foreach: bool | None = None, ns_dtype: torch.dtype | None = None,
+                 process_group: Any = None) -> None:
+        self.muon = Muon([g for g in groups if g.get("muon")], ns_dtype=ns_dtype, process_group=process_group)
         self.adamw = torch.optim.AdamW([{**g, "muon": False} for g in groups if not g.get("muon")], lr=lr,
                                        betas=betas, fused=fused, foreach=foreach)
 
@@ -122,17 +123,18 @@ def muon_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig | None = None, device: torch.device | str | None = None,
-                   ) -> torch.optim.AdamW | MuonWithAdamW:
+                   process_group: Any = None) -> torch.optim.AdamW | MuonWithAdamW:
     """The optimizer the trainer builds for ``model`` from ``train`` (the defaults if omitted):
     ``torch.optim.AdamW`` with two parameter groups (weight decay on matrices, none on norms), or
     with ``train.optimizer == "muon"`` a :class:`MuonWithAdamW` (Muon for the model's
     :meth:`~sab_byon_omni.model.transformer.CausalTransformer.muon_matrices`). The guide's
-    ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])`` works on either as written."""
+    ``optimizer.load_state_dict(checkpoint['optimizer_state_dict'])`` works on either as written.
+    ``process_group``: the DDP ranks that split Muon's Newton-Schulz work (:class:`Muon`)."""
     t = train or TrainConfig()
     fused = uses_fused_adamw(device if device is not None else next(model.parameters()).device)
     kw = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=fused or None, foreach=None if fused else True)
     if t.optimizer == "muon":
-        return MuonWithAdamW(muon_groups(model, t), **kw)
+        return MuonWithAdamW(muon_groups(model, t), **kw, process_group=process_group)
     return torch.optim.AdamW(param_groups(model, t.weight_decay), **kw)
 
 

@@ -73,9 +73,24 @@ MAX_EPOCHS = 20
 # The architecture levers a fresh model gets: those that paid on the time-to-loss benchmark and keep
 # every export exact (docs/RECIPES.md, "Time to quality"). zero_init_proj is an initialisation only.
 ARCHITECTURE: dict[str, Any] = {"zero_init_proj": True}
+# The fine-tuning recipe (pretrained weights: --init_from): AdamW, peak rates from a sweep on
+# SmolLM2-135M (benchmarks/finetune.py, docs/RECIPES.md), a short warmup, cosine to MIN_LR_RATIO.
+# SmolLM2-135M, 20 steps of 4 x 128 tokens of the stdlib corpus, validation bits per byte (untouched 1.293):
+# full 2e-5 1.258, 6e-5 1.234, 2e-4 1.230; LoRA rank 8 (alpha 16) 3e-4 1.264, 1e-3 1.229, 3e-3 1.224
+FT_LR = 2e-4  # full fine-tuning: every weight moves (the sweep's best; 6e-5 0.004 behind, 2e-5 0.028)
+LORA_LR = 3e-3  # LoRA: only the adapters move, from B = 0 (the sweep's best; 1e-3 0.005 behind)
+FT_WARMUP_FRACTION, FT_WARMUP_MAX = 0.05, 50  # the weights are trained already: a short warmup
+FT_WEIGHT_DECAY = 0.0  # decay pulls pretrained weights towards zero, not towards where they started
+FT_BETA1 = 0.9
+FT_MAX_EPOCHS = 3  # a pretrained model memorises a small corpus after a few passes
 EVALUATIONS = 10  # validations at an interval in a from-scratch run (each epoch's end validates too)
 EVAL_SHARE = 0.1  # the share of the training compute all of a run's validations together take
 MIN_EVAL_BATCHES = 8  # fewer validation batches are too noisy to rank checkpoints by
+
+
+RECIPE_FIELDS = ("learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+                 "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
+                 "epochs", "eval_interval", "eval_batches")  # the train settings a recipe sets
 
 
 @dataclass(frozen=True)
@@ -102,10 +117,7 @@ class Recipe:
 
     def train_overrides(self) -> dict[str, Any]:
         """The ``train.*`` settings, for :func:`sab_byon_omni.config.replace` or ``build_config``."""
-        return {f"train.{k}": getattr(self, k) for k in (
-            "learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-            "optimizer", "muon_learning_rate", "muon_warmup_steps", "batch_size", "gradient_accumulation_steps",
-            "epochs", "eval_interval", "eval_batches")}
+        return {f"train.{k}": getattr(self, k) for k in RECIPE_FIELDS}
 
 
 def peak_learning_rate(model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> float:
@@ -169,6 +181,16 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     return batch, accumulation, epochs, steps_per_epoch * epochs, reasons
 
 
+def optimizer_for(sharded: bool) -> tuple[str, str]:
+    """The recipe's optimizer for a run whose weights are (``sharded``: FSDP) or are not sharded over
+    processes, and why, for the banner: Muon orthogonalises whole matrices, which FSDP splits over the
+    processes, so the recipe takes AdamW there."""
+    if sharded:
+        return "adamw", ("AdamW, not the recipe's Muon: --parallel fsdp shards the matrices Muon orthogonalises "
+                         "whole (--parallel ddp keeps Muon)")
+    return OPTIMIZER, ""
+
+
 def from_scratch_recipe(model_cfg: ModelConfig, corpus_tokens: int, seq_len: int) -> Recipe:
     """The recipe for training ``model_cfg`` from a fresh initialisation on ``corpus_tokens`` tokens."""
     batch, accumulation, epochs, steps, reasons = batch_geometry(corpus_tokens, seq_len)
@@ -191,16 +213,41 @@ def recipe_for_geometry(model_cfg: ModelConfig, seq_len: int, batch_size: int, g
                                                                               total_steps=total_steps))
 
 
+def fine_tuning_recipe(model_cfg: ModelConfig, seq_len: int, batch_size: int, gradient_accumulation_steps: int,
+                       epochs: int, total_steps: int, lora: bool, reasons: list[str] | None = None) -> Recipe:
+    """The fine-tuning recipe for pretrained weights at a batch geometry: AdamW (never Muon), the
+    swept peak rate (``LORA_LR`` for adapters, ``FT_LR`` for every weight), a short warmup, cosine."""
+    warm = max(1, min(round(FT_WARMUP_FRACTION * total_steps), FT_WARMUP_MAX))
+    interval, batches = evaluation_cadence(total_steps, gradient_accumulation_steps, epochs)
+    defaults = TrainConfig()
+    recipe = Recipe(learning_rate=LORA_LR if lora else FT_LR, warmup_steps=warm, lr_schedule="cosine",
+                    min_lr_ratio=MIN_LR_RATIO, weight_decay=FT_WEIGHT_DECAY, beta1=FT_BETA1, beta2=BETA2,
+                    optimizer="adamw", muon_learning_rate=defaults.muon_learning_rate,
+                    muon_warmup_steps=defaults.muon_warmup_steps, batch_size=batch_size,
+                    gradient_accumulation_steps=gradient_accumulation_steps, epochs=epochs, total_steps=total_steps,
+                    eval_interval=interval, eval_batches=batches)
+    train = TrainConfig(**{k.split(".", 1)[1]: v for k, v in recipe.train_overrides().items()},
+                        lora_rank=8 if lora else 0)
+    tokens = batch_size * gradient_accumulation_steps * seq_len
+    return dataclasses.replace(recipe, reasons=list(reasons or []) + describe(train, model_cfg, tokens,
+                                                                              total_steps=total_steps,
+                                                                              finetuning=True))
+
+
 def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, explicit: frozenset[str] = frozenset(),
-             total_steps: int | None = None) -> list[str]:
+             total_steps: int | None = None, finetuning: bool | None = None) -> list[str]:
     """Banner lines for the optimiser and validation settings of ``t``: each value, and whether it is
-    yours (a field in ``explicit``) or the rule's and why. ``total_steps``: the run's length."""
+    yours (a field in ``explicit``) or the rule's and why. ``total_steps``: the run's length;
+    ``finetuning``: the fine-tuning recipe's reasons (default: when ``t`` starts from weights or has LoRA)."""
     def why(field: str, rule: str) -> str:
         return "yours" if field in explicit else rule
 
     batch = f" x sqrt({tokens_per_step:,} / {SWEEP_TOKENS_PER_STEP:,} tokens per step)" \
         if tokens_per_step != SWEEP_TOKENS_PER_STEP else ""
-    lr = f"peak {t.learning_rate:.3g} ({why('learning_rate', f'{LR_PER_WIDTH} / hidden {model_cfg.hidden}{batch}, within [{LR_MIN:g}, {LR_MAX:g}]')})"
+    tuned = finetuning if finetuning is not None else bool(t.init_from or t.lora_rank)
+    rule = (f"the {'LoRA' if t.lora_rank else 'full'} fine-tuning rate of the sweep on SmolLM2-135M" if tuned else
+            f"{LR_PER_WIDTH} / hidden {model_cfg.hidden}{batch}, within [{LR_MIN:g}, {LR_MAX:g}]")
+    lr = f"peak {t.learning_rate:.3g} ({why('learning_rate', rule)})"
     if t.optimizer == "muon":
         muon = why("muon_learning_rate", f"{MUON_LR_PER_SQRT_WIDTH} / sqrt(hidden {model_cfg.hidden}), within "
                                          f"[{MUON_LR_MIN:g}, {MUON_LR_MAX:g}]")
@@ -208,13 +255,17 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
                  f"{t.muon_warmup_steps} warmup steps ({why('muon_warmup_steps', f'{MUON_WARMUP}, at most the AdamW warmup')}); "
                  f"AdamW for the embedding, head and norms: {lr}")
     else:
-        first = f"AdamW for every parameter{' (yours)' if 'optimizer' in explicit else ''}: {lr}" + (
-            "" if "optimizer" in explicit else "; a learning_rate you give is AdamW's, for every parameter "
-                                               "(--optimizer muon puts Muon back on the blocks' matrices)")
+        who = "the LoRA adapters (every other weight frozen)" if t.lora_rank else "every parameter"
+        muon = ("fine-tuning never uses Muon unless --optimizer muon" if tuned
+                else "--optimizer muon puts Muon back on the blocks' matrices")
+        first = f"AdamW for {who}{' (yours)' if 'optimizer' in explicit else ''}: {lr}" + (
+            "" if "optimizer" in explicit or t.lora_rank else f"; a learning_rate you give is AdamW's, for every "
+                                                            f"parameter ({muon})")
     schedule = "constant" if t.lr_schedule == "constant" else f"cosine to {t.min_lr_ratio:g} x the peak"
     run = f"the {total_steps:,}-step run" if total_steps else "the run"
-    lines = [first, f"{t.warmup_steps} warmup steps "
-                    f"({why('warmup_steps', f'{WARMUP_FRACTION:.0%} of {run}, at most {WARMUP_MAX}')}), then "
+    warm = (f"{FT_WARMUP_FRACTION:.0%} of {run}, at most {FT_WARMUP_MAX}" if tuned
+            else f"{WARMUP_FRACTION:.0%} of {run}, at most {WARMUP_MAX}")
+    lines = [first, f"{t.warmup_steps} warmup steps ({why('warmup_steps', warm)}), then "
                     f"{schedule}; AdamW betas ({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"]
     if t.eval_interval:
         batches = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''}" if t.eval_batches
@@ -254,7 +305,7 @@ def too_few_steps(total_steps: int, capped: bool = False) -> str | None:
     """A one-line warning when a from-scratch run plans fewer than ``MIN_STEPS`` optimizer steps
     (``capped``: because ``max_steps`` stops it there)."""
     if total_steps < MIN_STEPS:
-        return (f"only {total_steps} optimizer step(s) planned: a model trained from scratch needs at least "
-                f"~{MIN_STEPS} to learn more than byte frequencies; "
+        return (f"only {total_steps} optimizer step{'s' * (total_steps != 1)} planned: a model trained from "
+                f"scratch needs at least ~{MIN_STEPS} to learn more than byte frequencies; "
                 + ("raise --max_steps" if capped else "use a smaller batch or more epochs"))
     return None

@@ -12,7 +12,9 @@ installed, the C-level handler also writes each signal's number into a pipe
 (``signal.set_wakeup_fd``), and a watchdog thread blocked on that pipe (torch operations release
 the GIL) sees every signal when it arrives: it prints the first one's message, and after the
 second gives the main thread :data:`GRACE_S` seconds to stop (``KeyboardInterrupt``, which cleans
-up a save in progress) before it ends the process itself with ``os._exit(130)``.
+up a save in progress) before it ends the process itself with ``os._exit(130)``, after calling
+``on_hard_exit`` (the trainer's: remove a run folder that this run created and saved nothing in,
+as a run that fails before its first checkpoint does).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class StopRequest:
     """A flag set by the first SIGINT/SIGTERM while installed; the second raises KeyboardInterrupt
     in the main thread, or ends the process after :data:`GRACE_S` if the main thread is busy in C."""
 
-    def __init__(self, message: Callable[[int], str], write: Callable[[str], None] | None = None) -> None:
+    def __init__(self, message: Callable[[int], str], write: Callable[[str], None] | None = None,
+                 on_hard_exit: Callable[[], None] | None = None) -> None:
         self.signum: int | None = None
+        self._on_hard_exit = on_hard_exit
         self._message, self._write = message, write or (lambda s: print(s, file=sys.stderr, flush=True))
         self._old: dict[int, Any] = {}
         self._pipe: tuple[int, int] | None = None  # (read, write) ends while the watchdog runs
@@ -101,7 +105,7 @@ class StopRequest:
                     self._say(signum)
                     continue
                 if not self._done.wait(GRACE_S):  # the main thread did not stop: it is busy in C code
-                    _hard_exit(signum)
+                    _hard_exit(signum, self._on_hard_exit)
                 return
 
     def _say(self, signum: int) -> None:
@@ -131,9 +135,14 @@ class StopRequest:
         self._old.clear()
 
 
-def _hard_exit(signum: int) -> None:
-    """End the process now (no cleanup can run: a save in progress leaves a temporary file, which the
-    next run in the folder removes)."""
+def _hard_exit(signum: int, before: Callable[[], None] | None = None) -> None:
+    """End the process now, after ``before`` (no other cleanup runs: a save in progress leaves a
+    temporary file, which the next run in the folder removes)."""
+    if before is not None:
+        try:
+            before()
+        except Exception:  # the process ends whatever the cleanup met
+            pass
     text = (f"\n{signal_name(signum)} again: stopped at once without saving (torch was inside one long "
             "operation); the checkpoints already written are complete\n")
     try:

@@ -75,6 +75,8 @@ class TrainResult:
     stopped_early: bool = False  # a signal (Ctrl-C, SIGTERM) stopped the run; it saved first
     stop_signal: int | None = None
     best_val_loss: float | None = None  # the lowest validation loss so far (best_model.pt's), if any
+    last_loss: float | None = None  # the last logged training loss (a run ended inside an epoch has no epoch mean)
+    start_step: int = 0  # the step the run started from (a resumed run's checkpoint's)
     config: RunConfig | None = None  # the config the run used: the memory plan may have changed its micro-batch
 
     @property
@@ -127,11 +129,13 @@ class Trainer:
                  resume_hint: str = 'continue with resume="auto"') -> None:
         self.run = run
         self.notes, self.resume_hint = list(notes or []), resume_hint
-        self.stop = StopRequest(self._stop_message)
+        # a second Ctrl-C inside a long torch call ends the process: a new folder with no checkpoint goes too
+        self.stop = StopRequest(self._stop_message, on_hard_exit=run.checkpointer.remove_if_unused)
         self.agreed_stop = False  # under torchrun: a stop request every process knows of (from the last step)
         self.saved_step: int | None = None  # the step of the newest step checkpoint this run wrote
         self.clock = console.Clock(run.total_steps)  # measures from the end of the first step on
         self.window = _LogWindow(run.device)
+        self.last_loss: float | None = None  # of the last metrics row
 
     @property
     def state(self) -> TrainState:
@@ -160,7 +164,10 @@ class Trainer:
                 console.banner(console.banner_lines(run, self.notes))
             for warning in console.from_scratch_warnings(run):
                 log.warning("%s", warning)
-        result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses, config=run.cfg)
+        result = TrainResult(train_losses=st.train_losses, val_losses=st.val_losses, config=run.cfg,
+                             start_step=st.global_step)
+        if run.info.is_main and (done := console.nothing_to_train(run)):
+            log.info("%s", done)
         start = time.perf_counter()
         failed = True
         try:
@@ -173,6 +180,7 @@ class Trainer:
         result.seconds = time.perf_counter() - start
         result.global_step, result.skipped_steps = st.global_step, st.skipped_steps
         result.stopped_early, result.stop_signal = self.stop.requested, self.stop.signum
+        result.last_loss = self.last_loss
         best = run.checkpointer.path("best_model")
         result.best_checkpoint = str(best) if best.exists() else None
         result.best_val_loss = st.best_val_loss if math.isfinite(st.best_val_loss) else None
@@ -271,6 +279,7 @@ class Trainer:
         run, st, t = self.run, self.run.state, self.run.cfg.train
         loss, n = w.sums.global_totals(run.info)
         loss = loss / n if n else math.nan
+        self.last_loss = loss if math.isfinite(loss) else self.last_loss
         tps = n / max(time.perf_counter() - w.t0, 1e-9)
         lr = lr_at(st.global_step - 1, t, run.total_steps)
         run.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=w.last_norm,
@@ -355,7 +364,8 @@ class Trainer:
         run = self.run
         scale = run.info.world / max(sum(b.global_targets for b in window), 1)  # DDP averages over ranks
         total = torch.zeros((), dtype=torch.float64, device=run.device)
-        passes = regroup(window, run.memory.pass_rows, run.memory.pass_positions, run.tokenizer.pad_id)
+        passes = regroup(window, run.memory.pass_rows, run.memory.pass_positions, run.tokenizer.pad_id,
+                         run.info.world, run.cfg.train.batch_size)
         for i, batch in enumerate(passes):
             if i and self.stop.requested and not run.info.enabled:
                 return None
