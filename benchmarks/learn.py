@@ -19,6 +19,16 @@ our Trainer's own ``epoch_batches(0)``. Validation bits per byte = summed loss i
   decay 0.1 on 2-D parameters only, ``lr * (it + 1) / (warmup + 1)`` warmup, cosine to
   min_lr = 1e-4 at the last step, gradient clipping 1.0, fp32.
 
+Time to quality: both models are also scored on the validation windows every ``--eval-every`` steps
+(with the clock stopped: the seconds reported are training seconds; evaluation time is reported
+apart, ``eval_seconds``). ``--clock cpu`` counts this process's CPU seconds instead of wall seconds (on a shared machine).
+Ours is credited with the training seconds at which it first reaches the
+target, GPT-2's final validation loss at its step budget. ``--wall-budget`` adds a run of ours given
+GPT-2's training seconds: its schedule planned for as many steps as its measured step time fits in
+them, and cut at the budget if it runs over; its bits per byte there against GPT-2's. ``--arch``
+trains ours once per model variant (e.g. ``--arch "base;qk_norm=true;mlp=relu2"``), each against the
+one GPT-2 run of the corpus.
+
 Every run appends one JSON line to ``--results``; ``--report`` prints the tables and draws the plot
 from such a file. Corpora: ``benchmarks/learn_corpora.py``.
 """
@@ -39,20 +49,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learn_corpora  # noqa: E402
-from learn_report import DEFAULT_SEED, GPT2_WARMUP, NANOGPT, bench_table, load_rows, muon_fields, report  # noqa: E402
+from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, bench_table, load_rows, muon_fields,  # noqa: E402
+                          report, time_table)
 
 from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
 from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E402
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
 from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
-from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry  # noqa: E402
+from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_for_geometry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,11 +84,17 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         beta1=pick(args.beta1, rule.beta1), beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
         optimizer=pick(args.optimizer, rule.optimizer), muon_learning_rate=pick(args.muon_lr, rule.muon_learning_rate),
         muon_warmup_steps=pick(args.muon_warmup, rule.muon_warmup_steps),
-        max_grad_norm=pick(args.clip, 1.0), precision="fp32", device="cpu", seed=args.seed, progress=False,
+        max_grad_norm=pick(args.clip, 1.0), precision=args.precision, device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
-    return build_config({"model": {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args)},
-                         "data": data, "train": train})
+    model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **our_arch(args)}
+    return build_config({"model": model, "data": data, "train": train})
+
+
+def our_arch(args: argparse.Namespace) -> dict:
+    """Our model's fields beyond the preset: the recipe's architecture (``recipe.architecture``), then
+    the ``--arch`` variant's fields, which win."""
+    return {**architecture(model_config(args), set(args.arch_value))[0], **args.arch_value}
 
 
 def shape_overrides(args: argparse.Namespace) -> dict:
@@ -102,24 +121,68 @@ def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ck
     return sab, trainer, trainer.run.cfg
 
 
-def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> tuple[dict, list[Batch]]:
-    """Train our model with the Trainer; returns (result row, the micro-batches it trained on)."""
+def parse_arch(text: str) -> list[dict]:
+    """``--arch``: model variants separated by ``;``, each ``base`` or ``field=value,field=value``."""
+    out = []
+    for part in (p.strip() for p in text.split(";")):
+        pairs = [kv.split("=", 1) for kv in part.split(",") if kv.strip() and part != "base"]
+        if any(len(kv) != 2 for kv in pairs):
+            raise SystemExit(f"--arch: {part!r} is not field=value[,field=value] or base")
+        out.append({k.strip(): yaml.safe_load(v) for k, v in pairs})
+    return out
+
+
+def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, model: torch.nn.Module,
+                   windows: list[np.ndarray], budget: float | None = None) -> dict:
+    """``step(batch) -> loss`` over ``batches``, timed, with ``model`` scored on ``windows`` every
+    ``--eval-every`` steps and after the last (the clock stopped meanwhile); stops early after
+    ``budget`` training seconds. Returns the row's timing fields and its final ``val``."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    losses, curve, seconds, eval_seconds, wall = [], [], 0.0, 0.0, 0.0
+    for it, batch in enumerate(batches, 1):
+        t0, w0 = clock(), time.perf_counter()
+        losses.append(step(batch))
+        seconds += clock() - t0
+        wall += time.perf_counter() - w0
+        last = it == len(batches) or (budget is not None and seconds >= budget)
+        if last or it % args.eval_every == 0:
+            t0 = time.perf_counter()
+            val = score(model, windows)
+            eval_seconds += time.perf_counter() - t0
+            curve.append([it, round(seconds, 2), round(val["loss"], 5)])
+        if last:
+            break
+    return dict(seconds=round(seconds, 2), wall_seconds=round(wall, 2), clock=args.clock,
+                eval_seconds=round(eval_seconds, 3), steps=len(losses), val=val,
+                val_curve=curve, train_loss=statistics.fmean(losses[-20:]),
+                curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
+
+
+def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
+             budget: float | None = None) -> tuple[dict, list[Batch]]:
+    """Train our model with the Trainer's own step (``train_step``: the same math as ``fit``, without
+    its logging and checkpoints); returns (result row, the micro-batches it trained on)."""
     with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
         sab, trainer, cfg = make_trainer(args, corpus, ckpt_dir)
-        batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * cfg.train.gradient_accumulation_steps))
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        rows = [json.loads(line) for line in (Path(ckpt_dir) / "metrics.jsonl").read_text().splitlines()]
-    train_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), math.nan)
+        accum = cfg.train.gradient_accumulation_steps
+        batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * accum))
+
+        def step(batch: Batch) -> float:
+            out = trainer.train_step([batch])
+            trainer.state.global_step += 1  # as fit() counts it: the schedule's next step follows
+            return float(out.loss_sum) / max(out.local_tokens, 1)
+
+        try:
+            trainer.raw.train()
+            timing = timed_training(step, batches, args, sab.model, validation_windows(corpus, args), budget)
+        finally:
+            trainer.run.close()
     t = cfg.train
     row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
                min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
                **muon_fields(t.optimizer, t.muon_learning_rate, t.muon_warmup_steps),
-               params=sab.model.num_parameters(), seconds=round(seconds, 1), steps=result.global_step,
-               train_loss=train_loss, slow=learns_slowly(t.learning_rate, cfg.model),
-               curve=[round(r["loss"], 4) for r in rows if "loss" in r])
-    row["val"] = score(sab.model, validation_windows(corpus, args))
+               params=sab.model.num_parameters(), slow=learns_slowly(t.learning_rate, cfg.model),
+               arch=our_arch(args), precision=t.precision, **timing)
     return row, batches
 
 
@@ -164,26 +227,25 @@ def run_gpt2(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, batche
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=NANOGPT["lr"], betas=(NANOGPT["beta1"], NANOGPT["beta2"]), fused=True)
-    losses = []
-    t0 = time.perf_counter()
-    for it, batch in enumerate(batches):
+    it = 0
+
+    def step(batch: Batch) -> float:
+        nonlocal it
         for g in opt.param_groups:
             g["lr"] = nanogpt_lr(it, args.gpt2_warmup, len(batches), args.gpt2_lr)
+        it += 1
         loss_sum, n = token_loss(model, batch)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, NANOGPT["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss_sum.item() / n)
-    seconds = time.perf_counter() - t0
-    row = dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
-               min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta1=NANOGPT["beta1"], beta2=NANOGPT["beta2"],
-               weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"], **muon_fields("adamw", None, None),
-               params=sum(p.numel() for p in params), seconds=round(seconds, 1), steps=len(batches),
-               train_loss=statistics.fmean(losses[-20:]),
-               curve=[round(statistics.fmean(losses[i:i + 20]), 4) for i in range(0, len(losses), 20)])
-    row["val"] = score(model, validation_windows(corpus, args))
-    return row
+        return loss_sum.item() / n
+
+    timing = timed_training(step, batches, args, model, validation_windows(corpus, args))
+    return dict(model="gpt2", lr=args.gpt2_lr, warmup=args.gpt2_warmup, schedule="cosine",
+                min_lr_ratio=NANOGPT["min_lr"] / NANOGPT["lr"], beta1=NANOGPT["beta1"], beta2=NANOGPT["beta2"],
+                weight_decay=NANOGPT["weight_decay"], clip=NANOGPT["clip"], **muon_fields("adamw", None, None),
+                params=sum(p.numel() for p in params), arch={}, precision="fp32", **timing)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -247,14 +309,14 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
                   corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
                                                                        "documents", "versions")},
                   preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
-                  batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                  batch=args.batch, seq_len=args.seq_len, seed=args.seed, mode="steps",
                   val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
                   torch=torch.__version__)
     rows = []
     if "ours" in args.models or gpt2:
         row, batches = run_ours(args, corpus) if "ours" in args.models else (None, None)
         if row is not None:
-            rows.append({**common, **row})
+            rows.append({**common, **row, "variant": args.arch_value})
         if gpt2:
             if batches is None:  # GPT-2 alone: the windows our Trainer would visit, without training
                 batches = batches_only(args, corpus)
@@ -262,28 +324,81 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
     return rows
 
 
+def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ours: dict, budget: float) -> dict:
+    """Ours again, given ``budget`` training seconds: planned for the steps its measured step time
+    (from its step-budget run ``ours``) fits in them, cut at the budget if it runs over."""
+    steps = max(1, math.floor(budget / (ours["seconds"] / ours["steps"])))
+    planned = argparse.Namespace(**{**vars(args), "steps": steps})
+    row, _ = run_ours(planned, corpus, budget)
+    return {**ours, **row, "mode": "wall", "budget_seconds": budget, "planned_steps": steps,
+            "time": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def time_to_target(rows: list[dict]) -> None:
+    """Each ours row gets ``target_loss`` (GPT-2's final validation loss, the same windows) and
+    ``time_to_target``: the training seconds of its first validation at or below it (None: never)."""
+    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
+    for r in rows:
+        if gpt2 is not None and r["model"] == "ours":
+            r["target_loss"], r["gpt2_seconds"] = gpt2["val"]["loss"], gpt2["seconds"]
+            r["time_to_target"] = next((sec for _, sec, loss in r["val_curve"] if loss <= r["target_loss"]), None)
+
+
+def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[dict]:
+    """Every (rate, model variant) of ours, the one GPT-2 run, and the wall-budget runs, in that order."""
+    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
+    rows: list[dict] = []
+    for i, (arch, lr) in enumerate(itertools.product(parse_arch(args.arch), lrs)):
+        args.arch_value = arch
+        rows += run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
+    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
+    if args.wall_budget and gpt2 is not None:
+        for ours in [r for r in rows if r["model"] == "ours"]:
+            args.arch_value, args.lr_value = ours["variant"], ours["lr"] if args.lr else None
+            rows.append(wall_budget_run(args, corpus, ours, gpt2["seconds"]))
+    time_to_target(rows)
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     names = ("stdlib", "prose") if args.corpus == "both" else (args.corpus,)
-    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
     out = []
     for name in names:
-        corpus = learn_corpora.load(name, Path(args.cache), args.seq_len)
-        for i, lr in enumerate(lrs):
-            rows = run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
-            for row in rows:
-                muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
-                print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} lr {row['lr']:.2e}{muon} "
-                      f"warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
-                      f"train loss {row['train_loss']:.4f}  {row['seconds']:.0f} s", flush=True)
-                if args.results:
-                    with open(args.results, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-            out.extend(rows)
+        rows = run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len))
+        for row in rows:
+            muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
+            arch = ",".join(f"{k}={v}" for k, v in row["arch"].items()) or "base"
+            reach = row.get("time_to_target")
+            target = "" if row["model"] == "gpt2" else \
+                f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
+            print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch} lr "
+                  f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
+                  f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "
+                  f"(+{row['eval_seconds']:.0f} s eval){target}", flush=True)
+            if args.results:
+                with open(args.results, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+        out.extend(rows)
     return out
 
 
 # ---------------------------------------------------------------------------------------- main
+def add_time_options(p: argparse.ArgumentParser) -> None:
+    """The time-to-quality options: validation cadence, clock, wall budget, model variants, precision."""
+    p.add_argument("--eval-every", type=int, default=20,
+                   help="score both models on the validation windows every N steps, clock stopped (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the timed seconds count: wall (default), or this process's CPU seconds (steadier on "
+                        "a machine other processes share; with --threads 1 the same as wall time on an idle one)")
+    p.add_argument("--wall-budget", action="store_true",
+                   help="also train ours for GPT-2's training seconds (its schedule planned for them)")
+    p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "
+                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\")")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"),
+                   help="our precision (default fp32, as GPT-2 trains; auto: bf16 where the CPU has it natively)")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", choices=("stdlib", "prose", "both"), default="both")
@@ -311,6 +426,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.add_argument("--batch", type=int, default=16, help="windows per optimizer step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    add_time_options(p)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="initialisation seed (the windows stay the same)")
     p.add_argument("--val-windows", type=int, default=0,
                    help="score this many validation windows spread over the split (default 0: all)")
@@ -336,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run(args)
     print()
-    print("\n".join(bench_table(rows)) if "gpt2" in args.models else "")
+    print("\n".join(bench_table(rows) + time_table(rows)) if "gpt2" in args.models else "")
     print(f"wall time {time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} thread(s), CPU {cpu_name()}")
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from sab_byon_omni.config import ModelConfig
-from sab_byon_omni.training.recipe import learns_slowly, recipe_for_geometry
+from sab_byon_omni.training.recipe import ARCHITECTURE, learns_slowly, recipe_for_geometry
 
 DEFAULT_SEED = 1234
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
@@ -33,7 +33,8 @@ def load_rows(path: str) -> list[dict]:
         for k, v in muon_fields("adamw", None, None).items():
             r.setdefault(k, v)
     key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
-                                r["steps"], r["batch"], r["seq_len"], r["val_windows"]] + [r[k] for k in SCHEDULE_KEYS])
+                                r["steps"], r["batch"], r["seq_len"], r["val_windows"], r.get("arch") or {},
+                                r.get("mode", "steps"), r.get("precision", "fp32")] + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
 
 
@@ -83,7 +84,9 @@ def at_rule(row: dict) -> bool:
 
 def bench_table(rows: list[dict]) -> list[str]:
     """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
-    rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))]
+    rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))
+            and r.get("mode", "steps") == "steps" and r.get("arch", {}) in ({}, ARCHITECTURE)
+            and r.get("precision", "fp32") == "fp32"]  # the rule's model: of its day (no arch), or today's
     lines = ["| corpus | preset | ours: lr, warmup (Muon: rate, warmup) | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
@@ -95,6 +98,41 @@ def bench_table(rows: list[dict]) -> list[str]:
             lines.append(f"| {key[0]} | {key[1]} | {o['lr']:.3g}, {o['warmup']}{muon} | {_bpb(o):.4f} | {_bpb(g):.4f} "
                          f"| **{_bpb(o) / _bpb(g):.3f}** | {o['seconds']:.0f} | {g['seconds']:.0f} |")
     return lines + [""]
+
+
+def arch_label(row: dict) -> str:
+    """A model variant's name: ``base``, or its changed fields (``qk_norm=True,mlp=relu2``)."""
+    return ",".join(f"{k}={v}" for k, v in (row.get("arch") or {}).items()) or "base"
+
+
+def time_table(rows: list[dict]) -> list[str]:
+    """Time to quality, per corpus and preset, one row per variant of ours (and its precision): the
+    training seconds at which it first reached GPT-2's final validation loss (evaluation time
+    excluded), as a fraction of GPT-2's training seconds; its bits per byte at the step budget and,
+    with ``--wall-budget``, at GPT-2's training seconds, each as a fraction of GPT-2's."""
+    timed = [r for r in rows if r["model"] == "ours" and "time_to_target" in r]
+    if not timed:
+        return []
+    lines = ["| corpus | preset | ours: model, precision | s/step ours / GPT-2 | time to GPT-2's loss "
+             "(x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    gpt2s = {(r["corpus"], r["preset"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
+    for r in [r for r in timed if r.get("mode", "steps") == "steps"]:
+        g = gpt2s.get((r["corpus"], r["preset"]))
+        if g is None:
+            continue
+        g = {**g, "seconds": r.get("gpt2_seconds", g["seconds"])}  # the GPT-2 run of the same invocation
+        reach = "never" if r["time_to_target"] is None else \
+            f"{r['time_to_target']:.1f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
+        wall = next((w for w in timed if w.get("mode") == "wall" and (w["corpus"], w["preset"], arch_label(w),
+                     w.get("precision")) == (r["corpus"], r["preset"], arch_label(r), r.get("precision"))), None)
+        at_wall = "" if wall is None else f"{_bpb(wall):.4f} ({_bpb(wall) / _bpb(g):.3f}x)"
+        per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])
+        lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')} | "
+                     f"{per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
+    cpu = {r.get("cpu") for r in timed}
+    ref = ", ".join(f"{k[0]} {k[1]} {v['seconds']:.0f} s, bpb {_bpb(v):.4f}" for k, v in gpt2s.items())
+    return lines + [f"GPT-2 (training seconds, bits per byte): {ref}; CPU {', '.join(sorted(c for c in cpu if c))}", ""]
 
 
 def sweep_table(rows: list[dict], corpus: str) -> list[str]:
@@ -159,8 +197,8 @@ def ablation_table(rows: list[dict]) -> list[str]:
 
 def report(rows: list[dict], plot: str | None) -> str:
     """Markdown tables (benchmark, sweep, other schedules) from result rows; draws the sweep plot."""
-    lines = bench_table(rows)
-    sweep = [r for r in rows if r["tag"] != "benchmark"]
+    lines = bench_table(rows) + time_table(rows)
+    sweep = [r for r in rows if r["tag"] not in ("benchmark", "levers")]  # levers: time-to-loss rows
     for corpus in sorted({r["corpus"] for r in sweep}):
         lines += sweep_table(sweep, corpus)
     lines += muon_table(rows)  # the benchmark's own rows are points of it too

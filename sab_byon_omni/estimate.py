@@ -44,7 +44,8 @@ def num_parameters(cfg: ModelConfig) -> int:
     h, v = cfg.hidden, cfg.vocab_size
     head = 0 if cfg.tie_embeddings else v * h
     positions = cfg.max_seq_len * h if cfg.positions == "learned" else 0
-    return v * h + positions + cfg.n_layers * block_parameters(cfg) + norm_parameters(cfg) + head
+    levers = (v * cfg.kv_heads * cfg.head_dim if cfg.value_embed else 0) + (cfg.n_layers // 2 if cfg.unet_skips else 0)
+    return v * h + positions + cfg.n_layers * block_parameters(cfg) + norm_parameters(cfg) + head + levers
 
 
 def norm_parameters(cfg: ModelConfig) -> int:
@@ -78,11 +79,15 @@ def lora_parameters(cfg: ModelConfig, rank: int, targets: str = "qkv,proj,up,dow
 
 
 def block_parameters(cfg: ModelConfig) -> int:
-    """One block: its matrices (:func:`block_matmul_parameters`), two norms, and the biases its
-    options give (every projection's with ``bias``, qkv's with ``qkv_bias``)."""
+    """One block: its matrices (:func:`block_matmul_parameters`), two norms, the biases its
+    options give (every projection's with ``bias``, qkv's with ``qkv_bias``), the q and k norms'
+    gains (``qk_norm``) and the value embedding's gain (``value_embed``). The levers add no matmul:
+    the value embedding is a lookup, soft-capping, skips and document masks are elementwise (the
+    attention FLOPs are counted unmasked anyway), so :func:`matmul_params` is unchanged by them."""
     up = (2 if cfg.mlp == "swiglu" else 1) * cfg.ffn
     biases = qkv_rows(cfg) * (cfg.bias or cfg.qkv_bias) + (2 * cfg.hidden + up) * cfg.bias
-    return block_matmul_parameters(cfg) + 2 * norm_parameters(cfg) + biases
+    levers = 2 * cfg.head_dim * cfg.qk_norm + cfg.value_embed
+    return block_matmul_parameters(cfg) + 2 * norm_parameters(cfg) + biases + levers
 
 
 def block_activation_bytes(cfg: ModelConfig, act_bytes: int, memory_saving: bool = False) -> float:
@@ -102,7 +107,8 @@ def block_activation_bytes(cfg: ModelConfig, act_bytes: int, memory_saving: bool
     h, f, kv = cfg.hidden, cfg.ffn, cfg.kv_heads * cfg.head_dim
     mlp = 4 * f if cfg.mlp == "swiglu" else (f if memory_saving else 2 * f)
     v = kv if memory_saving else h + 2 * kv
-    kept = 2 * h + h + kv + v + h + mlp
+    levers = (h + kv) * cfg.qk_norm + kv * cfg.value_embed  # q, k before their norms; v before its embedding
+    kept = 2 * h + h + kv + v + h + mlp + levers
     residual = 1 if cfg.parallel_residual else 2
     return residual * 4 * h + act_bytes * kept + 4 * cfg.n_heads
 

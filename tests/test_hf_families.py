@@ -222,7 +222,17 @@ def test_what_our_model_cannot_compute_is_one_line_and_exit_2(folders, tmp_path,
     (dict(family="gpt_neox", rope_scaling="linear", rope_scaling_factor=2.0), "model.rope_scaling='linear'"),
     (dict(family="sab", mlp="swiglu"), "model.mlp='swiglu' has no exact form in GPTNeoXForCausalLM"),
     (dict(fragmergent_mode="clock"), "fragmergent_mode=clock"),
-], ids=["layernorm-as-llama", "qkv-bias-as-llama", "gqa-as-gpt2", "scaled-rope-as-neox", "swiglu-as-sab", "clock"])
+    (dict(family="llama", norm="rmsnorm", mlp="swiglu", qk_norm=True), "model.qk_norm=True has no exact form in Llama"),
+    (dict(family="qwen3", norm="rmsnorm", mlp="swiglu"), "model.qk_norm=False has no exact form in Qwen3ForCausalLM"),
+    (dict(family="qwen3", norm="rmsnorm", mlp="relu2", qk_norm=True), "model.mlp='relu2' has no exact form in Qwen3"),
+    (dict(mlp="relu2"), "model.mlp='relu2' has no exact form in GPTNeoXForCausalLM"),
+    (dict(logit_softcap=15.0), "model.logit_softcap=15.0 has no exact form"),
+    (dict(value_embed=True), "model.value_embed=True has no exact form"),
+    (dict(unet_skips=True), "model.unet_skips=True has no exact form"),
+    (dict(document_mask_id=1), "model.document_mask_id=1 has no exact form"),
+], ids=["layernorm-as-llama", "qkv-bias-as-llama", "gqa-as-gpt2", "scaled-rope-as-neox", "swiglu-as-sab", "clock",
+        "qk-norm-as-llama", "qwen3-without-qk-norm", "relu2-as-qwen3", "relu2-as-sab", "softcap", "value-embed",
+        "unet-skips", "document-mask"])
 def test_an_export_that_would_not_be_exact_is_refused_and_writes_nothing(tmp_path, options, message):
     from sab_byon_omni.config import ModelConfig
     from sab_byon_omni.data.tokenizers import Char96Tokenizer
@@ -254,3 +264,30 @@ def test_a_model_trained_here_with_llama_options_exports_as_llama_with_a_folded_
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok("héllo")["input_ids"] == ByteTokenizer().encode("héllo")
+
+
+def test_qk_norm_rmsnorm_swiglu_exports_as_qwen3_exactly_and_comes_back(tmp_path):
+    """The levers' stock form: QK-norm + RMSNorm + SwiGLU (+ zero-initialised projections, an
+    initialisation only) is Qwen3ForCausalLM; its logits equal ours, and importing it gives our model back."""
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.data.tokenizers import ByteTokenizer
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    torch.manual_seed(0)
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=258, family="qwen3", norm="rmsnorm",
+                                                    mlp="swiglu", qk_norm=True, n_kv_heads=2, zero_init_proj=True,
+                                                    fragmergent_mode="off")).eval()
+    with torch.no_grad():  # gains and the zero projections away from their initial values, so that they count
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.02))
+    save_hf(model, ByteTokenizer(), tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ids = torch.randint(0, 258, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
+        cfg, _, state = load_hf(tmp_path / "out")
+        assert cfg.model.qk_norm and cfg.model.family == "qwen3"
+        back = CausalTransformer(cfg.model).eval()
+        back.load_state_dict(state)
+        torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=1e-5)

@@ -38,3 +38,36 @@ def test_three_steps_of_both_models_then_the_report(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert ours["muon_warmup"] == min(R.MUON_WARMUP, R.warmup_steps(3)) == 1
     assert f"Muon {ours['muon_lr']:g}, 1 |" in report.stdout  # the table names the rule's Muon rate and warmup
+
+
+def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--corpus", "stdlib", "--preset", "tiny",
+                          "--steps", "4", "--eval-every", "2", "--wall-budget", "--arch", "base;qk_norm=true,mlp=relu2",
+                          "--val-windows", "8", "--results", str(results), "--cache", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=600,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    base, variant = R.ARCHITECTURE, {**R.ARCHITECTURE, "qk_norm": True, "mlp": "relu2"}  # ours: the recipe's model
+    assert [(r["model"], r["mode"], r["arch"]) for r in rows] == [
+        ("ours", "steps", base), ("gpt2", "steps", {}), ("ours", "steps", variant), ("ours", "wall", base),
+        ("ours", "wall", variant)]
+    gpt2 = rows[1]
+    for r in rows:  # validations at steps 2 and 4 (the last), training seconds rising, evaluation apart
+        steps, seconds, losses = zip(*r["val_curve"])
+        assert steps[-1] == r["steps"] and list(seconds) == sorted(seconds) and seconds[-1] == pytest.approx(r["seconds"], abs=0.011)
+        assert losses[-1] == pytest.approx(r["val"]["loss"], abs=1e-4) and r["eval_seconds"] > 0
+    for r in rows[:1] + rows[2:]:
+        assert r["target_loss"] == gpt2["val"]["loss"] and r["gpt2_seconds"] == gpt2["seconds"]
+        first = next((sec for _, sec, loss in r["val_curve"] if loss <= r["target_loss"]), None)
+        assert r["time_to_target"] == first
+    for wall in rows[3:]:  # planned from the measured step time for GPT-2's seconds, cut there if over
+        assert wall["budget_seconds"] == gpt2["seconds"] and wall["planned_steps"] >= 1
+        assert wall["steps"] <= wall["planned_steps"]
+    label = ",".join(f"{k}={v}" for k, v in variant.items())
+    assert "time to GPT-2's loss" in run.stdout and f"| stdlib | tiny | {label}, fp32 |" in run.stdout
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--report", str(results)],
+                            capture_output=True, text=True, timeout=120)
+    base_label = ",".join(f"{k}={v}" for k, v in base.items()) or "base"
+    assert report.returncode == 0 and f"| stdlib | tiny | {base_label}, fp32 |" in report.stdout, report.stderr[-3000:]

@@ -18,6 +18,7 @@ from sab_byon_omni.model.generate import generate_tokens
 from sab_byon_omni.model.transformer import CausalTransformer, KVCache, rope_frequencies
 
 DATA = Path(__file__).parent / "data"
+SEPARATOR = 7  # the document_mask_id of the options that mask documents
 SMALL = dict(preset="tiny", hidden=32, n_heads=4, n_layers=2, ffn=48, max_seq_len=40, vocab_size=50)
 # One configuration per option, and the open families' combinations of them.
 OPTIONS = {
@@ -41,6 +42,15 @@ OPTIONS = {
     "gpt2": dict(family="gpt2", norm_bias=True, bias=True, positions="learned", fragmergent_mode="off"),
     "gpt_neox": dict(family="gpt_neox", norm_bias=True, bias=True, parallel_residual=True, rope_fraction=0.5,
                      gelu_approximate="none", tie_embeddings=False, fragmergent_mode="off"),
+    # the speed-run levers (docs/RECIPES.md), alone and together
+    "qk-norm": dict(qk_norm=True),
+    "relu2": dict(mlp="relu2"),
+    "softcap": dict(logit_softcap=2.0),
+    "value-embed": dict(value_embed=True, n_kv_heads=2),
+    "unet-skips": dict(unet_skips=True, n_layers=5),
+    "document-mask": dict(document_mask_id=SEPARATOR),
+    "all-levers": dict(qk_norm=True, mlp="relu2", logit_softcap=2.0, value_embed=True, unet_skips=True,
+                       n_layers=4, document_mask_id=SEPARATOR, norm="rmsnorm", zero_init_proj=True),
 }
 
 
@@ -107,14 +117,27 @@ def _reference(model: CausalTransformer, ids: torch.Tensor) -> torch.Tensor:
         x1, x2, rest = x[..., :rot // 2], x[..., rot // 2:rot], x[..., rot:]
         return torch.cat([x[..., :rot] * cos + torch.cat([-x2, x1], -1) * sin, rest], -1)
 
+    def rms(x, gain):  # per head
+        return gain * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+
     x = model.fragmergent(model.embed(ids))
     if cfg.positions == "learned":
         x = x + model.pos.weight[:t]
     mask = torch.ones(t, t, dtype=torch.bool).tril()
-    for block in model.blocks:
+    if cfg.document_mask_id is not None:  # document of each token: separators before it
+        doc = torch.tensor([[sum(int(z) == cfg.document_mask_id for z in row[:i]) for i in range(t)] for row in ids])
+        mask = mask & (doc[:, :, None] == doc[:, None, :])[:, None]
+    outputs = []
+    for i, block in enumerate(model.blocks):
+        if cfg.unet_skips and i >= cfg.n_layers - cfg.n_layers // 2:  # block n-1-j reads block j's output
+            x = x + model.skip_gains[i - (cfg.n_layers - cfg.n_layers // 2)] * outputs[cfg.n_layers - 1 - i]
         a, m = block.attn, block.mlp
         q, k, v = F.linear(norm(block.norm1, x), a.qkv.weight, a.qkv.bias).split((h * d, kv * d, kv * d), -1)
+        if cfg.value_embed:
+            v = v + a.value_gate * model.value_embed.weight[ids]
         q, k, v = (z.view(*ids.shape, -1, d).transpose(1, 2) for z in (q, k, v))
+        if cfg.qk_norm:
+            q, k = rms(q, a.q_norm.weight), rms(k, a.k_norm.weight)
         if cfg.positions == "rope":
             q, k = rotate(q), rotate(k)
         k, v = k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)
@@ -124,16 +147,22 @@ def _reference(model: CausalTransformer, ids: torch.Tensor) -> torch.Tensor:
         if cfg.mlp == "swiglu":
             gate, up = u.chunk(2, -1)
             u = F.silu(gate) * up
+        elif cfg.mlp == "relu2":
+            u = torch.where(u > 0, u * u, 0.0)
         else:
             u = F.gelu(u, approximate=cfg.gelu_approximate)
         x = x + y + F.linear(u, m.down.weight, m.down.bias)
-    return F.linear(norm(model.norm, x), model.head.weight)
+        outputs.append(x)
+    logits = F.linear(norm(model.norm, x), model.head.weight)
+    return cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap) if cfg.logit_softcap else logits
 
 
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 def test_each_option_matches_its_textbook_forward_and_the_kv_cache(options):
     model = _model(**options)
     ids = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(1))
+    ids[ids == SEPARATOR] = SEPARATOR + 1
+    ids[0, [3, 8, 15, 24]] = ids[1, [0, 19, 20]] = SEPARATOR  # documents end in the prompt, a chunk, a decoded step
     with torch.inference_mode():
         full = model(ids)
         torch.testing.assert_close(full, _reference(model, ids), rtol=1e-5, atol=1e-5)
@@ -209,7 +238,9 @@ def test_llama3_rope_scaling_matches_transformers():
     (dict(n_kv_heads=3), "n_kv_heads=3 does not divide model.n_heads=4"),
     (dict(n_kv_heads=0), "n_kv_heads=0 must be a positive integer"),
     (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of: layernorm, rmsnorm"),
-    (dict(mlp="relu2"), "model.mlp='relu2' is not one of"),
+    (dict(mlp="relu3"), "model.mlp='relu3' is not one of: gelu, swiglu, relu2"),
+    (dict(logit_softcap=-1.0), "model.logit_softcap=-1.0 must be 0 .off. or a positive number"),
+    (dict(document_mask_id=-2), "model.document_mask_id=-2 must be a token id"),
     (dict(family="llama4"), "model.family='llama4' is not one of"),
     (dict(rope_fraction=0.1), r"x model.rope_fraction=0 must be even"),
     (dict(rope_fraction=1.5), "rope_fraction=1.5 must be at most 1"),
@@ -246,3 +277,27 @@ def test_one_row_decoding_with_biases_on_several_threads_matches_f_linear():
             torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(old)
+
+
+def test_zero_init_proj_starts_each_block_as_the_identity_and_still_learns():
+    model = CausalTransformer(ModelConfig(**SMALL, zero_init_proj=True))
+    outputs = [p for n, p in model.named_parameters() if n.endswith(("attn.proj.weight", "mlp.down.weight"))]
+    assert len(outputs) == 4 and all(not torch.count_nonzero(p) for p in outputs)
+    assert all(torch.count_nonzero(b.attn.qkv.weight) for b in model.blocks)  # the others as before
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the blocks add nothing: the logits are the embedding's, normed, times the head
+        torch.testing.assert_close(model(ids), F.linear(model.norm(model.fragmergent(model.embed(ids))),
+                                                       model.head.weight))
+    model(ids).logsumexp(-1).sum().backward()
+    assert all(torch.count_nonzero(p.grad) for p in outputs)  # the zeros get gradients: they learn
+
+
+def test_levers_off_leave_the_initial_weights_as_they_were():
+    """Each lever is off by default; switched on, it changes only what it names (same seed)."""
+    torch.manual_seed(0)
+    sab = CausalTransformer(ModelConfig(**SMALL)).state_dict()
+    for options in (dict(logit_softcap=30.0), dict(document_mask_id=3), dict(qk_norm=True), dict(mlp="relu2"),
+                    dict(value_embed=True), dict(unet_skips=True)):
+        torch.manual_seed(0)
+        state = CausalTransformer(ModelConfig(**SMALL, **options)).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in sab.items()), options

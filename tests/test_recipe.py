@@ -126,3 +126,12 @@ def test_the_geometry_of_any_window_length_is_found_at_once(seq_len) -> None:
     batch, accumulation, epochs, steps, _ = R.batch_geometry(10**7, seq_len)
     assert batch >= 1 and accumulation >= 1 and epochs >= 1 and steps >= 1
     assert batch * accumulation * seq_len <= max(R.MAX_TOKENS_PER_STEP, seq_len)
+
+
+def test_the_recipe_gives_a_fresh_model_its_architecture_levers_unless_you_chose_them() -> None:
+    fields, lines = R.architecture(model("tiny"))
+    assert fields == R.ARCHITECTURE and fields and len(lines) == 1 and lines[0].startswith("model: ")
+    assert R.architecture(model("tiny"), {"zero_init_proj"}) == ({}, [])  # yours wins
+    assert R.architecture(model("tiny", **R.ARCHITECTURE)) == ({}, [])  # already so: nothing to say
+    cfg = replace(RunConfig(), **{f"model.{k}": v for k, v in fields.items()})
+    assert all(getattr(cfg.model, k) == v for k, v in fields.items())  # valid model settings

@@ -46,7 +46,10 @@ def test_own_data_without_a_config_trains_with_the_rule(notes, capsys):
     assert t["lr_schedule"] == "cosine" and t["weight_decay"] == R.WEIGHT_DECAY and t["beta2"] == R.BETA2
     assert (t["optimizer"], t["muon_learning_rate"]) == ("muon", pytest.approx(R.muon_learning_rate(cfg.model)))
     assert t["muon_warmup_steps"] == min(R.MUON_WARMUP, t["warmup_steps"])
-    assert "Muon for the blocks' matrices" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Muon for the blocks' matrices" in err
+    model = yaml.safe_load((Path("runs/a") / "config.yaml").read_text())["model"]
+    assert all(model[k] == v for k, v in R.ARCHITECTURE.items()) and "model: zero_init_proj on" in err  # the levers
     assert t["batch_size"] * t["gradient_accumulation_steps"] * 64 >= R.MIN_TOKENS_PER_STEP  # not the guide's 4 x 16
     assert (t["batch_size"], t["gradient_accumulation_steps"]) != (4, 16) and t["epochs"] > 1
 
@@ -90,6 +93,8 @@ def test_the_synthetic_default_job_is_the_guides(in_tmp, capsys):
     assert (t["learning_rate"], t["lr_schedule"], t["batch_size"], t["gradient_accumulation_steps"], t["epochs"]) \
         == (2e-5, "constant", 4, 16, 3)
     assert t["optimizer"] == "adamw"  # the guide's AdamW
+    model = yaml.safe_load((Path("runs/d") / "config.yaml").read_text())["model"]
+    assert not any(model[k] == v for k, v in R.ARCHITECTURE.items())  # the guide's model, no recipe levers
     assert (t["eval_interval"], t["eval_batches"]) == (0, 0)  # validation at each epoch's end, on all of it
     # the guide's own rate is information in the banner, once; not a warning (-q hides it)
     assert capsys.readouterr().err.count("learns slowly") == 1

@@ -54,9 +54,9 @@ EXPORT_FORMATS = ("safetensors", "hf", "pt", "gguf")  # sab-omni export --format
 LORA_TARGETS = ("qkv", "proj", "up", "down")  # train.lora_targets: the projections of a block (model/lora.py)
 GGUF_TYPES = ("f16", "q8_0", "f32")  # sab-omni export --format gguf --gguf-type: the types interop.gguf writes
 # The model's architecture options (model/transformer.py, docs/HF_EXPORT.md); the first of each is ours.
-Family = Literal["sab", "llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
+Family = Literal["sab", "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
 Norm = Literal["layernorm", "rmsnorm"]
-Mlp = Literal["gelu", "swiglu"]
+Mlp = Literal["gelu", "swiglu", "relu2"]
 GeluApproximate = Literal["tanh", "none"]
 Positions = Literal["rope", "learned"]
 RopeScaling = Literal["none", "linear", "llama3"]
@@ -86,7 +86,7 @@ class ModelConfig:
     fragmergent_strength: float = fld(0.1, "hidden *= 1 + strength * phi(t)")
     # Options of open models; the defaults are the SAB model, so older configs and checkpoints mean what they meant.
     family: Family = fld("sab", "what the model is and `export --format hf` writes: sab (as GPT-NeoX), llama, "
-                                "mistral, qwen2, gpt2, gpt_neox")
+                                "mistral, qwen2, qwen3, gpt2, gpt_neox")
     norm: Norm = fld("layernorm", "layernorm, or rmsnorm (Llama, Mistral, Qwen2)")
     norm_eps: float = fld(1e-5, "epsilon of every norm")
     norm_bias: bool = fld(False, "LayerNorms with a bias (GPT-2, GPT-NeoX)")
@@ -105,6 +105,18 @@ class ModelConfig:
     parallel_residual: bool = fld(False, "x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX), not one after the other")
     bias: bool = fld(False, "biases in every projection: qkv, attention output, MLP (GPT-2, GPT-NeoX)")
     qkv_bias: bool = fld(False, "a bias in the qkv projection only (Qwen2); bias implies it")
+    # Speed-run levers (modded-nanogpt; docs/RECIPES.md): off by default, so older checkpoints mean what they meant.
+    qk_norm: bool = fld(False, "RMSNorm (with a gain) on each head's queries and keys before the rotary positions "
+                               "(Qwen3)")
+    zero_init_proj: bool = fld(False, "initialise the output projections attn.proj and mlp.down to zero (each "
+                                      "block starts as the identity)")
+    logit_softcap: float = fld(0.0, "logits = cap * tanh(logits / cap) (Gemma 2's final soft-capping; 0: off)")
+    value_embed: bool = fld(False, "a second token embedding added, times a learned per-layer gain, to every "
+                                   "layer's values")
+    unet_skips: bool = fld(False, "U-net skips: the outputs of the first n_layers/2 blocks, times learned gains, "
+                                  "added to the inputs of the last n_layers/2 blocks in mirror order")
+    document_mask_id: int | None = fld(None, "the token id that ends a document (the tokenizer's <EOS>): attention "
+                                             "does not cross it inside a packed window (default: off)")
 
     def __post_init__(self) -> None:
         _choices(self, "model")
@@ -130,6 +142,10 @@ class ModelConfig:
             raise SabError(f"{what}={self.rotary_dim} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not math.isfinite(self.logit_softcap) or self.logit_softcap < 0:
+            raise SabError(f"model.logit_softcap={bounded(self.logit_softcap)} must be 0 (off) or a positive number")
+        if self.document_mask_id is not None and self.document_mask_id < 0:
+            raise SabError(f"model.document_mask_id={self.document_mask_id} must be a token id (0 or more)")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
 

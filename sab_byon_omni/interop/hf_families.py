@@ -6,6 +6,7 @@ A family is a ``transformers`` architecture and how our one model class holds it
 |---|---|---|
 | llama, mistral | LlamaForCausalLM, MistralForCausalLM | rmsnorm, swiglu, n_kv_heads, rope (theta; llama3 or linear scaling) |
 | qwen2 | Qwen2ForCausalLM | the same, and qkv_bias |
+| qwen3 | Qwen3ForCausalLM | the same as llama, and qk_norm (RMSNorm on each head's q and k) |
 | gpt2 | GPT2LMHeadModel | layernorm with bias, gelu (tanh or exact), learned positions, bias |
 | gpt_neox | GPTNeoXForCausalLM | layernorm with bias, gelu, rope_fraction, parallel_residual, bias |
 
@@ -24,10 +25,10 @@ from typing import Any
 from sab_byon_omni.config import PRESETS, ModelConfig
 from sab_byon_omni.errors import SabError, bounded
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 FAMILIES = (*LLAMA_LIKE, "gpt2", "gpt_neox")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
@@ -61,6 +62,9 @@ _ALL_BIASES = frozenset(("norm1", "norm2", "norm", "attn.qkv", "attn.proj", "mlp
 LAYOUTS: dict[str, Layout] = {
     "llama": _LLAMA, "mistral": _LLAMA,
     "qwen2": Layout(_LLAMA.prefix, _LLAMA.layer, _LLAMA.top, _LLAMA.head, frozenset({"attn.qkv"}), _LLAMA.ignored),
+    "qwen3": Layout(_LLAMA.prefix, _LLAMA.layer + (("attn.q_norm", "self_attn.q_norm", ""),
+                                                   ("attn.k_norm", "self_attn.k_norm", "")),
+                    _LLAMA.top, _LLAMA.head, ignored=_LLAMA.ignored),
     "gpt2": Layout(
         prefix="transformer.h.{i}.",
         layer=(("norm1", "ln_1", ""), ("attn.qkv", "attn.c_attn", "T"), ("attn.proj", "attn.c_proj", "T"),
@@ -129,12 +133,14 @@ def _llama_fields(conf: dict[str, Any], model_type: str, source: str) -> dict[st
         (bool(conf.get("attention_bias")), "attention_bias is true"),
         (model_type == "mistral" and window is not None and window < dims["max_seq_len"],
          f"sliding_window {bounded(window)} is shorter than max_position_embeddings (sliding-window attention)"),
-        (model_type == "qwen2" and (conf.get("use_sliding_window") is True or "sliding_attention" in layers),
+        (model_type in ("qwen2", "qwen3") and (conf.get("use_sliding_window") is True
+                                               or "sliding_attention" in layers),
          "use_sliding_window is true (sliding-window attention)"),
         (conf.get("head_dim") not in (None, dims["hidden"] // dims["n_heads"]),
          f"head_dim {bounded(conf.get('head_dim'))} is not hidden_size / num_attention_heads"),
     ])
     return {**dims, "family": model_type, "norm": "rmsnorm", "mlp": "swiglu", "qkv_bias": model_type == "qwen2",
+            "qk_norm": model_type == "qwen3",
             "norm_eps": float(conf.get("rms_norm_eps", 1e-6)), "n_kv_heads": conf.get("num_key_value_heads"),
             "tie_embeddings": bool(conf.get("tie_word_embeddings", False)), **rope_fields(conf, source)}
 
@@ -205,10 +211,14 @@ def check_representable(cfg: ModelConfig, family: str) -> None:
         need = [("norm", "rmsnorm"), ("mlp", "swiglu"), ("positions", "rope"), ("rope_fraction", 1.0),
                 ("parallel_residual", False), ("bias", False)]
         need += [("qkv_bias", False)] if family != "qwen2" else []
+        need += [("qk_norm", family == "qwen3")]
     else:  # GPT-2 and GPT-NeoX: every head its own keys and values
         need = [("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_heads", cfg.n_heads)]
         need += [("positions", "learned"), ("parallel_residual", False)] if family == "gpt2" else \
             [("positions", "rope"), ("rope_scaling", "none")]
+    # the speed-run levers no stock architecture computes (Gemma 2 soft-caps, but is not a family here)
+    need += [("logit_softcap", 0.0), ("value_embed", False), ("unet_skips", False), ("document_mask_id", None)]
+    need += [("mlp", "swiglu" if family in LLAMA_LIKE else "gelu")]
     for name, want in need:
         have = cfg.kv_heads if name == "n_kv_heads" else getattr(cfg, name)
         if have != want:
@@ -244,7 +254,9 @@ def hf_config(cfg: ModelConfig, family: str, dtype: str, ids: dict[str, Any]) ->
                 "rope_parameters": rope, "rotary_pct": cfg.rope_fraction, "rotary_emb_base": cfg.rope_base,
                 "hidden_dropout": cfg.dropout}
     extra = {"mistral": {"sliding_window": None}, "llama": {"attention_bias": False, "mlp_bias": False},
-             "qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}}
+             "qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers},
+             "qwen3": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
+                       "attention_bias": False}}
     return {**base, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope,
             "rope_scaling": rope if cfg.rope_scaling != "none" else None, **extra[family]}

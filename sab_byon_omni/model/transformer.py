@@ -33,6 +33,7 @@ from sab_byon_omni.model.ops import GeluLinear, linear
 
 # torch >= 2.5 attends grouped heads without copying k and v (1.3x faster forward + backward than
 # expanded copies on a 2-core CPU, SmolLM2-135M's 9 query and 3 key/value heads, 4 x 256 tokens)
+LEVER_PARAMETERS = ("q_norm.", "k_norm.", "value_gate", "value_embed.", "skip_gains")  # what the levers add
 SDPA_GQA = tuple(int(n) for n in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
@@ -84,13 +85,40 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
+    docs: torch.Tensor | None = None  # (batch, max_len) document index of each cached token (document_mask_id)
+    next_doc: torch.Tensor | None = None  # (batch,) the document index the next token starts in
+
+    def document_ids(self, ids: torch.Tensor, separator: int) -> torch.Tensor:
+        """The document index of each of ``ids`` (B, t), the tokens that follow the cached ones, and of
+        every token up to them: (B, pos + t). A token's document is the number of separators before it."""
+        ends = (ids == separator).long()
+        new = self.next_doc[:, None] + ends.cumsum(1) - ends
+        self.docs[:, self.pos:self.pos + ids.shape[1]] = new
+        self.next_doc += ends.sum(1)
+        return self.docs[:, :self.pos + ids.shape[1]]
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         # Uninitialised: attention only ever reads the first ``pos`` positions, which are written first.
+        docs = None if cfg.document_mask_id is None else torch.zeros(batch, max_len, dtype=torch.long, device=device)
         return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
-                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
+                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   docs=docs, next_doc=None if docs is None else torch.zeros(batch, dtype=torch.long, device=device))
+
+
+def document_ids(ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """(B, T) document index of each token of packed windows: the number of separators before it (a
+    separator belongs to the document it ends)."""
+    ends = (ids == separator).long()
+    return ends.cumsum(1) - ends
+
+
+def document_mask(docs_q: torch.Tensor, docs_k: torch.Tensor) -> torch.Tensor:
+    """(B, 1, t, S) boolean attention mask of the last t of S positions: causal and within a document."""
+    t, s = docs_q.shape[1], docs_k.shape[1]
+    causal = torch.ones(t, s, dtype=torch.bool, device=docs_q.device).tril(diagonal=s - t)
+    return (causal & (docs_q[:, :, None] == docs_k[:, None, :]))[:, None]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
@@ -126,6 +154,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.copy_v = False  # memory saving (see CausalTransformer.set_memory_saving)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # value_embed: the values get value_gate x the model's second embedding of the same tokens
+        self.value_gate = nn.Parameter(torch.ones(1)) if cfg.value_embed else None
 
     def rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """q and k (B, T, heads, D) rotated together in memory order: 2.1x faster forward + backward
@@ -137,11 +169,19 @@ class Attention(nn.Module):
         return torch.cat([apply_rope(turned, cos, sin), kept], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: a boolean (B, 1, t, S) mask that replaces the causal one (document masking);
+        ``ve``: the value embedding of the tokens (B, t, n_kv_heads x head_dim) when it is on."""
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv_heads
         qkv = project(self.qkv, x).view(b, t, h + 2 * kv, self.head_dim)
         qk, v = qkv.split((h + kv, kv), dim=2)
+        if self.q_norm is not None:
+            q, k = qk.split((h, kv), dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).to(v.dtype)  # (a norm may upcast)
+        if ve is not None:
+            v = v + self.value_gate.to(v.dtype) * ve.view(b, t, kv, self.head_dim).to(v.dtype)
         if self.rotary_dim:
             qk = self.rotate(qk, cos, sin)
         q, k = qk.transpose(1, 2).split((h, kv), dim=1)
@@ -149,13 +189,17 @@ class Attention(nn.Module):
         if cache is None:
             if self.copy_v and torch.is_grad_enabled():
                 v = v.contiguous()  # else v, a view, keeps the whole qkv output alive for backward
-            y = attend(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            drop = self.dropout if self.training else 0.0
+            y = attend(q, k, v, is_causal=True, dropout_p=drop) if mask is None else \
+                attend(q, k, v, attn_mask=mask, dropout_p=drop)
         else:
             start = cache.pos
             cache.k[layer][:, :, start:start + t] = k
             cache.v[layer][:, :, start:start + t] = v
             k_all, v_all = cache.k[layer][:, :, :start + t], cache.v[layer][:, :, :start + t]
-            if t == 1:
+            if mask is not None:
+                y = attend(q, k_all, v_all, attn_mask=mask)
+            elif t == 1:
                 y = attend(q, k_all, v_all)
             elif start == 0:  # the prompt: plain causal attention (the flash kernels, no mask built)
                 y = attend(q, k_all, v_all, is_causal=True)
@@ -198,7 +242,22 @@ class SwiGLU(nn.Module):
         return self.dropout(project(self.down, F.silu(gate) * up))
 
 
-MLPS: dict[str, type[nn.Module]] = {"gelu": MLP, "swiglu": SwiGLU}
+class ReLU2(nn.Module):
+    """down(relu(up x)^2) (Primer's squared ReLU, modded-nanogpt's MLP)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.recompute_gelu = False  # no GELU to recompute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(linear(F.relu(linear(x, self.up.weight, self.up.bias)).square(), self.down.weight,
+                                   self.down.bias))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": MLP, "swiglu": SwiGLU, "relu2": ReLU2}
 
 
 class Block(nn.Module):
@@ -211,8 +270,9 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        a = self.attn(self.norm1(x), cos, sin, cache, self.layer)
+                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cos, sin, cache, self.layer, mask, ve)
         if self.parallel:  # GPT-NeoX: both branches read the block's input
             return x + a + self.mlp(self.norm2(x))
         x = x + a
@@ -237,6 +297,10 @@ class CausalTransformer(nn.Module):
                                        cfg.fragmergent_lambda, cfg.fragmergent_omega, cfg.fragmergent_strength)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.value_embed:
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.kv_heads * cfg.head_dim)
+        if cfg.unet_skips:  # one gain per skip, first block output -> last block input
+            self.skip_gains = nn.Parameter(torch.ones(cfg.n_layers // 2))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -250,10 +314,12 @@ class CausalTransformer(nn.Module):
 
     def init_plan(self) -> Iterator[tuple[int, nn.Parameter, float | None]]:
         """(index, parameter, std) of every parameter in a fixed order: N(0, 0.02) for matrices,
-        0.02 / sqrt(2 n_layers) for the residual projections, ones for the norm gains (std None),
-        zeros for biases (std 0)."""
-        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for index, (name, p) in enumerate(self.named_parameters()):
+        0.02 / sqrt(2 n_layers) for the residual projections (zeros with ``zero_init_proj``), ones
+        for the norm gains and the levers' gains (std None), zeros for biases (std 0)."""
+        resid_std = 0.0 if self.cfg.zero_init_proj else 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        # the levers' parameters come last, so switching one on leaves every other initial weight as it was
+        named = sorted(self.named_parameters(), key=lambda item: any(k in item[0] for k in LEVER_PARAMETERS))
+        for index, (name, p) in enumerate(named):
             if name.endswith(".bias"):
                 std = 0.0
             else:
@@ -322,8 +388,34 @@ class CausalTransformer(nn.Module):
         else:
             x = x + self.pos.weight[start:start + t]
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        x = self.run_blocks(x, cos, sin, cache, self.attention_mask(input_ids, cache),
+                            self.value_embed(input_ids) if self.cfg.value_embed else None)
         if cache is not None:
             cache.pos += t
-        return linear(self.norm(x), self.head.weight)
+        logits = linear(self.norm(x), self.head.weight)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def attention_mask(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+        """With ``document_mask_id``: the (B, 1, t, S) mask of causal attention within documents, else None."""
+        sep = self.cfg.document_mask_id
+        if sep is None:
+            return None
+        docs_k = document_ids(input_ids, sep) if cache is None else cache.document_ids(input_ids, sep)
+        return document_mask(docs_k[:, -input_ids.shape[1]:], docs_k)
+
+    def run_blocks(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                   cache: KVCache | None, mask: torch.Tensor | None, ve: torch.Tensor | None) -> torch.Tensor:
+        """The blocks in order; with ``unet_skips`` the output of block i (i < n/2) is added, times its
+        gain, to the input of block n - 1 - i."""
+        n = len(self.blocks)
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if self.cfg.unet_skips and i >= n - n // 2 and skips:
+                x = x + self.skip_gains[i - (n - n // 2)].to(x.dtype) * skips.pop()
+            x = block(x, cos, sin, cache, mask, ve)
+            if self.cfg.unet_skips and i < n // 2:
+                skips.append(x)
+        return x

@@ -17,8 +17,8 @@ from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
-from sab_byon_omni.training.recipe import (FT_MAX_EPOCHS, RECIPE_FIELDS, batch_geometry, describe, evaluation_cadence,
-                                           fine_tuning_recipe, optimizer_for, recipe_for_geometry)
+from sab_byon_omni.training.recipe import (FT_MAX_EPOCHS, RECIPE_FIELDS, architecture, batch_geometry, describe,
+                                           evaluation_cadence, fine_tuning_recipe, optimizer_for, recipe_for_geometry)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
@@ -65,14 +65,15 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     if why_not_muon and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
         changes["train.optimizer"] = optimizer
         reasons.append(why_not_muon)
-    out = replace(cfg, **changes)
+    model, model_lines = ({}, []) if tuning else architecture(cfg.model, explicit)  # a fresh model's levers
+    out = replace(cfg, **changes, **{f"model.{k}": v for k, v in model.items()})
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
     what = (f"fine-tuning{' with LoRA' if cfg.train.lora_rank else ''}, for pretrained weights (--init_from "
             f"and {why}" if tuning else f"from scratch, for this corpus ({why}")
     lines = [("recipe", f"{what} without a config file" + (f"; yours: {', '.join(yours)}" if yours else "")
               + f"; {'docs/FINETUNE.md' if tuning else 'docs/RECIPES.md'})")]
     described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total, tuning)
-    lines += [("", reason) for reason in reasons + described]
+    lines += [("", reason) for reason in reasons + described + model_lines]
     return out, lines
 
 

@@ -70,6 +70,9 @@ MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly l
 MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
 MAX_MICRO_TOKENS = 16384
 MAX_EPOCHS = 20
+# The architecture levers a fresh model gets: those that paid on the time-to-loss benchmark and keep
+# every export exact (docs/RECIPES.md, "Time to quality"). zero_init_proj is an initialisation only.
+ARCHITECTURE: dict[str, Any] = {"zero_init_proj": True}
 # The fine-tuning recipe (pretrained weights: --init_from): AdamW, peak rates from a sweep on
 # SmolLM2-135M (benchmarks/finetune.py, docs/RECIPES.md), a short warmup, cosine to MIN_LR_RATIO.
 # SmolLM2-135M, 20 steps of 4 x 128 tokens of the stdlib corpus, validation bits per byte (untouched 1.293):
@@ -274,6 +277,18 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
         lines.append(f"validation {every} ({why('eval_interval', count)}) "
                      f"on {batches} ({why('eval_batches', share)}), and at each epoch's end and the run's end")
     return lines
+
+
+def architecture(model_cfg: ModelConfig, explicit: frozenset[str] | set[str] = frozenset()
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """The model fields of :data:`ARCHITECTURE` the recipe sets on a fresh model (those not given
+    explicitly, nor already so) and the banner line that says so."""
+    chosen = {k: v for k, v in ARCHITECTURE.items() if k not in explicit and getattr(model_cfg, k) != v}
+    if not chosen:
+        return {}, []
+    what = ", ".join(f"{k} {'on' if v is True else v}" for k, v in chosen.items())
+    return chosen, [f"model: {what} (zero-initialised attention and MLP output projections reached GPT-2's loss "
+                    "sooner on the time-to-loss benchmark; an initialisation only, every export stays exact)"]
 
 
 def learns_slowly(lr: float, model_cfg: ModelConfig, tokens_per_step: int = SWEEP_TOKENS_PER_STEP) -> str | None:
