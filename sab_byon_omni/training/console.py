@@ -211,7 +211,7 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
                   f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
-                   f"{plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
+                   f"{run.threads.describe() if run.threads else plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
                    + (" with FSDP" if run.fsdp else "")),
         ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
                   + (f" x {info.world} processes" if info.enabled else "")
@@ -280,6 +280,8 @@ def start_time(run: Run) -> str:
     from the estimator's FLOPs and per-step costs, at this device's measured rates."""
     import torch
 
+    from sab_byon_omni.machine import busy_machine
+
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
     later = "measured after the first steps"
     if nothing_to_train(run):
@@ -298,7 +300,9 @@ def start_time(run: Run) -> str:
     flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
     seconds = step_seconds(m, mean * t.batch_size, t.gradient_accumulation_steps, flops, rate, op_s, bandwidth,
                            PRECISION_BYTES[name])
-    return start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+    busy = busy_machine() if run.device.type == "cpu" else ""
+    return (start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step,
+                           f"measured {name} matmul rate") + (f"; {busy}" if busy else ""))
 
 
 @functools.lru_cache(maxsize=8)
