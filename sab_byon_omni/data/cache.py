@@ -28,7 +28,7 @@ from sab_byon_omni.files.lock import FolderLock
 log = logging.getLogger(__name__)
 
 # 2: a lone surrogate in a JSON string is one U+FFFD (the tokenizers' rule), no longer three
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: a corpus of few documents is split inside its documents (meta 'split')
 FLUSH_BYTES = 1 << 20  # text tokenised per call
 META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
 SPLITS = ("train", "val")
@@ -167,6 +167,7 @@ def build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, to
         "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
         "train_bytes": writers["train"].bytes, "val_bytes": writers["val"].bytes,
         "documents": docs.n_docs, "val_documents": int(docs.is_val.sum()), "single_document_cut": docs.single_cut,
+        "split": docs.split,
         "stats": {"files": docs.stats.files, "bytes": docs.stats.bytes, "bad_bytes": docs.stats.bad_bytes,
                   "skipped": dict(docs.stats.skipped)},
         "tokenize_seconds": round(seconds, 3),

@@ -12,8 +12,10 @@ The pipeline, for ``data.dataset = PATH`` (a file, a folder searched recursively
    in memory whole. Bytes that are not valid UTF-8 become U+FFFD and are counted; unreadable files
    are skipped and counted.
 3. **Split.** ``round(n_documents * val_fraction)`` documents (at least one) chosen by a
-   permutation seeded with ``data.data_seed`` form the validation set. A corpus of a single
-   document is cut at the line nearest ``1 - val_fraction`` of its text.
+   permutation seeded with ``data.data_seed`` form the validation set. A corpus of fewer than
+   ``readers.FEW_DOCUMENTS`` (10) documents, or whose chosen documents hold more than twice
+   ``val_fraction`` of its bytes, is split inside its documents instead: each is cut at the line
+   nearest ``1 - val_fraction`` of its text (the log and the cache's ``meta.json`` say which).
 4. **Tokenizer.** ``char96`` and ``byte`` need no training; ``bpe`` is trained on the training
    documents only (or loaded from ``data.tokenizer_path``) and saved as ``tokenizer.json`` in the
    cache directory, from where ``--tokenizer_path`` can reuse it.
@@ -111,7 +113,7 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
     if isinstance(found, Corpus):
         return found
     docs = Documents(files, cfg)  # validates the input: raises before anything is written
-    log.info("corpus %s: %s", cfg.dataset, docs.stats.summary())
+    log.info("corpus %s: %s; validation split %s", cfg.dataset, docs.stats.summary(), docs.split)
     with cache.removed_on_failure(directory):
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -146,8 +148,8 @@ def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokeniz
         return f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
     if tokenizer is None:
         tokenizer = cache.load_tokenizer(directory, meta)
-    log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s)", directory,
-             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"])
+    log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s; validation split %s)", directory,
+             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"], meta.get("split", "?"))
     return Corpus.open(directory, meta, tokenizer)
 
 
