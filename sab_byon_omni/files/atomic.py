@@ -32,16 +32,47 @@ TEMP_GLOB = ".*.tmp"  # what atomic_write / atomic_path / atomic_directory leave
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows has no such links)
 
 
+def umask() -> int:
+    """This process's umask (Linux: read from ``/proc/self/status``; elsewhere set and put back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_plain_open(tmp: Path, directory: bool = False) -> None:
+    """Give a temporary from mkstemp/mkdtemp (0600/0700) the mode a plain ``open()`` or ``mkdir``
+    would have given the final file or folder: 0666 (0777) less the umask."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask())
+
+
+def cannot_write(directory: Path, e: OSError) -> str:
+    """Why no file can be made in ``directory``, in a few words: the system's reason, except that a
+    folder that exists yet answers 'No such file or directory' (``/proc``, ``/sys``) is named as one
+    that takes no new files."""
+    if e.errno == errno.ENOENT and directory.is_dir():
+        return "the folder exists but takes no new files (a virtual file system such as /proc or /sys?)"
+    return reason(e)
+
+
 def _temp_in(path: Path, what: str, directory: bool = False) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if directory:
-            return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        return Path(tmp)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        _as_plain_open(tmp, directory)
+        return tmp
     except OSError as e:
-        raise SabError(f"cannot write {what} directory {path.parent}: {e.strerror or e}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {cannot_write(path.parent, e)}") from None
 
 
 def open_temp(path: str | Path, what: str = "file") -> tuple[BinaryIO, Path]:
@@ -51,8 +82,9 @@ def open_temp(path: str | Path, what: str = "file") -> tuple[BinaryIO, Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _as_plain_open(Path(tmp))
     except OSError as e:
-        raise SabError(f"cannot write {what} directory {path.parent}: {reason(e)}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {cannot_write(path.parent, e)}") from None
     return os.fdopen(fd, "wb"), Path(tmp)
 
 
