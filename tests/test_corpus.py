@@ -295,6 +295,17 @@ def test_the_cache_records_the_split_it_used(tmp_path):
     assert 0.08 < corpus.meta["val_bytes"] / (corpus.meta["val_bytes"] + corpus.meta["train_bytes"]) < 0.12
 
 
+def test_a_changed_tokenizer_is_named_in_words_when_the_cache_is_rebuilt(tmp_path, caplog):
+    root = make_docs(tmp_path / "d")
+    C.open_corpus(cfg_for(root, tmp_path, tokenizer="char96"))
+    with caplog.at_level("INFO"):
+        C.open_corpus(cfg_for(root, tmp_path, tokenizer="bpe", bpe_vocab_size=300))
+    said = [r.getMessage() for r in caplog.records if "tokenizer changed" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(
+        "the tokenizer changed (the cache was built with char96; this run asks for bpe trained to 300 ids)"), said
+    assert "{" not in said[0]
+
+
 def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
     root = make_docs(tmp_path / "d", 4)
     write(root / "blob.bin", b"\x00\x01")

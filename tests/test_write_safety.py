@@ -257,3 +257,24 @@ def test_written_files_and_folders_get_the_mode_a_plain_open_gives(tmp_path, uma
     plain = tmp_path / "plain.txt"
     plain.write_text("p")
     assert plain.stat().st_mode & 0o777 == (tmp_path / "a.txt").stat().st_mode & 0o777
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_refused_before_the_corpus_is_cached(tmp_path, monkeypatch, capsys):
+    """The newcomer's /proc/foo was refused only after the corpus was tokenised and its cache written."""
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.files.atomic import check_can_create
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("hello world\n" * 200)
+    (tmp_path / "afile").write_text("mine")
+    targets = ["afile/run"] + (["/proc/sab-run"] if os.path.isdir("/proc/self") else [])
+    for target in targets:
+        assert main(["train", "--data", "data", "--preset", "tiny", "--checkpoint_dir", target]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: cannot create train.checkpoint_dir {target}: "), err
+        assert not (tmp_path / ".sab_cache").exists()
+    if os.path.isdir("/proc/self"):
+        assert "/proc exists but takes no new files" in err[0]
+    check_can_create(tmp_path / "new" / "deeper", "x")  # possible: nothing is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]

@@ -145,12 +145,25 @@ def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokeniz
         return stale
     assert meta is not None
     if tokenizer is None and meta.get("recipe") != recipe:
-        return f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
+        was, now = _recipe_words(meta.get("recipe")), _recipe_words(recipe)
+        return f"the tokenizer changed (the cache was built with {was}; this run asks for {now})"
     if tokenizer is None:
         tokenizer = cache.load_tokenizer(directory, meta)
     log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s; validation split %s)", directory,
              f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"], meta.get("split", "?"))
     return Corpus.open(directory, meta, tokenizer)
+
+
+def _recipe_words(recipe: Any) -> str:
+    """A tokenizer recipe (:func:`.cache.tokenizer_recipe`) in words: ``bpe trained to 512 ids``."""
+    if not isinstance(recipe, dict) or not recipe.get("name"):
+        return "a tokenizer given by a checkpoint"  # a cache built for a resumed or fine-tuned run records none
+    words = str(recipe["name"])
+    if "vocab_size" in recipe:
+        words += f" trained to {recipe['vocab_size']:,} ids"
+    if "path_sha" in recipe:
+        words += f" from a tokenizer.json (sha256 {recipe['path_sha']})"
+    return words
 
 
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenDataset, TokenDataset]:

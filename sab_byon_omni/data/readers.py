@@ -60,7 +60,8 @@ class ReadStats:
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return (f"{self.files} files, {self.documents:,} documents, {self.bytes / 1e6:.2f} MB"
+        return (f"{self.files} file{'' if self.files == 1 else 's'}, {self.documents:,} "
+                f"document{'' if self.documents == 1 else 's'}, {self.bytes / 1e6:.2f} MB"
                 + (f"; skipped {skipped} ({why})" if skipped else "")
                 + (f"; {self.bad_bytes} invalid UTF-8 sequences replaced by U+FFFD" if self.bad_bytes else ""))
 

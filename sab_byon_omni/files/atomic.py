@@ -56,7 +56,7 @@ def cannot_write(directory: Path, e: OSError) -> str:
     folder that exists yet answers 'No such file or directory' (``/proc``, ``/sys``) is named as one
     that takes no new files."""
     if e.errno == errno.ENOENT and directory.is_dir():
-        return "the folder exists but takes no new files (a virtual file system such as /proc or /sys?)"
+        return f"{directory} exists but takes no new files (a virtual file system such as /proc or /sys?)"
     return reason(e)
 
 
@@ -283,3 +283,26 @@ def missing_folders(directory: str | Path) -> list[Path]:
         made.append(d)
         d = d.parent
     return made
+
+
+def check_can_create(directory: str | Path, what: str) -> None:
+    """Stop with one line now, before long work that writes elsewhere (a corpus's cache), when
+    ``directory`` is neither a folder that takes new files nor one that can be made (``/proc/x``, a
+    file in the way, a read-only disk). Leaves nothing behind: a probe file and the folders this
+    call made are removed again."""
+    d = Path(directory)
+    made = missing_folders(d)  # deepest first
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        existing = made[-1].parent if made else d
+        raise SabError(f"cannot create {what} {d}: {cannot_write(existing, e)}") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
