@@ -208,7 +208,7 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("run folder", f"{run.checkpointer.dir} ({start})"),
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
-        ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
+        ("model", f"{model_label(run.cfg)}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
                   f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
                    f"{run.threads.describe() if run.threads else plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
@@ -273,6 +273,20 @@ def _process_memory(device: torch.device) -> str:
     from sab_byon_omni.training.memory import peak_memory_mb
 
     return f"; this process holds {peak_memory_mb(device):,.0f} MB already (torch, the data, the model)"
+
+
+def model_label(cfg: Any) -> str:
+    """The model's name in the banner: its preset when it is one (the preset's five dimensions, our
+    own family), else ``custom (family llama, from SmolLM2-135M-Instruct.Q4_1.gguf)``."""
+    from pathlib import Path
+
+    from sab_byon_omni.config import PRESET_FIELDS, PRESETS
+
+    m = cfg.model
+    if m.family == "sab" and all(getattr(m, k) == PRESETS[m.preset][k] for k in PRESET_FIELDS):
+        return m.preset
+    source = cfg.train.init_from
+    return f"custom (family {m.family}" + (f", from {Path(source).name or source}" if source else "") + ")"
 
 
 def start_time(run: Run) -> str:
