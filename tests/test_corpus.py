@@ -306,6 +306,27 @@ def test_a_changed_tokenizer_is_named_in_words_when_the_cache_is_rebuilt(tmp_pat
     assert "{" not in said[0]
 
 
+@pytest.mark.parametrize("files, warned", [
+    ({"a.py": "def f(x):\n    return x\n", "b.js": "function g() {\n  return 1;\n}\n"}, "2 of 2 files"),
+    ({"notes.txt": "if x:\n    y = 1\n    z = 2\n    w = 3\nprint(y)\n"}, "60% of the lines begin indented"),
+    ({"notes.txt": "Dear diary,\ntoday was fine.\n  (an aside)\nThe end.\n"}, None),
+])
+def test_code_read_with_char96_is_warned_about_once(tmp_path, caplog, files, warned):
+    from sab_byon_omni.data.factory import load_datasets
+
+    for name, text in files.items():
+        write(tmp_path / "d" / name, text * 40)
+    for tokenizer in ("char96", "byte"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_datasets(cfg_for(tmp_path / "d", tmp_path, tokenizer=tokenizer))
+        said = [r.getMessage() for r in caplog.records if "looks like code" in r.getMessage()]
+        if warned is None or tokenizer == "byte":
+            assert said == []
+        else:
+            assert len(said) == 1 and warned in said[0] and "--tokenizer byte or bpe" in said[0]
+
+
 def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
     root = make_docs(tmp_path / "d", 4)
     write(root / "blob.bin", b"\x00\x01")
