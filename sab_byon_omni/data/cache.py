@@ -22,6 +22,7 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp
 from sab_byon_omni.files.lock import FolderLock
 
@@ -98,7 +99,7 @@ def stale_reason(meta: dict[str, Any] | None, directory: Path, cfg: DataConfig, 
         old = {f[0]: f[1:] for f in meta.get("files", [])}
         new = {f[0]: f[1:] for f in signature}
         changed = sorted(set(old) ^ set(new)) or sorted(k for k in new if old.get(k) != new[k])
-        return f"the corpus changed ({len(changed)} file(s), e.g. {changed[0] if changed else '?'})"
+        return f"the corpus changed ({plural(len(changed), 'file')}, e.g. {changed[0] if changed else '?'})"
     itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
     for split in SPLITS:
         p = directory / f"{split}.bin"

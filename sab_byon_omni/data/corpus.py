@@ -51,6 +51,7 @@ from sab_byon_omni.data.readers import Documents, file_signature, find_files
 from sab_byon_omni.data.tokenizers import Tokenizer, describe_tokenizer, spec_hash
 from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import reason
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Corpus:
             raise SabError(f"the training split of {self.meta['dataset']!r} has {len(self.train_tokens):,} tokens, "
                            f"fewer than data.seq_len={seq_len}: lower --seq_len or add data")
         if len(val) == 0:
-            raise SabError(f"the validation split of {self.meta['dataset']!r} has {len(self.val_tokens)} token(s): "
+            raise SabError(f"the validation split of {self.meta['dataset']!r} has {plural(len(self.val_tokens), 'token')}: "
                            "raise data.val_fraction or add data")
         return train, val
 

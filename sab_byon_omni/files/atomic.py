@@ -270,7 +270,8 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
             remove_entry(p)
             removed.append(p)
     if removed:
-        log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
+        log.info("removed %d temporary file%s left by an interrupted save in %s", len(removed),
+                 "" if len(removed) == 1 else "s", d)
     return removed
 
 

@@ -39,6 +39,7 @@ import yaml
 from sab_byon_omni.config import OPTIMIZERS, RunConfig
 from sab_byon_omni.data.tokenizers import spec_equal
 from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.atomic import atomic_write_text, check_own, missing_folders, remove_entry, remove_stale_temps
 from sab_byon_omni.files.checkpoint import FORMAT, finite_float, load_checkpoint, save_checkpoint
@@ -326,7 +327,7 @@ class Checkpointer:
                 shutil.copy2(p, dest / p.name, follow_symlinks=False)
         for e in entries:
             os.replace(e.path, dest / e.path.name)
-        log.warning("moved %d newer checkpoint(s) (%s) to %s: %s", len(entries),
+        log.warning("moved %s (%s) to %s: %s", plural(len(entries), "newer checkpoint"),
                     ", ".join(e.path.name for e in entries), dest, why)
         return dest
 

@@ -121,7 +121,7 @@ def step_line(step: int, total: int, epoch: int, epochs: int, loss: float, lr: f
 
 def time_line(clock: Clock) -> str:
     eta, tps = clock.eta(), clock.tokens_per_second()
-    return (f"time: about {fmt_duration(eta or 0.0)} for the remaining {clock.total_steps - clock.step:,} steps "
+    return (f"time: about {fmt_duration(eta or 0.0)} for the remaining {plural(clock.total_steps - clock.step, 'step')} "
             f"({clock.seconds_per_step():.2f} s/step" + (f", {tps:,.0f} tokens/s" if tps else "") + ", measured)")
 
 
