@@ -64,6 +64,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._words: list[str] = []  # the words the last parse read (for an unknown flag's report)
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
         """argparse's, with each long flag in both spellings (:func:`spellings`)."""
@@ -81,8 +82,8 @@ class Parser(argparse.ArgumentParser):
 
     def _unknown_flags(self) -> list[str]:
         """The words parsed that look like long flags this parser does not know (``--promt``)."""
-        words = getattr(self, "_words", [])
-        return [w for w in words if w[:2] == "--" and len(w) > 2 and w.split("=", 1)[0] not in self._option_string_actions]
+        known = self._option_string_actions
+        return [w for w in self._words if w[:2] == "--" and len(w) > 2 and w.split("=", 1)[0] not in known]
 
     def _suggestion(self, message: str) -> str:
         found = re.search(r"unrecognized arguments: (\S+)", message)
