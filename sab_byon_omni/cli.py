@@ -64,13 +64,26 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._words: list[str] = []  # the words the last parse read (for an unknown flag's report)
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
         """argparse's, with each long flag in both spellings (:func:`spellings`)."""
         return super().add_argument(*spellings(*names), **kwargs)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """argparse's, remembering the words it parses (an unknown flag is reported before a missing one)."""
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("the following arguments are required") and (unknown := self._unknown_flags()):
+            message = f"unrecognized arguments: {' '.join(unknown)}"  # the cause, more likely than the symptom
         raise SabError(f"{self.prog}: {message}{self._suggestion(message)}")
+
+    def _unknown_flags(self) -> list[str]:
+        """The words parsed that look like long flags this parser does not know (``--promt``)."""
+        known = self._option_string_actions
+        return [w for w in self._words if w[:2] == "--" and len(w) > 2 and w.split("=", 1)[0] not in known]
 
     def _suggestion(self, message: str) -> str:
         found = re.search(r"unrecognized arguments: (\S+)", message)

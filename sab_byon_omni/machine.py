@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,6 +147,65 @@ def idle_cpus(reads: int = 3, gap_s: float = 0.005) -> int:
     except (OSError, AttributeError, ValueError, IndexError):
         return 1
     return max(1, cpus - min(others))
+
+
+@dataclass(frozen=True)
+class Threads:
+    """The torch intra-op threads a training process takes on a CPU (:func:`training_threads`):
+    ``n`` threads, with ``idle`` of the ``cores`` it may use free as it started (None: not looked
+    at, an explicit number), ``ranks`` local processes sharing them; ``why`` says a lowered count."""
+
+    n: int
+    idle: int | None
+    cores: int
+    ranks: int = 1
+    why: str = ""
+    before: int = 1  # torch's setting before (restored when the run ends)
+
+    def describe(self) -> str:
+        """``2 threads (1 idle of 2)``, as the banner says it."""
+        seen = f"{self.idle} idle of {self.cores}" if self.idle is not None else f"of {self.cores} core{'' if self.cores == 1 else 's'}"
+        share = f", {self.cores // self.ranks} per local process" if self.ranks > 1 else ""
+        return f"{self.n} thread{'' if self.n == 1 else 's'} ({seen}{share})"
+
+
+def local_processes() -> int:
+    """The processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), 1 without torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def training_threads(requested: int = 0, idle: int | None = None) -> Threads:
+    """The torch threads for training on a CPU. ``requested`` 0 (auto): the cores no other process is
+    using as the run starts (``idle``, default :func:`idle_cpus`), at least 1, at most torch's setting
+    and this process's share of the cores (the usable cores over torchrun's local processes). An
+    explicit number wins, but above that share it is lowered to it (the caller warns with ``why``):
+    threads beyond the free cores wait on one another, each op on its slowest thread (1 thread ran
+    tiny 6-30x faster than 2 on a loaded 2-vCPU machine, docs/TRAINING.md)."""
+    cores, ranks = usable_cpus(), local_processes()
+    share = max(1, cores // ranks)
+    if requested > 0:
+        if requested <= share:
+            return Threads(requested, None, cores, ranks, before=torch.get_num_threads())
+        where = f" shared by {ranks} local processes" if ranks > 1 else ""
+        return Threads(share, None, cores, ranks,
+                       f"train.threads={requested} is more than the {share} CPU core{'' if share == 1 else 's'} this "
+                       f"process may use ({cores}{where}): training with {share}", torch.get_num_threads())
+    free = idle_cpus() if idle is None else idle
+    before = torch.get_num_threads()
+    return Threads(max(1, min(before, share, free)), free, cores, ranks, before=before)
+
+
+def busy_machine() -> str:
+    """A few words when the machine is busy (1-minute load above its CPUs): a time estimate made from
+    rates measured now assumes the cores stay free. Empty when not busy or unknown."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return ""
+    return f"the machine is busy (load {load:.1f} on {cpus} CPUs): this assumes free cores" if load > cpus else ""
 
 
 def malloc_settings() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.errors import SabError, bounded
-from sab_byon_omni.files.atomic import atomic_write, missing_folders
+from sab_byon_omni.files.atomic import atomic_write, cannot_write, missing_folders
 from sab_byon_omni.files.untrusted import MAX_STEP  # the one step limit (a float holds every step up to it exactly)
 from sab_byon_omni.training.metrics import EPOCH_END, EVAL, METRICS_FILE, TRAIN, row_kind
 
@@ -48,10 +48,18 @@ class Series:
 
 
 def metrics_path(run: str | Path) -> Path:
-    """``run`` itself if it is a file, else ``run/metrics.jsonl``."""
+    """``run/metrics.jsonl`` for a run folder; ``run`` itself if it is a ``.jsonl`` file; for another
+    file (a checkpoint in a run folder) its folder's metrics.jsonl, said in a log line, else one
+    error: a 100 MB checkpoint is not read as 19,000 broken JSON lines."""
     p = Path(run)
     if p.is_file():
-        return p
+        if p.suffix.lower() == ".jsonl":
+            return p
+        if (p.parent / METRICS_FILE).is_file():
+            log.info("%s is not a metrics file: plotting its run folder %s", p, p.parent)
+            return p.parent / METRICS_FILE
+        raise SabError(f"{p} is not a run folder or a {METRICS_FILE} file: pass the folder train wrote "
+                       "(its checkpoint_dir, e.g. runs/csv)")
     if not p.exists():
         raise SabError(f"run directory not found: {p}")
     m = p / METRICS_FILE
@@ -60,31 +68,47 @@ def metrics_path(run: str | Path) -> Path:
     return m
 
 
+SKIPPED_SHOWN = 3  # lines of a metrics file named one by one when skipped; the rest are counted
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file; lines that are not JSON objects with a step number (a whole
-    number from 0 to :data:`MAX_STEP`) are skipped with a warning."""
+    number from 0 to :data:`MAX_STEP`) are skipped with a warning (the first
+    :data:`SKIPPED_SHOWN`, then one line counting the rest)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise SabError(f"cannot read {path}: {e.strerror or e}") from None
-    rows = []
+    rows, skipped = [], 0
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to convert
-            log.warning("%s:%d: not a JSON line; skipped", path, n)
-            continue
-        step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, (int, float)) or isinstance(step, bool):
-            log.warning("%s:%d: no step; skipped", path, n)
-        elif not _is_step(step):
-            log.warning("%s:%d: step %s is not an optimizer step number; skipped", path, n, bounded(step))
-        else:
+        row, why = _row(line)
+        if why is None:
             rows.append(row)
+            continue
+        skipped += 1
+        if skipped <= SKIPPED_SHOWN:
+            log.warning("%s:%d: %s; skipped", path, n, why)
+    if skipped > SKIPPED_SHOWN:
+        more = skipped - SKIPPED_SHOWN
+        log.warning("%s: %d more line%s skipped (%d in all)", path, more, "" if more == 1 else "s", skipped)
     return rows
+
+
+def _row(line: str) -> tuple[Any, str | None]:
+    """One line's row, and why it is skipped (None: it is a row)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, too deep, or a number too long to convert
+        return None, "not a JSON line"
+    step = row.get("step") if isinstance(row, dict) else None
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+        return row, "no step"
+    if not _is_step(step):
+        return row, f"step {bounded(step)} is not an optimizer step number"
+    return row, None
 
 
 def _is_step(step: int | float) -> bool:
@@ -200,7 +224,7 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
         _atomic_savefig(fig, dest)
     except OSError as e:
         _remove_empty(made)
-        raise SabError(f"-o {dest}: cannot create its folder: {e.strerror or e}") from None
+        raise SabError(f"-o {dest}: cannot create its folder: {cannot_write(dest.parent, e)}") from None
     except BaseException:
         _remove_empty(made)
         raise

@@ -81,3 +81,14 @@ def test_help_lists_config_fields_with_their_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--train.learning_rate" in out and "AdamW peak learning rate" in out and "examples:" in out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--promt", "hi"], "unrecognized arguments: --promt (did you mean --prompt?)"),
+    (["eval", "--checkpint", "x"], "unrecognized arguments: --checkpint (did you mean --checkpoint?)"),
+    (["chat", "--checkpont", "x"], "unrecognized arguments: --checkpont (did you mean --checkpoint?)"),
+])
+def test_an_unknown_flag_is_reported_before_a_missing_required_one(in_tmp, capsys, argv, says):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "required" not in err, err

@@ -302,3 +302,20 @@ def test_a_long_message_is_cut_at_a_sentence_not_mid_word():
     cut = first_line(msg)
     assert msg.startswith(cut) and cut.endswith("weights_only.") and len(cut) <= 160
     assert first_line("x" * 500).endswith("…") and len(first_line("x" * 500)) == 160
+
+
+def test_resume_auto_without_data_takes_the_run_folders_config(in_tmp, capsys):
+    """`train --resume auto --checkpoint_dir RUN` was refused: 'this command gives --data synthetic'."""
+    (in_tmp / "data").mkdir()
+    (in_tmp / "data" / "a.txt").write_text("".join(f"line {i} of some text\n" for i in range(400)))
+    first = ["train", "--data", "data", *tiny_run(max_steps=2, seq_len=32, num_samples=None), "--checkpoint_dir", "r"]
+    assert main(first) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "auto", "--checkpoint_dir", "r", "--max_steps", "3", "--progress", "false"]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming from r/step_2.pt" in err and "data:       data:" in err and "r/config.yaml, as written" in err
+    assert "ended at step 3" in out
+    (in_tmp / "other").mkdir()
+    (in_tmp / "other" / "b.txt").write_text("other text\n" * 400)
+    assert main(["train", "--data", "other", "--resume", "auto", "--checkpoint_dir", "r", "--max_steps", "4"]) == 2
+    one_error(capsys.readouterr().err, "the run was trained on --data")

@@ -260,6 +260,73 @@ def test_a_single_document_is_cut_at_a_line_break(tmp_path):
     assert train.endswith("\n") and 5 <= val.count("\n") <= 15
 
 
+def test_a_few_documents_are_each_cut_so_validation_is_near_val_fraction(tmp_path):
+    """3 files: a whole-document split would hold out a third of the text (the newcomer's 77%)."""
+    root = tmp_path / "d"
+    texts = [write(root / f"f{i}.txt", "".join(f"file {i} line {j}\n" for j in range(50 * (i + 1)))).read_text()
+             for i in range(3)]
+    docs = R.Documents(R.find_files(str(root)), DataConfig(dataset=str(root), val_fraction=0.1))
+    assert docs.cut_each and docs.split.startswith("inside documents")
+    pieces = list(docs)
+    assert [v for v, _ in pieces] == [False, True] * 3
+    assert [pieces[2 * i][1] + pieces[2 * i + 1][1] for i in range(3)] == texts  # each cut at a line break
+    held = sum(len(d) for v, d in pieces if v) / sum(map(len, texts))
+    assert 0.08 < held < 0.12, held
+
+
+def test_a_held_out_share_over_twice_val_fraction_cuts_inside_documents(tmp_path):
+    root = make_docs(tmp_path / "d", 12)
+    files = R.find_files(str(root))
+    cfg = DataConfig(dataset=str(root), val_fraction=0.1)
+    even = R.Documents(files, cfg)
+    assert not even.cut_each and even.split == "whole documents: 1 of 12 held out"
+    held_out = [d for v, d in even if v][0]
+    big = next(p for p in files if p.read_text() == held_out)
+    write(big, held_out + "more words\n" * 500)  # now most of the corpus
+    assert R.Documents(files, cfg).cut_each
+
+
+def test_the_cache_records_the_split_it_used(tmp_path):
+    root = tmp_path / "d"
+    for i in range(2):
+        write(root / f"f{i}.txt", "".join(f"line {j}\n" for j in range(200)))
+    corpus = C.open_corpus(cfg_for(root, tmp_path))
+    assert corpus.meta["split"].startswith("inside documents")
+    assert 0.08 < corpus.meta["val_bytes"] / (corpus.meta["val_bytes"] + corpus.meta["train_bytes"]) < 0.12
+
+
+def test_a_changed_tokenizer_is_named_in_words_when_the_cache_is_rebuilt(tmp_path, caplog):
+    root = make_docs(tmp_path / "d")
+    C.open_corpus(cfg_for(root, tmp_path, tokenizer="char96"))
+    with caplog.at_level("INFO"):
+        C.open_corpus(cfg_for(root, tmp_path, tokenizer="bpe", bpe_vocab_size=300))
+    said = [r.getMessage() for r in caplog.records if "tokenizer changed" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(
+        "the tokenizer changed (the cache was built with char96; this run asks for bpe trained to 300 ids)"), said
+    assert "{" not in said[0]
+
+
+@pytest.mark.parametrize("files, warned", [
+    ({"a.py": "def f(x):\n    return x\n", "b.js": "function g() {\n  return 1;\n}\n"}, "2 of 2 files"),
+    ({"notes.txt": "if x:\n    y = 1\n    z = 2\n    w = 3\nprint(y)\n"}, "60% of the lines begin indented"),
+    ({"notes.txt": "Dear diary,\ntoday was fine.\n  (an aside)\nThe end.\n"}, None),
+])
+def test_code_read_with_char96_is_warned_about_once(tmp_path, caplog, files, warned):
+    from sab_byon_omni.data.factory import load_datasets
+
+    for name, text in files.items():
+        write(tmp_path / "d" / name, text * 40)
+    for tokenizer in ("char96", "byte"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_datasets(cfg_for(tmp_path / "d", tmp_path, tokenizer=tokenizer))
+        said = [r.getMessage() for r in caplog.records if "looks like code" in r.getMessage()]
+        if warned is None or tokenizer == "byte":
+            assert said == []
+        else:
+            assert len(said) == 1 and warned in said[0] and "--tokenizer byte or bpe" in said[0]
+
+
 def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
     root = make_docs(tmp_path / "d", 4)
     write(root / "blob.bin", b"\x00\x01")
@@ -283,7 +350,7 @@ def test_stats_count_skipped_files_and_bad_bytes(tmp_path, monkeypatch):
 def test_no_readable_text_names_the_reasons(tmp_path):
     write(tmp_path / "d" / "a.bin", b"\x00" * 10)
     write(tmp_path / "d" / "b.jsonl", '{"body": "x"}\n')
-    want = r"no readable text in 2 file\(s\) \(1 file\(s\): binary; 1 file\(s\): no 'text'"
+    want = r"no readable text in 2 files \(1 file: binary; 1 file: no 'text'"
     with pytest.raises(SabError, match=want):
         R.Documents(R.find_files(str(tmp_path / "d")), DataConfig(dataset=str(tmp_path / "d")))
 
@@ -432,7 +499,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("setup, match", [
     ("missing", "no such file or folder"),
     ("empty", "the folder holds no files"),
-    ("binaries", "no readable text in 2 file(s) (2 file(s): binary)"),
+    ("binaries", "no readable text in 2 files (2 files: binary)"),
     ("nofield", "no 'text' field"),
 ])
 def test_bad_data_is_one_line_exit_2_and_nothing_written(in_tmp, capsys, setup, match):

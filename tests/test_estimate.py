@@ -170,6 +170,17 @@ def test_cli_estimate_prints_the_breakdown(capsys):
         assert word in out
 
 
+def test_cli_estimate_says_what_its_epoch_assumes(capsys):
+    """'epoch of 4.61M tokens' was 4,500 samples x 1024, though the synthetic samples are ~65 characters."""
+    assert main(["estimate", "--preset", "tiny", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch of 4.61M tokens (4,500 training samples x 1,024, as if each filled --seq-len" in out
+    assert "8 devices" in out and "device(s)" not in out
+    assert main(["estimate", "--preset", "tiny", "--tokens", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch of 1.00M tokens: " in out and "1 device," in out
+
+
 def test_cli_estimate_json_matches_the_library():
     import io
     from contextlib import redirect_stdout

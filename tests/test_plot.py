@@ -150,7 +150,8 @@ def test_steps_that_are_not_step_numbers_are_skipped_with_a_warning(tmp_path, mo
         assert cli.main(["plot", "run"]) == 0
     assert "last train loss 2.0000 at step 20" in capsys.readouterr().out
     warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(warned) == len(bad), warned  # each once, though the command reads the rows for two things
+    # the first three named, the rest counted; once, though the command reads the rows for two things
+    assert len(warned) == 4 and warned[-1].endswith(f"{len(bad) - 3} more lines skipped ({len(bad)} in all)"), warned
     assert collect_series(read_metrics(tmp_path / "run" / "metrics.jsonl")).loss[0] == list(range(1, 21))
 
 
@@ -174,3 +175,35 @@ def test_a_muon_run_shows_both_learning_rates():
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["AdamW learning rate",
                                                                             "Muon learning rate"]
     assert collect_series(ROWS).muon_lr == ([], [])  # an AdamW run: one rate, as before
+
+
+def test_a_checkpoint_file_plots_its_run_folder_and_another_file_is_one_line(tmp_path, monkeypatch, capsys, caplog):
+    """The newcomer's `plot FILE.pt` printed 19,127 'not a JSON line; skipped' warnings."""
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "run", ROWS)
+    (tmp_path / "run" / "step_20.pt").write_bytes(b"PK\x03\x04" + b"\n\x00junk" * 20000)
+    with caplog.at_level("WARNING"):
+        assert cli.main(["plot", "run/step_20.pt"]) == 0
+    out, err = capsys.readouterr()
+    assert "run/metrics.png" in out and "plotting its run folder run" in err and "skipped" not in err
+    (tmp_path / "elsewhere.pt").write_bytes(b"\n\x00junk" * 20000)
+    assert cli.main(["plot", "elsewhere.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "elsewhere.pt is not a run folder or a metrics.jsonl file" in err
+
+
+def test_many_bad_lines_give_three_warnings_and_a_count(tmp_path, caplog):
+    path = write_run(tmp_path / "run", ROWS, extra_text="x\n" * 19_000) / "metrics.jsonl"
+    with caplog.at_level("WARNING"):
+        assert len(read_metrics(path)) == len(ROWS)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4 and warned[-1].endswith("18997 more lines skipped (19000 in all)"), warned[-1]
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_files_is_named_as_such(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "run", ROWS)
+    assert cli.main(["plot", "run", "-o", "/proc/x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "takes no new files" in err and "No such file or directory" not in err, err

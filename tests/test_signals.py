@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sab_byon_omni.files.checkpoint import load_checkpoint
-from sab_byon_omni.training.signals import StopRequest
+from sab_byon_omni.training.signals import EXIT_STOPPED, StopRequest
 from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.integration
@@ -206,3 +206,31 @@ def test_a_stop_request_restores_the_handlers_and_the_wakeup_fd():
     assert {sig: signal.getsignal(sig) for sig in before} == before
     assert signal.set_wakeup_fd(-1) == -1  # what it was before
     assert not any(t.name == "sab-stop-watchdog" for t in threading.enumerate())
+
+
+SLOW_CLEANUP = textwrap.dedent("""
+    import os, signal, time
+    from sab_byon_omni.training.signals import StopRequest
+
+    with StopRequest(lambda s: "first signal"):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        except KeyboardInterrupt:  # Python saw it at once; a cleanup in Python then takes too long
+            start = time.monotonic()
+            while time.monotonic() - start < 20:
+                pass
+    print("not reached")
+""")
+
+
+def test_a_second_signal_blames_torch_only_when_python_could_not_run(tmp_path):
+    """The message always said '(torch was inside one long operation)', even when torch was not."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_CLEANUP)
+    done = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_STOPPED and "not reached" not in done.stdout, done.stderr
+    assert "SIGINT again: stopped at once without saving (the interrupted run had not finished stopping" in done.stderr
+    assert "torch was inside" not in done.stderr

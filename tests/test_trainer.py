@@ -148,6 +148,18 @@ def test_a_run_that_max_steps_ends_inside_its_first_epoch_validates_and_keeps_be
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["best_model.pt", "step_3.pt"]
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_max_steps_at_an_epochs_end_completes_that_epoch(tmp_path, epochs):
+    """The newcomer's 40 steps of 2-step epochs said 'epoch 20/20' but saved step_40.pt, 19 epoch losses."""
+    trainer = trainer_for(tiny_config(tmp_path, max_steps=12, epochs=epochs))  # 12 steps per epoch
+    result = trainer.fit()
+    assert trainer.state.epoch == 1 and len(result.train_losses) == len(result.val_losses) == 1
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["best_model.pt", "epoch_1.pt"]
+    rows = _rows(tmp_path / "ckpt")
+    assert [r["step"] for r in rows if "val_loss" in r] == [12]  # validated once, at the epoch's end
+    assert [r["epoch"] for r in rows if "train_loss" in r] == [1]
+
+
 def test_validations_at_an_interval_keep_the_best_so_far(tmp_path, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, math.nan, 1.0, 4.0])  # steps 2, 4, 6, 8, 10 and the last, 11
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(scripted))

@@ -229,3 +229,52 @@ def test_setting_aside_refuses_a_linked_metrics_file_before_moving_anything(tmp_
         ck.set_aside([Entry(ck.dir / "step_9.pt", 9, False, 0)], "a test", copies=(ck.dir / "metrics.jsonl",))
     assert sorted(os.listdir(ck.dir)) == ["metrics.jsonl", "step_9.pt"]  # nothing moved
     assert state(outside) == before
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_written_files_and_folders_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """mkstemp/mkdtemp make 0600/0700 temporaries; the final file is 0666 & ~umask, a folder 0777 & ~umask."""
+    from sab_byon_omni.files.atomic import atomic_path, open_temp
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"y")
+    f, tmp = open_temp(tmp_path / "c.bin")
+    with f:
+        f.write(b"z")
+    os.replace(tmp, tmp_path / "c.bin")
+    with atomic_directory(tmp_path / "folder") as d:
+        (d / "inside.txt").write_text("w")
+    for name in ("a.txt", "b.bin", "c.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+    plain = tmp_path / "plain.txt"
+    plain.write_text("p")
+    assert plain.stat().st_mode & 0o777 == (tmp_path / "a.txt").stat().st_mode & 0o777
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_refused_before_the_corpus_is_cached(tmp_path, monkeypatch, capsys):
+    """The newcomer's /proc/foo was refused only after the corpus was tokenised and its cache written."""
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.files.atomic import check_can_create
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("hello world\n" * 200)
+    (tmp_path / "afile").write_text("mine")
+    targets = ["afile/run"] + (["/proc/sab-run"] if os.path.isdir("/proc/self") else [])
+    for target in targets:
+        assert main(["train", "--data", "data", "--preset", "tiny", "--checkpoint_dir", target]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: cannot create train.checkpoint_dir {target}: "), err
+        assert not (tmp_path / ".sab_cache").exists()
+    if os.path.isdir("/proc/self"):
+        assert "/proc exists but takes no new files" in err[0]
+    check_can_create(tmp_path / "new" / "deeper", "x")  # possible: nothing is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sab_byon_omni.benchmark.results import EpochBench, GenerateBench, Result, Speed, TrainBench
+from sab_byon_omni.estimate import plural
 
 PEER_NAMES = {"hf": "HF GPT-2", "minimal": "plain reference GPT"}
 
@@ -36,7 +37,7 @@ def _epoch(r: EpochBench) -> str:
         "|---:|---:|---:|---:|---:|",
         f"| {r.tokens_per_s:,.0f} | {_pct(r.mfu)} | {r.epoch_s:,.0f} | {_fmt(r.bound_s, ',.0f')} | "
         f"{_fmt(r.epoch_over_bound, '.2f')}x |",
-        "", f"{r.steps} optimizer step(s) timed after {r.warmup} warm-up ({r.timed_s:.1f} s); the epoch is projected "
+        "", f"{plural(r.steps, 'optimizer step')} timed after {r.warmup} warm-up ({r.timed_s:.1f} s); the epoch is projected "
             "from their real tokens/s"])
 
 
@@ -77,7 +78,7 @@ def _train(r: TrainBench) -> str:
                      f"{s.step_s:.2f} | {s.tflops:.3g} | {_pct(s.mfu)} | {_pct(r.measured_mfu(s))} | "
                      f"{_memory(s, '-')} |")
     lines.append("")
-    lines.append(f"median of {r.steps} timed step(s) after {r.warmup} warm-up"
+    lines.append(f"median of {plural(r.steps, 'timed step')} after {r.warmup} warm-up"
                  + (f"; first step {r.first_step_s:.1f} s" if r.first_step_s else "")
                  + (f", compile about {r.compile_s:.1f} s" if r.compile_s is not None else ""))
     for name, s in r.peers.items():

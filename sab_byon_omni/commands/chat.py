@@ -15,6 +15,7 @@ import sys
 
 from sab_byon_omni.commands.common import check_paths_first
 from sab_byon_omni.commands.generate import add_sampling_flags
+from sab_byon_omni.estimate import plural
 
 EXAMPLE = """examples:
   sab-omni chat --checkpoint run/best_model.pt
@@ -75,7 +76,7 @@ def _answer(session, text: str) -> None:  # type: ignore[no-untyped-def]
         print(f"error: {e}", file=sys.stderr)
         return
     if session.last.dropped:
-        print(f"(the oldest {session.last.dropped} exchange(s) dropped to fit the context)", file=sys.stderr)
+        print(f"(the oldest {plural(session.last.dropped, 'exchange')} dropped to fit the context)", file=sys.stderr)
     try:
         for piece in pieces:
             sys.stdout.write(piece)

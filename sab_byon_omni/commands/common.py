@@ -78,4 +78,6 @@ def check_paths_first(source: str | None = None, data: str | None = None) -> Non
 
 def _maybe_hub_id(text: str) -> bool:
     """Shaped like ``user/name`` (io.sources decides whether it is one)."""
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    from sab_byon_omni.files.paths import looks_local
+
+    return text.count("/") == 1 and not looks_local(text)

@@ -24,6 +24,7 @@ from sab_byon_omni.estimate import (
     gpu_table,
     largest_micro_batch,
     lora_parameters,
+    plural,
     single_gpu_table,
 )
 
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=5000,
                    help="samples per epoch, 90%% of them trained on (default: 5000)")
     p.add_argument("--tokens", type=float, default=None,
-                   help="training tokens per epoch (default: from --num-samples x --seq-len)")
+                   help="training tokens per epoch (default: 90%% of --num-samples x --seq-len, as if every sample "
+                        "filled --seq-len: an upper bound)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="LoRA adapters of this rank (0: off): only they train; the frozen projections are held in "
                         "--precision when it is bf16 or fp16 (default: 0)")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank:
         print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: "
               f"{lora_parameters(cfg, args.lora_rank, args.lora_targets):,} trainable parameters, the rest frozen")
-    print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {args.gpus} device(s), "
+    print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {plural(args.gpus, 'device')}, "
           f"{args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
     print("memory per device:")
     for name in ("weights", "gradients", "optimizer", "activations", "logits", "workspace", "buffers"):
@@ -130,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  hint: {hint}")
     print(f"compute: {e.flops_per_token / 1e9:,.3f} GFLOP per token (6N + attention)"
           + (f", {e.hardware_flops_per_token / 1e9:,.3f} with recomputation" if e.activation_checkpointing else ""))
-    print(f"epoch of {fmt_count(tokens)} tokens: {fmt_duration(seconds)} on {args.gpus} device(s) at "
+    assumed = "" if args.tokens is not None else (
+        f" ({int(round(args.num_samples * 0.9)):,} training samples x {args.seq_len:,}, as if each filled "
+        "--seq-len: an upper bound; the synthetic set's samples are ~65 characters, so give --tokens for your corpus)")
+    print(f"epoch of {fmt_count(tokens)} tokens{assumed}: {fmt_duration(seconds)} on {plural(args.gpus, 'device')} at "
           f"{args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s")
     return 0

@@ -23,6 +23,7 @@ import logging
 
 from sab_byon_omni.commands.common import check_paths_first
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _corpus(sab, args, dataset, batch_size, device, precision, how):  # type: ig
     for split in _splits(args):
         tokens = corpus.val_tokens if split == "val" else corpus.train_tokens
         if len(tokens) < 2:
-            raise SabError(f"the {split} split of {dataset!r} has {len(tokens)} token(s): nothing to score")
+            raise SabError(f"the {split} split of {dataset!r} has {plural(len(tokens), 'token')}: nothing to score")
         log.info("scoring %s %s tokens (window %d, stride %d, %s)", f"{len(tokens):,}", split, seq_len, stride, how)
         result = result + evaluate_stream(sab.model, tokens, corpus.meta[f"{split}_bytes"], seq_len, stride,
                                           batch_size, device, precision.autocast())

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot loss and learning rate of a run to a PNG", description=__doc__,
                        epilog=EXAMPLE)
     p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a checkpoint_dir written by train (or its metrics.jsonl file)")
+                   help="a checkpoint_dir written by train (or its metrics.jsonl file; a checkpoint in it "
+                        "plots its folder)")
     p.add_argument("-o", "--output", metavar="PNG", default=None,
                    help=f"where to write the PNG (default: RUN_DIR/{DEFAULT_PNG}); an existing non-PNG file is never "
                         "overwritten")
@@ -30,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = collect_series(read_metrics(metrics_path(args.run_dir)))  # read once: a skipped row is warned about once
-    path = plot_metrics(args.run_dir, args.output, args.title, series=s)
+    src = metrics_path(args.run_dir)  # a checkpoint file: its folder's, said once
+    s = collect_series(read_metrics(src))  # read once: a skipped row is warned about once
+    path = plot_metrics(src, args.output, args.title, series=s)
     parts = []
     if s.loss[0]:
         parts.append(f"last train loss {s.loss[1][-1]:.4f} at step {s.loss[0][-1]}")

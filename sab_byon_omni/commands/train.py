@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from sab_byon_omni.commands.common import add_config_flags, check_paths_first, collect_overrides
@@ -37,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     overrides = collect_overrides(args)
     cfg = load_config(args.config, overrides)  # no torch yet: a bad flag, file or path fails at once
+    if args.config is None and "data.dataset" not in overrides:  # resuming: the run's own settings, flags win
+        if folder_config := resumed_config(cfg.train.resume, cfg.train.checkpoint_dir):
+            args.config = str(folder_config)
+            cfg = load_config(args.config, overrides)
     check_paths_first(source=cfg.train.init_from, data=cfg.data.dataset)
     from sab_byon_omni.training import launch
     from sab_byon_omni.training.distributed import launch_info, shutdown
@@ -58,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
     for line in report(result, cfg.train.checkpoint_dir):
         print(line)
     return EXIT_STOPPED if result.stopped_early else 0
+
+
+def resumed_config(resume: str, checkpoint_dir: str) -> Path | None:
+    """The config.yaml of the run that ``--resume`` continues (``auto``: the checkpoint_dir's; a
+    checkpoint path: its folder's), when there is one: what data, model and schedule the run had."""
+    if resume == "none":
+        return None
+    found = Path(checkpoint_dir if resume == "auto" else Path(resume).parent).expanduser() / "config.yaml"
+    return found if found.is_file() else None
 
 
 def report(result: Any, checkpoint_dir: str) -> list[str]:

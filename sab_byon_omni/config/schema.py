@@ -236,6 +236,8 @@ class TrainConfig:
     precision: Precision = fld("auto", "auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
     device: str = fld("auto", "auto (cuda, then mps, then cpu) or a torch device string")
     compile: bool = fld(False, "torch.compile each block (one graph for all, shapes dynamic: no recompiles over lengths)")
+    threads: int = fld(0, "torch threads on a CPU (0: auto, the cores no other process is using as the run starts, "
+                          "at most torch's setting; under torchrun each local process takes its share)")
     checkpoint_dir: str = fld("checkpoints", "where checkpoints and metrics.jsonl are written")
     save_every: int = fld(0, "also save a checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_last: int = fld(3, "step checkpoints to keep (epoch checkpoints and best_model.pt are always kept)")
@@ -275,7 +277,7 @@ class TrainConfig:
         _choices(self, "train")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_interval", "max_nonfinite_steps"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("save_every", "keep_last", "eval_interval", "eval_batches", "warmup_steps", "max_steps",
+        for name in ("threads", "save_every", "keep_last", "eval_interval", "eval_batches", "warmup_steps", "max_steps",
                      "muon_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SabError(f"train.{name}={getattr(self, name)} must not be negative")

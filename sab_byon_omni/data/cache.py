@@ -22,13 +22,14 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp
 from sab_byon_omni.files.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
 # 2: a lone surrogate in a JSON string is one U+FFFD (the tokenizers' rule), no longer three
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: a corpus of few documents is split inside its documents (meta 'split')
 FLUSH_BYTES = 1 << 20  # text tokenised per call
 META_FILE, TOKENIZER_FILE = "meta.json", "tokenizer.json"
 SPLITS = ("train", "val")
@@ -98,7 +99,7 @@ def stale_reason(meta: dict[str, Any] | None, directory: Path, cfg: DataConfig, 
         old = {f[0]: f[1:] for f in meta.get("files", [])}
         new = {f[0]: f[1:] for f in signature}
         changed = sorted(set(old) ^ set(new)) or sorted(k for k in new if old.get(k) != new[k])
-        return f"the corpus changed ({len(changed)} file(s), e.g. {changed[0] if changed else '?'})"
+        return f"the corpus changed ({plural(len(changed), 'file')}, e.g. {changed[0] if changed else '?'})"
     itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
     for split in SPLITS:
         p = directory / f"{split}.bin"
@@ -167,6 +168,7 @@ def build(cfg: DataConfig, docs: Documents, signature: list, directory: Path, to
         "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
         "train_bytes": writers["train"].bytes, "val_bytes": writers["val"].bytes,
         "documents": docs.n_docs, "val_documents": int(docs.is_val.sum()), "single_document_cut": docs.single_cut,
+        "split": docs.split,
         "stats": {"files": docs.stats.files, "bytes": docs.stats.bytes, "bad_bytes": docs.stats.bad_bytes,
                   "skipped": dict(docs.stats.skipped)},
         "tokenize_seconds": round(seconds, 3),

@@ -12,8 +12,10 @@ The pipeline, for ``data.dataset = PATH`` (a file, a folder searched recursively
    in memory whole. Bytes that are not valid UTF-8 become U+FFFD and are counted; unreadable files
    are skipped and counted.
 3. **Split.** ``round(n_documents * val_fraction)`` documents (at least one) chosen by a
-   permutation seeded with ``data.data_seed`` form the validation set. A corpus of a single
-   document is cut at the line nearest ``1 - val_fraction`` of its text.
+   permutation seeded with ``data.data_seed`` form the validation set. A corpus of fewer than
+   ``readers.FEW_DOCUMENTS`` (10) documents, or whose chosen documents hold more than twice
+   ``val_fraction`` of its bytes, is split inside its documents instead: each is cut at the line
+   nearest ``1 - val_fraction`` of its text (the log and the cache's ``meta.json`` say which).
 4. **Tokenizer.** ``char96`` and ``byte`` need no training; ``bpe`` is trained on the training
    documents only (or loaded from ``data.tokenizer_path``) and saved as ``tokenizer.json`` in the
    cache directory, from where ``--tokenizer_path`` can reuse it.
@@ -49,6 +51,7 @@ from sab_byon_omni.data.readers import Documents, file_signature, find_files
 from sab_byon_omni.data.tokenizers import Tokenizer, describe_tokenizer, spec_hash
 from sab_byon_omni.data.windows import TokenWindows
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import reason
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class Corpus:
             raise SabError(f"the training split of {self.meta['dataset']!r} has {len(self.train_tokens):,} tokens, "
                            f"fewer than data.seq_len={seq_len}: lower --seq_len or add data")
         if len(val) == 0:
-            raise SabError(f"the validation split of {self.meta['dataset']!r} has {len(self.val_tokens)} token(s): "
+            raise SabError(f"the validation split of {self.meta['dataset']!r} has {plural(len(self.val_tokens), 'token')}: "
                            "raise data.val_fraction or add data")
         return train, val
 
@@ -111,7 +114,7 @@ def open_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Corpus:
     if isinstance(found, Corpus):
         return found
     docs = Documents(files, cfg)  # validates the input: raises before anything is written
-    log.info("corpus %s: %s", cfg.dataset, docs.stats.summary())
+    log.info("corpus %s: %s; validation split %s", cfg.dataset, docs.stats.summary(), docs.split)
     with cache.removed_on_failure(directory):
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -143,12 +146,25 @@ def _reuse(cfg: DataConfig, directory: Path, signature: list, tokenizer: Tokeniz
         return stale
     assert meta is not None
     if tokenizer is None and meta.get("recipe") != recipe:
-        return f"the tokenizer changed ({meta.get('recipe')} -> {recipe})"
+        was, now = _recipe_words(meta.get("recipe")), _recipe_words(recipe)
+        return f"the tokenizer changed (the cache was built with {was}; this run asks for {now})"
     if tokenizer is None:
         tokenizer = cache.load_tokenizer(directory, meta)
-    log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s)", directory,
-             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"])
+    log.info("corpus: reusing cache %s (%s train + %s validation tokens, %s; validation split %s)", directory,
+             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["tokenizer_desc"], meta.get("split", "?"))
     return Corpus.open(directory, meta, tokenizer)
+
+
+def _recipe_words(recipe: Any) -> str:
+    """A tokenizer recipe (:func:`.cache.tokenizer_recipe`) in words: ``bpe trained to 512 ids``."""
+    if not isinstance(recipe, dict) or not recipe.get("name"):
+        return "a tokenizer given by a checkpoint"  # a cache built for a resumed or fine-tuned run records none
+    words = str(recipe["name"])
+    if "vocab_size" in recipe:
+        words += f" trained to {recipe['vocab_size']:,} ids"
+    if "path_sha" in recipe:
+        words += f" from a tokenizer.json (sha256 {recipe['path_sha']})"
+    return words
 
 
 def load_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenDataset, TokenDataset]:

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class ReadStats:
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return (f"{self.files} files, {self.documents:,} documents, {self.bytes / 1e6:.2f} MB"
+        return (f"{self.files} file{'' if self.files == 1 else 's'}, {self.documents:,} "
+                f"document{'' if self.documents == 1 else 's'}, {self.bytes / 1e6:.2f} MB"
                 + (f"; skipped {skipped} ({why})" if skipped else "")
                 + (f"; {self.bad_bytes} invalid UTF-8 sequences replaced by U+FFFD" if self.bad_bytes else ""))
 
@@ -394,27 +396,45 @@ def file_signature(files: list[Path]) -> list[list[Any]]:
 
 
 # ------------------------------------------------------------------------------ documents/split
+FEW_DOCUMENTS = 10  # below this, no whole-document split comes near val_fraction: each document is cut
+
+
 class Documents:
     """Streams the corpus's documents in a fixed order; pass 1 counts them and chooses the split."""
 
     def __init__(self, files: list[Path], cfg: DataConfig) -> None:
         self.files, self.cfg = files, cfg
         self.stats = ReadStats()
+        self.sizes = array("q")  # bytes per document, in corpus order
         self.per_file = [self._count(path) for path in files]  # documents per file (0: skipped)
         n_docs = sum(self.per_file)
         if n_docs == 0:
-            why = "; ".join(f"{n} file(s): {reason}" for reason, n in sorted(self.stats.skipped.items()))
-            raise SabError(f"data.dataset={cfg.dataset!r}: no readable text in {len(files)} file(s)"
-                           + (f" ({why})" if why else " (all empty)"))
+            why = "; ".join(f"{n} file{'' if n == 1 else 's'}: {reason}" for reason, n in sorted(self.stats.skipped.items()))
+            raise SabError(f"data.dataset={cfg.dataset!r}: no readable text in {len(files)} "
+                           f"file{'' if len(files) == 1 else 's'}" + (f" ({why})" if why else " (all empty)"))
         self.single_cut = n_docs == 1
         self.n_docs = 2 if self.single_cut else n_docs
         self.stats.documents = self.n_docs
         self.is_val = np.zeros(self.n_docs, dtype=bool)
+        self.cut_each = False  # every document cut: its last val_fraction held out
         if self.single_cut:
             self.is_val[1] = True
-        else:
-            n_val = min(max(1, round(self.n_docs * cfg.val_fraction)), self.n_docs - 1)
-            self.is_val[np.random.default_rng(cfg.data_seed).permutation(self.n_docs)[:n_val]] = True
+            return
+        n_val = min(max(1, round(self.n_docs * cfg.val_fraction)), self.n_docs - 1)
+        self.is_val[np.random.default_rng(cfg.data_seed).permutation(self.n_docs)[:n_val]] = True
+        sizes = np.frombuffer(self.sizes, dtype=np.int64)
+        held = float(sizes[self.is_val].sum()) / max(1, int(sizes.sum()))
+        if n_docs < FEW_DOCUMENTS or held > 2 * cfg.val_fraction:
+            self.cut_each, self.is_val[:] = True, False
+
+    @property
+    def split(self) -> str:
+        """Which split the corpus gets, in words (the cache's metadata and the log say it)."""
+        if self.single_cut or self.cut_each:
+            return (f"inside documents: the last {self.cfg.val_fraction:g} of each document's text is held out "
+                    f"(too few documents, {self.stats.documents:,}, for a whole-document split near "
+                    f"val_fraction={self.cfg.val_fraction:g})")
+        return f"whole documents: {int(self.is_val.sum()):,} of {self.n_docs:,} held out"
 
     def _count(self, path: Path) -> int:
         """Pass 1 over one file: its documents (0 if it is skipped), adding to ``self.stats``."""
@@ -422,7 +442,8 @@ class Documents:
         try:
             for doc in read_documents(path, self.cfg.text_field, self.cfg.csv_column, self.stats):
                 n += 1
-                self.stats.bytes += len(doc.encode("utf-8"))
+                self.sizes.append(len(doc.encode("utf-8")))
+                self.stats.bytes += self.sizes[-1]
         except SkipFile as e:
             self.stats.skipped[str(e)] += 1
             log.debug("skipping %s: %s", path, e)
@@ -444,11 +465,12 @@ class Documents:
             plain = is_plain_text(path)
             try:
                 for j, doc in enumerate(read_documents(path, self.cfg.text_field, self.cfg.csv_column)):
-                    if self.single_cut:
-                        yield from zip((False, True), _cut(doc, 1.0 - self.cfg.val_fraction), (True, True))
-                        return
                     if j >= n:
                         raise SkipFile("it has more documents than before")
+                    if self.single_cut or self.cut_each:
+                        yield from zip((False, True), _cut(doc, 1.0 - self.cfg.val_fraction), (True, True))
+                        i += 1
+                        continue
                     ends = not plain or j == n - 1 or self.is_val[i + 1] != self.is_val[i]
                     yield bool(self.is_val[i]), doc, bool(ends)
                     i += 1

@@ -32,16 +32,47 @@ TEMP_GLOB = ".*.tmp"  # what atomic_write / atomic_path / atomic_directory leave
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows has no such links)
 
 
+def umask() -> int:
+    """This process's umask (Linux: read from ``/proc/self/status``; elsewhere set and put back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_plain_open(tmp: Path, directory: bool = False) -> None:
+    """Give a temporary from mkstemp/mkdtemp (0600/0700) the mode a plain ``open()`` or ``mkdir``
+    would have given the final file or folder: 0666 (0777) less the umask."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask())
+
+
+def cannot_write(directory: Path, e: OSError) -> str:
+    """Why no file can be made in ``directory``, in a few words: the system's reason, except that a
+    folder that exists yet answers 'No such file or directory' (``/proc``, ``/sys``) is named as one
+    that takes no new files."""
+    if e.errno == errno.ENOENT and directory.is_dir():
+        return f"{directory} exists but takes no new files (a virtual file system such as /proc or /sys?)"
+    return reason(e)
+
+
 def _temp_in(path: Path, what: str, directory: bool = False) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if directory:
-            return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        return Path(tmp)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        _as_plain_open(tmp, directory)
+        return tmp
     except OSError as e:
-        raise SabError(f"cannot write {what} directory {path.parent}: {e.strerror or e}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {cannot_write(path.parent, e)}") from None
 
 
 def open_temp(path: str | Path, what: str = "file") -> tuple[BinaryIO, Path]:
@@ -51,8 +82,9 @@ def open_temp(path: str | Path, what: str = "file") -> tuple[BinaryIO, Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _as_plain_open(Path(tmp))
     except OSError as e:
-        raise SabError(f"cannot write {what} directory {path.parent}: {reason(e)}") from None
+        raise SabError(f"cannot write {what} directory {path.parent}: {cannot_write(path.parent, e)}") from None
     return os.fdopen(fd, "wb"), Path(tmp)
 
 
@@ -238,7 +270,8 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
             remove_entry(p)
             removed.append(p)
     if removed:
-        log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), d)
+        log.info("removed %d temporary file%s left by an interrupted save in %s", len(removed),
+                 "" if len(removed) == 1 else "s", d)
     return removed
 
 
@@ -251,3 +284,26 @@ def missing_folders(directory: str | Path) -> list[Path]:
         made.append(d)
         d = d.parent
     return made
+
+
+def check_can_create(directory: str | Path, what: str) -> None:
+    """Stop with one line now, before long work that writes elsewhere (a corpus's cache), when
+    ``directory`` is neither a folder that takes new files nor one that can be made (``/proc/x``, a
+    file in the way, a read-only disk). Leaves nothing behind: a probe file and the folders this
+    call made are removed again."""
+    d = Path(directory)
+    made = missing_folders(d)  # deepest first
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        existing = made[-1].parent if made else d
+        raise SabError(f"cannot create {what} {d}: {cannot_write(existing, e)}") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break

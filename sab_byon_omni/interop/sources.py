@@ -28,6 +28,7 @@ from sab_byon_omni.data.tokenizers import Tokenizer, from_spec
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.checkpoint import COPY_ADVICE, FORMAT, check_tensors, load_checkpoint
+from sab_byon_omni.files.paths import looks_local
 from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, MAX_STEP, parse_json
 from sab_byon_omni.interop.weights import Weights
 
@@ -58,7 +59,7 @@ def locate(source: str | Path) -> Path:
     if p.exists():
         return p
     text = str(source)
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if _HUB_ID.match(text) and not looks_local(text):
         try:
             from huggingface_hub import snapshot_download
 

@@ -22,9 +22,17 @@ from torch import nn
 from sab_byon_omni.config import RunConfig, TrainConfig
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.tokenizers import Tokenizer
-from sab_byon_omni.device import (DTYPES, Precision, make_precision, resolve_device, runs_natively, set_deterministic,
-                                  set_fp32_matmul)
+from sab_byon_omni.device import (
+    DTYPES,
+    Precision,
+    make_precision,
+    resolve_device,
+    runs_natively,
+    set_deterministic,
+    set_fp32_matmul,
+)
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.machine import Threads, training_threads
 from sab_byon_omni.model.lora import add_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
@@ -68,6 +76,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     resume_from: Path | None  # the checkpoint it continued from (None: a new run)
+    threads: Threads | None = None  # on a CPU: the torch threads it trains with (train.threads)
 
     def parts(self) -> dict[str, Any]:
         """The parts with state, by the checkpointer's names (what a checkpoint holds)."""
@@ -79,6 +88,8 @@ class Run:
         a program may train again in it; ``sab-omni train`` leaves it when the run ends."""
         self.metrics.close()
         self.checkpointer.release(failed)
+        if self.threads is not None:  # torch's setting is process-wide: the caller's again
+            torch.set_num_threads(self.threads.before)
 
 
 def build_run(model: nn.Module, tokenizer: Tokenizer, train_data: Any, val_data: Any, cfg: RunConfig) -> Run:
@@ -86,6 +97,7 @@ def build_run(model: nn.Module, tokenizer: Tokenizer, train_data: Any, val_data:
     ``cfg`` says, ready for its first step, resumed if ``train.resume`` finds a checkpoint. Its
     ``cfg`` is the config the run uses (see :class:`Run`)."""
     device, info, precision = _place(cfg.train)
+    threads = _set_threads(cfg.train, device)
     fsdp = D.uses_fsdp(cfg.train.parallel, info)
     _refuse_unsupported(cfg.train, precision, fsdp)
     memory = plan_memory(model, train_data, cfg, device, precision.name, info)
@@ -113,7 +125,8 @@ def build_run(model: nn.Module, tokenizer: Tokenizer, train_data: Any, val_data:
         checkpointer.release(failed=True)
         raise
     return Run(cfg, tokenizer, train_data, val_data, device, info, precision, fsdp, memory, model, wrapped, optimizer,
-               scaler, rng, schedule, state, checkpointer, metrics, per_epoch, total_steps, point[0] if point else None)
+               scaler, rng, schedule, state, checkpointer, metrics, per_epoch, total_steps, point[0] if point else None,
+               threads)
 
 
 def parts(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rng: RngState,
@@ -135,6 +148,18 @@ def _place(t: TrainConfig) -> tuple[torch.device, D.DistInfo, Precision]:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     return device, info, make_precision(t.precision, device)
+
+
+def _set_threads(t: TrainConfig, device: torch.device) -> Threads | None:
+    """On a CPU, torch's threads for the run (:func:`~sab_byon_omni.machine.training_threads`); a
+    number above this process's cores is lowered with one warning. Elsewhere torch's setting stays."""
+    if device.type != "cpu":
+        return None
+    threads = training_threads(t.threads)
+    if threads.why:
+        log.warning("%s", threads.why)
+    torch.set_num_threads(threads.n)
+    return threads
 
 
 def _refuse_unsupported(t: TrainConfig, precision: Precision, fsdp: bool) -> None:

@@ -39,6 +39,7 @@ import yaml
 from sab_byon_omni.config import OPTIMIZERS, RunConfig
 from sab_byon_omni.data.tokenizers import spec_equal
 from sab_byon_omni.errors import SabError, bounded, first_line
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files import dcp
 from sab_byon_omni.files.atomic import atomic_write_text, check_own, missing_folders, remove_entry, remove_stale_temps
 from sab_byon_omni.files.checkpoint import FORMAT, finite_float, load_checkpoint, save_checkpoint
@@ -161,9 +162,8 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
                        f"{bounded(cfg.train.optimizer)}; {other}start a new run from its weights with "
                        f"--init_from {path}")
     check_same_data(meta, cfg, path)
-    if _lora(saved) != _lora(cfg.to_dict()["train"]):
-        raise SabError(f"{path}: it was trained with {_lora(saved)}, this run asks for {_lora(cfg.to_dict()['train'])};"
-                       f" {again}")
+    if (was := _lora(saved)) != (now := _lora(cfg.to_dict()["train"])):
+        raise SabError(f"{path}: it was trained with {was}, this run asks for {now}; {again}")
     if meta.tokenizer is not None and not spec_equal(meta.tokenizer, tokenizer):
         raise SabError(f"{path}: its tokenizer ({meta.tokenizer.get('name')}) differs from this run's "
                        f"({tokenizer.get('name')}); {again}")
@@ -333,7 +333,7 @@ class Checkpointer:
                 shutil.copy2(p, dest / p.name, follow_symlinks=False)
         for e in entries:
             os.replace(e.path, dest / e.path.name)
-        log.warning("moved %d newer checkpoint(s) (%s) to %s: %s", len(entries),
+        log.warning("moved %s (%s) to %s: %s", plural(len(entries), "newer checkpoint"),
                     ", ".join(e.path.name for e in entries), dest, why)
         return dest
 

@@ -121,7 +121,7 @@ def step_line(step: int, total: int, epoch: int, epochs: int, loss: float, lr: f
 
 def time_line(clock: Clock) -> str:
     eta, tps = clock.eta(), clock.tokens_per_second()
-    return (f"time: about {fmt_duration(eta or 0.0)} for the remaining {clock.total_steps - clock.step:,} steps "
+    return (f"time: about {fmt_duration(eta or 0.0)} for the remaining {plural(clock.total_steps - clock.step, 'step')} "
             f"({clock.seconds_per_step():.2f} s/step" + (f", {tps:,.0f} tokens/s" if tps else "") + ", measured)")
 
 
@@ -210,12 +210,12 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("run folder", f"{run.checkpointer.dir} ({start})"),
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
-        ("model", f"{m.preset}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
+        ("model", f"{model_label(run.cfg)}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
                   f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
                   + (f"; LoRA rank {t.lora_rank} on {t.lora_targets}: {trainable:,} trainable, the rest frozen"
                      + (f" (projections held in {base})" if base != "float32" else "") if t.lora_rank else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
-                   f"{plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
+                   f"{run.threads.describe() if run.threads else plural(torch.get_num_threads(), 'thread')}, {plural(info.world, 'process', 'processes')}"
                    + (" with FSDP" if run.fsdp else "")),
         ("batch", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation"
                   + (f" x {info.world} processes" if info.enabled else "")
@@ -279,10 +279,26 @@ def _process_memory(device: torch.device) -> str:
     return f"; this process holds {peak_memory_mb(device):,.0f} MB already (torch, the data, the model)"
 
 
+def model_label(cfg: Any) -> str:
+    """The model's name in the banner: its preset when it is one (the preset's five dimensions, our
+    own family), else ``custom (family llama, from SmolLM2-135M-Instruct.Q4_1.gguf)``."""
+    from pathlib import Path
+
+    from sab_byon_omni.config import PRESET_FIELDS, PRESETS
+
+    m = cfg.model
+    if m.family == "sab" and all(getattr(m, k) == PRESETS[m.preset][k] for k in PRESET_FIELDS):
+        return m.preset
+    source = cfg.train.init_from
+    return f"custom (family {m.family}" + (f", from {Path(source).name or source}" if source else "") + ")"
+
+
 def start_time(run: Run) -> str:
     """The ``time:`` banner line before the first step: one optimizer step (this process's share)
     from the estimator's FLOPs and per-step costs, at this device's measured rates."""
     import torch
+
+    from sab_byon_omni.machine import busy_machine
 
     m, t, name = run.cfg.model, run.cfg.train, run.precision.name
     later = "measured after the first steps"
@@ -302,7 +318,9 @@ def start_time(run: Run) -> str:
     flops = est.hardware_flops_per_token * mean * t.batch_size * t.gradient_accumulation_steps
     seconds = step_seconds(m, mean * t.batch_size, t.gradient_accumulation_steps, flops, rate, op_s, bandwidth,
                            PRECISION_BYTES[name])
-    return start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step, f"measured {name} matmul rate")
+    busy = busy_machine() if run.device.type == "cpu" else ""
+    return (start_estimate(seconds, flops, rate, run.total_steps - run.state.global_step,
+                           f"measured {name} matmul rate") + (f"; {busy}" if busy else ""))
 
 
 @functools.lru_cache(maxsize=8)

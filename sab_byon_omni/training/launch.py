@@ -13,12 +13,22 @@ from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.files.atomic import check_can_create
 from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
 from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
-from sab_byon_omni.training.recipe import (FT_MAX_EPOCHS, RECIPE_FIELDS, architecture, batch_geometry, describe,
-                                           evaluation_cadence, fine_tuning_recipe, optimizer_for, recipe_for_geometry)
+from sab_byon_omni.training.recipe import (
+    FT_MAX_EPOCHS,
+    RECIPE_FIELDS,
+    architecture,
+    batch_geometry,
+    describe,
+    evaluation_cadence,
+    fine_tuning_recipe,
+    optimizer_for,
+    recipe_for_geometry,
+)
 from sab_byon_omni.training.trainer import Trainer, TrainResult
 
 __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architecture", "new_model", "RECIPE_FIELDS"]
@@ -85,7 +95,9 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
     ``recipe``: apply the from-scratch recipe to a fresh model, except to the train settings named
     in it (the ones the user gave); ignored for a run that starts from ``init_from`` weights."""
     notes = list(notes or [])
-    if cfg.train.resume == "none":  # before the corpus is read: the only line is the error
+    if D.launch_info().is_main:  # before the corpus is read and its cache written: the only line is the error
+        check_can_create(cfg.train.checkpoint_dir, "train.checkpoint_dir")
+    if cfg.train.resume == "none":
         Checkpointer(cfg.train.checkpoint_dir).refuse_existing()
     cfg, resume_tok = resume_tokenizer(cfg)
     init = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import atomic_write_text, check_own, open_own
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,8 @@ class MetricsLog:
                 kept[key] = line  # a repeated row: the last one written wins
         if dropped:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept.values()), what="metrics")
-            log.info("%s: dropped %d row(s) after step %d or repeated (work lost with an interruption)",
-                     METRICS_FILE, dropped, step)
+            log.info("%s: dropped %s after step %d or repeated (work lost with an interruption)",
+                     METRICS_FILE, plural(dropped, "row"), step)
 
     def close(self) -> None:
         for t in self.trackers:

@@ -47,6 +47,7 @@ class StopRequest:
         self._old_wakeup = -1
         self._watchdog: threading.Thread | None = None
         self._done = threading.Event()  # set when the context exits: the watchdog must not end the process
+        self._handled = 0  # signals the Python-level handler has run for (fewer than arrived: the main thread is in C)
 
     @property
     def requested(self) -> bool:
@@ -81,6 +82,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         """The Python-level handler (main thread, between bytecodes)."""
+        self._handled += 1
         if self.signum is not None:  # the second one: stop now
             raise KeyboardInterrupt
         self.signum = signum
@@ -104,8 +106,8 @@ class StopRequest:
                 if seen == 1:
                     self._say(signum)
                     continue
-                if not self._done.wait(GRACE_S):  # the main thread did not stop: it is busy in C code
-                    _hard_exit(signum, self._on_hard_exit)
+                if not self._done.wait(GRACE_S):  # the main thread did not stop: busy in C code, or a slow cleanup
+                    _hard_exit(signum, self._on_hard_exit, in_c=self._handled < seen)
                 return
 
     def _say(self, signum: int) -> None:
@@ -135,16 +137,19 @@ class StopRequest:
         self._old.clear()
 
 
-def _hard_exit(signum: int, before: Callable[[], None] | None = None) -> None:
+def _hard_exit(signum: int, before: Callable[[], None] | None = None, in_c: bool = True) -> None:
     """End the process now, after ``before`` (no other cleanup runs: a save in progress leaves a
-    temporary file, which the next run in the folder removes)."""
+    temporary file, which the next run in the folder removes). ``in_c``: Python's handler had not
+    run for every signal (the main thread was inside one C call), which the message says only then."""
     if before is not None:
         try:
             before()
         except Exception:  # the process ends whatever the cleanup met
             pass
-    text = (f"\n{signal_name(signum)} again: stopped at once without saving (torch was inside one long "
-            "operation); the checkpoints already written are complete\n")
+    why = ("torch was inside one long operation" if in_c else
+           f"the interrupted run had not finished stopping within {GRACE_S:g} s")
+    text = (f"\n{signal_name(signum)} again: stopped at once without saving ({why}); the checkpoints already "
+            "written are complete\n")
     try:
         os.write(2, text.encode())
     except OSError:

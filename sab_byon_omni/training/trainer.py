@@ -222,8 +222,8 @@ class Trainer:
             self._record(out, window, epoch_sums, result)
             bar.update(1)
             self._after_step(epoch_sums, bar)
-            if self._should_stop():  # a signal or train.max_steps: a step checkpoint, even at an epoch's end
-                finished = False
+            if self._should_stop():  # a signal: a step checkpoint, even at an epoch's end; train.max_steps
+                finished = not self._stopping() and self._epoch_ends()  # at an epoch's end: that epoch is done
                 break
         bar.close()
         self._flush_log(bar)
@@ -262,12 +262,16 @@ class Trainer:
         if run.info.is_main and self.clock.ready_to_announce():
             self.clock.announced = True
             log.info("%s", console.time_line(self.clock))
-        epoch_ends = len(run.train_data) - st.cursor < run.info.world  # as iterate_batches ends an epoch
-        interval = bool(t.eval_interval) and step % t.eval_interval == 0 and not epoch_ends
-        if run.val_data is not None and (interval or self._at_max_steps()) and not self._stopping():
+        epoch_ends = self._epoch_ends()  # its validation comes in _end_epoch
+        interval = bool(t.eval_interval) and step % t.eval_interval == 0
+        if run.val_data is not None and (interval or self._at_max_steps()) and not epoch_ends and not self._stopping():
             self._validate(epoch_sums)
         if t.save_every and step % t.save_every == 0:
             self._save_step(epoch_sums)
+
+    def _epoch_ends(self) -> bool:
+        """The step just taken was the epoch's last (as iterate_batches ends an epoch)."""
+        return len(self.run.train_data) - self.state.cursor < self.run.info.world
 
     def _validate(self, epoch_sums: _Sums) -> None:
         """A validation inside an epoch: its row, and best_model.pt if it is the best so far (saved

@@ -1,0 +1,22 @@
+"""What the banner says about the model: its preset's name only when the model is that preset."""
+
+from __future__ import annotations
+
+from sab_byon_omni.config import build_config
+from sab_byon_omni.training.console import model_label
+
+
+def test_a_preset_model_is_named_by_its_preset():
+    assert model_label(build_config({"model": {"preset": "tiny"}})) == "tiny"
+
+
+def test_an_imported_model_is_custom_with_its_family_and_source():
+    """SmolLM2 via --init_from was labelled 'lightweight: hidden 576, 30 layers'."""
+    cfg = build_config({"model": {"preset": "lightweight", "family": "llama", "hidden": 576, "n_heads": 9,
+                                  "n_layers": 30, "ffn": 1536},
+                        "train": {"init_from": "/some/where/SmolLM2-135M-Instruct.Q4_1.gguf"}})
+    assert model_label(cfg) == "custom (family llama, from SmolLM2-135M-Instruct.Q4_1.gguf)"
+
+
+def test_changed_dimensions_are_custom_even_in_our_family():
+    assert model_label(build_config({"model": {"preset": "tiny", "n_layers": 3}})) == "custom (family sab)"
