@@ -87,16 +87,20 @@ def _check(args: argparse.Namespace) -> None:
         raise SabError(f"--tokens={args.tokens} must be a positive number")
 
 
+def _tables(args: argparse.Namespace) -> int:
+    print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of "
+          f"{args.peak_tflops:g} TFLOP/s per GPU\n")
+    print(gpu_table(args.memory_gb, args.peak_tflops, args.mfu, precision=args.precision))
+    print(f"\nLargest micro-batch of {args.seq_len} tokens on one GPU (DDP-style, {args.precision}); "
+          "no = does not fit\n")
+    print(single_gpu_table(seq_len=args.seq_len, precision=args.precision))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     if args.table:
-        print(f"Per-GPU peak memory, {args.precision}, AdamW; time at {args.mfu:.0%} MFU of "
-              f"{args.peak_tflops:g} TFLOP/s per GPU\n")
-        print(gpu_table(args.memory_gb, args.peak_tflops, args.mfu, precision=args.precision))
-        print(f"\nLargest micro-batch of {args.seq_len} tokens on one GPU (DDP-style, {args.precision}); "
-              "no = does not fit\n")
-        print(single_gpu_table(seq_len=args.seq_len, precision=args.precision))
-        return 0
+        return _tables(args)
     if args.preset not in PRESETS:
         raise SabError(f"--preset={args.preset!r} is not one of: {', '.join(PRESETS)}")
     cfg = ModelConfig.from_name(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, 2))
@@ -115,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank:
         print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: "
               f"{lora_parameters(cfg, args.lora_rank, args.lora_targets):,} trainable parameters, the rest frozen")
-    print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, {plural(args.gpus, 'device')}, "
-          f"{args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
+    print(f"micro-batch {args.batch_size} x {args.seq_len} tokens per device, {args.precision}, "
+          f"{plural(args.gpus, 'device')}, {args.parallel}, activation checkpointing {'on' if e.activation_checkpointing else 'off'}")
     print("memory per device:")
     for name in ("weights", "gradients", "optimizer", "activations", "logits", "workspace", "buffers"):
         print(f"  {name:<12} {fmt_bytes(getattr(e, name)):>12}")
