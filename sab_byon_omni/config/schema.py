@@ -1,13 +1,5 @@
-"""The configuration's schema: one dataclass per concern, the presets, the choices of each field.
-
-A field's type says what its value may be (``Literal`` for a choice) and ``metadata["help"]`` what
-it means; the CLI builds its flags from both. jsonargparse checks a merged mapping against the types
-and builds the dataclasses; ``__post_init__`` checks what a type cannot say (ranges, limits, one
-field against another). Field names are unique across sections, so ``train.learning_rate`` and
-``learning_rate`` address the same value, and a flat YAML with the guide's keys (``epochs: 3``,
-``seq_len: 1024``, ...) is understood as well as a sectioned one. A preset names a whole set of
-model dimensions, filled in as the mapping is built; dimensions given explicitly win.
-"""
+"""The configuration's schema: one dataclass per concern, the presets, the choices of each field
+(what a type cannot say is checked in ``__post_init__``; the package's doc says how it is read)."""
 
 from __future__ import annotations
 
