@@ -130,6 +130,24 @@ def test_the_data_cache_never_writes_through_a_link(tmp_path, outside, monkeypat
     assert state(outside) == before
 
 
+def test_temporaries_of_a_cache_build_killed_outright_are_removed_by_the_next(tmp_path):
+    """A Rust abort (or SIGKILL) runs no clean-up: the next build, once it holds the lock, removes
+    the ``.train.bin.*.tmp`` it left (hostile review item 2); files that are not temporaries stay."""
+    from sab_byon_omni.config import DataConfig
+    from sab_byon_omni.data.corpus import load_corpus
+
+    (tmp_path / "corpus.txt").write_text("some words to tokenise and learn from\n" * 200)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    left = [cache / ".train.bin.k1l2.tmp", cache / ".val.bin.x9.tmp"]
+    for p in left:
+        p.write_bytes(b"\0" * 100)
+    (cache / "notes.txt").write_text("mine")
+    load_corpus(DataConfig(dataset=str(tmp_path / "corpus.txt"), cache_dir=str(cache), seq_len=16, tokenizer="byte"))
+    assert not any(p.exists() for p in left) and (cache / "notes.txt").read_text() == "mine"
+    assert (cache / "meta.json").is_file()
+
+
 # ------------------------------------------------------------------------------- files/atomic.py
 def test_open_own_refuses_links_and_other_kinds_of_file(tmp_path, outside):
     before = state(outside)

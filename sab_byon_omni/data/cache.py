@@ -22,7 +22,7 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp
+from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp, remove_stale_temps
 from sab_byon_omni.files.lock import FolderLock
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def lock(directory: Path) -> Iterator[None]:
     held = FolderLock(directory)
     held.acquire(wait=True)
     try:
+        remove_stale_temps(directory)  # a build killed outright (a Rust abort, SIGKILL) left them; none is ours now
         yield
     finally:
         held.release()
