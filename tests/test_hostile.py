@@ -290,6 +290,16 @@ CASES = {  # name -> (build(trained, tmp) -> argv, what the error line names)
         "global_step"),
     "legacy pickle to --resume": (lambda c, t: [*TRAIN, "--resume", str(_legacy(c, t / "legacy.pt"))], "refused"),
     "estimate of -5 tokens": (lambda c, t: ["estimate", "--tokens", "-5"], "--tokens"),
+    # hostile review items 6 and 13: a math domain error at every forward; "file not found" for a device
+    "fragmergent_t 1e308 on the command line": (
+        lambda c, t: [*TRAIN, "--fragmergent_mode", "fixed", "--fragmergent_t", "1e308"], "fragmergent_t=1e+308"),
+    "fragmergent_t 1e308 in safetensors metadata, exported": (
+        lambda c, t: ["export", "--format", "hf", "-o", "out_hf", "--checkpoint", str(_exported(c, t / "f.safetensors",
+            json.dumps({"model": {"preset": "tiny", "fragmergent_mode": "fixed", "fragmergent_t": 1e308}})))],
+        "fragmergent_t=1e+308"),
+    "rope_base 1e-300": (lambda c, t: [*TRAIN, "--rope_base", "1e-300"], "rope_base=1e-300 is out of range"),
+    "tokenizer_path /dev/zero": (lambda c, t: [*TRAIN, "--tokenizer", "bpe", "--tokenizer_path", "/dev/zero"],
+                                 "not a regular file (a character device)"),
 }
 
 

@@ -33,6 +33,7 @@ from sab_byon_omni.data.pretrained_tokenizer import HFTokenizer
 from sab_byon_omni.data.rust import rust_calls, rust_tokenizer, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
+from sab_byon_omni.files.untrusted import not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,8 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise SabError(f"tokenizer file not found: {p}")
+        if (why := not_a_file(p)) is not None:
+            raise SabError(f"tokenizer {p}: {why}")
         try:
             text = p.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
