@@ -27,6 +27,7 @@ runs on a CPU.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 from sab_byon_omni.config import PARALLEL, ModelConfig
@@ -373,6 +374,15 @@ def fmt_bytes(n: float) -> str:
     if n >= GiB:
         return f"{n / GiB:,.1f} GiB"
     return f"{n / 2**20:,.1f} MiB"
+
+
+MAX_EXP = math.log(sys.float_info.max)  # about 709.78: the largest x whose e^x is a float
+
+
+def perplexity(loss: float) -> float:
+    """e^loss: ``inf`` for a loss past :data:`MAX_EXP` (a diverged run; ``math.exp`` raises there),
+    NaN for NaN. Printed with ``:.3f`` it reads ``inf``, never a made-up finite number."""
+    return math.inf if loss > MAX_EXP else math.exp(loss)
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.data.batching import IGNORE_INDEX, iterate_batches
+from sab_byon_omni.estimate import perplexity
 from sab_byon_omni.loss import causal_lm_loss
 
 
@@ -41,7 +42,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
+        return perplexity(self.loss)  # inf past e^709 (it used to print e^700 for any loss above 700)
 
     @property
     def bits_per_byte(self) -> float:

@@ -41,6 +41,7 @@ class Series:
     muon_lr: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))  # optimizer muon
     val_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
     epoch_train_loss: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
+    nonfinite_losses: int = 0  # loss values left out for being NaN or infinite (a diverged run)
 
     def names(self) -> list[str]:
         """Names of the non-empty series."""
@@ -126,13 +127,16 @@ CURVES = {TRAIN: (("loss", "loss"), ("lr", "lr"), ("muon_lr", "muon_lr")), EVAL:
 def collect_series(rows: list[dict[str, Any]]) -> Series:
     """Split rows into curves. A later row for the same step replaces an earlier one (resumed runs)."""
     latest: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "muon_lr": {}, "val_loss": {}, "epoch_train_loss": {}}
+    nonfinite = 0
     for row in rows:
         step = int(row["step"])
         for key, name in CURVES.get(row_kind(row), ()):
             v = row.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 latest[name][step] = float(v)
-    out = Series()
+            elif "loss" in name and key in row and (v is None or isinstance(v, float)):  # the log writes NaN as null
+                nonfinite += 1
+    out = Series(nonfinite_losses=nonfinite)
     for name, points in latest.items():
         steps = sorted(points)
         setattr(out, name, (steps, [points[s] for s in steps]))
@@ -207,6 +211,9 @@ def plot_metrics(run: str | Path, out: str | Path | None = None, title: str | No
     if series is None:
         series = collect_series(read_metrics(src))
     if not series.loss[0] and not series.val_loss[0] and not series.epoch_train_loss[0]:
+        if series.nonfinite_losses:
+            raise SabError(f"{src}: every loss in it is non-finite (NaN or infinite, {series.nonfinite_losses} "
+                           "values): the run diverged; lower the learning rate (docs/TRAINING.md) and train again")
         raise SabError(f"{src} has no loss rows yet (the first is written after train.log_interval steps)")
     dest = Path(out) if out is not None else src.parent / DEFAULT_PNG
     if dest.suffix.lower() != ".png":

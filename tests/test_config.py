@@ -1,3 +1,5 @@
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,18 @@ def test_changing_the_preset_resets_its_fields():
     ({"train": {"max_grad_norm": float("nan")}}, "train.max_grad_norm=nan must be a finite number"),
     ({"model": {"fragmergent_mode": "time"}}, "model.fragmergent_mode='time' is not one of"),
     ({"train": {"compile": "maybe"}}, "train.compile='maybe' must be true or false"),
+    # hostile review items 6, 9, 13: accepted, then a math domain error or NaN at every forward
+    ({"model": {"fragmergent_mode": "fixed", "fragmergent_t": 1e308}}, "model.fragmergent_t=1e+308 is out of range"),
+    ({"model": {"fragmergent_omega": -1e300}}, "model.fragmergent_omega=-1e+300 is out of range"),
+    ({"model": {"fragmergent_strength": 1e308}}, "would scale the embeddings by more than 100x"),
+    ({"model": {"fragmergent_alpha": -100.0}}, "reaches e^9996"),  # e^(100 t) at step t = 100
+    ({"model": {"rope_base": 1e-300}}, "model.rope_base=1e-300 is out of range: it must be in [1, 1e+12]"),
+    ({"model": {"rope_scaling": "linear", "rope_scaling_factor": 1e-300}}, "model.rope_scaling_factor=1e-300 is out"),
+    ({"model": {"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0}},
+     "model.rope_high_freq_factor=4.0 must be greater than model.rope_low_freq_factor=4.0"),
 ])
 def test_invalid_values_name_the_field(raw, message):
-    with pytest.raises(SabError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(SabError, match=re.escape(message)):
         build_config(raw)
 
 
@@ -83,6 +94,10 @@ def test_malformed_and_missing_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(SabError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+    big = tmp_path / "big.yaml"  # PyYAML raises ValueError (not a YAMLError) for an int() of 5,000 digits
+    big.write_text(f"train:\n  seed: {'1' * 5000}\n")
+    with pytest.raises(SabError, match=r"big.yaml: a value in it cannot be read \(an integer of more than 4,300"):
+        load_config(big)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(SabError, match="expected a mapping"):
@@ -173,6 +188,7 @@ def test_a_value_is_read_by_its_field_type(key, given, value):
     ({"precision": "FP16"}, "train.precision='FP16' is not one of: auto, fp32, bf16, fp16 (did you mean 'fp16'?)"),
     ({"tokenizer": "bpe2"}, "data.tokenizer='bpe2' is not one of: char96, byte, bpe, hf (did you mean 'bpe'?)"),
     ({"learning_rate": 10**400}, "config: a value is too large"),
+    ({"max_steps": "1" * 5000}, "is too large (a number of 5,000 digits)"),  # a flag: it said "must be an integer"
     ({"data": {"micro_batch_size": "auto"}}, "unknown key 'data.micro_batch_size'"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_naming_the_field(raw, message):
@@ -202,3 +218,30 @@ def test_a_string_value_is_never_expanded_through_yaml_aliases(name):
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, f"{peak:,} bytes"
+
+
+@pytest.mark.parametrize("mode, values", [
+    ("fixed", {"fragmergent_t": 1e6, "fragmergent_omega": 1e6}),
+    ("fixed", {"fragmergent_t": -1e6, "fragmergent_alpha": 0.0, "fragmergent_strength": 400.0}),
+    ("step", {"fragmergent_alpha": -0.02, "fragmergent_strength": 50.0, "fragmergent_lambda": 0.2}),
+])
+def test_the_fragmergent_values_accepted_give_a_finite_moderate_factor(mode, values):
+    """The bounds are the ones that matter: at their edges the factor is still finite and at most 101."""
+    from sab_byon_omni.model.fragmergent import Fragmergent
+
+    cfg = ModelConfig(fragmergent_mode=mode, **values)
+    f = Fragmergent(mode, cfg.fragmergent_t, cfg.fragmergent_alpha, cfg.fragmergent_lambda, cfg.fragmergent_omega,
+                    cfg.fragmergent_strength)
+    for step in range(0, 100, 7):
+        f.set_step(step)
+        scale = float(f.scale())
+        assert math.isfinite(scale) and abs(scale) <= 101
+
+
+def test_an_explicit_max_seq_len_below_seq_len_is_refused_not_overruled():
+    """``--seq_len 32 --max_seq_len 4`` trained with max_seq_len 32 silently (hostile review item 11);
+    a preset's own shorter max_seq_len is still raised to seq_len when the model is built."""
+    with pytest.raises(SabError, match="model.max_seq_len=4 is below data.seq_len=32"):
+        load_config(None, {"seq_len": 32, "max_seq_len": 4})
+    assert load_config(None, {"seq_len": 32, "max_seq_len": 32}).model.max_seq_len == 32
+    assert load_config(None, {"preset": "tiny", "seq_len": 4096}).data.seq_len == 4096

@@ -109,6 +109,10 @@ MODEL_CASES = [
     ("mixture of experts", {"metadata": {"llama.expert_count": (8, V.UINT32)}}, "mixture-of-experts"),
     ("rope scaling", {"metadata": {"llama.rope.scaling.type": _string("yarn")}}, "RoPE scaling"),
     ("huge layer count", {"metadata": {"llama.block_count": (10**9, V.UINT32)}}, "llama.block_count = 1000000000"),
+    ("head count a string", {"metadata": {"llama.attention.head_count": _string("4")}},
+     "llama.attention.head_count = '4' is not an integer (a str in the metadata)"),  # it said "out of range"
+    ("epsilon a string", {"metadata": {"llama.attention.layer_norm_rms_epsilon": _string("x")}},
+     "llama.attention.layer_norm_rms_epsilon = 'x' is not a number (a str in the metadata)"),
     ("IQ4_NL", {"drop": ("blk.0.ffn_up.weight",), "extra": {"blk.0.ffn_up.weight": (
         np.zeros((128, 64 // 32 * 18), "uint8"), Q.IQ4_NL)}}, "stored as IQ4_NL, which is not supported"),
     ("rope_freqs", {"extra": {"rope_freqs.weight": (np.ones(8, "float32"), Q.F32)}},

@@ -216,8 +216,13 @@ def test_an_existing_folder_is_replaced_only_when_asked(tmp_path, exported):
     with pytest.raises(SabError, match="already exists"):
         save_hf(model, Char96Tokenizer(), tmp_path / "m")
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
-    save_hf(model, Char96Tokenizer(), tmp_path / "m", overwrite=True)
-    assert (tmp_path / "m" / "config.json").is_file() and not (tmp_path / "m" / "keep.txt").exists()
+    with pytest.raises(SabError, match="not a sab-byon-omni export"):  # --force never deletes user files
+        save_hf(model, Char96Tokenizer(), tmp_path / "m", overwrite=True)
+    assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
+    (tmp_path / "m" / "keep.txt").unlink()
+    save_hf(model, Char96Tokenizer(), tmp_path / "m", overwrite=True)  # an empty folder
+    save_hf(model, Char96Tokenizer(), tmp_path / "m", overwrite=True)  # an export of ours
+    assert (tmp_path / "m" / "config.json").is_file()
 
 
 def _edit_config(**changes):

@@ -215,6 +215,48 @@ def test_what_our_model_cannot_compute_is_one_line_and_exit_2(folders, tmp_path,
     assert re.search(message, err), err
 
 
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("family, changes, message", [
+    ("llama", {"num_attention_heads": 0}, r"num_attention_heads 0 is out of range \(it must be >= 1"),
+    ("llama", {"hidden_size": True}, "hidden_size True is not an integer"),
+    ("llama", {"rms_norm_eps": "x"}, "rms_norm_eps 'x' is not a number"),
+    ("llama", {"rms_norm_eps": -1}, r"rms_norm_eps -1.0 is out of range \(it must be > 0.0"),
+    ("llama", {"rope_theta": "abc", "rope_parameters": None}, "rope_theta 'abc' is not a number"),
+    ("llama", {"rope_theta": [1], "rope_parameters": None}, r"rope_theta \[1\] is not a number"),
+    ("llama", {"rope_theta": 10 ** 400, "rope_parameters": None}, "rope_theta 1000.* is not a number"),
+    ("llama", {"rope_parameters": {**_LLAMA3, "original_max_position_embeddings": "x"}},
+     "original_max_position_embeddings 'x' is not an integer"),
+    ("llama", {"rope_parameters": {**_LLAMA3, "original_max_position_embeddings": float("inf")}},
+     "original_max_position_embeddings inf is not an integer"),
+    ("llama", {"rope_parameters": {"rope_type": ["x"]}}, r"rope_type \['x'\] is not a string"),
+    ("llama", {"rope_parameters": "x"}, "rope_parameters 'x' is not a mapping"),
+    ("mistral", {"sliding_window": "x"}, "sliding_window 'x' is not an integer"),
+    ("qwen2", {"layer_types": 5}, "layer_types 5 is not a list"),
+    ("gpt2", {"layer_norm_epsilon": "x"}, "layer_norm_epsilon 'x' is not a number"),
+    ("gpt2", {"activation_function": ["gelu"]}, r"activation \['gelu'\] is not one of"),
+    ("tinyllama", {"tie_word_embeddings": "no"}, "tie_word_embeddings 'no' is not true or false"),
+    ("pythia", {"use_parallel_residual": 1}, "use_parallel_residual 1 is not true or false"),
+    ("llama", {"num_key_value_heads": "2"}, "num_key_value_heads '2' is not an integer"),
+], ids=["heads-0", "hidden-bool", "eps-str", "eps-negative", "theta-str", "theta-list", "theta-huge-int",
+        "llama3-omax-str", "llama3-omax-inf", "rope-type-list", "rope-parameters-str", "window-str", "layer-types-int",
+        "gpt2-eps-str", "gpt2-act-list", "tie-str", "neox-residual-int", "kv-heads-str"])
+def test_a_config_json_field_of_the_wrong_type_or_range_is_one_line(folders, tmp_path, capsys, family, changes,
+                                                                      message):
+    """Each of these was a traceback (ZeroDivisionError, ValueError, TypeError, OverflowError) or,
+    for ``"tie_word_embeddings": "no"``, read as true (hostile review items 3, 12)."""
+    import shutil
+
+    shutil.copytree(folders[family][0], tmp_path / "m")
+    _edit(**changes)(tmp_path / "m")
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "config.json" in err, err
+    assert re.search(message, err), err
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(family="llama"), "model.norm='layernorm' has no exact form in LlamaForCausalLM"),
     (dict(family="llama", norm="rmsnorm", mlp="swiglu", qkv_bias=True), "model.qkv_bias=True has no exact form"),

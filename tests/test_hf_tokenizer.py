@@ -130,16 +130,47 @@ def test_deep_nesting_and_size_are_refused_before_parsing(saved, tmp_path):
     (lambda r: r["model"]["vocab"].update({f"extra{i}": 5000 + i for i in range(3)}),
      "its tokenizer has 5,003 ids but the model's vocab_size is"),
     (lambda r: r.update(normalizer="NEST"), "nested too deeply"),
-], ids=["huge-id", "more-ids-than-the-model", "nested"])
+    (lambda r: r.update(post_processor=_template([299999])), "its tokenizer has 300,000 ids but the model's vocab_size"),
+    (lambda r: r.update(post_processor=_template([5] * 17)), "a special token of its post_processor has not a list"),
+    (lambda r: r.update(post_processor={**_template([5]), "single": [{"SpecialToken": {"id": "<X>", "type_id": 0}}] * 17}),
+     "its post_processor template adds more than 16 pieces"),
+    (lambda r: r.update(pre_tokenizer={"type": "Whitespace"}, model={"type": "WordLevel", "vocab": {"the": 0, "a": 1},
+                                                                     "unk_token": "[UNK]"}), "Missing [UNK] token"),
+    (lambda r: r.update(model={**r["model"], "vocab": {"t": 0, "h": 1, "e": 2}, "merges": [], "unk_token": "<unk>"}),
+     "not found in the vocabulary"),
+], ids=["huge-id", "more-ids-than-the-model", "nested", "post-processor-id-beyond-the-model", "post-processor-ids-long",
+        "post-processor-template-long", "wordlevel-without-its-unk", "bpe-unk-not-in-vocab"])
 def test_a_model_folder_with_a_hostile_tokenizer_exits_2_in_one_line(tmp_path, capsys, change, message):
     write_family(tmp_path / "m", "gpt2")
     raw = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
     change(raw)
     (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(raw).replace('"NEST"', "[" * 5000 + "]" * 5000))
+    capsys.readouterr()  # what transformers printed while writing the folder
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hi"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert out in ("", "Hi\n"), out  # the echoed prompt ends its line: no "Hierror: ..." on a terminal
     shutil.rmtree(tmp_path / "m")
+
+
+def _template(ids):
+    """A TemplateProcessing post processor that puts the special token ``<X>`` (``ids``) before every text."""
+    return {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<X>", "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [], "special_tokens": {"<X>": {"id": "<X>", "ids": ids, "tokens": ["<X>"] * len(ids)}}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("padding", {"strategy": {"Fixed": 100_000}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                 "pad_type_id": 0, "pad_token": "x"}),  # the review's 10^8 took 11 GB per encoding
+    ("truncation", {"direction": "Right", "max_length": 0, "strategy": "LongestFirst", "stride": 0}),
+])
+def test_padding_and_truncation_of_a_tokenizer_file_are_dropped(saved, field, value):
+    plain = HFTokenizer.from_parts(_tokenizer_json(saved, lambda r: None), {})
+    tok = HFTokenizer.from_parts(_tokenizer_json(saved, lambda r: r.update({field: value})), {})
+    assert tok.encode(TEXTS[0]) == plain.encode(TEXTS[0]) and len(plain.encode(TEXTS[0])) > 1
+    assert [len(a) for a in tok.encode_batch(TEXTS)] == [len(a) for a in plain.encode_batch(TEXTS)]
+    assert json.loads(tok.to_spec()["json"])[field] is None  # what travels in checkpoints and caches
 
 
 def test_a_folder_without_tokenizer_json_says_so(tmp_path, capsys):

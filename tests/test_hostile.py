@@ -290,6 +290,16 @@ CASES = {  # name -> (build(trained, tmp) -> argv, what the error line names)
         "global_step"),
     "legacy pickle to --resume": (lambda c, t: [*TRAIN, "--resume", str(_legacy(c, t / "legacy.pt"))], "refused"),
     "estimate of -5 tokens": (lambda c, t: ["estimate", "--tokens", "-5"], "--tokens"),
+    # hostile review items 6 and 13: a math domain error at every forward; "file not found" for a device
+    "fragmergent_t 1e308 on the command line": (
+        lambda c, t: [*TRAIN, "--fragmergent_mode", "fixed", "--fragmergent_t", "1e308"], "fragmergent_t=1e+308"),
+    "fragmergent_t 1e308 in safetensors metadata, exported": (
+        lambda c, t: ["export", "--format", "hf", "-o", "out_hf", "--checkpoint", str(_exported(c, t / "f.safetensors",
+            json.dumps({"model": {"preset": "tiny", "fragmergent_mode": "fixed", "fragmergent_t": 1e308}})))],
+        "fragmergent_t=1e+308"),
+    "rope_base 1e-300": (lambda c, t: [*TRAIN, "--rope_base", "1e-300"], "rope_base=1e-300 is out of range"),
+    "tokenizer_path /dev/zero": (lambda c, t: [*TRAIN, "--tokenizer", "bpe", "--tokenizer_path", "/dev/zero"],
+                                 "not a regular file (a character device)"),
 }
 
 
@@ -796,3 +806,45 @@ def test_a_failed_export_says_the_output_was_not_written(trained, in_tmp, monkey
         line = assert_one_error_line(capsys.readouterr().err, out, "disk full", "was not written")
         assert "earlier checkpoints" not in line
         assert not Path(out).exists()
+
+
+# ------------------------------------------------------------- a diverged run (hostile review items 5, 6, 9, 10)
+def test_a_loss_past_e709_has_perplexity_inf_in_every_summary():
+    """Validation losses of 987 and 1537 ended the run in ``OverflowError: math range error`` (the
+    end-of-run summary), and eval printed e^700 for a loss of 985.6."""
+    from sab_byon_omni.commands.train import report
+    from sab_byon_omni.estimate import perplexity
+    from sab_byon_omni.evaluation import EvalResult
+    from sab_byon_omni.training.console import summary
+    from sab_byon_omni.training.trainer import TrainResult
+
+    assert perplexity(985.6) == math.inf and perplexity(2.0) == math.exp(2.0) and math.isnan(perplexity(math.nan))
+    assert EvalResult(loss_sum=9856.0, n_tokens=10, n_bytes=10).perplexity == math.inf
+    result = TrainResult(val_losses=[987.5, 1537.2], global_step=3, best_val_loss=987.5, best_checkpoint="ck/b.pt")
+    assert "best validation loss 987.5000 (perplexity inf)" in summary(result, "ck")
+    assert "1537.2000 (perplexity inf)" in report(result, "ck")[2]
+
+
+def test_a_run_whose_steps_were_skipped_says_so():
+    """Every step non-finite (``--rope_base 1e-300`` before it was refused) ended "2 optimizer steps in
+    this run" with nothing about the skips."""
+    from sab_byon_omni.commands.train import report
+    from sab_byon_omni.training.trainer import TrainResult
+
+    lines = report(TrainResult(global_step=2, skipped_steps=2, val_losses=[math.nan]), "ck")
+    assert "2 optimizer steps in this run, ended at step 2 (2 steps skipped for non-finite gradients" in lines[3]
+    assert "skipped" not in report(TrainResult(global_step=2), "ck")[3]
+
+
+def test_plot_of_a_run_whose_every_loss_is_non_finite_says_so(tmp_path):
+    """It said "has no loss rows yet (the first is written after train.log_interval steps)"."""
+    from sab_byon_omni.plotting import plot_metrics
+
+    rows = [{"kind": "train", "step": s, "loss": None, "lr": 1e-3} for s in (1, 2)]  # the log writes NaN as null
+    rows += [{"kind": "eval", "step": 2, "val_loss": float("nan")}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SabError, match=r"every loss in it is non-finite \(NaN or infinite, 3 values\)"):
+        plot_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "lr": 1e-3}) + "\n")
+    with pytest.raises(SabError, match="has no loss rows yet"):
+        plot_metrics(tmp_path)

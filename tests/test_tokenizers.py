@@ -212,6 +212,9 @@ def test_rust_calls_turns_only_panics_into_sab_errors(bpe):
     with pytest.raises(SabError, match="^x.json: the tokenizers library failed while decoding"):
         with rust_calls("x.json", "decoding"):
             raise panic
+    with pytest.raises(SabError, match=r"^x.json: .* \(WordLevel error: Missing \[UNK\]"):  # the library's own error
+        with rust_calls("x.json", "encoding"):
+            raise Exception("WordLevel error: Missing [UNK] token from the vocabulary")
     for other in (KeyboardInterrupt(), SystemExit(3), ValueError("not ours to rename")):
         with pytest.raises(type(other)):
             with rust_calls("x.json", "decoding"):

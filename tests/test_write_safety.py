@@ -130,6 +130,24 @@ def test_the_data_cache_never_writes_through_a_link(tmp_path, outside, monkeypat
     assert state(outside) == before
 
 
+def test_temporaries_of_a_cache_build_killed_outright_are_removed_by_the_next(tmp_path):
+    """A Rust abort (or SIGKILL) runs no clean-up: the next build, once it holds the lock, removes
+    the ``.train.bin.*.tmp`` it left (hostile review item 2); files that are not temporaries stay."""
+    from sab_byon_omni.config import DataConfig
+    from sab_byon_omni.data.corpus import load_corpus
+
+    (tmp_path / "corpus.txt").write_text("some words to tokenise and learn from\n" * 200)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    left = [cache / ".train.bin.k1l2.tmp", cache / ".val.bin.x9.tmp"]
+    for p in left:
+        p.write_bytes(b"\0" * 100)
+    (cache / "notes.txt").write_text("mine")
+    load_corpus(DataConfig(dataset=str(tmp_path / "corpus.txt"), cache_dir=str(cache), seq_len=16, tokenizer="byte"))
+    assert not any(p.exists() for p in left) and (cache / "notes.txt").read_text() == "mine"
+    assert (cache / "meta.json").is_file()
+
+
 # ------------------------------------------------------------------------------- files/atomic.py
 def test_open_own_refuses_links_and_other_kinds_of_file(tmp_path, outside):
     before = state(outside)
@@ -278,3 +296,62 @@ def test_a_checkpoint_dir_that_cannot_be_made_is_refused_before_the_corpus_is_ca
         assert "/proc exists but takes no new files" in err[0]
     check_can_create(tmp_path / "new" / "deeper", "x")  # possible: nothing is left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+# ------------------------------------------------------------ export --force (hostile review item 1, 8)
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> Path:
+    """A run folder as training leaves it: a checkpoint, its config, metrics and the lock file."""
+    from sab_byon_omni.core.export import checkpoint_dict
+    from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+    from sab_byon_omni.files.checkpoint import save_checkpoint
+
+    run = tmp_path_factory.mktemp("src") / "run"
+    run.mkdir()
+    save_checkpoint(checkpoint_dict(SABTranscendentV2("tiny", seed=0)), run / "best_model.pt")
+    for name in ("config.yaml", "metrics.jsonl", ".lock"):
+        (run / name).write_text("x\n")
+    return run
+
+
+def _folder(tmp_path: Path, source_run: Path, kind: str) -> Path:
+    """The -o folder an export --force is pointed at; every one holds something that must survive."""
+    if kind == "the input's own run folder":
+        return source_run
+    d = tmp_path / "out"
+    d.mkdir()
+    if kind == "another run folder":
+        for name in ("step_5.pt", "metrics.jsonl", ".lock"):
+            (d / name).write_text("training")
+    elif kind == "a folder of user files":
+        (d / "keep.txt").write_text("keep")
+    elif kind == "a transformers folder not written by us":
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (d / name).write_text("{}")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["the input's own run folder", "another run folder", "a folder of user files",
+                                  "a transformers folder not written by us"])
+def test_export_force_never_replaces_a_folder_it_cannot_identify(tmp_path, source_run, capsys, kind):
+    from sab_byon_omni.cli import main
+
+    out = _folder(tmp_path, source_run, kind)
+    before = state(out)
+    assert main(["export", "--checkpoint", str(source_run / "best_model.pt"), "-o", str(out), "--format", "hf",
+                 "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--force" in err
+    assert state(out) == before
+
+
+def test_export_force_replaces_an_earlier_export_and_refuses_the_current_folder(tmp_path, source_run, capsys,
+                                                                                monkeypatch):
+    from sab_byon_omni.cli import main
+
+    args = ["export", "--checkpoint", str(source_run / "best_model.pt"), "--format", "hf", "--force", "-o"]
+    assert main([*args, str(tmp_path / "hf")]) == 0
+    assert main([*args, str(tmp_path / "hf")]) == 0  # an export of ours is replaced
+    monkeypatch.chdir(tmp_path / "hf")
+    before = state(tmp_path)
+    assert main([*args, "."]) == 2
+    assert "is the current folder" in capsys.readouterr().err
+    assert state(tmp_path) == before

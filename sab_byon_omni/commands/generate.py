@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from sab_byon_omni.commands.common import check_paths_first
 
@@ -78,6 +79,18 @@ def run(args: argparse.Namespace) -> int:
     if args.chat and args.no_cache:
         raise SabError("--no-cache is for plain continuations: --chat samples with the cache")
     sab, sampling = load_for_sampling(args)
+    try:  # the text streamed so far ends its line, also when sampling fails (an error on a line of its own)
+        rate, n = _sample(sab, sampling, args)
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    threads = f", {n} thread{'' if n == 1 else 's'}" if n else ""
+    print(f"[{rate:,.1f} tokens/s{threads}]", file=sys.stderr)
+    return 0
+
+
+def _sample(sab: Any, sampling: Any, args: argparse.Namespace) -> tuple[float, int | None]:
+    """Stream the continuation (or the chat answer) to stdout; (tokens/s, threads used)."""
     if args.chat:
         from sab_byon_omni.core.chat import ChatSession
 
@@ -86,14 +99,9 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         tokens, seconds = session.last.tokens, session.last.seconds
-        rate, n = tokens / seconds if seconds > 0 else 0.0, None
-    else:
-        sys.stdout.write(args.prompt)
-        sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stream=True,
-                     use_cache=not args.no_cache, precision=args.precision, threads=args.threads)
-        rate, n = sab.last_tokens_per_second, sab.last_threads
-    sys.stdout.write("\n")
-    threads = f", {n} thread{'' if n == 1 else 's'}" if n else ""
-    print(f"[{rate:,.1f} tokens/s{threads}]", file=sys.stderr)
-    return 0
+        return tokens / seconds if seconds > 0 else 0.0, None
+    sys.stdout.write(args.prompt)
+    sab.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, stream=True,
+                 use_cache=not args.no_cache, precision=args.precision, threads=args.threads)
+    return sab.last_tokens_per_second, sab.last_threads

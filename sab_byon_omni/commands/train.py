@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +77,7 @@ def report(result: Any, checkpoint_dir: str) -> list[str]:
     """The result lines on stdout (a stop's reason is in the log on stderr, not repeated here). A run
     that ended inside an epoch (--max_steps, a signal) has no epoch mean yet: its last logged loss
     and best validation loss stand in."""
-    from sab_byon_omni.estimate import plural
+    from sab_byon_omni.estimate import perplexity, plural
 
     trained = result.global_step - result.start_step
     if not trained and not result.stopped_early:
@@ -87,12 +86,14 @@ def report(result: Any, checkpoint_dir: str) -> list[str]:
     train = means(result.train_losses) or "- (no epoch finished" + (
         f"; last logged loss {result.last_loss:.4f} at step {result.global_step:,})" if result.last_loss else ")")
     if result.val_losses:
-        val = f"{means(result.val_losses)} (perplexity {math.exp(result.val_losses[-1]):.3f})"
+        val = f"{means(result.val_losses)} (perplexity {perplexity(result.val_losses[-1]):.3f})"
     else:
         val = "-" + (f" (best validation loss {result.best_val_loss:.4f})" if result.best_val_loss is not None else "")
     names = ", ".join(p.rsplit("/", 1)[-1] for p in result.checkpoints) or "none new"
     return [f"checkpoints: {checkpoint_dir} ({names})", f"train loss per epoch: {train}",
             f"validation loss per epoch: {val}",
             f"{plural(trained, 'optimizer step')} in this run, "
-            + ("stopped" if result.stopped_early else "ended") + f" at step {result.global_step:,}; "
+            + ("stopped" if result.stopped_early else "ended") + f" at step {result.global_step:,}"
+            + (f" ({plural(result.skipped_steps, 'step')} skipped for non-finite gradients, weights unchanged)"
+               if result.skipped_steps else "") + "; "
             f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"]

@@ -65,6 +65,9 @@ def _plain(name: str, value: Any, hint: Any) -> Any:
         try:  # int() first, so that a 20-digit seed stays exact
             value = int(word) if base is int and word.lstrip("+-").replace("_", "").isdigit() else float(word)
         except ValueError:
+            if sum(c.isdigit() for c in word) > 100:  # int() refuses over 4,300 digits
+                raise SabError(f"{name}={bounded(value)} is too large (a number of "
+                               f"{sum(c.isdigit() for c in word):,} digits)") from None
             raise SabError(f"{name}={bounded(value)} {expected(hint)}") from None
     return int(value) if base is int and isinstance(value, float) and value.is_integer() else value
 
@@ -176,6 +179,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise SabError(f"{p}: invalid YAML{at}: {why[0][:160]}") from None
     except UnicodeDecodeError:
         raise SabError(f"{p}: not a UTF-8 text file") from None
+    except ValueError as e:  # PyYAML's int() of 5,000 digits, a date like 2024-13-45: not YAMLErrors
+        why = "an integer of more than 4,300 digits" if "digits" in str(e) else first_line(e, 120)
+        raise SabError(f"{p}: a value in it cannot be read ({why})") from None
     except RecursionError:
         raise SabError(f"{p}: nested too deeply to be a config") from None
     except OSError as e:
@@ -202,7 +208,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Load a YAML file (or the defaults) and apply dotted overrides."""
     raw = load_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "config"
-    return build_config(apply_overrides(raw, overrides or {}, source), source=source)
+    cfg = build_config(apply_overrides(raw, overrides or {}, source), source=source)
+    if {"max_seq_len", "model.max_seq_len"} & (overrides or {}).keys() and cfg.model.max_seq_len < cfg.data.seq_len:
+        # a model's own max_seq_len (its preset's) is raised to seq_len when it is shorter; a flag is never overruled
+        raise SabError(f"model.max_seq_len={cfg.model.max_seq_len} is below data.seq_len={cfg.data.seq_len}: a "
+                       "model cannot train on windows longer than its context; raise --max_seq_len or lower --seq_len")
+    return cfg
 
 
 def replace(cfg: RunConfig, **overrides: Any) -> RunConfig:

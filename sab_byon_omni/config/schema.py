@@ -140,6 +140,37 @@ class ModelConfig:
             raise SabError(f"model.document_mask_id={self.document_mask_id} must be a token id (0 or more)")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
+        self._check_rope_range()
+        self._check_fragmergent_range()
+
+    def _check_rope_range(self) -> None:
+        """Values whose every forward is NaN (a base of 1e-300, a factor of 1e-300) or that transformers
+        refuses (llama3 with low_freq_factor == high_freq_factor divides by zero)."""
+        for name, lo, hi in (("rope_base", 1.0, MAX_ROPE_BASE), ("rope_scaling_factor", 1 / MAX_ROPE_FACTOR,
+                                                                 MAX_ROPE_FACTOR)):
+            if not lo <= getattr(self, name) <= hi:
+                raise SabError(f"model.{name}={bounded(getattr(self, name))} is out of range: it must be in "
+                               f"[{lo:g}, {hi:g}] (every forward would be NaN or inf)")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise SabError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be greater than "
+                           f"model.rope_low_freq_factor={self.rope_low_freq_factor} for rope_scaling llama3")
+
+    def _check_fragmergent_range(self) -> None:
+        """The factor 1 + strength * phi(t) must stay finite and moderate at every t the mode takes
+        (fixed: t; step, clock: [0, 100)): t = 1e308 was a math domain error, strength = 1e308 NaN."""
+        if self.fragmergent_mode == "off":
+            return
+        for name in ("fragmergent_t", "fragmergent_omega"):
+            if abs(getattr(self, name)) > MAX_FRAGMERGENT_T:
+                raise SabError(f"model.{name}={bounded(getattr(self, name))} is out of range: its size must be at "
+                               f"most {MAX_FRAGMERGENT_T:g} (sin(omega * t) must be finite)")
+        ts = (self.fragmergent_t,) if self.fragmergent_mode == "fixed" else (0.0, 100.0)
+        size = abs(self.fragmergent_strength * self.fragmergent_lambda)
+        log_swing = math.log(size) + max(-self.fragmergent_alpha * t for t in ts) if size > 0 else -math.inf
+        if log_swing > math.log(MAX_FRAGMERGENT_SWING):
+            raise SabError(f"model.fragmergent_strength x fragmergent_lambda x exp(-fragmergent_alpha * t) reaches "
+                           f"{_exp_text(log_swing)}: the modulation 1 + strength * phi(t) would scale the embeddings by "
+                           f"more than {MAX_FRAGMERGENT_SWING:g}x (the forward overflows); lower them")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -354,6 +385,17 @@ LIMITS = {"hidden": 1 << 16, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "n_layer
           "max_seq_len": 1 << 20, "seq_len": 1 << 20, "vocab_size": 1 << 24, "bpe_vocab_size": 1 << 20,
           "batch_size": 1 << 20, "gradient_accumulation_steps": 1 << 20, "epochs": 1 << 20, "num_samples": 1 << 31,
           "rope_original_max_len": 1 << 24, "lora_rank": 1 << 16}
+
+
+MAX_ROPE_BASE = 1e12  # real models: 1e4 to 1e7
+MAX_ROPE_FACTOR = 1e4  # rope_scaling_factor in [1e-4, 1e4] (real: 2 to 64)
+MAX_FRAGMERGENT_T = 1e6  # |fragmergent_t|, |fragmergent_omega|
+MAX_FRAGMERGENT_SWING = 100.0  # the most strength * phi(t) may reach (default: 0.02)
+
+
+def _exp_text(log_value: float) -> str:
+    """e^log_value as text, also where it is past a float (``e^1e+05``)."""
+    return f"{math.exp(log_value):.3g}" if log_value < 709 else f"e^{log_value:.4g}"
 
 
 def _positive(name: str, value: Any) -> None:

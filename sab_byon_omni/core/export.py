@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ def format_for(out: str | Path) -> str:
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
     if out.resolve() == source.resolve():
         raise SabError(f"-o {out} is the input; choose another path")
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise SabError(f"{out} already exists; pass --force to replace it")
+    if overwrite:
+        from sab_byon_omni.interop.hf_export import check_replaceable
+
+        check_replaceable(out, source)
 
 
 def _model(source: str | Path, dtype: str) -> SABTranscendentV2:

@@ -23,8 +23,9 @@ from sab_byon_omni.data.readers import Documents, is_glob
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash, tokenizer_class
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import plural
-from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp
+from sab_byon_omni.files.atomic import atomic_write_text, fsync_dir, open_temp, remove_stale_temps
 from sab_byon_omni.files.lock import FolderLock
+from sab_byon_omni.files.untrusted import not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def tokenizer_recipe(cfg: DataConfig) -> dict[str, Any]:
     if tokenizer_class(cfg.tokenizer).needs_file:
         if cfg.tokenizer_path:
             p = Path(cfg.tokenizer_path).expanduser()
-            if not p.is_file():
-                raise SabError(f"data.tokenizer_path={cfg.tokenizer_path!r}: file not found")
+            if (why := not_a_file(p)) is not None:
+                raise SabError(f"data.tokenizer_path={cfg.tokenizer_path!r}: {why}")
             out["path_sha"] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
         else:
             out["vocab_size"] = cfg.bpe_vocab_size
@@ -139,6 +140,7 @@ def lock(directory: Path) -> Iterator[None]:
     held = FolderLock(directory)
     held.acquire(wait=True)
     try:
+        remove_stale_temps(directory)  # a build killed outright (a Rust abort, SIGKILL) left them; none is ours now
         yield
     finally:
         held.release()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sab_byon_omni.config import LIMITS, DataConfig
-from sab_byon_omni.data.rust import rust_calls, utf8_safe
+from sab_byon_omni.data.rust import rust_calls, rust_tokenizer, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
 from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json, read_json
@@ -32,6 +32,7 @@ from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json, read_json
 MODELS = ("BPE", "WordPiece", "WordLevel", "Unigram")
 MAX_ENTRIES = 1 << 21  # 8x the largest open vocabulary (Gemma's 262,144) and Llama 3's 280k merges
 SPECIALS = ("bos", "eos", "pad", "unk")
+MAX_TEMPLATE = 16  # pieces of a post_processor template, ids of one of its special tokens (real ones: 1-3)
 TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, MODEL_CONFIG = "special_tokens_map.json", "chat_template.jinja", "config.json"
 
@@ -52,11 +53,48 @@ def parse_tokenizer_json(text: str, source: str) -> dict[str, Any]:
         if len(items) > MAX_ENTRIES:
             raise SabError(f"{source}: {len(items):,} {what} is more than a tokenizer has (at most {MAX_ENTRIES:,})")
     ids = [*(vocab.values() if isinstance(vocab, dict) else range(len(vocab))),
-           *(t.get("id") if isinstance(t, dict) else None for t in added)]
+           *(t.get("id") if isinstance(t, dict) else None for t in added), *post_processor_ids(raw, source)]
     bad = [i for i in ids if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < LIMITS["vocab_size"])]
     if bad:
         raise SabError(f"{source}: token id {bounded(bad[0])} is not an integer in [0, {LIMITS['vocab_size']:,})")
     return raw
+
+
+def _processors(post: Any, source: str, depth: int = 0) -> list[dict[str, Any]]:
+    if post is None:
+        return []
+    if not isinstance(post, dict) or depth > 4:
+        raise SabError(f"{source}: its post_processor is not a mapping of a processor")
+    if post.get("type") == "Sequence":
+        inner = post.get("processors")
+        if not isinstance(inner, list) or len(inner) > MAX_TEMPLATE:
+            raise SabError(f"{source}: its post_processor Sequence is not a list of at most {MAX_TEMPLATE} processors")
+        return [p for q in inner for p in _processors(q, source, depth + 1)]
+    return [post]
+
+
+def post_processor_ids(raw: dict[str, Any], source: str) -> list[Any]:
+    """The ids a ``tokenizer.json``'s post processor adds to every text, refused when it adds more
+    than a real template does (``MAX_TEMPLATE`` pieces, ``MAX_TEMPLATE`` ids per special token): each
+    encoding grows by at most ``MAX_TEMPLATE ** 2`` ids."""
+    ids: list[Any] = []
+    for p in _processors(raw.get("post_processor"), source):
+        for key in ("sep", "cls"):  # BertProcessing, RobertaProcessing: [token, id]
+            pair = p.get(key)
+            if pair is not None:
+                ids.append(pair[1] if isinstance(pair, list) and len(pair) == 2 else None)
+        templates = [p.get(k) or [] for k in ("single", "pair")]
+        specials = p.get("special_tokens") or {}
+        if not all(isinstance(t, list) and len(t) <= MAX_TEMPLATE for t in templates) or not isinstance(
+                specials, dict) or len(specials) > MAX_TEMPLATE:
+            raise SabError(f"{source}: its post_processor template adds more than {MAX_TEMPLATE} pieces to a text")
+        for t in specials.values():
+            t_ids = t.get("ids") if isinstance(t, dict) else None
+            if not isinstance(t_ids, list) or len(t_ids) > MAX_TEMPLATE:
+                raise SabError(f"{source}: a special token of its post_processor has not a list of at most "
+                               f"{MAX_TEMPLATE} ids")
+            ids.extend(t_ids)
+    return ids
 
 
 def token_of_id(raw: dict[str, Any], i: int) -> str | None:
@@ -109,17 +147,10 @@ class HFTokenizer:
         """``special``: bos/eos/pad/unk token strings, ``chat_template``, ``split_special_tokens``,
         ``clean_up_tokenization_spaces``; ``raw``: ``text`` parsed and checked already."""
         from tokenizers import AddedToken
-        from tokenizers import Tokenizer as RustTokenizer
 
         raw = raw if raw is not None else parse_tokenizer_json(text, source)
         self.source = source
-        try:
-            with rust_calls(source, "reading it"):
-                tok = RustTokenizer.from_str(text)
-        except SabError:
-            raise
-        except Exception as e:  # the library raises its own exception types
-            raise SabError(f"{source}: not a tokenizer the tokenizers library reads: {first_line(e)}") from None
+        tok = rust_tokenizer(text, source)
         self.tokens = {k: token_text(special.get(k)) for k in SPECIALS}
         self.chat_template = special.get("chat_template") if isinstance(special.get("chat_template"), str) else None
         self.split_special_tokens = special.get("split_special_tokens") is True
@@ -132,7 +163,8 @@ class HFTokenizer:
             if missing:  # as transformers: a named special token is matched as one, never split
                 tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
             self.ids = {k: tok.token_to_id(t) if t else None for k, t in self.tokens.items()}
-            self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+            known = [*tok.get_vocab(with_added_tokens=True).values(), *post_processor_ids(raw, source)]
+            self.vocab_size = max(known, default=-1) + 1  # an id the post processor adds is one the model must have
             self.add_bos = self.ids["bos"] is not None and tok.encode("a").ids[:1] == [self.ids["bos"]]
         self._tok = tok
         self.bos_id, self.eos_id, self.unk_id = self.ids["bos"], self.ids["eos"], self.ids["unk"]

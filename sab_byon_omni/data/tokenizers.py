@@ -30,9 +30,10 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.pretrained_tokenizer import HFTokenizer
-from sab_byon_omni.data.rust import rust_calls, utf8_safe
+from sab_byon_omni.data.rust import rust_calls, rust_tokenizer, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
+from sab_byon_omni.files.untrusted import not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -207,16 +208,7 @@ class BPETokenizer:
     def from_json(cls, text: str, source: str = "the BPE tokenizer") -> "BPETokenizer":
         """From the text of a tokenizer.json; ``source`` names it in later errors (SabError here
         does not name it: the caller knows where the text came from)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            with rust_calls("invalid BPE tokenizer JSON", "reading it"):
-                tok = HFTokenizer.from_str(text)
-        except SabError:
-            raise
-        except Exception as e:  # the library raises its own exception types
-            raise SabError(f"invalid BPE tokenizer JSON: {first_line(e)}") from None
-        return cls(tok, source)
+        return cls(rust_tokenizer(text, "invalid BPE tokenizer JSON"), source)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "BPETokenizer":
@@ -227,8 +219,8 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise SabError(f"tokenizer file not found: {p}")
+        if (why := not_a_file(p)) is not None:
+            raise SabError(f"tokenizer {p}: {why}")
         try:
             text = p.read_bytes().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:

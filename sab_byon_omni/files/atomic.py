@@ -232,8 +232,11 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, what: str = "folder", overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success its files are fsynced and it replaces
-    ``path`` (an existing ``path`` only with ``overwrite``, moved aside first and removed last)."""
-    path = Path(path)
+    ``path`` (an existing ``path`` only with ``overwrite``, moved aside first and removed last).
+    Which folders ``overwrite`` may replace is the caller's to decide (see ``hf_export.check_replaceable``)."""
+    path = Path(os.path.abspath(path))  # "." or "dir/.." has no name of its own to put a temporary beside
+    if path == path.parent:
+        raise SabError(f"cannot write {what} as {path}: choose a new folder")
     if os.path.lexists(path) and not overwrite:
         raise SabError(f"{path} already exists; choose another path")
     tmp = _temp_in(path, what, directory=True)

@@ -298,3 +298,19 @@ def read_json(path: str | Path) -> Any:
     except OSError as e:
         raise SabError(f"cannot read {p}: {e.strerror or e}") from None
 
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` is no regular file to read (``file not found``, ``not a regular file (a character
+    device)``), or None when it is one: ``/dev/zero`` exists, and is not "not found"."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return "file not found"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket")
+    return f"not a regular file ({kind})"

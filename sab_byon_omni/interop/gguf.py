@@ -109,8 +109,11 @@ def _number(md: dict[str, Any], key: str, source: str, default: Any = None, limi
     value = md.get(key, default)
     if value is None:
         raise SabError(f"{source}: no {key} in its metadata (an incomplete GGUF?)")
-    ok = (type(value) is int and 0 < value <= limit) if limit else \
-        (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0)
+    kind_ok = type(value) is int if limit else isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not kind_ok:  # a string '4' or 'x' is of the wrong type, not out of range
+        raise SabError(f"{source}: {key} = {bounded(value)} is not {'an integer' if limit else 'a number'} "
+                       f"(a {type(value).__name__} in the metadata)")
+    ok = 0 < value <= limit if limit else math.isfinite(value) and value > 0
     if not ok:
         raise SabError(f"{source}: {key} = {bounded(value)} is out of range" + (f" (1 to {limit:,})" if limit else ""))
     return value

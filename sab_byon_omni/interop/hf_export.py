@@ -36,6 +36,10 @@ from sab_byon_omni.model.transformer import CausalTransformer
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+EXPORT_TAG = ("sab_byon_omni", "transformers export")  # in model.safetensors' metadata: what --force may replace
+EXPORT_FILES = frozenset({"config.json", WEIGHTS, TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP,
+                          "generation_config.json", "README.md"})
+RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "checkpoints")  # a run folder's own (also any *.pt)
 
 
 def export_family(cfg: ModelConfig) -> str:
@@ -168,11 +172,51 @@ def save_hf(model: CausalTransformer, tokenizer: Tokenizer, directory: str | Pat
     architecture = ARCHITECTURES[export_family(model.cfg)]
     card = model_card(model, tokenizer) if model.cfg.family == "sab" else family_card(model, tokenizer, architecture)
     out = Path(directory)
+    if overwrite:
+        check_replaceable(out)
     with atomic_directory(out, what="transformers export", overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", EXPORT_TAG[0]: EXPORT_TAG[1]})
         for name, data in texts.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         (tmp / TOKENIZER_JSON).write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(card, encoding="utf-8")
     log.info("exported %s as a %s with the %s tokenizer", out, architecture, tokenizer.name)
     return out
+
+
+def _is_our_export(d: Path, names: list[str]) -> bool:
+    if not set(names) <= EXPORT_FILES or WEIGHTS not in names or (d / WEIGHTS).is_symlink():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(d / WEIGHTS), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a safetensors file at all: not ours
+        return False
+    return meta.get(EXPORT_TAG[0]) == EXPORT_TAG[1]
+
+
+def check_replaceable(out: str | Path, source: str | Path | None = None) -> None:
+    """Refuse to replace ``out`` (``--force``) unless it is a file, a link (replaced itself), an empty
+    folder or a transformers export this project wrote (its files only, tagged in its weights'
+    metadata). Never a folder holding a run, the input ``source``, the current folder or user files."""
+    out = Path(out)
+    if not out.is_dir() or out.is_symlink():
+        return
+    here, where = Path.cwd().resolve(), out.resolve()
+    if here == where or where in here.parents:
+        raise SabError(f"-o {out} is the current folder (or holds it); choose a new folder for the export")
+    if source is not None and where in Path(source).resolve().parents:
+        raise SabError(f"-o {out} holds the input {source}; --force never replaces it: choose another folder")
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise SabError(f"cannot read {out}: {e.strerror or e}") from None
+    run = next((n for n in names if n in RUN_FILES or n.endswith(".pt")), None)
+    if run is not None:
+        raise SabError(f"-o {out} holds a training run ({run}); --force never replaces it: choose another folder")
+    if names and not _is_our_export(out, names):
+        other = next((n for n in names if n not in EXPORT_FILES), names[0])
+        raise SabError(f"-o {out} is a folder that is not a sab-byon-omni export (it holds {other[:80]!r}); "
+                       "--force replaces only an earlier export: remove it yourself or choose another folder")

@@ -19,6 +19,7 @@ why a model has no exact form in a family.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,30 +83,71 @@ LAYOUTS: dict[str, Layout] = {
 
 
 # ------------------------------------------------------------------------------ config.json -> ours
-def _get(conf: dict[str, Any], *names: str, default: Any = None) -> Any:
-    return next((conf[n] for n in names if conf.get(n) is not None), default)
+_KINDS = {int: "an integer", float: "a number", bool: "true or false (a JSON boolean)", str: "a string", list: "a list"}
+MAX_DIM = 1 << 31  # a dimension beyond any model (ModelConfig holds the real limits)
+
+
+def read(conf: dict[str, Any], key: str, kind: type, source: str, default: Any = None,
+         lo: float | None = None, hi: float | None = None, above: float | None = None) -> Any:
+    """``conf[key]`` checked to be of ``kind`` (a JSON boolean for bool; a finite number for float)
+    within ``[lo, hi]`` (and ``> above``), ``default`` when missing or null; else one SabError
+    naming the key: a stranger's config.json is read by type, never converted blindly."""
+    value = conf.get(key)
+    if value is None:
+        return default
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind)
+    if ok and kind is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of 400 digits
+            ok = False
+        ok = ok and math.isfinite(value)
+    if not ok:
+        raise SabError(f"{source}: {key} {bounded(value)} is not {_KINDS[kind]}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
+        low = f"> {above}" if above is not None else f">= {lo}" if lo is not None else ""
+        high = f"<= {hi}" if hi is not None else ""
+        raise SabError(f"{source}: {key} {bounded(value)} is out of range (it must be {' and '.join(filter(None, (low, high)))})")
+    return value
+
+
+def _first(conf: dict[str, Any], names: tuple[str, ...], kind: type, source: str, default: Any, **bounds: Any) -> Any:
+    """The first of ``names`` present in ``conf`` (aliases across transformers versions), read by type."""
+    name = next((n for n in names if conf.get(n) is not None), None)
+    return default if name is None else read(conf, name, kind, source, **bounds)
+
+
+def _mapping(conf: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = conf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise SabError(f"{source}: {key} {bounded(value)} is not a mapping")
+    return value or {}
 
 
 def rope_fields(conf: dict[str, Any], source: str, theta: float = 10000.0, fraction: float = 1.0) -> dict[str, Any]:
     """Our rotary fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
     ``rope_scaling`` / ``rotary_pct`` / ``rotary_emb_base`` (4.x); a scaling we do not compute is refused."""
-    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
-    rope = rope if isinstance(rope, dict) else {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    rope = _mapping(conf, "rope_parameters", source) or _mapping(conf, "rope_scaling", source)
+    kind = _first(rope, ("rope_type", "type"), str, source, "default")
     if kind not in ROPE_TYPES:
         raise SabError(f"{source}: rope scaling {bounded(kind)} is not supported (supported: "
                        f"{', '.join(ROPE_TYPES)}): no exact import")
-    out = {"rope_base": float(_get(rope, "rope_theta", default=_get(conf, "rope_theta", "rotary_emb_base",
-                                                                        default=theta))),
-           "rope_fraction": float(_get(rope, "partial_rotary_factor", default=_get(
-               conf, "partial_rotary_factor", "rotary_pct", default=fraction))),
+    base = _first(conf, ("rope_theta", "rotary_emb_base"), float, source, theta, above=0.0)
+    out = {"rope_base": read(rope, "rope_theta", float, source, base, above=0.0),
+           "rope_fraction": read(rope, "partial_rotary_factor", float, source, _first(
+               conf, ("partial_rotary_factor", "rotary_pct"), float, source, fraction, above=0.0, hi=1.0),
+               above=0.0, hi=1.0),
            "rope_scaling": ROPE_TYPES[kind]}
     if kind != "default":
-        out["rope_scaling_factor"] = float(rope.get("factor", 1.0))
+        out["rope_scaling_factor"] = read(rope, "factor", float, source, 1.0, above=0.0)
     if kind == "llama3":
-        out.update(rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                   rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                   rope_original_max_len=int(rope.get("original_max_position_embeddings", 8192)))
+        out.update(rope_low_freq_factor=read(rope, "low_freq_factor", float, source, 1.0, above=0.0),
+                   rope_high_freq_factor=read(rope, "high_freq_factor", float, source, 4.0, above=0.0),
+                   rope_original_max_len=read(rope, "original_max_position_embeddings", int, source, 8192, lo=1,
+                                              hi=MAX_DIM))
     return out
 
 
@@ -116,37 +158,40 @@ def _refuse(source: str, model_type: str, checks: list[tuple[bool, str]]) -> Non
 
 
 def _dims(conf: dict[str, Any], names: dict[str, str], source: str) -> dict[str, Any]:
-    missing = [theirs for theirs in names.values() if not isinstance(conf.get(theirs), int)]
+    missing = [theirs for theirs in names.values() if conf.get(theirs) is None]
     if missing:
         raise SabError(f"{source}: no {missing[0]} (an integer) in config.json")
-    return {mine: conf[theirs] for mine, theirs in names.items()}
+    return {mine: read(conf, theirs, int, source, lo=1, hi=MAX_DIM) for mine, theirs in names.items()}
 
 
 def _llama_fields(conf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
     dims = _dims(conf, {"hidden": "hidden_size", "n_heads": "num_attention_heads", "n_layers": "num_hidden_layers",
                         "ffn": "intermediate_size", "max_seq_len": "max_position_embeddings",
                         "vocab_size": "vocab_size"}, source)
-    window, layers = conf.get("sliding_window"), conf.get("layer_types") or []
+    window, layers = read(conf, "sliding_window", int, source), read(conf, "layer_types", list, source, [])
+    head_dim = read(conf, "head_dim", int, source, lo=1, hi=MAX_DIM)
+    act = read(conf, "hidden_act", str, source, "silu")
     _refuse(source, model_type, [
-        (conf.get("hidden_act", "silu") != "silu", f"hidden_act {bounded(conf.get('hidden_act'))} is not silu"),
-        (bool(conf.get("mlp_bias")), "mlp_bias is true"),
-        (bool(conf.get("attention_bias")), "attention_bias is true"),
+        (act != "silu", f"hidden_act {bounded(act)} is not silu"),
+        (read(conf, "mlp_bias", bool, source, False), "mlp_bias is true"),
+        (read(conf, "attention_bias", bool, source, False), "attention_bias is true"),
         (model_type == "mistral" and window is not None and window < dims["max_seq_len"],
          f"sliding_window {bounded(window)} is shorter than max_position_embeddings (sliding-window attention)"),
-        (model_type in ("qwen2", "qwen3") and (conf.get("use_sliding_window") is True
-                                               or "sliding_attention" in layers),
+        (model_type in ("qwen2", "qwen3") and (read(conf, "use_sliding_window", bool, source, False) or
+                                               "sliding_attention" in layers),
          "use_sliding_window is true (sliding-window attention)"),
-        (conf.get("head_dim") not in (None, dims["hidden"] // dims["n_heads"]),
-         f"head_dim {bounded(conf.get('head_dim'))} is not hidden_size / num_attention_heads"),
+        (head_dim not in (None, dims["hidden"] // dims["n_heads"]),
+         f"head_dim {bounded(head_dim)} is not hidden_size / num_attention_heads"),
     ])
     return {**dims, "family": model_type, "norm": "rmsnorm", "mlp": "swiglu", "qkv_bias": model_type == "qwen2",
             "qk_norm": model_type == "qwen3",
-            "norm_eps": float(conf.get("rms_norm_eps", 1e-6)), "n_kv_heads": conf.get("num_key_value_heads"),
-            "tie_embeddings": bool(conf.get("tie_word_embeddings", False)), **rope_fields(conf, source)}
+            "norm_eps": read(conf, "rms_norm_eps", float, source, 1e-6, above=0.0, hi=1.0),
+            "n_kv_heads": read(conf, "num_key_value_heads", int, source, lo=1, hi=MAX_DIM),
+            "tie_embeddings": read(conf, "tie_word_embeddings", bool, source, False), **rope_fields(conf, source)}
 
 
 def _gelu(act: Any, model_type: str, source: str) -> str:
-    if act not in GELUS:
+    if not isinstance(act, str) or act not in GELUS:
         raise SabError(f"{source}: this {model_type} model is not supported: activation {bounded(act)} is not one of "
                        f"{', '.join(GELUS)}")
     return GELUS[act]
@@ -156,14 +201,15 @@ def _gpt2_fields(conf: dict[str, Any], source: str) -> dict[str, Any]:
     dims = _dims(conf, {"hidden": "n_embd", "n_heads": "n_head", "n_layers": "n_layer", "max_seq_len": "n_positions",
                         "vocab_size": "vocab_size"}, source)
     _refuse(source, "gpt2", [
-        (conf.get("scale_attn_weights", True) is not True, "scale_attn_weights is false"),
-        (bool(conf.get("scale_attn_by_inverse_layer_idx")), "scale_attn_by_inverse_layer_idx is true"),
-        (bool(conf.get("add_cross_attention")), "add_cross_attention is true"),
+        (not read(conf, "scale_attn_weights", bool, source, True), "scale_attn_weights is false"),
+        (read(conf, "scale_attn_by_inverse_layer_idx", bool, source, False), "scale_attn_by_inverse_layer_idx is true"),
+        (read(conf, "add_cross_attention", bool, source, False), "add_cross_attention is true"),
     ])
-    return {**dims, "family": "gpt2", "ffn": conf.get("n_inner") or 4 * dims["hidden"], "positions": "learned",
-            "norm_bias": True, "bias": True, "norm_eps": float(conf.get("layer_norm_epsilon", 1e-5)),
+    return {**dims, "family": "gpt2", "ffn": read(conf, "n_inner", int, source, 4 * dims["hidden"], lo=1, hi=MAX_DIM),
+            "positions": "learned", "norm_bias": True, "bias": True,
+            "norm_eps": read(conf, "layer_norm_epsilon", float, source, 1e-5, above=0.0, hi=1.0),
             "gelu_approximate": _gelu(conf.get("activation_function", "gelu_new"), "gpt2", source),
-            "tie_embeddings": bool(conf.get("tie_word_embeddings", True))}
+            "tie_embeddings": read(conf, "tie_word_embeddings", bool, source, True)}
 
 
 def _neox_fields(conf: dict[str, Any], source: str) -> dict[str, Any]:
@@ -171,10 +217,10 @@ def _neox_fields(conf: dict[str, Any], source: str) -> dict[str, Any]:
                         "ffn": "intermediate_size", "max_seq_len": "max_position_embeddings",
                         "vocab_size": "vocab_size"}, source)
     return {**dims, "family": "gpt_neox", "norm_bias": True, "bias": True,
-            "norm_eps": float(conf.get("layer_norm_eps", 1e-5)),
+            "norm_eps": read(conf, "layer_norm_eps", float, source, 1e-5, above=0.0, hi=1.0),
             "gelu_approximate": _gelu(conf.get("hidden_act", "gelu"), "gpt_neox", source),
-            "parallel_residual": bool(conf.get("use_parallel_residual", True)),
-            "tie_embeddings": bool(conf.get("tie_word_embeddings", False)),
+            "parallel_residual": read(conf, "use_parallel_residual", bool, source, True),
+            "tie_embeddings": read(conf, "tie_word_embeddings", bool, source, False),
             **rope_fields(conf, source, fraction=0.25)}
 
 

@@ -18,7 +18,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sab_byon_omni.errors import SabError
-from sab_byon_omni.estimate import PRECISION_BYTES, estimate, fmt_count, fmt_duration, plural, step_seconds
+from sab_byon_omni.estimate import (PRECISION_BYTES, estimate, fmt_count, fmt_duration, perplexity, plural,
+                                    step_seconds)
 from sab_byon_omni.training.recipe import learns_slowly, too_few_steps
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ def summary(result: Any, directory: str) -> list[str]:
     lines = []
     finite = [v for v in [*result.val_losses, result.best_val_loss] if isinstance(v, float) and math.isfinite(v)]
     if finite:
-        lines.append(f"best validation loss {min(finite):.4f} (perplexity {math.exp(min(finite)):.3f})")
+        lines.append(f"best validation loss {min(finite):.4f} (perplexity {perplexity(min(finite)):.3f})")
     best = result.best_checkpoint or (result.checkpoints[-1] if result.checkpoints else None)
     if best:
         lines.append(f"checkpoints in {directory}; next:")
