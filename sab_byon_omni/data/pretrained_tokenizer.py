@@ -126,6 +126,22 @@ def token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def folder_parts(folder: Path, missing: str) -> tuple[str, dict[str, Any]]:
+    """A model folder's ``tokenizer.json`` text and its ``tokenizer_config.json`` with
+    ``special_tokens_map.json`` under it and ``chat_template.jinja`` over it (transformers 5 writes
+    the template there); ``missing``: the error when there is no ``tokenizer.json``."""
+    if not (folder / TOKENIZER_JSON).is_file():
+        raise SabError(missing)
+    config: dict[str, Any] = {}
+    for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
+        if (folder / name).is_file():
+            part = read_json(folder / name)
+            config.update(part if isinstance(part, dict) else {})
+    if (folder / CHAT_TEMPLATE).is_file():
+        config["chat_template"] = read_text(folder / CHAT_TEMPLATE)
+    return read_text(folder / TOKENIZER_JSON), config
+
+
 def chat_template_of(config: dict[str, Any]) -> str | None:
     """The (default) chat template of a ``tokenizer_config.json``: a string, or a list of named ones."""
     template = config.get("chat_template")
@@ -218,18 +234,10 @@ class HFTokenizer:
             spec = read_json(p)
             if isinstance(spec, dict) and spec.get("name") == cls.name:
                 return cls.from_spec(spec)
-        tok_path = folder / TOKENIZER_JSON
-        if not tok_path.is_file():
-            raise SabError(f"{path}: no {TOKENIZER_JSON} (the hf tokenizer reads a transformers model folder)")
-        config = {}
-        for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
-            if (folder / name).is_file():
-                part = read_json(folder / name)
-                config.update(part if isinstance(part, dict) else {})
-        if (folder / CHAT_TEMPLATE).is_file():  # transformers 5 writes the template here
-            config["chat_template"] = read_text(folder / CHAT_TEMPLATE)
+        text, config = folder_parts(folder, f"{path}: no {TOKENIZER_JSON} (the hf tokenizer reads a transformers "
+                                            "model folder)")
         model = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else {}
-        return cls.from_parts(read_text(tok_path), config, model if isinstance(model, dict) else {}, str(tok_path))
+        return cls.from_parts(text, config, model if isinstance(model, dict) else {}, str(folder / TOKENIZER_JSON))
 
     @classmethod
     def build(cls, cfg: DataConfig, texts: Iterable[Any] | None = None) -> "HFTokenizer":

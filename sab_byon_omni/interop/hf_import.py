@@ -17,14 +17,7 @@ from typing import Any
 import torch
 
 from sab_byon_omni.config import ModelConfig, build_config
-from sab_byon_omni.data.pretrained_tokenizer import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS_MAP,
-    TOKENIZER_CONFIG,
-    TOKENIZER_JSON,
-    HFTokenizer,
-    read_text,
-)
+from sab_byon_omni.data.pretrained_tokenizer import TOKENIZER_JSON, HFTokenizer, folder_parts
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.checkpoint import check_tensors
 from sab_byon_omni.files.untrusted import read_json
@@ -181,19 +174,9 @@ def from_hf_parts(config: dict[str, Any], tensors: dict[str, torch.Tensor], toke
 
 
 def tokenizer_parts(d: Path) -> tuple[str, dict[str, Any]]:
-    """A folder's ``tokenizer.json`` text and its ``tokenizer_config.json`` with
-    ``special_tokens_map.json`` under it and ``chat_template.jinja`` over it."""
-    if not (d / TOKENIZER_JSON).is_file():
-        raise SabError(f"{d}: no {TOKENIZER_JSON} (the model's tokenizer is needed; a folder with only a "
-                       "sentencepiece tokenizer.model can be re-saved with transformers' AutoTokenizer)")
-    config: dict[str, Any] = {}
-    for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
-        if (d / name).is_file():
-            part = read_json(d / name)
-            config.update(part if isinstance(part, dict) else {})
-    if (d / CHAT_TEMPLATE).is_file():  # transformers 5 writes the template here
-        config["chat_template"] = read_text(d / CHAT_TEMPLATE)
-    return read_text(d / TOKENIZER_JSON), config
+    """A folder's ``tokenizer.json`` text and its merged tokenizer config (see ``folder_parts``)."""
+    return folder_parts(d, f"{d}: no {TOKENIZER_JSON} (the model's tokenizer is needed; a folder with only a "
+                           "sentencepiece tokenizer.model can be re-saved with transformers' AutoTokenizer)")
 
 
 def read_hf_folder(directory: str | Path) -> Weights:
