@@ -217,3 +217,21 @@ def test_a_muon_rate_beyond_reason_is_refused(in_tmp, capsys, value):
 
     assert main(["train", *tiny_run(optimizer="muon", muon_learning_rate=value), "--checkpoint_dir", "x"]) == 2
     assert "train.muon_learning_rate" in capsys.readouterr().err and not Path("x").exists()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp resumes an fsdp folder", "fsdp resumes a ddp folder"])
+def test_resume_auto_refuses_a_folder_of_the_other_kind_even_with_its_best_model(tmp_path, sharded):
+    """A folder holding another kind's checkpoints (best_model among them, as every validated run
+    writes) is refused, not started over: a new run there would drop the old run's metrics rows."""
+    from sab_byon_omni.errors import SabError
+    from sab_byon_omni.training.checkpointer import Checkpointer
+
+    other = ".pt" if sharded else ".dcp"
+    for name in ("step_2", "best_model"):
+        target = tmp_path / f"{name}{other}"
+        target.mkdir() if other == ".dcp" else target.write_bytes(b"x")
+    with pytest.raises(SabError, match="holds only"):
+        Checkpointer(tmp_path, sharded=sharded).resume_point("auto", verify=False)
+    (tmp_path / f"step_2{other}").rename(tmp_path / "elsewhere")  # only the best model left: still that run's
+    with pytest.raises(SabError, match="holds only"):
+        Checkpointer(tmp_path, sharded=sharded).resume_point("auto", verify=False)

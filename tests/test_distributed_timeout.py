@@ -81,4 +81,4 @@ def test_a_bad_wait_limit_is_one_error_line(value, monkeypatch, tmp_path, capsys
     code = main(["train", "--preset", "tiny", "--num_samples", "20", "--seq_len", "16", "--device", "cpu",
                  "--epochs", "1", "--progress", "false"])
     err = capsys.readouterr().err
-    assert code == 2 and f"{D.STEP_TIMEOUT_ENV}=" in err and "positive number of seconds" in err
+    assert code == 2 and f"{D.STEP_TIMEOUT_ENV}=" in err and "must be a number of seconds from 1" in err

@@ -268,6 +268,8 @@ def test_a_config_json_field_of_the_wrong_type_or_range_is_one_line(folders, tmp
     (dict(family="qwen3", norm="rmsnorm", mlp="swiglu"), "model.qk_norm=False has no exact form in Qwen3ForCausalLM"),
     (dict(family="qwen3", norm="rmsnorm", mlp="relu2", qk_norm=True), "model.mlp='relu2' has no exact form in Qwen3"),
     (dict(mlp="relu2"), "model.mlp='relu2' has no exact form in GPTNeoXForCausalLM"),
+    (dict(qk_norm=True), "model.qk_norm=True has no exact form in GPTNeoXForCausalLM .* only Qwen3 computes it"),
+    (dict(family="gpt2", positions="learned", qk_norm=True), "model.qk_norm=True has no exact form in GPT2LMHead"),
     (dict(logit_softcap=15.0), "model.logit_softcap=15.0 has no exact form"),
     (dict(value_embed=True), "model.value_embed=True has no exact form"),
     (dict(unet_skips=True), "model.unet_skips=True has no exact form"),

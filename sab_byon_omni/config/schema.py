@@ -134,10 +134,12 @@ class ModelConfig:
             raise SabError(f"{what}={self.rotary_dim} must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise SabError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if not math.isfinite(self.logit_softcap) or self.logit_softcap < 0:
-            raise SabError(f"model.logit_softcap={bounded(self.logit_softcap)} must be 0 (off) or a positive number")
-        if self.document_mask_id is not None and self.document_mask_id < 0:
-            raise SabError(f"model.document_mask_id={self.document_mask_id} must be a token id (0 or more)")
+        if not (self.logit_softcap == 0 or 1 <= self.logit_softcap <= 1e4):  # nan fails both
+            raise SabError(f"model.logit_softcap={bounded(self.logit_softcap)} must be 0 (off) or between 1 and 10,000 "
+                           "(Gemma 2 uses 30; a cap below 1 leaves nothing to learn, above fp32's range is nan)")
+        if self.document_mask_id is not None and not 0 <= self.document_mask_id < (self.vocab_size or 1 << 62):
+            raise SabError(f"model.document_mask_id={self.document_mask_id} must be a token id of the vocabulary "
+                           f"(0 to {self.vocab_size - 1 if self.vocab_size else 'vocab_size - 1'})")
         for name in ("fragmergent_t", "fragmergent_alpha", "fragmergent_lambda", "fragmergent_omega", "fragmergent_strength"):
             _finite(f"model.{name}", getattr(self, name))
         self._check_rope_range()

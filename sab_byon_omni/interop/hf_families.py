@@ -259,7 +259,7 @@ def check_representable(cfg: ModelConfig, family: str) -> None:
         need += [("qkv_bias", False)] if family != "qwen2" else []
         need += [("qk_norm", family == "qwen3")]
     else:  # GPT-2 and GPT-NeoX: every head its own keys and values
-        need = [("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_heads", cfg.n_heads)]
+        need = [("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_heads", cfg.n_heads), ("qk_norm", False)]
         need += [("positions", "learned"), ("parallel_residual", False)] if family == "gpt2" else \
             [("positions", "rope"), ("rope_scaling", "none")]
     # the speed-run levers no stock architecture computes (Gemma 2 soft-caps, but is not a family here)
@@ -268,8 +268,11 @@ def check_representable(cfg: ModelConfig, family: str) -> None:
     for name, want in need:
         have = cfg.kv_heads if name == "n_kv_heads" else getattr(cfg, name)
         if have != want:
-            raise SabError(f"model.{name}={bounded(have)} has no exact form in {arch} (it needs {want}); export "
-                           "it with the family whose architecture it has")
+            lever = name in ("logit_softcap", "value_embed", "unet_skips", "document_mask_id") or have == "relu2"
+            where = ("no transformers architecture computes it; --format safetensors or pt keeps it" if lever else
+                     "only Qwen3 computes it: --family qwen3 with norm rmsnorm and mlp swiglu" if name == "qk_norm"
+                     else "export it with the family whose architecture it has")
+            raise SabError(f"model.{name}={bounded(have)} has no exact form in {arch} (it needs {want}); {where}")
 
 
 def hf_config(cfg: ModelConfig, family: str, dtype: str, ids: dict[str, Any]) -> dict[str, Any]:

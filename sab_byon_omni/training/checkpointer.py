@@ -281,7 +281,7 @@ class Checkpointer:
     def _refuse_other_kind(self) -> None:
         """``auto`` found none of this run's kind: a folder of the other kind's is an error, not a new run."""
         other = [p for p in self.existing() if p.suffix in (".pt", dcp.SUFFIX) and p.suffix != self.suffix]
-        if other and not any(p.stem == "best_model" for p in other):
+        if other:  # a best_model of the other kind is a run there too: a new run would drop its metrics
             kind = "sharded (FSDP)" if self.suffix == ".pt" else "single-file"
             how = "--parallel fsdp under torchrun, or sab-omni consolidate" if self.suffix == ".pt" else "--parallel ddp"
             raise SabError(f"{self.dir} holds only {kind} checkpoints ({other[-1].name}); resume them with {how}")

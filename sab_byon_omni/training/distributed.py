@@ -98,8 +98,8 @@ def _seconds(env: str, default: float) -> datetime.timedelta:
         value = float(raw) if raw else default
     except ValueError:
         value = -1.0
-    if not 0 < value < 1e8:
-        raise SabError(f"{env}={raw[:20]!r} must be a positive number of seconds")
+    if not 1 <= value < 1e8:
+        raise SabError(f"{env}={raw[:20]!r} must be a number of seconds from 1 to 100,000,000 (about 3 years)")
     return datetime.timedelta(seconds=value)
 
 
