@@ -275,8 +275,8 @@ def test_a_config_json_field_of_the_wrong_type_or_range_is_one_line(folders, tmp
     (dict(unet_skips=True), "model.unet_skips=True has no exact form"),
     (dict(document_mask_id=1), "model.document_mask_id=1 has no exact form"),
 ], ids=["layernorm-as-llama", "qkv-bias-as-llama", "gqa-as-gpt2", "scaled-rope-as-neox", "swiglu-as-sab", "clock",
-        "qk-norm-as-llama", "qwen3-without-qk-norm", "relu2-as-qwen3", "relu2-as-sab", "softcap", "value-embed",
-        "unet-skips", "document-mask"])
+        "qk-norm-as-llama", "qwen3-without-qk-norm", "relu2-as-qwen3", "relu2-as-sab", "qk-norm-as-sab",
+        "qk-norm-as-gpt2", "softcap", "value-embed", "unet-skips", "document-mask"])
 def test_an_export_that_would_not_be_exact_is_refused_and_writes_nothing(tmp_path, options, message):
     from sab_byon_omni.config import ModelConfig
     from sab_byon_omni.data.tokenizers import Char96Tokenizer
