@@ -78,7 +78,7 @@ def test_a_scripted_session_keeps_history_resets_and_exits(tiny, monkeypatch, ca
 def test_the_oldest_exchanges_are_dropped_to_fit_the_context(small_window, monkeypatch, capsys, prompts):
     script = "".join(f"message {i}\n" for i in range(1, 5))
     _, err = chat(monkeypatch, capsys, small_window, script)
-    assert len(prompts) == 4 and "exchange(s) dropped to fit the context" in err
+    assert len(prompts) == 4 and "exchange dropped to fit the context" in err
     room = 128 - 8
     assert all(len(p.encode()) <= room for p in prompts)
     assert "message 1" in prompts[1] and "message 1" not in prompts[-1] and "message 4" in prompts[-1]
