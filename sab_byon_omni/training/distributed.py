@@ -139,6 +139,10 @@ def long_waits(info: DistInfo, after: datetime.timedelta | None) -> Any:
 def shutdown() -> None:
     """Leave the process group (the trainer calls this when it joined one)."""
     if dist.is_initialized():
+        try:  # leave together: a rank that tears gloo down while a peer still talks to it can abort the peer
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: leave anyway
+            pass
         dist.destroy_process_group()
 
 
