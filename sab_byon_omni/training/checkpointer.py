@@ -170,8 +170,7 @@ def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, 
 
 
 def check_same_data(meta: CheckpointMeta, cfg: RunConfig, path: Path) -> None:
-    """A run continues on the data it was started with (the same string or path): its data cursor
-    counts that corpus's samples. Other data is a new run from these weights (``--init_from``)."""
+    """A run continues on the data it began with (its cursor counts that corpus); other data is a new run."""
     saved = meta.config.get("data")
     theirs = saved.get("dataset") if isinstance(saved, dict) else None
     mine = cfg.data.dataset
@@ -208,10 +207,11 @@ class Checkpointer:
         return self.dir / f"{name}{self.suffix}"
 
     def existing(self) -> list[Path]:
-        """Every checkpoint-like entry of the folder, loadable or not."""
-        if not self.dir.is_dir():
+        """Every checkpoint-like entry of the folder (none while it is missing: rank 0 may be probing it)."""
+        try:
+            return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name) or p.stem == "best_model")
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name) or p.stem == "best_model")
 
     def refuse_existing(self) -> None:
         """A new run (``resume: none``) never writes into a folder that already holds a run."""
