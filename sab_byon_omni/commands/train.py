@@ -57,11 +57,27 @@ def run(args: argparse.Namespace) -> int:
         sab, result = launch.run_training(cfg, notes=notes, resume_hint="continue with --resume auto", recipe=recipe)
     finally:
         shutdown()  # leave the torchrun process group, if the run joined one
-    if not launch_info().is_main:
-        return EXIT_STOPPED if result.stopped_early else 0  # under torchrun, rank 0 reports for all
-    for line in report(result, cfg.train.checkpoint_dir):
-        print(line)
-    return EXIT_STOPPED if result.stopped_early else 0
+    code = EXIT_STOPPED if result.stopped_early else 0
+    if launch_info().is_main:  # under torchrun, rank 0 reports for all
+        for line in report(result, cfg.train.checkpoint_dir):
+            print(line)
+    if launch_info().world > 1:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End a torchrun worker now that its files are closed and its lines written: the interpreter's
+    own teardown of torch's distributed threads aborted a finished worker (SIGABRT) in one CI run in
+    three, which torchrun reports as a failed job."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resumed_config(resume: str, checkpoint_dir: str) -> Path | None:
