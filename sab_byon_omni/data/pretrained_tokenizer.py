@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sab_byon_omni.config import LIMITS, DataConfig
-from sab_byon_omni.data.rust import rust_calls, rust_tokenizer, utf8_safe
+from sab_byon_omni.data.rust import decode_ids, encode_ids, rust_calls, rust_tokenizer, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
 from sab_byon_omni.files.untrusted import MAX_JSON_BYTES, parse_json, read_json
@@ -257,18 +257,13 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
         """``add_special_tokens=False``: without what the post processor adds (a BOS), as transformers
         encodes a rendered chat template."""
-        with rust_calls(self.source, "encoding texts"):
-            ids = [e.ids for e in self._tok.encode_batch([utf8_safe(t) for t in texts],
-                                                         add_special_tokens=add_special_tokens)]
-        return [np.asarray(i, dtype=np.int64) for i in ids]
+        return encode_ids(self._tok, texts, self.source, add_special_tokens)
 
     def encode_array(self, texts: list[str]) -> np.ndarray:
         return np.concatenate([np.zeros(0, dtype=np.int64), *self.encode_batch(texts)])
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        with rust_calls(self.source, "decoding"):
-            text = self._tok.decode(ids, skip_special_tokens=True)
+        text = decode_ids(self._tok, ids, self.source)
         if self.clean_up:  # transformers' clean_up_tokenization (WordPiece-era spacing)
             for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):

@@ -5,8 +5,10 @@ truncates; and the one rule for text that has no UTF-8 form."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+import numpy as np
 
 from sab_byon_omni.errors import SabError, first_line
 
@@ -63,3 +65,17 @@ def rust_tokenizer(text: str, source: str) -> Any:
         tok.no_padding()
         tok.no_truncation()
     return tok
+
+
+def encode_ids(tok: Any, texts: list[str], source: str, add_special_tokens: bool = True) -> list[np.ndarray]:
+    """``tok.encode_batch`` of ``texts`` (made valid UTF-8) as int64 arrays, a library error as one line."""
+    with rust_calls(source, "encoding texts"):
+        ids = [e.ids for e in tok.encode_batch([utf8_safe(t) for t in texts], add_special_tokens=add_special_tokens)]
+    return [np.asarray(i, dtype=np.int64) for i in ids]
+
+
+def decode_ids(tok: Any, ids: Iterable[int], source: str) -> str:
+    """``tok.decode`` of ``ids`` without special tokens, a library error as one line."""
+    ids = [int(i) for i in ids]
+    with rust_calls(source, "decoding"):
+        return tok.decode(ids, skip_special_tokens=True)

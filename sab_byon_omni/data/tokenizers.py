@@ -30,7 +30,7 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data.pretrained_tokenizer import HFTokenizer
-from sab_byon_omni.data.rust import rust_calls, rust_tokenizer, utf8_safe
+from sab_byon_omni.data.rust import decode_ids, encode_ids, rust_calls, rust_tokenizer, utf8_safe
 from sab_byon_omni.errors import SabError, bounded, first_line
 from sab_byon_omni.files.atomic import atomic_write_text
 from sab_byon_omni.files.untrusted import not_a_file
@@ -238,18 +238,13 @@ class BPETokenizer:
             return self._tok.encode(utf8_safe(text)).ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        with rust_calls(self.source, "encoding texts"):
-            encodings = self._tok.encode_batch([utf8_safe(t) for t in texts])
-            ids = [e.ids for e in encodings]
-        return [np.asarray(i, dtype=np.int64) for i in ids]
+        return encode_ids(self._tok, texts, self.source)
 
     def encode_array(self, texts: list[str]) -> np.ndarray:
         return np.concatenate([np.zeros(0, dtype=np.int64), *self.encode_batch(texts)])
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        with rust_calls(self.source, "decoding"):
-            return self._tok.decode(ids, skip_special_tokens=True)
+        return decode_ids(self._tok, ids, self.source)
 
     def to_spec(self) -> dict[str, Any]:
         with rust_calls(self.source, "writing it out"):
