@@ -15,6 +15,18 @@ held-out documents, stride seq_len - 1, summed nats / (ln 2 x the UTF-8 bytes of
 time is the run's wall time over its steps (the first included); peak memory is the largest
 resident set sampled every 20 ms while it trains, minus the resident set before (the GGUF's
 dequantised weights are resident before either kind of run starts).
+
+``--mode compare`` is issue 24's learning comparison at one budget (``--steps`` steps of ``--batch`` x
+``--seq_len`` tokens for every trained model), on ``--corpus stdlib``, ``prose`` or ``both`` (the
+corpora of ``benchmarks/learn.py``): SmolLM2 untouched, fine-tuned fully and with LoRA (each with the
+fine-tuning recipe exactly as ``sab-omni train --init_from GGUF --data ...`` picks it), and the
+from-scratch recipe (``sab-omni train --data ... --preset P --tokenizer T``, for each ``--scratch``
+``P:T``). All are scored on the same text: the first ``--val_bytes`` bytes of the corpus's
+validation documents (the split is by document and does not depend on the tokenizer), each model
+with its own tokenizer, windows of ``--seq_len`` tokens with stride seq_len - 1; bits per byte =
+summed nats / (ln 2 x the UTF-8 bytes of the scored tokens).
+
+    python benchmarks/finetune.py --mode compare --corpus both --steps 100 --batch 8 --seq_len 256
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,10 +184,91 @@ def step_compare(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ issue 24's learning comparison
+def corpus_dataset(name: str, cache: Path) -> str:
+    """``data.dataset`` of the learning benchmark's ``stdlib`` or ``prose`` corpus."""
+    if name == "stdlib":
+        return str(learn_corpora.stdlib_dir() / "*.py")
+    folder = cache / "prose-src"
+    learn_corpora.build_prose_folder(folder)
+    return str(folder / "docs")
+
+
+def text_prefix(tokenizer: object, tokens: np.ndarray, n_bytes: int) -> tuple[np.ndarray, int]:
+    """The shortest prefix of ``tokens`` whose text after its first token (the scored part) holds at
+    least ``n_bytes`` UTF-8 bytes (all of them if fewer), and that byte count."""
+    def size(k: int) -> int:
+        return len(tokenizer.decode([int(t) for t in tokens[1:k]]).encode("utf-8"))
+    lo, hi = 2, len(tokens)
+    if size(hi) <= n_bytes:
+        return tokens, size(hi)
+    while lo < hi:  # the first k with size(k) >= n_bytes
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if size(mid) < n_bytes else (lo, mid)
+    return tokens[:lo], size(lo)
+
+
+def score_text(sab: SABTranscendentV2, data_cfg: object, args: argparse.Namespace) -> dict:
+    """Bits per byte of ``sab`` on the first ``--val_bytes`` bytes of the validation documents of
+    ``data_cfg``'s corpus, read with ``sab``'s own tokenizer."""
+    corpus = open_corpus(data_cfg, sab.tokenizer)
+    tokens, n_bytes = text_prefix(sab.tokenizer, corpus.val_tokens, args.val_bytes)
+    precision = make_precision("auto", torch.device("cpu"))
+    result = evaluate_stream(sab.model, tokens, n_bytes, args.seq_len, args.seq_len - 1, args.batch,
+                             torch.device("cpu"), precision.autocast())
+    return {"val_loss": result.loss, "val_bits_per_byte": result.bits_per_byte, "val_tokens": result.n_tokens,
+            "val_bytes": n_bytes}
+
+
+def compare_runs(args: argparse.Namespace, corpus: str) -> Iterator[dict]:
+    """One row per model of the comparison on ``corpus`` (see the module's doc)."""
+    cache = Path(args.cache_dir)
+    dataset = corpus_dataset(corpus, cache)
+    budget = {"batch_size": args.batch, "gradient_accumulation_steps": 1, "max_steps": args.steps, "epochs": 100,
+              "eval_interval": 0, "progress": False, "log_interval": 20, "check_memory": False, "seed": args.seed}
+    given = set(budget) | {"checkpoint_dir", "init_from", "lora_rank", "lora_alpha"}
+    base = {"corpus": corpus, "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+            "cpu": cpu_name(), "threads": torch.get_num_threads(), "seed": args.seed}
+    gguf = smollm2_gguf()
+    hf_data = {"dataset": dataset, "seq_len": args.seq_len, "cache_dir": str(cache / f"{corpus}-hf"), "tokenizer": "hf"}
+    sab = SABTranscendentV2.load(gguf)
+    yield {**base, "model": "smollm2-135m", "mode": "untouched", **score_text(sab, build_config({"data": hf_data}).data, args)}
+    del sab
+    runs = [("smollm2-135m", "full", {"init_from": gguf}, {}),
+            ("smollm2-135m", "lora", {"init_from": gguf, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}, {})]
+    for spec in filter(None, args.scratch.split(",")):
+        preset, _, tok = spec.partition(":")
+        runs.append((preset, "from-scratch", {}, {"preset": preset, "tokenizer": tok or "byte"}))
+    for model, mode, train, extra in runs:
+        with tempfile.TemporaryDirectory() as folder:
+            data = {"dataset": dataset, "seq_len": args.seq_len, "cache_dir": str(cache / f"{corpus}-{extra.get('tokenizer', 'hf')}")}
+            if "tokenizer" in extra:
+                data["tokenizer"] = extra["tokenizer"]
+            model_fields = {"preset": extra["preset"], "max_seq_len": args.seq_len} if "preset" in extra else {}
+            cfg = build_config({"data": data, "model": model_fields,
+                                "train": {**budget, **train, "checkpoint_dir": str(Path(folder) / "run")}})
+            start = time.perf_counter()
+            sab, result = run_training(cfg, recipe=given | ({"preset"} if model_fields else set()))
+            t = sab.config.train
+            row = {**base, "model": model if mode != "from-scratch" else f"{model}/{extra['tokenizer']}", "mode": mode,
+                   "parameters": sum(p.numel() for p in sab.model.parameters()),
+                   "optimizer": t.optimizer, "lr": t.learning_rate,
+                   "muon_lr": t.muon_learning_rate if t.optimizer == "muon" else None,
+                   "warmup": t.warmup_steps, "seconds": time.perf_counter() - start,
+                   "step_s": result.seconds / max(result.global_step, 1), "steps_done": result.global_step}
+            yield {**row, **score_text(sab, sab.config.data, args)}
+            del sab
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("full", "lora", "none", "step"), default="full",
-                   help="step: full against LoRA, step time and memory, interleaved")
+    p.add_argument("--mode", choices=("full", "lora", "none", "step", "compare"), default="full",
+                   help="step: full against LoRA, step time and memory, interleaved; compare: issue 24's "
+                        "learning comparison (see above)")
+    p.add_argument("--corpus", choices=("stdlib", "prose", "both"), default="both", help="--mode compare's corpora")
+    p.add_argument("--scratch", default="small:byte,lightweight:bpe",
+                   help="--mode compare: from-scratch models as PRESET:TOKENIZER, comma-separated")
+    p.add_argument("--val_bytes", type=int, default=32768, help="--mode compare: bytes of validation text scored")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lr", default="6e-5", help="comma-separated peak learning rates")
     p.add_argument("--steps", type=int, default=40)
@@ -187,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "sab_finetune_cache"))
     p.add_argument("--results", default=None, help="append each JSON line to this file too")
     args = p.parse_args(argv)
-    lrs = [None] if args.mode in ("none", "step") else [float(x) for x in args.lr.split(",")]
-    rows = step_compare(args) if args.mode == "step" else (one(args, lr) for lr in lrs)
+    lrs = [None] if args.mode in ("none", "step", "compare") else [float(x) for x in args.lr.split(",")]
+    corpora = ("stdlib", "prose") if args.corpus == "both" else (args.corpus,)
+    rows = (step_compare(args) if args.mode == "step" else
+            (row for c in corpora for row in compare_runs(args, c)) if args.mode == "compare" else
+            (one(args, lr) for lr in lrs))
     for row in rows:
         line = json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
         print(line, flush=True)

@@ -48,6 +48,23 @@ def test_bench_prints_a_table(in_tmp, capsys):
     assert list(in_tmp.iterdir()) == []  # nothing written where it ran
 
 
+def test_clock_cpu_times_the_steps_in_cpu_seconds(in_tmp, capsys, monkeypatch):
+    """--clock cpu reads time.process_time around each step (and says so), not the wall clock."""
+    import time as time_module
+
+    wall_calls, cpu_calls = [], []
+    real_perf, real_cpu = time_module.perf_counter, time_module.process_time
+    monkeypatch.setattr(time_module, "perf_counter", lambda: wall_calls.append(1) or real_perf())
+    monkeypatch.setattr(time_module, "process_time", lambda: cpu_calls.append(1) or real_cpu())
+    assert main([*TINY, "--clock", "cpu", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["clock"] == "cpu" and len(row["step_times_s"]) == 2
+    assert len(cpu_calls) >= 2 * (2 + 1)  # two readings per timed step and per warm-up step
+    monkeypatch.setattr(time_module, "process_time", real_cpu)
+    assert main([*TINY, "--clock", "cpu"]) == 0
+    assert "times are this process's CPU seconds (--clock cpu)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("precision", CPU_PRECISIONS)
 def test_bench_json_is_one_line_with_the_expected_fields(in_tmp, capsys, monkeypatch, precision):
     calls = []
@@ -97,6 +114,7 @@ def test_decode_bytes_per_token_counts_weights_once_and_the_cache():
     (["--seq-len", "300"], "--seq-len=300 exceeds the tiny preset's max_seq_len=256"),
     (["--steps", "0"], "--steps=0 must be at least 1"),
     (["--peak-tflops", "-1"], "--peak-tflops=-1.0 must be positive"),
+    (["--mode", "generate", "--clock", "cpu"], "--clock cpu applies to --mode train, not generate"),
 ])
 def test_bad_options_are_one_error_line(in_tmp, capsys, args, message):
     assert main([*TINY, *args]) == 2

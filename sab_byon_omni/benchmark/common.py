@@ -13,11 +13,12 @@ import torch
 
 from sab_byon_omni.config import PRESETS, RunConfig, build_config
 from sab_byon_omni.data.batching import Batch, collate
-from sab_byon_omni.device import DTYPES
+from sab_byon_omni.device import DTYPES, resolve_device
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import device_name, gpu_peak_tflops, measure_matmul_peak, sync
 
 PEERS = ("hf", "minimal")
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class BenchOptions:
     peak_tflops: float | None = None
     threads: int | None = None
     isolated_memory: bool = False  # also each model's peak RSS in a fresh process (benchmark/isolated.py)
+    clock: str = "wall"  # wall: seconds on the wall clock; cpu: this process's CPU seconds (a CPU shared with others)
     model: dict[str, Any] = field(default_factory=dict)  # the model fields given over the preset's
 
     @classmethod
@@ -73,6 +75,11 @@ class BenchOptions:
         for peer in self.compare:
             if peer not in PEERS:
                 raise SabError(f"--compare {peer!r} is not one of: {', '.join(PEERS)}")
+        if self.clock not in CLOCKS:
+            raise SabError(f"--clock={self.clock!r} is not one of: {', '.join(CLOCKS)}")
+        if self.clock == "cpu" and resolve_device(self.run.train.device).type != "cpu":
+            raise SabError("--clock cpu counts this process's CPU seconds, a measure of CPU work; on "
+                           f"{resolve_device(self.run.train.device).type} use the wall clock (the default)")
         if self.isolated_memory and self.run.train.device not in ("auto", "cpu"):
             raise SabError("--isolated-memory measures peak RSS, a CPU figure; on CUDA the table's memory is "
                            "max_memory_allocated already")
@@ -94,20 +101,24 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> B
     return collate(rows, pad_id=0)
 
 
-def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """(seconds ``fn()`` took on ``device``, what it returned)."""
+def timed_call(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> tuple[float, Any]:
+    """(seconds ``fn()`` took on ``device``, what it returned). ``clock="cpu"``: the CPU seconds this
+    process spent in it instead (all its threads): on a CPU shared with other jobs, the work of the
+    call, not how long it waited for a core."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     out = fn()
     sync(device)
-    return time.perf_counter() - t0, out
+    return now() - t0, out
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    return timed_call(fn, device)[0]
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    return timed_call(fn, device, clock)[0]
 
 
-def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.device) -> dict[str, list[float]]:
+def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.device,
+               clock: str = "wall") -> dict[str, list[float]]:
     """``steps`` timed calls of each runner, alternating which goes first (ABBA) so that a slow
     spell on a shared machine hits all of them. A call that returns False did not do the work (a
     training step fp16's GradScaler skipped: no optimizer step, a shorter time): it is not counted,
@@ -119,7 +130,7 @@ def interleave(runners: dict[str, Callable[[], Any]], steps: int, device: torch.
     while any(len(times[n]) < steps and calls[n] < 3 * steps for n in names):
         for name in (names if i % 2 == 0 else names[::-1]):
             if len(times[name]) < steps and calls[name] < 3 * steps:
-                seconds, out = timed_call(runners[name], device)
+                seconds, out = timed_call(runners[name], device, clock)
                 calls[name] += 1
                 if out is not False:
                     times[name].append(seconds)

@@ -79,6 +79,7 @@ def _train(r: TrainBench) -> str:
                      f"{_memory(s, '-')} |")
     lines.append("")
     lines.append(f"median of {plural(r.steps, 'timed step')} after {r.warmup} warm-up"
+                 + ("; times are this process's CPU seconds (--clock cpu)" if r.clock == "cpu" else "")
                  + (f"; first step {r.first_step_s:.1f} s" if r.first_step_s else "")
                  + (f", compile about {r.compile_s:.1f} s" if r.compile_s is not None else ""))
     for name, s in r.peers.items():

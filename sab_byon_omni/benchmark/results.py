@@ -77,6 +77,7 @@ class TrainBench:
     newton_schulz_dtype: str | None = None  # the dtype Muon's Newton-Schulz ran in
     newton_schulz_peak_tflops: float | None = None  # that dtype's peak, which MFU counts those FLOPs against
     allocator: str = ""  # CPU: the C allocator's settings from the environment (machine.malloc_settings)
+    clock: str = "wall"  # what the step times count: wall seconds, or this process's CPU seconds (--clock cpu)
 
     def ratio(self, peer: str) -> float:
         return self.ours.tokens_per_s / self.peers[peer].tokens_per_s

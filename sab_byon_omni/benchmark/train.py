@@ -128,7 +128,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ours = OursStep(cfg, batch)
-        times_first = [timed(ours, device) for _ in range(opts.warmup)]
+        times_first = [timed(ours, device, opts.clock) for _ in range(opts.warmup)]
         # Memory now, before any peer exists (and after at least one step: optimizer state, gradients
         # and activations have peaked).
         memory = peak_memory_mb(device) if opts.warmup else None
@@ -137,7 +137,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             runners[name] = PEER_STEPS[name](cfg, batch, precision)
             for _ in range(opts.warmup):
                 timed(runners[name], device)
-        times = interleave(runners, opts.steps, device)
+        times = interleave(runners, opts.steps, device, opts.clock)
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
@@ -158,7 +158,7 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=malloc_settings() if device.type == "cpu" else "", **dict(zip(NS_FIELDS, ns)))
+            allocator=malloc_settings() if device.type == "cpu" else "", clock=opts.clock, **dict(zip(NS_FIELDS, ns)))
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:

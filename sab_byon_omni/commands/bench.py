@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="as train.optimizer: adamw, or muon (Muon for the blocks' matrices, AdamW for the rest), whose "
                         "Newton-Schulz iterations are then part of the timed step (default: adamw)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what a step's time counts: wall seconds (default), or this process's CPU seconds, for a CPU "
+                        "shared with other jobs (with --threads 1 it is the step's own work)")
     p.add_argument("--compare", metavar="PEER[,PEER]", default="",
                    help="also time peers of the same dimensions, interleaved with ours: hf (Hugging Face GPT-2, or "
                         "with --model.family llama/qwen2/... that family's transformers class with our weights; needs "
@@ -92,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     compare = tuple(c.strip() for c in args.compare.split(",") if c.strip())
     bench = dict(steps=args.steps, warmup=args.warmup, compare=compare, peak_tflops=args.peak_tflops,
-                 threads=args.threads, isolated_memory=args.isolated_memory)
+                 threads=args.threads, isolated_memory=args.isolated_memory, clock=args.clock)
+    if args.clock != "wall" and args.mode != "train":
+        raise SabError(f"--clock {args.clock} applies to --mode train, not {args.mode}")
     if args.isolated_memory and args.mode != "train":
         raise SabError(f"--isolated-memory applies to --mode train, not {args.mode}")
     if args.mode == "epoch":
