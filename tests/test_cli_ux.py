@@ -223,12 +223,12 @@ def test_a_hub_id_is_read_from_the_local_cache_only(sources, tmp_path, monkeypat
 
 def test_init_from_starts_a_new_run_from_the_weights(sources, tmp_path, capsys):
     src = str(sources["safetensors"])
-    code = main(["train", *TINY, "--preset", "small", "--max_steps", "2", "--checkpoint_dir", str(tmp_path / "ft"),
-                 "--init_from", src])
+    flags = tiny_run(num_samples=120, seq_len=64, batch_size=8, gradient_accumulation_steps=2, epochs=None, preset=None)
+    code = main(["train", *flags, "--max_steps", "2", "--checkpoint_dir", str(tmp_path / "ft"), "--init_from", src])
     assert code == 0
     err = capsys.readouterr().err
     assert "weights:" in err and "a fresh optimizer and schedule" in err
-    assert "tiny: hidden 64" in err  # the architecture comes from the weights, not from --preset small
+    assert "tiny: hidden 64" in err  # the architecture comes from the weights (a --preset is refused)
     from sab_byon_omni.files.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "ft" / "step_2.pt")

@@ -69,7 +69,7 @@ def test_what_export_cannot_write_is_one_line(tiny, capsys):
 
 def test_a_bad_gguf_given_to_init_from_is_one_line(in_tmp, capsys):
     (in_tmp / "cut.gguf").write_bytes(b"GGUF\x03\0\0\0" + b"\0" * 8)
-    assert main(["train", *tiny_run(), "--init_from", "cut.gguf", "--checkpoint_dir", "ck"]) == 2
+    assert main(["train", *tiny_run(preset=None), "--init_from", "cut.gguf", "--checkpoint_dir", "ck"]) == 2
     assert_one_error_line(capsys.readouterr().err, "cut.gguf", "shorter than its fixed header")
 
 

@@ -53,6 +53,38 @@ def test_every_flag_given_wins():
     assert rate_only.train.optimizer == "adamw" and rate_only.train.learning_rate == 3e-4
 
 
+@pytest.mark.parametrize("init_from", ["weights.gguf", None])
+def test_max_steps_given_wins_over_the_recipes_epochs(init_from):
+    """--max_steps beyond the recipe's epochs: the run gets the epochs to take those steps, and the
+    schedule is planned for them (a newcomer's 400-step LoRA run stopped at 45, its rate undecayed)."""
+    windows = 200  # a small corpus: few steps per epoch
+    plain, _ = apply_recipe(cfg(init_from=init_from), windows, set(), "--data")
+    tuned, lines = apply_recipe(cfg(init_from=init_from, max_steps=400), windows, {"max_steps"}, "--data")
+    from sab_byon_omni.training.build import steps_per_epoch
+    per_epoch_steps = steps_per_epoch(windows, tuned.train.batch_size, tuned.train.gradient_accumulation_steps, 1)
+    assert plain.train.epochs * per_epoch_steps < 400 <= tuned.train.epochs * per_epoch_steps
+    text = "\n".join(line for _, line in lines)
+    assert f"{tuned.train.epochs} epochs, for the train.max_steps=400 you gave" in text, text
+    fixed, _ = apply_recipe(cfg(init_from=init_from, max_steps=400, epochs=2), windows, {"max_steps", "epochs"}, "--data")
+    assert fixed.train.epochs == 2  # both given: yours, and the run ends with the epochs
+
+
+def test_lora_without_init_from_gets_adamw_not_a_refusal():
+    scratch, lines = apply_recipe(cfg(lora_rank=4), 20_000, set(), "--data")
+    assert scratch.train.optimizer == "adamw"
+    assert any("Muon does not update" in line for _, line in lines)
+
+
+def test_architecture_flags_with_init_from_are_refused(in_tmp, capsys):
+    from sab_byon_omni.cli import main
+
+    (in_tmp / "notes.txt").write_text("some notes " * 200)
+    assert main(["train", "--init_from", "no-such-model.gguf", "--data", str(in_tmp / "notes.txt"),
+                 "--tokenizer", "char96", "--preset", "small"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer, --preset cannot apply with --init_from" in err, err
+
+
 @pytest.mark.integration
 def test_train_init_from_with_data_runs_the_recipe(in_tmp, caplog):
     notes = in_tmp / "notes"

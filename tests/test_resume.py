@@ -68,11 +68,11 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _start(workdir: Path, extra_args: list[str] = (), **env: str) -> subprocess.Popen:
+def _start(workdir: Path, extra_args: list[str] = (), base: list[str] = ARGS, **env: str) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / "child.py"
     script.write_text(CHILD)
-    return subprocess.Popen([sys.executable, str(script), *ARGS, *extra_args], cwd=workdir, env=_env(**env),
+    return subprocess.Popen([sys.executable, str(script), *base, *extra_args], cwd=workdir, env=_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,8 +81,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str
     return proc.returncode, out, err
 
 
-def _run(workdir: Path, extra_args: list[str] = (), **env: str) -> tuple[int, str, str]:
-    return _finish(_start(workdir, extra_args, **env))
+def _run(workdir: Path, extra_args: list[str] = (), base: list[str] = ARGS, **env: str) -> tuple[int, str, str]:
+    return _finish(_start(workdir, extra_args, base, **env))
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -204,12 +204,13 @@ def test_a_lora_run_killed_then_resumed_is_bitwise_identical(tmp_path):
     SABTranscendentV2(preset="tiny").save_pretrained(tmp_path / "base")
     lora = ["--init_from", str(tmp_path / "base"), "--lora_rank", "4", "--lora_dropout", "0.1",
             "--learning_rate", "0.01"]
+    base = [a for i, a in enumerate(ARGS) if "--preset" not in ARGS[max(i - 1, 0):i + 1]]  # the weights bring it
     ref, run = tmp_path / "reference", tmp_path / "run"
-    reference = _start(ref, lora)
-    rc, _, err = _run(run, lora, SAB_KILL_AT_STEP="6")
+    reference = _start(ref, lora, base)
+    rc, _, err = _run(run, lora, base, SAB_KILL_AT_STEP="6")
     assert rc == -signal.SIGKILL, err
     assert _ckpt_dir_files(run) == ["best_model.pt", "metrics.jsonl", "step_4.pt"]
-    rc, _, err = _run(run, lora)
+    rc, _, err = _run(run, lora, base)
     assert rc == 0, err
     rc, _, err = _finish(reference)
     assert rc == 0, err

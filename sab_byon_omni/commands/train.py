@@ -8,6 +8,7 @@ from typing import Any
 
 from sab_byon_omni.commands.common import add_config_flags, check_paths_first, collect_overrides
 from sab_byon_omni.config import load_config
+from sab_byon_omni.errors import SabError
 
 EXAMPLE = """examples:
   sab-omni train                                   # the guide's job: configs/default.yaml defaults
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         if folder_config := resumed_config(cfg.train.resume, cfg.train.checkpoint_dir):
             args.config = str(folder_config)
             cfg = load_config(args.config, overrides)
+    if cfg.train.init_from:
+        refuse_architecture_flags(overrides)
     check_paths_first(source=cfg.train.init_from, data=cfg.data.dataset)
     from sab_byon_omni.training import launch
     from sab_byon_omni.training.distributed import launch_info, shutdown
@@ -113,3 +116,17 @@ def report(result: Any, checkpoint_dir: str) -> list[str]:
             + (f" ({plural(result.skipped_steps, 'step')} skipped for non-finite gradients, weights unchanged)"
                if result.skipped_steps else "") + "; "
             f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"]
+
+
+KEPT_WITH_INIT_FROM = {"model.dropout", "model.activation_checkpointing", "model.max_seq_len"}
+
+
+def refuse_architecture_flags(overrides: dict) -> None:
+    """With ``--init_from`` the pretrained weights bring their architecture and tokenizer: a flag that
+    would change either is refused, not silently dropped."""
+    ignored = sorted(k for k in overrides if (k.startswith("model.") and k not in KEPT_WITH_INIT_FROM)
+                     or k in ("data.tokenizer", "data.tokenizer_path", "data.bpe_vocab_size"))
+    if ignored:
+        flags = ", ".join(f"--{k.split('.', 1)[1]}" for k in ignored)
+        raise SabError(f"{flags} cannot apply with --init_from: the pretrained model brings its own architecture "
+                       "and tokenizer (drop the flag; --dropout and --activation_checkpointing do apply)")

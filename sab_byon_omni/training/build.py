@@ -104,7 +104,8 @@ def build_run(model: nn.Module, tokenizer: Tokenizer, train_data: Any, val_data:
     cfg = memory.cfg  # the config the run uses from here on: the plan's micro-batch (Run.cfg)
     t = cfg.train
     per_epoch = steps_per_epoch(len(train_data), t.batch_size, t.gradient_accumulation_steps, info.world)
-    total_steps = t.max_steps or per_epoch * t.epochs
+    # the run ends at whichever comes first: max_steps, or the last epoch's end (the schedule plans for that)
+    total_steps = min(t.max_steps, per_epoch * t.epochs) if t.max_steps else per_epoch * t.epochs
     tracker_names = trackers.check(t)  # a missing package: before anything is written
     checkpointer = Checkpointer(t.checkpoint_dir, info=info, sharded=fsdp, keep_last=t.keep_last)
     try:

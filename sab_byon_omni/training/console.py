@@ -222,7 +222,8 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
                   + (f" x {info.world} processes" if info.enabled else "")
                   + f" = {eff} samples per optimizer step (up to {eff * d.seq_len:,} tokens)"),
         ("steps", f"{run.steps_per_epoch:,} per epoch x {plural(t.epochs, 'epoch')}"
-                  + (f", stopping at step {t.max_steps:,}" if t.max_steps else "")
+                  + (f", stopping at step {t.max_steps:,}" if t.max_steps and t.max_steps == run.total_steps else
+                     f" (train.max_steps={t.max_steps:,} is never reached: the epochs end first)" if t.max_steps else "")
                   + f": {run.total_steps:,} optimizer steps"),
         ("schedule", (f"Muon peak lr {t.muon_learning_rate:g} for the blocks' matrices after "
                       f"{t.muon_warmup_steps} warmup steps, " if t.optimizer == "muon" else "")

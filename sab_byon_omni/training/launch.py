@@ -55,9 +55,15 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
         epochs = FT_MAX_EPOCHS
     batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
     per_epoch = steps_per_epoch(windows, batch, accum, world)  # as the run counts them
+    more = []
+    if "max_steps" in explicit and "epochs" not in explicit and t.max_steps > per_epoch * epochs:
+        epochs = -(-t.max_steps // per_epoch)  # your step count wins over the recipe's epochs
+        more.append(f"{epochs} epochs, for the train.max_steps={t.max_steps:,} you gave ({per_epoch:,} steps per epoch)"
+                    + ("; a pretrained model may memorise a small corpus over many passes: watch the validation "
+                       "loss" if tuning else ""))
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
-    reasons = [] if geometry_given else reasons
+    reasons = ([] if geometry_given or more else reasons) + more
     if total < per_epoch * epochs:  # the schedule and the validations follow the steps the run will take
         reasons.append(f"train.max_steps={t.max_steps:,} stops the run after {total:,} of {per_epoch * epochs:,} "
                        f"steps ({per_epoch:,} per epoch x {epochs}): the schedule and validations are planned "
@@ -75,6 +81,9 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     if why_not_muon and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
         changes["train.optimizer"] = optimizer
         reasons.append(why_not_muon)
+    if cfg.train.lora_rank and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
+        changes["train.optimizer"] = "adamw"  # Muon orthogonalises whole matrices; LoRA trains low-rank factors
+        reasons.append("AdamW for everything: --lora_rank trains low-rank adapters, which Muon does not update")
     model, model_lines = ({}, []) if tuning else architecture(cfg.model, explicit)  # a fresh model's levers
     out = replace(cfg, **changes, **{f"model.{k}": v for k, v in model.items()})
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
