@@ -36,6 +36,7 @@ from such a file. Corpora: ``benchmarks/learn_corpora.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -57,17 +58,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learn_corpora  # noqa: E402
-from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, bench_table, load_rows, muon_fields,  # noqa: E402
-                          report, time_table)
+from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, arch_label, bench_table, load_rows,  # noqa: E402
+                          muon_fields, ns_fields, report, time_table)
 
 from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
-from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E402
+from sab_byon_omni.config import ModelConfig, RunConfig, TrainConfig, build_config  # noqa: E402
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
 from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
 from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_for_geometry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}  # --arch names that are recipe settings
 
 
 # ------------------------------------------------------------------------------------ our side
@@ -84,17 +86,28 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         beta1=pick(args.beta1, rule.beta1), beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
         optimizer=pick(args.optimizer, rule.optimizer), muon_learning_rate=pick(args.muon_lr, rule.muon_learning_rate),
         muon_warmup_steps=pick(args.muon_warmup, rule.muon_warmup_steps),
+        muon_ns_steps=pick(args.muon_ns_steps, TrainConfig.muon_ns_steps),
+        muon_ns_coefficients=pick(args.muon_ns_coefficients, TrainConfig.muon_ns_coefficients),
         max_grad_norm=pick(args.clip, 1.0), precision=args.precision, device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
+    train.update(variant_fields(args)[1])  # a variant's recipe settings win
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
     model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **our_arch(args)}
     return build_config({"model": model, "data": data, "train": train})
 
 
+def variant_fields(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The ``--arch`` variant's (model fields, train fields): a train setting (``muon_ns_steps=4``) in
+    a variant changes ours' recipe, any other name is a model field."""
+    train = {k: v for k, v in args.arch_value.items() if k in TRAIN_FIELDS}
+    return {k: v for k, v in args.arch_value.items() if k not in train}, train
+
+
 def our_arch(args: argparse.Namespace) -> dict:
     """Our model's fields beyond the preset: the recipe's architecture (``recipe.architecture``), then
     the ``--arch`` variant's fields, which win."""
-    return {**architecture(model_config(args), set(args.arch_value))[0], **args.arch_value}
+    model, _ = variant_fields(args)
+    return {**architecture(model_config(args), set(model))[0], **model}
 
 
 def shape_overrides(args: argparse.Namespace) -> dict:
@@ -181,6 +194,7 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
     row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
                min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
                **muon_fields(t.optimizer, t.muon_learning_rate, t.muon_warmup_steps),
+               **ns_fields(t.optimizer, t.muon_ns_steps, t.muon_ns_coefficients),
                params=sab.model.num_parameters(), slow=learns_slowly(t.learning_rate, cfg.model),
                arch=our_arch(args), precision=t.precision, **timing)
     return row, batches
@@ -368,7 +382,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows = run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len))
         for row in rows:
             muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
-            arch = ",".join(f"{k}={v}" for k, v in row["arch"].items()) or "base"
+            arch = arch_label(row)
             reach = row.get("time_to_target")
             target = "" if row["model"] == "gpt2" else \
                 f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
@@ -394,7 +408,8 @@ def add_time_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wall-budget", action="store_true",
                    help="also train ours for GPT-2's training seconds (its schedule planned for them)")
     p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "
-                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\")")
+                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\"); a train field in a variant changes "
+                   "ours' recipe (\"base;muon_ns_steps=4;muon_ns_coefficients=polar_express\")")
     p.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"),
                    help="our precision (default fp32, as GPT-2 trains; auto: bf16 where the CPU has it natively)")
 
@@ -419,6 +434,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "muon"), help="our optimizer (default: the rule's, muon)")
     p.add_argument("--muon-lr", type=float, help="our Muon peak rate (default: the rule's)")
     p.add_argument("--muon-warmup", type=int, help="our Muon warmup steps (default: the rule's)")
+    p.add_argument("--muon-ns-steps", type=int, help="our Muon's Newton-Schulz iterations (default: train's, 5)")
+    p.add_argument("--muon-ns-coefficients", choices=("quintic", "polar_express"),
+                   help="our Muon's Newton-Schulz coefficients (default: train's, quintic)")
     p.add_argument("--gpt2-warmup", type=int, default=GPT2_WARMUP,
                    help="GPT-2's warmup steps (default 4: nanoGPT's 100 of 5000 steps, scaled to 200)")
     p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],

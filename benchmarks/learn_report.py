@@ -14,6 +14,13 @@ DEFAULT_SEED = 1234
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
 SWEEP_BETA1 = 0.9  # the rate sweep ran at AdamW's default beta1; the rule's 0.8 came after it
 GPT2_WARMUP = 4  # nanoGPT warms up 100 of its 5,000 steps: 2%, 4 of our 200
+NS_DEFAULT = (5, "quintic")  # train.muon_ns_steps, train.muon_ns_coefficients: what Muon ran before they were settings
+
+
+def ns_fields(optimizer: str, steps: int | None, coefficients: str | None) -> dict:
+    """Muon's Newton-Schulz schedule columns of a result row (None for AdamW)."""
+    muon = optimizer == "muon"
+    return dict(ns_steps=steps if muon else None, ns_coefficients=coefficients if muon else None)
 
 
 def muon_fields(optimizer: str, lr: float | None, warmup: int | None) -> dict:
@@ -32,9 +39,12 @@ def load_rows(path: str) -> list[dict]:
         r.setdefault("beta1", 0.9)
         for k, v in muon_fields("adamw", None, None).items():
             r.setdefault(k, v)
+        for k, v in (ns_fields("muon", *NS_DEFAULT) if r["optimizer"] == "muon" else ns_fields("adamw", None, None)).items():
+            r.setdefault(k, v)  # rows from before the schedule was a setting ran Muon's default
     key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
                                 r["steps"], r["batch"], r["seq_len"], r["val_windows"], r.get("arch") or {},
-                                r.get("mode", "steps"), r.get("precision", "fp32")] + [r[k] for k in SCHEDULE_KEYS])
+                                r.get("mode", "steps"), r.get("precision", "fp32"), r["ns_steps"], r["ns_coefficients"]]
+                               + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
 
 
@@ -86,7 +96,8 @@ def bench_table(rows: list[dict]) -> list[str]:
     """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
     rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))
             and r.get("mode", "steps") == "steps" and r.get("arch", {}) in ({}, ARCHITECTURE)
-            and r.get("precision", "fp32") == "fp32"]  # the rule's model: of its day (no arch), or today's
+            and r.get("precision", "fp32") == "fp32"  # the rule's model: of its day (no arch), or today's
+            and (r.get("ns_steps"), r.get("ns_coefficients")) in ((None, None), NS_DEFAULT)]
     lines = ["| corpus | preset | ours: lr, warmup (Muon: rate, warmup) | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
@@ -101,8 +112,11 @@ def bench_table(rows: list[dict]) -> list[str]:
 
 
 def arch_label(row: dict) -> str:
-    """A model variant's name: ``base``, or its changed fields (``qk_norm=True,mlp=relu2``)."""
-    return ",".join(f"{k}={v}" for k, v in (row.get("arch") or {}).items()) or "base"
+    """A model variant's name: ``base``, or its changed fields (``qk_norm=True,mlp=relu2``), and a
+    Newton-Schulz schedule other than the default (``NS 4 x polar_express``)."""
+    model = ",".join(f"{k}={v}" for k, v in (row.get("arch") or {}).items()) or "base"
+    ns = (row.get("ns_steps"), row.get("ns_coefficients"))
+    return model if None in ns or ns == NS_DEFAULT else f"{model}, NS {ns[0]} x {ns[1]}"
 
 
 def time_table(rows: list[dict]) -> list[str]:
