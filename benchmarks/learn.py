@@ -24,8 +24,8 @@ Time to quality: both models are also scored on the validation windows every ``-
 apart, ``eval_seconds``). ``--clock cpu`` counts this process's CPU seconds instead of wall seconds (on a shared machine).
 Ours is credited with the training seconds at which it first reaches the
 target, GPT-2's final validation loss at its step budget. ``--wall-budget`` adds a run of ours given
-GPT-2's training seconds: its schedule planned for as many steps as its measured step time fits in
-them, and cut at the budget if it runs over; its bits per byte there against GPT-2's. ``--arch``
+GPT-2's training seconds: trained until they are spent, its cosine planned to end at the budget (re-planned
+after each step from its mean step time so far); its bits per byte there against GPT-2's. ``--arch``
 trains ours once per model variant (e.g. ``--arch "base;qk_norm=true;mlp=relu2"``), each against the
 one GPT-2 run of the corpus.
 
@@ -70,6 +70,7 @@ from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_fo
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}  # --arch names that are recipe settings
+WALL_SPARE = 1.5  # a wall-budget run gets this many times its planned steps' batches, in case more fit
 
 
 # ------------------------------------------------------------------------------------ our side
@@ -146,10 +147,13 @@ def parse_arch(text: str) -> list[dict]:
 
 
 def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, model: torch.nn.Module,
-                   windows: list[np.ndarray], budget: float | None = None) -> dict:
+                   windows: list[np.ndarray], budget: float | None = None,
+                   replan: Any = None) -> dict:
     """``step(batch) -> loss`` over ``batches``, timed, with ``model`` scored on ``windows`` every
-    ``--eval-every`` steps and after the last (the clock stopped meanwhile); stops early after
-    ``budget`` training seconds. Returns the row's timing fields and its final ``val``."""
+    ``--eval-every`` steps and after the last (the clock stopped meanwhile). With ``budget`` training
+    seconds it stops before a step that would overrun them at the mean step time so far, and calls
+    ``replan(steps done, steps that still fit)`` after each step. Returns the row's timing fields and
+    its final ``val``."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     losses, curve, seconds, eval_seconds, wall = [], [], 0.0, 0.0, 0.0
     for it, batch in enumerate(batches, 1):
@@ -157,7 +161,10 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
         losses.append(step(batch))
         seconds += clock() - t0
         wall += time.perf_counter() - w0
-        last = it == len(batches) or (budget is not None and seconds >= budget)
+        fit = 0 if budget is None else math.floor((budget - seconds) / (seconds / it))  # steps that still fit
+        if replan is not None:
+            replan(it, fit)
+        last = it == len(batches) or (budget is not None and fit < 1)
         if last or it % args.eval_every == 0:
             t0 = time.perf_counter()
             val = score(model, windows)
@@ -174,11 +181,19 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
 def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
              budget: float | None = None) -> tuple[dict, list[Batch]]:
     """Train our model with the Trainer's own step (``train_step``: the same math as ``fit``, without
-    its logging and checkpoints); returns (result row, the micro-batches it trained on)."""
+    its logging and checkpoints); returns (result row, the micro-batches it trained on). With
+    ``budget`` training seconds: until they are spent (:func:`timed_training`), the cosine's end
+    re-planned after every step to the last step that fits in them at the mean step time so far."""
     with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
         sab, trainer, cfg = make_trainer(args, corpus, ckpt_dir)
         accum = cfg.train.gradient_accumulation_steps
-        batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * accum))
+        spare = 1.0 if budget is None else WALL_SPARE  # the budget may fit more steps than planned
+        batches = list(itertools.islice(trainer.epoch_batches(0), math.ceil(args.steps * spare) * accum))
+        schedule = trainer.run.schedule
+
+        def replan(done: int, fit: int) -> None:
+            schedule.total_steps = done + max(fit, 0)  # where the cosine ends: the budget's last step
+            schedule.set_step(trainer.state.global_step)  # the next step's rates, on the new plan
 
         def step(batch: Batch) -> float:
             out = trainer.train_step([batch])
@@ -187,7 +202,8 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
 
         try:
             trainer.raw.train()
-            timing = timed_training(step, batches, args, sab.model, validation_windows(corpus, args), budget)
+            timing = timed_training(step, batches, args, sab.model, validation_windows(corpus, args), budget,
+                                    replan if budget is not None else None)
         finally:
             trainer.run.close()
     t = cfg.train
@@ -339,8 +355,11 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
 
 
 def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ours: dict, budget: float) -> dict:
-    """Ours again, given ``budget`` training seconds: planned for the steps its measured step time
-    (from its step-budget run ``ours``) fits in them, cut at the budget if it runs over."""
+    """Ours again, given ``budget`` training seconds: planned (warmup, cosine) for the steps its
+    measured step time (from its step-budget run ``ours``) fits in them, then trained until the
+    budget is spent, the cosine's end moved after each step to the last step that fits at the mean
+    step time so far (a time-based schedule: neither a step time lower than planned leaves seconds
+    unused, nor a higher one cuts the cosine short)."""
     steps = max(1, math.floor(budget / (ours["seconds"] / ours["steps"])))
     planned = argparse.Namespace(**{**vars(args), "steps": steps})
     row, _ = run_ours(planned, corpus, budget)
