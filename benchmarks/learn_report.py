@@ -130,22 +130,24 @@ def time_table(rows: list[dict]) -> list[str]:
     lines = ["| corpus | preset | ours: model, precision | s/step ours / GPT-2 | time to GPT-2's loss "
              "(x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
              "|---|---|---|---:|---:|---:|---:|"]
-    gpt2s = {(r["corpus"], r["preset"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
+    gpt2s = {(r["corpus"], r["preset"], r["seed"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
     for r in [r for r in timed if r.get("mode", "steps") == "steps"]:
-        g = gpt2s.get((r["corpus"], r["preset"]))
+        g = gpt2s.get((r["corpus"], r["preset"], r["seed"]))  # the same seed's: a run is ours and GPT-2 at one seed
         if g is None:
             continue
         g = {**g, "seconds": r.get("gpt2_seconds", g["seconds"])}  # the GPT-2 run of the same invocation
         reach = "never" if r["time_to_target"] is None else \
             f"{r['time_to_target']:.1f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
-        wall = next((w for w in timed if w.get("mode") == "wall" and (w["corpus"], w["preset"], arch_label(w),
-                     w.get("precision")) == (r["corpus"], r["preset"], arch_label(r), r.get("precision"))), None)
+        same = lambda x: (x["corpus"], x["preset"], arch_label(x), x.get("precision"), x["seed"])  # noqa: E731
+        wall = next((w for w in timed if w.get("mode") == "wall" and same(w) == same(r)), None)
         at_wall = "" if wall is None else f"{_bpb(wall):.4f} ({_bpb(wall) / _bpb(g):.3f}x)"
         per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])
-        lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')} | "
+        seed = "" if r["seed"] == DEFAULT_SEED else f", seed {r['seed']}"
+        lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')}{seed} | "
                      f"{per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
     cpu = {r.get("cpu") for r in timed}
-    ref = ", ".join(f"{k[0]} {k[1]} {v['seconds']:.0f} s, bpb {_bpb(v):.4f}" for k, v in gpt2s.items())
+    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {v['seconds']:.1f} s, bpb "
+                    f"{_bpb(v):.4f}" for k, v in gpt2s.items())
     return lines + [f"GPT-2 (training seconds, bits per byte): {ref}; CPU {', '.join(sorted(c for c in cpu if c))}", ""]
 
 
@@ -181,7 +183,8 @@ def muon_rule(row: dict) -> bool:
 
 def muon_table(rows: list[dict]) -> list[str]:
     """Corpus x preset x Muon peak rate -> bits per byte (everything else the rule's)."""
-    here = [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r)]
+    here = [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r) and r.get("mode", "steps") == "steps"
+            and r.get("precision", "fp32") == "fp32" and (r["ns_steps"], r["ns_coefficients"]) == NS_DEFAULT]
     if not here:
         return []
     rates = sorted({r["muon_lr"] for r in here})

@@ -66,8 +66,10 @@ MUON_LR_PER_SQRT_WIDTH = 0.8  # Muon's peak rate = this / sqrt(hidden)
 MUON_LR_MIN, MUON_LR_MAX = 0.01, 0.1
 MUON_WARMUP = 10
 # Muon's Newton-Schulz schedule: the train defaults (5 x quintic), measured against cheaper and Polar Express
-# schedules on the time-to-loss benchmark (docs/RECIPES.md, "Muon's Newton-Schulz schedule")
-NS_REASON = "the default: 3, 4 and Polar Express schedules did not reach GPT-2's loss sooner (docs/RECIPES.md)"
+# schedules on the time-to-loss benchmark at tiny (docs/RECIPES.md, "Muon's Newton-Schulz schedule"): fewer
+# steps save little time at 2,048 tokens per step and lose more per step; Polar Express lost at two seeds
+NS_REASON = ("the default: 2-4 quintic steps and 3-5 Polar Express steps did no better on the time-to-loss "
+             "benchmark, docs/RECIPES.md")
 TARGET_STEPS = 300  # optimizer steps per epoch the batch geometry aims for
 MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly learn
 MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
