@@ -138,7 +138,7 @@ def time_table(rows: list[dict]) -> list[str]:
         g = {**g, "seconds": r.get("gpt2_seconds", g["seconds"])}  # the GPT-2 run of the same invocation
         reach = "never" if r["time_to_target"] is None else \
             f"{r['time_to_target']:.1f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
-        same = lambda x: (x["corpus"], x["preset"], arch_label(x), x.get("precision"), x["seed"])  # noqa: E731
+        same = lambda x: (x["corpus"], x["preset"], arch_label(x), x.get("precision"), x["seed"])
         wall = next((w for w in timed if w.get("mode") == "wall" and same(w) == same(r)), None)
         at_wall = "" if wall is None else f"{_bpb(wall):.4f} ({_bpb(wall) / _bpb(g):.3f}x)"
         per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])

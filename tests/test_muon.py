@@ -4,6 +4,7 @@ optimizer and one state dict (optim.py MuonWithAdamW)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -546,7 +547,7 @@ def test_polar_express_is_its_per_iteration_schedule(shape, steps):
 def test_the_number_of_steps_changes_the_result(schedule):
     g = torch.randn(32, 64, generator=torch.Generator().manual_seed(22))
     results = [orthogonalize(g, steps=n, schedule=schedule) for n in (3, 4, 5)]
-    for a, b in zip(results, results[1:]):
+    for a, b in itertools.pairwise(results):
         assert (a - b).norm() > 1e-2 * a.norm()
     assert torch.equal(orthogonalize(g), orthogonalize(g, steps=5, schedule="quintic"))
 
