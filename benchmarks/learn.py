@@ -24,8 +24,8 @@ Time to quality: both models are also scored on the validation windows every ``-
 apart, ``eval_seconds``). ``--clock cpu`` counts this process's CPU seconds instead of wall seconds (on a shared machine).
 Ours is credited with the training seconds at which it first reaches the
 target, GPT-2's final validation loss at its step budget. ``--wall-budget`` adds a run of ours given
-GPT-2's training seconds: its schedule planned for as many steps as its measured step time fits in
-them, and cut at the budget if it runs over; its bits per byte there against GPT-2's. ``--arch``
+GPT-2's training seconds: trained until they are spent, its cosine planned to end at the budget (re-planned
+after each step from its mean step time so far); its bits per byte there against GPT-2's. ``--arch``
 trains ours once per model variant (e.g. ``--arch "base;qk_norm=true;mlp=relu2"``), each against the
 one GPT-2 run of the corpus.
 
@@ -36,6 +36,7 @@ from such a file. Corpora: ``benchmarks/learn_corpora.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -57,17 +58,19 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learn_corpora  # noqa: E402
-from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, bench_table, load_rows, muon_fields,  # noqa: E402
-                          report, time_table)
+from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, arch_label, bench_table, load_rows,  # noqa: E402
+                          muon_fields, ns_fields, report, time_table)
 
 from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
-from sab_byon_omni.config import ModelConfig, RunConfig, build_config  # noqa: E402
+from sab_byon_omni.config import ModelConfig, RunConfig, TrainConfig, build_config  # noqa: E402
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
 from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
 from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_for_geometry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}  # --arch names that are recipe settings
+WALL_SPARE = 1.5  # a wall-budget run gets this many times its planned steps' batches, in case more fit
 
 
 # ------------------------------------------------------------------------------------ our side
@@ -84,17 +87,28 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         beta1=pick(args.beta1, rule.beta1), beta2=pick(args.beta2, rule.beta2), weight_decay=pick(args.weight_decay, rule.weight_decay),
         optimizer=pick(args.optimizer, rule.optimizer), muon_learning_rate=pick(args.muon_lr, rule.muon_learning_rate),
         muon_warmup_steps=pick(args.muon_warmup, rule.muon_warmup_steps),
+        muon_ns_steps=pick(args.muon_ns_steps, TrainConfig.muon_ns_steps),
+        muon_ns_coefficients=pick(args.muon_ns_coefficients, TrainConfig.muon_ns_coefficients),
         max_grad_norm=pick(args.clip, 1.0), precision=args.precision, device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
+    train.update(variant_fields(args)[1])  # a variant's recipe settings win
     data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
     model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **our_arch(args)}
     return build_config({"model": model, "data": data, "train": train})
 
 
+def variant_fields(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The ``--arch`` variant's (model fields, train fields): a train setting (``muon_ns_steps=4``) in
+    a variant changes ours' recipe, any other name is a model field."""
+    train = {k: v for k, v in args.arch_value.items() if k in TRAIN_FIELDS}
+    return {k: v for k, v in args.arch_value.items() if k not in train}, train
+
+
 def our_arch(args: argparse.Namespace) -> dict:
     """Our model's fields beyond the preset: the recipe's architecture (``recipe.architecture``), then
     the ``--arch`` variant's fields, which win."""
-    return {**architecture(model_config(args), set(args.arch_value))[0], **args.arch_value}
+    model, _ = variant_fields(args)
+    return {**architecture(model_config(args), set(model))[0], **model}
 
 
 def shape_overrides(args: argparse.Namespace) -> dict:
@@ -133,10 +147,13 @@ def parse_arch(text: str) -> list[dict]:
 
 
 def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, model: torch.nn.Module,
-                   windows: list[np.ndarray], budget: float | None = None) -> dict:
+                   windows: list[np.ndarray], budget: float | None = None,
+                   replan: Any = None) -> dict:
     """``step(batch) -> loss`` over ``batches``, timed, with ``model`` scored on ``windows`` every
-    ``--eval-every`` steps and after the last (the clock stopped meanwhile); stops early after
-    ``budget`` training seconds. Returns the row's timing fields and its final ``val``."""
+    ``--eval-every`` steps and after the last (the clock stopped meanwhile). With ``budget`` training
+    seconds it stops before a step that would overrun them at the mean step time so far, and calls
+    ``replan(steps done, steps that still fit)`` after each step. Returns the row's timing fields and
+    its final ``val``."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     losses, curve, seconds, eval_seconds, wall = [], [], 0.0, 0.0, 0.0
     for it, batch in enumerate(batches, 1):
@@ -144,7 +161,10 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
         losses.append(step(batch))
         seconds += clock() - t0
         wall += time.perf_counter() - w0
-        last = it == len(batches) or (budget is not None and seconds >= budget)
+        fit = 0 if budget is None else math.floor((budget - seconds) / (seconds / it))  # steps that still fit
+        if replan is not None:
+            replan(it, fit)
+        last = it == len(batches) or (budget is not None and fit < 1)
         if last or it % args.eval_every == 0:
             t0 = time.perf_counter()
             val = score(model, windows)
@@ -161,11 +181,19 @@ def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, mo
 def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
              budget: float | None = None) -> tuple[dict, list[Batch]]:
     """Train our model with the Trainer's own step (``train_step``: the same math as ``fit``, without
-    its logging and checkpoints); returns (result row, the micro-batches it trained on)."""
+    its logging and checkpoints); returns (result row, the micro-batches it trained on). With
+    ``budget`` training seconds: until they are spent (:func:`timed_training`), the cosine's end
+    re-planned after every step to the last step that fits in them at the mean step time so far."""
     with tempfile.TemporaryDirectory(prefix="learn-") as ckpt_dir:
         sab, trainer, cfg = make_trainer(args, corpus, ckpt_dir)
         accum = cfg.train.gradient_accumulation_steps
-        batches = list(itertools.islice(trainer.epoch_batches(0), args.steps * accum))
+        spare = 1.0 if budget is None else WALL_SPARE  # the budget may fit more steps than planned
+        batches = list(itertools.islice(trainer.epoch_batches(0), math.ceil(args.steps * spare) * accum))
+        schedule = trainer.run.schedule
+
+        def replan(done: int, fit: int) -> None:
+            schedule.total_steps = done + max(fit, 0)  # where the cosine ends: the budget's last step
+            schedule.set_step(trainer.state.global_step)  # the next step's rates, on the new plan
 
         def step(batch: Batch) -> float:
             out = trainer.train_step([batch])
@@ -174,13 +202,15 @@ def run_ours(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
 
         try:
             trainer.raw.train()
-            timing = timed_training(step, batches, args, sab.model, validation_windows(corpus, args), budget)
+            timing = timed_training(step, batches, args, sab.model, validation_windows(corpus, args), budget,
+                                    replan if budget is not None else None)
         finally:
             trainer.run.close()
     t = cfg.train
     row = dict(model="ours", lr=t.learning_rate, warmup=t.warmup_steps, schedule=t.lr_schedule,
                min_lr_ratio=t.min_lr_ratio, beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay, clip=t.max_grad_norm,
                **muon_fields(t.optimizer, t.muon_learning_rate, t.muon_warmup_steps),
+               **ns_fields(t.optimizer, t.muon_ns_steps, t.muon_ns_coefficients),
                params=sab.model.num_parameters(), slow=learns_slowly(t.learning_rate, cfg.model),
                arch=our_arch(args), precision=t.precision, **timing)
     return row, batches
@@ -325,8 +355,11 @@ def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: flo
 
 
 def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ours: dict, budget: float) -> dict:
-    """Ours again, given ``budget`` training seconds: planned for the steps its measured step time
-    (from its step-budget run ``ours``) fits in them, cut at the budget if it runs over."""
+    """Ours again, given ``budget`` training seconds: planned (warmup, cosine) for the steps its
+    measured step time (from its step-budget run ``ours``) fits in them, then trained until the
+    budget is spent, the cosine's end moved after each step to the last step that fits at the mean
+    step time so far (a time-based schedule: neither a step time lower than planned leaves seconds
+    unused, nor a higher one cuts the cosine short)."""
     steps = max(1, math.floor(budget / (ours["seconds"] / ours["steps"])))
     planned = argparse.Namespace(**{**vars(args), "steps": steps})
     row, _ = run_ours(planned, corpus, budget)
@@ -368,7 +401,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows = run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len))
         for row in rows:
             muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
-            arch = ",".join(f"{k}={v}" for k, v in row["arch"].items()) or "base"
+            arch = arch_label(row)
             reach = row.get("time_to_target")
             target = "" if row["model"] == "gpt2" else \
                 f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
@@ -394,7 +427,8 @@ def add_time_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wall-budget", action="store_true",
                    help="also train ours for GPT-2's training seconds (its schedule planned for them)")
     p.add_argument("--arch", default="base", help="our model variants, ';'-separated: base, or model fields as "
-                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\")")
+                   "field=value,... (e.g. \"base;qk_norm=true;mlp=relu2\"); a train field in a variant changes "
+                   "ours' recipe (\"base;muon_ns_steps=4;muon_ns_coefficients=polar_express\")")
     p.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"),
                    help="our precision (default fp32, as GPT-2 trains; auto: bf16 where the CPU has it natively)")
 
@@ -419,6 +453,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "muon"), help="our optimizer (default: the rule's, muon)")
     p.add_argument("--muon-lr", type=float, help="our Muon peak rate (default: the rule's)")
     p.add_argument("--muon-warmup", type=int, help="our Muon warmup steps (default: the rule's)")
+    p.add_argument("--muon-ns-steps", type=int, help="our Muon's Newton-Schulz iterations (default: train's, 5)")
+    p.add_argument("--muon-ns-coefficients", choices=("quintic", "polar_express"),
+                   help="our Muon's Newton-Schulz coefficients (default: train's, quintic)")
     p.add_argument("--gpt2-warmup", type=int, default=GPT2_WARMUP,
                    help="GPT-2's warmup steps (default 4: nanoGPT's 100 of 5000 steps, scaled to 200)")
     p.add_argument("--gpt2-lr", type=float, default=NANOGPT["lr"],

@@ -14,6 +14,13 @@ DEFAULT_SEED = 1234
 NANOGPT = dict(lr=1e-3, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, clip=1.0)
 SWEEP_BETA1 = 0.9  # the rate sweep ran at AdamW's default beta1; the rule's 0.8 came after it
 GPT2_WARMUP = 4  # nanoGPT warms up 100 of its 5,000 steps: 2%, 4 of our 200
+NS_DEFAULT = (5, "quintic")  # train.muon_ns_steps, train.muon_ns_coefficients: what Muon ran before they were settings
+
+
+def ns_fields(optimizer: str, steps: int | None, coefficients: str | None) -> dict:
+    """Muon's Newton-Schulz schedule columns of a result row (None for AdamW)."""
+    muon = optimizer == "muon"
+    return dict(ns_steps=steps if muon else None, ns_coefficients=coefficients if muon else None)
 
 
 def muon_fields(optimizer: str, lr: float | None, warmup: int | None) -> dict:
@@ -32,9 +39,12 @@ def load_rows(path: str) -> list[dict]:
         r.setdefault("beta1", 0.9)
         for k, v in muon_fields("adamw", None, None).items():
             r.setdefault(k, v)
+        for k, v in (ns_fields("muon", *NS_DEFAULT) if r["optimizer"] == "muon" else ns_fields("adamw", None, None)).items():
+            r.setdefault(k, v)  # rows from before the schedule was a setting ran Muon's default
     key = lambda r: json.dumps([r["tag"] == "benchmark", r["corpus"], r["preset"], r["model"], r["lr"], r["seed"],  # noqa: E731
                                 r["steps"], r["batch"], r["seq_len"], r["val_windows"], r.get("arch") or {},
-                                r.get("mode", "steps"), r.get("precision", "fp32")] + [r[k] for k in SCHEDULE_KEYS])
+                                r.get("mode", "steps"), r.get("precision", "fp32"), r["ns_steps"], r["ns_coefficients"]]
+                               + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
 
 
@@ -86,7 +96,8 @@ def bench_table(rows: list[dict]) -> list[str]:
     """The learning benchmark: ours with the rule against GPT-2 with nanoGPT's recipe, same tokens."""
     rows = [r for r in rows if r["seed"] == DEFAULT_SEED and (at_rule(r) or reference_gpt2(r))
             and r.get("mode", "steps") == "steps" and r.get("arch", {}) in ({}, ARCHITECTURE)
-            and r.get("precision", "fp32") == "fp32"]  # the rule's model: of its day (no arch), or today's
+            and r.get("precision", "fp32") == "fp32"  # the rule's model: of its day (no arch), or today's
+            and (r.get("ns_steps"), r.get("ns_coefficients")) in ((None, None), NS_DEFAULT)]
     lines = ["| corpus | preset | ours: lr, warmup (Muon: rate, warmup) | ours bpb | GPT-2 bpb | ours / GPT-2 | ours s | GPT-2 s |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["corpus"], r["preset"]) for r in rows}, key=lambda k: (k[0], _size(rows, k[1]))):
@@ -101,8 +112,11 @@ def bench_table(rows: list[dict]) -> list[str]:
 
 
 def arch_label(row: dict) -> str:
-    """A model variant's name: ``base``, or its changed fields (``qk_norm=True,mlp=relu2``)."""
-    return ",".join(f"{k}={v}" for k, v in (row.get("arch") or {}).items()) or "base"
+    """A model variant's name: ``base``, or its changed fields (``qk_norm=True,mlp=relu2``), and a
+    Newton-Schulz schedule other than the default (``NS 4 x polar_express``)."""
+    model = ",".join(f"{k}={v}" for k, v in (row.get("arch") or {}).items()) or "base"
+    ns = (row.get("ns_steps"), row.get("ns_coefficients"))
+    return model if None in ns or ns == NS_DEFAULT else f"{model}, NS {ns[0]} x {ns[1]}"
 
 
 def time_table(rows: list[dict]) -> list[str]:
@@ -116,22 +130,24 @@ def time_table(rows: list[dict]) -> list[str]:
     lines = ["| corpus | preset | ours: model, precision | s/step ours / GPT-2 | time to GPT-2's loss "
              "(x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
              "|---|---|---|---:|---:|---:|---:|"]
-    gpt2s = {(r["corpus"], r["preset"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
+    gpt2s = {(r["corpus"], r["preset"], r["seed"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
     for r in [r for r in timed if r.get("mode", "steps") == "steps"]:
-        g = gpt2s.get((r["corpus"], r["preset"]))
+        g = gpt2s.get((r["corpus"], r["preset"], r["seed"]))  # the same seed's: a run is ours and GPT-2 at one seed
         if g is None:
             continue
         g = {**g, "seconds": r.get("gpt2_seconds", g["seconds"])}  # the GPT-2 run of the same invocation
         reach = "never" if r["time_to_target"] is None else \
             f"{r['time_to_target']:.1f} s ({r['time_to_target'] / g['seconds']:.2f}x)"
-        wall = next((w for w in timed if w.get("mode") == "wall" and (w["corpus"], w["preset"], arch_label(w),
-                     w.get("precision")) == (r["corpus"], r["preset"], arch_label(r), r.get("precision"))), None)
+        same = lambda x: (x["corpus"], x["preset"], arch_label(x), x.get("precision"), x["seed"])
+        wall = next((w for w in timed if w.get("mode") == "wall" and same(w) == same(r)), None)
         at_wall = "" if wall is None else f"{_bpb(wall):.4f} ({_bpb(wall) / _bpb(g):.3f}x)"
         per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])
-        lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')} | "
+        seed = "" if r["seed"] == DEFAULT_SEED else f", seed {r['seed']}"
+        lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')}{seed} | "
                      f"{per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
     cpu = {r.get("cpu") for r in timed}
-    ref = ", ".join(f"{k[0]} {k[1]} {v['seconds']:.0f} s, bpb {_bpb(v):.4f}" for k, v in gpt2s.items())
+    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {v['seconds']:.1f} s, bpb "
+                    f"{_bpb(v):.4f}" for k, v in gpt2s.items())
     return lines + [f"GPT-2 (training seconds, bits per byte): {ref}; CPU {', '.join(sorted(c for c in cpu if c))}", ""]
 
 
@@ -167,7 +183,8 @@ def muon_rule(row: dict) -> bool:
 
 def muon_table(rows: list[dict]) -> list[str]:
     """Corpus x preset x Muon peak rate -> bits per byte (everything else the rule's)."""
-    here = [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r)]
+    here = [r for r in rows if r["seed"] == DEFAULT_SEED and muon_rule(r) and r.get("mode", "steps") == "steps"
+            and r.get("precision", "fp32") == "fp32" and (r["ns_steps"], r["ns_coefficients"]) == NS_DEFAULT]
     if not here:
         return []
     rates = sorted({r["muon_lr"] for r in here})

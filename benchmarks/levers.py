@@ -22,6 +22,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py bf16          # native bf16? then bf16 autocast vs fp32
     python benchmarks/levers.py profile       # torch.profiler by op category: ours vs the plain reference
     python benchmarks/levers.py muon          # Newton-Schulz fp32/bf16, per matrix/batched; the step AdamW vs Muon
+    python benchmarks/levers.py muon_cost     # the bench's step with AdamW vs Muon at the recipe's batch: tiny, small, lightweight
 
 Each prints the median seconds per call of each variant and its speed relative to the first (the
 first's time / its time: above 1 is faster). ``--threads N`` sets torch's threads; ``--clock cpu``
@@ -322,6 +323,29 @@ def bench_attention(reps: int) -> None:
     interleave({"SDPA (CPU flash kernel)": sdpa, **{f"chunked bmm, chunk {c}": f for c, f in chunked.items()}}, reps)
 
 
+MUON_COST_SHAPES = (("tiny", 16, 128, ("fp32", "auto"), 4), ("small", 16, 128, ("fp32", "auto"), 1),
+                    ("lightweight", 2, 1024, ("auto",), 0.5))  # preset, batch, seq, precisions, reps factor
+
+
+def bench_muon_cost(reps: int) -> None:
+    """What Muon costs per optimizer step against AdamW, at the from-scratch recipe's smallest step
+    (2,048 tokens: 16 x 128 for tiny and small, as the learning benchmark; 2 x 1,024 at lightweight's
+    context), where Newton-Schulz weighs most (its work does not grow with the batch). The step is
+    the one ``sab-omni bench`` times (``OursStep``: the Trainer's ``train_step``) with ``--optimizer
+    adamw`` and ``muon``, interleaved in this process (``--clock cpu`` for a shared machine), and
+    Muon with 3 Newton-Schulz iterations instead of 5, to show their share."""
+    from levers_step import ours_step
+
+    for preset, batch, seq, precisions, factor in MUON_COST_SHAPES:
+        for precision in precisions:
+            print(f"\n{preset}, {batch} x {seq} tokens, precision {precision}")
+            steps = {"AdamW": ours_step(batch, seq, precision, preset=preset),
+                     "Muon + AdamW": ours_step(batch, seq, precision, preset=preset, optimizer="muon"),
+                     "Muon + AdamW, 3 iterations": ours_step(batch, seq, precision, preset=preset, optimizer="muon",
+                                                             muon_ns_steps=3)}
+            interleave(steps, max(2, round(reps * factor)))
+
+
 def bench_decode_threads(reps: int, preset: str = "lightweight", new_tokens: int = 64) -> None:
     """Greedy sampling with the KV cache, batch 1, fp32 (16-token prompt, ``new_tokens`` new), as
     ``sab-omni generate`` runs it, with 1 and with 2 intra-op threads."""
@@ -341,8 +365,8 @@ def bench_decode_threads(reps: int, preset: str = "lightweight", new_tokens: int
     print(f"{preset}: " + ", ".join(f"{k} {new_tokens / t:,.1f} tokens/s" for k, t in medians.items()))
 
 
-OPS = ("optimizer", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv", "attention",
-       "decode_threads")
+OPS = ("optimizer", "muon_cost", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv",
+       "attention", "decode_threads")
 STEPS = ("memory_saving", "allocator", "regroup", "matmul_floor", "compile_block", "bf16", "profile", "muon")
 
 

@@ -45,6 +45,10 @@ def test_the_console_script_runs_as_a_module(in_tmp):
     (["train", "--config", "unknown.yaml"], "unknown key 'colour'"),
     (["train", "--bogus", "1"], "unrecognized arguments: --bogus"),
     (["train", "--epochs", "x"], "train.epochs='x' must be an integer"),
+    (["train", "--muon_ns_steps", "0"], "train.muon_ns_steps=0 must be in [1, 20]"),
+    (["train", "--muon_ns_steps", "21"], "train.muon_ns_steps=21 must be in [1, 20]"),
+    (["train", "--muon_ns_coefficients", "polar"], ("train.muon_ns_coefficients='polar' is not one of: quintic, "
+                                                     "polar_express")),
     (["train", "--resume", "nothing.pt"], "checkpoint not found: nothing.pt"),
     (["generate", "--checkpoint", "bad.yaml", "--prompt", "x"], "bad.yaml: not a checkpoint"),
     (["generate", "--checkpoint", "missing.pt", "--prompt", "x"], "checkpoint not found"),

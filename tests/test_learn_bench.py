@@ -4,6 +4,7 @@ the same windows, our side uses the rule (Muon + AdamW), and the report reads it
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -43,16 +44,19 @@ def test_three_steps_of_both_models_then_the_report(tmp_path):
 def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tmp_path):
     results = tmp_path / "rows.jsonl"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--corpus", "stdlib", "--preset", "tiny",
-                          "--steps", "4", "--eval-every", "2", "--wall-budget", "--arch", "base;qk_norm=true,mlp=relu2",
+                          "--steps", "4", "--eval-every", "2", "--wall-budget", "--arch",
+                          "base;qk_norm=true,mlp=relu2;muon_ns_steps=3,muon_ns_coefficients=polar_express",
                           "--val-windows", "8", "--results", str(results), "--cache", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=600,
                          env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     base, variant = R.ARCHITECTURE, {**R.ARCHITECTURE, "qk_norm": True, "mlp": "relu2"}  # ours: the recipe's model
-    assert [(r["model"], r["mode"], r["arch"]) for r in rows] == [
-        ("ours", "steps", base), ("gpt2", "steps", {}), ("ours", "steps", variant), ("ours", "wall", base),
-        ("ours", "wall", variant)]
+    default, pe3 = (5, "quintic"), (3, "polar_express")  # a train field in --arch: the recipe's Newton-Schulz
+    assert [(r["model"], r["mode"], r["arch"], r.get("ns_steps"), r.get("ns_coefficients")) for r in rows] == [
+        ("ours", "steps", base, *default), ("gpt2", "steps", {}, None, None), ("ours", "steps", variant, *default),
+        ("ours", "steps", base, *pe3), ("ours", "wall", base, *default), ("ours", "wall", variant, *default),
+        ("ours", "wall", base, *pe3)]
     gpt2 = rows[1]
     for r in rows:  # validations at steps 2 and 4 (the last), training seconds rising, evaluation apart
         steps, seconds, losses = zip(*r["val_curve"])
@@ -62,12 +66,14 @@ def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tm
         assert r["target_loss"] == gpt2["val"]["loss"] and r["gpt2_seconds"] == gpt2["seconds"]
         first = next((sec for _, sec, loss in r["val_curve"] if loss <= r["target_loss"]), None)
         assert r["time_to_target"] == first
-    for wall in rows[3:]:  # planned from the measured step time for GPT-2's seconds, cut there if over
+    for wall in rows[4:]:  # planned from the measured step time, then trained until no further step fits
         assert wall["budget_seconds"] == gpt2["seconds"] and wall["planned_steps"] >= 1
-        assert wall["steps"] <= wall["planned_steps"]
+        ran_out = wall["steps"] == math.ceil(1.5 * wall["planned_steps"])  # the batches it was given
+        assert ran_out or wall["seconds"] + wall["seconds"] / wall["steps"] > wall["budget_seconds"] - 0.02
     label = ",".join(f"{k}={v}" for k, v in variant.items())
     assert "time to GPT-2's loss" in run.stdout and f"| stdlib | tiny | {label}, fp32 |" in run.stdout
+    base_label = ",".join(f"{k}={v}" for k, v in base.items()) or "base"
+    assert f"| stdlib | tiny | {base_label}, NS 3 x polar_express, fp32 |" in run.stdout
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--report", str(results)],
                             capture_output=True, text=True, timeout=120)
-    base_label = ",".join(f"{k}={v}" for k, v in base.items()) or "base"
     assert report.returncode == 0 and f"| stdlib | tiny | {base_label}, fp32 |" in report.stdout, report.stderr[-3000:]

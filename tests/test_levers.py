@@ -46,3 +46,22 @@ def test_the_replay_keeps_each_operands_strides():
         replay()
     ((op, args),) = seen.calls
     assert args[1] == ((3, 4), (1, 3))
+
+
+def test_muon_cost_interleaves_the_benchs_step_with_adamw_and_with_muon(monkeypatch):
+    """``levers.py muon_cost``: the step ``sab-omni bench`` times (the Trainer's), once per optimizer,
+    at each preset's shape; it prints times (no timed assertion here)."""
+    import levers
+
+    from sab_byon_omni.benchmark.train import OursStep
+
+    seen = []
+    monkeypatch.setattr(levers, "MUON_COST_SHAPES", (("tiny", 2, 16, ("fp32",), 1),))
+    monkeypatch.setattr(levers, "interleave", lambda steps, reps: seen.append((steps, reps)))
+    levers.bench_muon_cost(3)
+    (steps, reps), = seen
+    assert reps == 3 and all(isinstance(s, OursStep) for s in steps.values())
+    assert [s.optimizer_kind() for s in steps.values()] == ["AdamW fused", "Muon + AdamW fused", "Muon + AdamW fused"]
+    assert [g["ns_steps"] for s in list(steps.values())[1:] for g in s.trainer.run.optimizer.muon.param_groups][-1] == 3
+    for step in steps.values():
+        assert step() is True  # a real step

@@ -4,6 +4,7 @@ optimizer and one state dict (optim.py MuonWithAdamW)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -505,3 +506,131 @@ def test_muon_flops_per_step_sum_each_matrix_row_block():
     frozen = torch.nn.Parameter(torch.randn(16, 16), requires_grad=False)
     opt = Muon([{"params": [qkv], "split": 3}, {"params": [out, frozen]}])
     assert opt.flops_per_step() == newton_schulz_flops(3, 16, 16) + newton_schulz_flops(1, 16, 16)
+
+
+# ------------------------------------------------------------------ the Newton-Schulz schedule as a setting
+PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # modded-nanogpt's polar_express_coeffs
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def _reference_ns(g: torch.Tensor, coefficients: list, scale: float, add: float) -> torch.Tensor:
+    """Newton-Schulz written out, one matrix at a time, in fp32: X / (scale |X|_F + add), then
+    X <- a X + b (X X^T) X + c (X X^T)^2 X on the wide form."""
+    out = []
+    for m in g.reshape(-1, *g.shape[-2:]):
+        x = m.T if m.shape[0] > m.shape[1] else m
+        x = x / (x.norm() * scale + add)
+        for a, b, c in coefficients:
+            gram = x @ x.T
+            x = a * x + b * gram @ x + c * gram @ gram @ x
+        out.append(x.T if m.shape[0] > m.shape[1] else x)
+    return torch.stack(out).reshape(g.shape)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 48), (2, 48, 16)])
+@pytest.mark.parametrize("steps", [3, 5, 7])
+def test_polar_express_is_its_per_iteration_schedule(shape, steps):
+    """polar_express: the paper's coefficients one per iteration (the last repeated beyond five), after
+    dividing by 1.02 x the Frobenius norm (+1e-6), as modded-nanogpt runs it."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(21))
+    want = _reference_ns(g, [PE[min(i, 4)] for i in range(steps)], 1.02, 1e-6)
+    got = orthogonalize(g, steps=steps, schedule="polar_express")
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    quintic = _reference_ns(g, [(3.4445, -4.7750, 2.0315)] * steps, 1.0, 0.0)
+    torch.testing.assert_close(orthogonalize(g, steps=steps), quintic, rtol=0, atol=2e-5)  # the default, unchanged
+
+
+@pytest.mark.parametrize("schedule", ["quintic", "polar_express"])
+def test_the_number_of_steps_changes_the_result(schedule):
+    g = torch.randn(32, 64, generator=torch.Generator().manual_seed(22))
+    results = [orthogonalize(g, steps=n, schedule=schedule) for n in (3, 4, 5)]
+    for a, b in itertools.pairwise(results):
+        assert (a - b).norm() > 1e-2 * a.norm()
+    assert torch.equal(orthogonalize(g), orthogonalize(g, steps=5, schedule="quintic"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_polar_express_lands_singular_values_in_its_band(dtype):
+    """Five polar_express steps map every singular value of at least 1/1000 of the Frobenius norm
+    into about [0.85, 1.15] (muon.orthogonalize's docstring); the quintic's band is wider."""
+    g = torch.Generator().manual_seed(23)
+    n = 96
+    u, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    s = torch.logspace(-5, 0, n, dtype=torch.float64)
+    m = ((u * s) @ v.T).float()
+    kept = s / s.norm() >= 1e-3  # singular values at least 1/1000 of the Frobenius norm
+
+    def mapped(schedule: str) -> torch.Tensor:  # what became of each singular value: u_i^T out v_i
+        out = orthogonalize(m, dtype=dtype, schedule=schedule).double()
+        return torch.diagonal(u.T @ out @ v)[kept]
+
+    pe, quintic = mapped("polar_express"), mapped("quintic")
+    assert pe.min() > 0.85 and pe.max() < 1.15, (pe.min(), pe.max())
+    assert quintic.min() < 0.6 and quintic.max() > 1.15  # the quintic leaves them in a wider band
+
+
+def test_the_schedule_is_a_group_setting_kept_in_the_state_dict():
+    t = TrainConfig(optimizer="muon", learning_rate=1e-2, muon_ns_steps=4, muon_ns_coefficients="polar_express")
+    model = _model()
+    opt = make_optimizer(model, t)
+    assert all((g["ns_steps"], g["ns_coefficients"]) == (4, "polar_express") for g in opt.muon.param_groups)
+    _train(model, opt, range(2))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert all((g["ns_steps"], g["ns_coefficients"]) == (4, "polar_express")
+               for g in saved_opt["param_groups"] if g["muon"])
+    _train(model, opt, range(2, 4))
+
+    again = _model(seed=99)
+    again.load_state_dict(saved_model)
+    opt2 = make_optimizer(again, TrainConfig(optimizer="muon", learning_rate=1e-2))  # built with the defaults
+    opt2.load_state_dict(saved_opt)  # the guide's line: the file's schedule comes back
+    assert all((g["ns_steps"], g["ns_coefficients"]) == (4, "polar_express") for g in opt2.muon.param_groups)
+    _train(again, opt2, range(2, 4))
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_a_state_dict_from_before_the_schedule_loads_with_the_defaults():
+    saved = _earlier_format()
+    assert not any("ns_steps" in g for g in saved["param_groups"])
+    model = _model()
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2, muon_ns_steps=3))
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert all((g["ns_steps"], g["ns_coefficients"]) == (5, "quintic") for g in opt.muon.param_groups)
+    _train(model, opt, range(1))
+
+
+@pytest.mark.parametrize("key, value, message", [("ns_steps", 0, "ns_steps must be an integer in"),
+                                                 ("ns_steps", 21, "ns_steps must be an integer in"),
+                                                 ("ns_steps", 4.0, "ns_steps must be an integer in"),
+                                                 ("ns_coefficients", "cubic", "are not one of: quintic")])
+def test_a_bad_schedule_is_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], key: value}])
+    model, saved = _saved_state("muon")
+    saved["param_groups"][0][key] = value
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-2))
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+
+
+def test_groups_with_different_schedules_are_never_stacked_together():
+    cpu = torch.device("cpu")
+    shapes = [(cpu, torch.float32, 1, 8, 8, 5, "quintic"), (cpu, torch.float32, 1, 8, 8, 5, "polar_express"),
+              (cpu, torch.float32, 1, 8, 8, 5, "quintic"), (cpu, torch.float32, 1, 8, 8, 4, "quintic")]
+    assert shape_batches(shapes) == [[0, 2], [1], [3]]
+    a, b = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8))
+    opt = Muon([{"params": [a]}, {"params": [b], "ns_coefficients": "polar_express", "ns_steps": 3}], lr=0.1,
+               ns_dtype=torch.float32)
+    g = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(24))
+    a.grad, b.grad = g[0].clone(), g[1].clone()
+    opt.step()
+    nesterov = g * (1 - 0.95) * (1 + 0.95)
+    torch.testing.assert_close(a.detach(), -0.1 * orthogonalize(nesterov[0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.detach(), -0.1 * orthogonalize(nesterov[1], steps=3, schedule="polar_express"),
+                               rtol=0, atol=1e-6)
+    assert opt.flops_per_step() == (5 + 3) * (4 * 8 ** 3 + 2 * 8 ** 3)

@@ -86,6 +86,7 @@ def test_recipe_is_a_valid_config_and_explains_itself() -> None:
     assert t.batch_size * t.gradient_accumulation_steps * 128 * rec.total_steps >= 2_616_741 * 0.9 / t.epochs
     assert rec.warmup_steps == R.warmup_steps(rec.total_steps)
     assert len(rec.reasons) >= 3 and any("Muon for the blocks" in r and "AdamW for the embedding" in r for r in rec.reasons)
+    assert any(f"Newton-Schulz 5 x quintic ({R.NS_REASON})" in r for r in rec.reasons)  # the schedule, and why
 
 
 def test_recipe_for_a_given_geometry_keeps_it() -> None:

@@ -65,11 +65,14 @@ def test_every_flag_given_wins_over_the_rule(notes):
 
 def test_muon_with_your_own_rates(notes, capsys):
     assert main(["train", "--data", str(notes), *SHORT, "--learning_rate", "1e-3", "--optimizer", "muon",
-                 "--muon_learning_rate", "0.05", "--checkpoint_dir", "runs/m"]) == 0
+                 "--muon_learning_rate", "0.05", "--muon_ns_coefficients", "polar_express", "--checkpoint_dir",
+                 "runs/m"]) == 0
     t = run_config("runs/m")
     assert (t["optimizer"], t["learning_rate"], t["muon_learning_rate"]) == ("muon", 1e-3, 0.05)
+    assert (t["muon_ns_steps"], t["muon_ns_coefficients"]) == (5, "polar_express")
     err = capsys.readouterr().err  # the banner says what is in force, and whose choice it is
     assert "Muon for the blocks' matrices: peak 0.05 (yours)" in err and "head and norms: peak 0.001 (yours)" in err
+    assert "Newton-Schulz 5 x polar_express (yours)" in err
     assert "Muon peak lr 0.05 for the blocks' matrices" in err and "AdamW peak lr 0.001 for the rest" in err
 
 

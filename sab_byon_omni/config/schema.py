@@ -36,6 +36,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 TokenizerName = Literal["char96", "byte", "bpe", "hf"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adamw", "muon"]
+NsCoefficients = Literal["quintic", "polar_express"]  # Muon's Newton-Schulz schedule (training/muon.py)
+MUON_NS_STEPS = (1, 20)  # train.muon_ns_steps' range
 Parallel = Literal["ddp", "fsdp"]
 MemorySaving = Literal["auto", "on", "off"]
 FRAGMERGENT_MODES, PRECISIONS, TOKENIZERS, SCHEDULES, OPTIMIZERS, PARALLEL, MEMORY_SAVING = (
@@ -255,6 +257,11 @@ class TrainConfig:
     muon_learning_rate: float = fld(0.05, "peak learning rate of the Muon-updated matrices (optimizer muon; the "
                                           "from-scratch recipe sets 0.8 / sqrt(hidden))")
     muon_warmup_steps: int = fld(10, "linear warmup steps of the Muon-updated matrices (optimizer muon)")
+    muon_ns_steps: int = fld(5, "Newton-Schulz iterations per Muon step (optimizer muon; 1 to 20)")
+    muon_ns_coefficients: NsCoefficients = fld("quintic", "Muon's Newton-Schulz coefficients: quintic (Keller "
+                                                          "Jordan's, the same each iteration) or polar_express "
+                                                          "(Amsel et al. 2025, one set per iteration; "
+                                                          "docs/RECIPES.md)")
     lr_schedule: Schedule = fld("constant", "learning-rate schedule: constant (the guide's) or cosine")
     warmup_steps: int = fld(0, "linear warmup steps (both schedules)")
     min_lr_ratio: float = fld(0.1, "cosine floor as a fraction of learning_rate")
@@ -306,6 +313,9 @@ class TrainConfig:
                      "muon_warmup_steps"):
             if getattr(self, name) < 0:
                 raise SabError(f"train.{name}={getattr(self, name)} must not be negative")
+        if not MUON_NS_STEPS[0] <= self.muon_ns_steps <= MUON_NS_STEPS[1]:
+            raise SabError(f"train.muon_ns_steps={bounded(self.muon_ns_steps)} must be in "
+                           f"[{MUON_NS_STEPS[0]}, {MUON_NS_STEPS[1]}]")
         for name in ("learning_rate", "muon_learning_rate"):
             _finite(f"train.{name}", getattr(self, name))
             if not 0 < getattr(self, name) <= 10:  # above 10 no model trains; fp32 overflows near 3.4e38

@@ -20,17 +20,36 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from sab_byon_omni.config.schema import MUON_NS_STEPS, NsCoefficients
 from sab_byon_omni.device import native_cuda_bf16
 from sab_byon_omni.estimate import MUON_BATCH_ELEMENTS
 from sab_byon_omni.machine import cpu_has_native_bf16
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at zero
 NS_STEPS = 5
+# The Polar Express schedule (Amsel, Persson, Musco and Gower 2025, "The Polar Express: Optimal Matrix Sign
+# Methods and Their Application to the Muon Algorithm", arXiv:2505.16932): one odd quintic per iteration,
+# each the minimax-optimal one for the interval of singular values the previous ones leave. These are the
+# coefficients modded-nanogpt uses (KellerJordan/modded-nanogpt, train_gpt.py, `polar_express_coeffs`:
+# "computed for num_iters=5, safety_factor=2e-2, cushion=2"), with its normalisation: the matrix divided by
+# (1 + 2e-2) x its Frobenius norm + 1e-6 before the first iteration (the safety factor: bf16 rounding must
+# not push a singular value past the interval the polynomials were fitted on). Fewer steps take the first
+# ones; more repeat the last, as the paper's reference code does.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+POLAR_EXPRESS_SAFETY = 2e-2
+NS_SCHEDULES = typing.get_args(NsCoefficients)  # train.muon_ns_coefficients: quintic, polar_express
+NS_SCHEDULE = "quintic"
+NS_STEPS_RANGE = MUON_NS_STEPS  # train.muon_ns_steps' range: at least one iteration; beyond 20 only the cost grows
 MOMENTUM = 0.95
 NS_DTYPE_ENV = "SAB_MUON_NS_DTYPE"
 NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,20 +60,40 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BATCH_ELEMENTS = MUON_BATCH_ELEMENTS
 
 
+def ns_coefficients(schedule: str = NS_SCHEDULE, steps: int = NS_STEPS) -> list[tuple[float, float, float]]:
+    """The ``(a, b, c)`` of each of ``steps`` Newton-Schulz iterations, ``x <- a x + b (x x^T) x + c (x x^T)^2 x``:
+    ``quintic``, Keller Jordan's :data:`NS_COEFFICIENTS` every time; ``polar_express``,
+    :data:`POLAR_EXPRESS`'s per-iteration ones (the first ``steps``, the last repeated beyond five)."""
+    if schedule == "quintic":
+        return [NS_COEFFICIENTS] * steps
+    if schedule == "polar_express":
+        return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+    raise ValueError(f"Muon's Newton-Schulz coefficients {str(schedule)[:40]!r} are not one of: {', '.join(NS_SCHEDULES)}")
+
+
 def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, schedule: str = NS_SCHEDULE) -> torch.Tensor:
     """Newton-Schulz in ``dtype`` on ``update`` (a matrix, or a batch of matrices along the first
-    dimension), returned in ``update``'s dtype: the same singular vectors, and every singular value
-    at least about 1/600 of the matrix's Frobenius norm mapped into roughly [0.68, 1.2]. The
-    iteration multiplies a small singular value by at most 3.4445 per step (the quintic's slope at
-    zero), so smaller ones stay small: 1e-4 of the norm ends near 0.05, 1e-3 near 0.47."""
-    a, b, c = NS_COEFFICIENTS
+    dimension), returned in ``update``'s dtype: the same singular vectors, the singular values
+    pushed towards 1. ``schedule``: the coefficients (:func:`ns_coefficients`).
+
+    ``quintic``, 5 steps: every singular value at least about 1/600 of the matrix's Frobenius norm
+    ends in roughly [0.68, 1.2]. The iteration multiplies a small singular value by at most 3.4445
+    per step (the quintic's slope at zero), so smaller ones stay small: 1e-4 of the norm ends near
+    0.05, 1e-3 near 0.47. ``polar_express``, 5 steps: every singular value at least 1/1000 of the
+    norm ends in roughly [0.85, 1.15] (its first step's slope at zero is 8.16: the small ones grow
+    faster). Fewer steps of either leave a wider band (polar_express's first four were fitted for a
+    fifth to follow: after four the largest reach about 1.6)."""
+    coefficients = ns_coefficients(schedule, steps)
     tall = update.size(-2) > update.size(-1)
     # iterate on the smaller Gram matrix, in a contiguous copy (bmm would copy a transposed view each time)
     x = (update.mT if tall else update).to(dtype, memory_format=torch.contiguous_format)
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    if schedule == "polar_express":  # its safety factor (see POLAR_EXPRESS), as modded-nanogpt normalises
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1 + POLAR_EXPRESS_SAFETY) + 1e-6)
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     batch = x.view(-1, *x.shape[-2:])
-    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T, with the sums inside the matmuls
+    for a, b, c in coefficients:  # x <- a x + (b G + c G^2) x, G = x x^T, with the sums inside the matmuls
         gram = torch.bmm(batch, batch.mT)
         batch = torch.baddbmm(batch, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), batch, beta=a)
     x = batch.view(x.shape)
@@ -71,14 +110,15 @@ def newton_schulz_flops(k: int, rows: int, cols: int, steps: int = NS_STEPS) -> 
 
 def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None) -> list[list[int]]:
     """Which matrices to orthogonalise in one call (modded-nanogpt's batching): indices into
-    ``shapes``, each ``(device, dtype, k, rows, cols)`` for ``k`` matrices of ``rows x cols``, in
+    ``shapes``, each ``(device, dtype, k, rows, cols)`` for ``k`` matrices of ``rows x cols`` (and
+    optionally a sixth item, the Newton-Schulz schedule: only equal ones share a call), in
     batches of one device, dtype and shape (a tall matrix counts transposed, so ``rows x cols`` and
     ``cols x rows`` share one) of at most ``max_elements`` weights (default: the device's
     :data:`BATCH_ELEMENTS`; one matrix alone, if larger)."""
     by_shape: dict[tuple[Any, ...], list[list[int]]] = {}
     size: dict[tuple[Any, ...], int] = {}
-    for i, (device, dtype, k, rows, cols) in enumerate(shapes):
-        key, n = (device, dtype, min(rows, cols), max(rows, cols)), k * rows * cols
+    for i, (device, dtype, k, rows, cols, *schedule) in enumerate(shapes):
+        key, n = (device, dtype, min(rows, cols), max(rows, cols), *schedule), k * rows * cols
         limit = max_elements or BATCH_ELEMENTS.get(device.type, BATCH_ELEMENTS["cuda"])
         batches = by_shape.setdefault(key, [[]])
         if batches[-1] and size[key] + n > limit:
@@ -89,22 +129,26 @@ def shape_batches(shapes: list[tuple[Any, ...]], max_elements: int | None = None
     return [b for batches in by_shape.values() for b in batches]
 
 
-def orthogonalize_stacked(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+def orthogonalize_stacked(updates: list[torch.Tensor], dtype: torch.dtype, steps: int = NS_STEPS,
+                          schedule: str = NS_SCHEDULE) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices of one
     shape, up to transposition) in one call: the tall ones go in transposed."""
     tall = [u.size(-2) > u.size(-1) for u in updates]
-    together = orthogonalize(torch.cat([u.mT if t else u for u, t in zip(updates, tall)]), dtype=dtype)
+    together = orthogonalize(torch.cat([u.mT if t else u for u, t in zip(updates, tall)]), steps=steps, dtype=dtype,
+                             schedule=schedule)
     return [x.mT if t else x for x, t in zip(together.split([u.size(0) for u in updates]), tall)]
 
 
-def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def orthogonalize_all(updates: list[torch.Tensor], dtype: torch.dtype | None = None, steps: int = NS_STEPS,
+                      schedule: str = NS_SCHEDULE) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each of ``updates`` (``(k, rows, cols)`` batches of matrices), one
     call per batch of :func:`shape_batches`. ``dtype``: that of the iteration (default:
     :func:`newton_schulz_dtype` of the matrices' device)."""
     out = list(updates)
     for members in shape_batches([(u.device, u.dtype, *u.shape) for u in updates]):
         batch = [updates[i] for i in members]
-        for i, x in zip(members, orthogonalize_stacked(batch, dtype or newton_schulz_dtype(batch[0].device))):
+        for i, x in zip(members, orthogonalize_stacked(batch, dtype or newton_schulz_dtype(batch[0].device), steps,
+                                                       schedule)):
             out[i] = x
     return out
 
@@ -150,6 +194,16 @@ def _check_split(group: dict[str, Any]) -> None:
         raise ValueError(f"Muon updates 2-D matrices whose rows split into {k}; got {bad[0]}")
 
 
+def check_schedule(group: dict[str, Any]) -> None:
+    """A ValueError unless ``group``'s Newton-Schulz schedule (absent: the defaults) is one Muon runs."""
+    steps, schedule = group.get("ns_steps", NS_STEPS), group.get("ns_coefficients", NS_SCHEDULE)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not NS_STEPS_RANGE[0] <= steps <= NS_STEPS_RANGE[1]:
+        raise ValueError(f"Muon's ns_steps must be an integer in [{NS_STEPS_RANGE[0]}, {NS_STEPS_RANGE[1]}], "
+                         f"got {str(steps)[:20]}")
+    if schedule not in NS_SCHEDULES:
+        raise ValueError(f"Muon's ns_coefficients {str(schedule)[:40]!r} are not one of: {', '.join(NS_SCHEDULES)}")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D matrices: Nesterov momentum (``momentum``), orthogonalised by
     :func:`orthogonalize`, applied at ``lr * sqrt(max(1, rows / cols))`` after the decoupled weight
@@ -160,7 +214,10 @@ class Muon(torch.optim.Optimizer):
     (``[q, kv, kv]`` with grouped key/value heads). Other keys of a group are kept as they are (the
     ``muon`` mark of :class:`~sab_byon_omni.training.optim.MuonWithAdamW`'s groups). ``ns_dtype``:
     the dtype of the Newton-Schulz iteration (default: :func:`newton_schulz_dtype` of the
-    parameters' device, asked at the first step there). The state of a parameter is its
+    parameters' device, asked at the first step there). A group's ``ns_steps`` (default 5) and
+    ``ns_coefficients`` (``quintic``, the default, or ``polar_express``: :func:`ns_coefficients`)
+    are its Newton-Schulz schedule; they are saved in the state dict's groups, and a state dict
+    saved before they existed loads with the defaults. The state of a parameter is its
     ``momentum_buffer``.
 
     ``process_group`` (DDP, where every rank holds the same gradients after the all-reduce): the
@@ -171,8 +228,9 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = MOMENTUM, split: int | list[int] = 1, ns_dtype: torch.dtype | None = None,
-                 process_group: Any = None) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split))
+                 process_group: Any = None, ns_steps: int = NS_STEPS, ns_coefficients: str = NS_SCHEDULE) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split,
+                                      ns_steps=ns_steps, ns_coefficients=ns_coefficients))
         self.ns_dtype = ns_dtype
         self.process_group = process_group  # ranks that share the Newton-Schulz work (identical gradients: DDP)
         self.ns_dtypes: dict[torch.device, torch.dtype] = {}  # the default's choice per device, made once
@@ -181,14 +239,24 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             _check_split(self.param_groups[-1])
+            check_schedule(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``load_state_dict`` ends here: a group saved before the schedule was a setting takes the
+        defaults (what that version ran), and a loaded schedule is checked."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_steps", NS_STEPS)
+            group.setdefault("ns_coefficients", NS_SCHEDULE)
+            check_schedule(group)
+
     def flops_per_step(self) -> int:
         """Newton-Schulz FLOPs of one step over every trainable matrix (all ranks together: under a
         process group each rank does about its share, :func:`assign_owners`)."""
-        return sum(newton_schulz_flops(k, rows, p.shape[1]) for g in self.param_groups for p in g["params"]
+        return sum(newton_schulz_flops(k, rows, p.shape[1], g["ns_steps"]) for g in self.param_groups for p in g["params"]
                    if p.requires_grad for _, k, rows in row_runs(g["split"], p.shape[0]))
 
     def _nesterov(self, p: torch.Tensor, group: dict[str, Any], keep: bool = True) -> torch.Tensor | None:
@@ -211,7 +279,8 @@ class Muon(torch.optim.Optimizer):
                 for run in row_runs(g["split"], p.shape[0])]
         if not todo:
             return loss
-        batches = shape_batches([(p.device, p.dtype, k, rows, p.shape[1]) for p, _, _, k, rows in todo])
+        batches = shape_batches([(p.device, p.dtype, k, rows, p.shape[1], g["ns_steps"], g["ns_coefficients"])
+                                 for p, g, _, k, rows in todo])
         device = todo[0][0].device
         if device not in self.ns_dtypes:
             self.ns_dtypes[device] = newton_schulz_dtype(device)
@@ -231,7 +300,8 @@ class Muon(torch.optim.Optimizer):
             if owners[b] == rank:
                 blocks = [momenta[id(p)][start:start + k * rows].view(k, rows, p.shape[1])
                           for p, _, start, k, rows in (todo[i] for i in members)]
-                directions[b] = orthogonalize_stacked(blocks, dtype)
+                group = todo[members[0]][1]  # one schedule per batch (shape_batches)
+                directions[b] = orthogonalize_stacked(blocks, dtype, group["ns_steps"], group["ns_coefficients"])
         momenta.clear()
         if world > 1:
             directions = _exchange(directions, batches, todo, owners, world, rank, dtype, self.process_group)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sab_byon_omni.config import TrainConfig
-from sab_byon_omni.training.muon import Muon
+from sab_byon_omni.training.muon import Muon, check_schedule
 
 
 def param_groups(params: nn.Module | list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -98,6 +98,8 @@ class MuonWithAdamW:
             if theirs != ours:
                 raise ValueError(f"loaded state dict's {name} parameter groups hold {theirs} parameters, this "
                                  f"optimizer's {ours}")
+        for g in muon:  # a schedule a file cannot run is refused before either part loads
+            check_schedule(g)
         mine = {i for g in muon for i in g["params"]}
         self.muon.load_state_dict({"state": {i: s for i, s in state.items() if i in mine}, "param_groups": muon})
         # state under an index no group lists goes to AdamW, which keeps it aside (check_loaded_state refuses it)
@@ -107,14 +109,16 @@ class MuonWithAdamW:
 
 def muon_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
     """Muon for the matrices ``model.muon_matrices()`` declares (a group per way of splitting their
-    rows: a fused qkv's three blocks, or its [q, kv, kv] sizes), at ``muon_learning_rate``; AdamW, at ``learning_rate``, for
-    the rest (the embedding, the head and the norms)."""
+    rows: a fused qkv's three blocks, or its [q, kv, kv] sizes), at ``muon_learning_rate`` with the Newton-Schulz
+    schedule ``muon_ns_steps`` x ``muon_ns_coefficients``; AdamW, at ``learning_rate``, for the rest (the
+    embedding, the head and the norms)."""
     if not hasattr(model, "muon_matrices"):
         raise ValueError(f"optimizer muon needs the model to declare its hidden matrices (muon_matrices()); "
                          f"{type(model).__name__} does not: use optimizer adamw")
     matrices = [(p, k if isinstance(k, int) else tuple(k)) for p, k in model.muon_matrices() if p.requires_grad]
     splits = list(dict.fromkeys(k for _, k in matrices))  # in order of first appearance
-    muon = dict(muon=True, lr=train.muon_learning_rate, weight_decay=train.weight_decay)
+    muon = dict(muon=True, lr=train.muon_learning_rate, weight_decay=train.weight_decay, ns_steps=train.muon_ns_steps,
+                ns_coefficients=train.muon_ns_coefficients)
     groups = [{"params": [p for p, k in matrices if k == split], "split": split if isinstance(split, int) else
                list(split), **muon} for split in splits]
     taken = {id(p) for p, _ in matrices}

@@ -65,6 +65,11 @@ OPTIMIZER = "muon"  # Muon for the blocks' matrices, AdamW (at the rule's rate) 
 MUON_LR_PER_SQRT_WIDTH = 0.8  # Muon's peak rate = this / sqrt(hidden)
 MUON_LR_MIN, MUON_LR_MAX = 0.01, 0.1
 MUON_WARMUP = 10
+# Muon's Newton-Schulz schedule: the train defaults (5 x quintic), measured against cheaper and Polar Express
+# schedules on the time-to-loss benchmark at tiny (docs/RECIPES.md, "Muon's Newton-Schulz schedule"): fewer
+# steps save little time at 2,048 tokens per step and lose more per step; Polar Express lost at two seeds
+NS_REASON = ("the default: 2-4 quintic steps and 3-5 Polar Express steps did no better on the time-to-loss "
+             "benchmark, docs/RECIPES.md")
 TARGET_STEPS = 300  # optimizer steps per epoch the batch geometry aims for
 MIN_STEPS = 50  # fewer planned optimizer steps than this: the run will hardly learn
 MIN_TOKENS_PER_STEP, MAX_TOKENS_PER_STEP = 2048, 65536
@@ -251,8 +256,10 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
     if t.optimizer == "muon":
         muon = why("muon_learning_rate", f"{MUON_LR_PER_SQRT_WIDTH} / sqrt(hidden {model_cfg.hidden}), within "
                                          f"[{MUON_LR_MIN:g}, {MUON_LR_MAX:g}]")
+        ns = "yours" if {"muon_ns_steps", "muon_ns_coefficients"} & explicit else NS_REASON
         first = (f"Muon for the blocks' matrices: peak {t.muon_learning_rate:.3g} ({muon}), "
-                 f"{t.muon_warmup_steps} warmup steps ({why('muon_warmup_steps', f'{MUON_WARMUP}, at most the AdamW warmup')}); "
+                 f"{t.muon_warmup_steps} warmup steps ({why('muon_warmup_steps', f'{MUON_WARMUP}, at most the AdamW warmup')}), "
+                 f"Newton-Schulz {t.muon_ns_steps} x {t.muon_ns_coefficients} ({ns}); "
                  f"AdamW for the embedding, head and norms: {lr}")
     else:
         who = "the LoRA adapters (every other weight frozen)" if t.lora_rank else "every parameter"
