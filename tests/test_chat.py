@@ -91,6 +91,24 @@ def test_a_message_longer_than_the_context_is_refused_and_the_session_goes_on(sm
     assert "error: the message is" in err and len(prompts) == 1 and prompts[0].endswith("Hi<|end|>\n<|assistant|>\n")
 
 
+def test_a_message_the_template_refuses_leaves_the_session_as_it_was(tiny, prompts):
+    """A refused turn (here the template's raise_exception) does not stay in the history, where it
+    would refuse every later message too (a hostile tester's finding)."""
+    from sab_byon_omni.data.chat_template import ChatTemplate
+    from sab_byon_omni.errors import SabError
+
+    session = ChatSession(SABTranscendentV2.load(tiny), None, Sampling(max_new_tokens=2, temperature=0))
+    session.template = ChatTemplate("{% for m in messages %}{% if 'bad' in m['content'] %}"
+                                    "{{ raise_exception('no bad words') }}{% endif %}"
+                                    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    "".join(session.answer("first"))
+    with pytest.raises(SabError, match="no bad words"):
+        session.answer("a bad one")
+    "".join(session.answer("good"))
+    assert len(prompts) == 2 and "bad" not in prompts[1] and prompts[1].startswith("user: first\nassistant: ")
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+
 def test_generate_chat_answers_one_rendered_turn(tiny, monkeypatch, capsys, prompts):
     assert main(["generate", "--checkpoint", str(tiny), "--chat", "--system", "Be brief.", "--prompt", "What?",
                  "--temperature", "0", "--max-new-tokens", "6"]) == 0

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import re
 import math
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +95,46 @@ def test_end_of_turn_of_each_template(hf_tok):
     ("{% for m in messages %}{{ m.content", "compile"),
     ("{% do messages.append(1) %}{{ messages }}", "compile"),
     ("{{ messages.append(1) }}", "fails"),
+    # a hostile tester's: nesting that overflows jinja2's compiler, and builders of huge strings
+    ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "nested too deeply"),
+    ("{% for message in messages %}" * 2000 + "x" + "{% endfor %}" * 2000, "nested too deeply"),
+    ("{{ messages|tojson(indent=300000000) }}", "tojson's indent"),
+    ("{{ 'a' * 200000000 }}", "a repeated string"),
+    ("{{ [1] * 200000000 }}", "a repeated string or list"),
+    ("{{ '%0*d' % (300000000, 1) }}", "a format argument"),
+    ("{{ '%0300000000d' % 1 }}", "a format width"),
+    ("{{ 'x'.ljust(300000000) }}", "str.ljust"),
+    ("{{ '{:>300000000}'.format(1) }}", "a format width"),
+    ("{{ '{0:>{1}}'.format(1, 300000000) }}", "a format argument"),
+    ("{{ 'x'|center(300000000) }}", "the center filter"),
+    ("{{ ('a\n' * 1000)|indent(300000) }}", "the indent filter"),
+    ("{{ 2 ** (10 ** 8) }}", "an exponent"),
+    ("{{ lipsum(n=1000000) }}", "lipsum"),
 ])
 def test_a_hostile_or_broken_template_is_one_line(template, match):
     with pytest.raises(SabError, match=match) as e:
         ChatTemplate(template).render(CONVERSATION)
     assert "\n" not in str(e.value)
+
+
+def test_a_template_that_runs_too_long_is_stopped(monkeypatch):
+    """Nested loops that print nothing never reach the output limit: the time limit stops them."""
+    import sab_byon_omni.data.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.5)
+    start = time.perf_counter()
+    with pytest.raises(SabError, match="ran longer than 0.5 s"):
+        ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").render(
+            CONVERSATION)
+    assert time.perf_counter() - start < 5
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None) and signal.getitimer(signal.ITIMER_REAL) == (0, 0)
+    assert ChatTemplate().render(CONVERSATION)  # the timer is off: the next render is not interrupted
+
+
+def test_the_bounds_leave_ordinary_templates_alone():
+    text = ChatTemplate("{{ '%-5s|%3d' % ('ab', 7) }}{{ 'x'.ljust(4) }}{{ '{:>3}'.format(1) }}{{ 2 ** 10 }}"
+                        "{{ '-' * 3 }}{{ messages|tojson(indent=2)|length > 0 }}").render(CONVERSATION)
+    assert text == "ab   |  7x     11024---True"
 
 
 def test_a_template_that_does_not_grow_is_refused():

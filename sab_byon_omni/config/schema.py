@@ -240,6 +240,9 @@ class DataConfig:
             raise SabError(f"data.data_seed={bounded(self.data_seed)} must be in [0, 2**64)")
 
 
+MAX_LORA_SCALE = 10_000  # lora_alpha / lora_rank beyond which an update only overflows (1e30 trained to NaN)
+
+
 @dataclass
 class TrainConfig:
     """The optimisation recipe and everything the training loop writes."""
@@ -350,6 +353,10 @@ class TrainConfig:
         _finite("train.lora_alpha", self.lora_alpha)
         if not self.lora_alpha > 0:
             raise SabError(f"train.lora_alpha={self.lora_alpha} must be positive")
+        if self.lora_rank and self.lora_alpha / self.lora_rank > MAX_LORA_SCALE:
+            raise SabError(f"train.lora_alpha={self.lora_alpha:g} scales the adapters' update by lora_alpha / lora_rank = "
+                           f"{self.lora_alpha / self.lora_rank:.3g}, more than {MAX_LORA_SCALE:,}: the run would "
+                           "diverge (alpha is usually 1 to 2 x the rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise SabError(f"train.lora_dropout={self.lora_dropout} must be in [0, 1)")
         lora_target_names(self.lora_targets)

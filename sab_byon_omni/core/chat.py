@@ -93,25 +93,29 @@ class ChatSession:
         """The ids of the history rendered with the generation prompt, and how many of the oldest
         exchanges were dropped from it to leave room for the answer."""
         room = self.context - min(self.sampling.max_new_tokens, self.context // 2)
-        dropped = 0
+        dropped, history = 0, list(self.history)  # the history changes only when the prompt fits
         while True:
-            text = self.template.render(self._messages(self.history), add_generation_prompt=True)
+            text = self.template.render(self._messages(history), add_generation_prompt=True)
             ids = encode_texts(self.sab.tokenizer, [text])[0].tolist()
-            users = [i for i, m in enumerate(self.history) if m["role"] == "user"]
+            users = [i for i, m in enumerate(history) if m["role"] == "user"]
             if len(ids) <= room or len(users) < 2:
                 break
-            del self.history[:users[1]]  # the oldest user turn and what answered it
+            del history[:users[1]]  # the oldest user turn and what answered it
             dropped += 1
         if len(ids) > room:
-            self.history.pop()
             raise SabError(f"the message is {len(ids):,} tokens with the system prompt, more than the "
                            f"{room:,} the context of {self.context:,} leaves beside the answer: shorten it")
+        self.history[:] = history
         return ids, dropped
 
     def answer(self, text: str) -> Iterator[str]:
         """Add the user's ``text`` and yield the answer as it is sampled (see the module doc)."""
         self.history.append({"role": "user", "content": text})
-        ids, dropped = self.prompt_ids()
+        try:
+            ids, dropped = self.prompt_ids()
+        except SabError:  # refused (too long, or the template refuses it): the session goes on without it
+            self.history.pop()
+            raise
         self.last = Turn(dropped=dropped)
         return self._stream(ids)
 

@@ -67,6 +67,13 @@ def merge_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: 
     return weight.float() + (b.float() @ a.float()) * scale
 
 
+def largest_useful_rank(model: nn.Module, targets: str = "qkv,proj,up,down") -> int:
+    """The smallest dimension of the projections ``targets`` names: a LoRA rank above it adds
+    parameters and no expressiveness (the update ``B @ A`` cannot exceed that rank)."""
+    return min(min(layer.in_features, layer.out_features) for block in model.blocks
+               for layer in (block.get_submodule(TARGETS[t]) for t in lora_target_names(targets)))
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets: str = "qkv,proj,up,down",
              base_dtype: torch.dtype | None = None) -> list[str]:
     """Freeze every parameter of ``model`` (a CausalTransformer) and put a :class:`LoRALinear` in

@@ -33,7 +33,7 @@ from sab_byon_omni.device import (
 )
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.machine import Threads, training_threads
-from sab_byon_omni.model.lora import add_lora
+from sab_byon_omni.model.lora import add_lora, largest_useful_rank
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training import trackers
 from sab_byon_omni.training.checkpointer import Checkpointer
@@ -191,6 +191,9 @@ def _build_model(model: nn.Module, cfg: RunConfig, device: torch.device, info: D
     if not meta:
         model.to(device)
     if t.lora_rank:
+        if t.lora_rank > (useful := largest_useful_rank(model, t.lora_targets)):
+            raise SabError(f"train.lora_rank={t.lora_rank} exceeds the smallest adapted projection's dimension "
+                           f"({useful}): a rank above it adds parameters and nothing else; use at most {useful}")
         add_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_targets, lora_base_dtype(precision))
     model.set_memory_saving(memory.memory_saving)
     if cfg.model.activation_checkpointing:
