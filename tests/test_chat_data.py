@@ -275,3 +275,24 @@ def test_eval_scores_the_answers_as_training_validated_them(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["loss"] == pytest.approx(trained, rel=1e-6) and result["samples"] > 0
     assert result["bytes"] == result["tokens"]  # byte tokens: one byte each, answers only
+
+
+def test_an_hf_export_of_a_chat_run_carries_the_template_it_trained_with(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": CONVERSATION}] * 6)
+    args = ["--data", str(tmp_path / "a.jsonl"), "--cache_dir", str(tmp_path / "c"), "--tokenizer", "char96",
+            "--preset", "tiny", "--seq_len", "128", "--batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--precision", "fp32", "--progress", "false", "--checkpoint_dir", str(tmp_path / "ck")]
+    assert main(["train", *args, "--max_steps", "1"]) == 0
+    spec = torch.load(tmp_path / "ck" / "step_1.pt", weights_only=False)["tokenizer"]
+    assert spec == {"name": "char96", "chat_template": DEFAULT_TEMPLATE}  # recorded at training time
+    assert main(["train", *args, "--max_steps", "2", "--resume", "auto"]) == 0  # the template does not stop a resume
+    assert main(["export", "--checkpoint", str(tmp_path / "ck" / "step_2.pt"), "-o", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == DEFAULT_TEMPLATE
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for gen in (False, True):
+        assert theirs.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=gen) == \
+            ChatTemplate().render(CONVERSATION, add_generation_prompt=gen)
+    # and through a .pt export and back: the template travels with the tokenizer's spec
+    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "-o", str(tmp_path / "again.pt")]) == 0
+    assert torch.load(tmp_path / "again.pt", weights_only=False)["tokenizer"]["chat_template"] == DEFAULT_TEMPLATE

@@ -25,7 +25,7 @@ from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import cache
 from sab_byon_omni.data.batching import IGNORE_INDEX
 from sab_byon_omni.data.chat import Encoded, cut_to_fit, encode_conversation, file_format, read_conversations
-from sab_byon_omni.data.chat_template import ChatTemplate
+from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from sab_byon_omni.data.readers import file_signature
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash
 from sab_byon_omni.errors import SabError
@@ -99,6 +99,10 @@ def load_chat_corpus(cfg: DataConfig, forms: dict[Path, str], directory: Path,
     meta = cache.read_meta(directory)
     assert meta is not None
     tokenizer = tokenizer if tokenizer is not None else cache.load_tokenizer(directory, meta)
+    if tokenizer.name != "hf" and getattr(tokenizer, "chat_template", None) is None:
+        # recorded in the tokenizer's spec, so the checkpoints and exports carry the template the
+        # conversations were rendered with, whatever the default becomes later
+        tokenizer.chat_template = DEFAULT_TEMPLATE  # type: ignore[attr-defined]
     train, val = (_open(directory, meta, s) for s in cache.SPLITS)
     log.info("chat corpus %s: %s train + %s validation samples (%s + %s answer tokens), template: %s", cfg.dataset,
              f"{len(train):,}", f"{len(val):,}", f"{train.num_targets:,}", f"{val.num_targets:,}", meta["template"])

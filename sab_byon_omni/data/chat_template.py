@@ -167,7 +167,7 @@ class ChatTemplate:
         from jinja2.ext import loopcontrols
 
         self.source = source if source else DEFAULT_TEMPLATE
-        self.is_default = not source
+        self.is_default = not source or source == DEFAULT_TEMPLATE
         self.where = "the default chat template" if self.is_default else where
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])

@@ -1,6 +1,10 @@
 """Tokenizers behind one interface, each owning its encoding: ``encode``, ``encode_array`` (many
 texts at once, vectorised), ``encode_batch``, ``decode``, ``vocab_size``, ``pad_id``, ``eos_id``,
 and ``to_spec()`` / ``from_spec()`` so a tokenizer travels inside a checkpoint as plain data.
+A tokenizer of ours that trained a model on chat data also carries the chat template the
+conversations were rendered with (``chat_template`` in its spec, absent otherwise and in older
+checkpoints): what ``chat`` and ``export --format hf`` use for that model. It changes no id, so
+:func:`spec_equal` and :func:`spec_hash` leave it out.
 
 * ``char96``: the guide's. id 0 is ``<PAD>``, ids 1..95 are ASCII 32..126. It is lossy outside
   printable ASCII, by a fixed rule: every whitespace character (newline, tab, CR, ...) becomes a
@@ -69,6 +73,7 @@ class _FixedVocabulary:
     pad_id: ClassVar[int] = 0
     eos_id: ClassVar[int | None] = None
     needs_file: ClassVar[bool] = False
+    chat_template: str | None = None  # recorded by a chat run (see the module doc)
 
     def encode_array(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -80,11 +85,13 @@ class _FixedVocabulary:
         return [self.encode_array([t]) for t in texts]
 
     def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name}
+        return with_template({"name": self.name}, self.chat_template)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "_FixedVocabulary":
-        return cls()
+        tok = cls()
+        tok.chat_template = template_of(spec)
+        return tok
 
     @classmethod
     def build(cls, cfg: DataConfig, texts: Iterable[Any] | None = None) -> "_FixedVocabulary":
@@ -154,6 +161,7 @@ class BPETokenizer:
     pad_id = 0
     eos_id = 1
     needs_file = True
+    chat_template: str | None = None  # recorded by a chat run (see the module doc)
 
     def __init__(self, tok: Any, source: str = "the BPE tokenizer") -> None:
         self._tok, self.source = tok, source
@@ -214,7 +222,9 @@ class BPETokenizer:
     def from_spec(cls, spec: dict[str, Any]) -> "BPETokenizer":
         if not isinstance(spec.get("json"), str):
             raise SabError("BPE tokenizer spec has no 'json' field")
-        return cls.from_json(spec["json"], "the BPE tokenizer stored with the model")
+        tok = cls.from_json(spec["json"], "the BPE tokenizer stored with the model")
+        tok.chat_template = template_of(spec)
+        return tok
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
@@ -248,7 +258,20 @@ class BPETokenizer:
 
     def to_spec(self) -> dict[str, Any]:
         with rust_calls(self.source, "writing it out"):
-            return {"name": self.name, "json": self._tok.to_str()}
+            return with_template({"name": self.name, "json": self._tok.to_str()}, self.chat_template)
+
+
+def with_template(spec: dict[str, Any], template: str | None) -> dict[str, Any]:
+    """``spec`` with the chat template a chat run recorded (none: the spec as before)."""
+    return {**spec, "chat_template": template} if template is not None else spec
+
+
+def template_of(spec: dict[str, Any]) -> str | None:
+    """The chat template recorded in one of our tokenizers' specs, or None (not a chat run, or an older file)."""
+    template = spec.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise SabError(f"tokenizer spec: chat_template is {type(template).__name__}, not a string")
+    return template
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -279,12 +302,20 @@ def build_tokenizer(source: str | DataConfig, texts: Iterable[Any] | None = None
     return tokenizer_class(source.tokenizer).build(source, texts)
 
 
+def _ids_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """What decides the ids: one of our specs without the chat template a chat run recorded
+    (an ``hf`` spec as it is, as before)."""
+    if spec.get("name") == HFTokenizer.name:
+        return spec
+    return {k: v for k, v in spec.items() if k != "chat_template"}
+
+
 def spec_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    return json.dumps(_ids_part(a), sort_keys=True) == json.dumps(_ids_part(b), sort_keys=True)
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_ids_part(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_tokenizer(spec: dict[str, Any]) -> str:

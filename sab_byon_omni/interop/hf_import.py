@@ -161,6 +161,8 @@ def from_hf_parts(config: dict[str, Any], tensors: dict[str, torch.Tensor], toke
     sab = as_sab(fields, state, tokenizer_json, config, source) if cfg.family == "gpt_neox" else None
     if sab is not None:
         fields, state, tokenizer = sab
+        if isinstance(tokenizer_config.get("chat_template"), str):  # the template it was trained with, kept
+            tokenizer.chat_template = tokenizer_config["chat_template"]  # type: ignore[attr-defined]
     else:
         tokenizer = HFTokenizer.from_parts(tokenizer_json, tokenizer_config, config, f"{source} ({TOKENIZER_JSON})")
     if tokenizer.vocab_size > fields["vocab_size"]:

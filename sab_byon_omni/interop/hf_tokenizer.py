@@ -139,6 +139,8 @@ def hf_tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, str]:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "unk_token": None,
               "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
               "clean_up_tokenization_spaces": False, "model_max_length": max_len, "padding_side": "right"}
+    if getattr(tokenizer, "chat_template", None) is not None:  # the template a chat run trained with
+        config["chat_template"] = tokenizer.chat_template  # type: ignore[attr-defined]
     return {TOKENIZER_JSON: tokenizer_json(tokenizer), TOKENIZER_CONFIG: json.dumps(config, indent=2) + "\n",
             SPECIAL_TOKENS_MAP: json.dumps(special, indent=2) + "\n"}
 
