@@ -227,6 +227,8 @@ def test_targets_of_a_step_are_known_to_every_process(tmp_path):
     ({"prompt": "a", "completion": "b"}, r"b.jsonl:2: not a 'messages' record"),
     ("{not json", r"b.jsonl:2: not a JSON record"),
     ({"messages": "hi"}, r"b.jsonl:2: 'messages' is 'hi', not a list"),
+    ({"messages": [{"role": "user", "contnet": "hi"}, {"role": "assistant", "content": "x"}]},
+     r"b.jsonl:2: message 1 has no 'content' \(keys: role, contnet; did you mean 'content'\?\)"),
 ])
 def test_a_bad_line_is_one_line_naming_file_and_line(tmp_path, capsys, line, match):
     data = tmp_path / "data"
@@ -296,3 +298,32 @@ def test_an_hf_export_of_a_chat_run_carries_the_template_it_trained_with(tmp_pat
     # and through a .pt export and back: the template travels with the tokenizer's spec
     assert main(["export", "--checkpoint", str(tmp_path / "hf"), "-o", str(tmp_path / "again.pt")]) == 0
     assert torch.load(tmp_path / "again.pt", weights_only=False)["tokenizer"]["chat_template"] == DEFAULT_TEMPLATE
+
+
+@pytest.mark.parametrize("record, hint", [
+    ({"mesages": CONVERSATION}, r"\(keys: mesages; did you mean 'messages'\?\)"),
+    ({"instruction": "a", "outptu": "b"}, r"\(keys: instruction, outptu; did you mean 'output'\?\)"),
+])
+@pytest.mark.parametrize("beside", [None, "text", "chat"])
+def test_a_typo_in_a_chat_key_is_named_not_skipped(tmp_path, capsys, record, hint, beside):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "notes.jsonl", [record])
+    if beside == "text":
+        (data / "a.txt").write_text("plain text, enough of it. " * 40)
+    if beside == "chat":
+        write_jsonl(data / "a.jsonl", [{"messages": CONVERSATION}] * 4)
+    code = main(["train", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny", "--seq_len", "64",
+                 "--max_steps", "1", "--checkpoint_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert re.search(r"notes.jsonl(:1: no 'text' field and not a chat record|: its first record is not a chat "
+                     r"record) " + hint, err), err
+
+
+def test_a_record_with_no_near_miss_is_still_skipped(tmp_path):
+    write_jsonl(tmp_path / "other.jsonl", [{"id": 3, "label": "x"}])
+    (tmp_path / "a.txt").write_text("plain text, enough of it. " * 40)
+    _, train, _ = load_corpus(DataConfig(dataset=str(tmp_path), tokenizer="byte", seq_len=32,
+                                         cache_dir=str(tmp_path / "c")))
+    assert len(train) > 0

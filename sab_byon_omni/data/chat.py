@@ -21,6 +21,7 @@ assistant turns; an exchange (prompt and answer) longer than ``seq_len`` on its 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +52,30 @@ def record_format(record: Any) -> str | None:
     return None
 
 
-def _first_record(path: Path) -> Any:
+CHAT_KEYS = ("messages", "instruction", "input", "output", "prompt", "completion", "system")
+FORMS_IN_WORDS = "messages, instruction/output (input optional) or prompt/completion"
+
+
+def did_you_mean(keys: Any, accepted: Any) -> str:
+    """``"; did you mean 'messages'?"`` for the first key that is close to an accepted one without
+    being one (a typo), else ""."""
+    accepted = list(dict.fromkeys(accepted))
+    for key in keys:
+        if isinstance(key, str) and key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.8)
+            if close:
+                return f"; did you mean {close[0]!r}?"
+    return ""
+
+
+def key_list(record: dict) -> str:
+    """The keys of a record, for a message (bounded)."""
+    keys = [k if isinstance(k, str) else repr(k) for k in record]
+    shown = ", ".join(k[:40] for k in keys[:12])
+    return shown + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "") if keys else "none"
+
+
+def first_record(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             for line in f:
@@ -66,7 +90,7 @@ def file_format(path: Path) -> str | None:
     """The chat form of a file (its first record's), or None for a file that is not chat data."""
     if path.suffix.lower() not in CHAT_EXTENSIONS:
         return None
-    return record_format(_first_record(path))
+    return record_format(first_record(path))
 
 
 def _text(value: Any, what: str, where: str) -> str:
@@ -78,8 +102,9 @@ def _text(value: Any, what: str, where: str) -> str:
 def messages_of(record: Any, form: str, where: str) -> list[dict[str, str]]:
     """The conversation of one record of form ``form``, checked (``where`` is ``file:line``)."""
     if record_format(record) != form:
+        hint = did_you_mean(record, CHAT_KEYS) if isinstance(record, dict) else ""
         raise SabError(f"{where}: not a {form!r} record like the file's first one (keys "
-                       f"{bounded(sorted(record)) if isinstance(record, dict) else bounded(record)})")
+                       f"{bounded(sorted(record)) if isinstance(record, dict) else bounded(record)}{hint})")
     system = record.get("system")
     head = [{"role": "system", "content": _text(system, "'system'", where)}] if system is not None else []
     if form == "instruction":
@@ -97,6 +122,10 @@ def messages_of(record: Any, form: str, where: str) -> list[dict[str, str]]:
     for i, m in enumerate(raw, 1):
         if not isinstance(m, dict):
             raise SabError(f"{where}: message {i} is {bounded(m)}, not an object with role and content")
+        for key in ("role", "content"):
+            if key not in m:
+                raise SabError(f"{where}: message {i} has no {key!r} (keys: {key_list(m)}"
+                               f"{did_you_mean(m, ('role', 'content'))})")
         if m.get("role") not in ROLES:
             raise SabError(f"{where}: message {i} has role {bounded(m.get('role'))}; roles are {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": _text(m.get("content"), f"message {i}'s content", where)})

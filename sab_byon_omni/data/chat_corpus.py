@@ -24,7 +24,8 @@ import numpy as np
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import cache
 from sab_byon_omni.data.batching import IGNORE_INDEX
-from sab_byon_omni.data.chat import Encoded, cut_to_fit, encode_conversation, file_format, read_conversations
+from sab_byon_omni.data.chat import (CHAT_EXTENSIONS, CHAT_KEYS, Encoded, first_record, cut_to_fit, did_you_mean,
+                                     encode_conversation, file_format, key_list, read_conversations)
 from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from sab_byon_omni.data.readers import file_signature
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash
@@ -72,6 +73,10 @@ def chat_forms(files: list[Path]) -> dict[Path, str] | None:
     if not chat:
         return None
     other = [f for f, form in forms.items() if form is None]
+    for f in other:  # a typo in a chat key (mesages) is named, not taken for text
+        record = first_record(f) if f.suffix.lower() in CHAT_EXTENSIONS else None
+        if isinstance(record, dict) and (hint := did_you_mean(record, CHAT_KEYS)):
+            raise SabError(f"{f}: its first record is not a chat record (keys: {key_list(record)}{hint})")
     if other:
         raise SabError(f"{chat[0]} is chat data ({forms[chat[0]]}) but {other[0]} is not: a corpus is all chat "
                        "data or all text (give them as two runs, or convert one)")

@@ -27,6 +27,7 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import columnar
+from sab_byon_omni.data.chat import CHAT_KEYS, FORMS_IN_WORDS, did_you_mean, key_list
 from sab_byon_omni.data.html_text import html_visible_text
 from sab_byon_omni.data.tokenizers import utf8_safe
 from sab_byon_omni.errors import SabError
@@ -165,35 +166,40 @@ def _json_records(path: Path, text_field: str) -> Iterator[str]:
         except RecursionError:
             raise SkipFile("JSON nested too deeply") from None
     records = data if isinstance(data, list) else [data]
-    yield from _record_texts(records, text_field)
+    yield from _record_texts(((f"{path}: record {i}", r) for i, r in enumerate(records, 1)), text_field)
 
 
 def _jsonl_records(path: Path, text_field: str) -> Iterator[str]:
-    def parsed() -> Iterator[Any]:
+    def parsed() -> Iterator[tuple[str, Any]]:
         with _open_text(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        yield f"{path}:{n}", json.loads(line)
                     except (ValueError, RecursionError):  # not JSON, too deep, or an unconvertible number
                         log.warning("%s:%d: invalid JSON line skipped", path, n)
     yield from _record_texts(parsed(), text_field)
 
 
-def _record_texts(records: Any, text_field: str) -> Iterator[str]:
+def _record_texts(records: Iterator[tuple[str, Any]], text_field: str) -> Iterator[str]:
+    """The text of each ``(where, record)``. A record without the text field whose keys hold a near
+    miss of a chat key or of the text field (``mesages``, ``outptu``) is a typo: a SabError naming it,
+    never a silent skip; other such records are skipped, and a file of only those is skipped."""
     found = 0
-    for rec in records:
+    for where, rec in records:
         if isinstance(rec, str):
             value = rec
         elif isinstance(rec, dict) and isinstance(rec.get(text_field), str):
             value = rec[text_field]
         else:
+            if isinstance(rec, dict) and (hint := did_you_mean(rec, (text_field, *CHAT_KEYS))):
+                raise SabError(f"{where}: no {text_field!r} field and not a chat record (keys: {key_list(rec)}{hint})")
             continue
         found += 1
         if value:
             yield _clean(value)
     if not found:
-        raise SkipFile(f"no {text_field!r} field (set data.text_field)")
+        raise SkipFile(f"no {text_field!r} field (set data.text_field) and not chat data ({FORMS_IN_WORDS})")
 
 
 def _csv_rows(path: Path, column: str) -> Iterator[str]:
