@@ -183,9 +183,15 @@ def test_safetensors_round_trip_is_bitwise(in_tmp, capsys, tie):
 def test_export_never_overwrites_and_converts_dtype(in_tmp, trained, capsys):
     ck = trained / "step_3.pt"
     Path("model.safetensors").write_bytes(b"precious")
-    assert main(["export", "--checkpoint", str(ck), "--out", "model.safetensors"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    for force in ([], ["--force"]):  # a file export did not write: refused, --force not suggested
+        assert main(["export", "--checkpoint", str(ck), "--out", "model.safetensors", *force]) == 2
+        err = capsys.readouterr().err
+        assert "sab-omni export did not write" in err and "pass --force" not in err, err
     assert Path("model.safetensors").read_bytes() == b"precious"
+    os.remove("model.safetensors")
+    assert main(["export", "--checkpoint", str(ck), "--out", "model.safetensors"]) == 0
+    assert main(["export", "--checkpoint", str(ck), "--out", "model.safetensors"]) == 2  # an earlier export
+    assert "already exists; pass --force to replace it" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(ck), "--out", str(ck)]) == 2  # --out is the input
     assert main(["export", "--checkpoint", str(ck), "--out", "model.safetensors", "--force", "--dtype", "bf16"]) == 0
     with safe_open("model.safetensors", framework="pt") as f:
@@ -194,6 +200,27 @@ def test_export_never_overwrites_and_converts_dtype(in_tmp, trained, capsys):
     w = load_checkpoint(ck)["model_state_dict"]["blocks.0.attn.qkv.weight"]
     assert torch.equal(back["model_state_dict"]["blocks.0.attn.qkv.weight"], w.to(torch.bfloat16).float())
     assert sorted(os.listdir(in_tmp)) == ["model.safetensors"]  # no temporary files
+
+
+def test_export_force_replaces_only_an_earlier_export(in_tmp, trained, capsys):
+    ck = trained / "step_3.pt"
+    Path("notes").mkdir()
+    Path("notes/garden.md").write_text("my garden")
+    Path("mine").mkdir()
+    Path("mine/a.txt").write_text("mine")
+    Path("run.pt").write_bytes(ck.read_bytes())  # a training checkpoint is no export either
+    for out in ("notes/garden.md", "mine", "run.pt"):
+        for force in ([], ["--force"]):
+            assert main(["export", "--checkpoint", str(ck), "-o", out, *force]) == 2, out
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "pass --force" not in err and "choose another" in err, err
+    assert Path("notes/garden.md").read_text() == "my garden" and Path("mine/a.txt").read_text() == "mine"
+    assert Path("run.pt").read_bytes() == ck.read_bytes()
+    for out in ("m.pt", "m.safetensors", "hf_folder"):  # what export wrote, it may replace
+        assert main(["export", "--checkpoint", str(ck), "-o", out]) == 0
+        assert main(["export", "--checkpoint", str(ck), "-o", out]) == 2
+        assert "pass --force" in capsys.readouterr().err
+        assert main(["export", "--checkpoint", str(ck), "-o", out, "--force"]) == 0
 
 
 def test_bad_safetensors_inputs_are_one_error_line(in_tmp, trained, capsys):

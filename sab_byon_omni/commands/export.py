@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                    help="gguf: store the matrices as f16 (default), q8_0 (8-bit blocks, half the size) or f32; "
                         "vectors stay f32")
-    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace the output if it is an earlier export (never another file or folder)")
     p.add_argument("--out", dest="output", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier spelling
     return p
 

@@ -48,12 +48,13 @@ def format_for(out: str | Path) -> str:
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
     if out.resolve() == source.resolve():
         raise SabError(f"-o {out} is the input; choose another path")
-    if os.path.lexists(out) and not overwrite:
-        raise SabError(f"{out} already exists; pass --force to replace it")
-    if overwrite:
-        from sab_byon_omni.interop.hf_export import check_replaceable
+    if not os.path.lexists(out):
+        return
+    from sab_byon_omni.interop.hf_export import check_replaceable
 
-        check_replaceable(out, source)
+    check_replaceable(out, source)  # what --force would refuse is refused now, without suggesting it
+    if not overwrite:
+        raise SabError(f"{out} already exists; pass --force to replace it")
 
 
 def _model(source: str | Path, dtype: str) -> SABTranscendentV2:

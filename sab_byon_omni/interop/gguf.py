@@ -366,6 +366,9 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, torc
     with atomic_path(out, what="GGUF file", kept="the output was not written") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.name)
         _add_metadata(w, c, arch, dtype, vocab)
+        from sab_byon_omni.interop.hf_export import GGUF_TAG
+
+        w.add_string(*GGUF_TAG)  # what export --force may replace
         for hf, (name, _) in wanted.items():
             t = tensors[hf].detach().to("cpu", torch.float32)
             part = name.split(".")[2] if name.startswith("blk.") else ""

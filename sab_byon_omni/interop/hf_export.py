@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +198,49 @@ def _is_our_export(d: Path, names: list[str]) -> bool:
     return meta.get(EXPORT_TAG[0]) == EXPORT_TAG[1]
 
 
+GGUF_TAG = ("sab_byon_omni.export", "sab-omni export")  # a GGUF's metadata key and value: what --force may replace
+
+
+def is_export_file(p: Path) -> bool:
+    """Whether the file ``p`` is one ``sab-omni export`` wrote: a safetensors file with the export's
+    header tag, a GGUF with :data:`GGUF_TAG`, or a checkpoint it wrote (the model alone: no optimizer
+    state, an ``imported_from`` record). Anything else, or unreadable, is not."""
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            from sab_byon_omni.interop.sources import EXPORT_FORMAT
+
+            with safe_open(str(p), framework="pt") as f:
+                return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+        if suffix == ".gguf":
+            from sab_byon_omni.files.gguf_header import read_gguf_header
+            from sab_byon_omni.interop.gguf import block_sizes
+
+            return read_gguf_header(p, block_sizes()).metadata.get(GGUF_TAG[0]) == GGUF_TAG[1]
+        if suffix == ".pt":
+            from sab_byon_omni.files.checkpoint import load_checkpoint
+
+            ck = load_checkpoint(p, mmap=True, verify_tensors=False)
+            return "imported_from" in ck and "optimizer_state_dict" not in ck
+    except Exception:  # not a file of that kind at all: not ours
+        return False
+    return False
+
+
 def check_replaceable(out: str | Path, source: str | Path | None = None) -> None:
-    """Refuse to replace ``out`` (``--force``) unless it is a file, a link (replaced itself), an empty
-    folder or a transformers export this project wrote (its files only, tagged in its weights'
-    metadata). Never a folder holding a run, the input ``source``, the current folder or user files."""
+    """Refuse to replace ``out`` (``--force``) unless it is a link (replaced itself), an empty
+    folder, a file that ``sab-omni export`` wrote (:func:`is_export_file`) or a transformers export
+    this project wrote (its files only, tagged in its weights' metadata). Never a folder holding a
+    run, the input ``source``, the current folder, or any other file or folder of the user's."""
     out = Path(out)
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink() or not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        if not is_export_file(out):
+            raise SabError(f"-o {out} is a file that sab-omni export did not write; --force replaces only an "
+                           "earlier export: remove it yourself or choose another path")
         return
     here, where = Path.cwd().resolve(), out.resolve()
     if here == where or where in here.parents:
