@@ -20,7 +20,9 @@ from sab_byon_omni.cli import main
 from sab_byon_omni.config import build_config
 from sab_byon_omni.core.chat import ChatSession, Sampling
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
+from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE
 from sab_byon_omni.data.tokenizers import build_tokenizer
+from sab_byon_omni.errors import SabError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,10 +59,10 @@ def prompts(monkeypatch) -> list[str]:
     return seen
 
 
-def chat(monkeypatch, capsys, folder: Path, script: str, *flags: str) -> tuple[str, str]:
+def chat(monkeypatch, capsys, folder: Path, script: str, *flags: str, code: int = 0) -> tuple[str, str]:
     """(stdout, stderr) of ``sab-omni chat`` reading ``script`` from stdin, greedy."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    assert main(["chat", "--checkpoint", str(folder), "--temperature", "0", "--max-new-tokens", "8", *flags]) == 0
+    assert main(["chat", "--checkpoint", str(folder), "--temperature", "0", "--max-new-tokens", "8", *flags]) == code
     return capsys.readouterr()
 
 
@@ -87,8 +89,24 @@ def test_the_oldest_exchanges_are_dropped_to_fit_the_context(small_window, monke
 
 def test_a_message_longer_than_the_context_is_refused_and_the_session_goes_on(small_window, monkeypatch, capsys,
                                                                               prompts):
-    _, err = chat(monkeypatch, capsys, small_window, "x" * 200 + "\nHi\n")
+    out, err = chat(monkeypatch, capsys, small_window, "x" * 200 + "\nHi\n", code=2)
     assert "error: the message is" in err and len(prompts) == 1 and prompts[0].endswith("Hi<|end|>\n<|assistant|>\n")
+    # read from a script: the refused message has an empty answer line, and the exit status says so
+    fresh = ChatSession(SABTranscendentV2.load(small_window), None, Sampling(max_new_tokens=8, temperature=0))
+    assert out == "\n" + "".join(fresh.answer("Hi")) + "\n" and err.strip().endswith(
+        "error: 1 of 2 messages refused (each has an empty answer line)")
+    assert "system prompt" not in err  # none was given, and this template adds none
+
+
+@pytest.mark.parametrize("system, said", [(None, "with the template's default system prompt"),
+                                          ("Be brief.", "with the system prompt")])
+def test_a_refused_message_names_the_system_prompt_it_was_counted_with(small_window, system, said):
+    sab = SABTranscendentV2.load(small_window)
+    sab.tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ '<|system|>\nYou help.<|end|>\n' }}"
+                                   "{% endif %}" + DEFAULT_TEMPLATE)
+    session = ChatSession(sab, system, Sampling(max_new_tokens=8, temperature=0))
+    with pytest.raises(SabError, match=f"the message is [0-9]+ tokens {said}, more than"):
+        session.answer("x" * 200)
 
 
 def test_a_message_the_template_refuses_leaves_the_session_as_it_was(tiny, prompts):

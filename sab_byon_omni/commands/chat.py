@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if tty:
         print(f"chatting with {sab.origin} ({sab.config.model.max_seq_len:,} tokens of context); /reset forgets, "
               "/exit leaves, Ctrl-C stops an answer", file=sys.stderr)
-    interrupted = False
+    interrupted, refused, asked = False, 0, 0
     while True:
         try:
             line = input("> ") if tty else sys.stdin.readline()
@@ -63,18 +63,28 @@ def run(args: argparse.Namespace) -> int:
             session.reset()
             print("(conversation forgotten)", file=sys.stderr)
         elif text:
-            _answer(session, text)
+            asked += 1
+            refused += not _answer(session, text, tty)
+    if refused and not tty:  # a script learns that some answers are missing
+        print(f"error: {refused} of {plural(asked, 'message')} refused "
+              "(each has an empty answer line)", file=sys.stderr)
+        return 2
     return 0
 
 
-def _answer(session, text: str) -> None:  # type: ignore[no-untyped-def]
+def _answer(session, text: str, tty: bool = True) -> bool:  # type: ignore[no-untyped-def]
+    """Answer ``text`` on stdout; False if it was refused (then, reading a script, an empty answer
+    line keeps the answers in step with the messages)."""
     from sab_byon_omni.errors import SabError
 
     try:
         pieces = session.answer(text)
     except SabError as e:  # a message too long for the context: the session goes on
         print(f"error: {e}", file=sys.stderr)
-        return
+        if not tty:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return False
     if session.last.dropped:
         print(f"(the oldest {plural(session.last.dropped, 'exchange')} dropped to fit the context)", file=sys.stderr)
     try:
@@ -86,3 +96,4 @@ def _answer(session, text: str) -> None:  # type: ignore[no-untyped-def]
         print("\n(answer stopped)", end="", file=sys.stderr)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return True

@@ -80,7 +80,9 @@ class ChatSession:
         end_id = tok.token_id(self.end_text) if self.end_text and hasattr(tok, "token_id") else None
         self.stop_ids = {i for i in (tok.eos_id, end_id) if i is not None}
         self.context = sab.config.model.max_seq_len
-        self.template.render(self._messages([{"role": "user", "content": "Hi"}]), add_generation_prompt=True)
+        bare = self.template.render(self._messages([{"role": "user", "content": "Hi"}]), add_generation_prompt=True)
+        # a template that opens every conversation with a system turn of its own (SmolLM2's ChatML)
+        self.default_system = not system and "system" in bare
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -103,7 +105,9 @@ class ChatSession:
             del history[:users[1]]  # the oldest user turn and what answered it
             dropped += 1
         if len(ids) > room:
-            raise SabError(f"the message is {len(ids):,} tokens with the system prompt, more than the "
+            with_ = (" with the system prompt" if self.system else
+                     " with the template's default system prompt" if self.default_system else "")
+            raise SabError(f"the message is {len(ids):,} tokens{with_}, more than the "
                            f"{room:,} the context of {self.context:,} leaves beside the answer: shorten it")
         self.history[:] = history
         return ids, dropped
