@@ -260,6 +260,13 @@ def test_a_single_document_is_cut_at_a_line_break(tmp_path):
     assert train.endswith("\n") and 5 <= val.count("\n") <= 15
 
 
+def test_a_one_row_csv_is_one_document_though_it_is_cut_in_two(tmp_path):
+    p = write(tmp_path / "one.csv", "text\n" + "a row of text " * 50 + "\n")  # the header row is no document
+    docs = R.Documents([p], DataConfig(dataset=str(p), val_fraction=0.1))
+    assert docs.single_cut and len(list(docs)) == 2  # its two halves: training and validation
+    assert docs.stats.summary().startswith("1 file, 1 document,") and "too few documents, 1," in docs.split
+
+
 def test_a_few_documents_are_each_cut_so_validation_is_near_val_fraction(tmp_path):
     """3 files: a whole-document split would hold out a third of the text (the newcomer's 77%)."""
     root = tmp_path / "d"

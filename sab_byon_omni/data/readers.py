@@ -420,7 +420,7 @@ class Documents:
                            f"file{'' if len(files) == 1 else 's'}" + (f" ({why})" if why else " (all empty)"))
         self.single_cut = n_docs == 1
         self.n_docs = 2 if self.single_cut else n_docs
-        self.stats.documents = self.n_docs
+        self.stats.documents = n_docs  # as read (self.n_docs counts a single document as its two halves)
         self.is_val = np.zeros(self.n_docs, dtype=bool)
         self.cut_each = False  # every document cut: its last val_fraction held out
         if self.single_cut:
