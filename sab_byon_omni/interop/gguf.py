@@ -91,6 +91,9 @@ def _gguf() -> Any:
     return gguf
 
 
+GGUF_TAG = ("sab_byon_omni.export", "sab-omni export")  # a metadata key and value: what export --force may replace
+
+
 def block_sizes() -> dict[int, tuple[int, int]]:
     """(values, bytes) per block of every ggml type the installed ``gguf`` package knows."""
     return {int(k): v for k, v in _gguf().GGML_QUANT_SIZES.items()}
@@ -366,8 +369,6 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: dict[str, torc
     with atomic_path(out, what="GGUF file", kept="the output was not written") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.name)
         _add_metadata(w, c, arch, dtype, vocab)
-        from sab_byon_omni.interop.hf_export import GGUF_TAG
-
         w.add_string(*GGUF_TAG)  # what export --force may replace
         for hf, (name, _) in wanted.items():
             t = tensors[hf].detach().to("cpu", torch.float32)

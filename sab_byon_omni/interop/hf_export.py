@@ -198,25 +198,22 @@ def _is_our_export(d: Path, names: list[str]) -> bool:
     return meta.get(EXPORT_TAG[0]) == EXPORT_TAG[1]
 
 
-GGUF_TAG = ("sab_byon_omni.export", "sab-omni export")  # a GGUF's metadata key and value: what --force may replace
-
-
 def is_export_file(p: Path) -> bool:
     """Whether the file ``p`` is one ``sab-omni export`` wrote: a safetensors file with the export's
-    header tag, a GGUF with :data:`GGUF_TAG`, or a checkpoint it wrote (the model alone: no optimizer
+    header tag, a GGUF with ``interop.gguf.GGUF_TAG``, or a checkpoint it wrote (the model alone: no optimizer
     state, an ``imported_from`` record). Anything else, or unreadable, is not."""
     suffix = p.suffix.lower()
     try:
         if suffix == ".safetensors":
             from safetensors import safe_open
 
-            from sab_byon_omni.interop.sources import EXPORT_FORMAT
+            from sab_byon_omni.files.checkpoint import FORMAT as EXPORT_FORMAT  # sources.EXPORT_FORMAT
 
             with safe_open(str(p), framework="pt") as f:
                 return (f.metadata() or {}).get("format") == EXPORT_FORMAT
         if suffix == ".gguf":
             from sab_byon_omni.files.gguf_header import read_gguf_header
-            from sab_byon_omni.interop.gguf import block_sizes
+            from sab_byon_omni.interop.gguf import GGUF_TAG, block_sizes
 
             return read_gguf_header(p, block_sizes()).metadata.get(GGUF_TAG[0]) == GGUF_TAG[1]
         if suffix == ".pt":
