@@ -188,7 +188,7 @@ def test_cli_estimate_json_matches_the_library():
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert main(["estimate", "--preset", "tiny", "--seq-len", "128", "--batch-size", "2", "--gpus", "4",
-                     "--parallel", "fsdp", "--activation-checkpointing", "--json"]) == 0
+                     "--parallel", "fsdp", "--activation-checkpointing", "--json", "--device", "h100"]) == 0
     got = json.loads(buf.getvalue())
     want = estimate(ModelConfig.from_name("tiny", vocab_size=96), 128, 2, "bf16", 4, "fsdp", True)
     assert got["peak"] == pytest.approx(want.peak)

@@ -37,3 +37,23 @@ def test_estimate_cli_takes_a_lora_rank(capsys):
     assert main(["estimate", "--preset", "small", "--lora-rank", "8", "--lora-targets", "gate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "unknown target 'gate'" in err[1], err
+
+
+def test_estimate_describes_an_imported_model_from_its_header(tmp_path, capsys):
+    """`estimate --init_from` reads the GGUF's header (its weights are never read: here there are none
+    to read past the header's promise) and says which device it is for."""
+    transformers = pytest.importorskip("transformers")
+    gguf_files = pytest.importorskip("tests.gguf_files")
+    model = gguf_files.random_model()
+    path = gguf_files.write_gguf_file(tmp_path / "m.gguf", model)
+    n = sum(p.numel() for p in model.parameters())
+    assert main(["estimate", "--init_from", str(path), "--lora_rank", "8", "--seq_len", "64", "--batch_size", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("device: cpu, this machine's") and "measured now" in out[0]
+    assert out[1].startswith(f"GGUF file {path} (its header): {n:,} parameters") and "family llama" in out[1]
+    assert transformers is not None
+    assert main(["estimate", "--preset", "tiny", "--device", "h100"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "device: an H100 SXM (assumed: 80 GB, 989 TFLOP/s bf16; not this machine)"
+    assert main(["estimate", "--init_from", str(tmp_path / "nothing.gguf")]) == 2

@@ -214,3 +214,47 @@ def _count(value: Any, name: str, p: Path) -> int:
     if not _DIGITS.fullmatch(text) or int(text) > MAX_STEP:
         raise SabError(f"{p}: damaged metadata: {name}={bounded(value)} is not a step count")
     return int(text)
+
+
+def model_config_of(source: str | Path) -> tuple[Any, str]:
+    """(the model config, what it is) of ``source``, read without its weights where the format
+    allows: a GGUF's header, a transformers folder's ``config.json``, a checkpoint mapped rather than
+    read, a .safetensors file's header; anything else (a sharded checkpoint) is loaded."""
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.interop.hf_families import model_fields
+
+    p = locate(source)
+    gguf = gguf_file(p)
+    if gguf is not None:
+        from sab_byon_omni.files.gguf_header import read_gguf_header
+        from sab_byon_omni.interop.gguf import _arch, _config, block_sizes
+
+        header = read_gguf_header(gguf, block_sizes())
+        arch = _arch(header.metadata, str(gguf))
+        config = _config(header.metadata, arch, next((t for t in header.tensors if t.name == "token_embd.weight"),
+                                                     None), str(gguf))
+        config["tie_word_embeddings"] = not any(t.name == "output.weight" for t in header.tensors)
+        return ModelConfig(**model_fields(config, str(gguf))), f"GGUF file {gguf} (its header)"
+    if p.is_dir() and (p / "config.json").is_file():
+        raw = parse_json((p / "config.json").read_bytes(), str(p / "config.json"))
+        if is_pretrained_folder(p):  # save_pretrained's: the run's config, under our format tag
+            cfg = build_config({k: v for k, v in raw.items() if k in ("model", "data", "train")},
+                               source=str(p / "config.json"))
+            return cfg.model, f"saved model {p} (its config.json)"
+        return ModelConfig(**model_fields(raw, str(p))), f"transformers folder {p} (its config.json)"
+    if p.is_file() and p.suffix == ".safetensors":
+        check_safetensors_header(p)
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") == EXPORT_FORMAT and "config" in meta and "tokenizer" in meta:
+            cfg, _ = _config_and_tokenizer(parse_json(meta["config"], f"{p} (config)"),
+                                           parse_json(meta["tokenizer"], f"{p} (tokenizer)"), str(p))
+            return cfg.model, f"safetensors file {p} (its header)"
+    if p.is_file() and p.suffix != ".safetensors" and gguf is None:
+        ck = load_checkpoint(p, mmap=True, verify_tensors=False, advice=COPY_ADVICE)
+        cfg, _ = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
+        return cfg.model, f"checkpoint {p}"
+    weights = read_weights(p)  # a sharded checkpoint or a run folder: read as a model is
+    return weights.config.model, str(weights.origin)
