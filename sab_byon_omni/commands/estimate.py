@@ -111,7 +111,8 @@ def device_figures(args: argparse.Namespace) -> tuple[str, float, float, str]:
         memory = torch.cuda.get_device_properties(0).total_memory / 1e9
         table, why = gpu_peak_tflops(name, args.precision)
         peak = table if table is not None else 0.0
-        words = f"{name} (this machine's: {memory:,.1f} GB, {'%g TFLOP/s ' % table + args.precision if table else why})"
+        peak_words = f"{table:g} TFLOP/s {args.precision}" if table else why
+        words = f"{name} (this machine's: {memory:,.1f} GB, {peak_words})"
     else:
         from sab_byon_omni.machine import cpu_name, measure_matmul_peak, memory_budget
 

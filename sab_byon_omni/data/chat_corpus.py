@@ -24,8 +24,10 @@ import numpy as np
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import cache
 from sab_byon_omni.data.batching import IGNORE_INDEX
-from sab_byon_omni.data.chat import (CHAT_EXTENSIONS, CHAT_KEYS, Encoded, first_record, cut_to_fit, did_you_mean,
-                                     encode_conversation, file_format, key_list, read_conversations)
+from sab_byon_omni.data.chat import (
+    CHAT_EXTENSIONS, CHAT_KEYS, Encoded, cut_to_fit, did_you_mean, encode_conversation, file_format, first_record,
+    key_list, read_conversations,
+)
 from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from sab_byon_omni.data.readers import file_signature
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash
