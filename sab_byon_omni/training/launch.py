@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
@@ -55,12 +56,7 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
         epochs = FT_MAX_EPOCHS
     batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
     per_epoch = steps_per_epoch(windows, batch, accum, world)  # as the run counts them
-    more = []
-    if "max_steps" in explicit and "epochs" not in explicit and t.max_steps > per_epoch * epochs:
-        epochs = -(-t.max_steps // per_epoch)  # your step count wins over the recipe's epochs
-        more.append(f"{epochs} epochs, for the train.max_steps={t.max_steps:,} you gave ({per_epoch:,} steps per epoch)"
-                    + ("; a pretrained model may memorise a small corpus over many passes: watch the validation "
-                       "loss" if tuning else ""))
+    epochs, more = _epochs_for_max_steps(t, explicit, per_epoch, epochs, tuning)
     total = min(t.max_steps, per_epoch * epochs) if t.max_steps else per_epoch * epochs
     geometry_given = {"batch_size", "gradient_accumulation_steps", "epochs"} & explicit
     reasons = ([] if geometry_given or more else reasons) + more
@@ -77,13 +73,9 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"
-    optimizer, why_not_muon = optimizer_for(D.uses_fsdp(t.parallel, D.launch_info()))
-    if why_not_muon and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
-        changes["train.optimizer"] = optimizer
-        reasons.append(why_not_muon)
-    if cfg.train.lora_rank and "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
-        changes["train.optimizer"] = "adamw"  # Muon orthogonalises whole matrices; LoRA trains low-rank factors
-        reasons.append("AdamW for everything: --lora_rank trains low-rank adapters, which Muon does not update")
+    if "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
+        changes["train.optimizer"], why_not = _instead_of_muon(t)
+        reasons += [why_not] if why_not else []
     model, model_lines = ({}, []) if tuning else architecture(cfg.model, explicit)  # a fresh model's levers
     out = replace(cfg, **changes, **{f"model.{k}": v for k, v in model.items()})
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
@@ -94,6 +86,28 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     described = describe(out.train, cfg.model, batch * accum * world * seq, frozenset(explicit), total, tuning)
     lines += [("", reason) for reason in reasons + described + model_lines]
     return out, lines
+
+
+def _instead_of_muon(t: Any) -> tuple[str, str | None]:
+    """The optimizer the recipe's Muon becomes for this run, and why (None: it stays Muon)."""
+    optimizer, why_not_muon = optimizer_for(D.uses_fsdp(t.parallel, D.launch_info()))
+    if why_not_muon:
+        return optimizer, why_not_muon
+    if t.lora_rank:  # Muon orthogonalises whole matrices; LoRA trains low-rank factors
+        return "adamw", "AdamW for everything: --lora_rank trains low-rank adapters, which Muon does not update"
+    return "muon", None
+
+
+def _epochs_for_max_steps(t: Any, explicit: set[str], per_epoch: int, epochs: int,
+                          tuning: bool) -> tuple[int, list[str]]:
+    """(epochs, banner lines): a ``--max_steps`` you gave beyond the recipe's epochs wins over them (a
+    400-step LoRA run otherwise stopped at the end of the recipe's 3 epochs, its schedule undone)."""
+    if "max_steps" not in explicit or "epochs" in explicit or t.max_steps <= per_epoch * epochs:
+        return epochs, []
+    epochs = -(-t.max_steps // per_epoch)
+    return epochs, [f"{epochs} epochs, for the train.max_steps={t.max_steps:,} you gave ({per_epoch:,} steps per epoch)"
+                    + ("; a pretrained model may memorise a small corpus over many passes: watch the validation "
+                       "loss" if tuning else "")]
 
 
 def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
