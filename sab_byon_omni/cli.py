@@ -116,6 +116,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped without saving; the checkpoints already written are complete", file=sys.stderr)
+        print("\ninterrupted" + (": stopped without saving; the checkpoints already written are complete"
+                                 if getattr(args, "command", None) == "train" else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sab-omni ... | head`: the reader left; not an error of ours
         _quiet_stdout()

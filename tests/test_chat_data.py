@@ -327,3 +327,13 @@ def test_a_record_with_no_near_miss_is_still_skipped(tmp_path):
     _, train, _ = load_corpus(DataConfig(dataset=str(tmp_path), tokenizer="byte", seq_len=32,
                                          cache_dir=str(tmp_path / "c")))
     assert len(train) > 0
+
+
+@pytest.mark.parametrize("value", [0, False, 5, []])
+def test_an_input_that_is_not_a_string_is_refused_even_when_falsy(value):
+    from sab_byon_omni.data.chat import messages_of
+
+    with pytest.raises(SabError, match=r"f.jsonl:3: 'input' is .*, not a string"):
+        messages_of({"instruction": "i", "input": value, "output": "o"}, "instruction", "f.jsonl:3")
+    assert messages_of({"instruction": "i", "input": "", "output": "o"}, "instruction", "x")[0]["content"] == "i"
+    assert messages_of({"instruction": "i", "input": None, "output": "o"}, "instruction", "x")[0]["content"] == "i"

@@ -319,3 +319,18 @@ def test_resume_auto_without_data_takes_the_run_folders_config(in_tmp, capsys):
     (in_tmp / "other" / "b.txt").write_text("other text\n" * 400)
     assert main(["train", "--data", "other", "--resume", "auto", "--checkpoint_dir", "r", "--max_steps", "4"]) == 2
     one_error(capsys.readouterr().err, "the run was trained on --data")
+
+
+@pytest.mark.parametrize("command, says", [("chat", "interrupted\n"), ("train", "the checkpoints already written")])
+def test_ctrl_c_outside_training_does_not_talk_of_checkpoints(monkeypatch, capsys, command, says):
+    """Ctrl-C while `chat` loads its model said training's line about checkpoints (a hostile tester's finding)."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"sab_byon_omni.commands.{command}"), "run", interrupted)
+    argv = {"chat": ["chat", "--checkpoint", "x"], "train": ["train"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert says in err and (command == "train") == ("checkpoints" in err)

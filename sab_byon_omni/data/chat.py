@@ -109,7 +109,7 @@ def messages_of(record: Any, form: str, where: str) -> list[dict[str, str]]:
     head = [{"role": "system", "content": _text(system, "'system'", where)}] if system is not None else []
     if form == "instruction":
         user = _text(record["instruction"], "'instruction'", where)
-        extra = _text(record.get("input") or "", "'input'", where)
+        extra = _text("" if record.get("input") is None else record["input"], "'input'", where)  # 0 / false refused
         return head + [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
                        {"role": "assistant", "content": _text(record["output"], "'output'", where)}]
     if form == "prompt":
