@@ -334,3 +334,23 @@ def test_ctrl_c_outside_training_does_not_talk_of_checkpoints(monkeypatch, capsy
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert says in err and (command == "train") == ("checkpoints" in err)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--mlp", "relu2"], "mlp='gelu' (this command: 'relu2')"),
+    (["--logit_softcap", "5"], "logit_softcap=0.0 (this command: 5.0)"),
+])
+def test_a_resume_that_would_change_the_model_is_refused(tmp_path, capsys, flags, says):
+    """Same weight shapes, another model: the weights loaded and trained on as a ReLU^2 model (a
+    reviewer's finding). A regularisation setting may change."""
+    (tmp_path / "notes.txt").write_text("Some notes about the garden and the weather. " * 400)
+    run = ["train", "--data", str(tmp_path / "notes.txt"), "--preset", "tiny", "--tokenizer", "byte", "--seq_len", "32",
+           "--checkpoint_dir", str(tmp_path / "ck"), "--resume", "auto"]
+    assert main([*run, "--max_steps", "2"]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert main([*run, "--max_steps", "3", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    assert main([*run, "--max_steps", "3", "--dropout", "0.1"]) == 0

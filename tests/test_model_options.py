@@ -304,3 +304,37 @@ def test_levers_off_leave_the_initial_weights_as_they_were():
         torch.manual_seed(0)
         state = CausalTransformer(ModelConfig(**SMALL, **options)).state_dict()
         assert all(torch.equal(state[k], v) for k, v in sab.items()), options
+
+
+@pytest.mark.parametrize("tokenizer, mask_id, says", [
+    ("char96", 1, "the char96 tokenizer has no <EOS>"),
+    ("byte", 103, "the byte tokenizer's <EOS> is 1; use --document_mask_id 1"),
+])
+def test_document_mask_id_must_be_the_tokenizers_eos(tmp_path, capsys, tokenizer, mask_id, says):
+    """Any other id cuts attention at an ordinary token (a space for char96's 1): refused, nothing written."""
+    from sab_byon_omni.cli import main
+    from sab_byon_omni.data.tokenizers import build_tokenizer
+    from sab_byon_omni.training.launch import check_document_mask
+
+    (tmp_path / "notes.txt").write_text("Some notes about the garden and the weather. " * 400)
+    assert main(["train", "--data", str(tmp_path / "notes.txt"), "--preset", "tiny", "--tokenizer", tokenizer,
+                 "--max_steps", "1", "--document_mask_id", str(mask_id), "--checkpoint_dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and not (tmp_path / "ck").exists()
+    check_document_mask(build_tokenizer("byte").eos_id, build_tokenizer("byte"))  # the EOS itself is fine
+    check_document_mask(None, build_tokenizer("char96"))
+
+
+def test_qk_norm_under_bf16_autocast_runs_without_a_dtype_warning():
+    """bf16 q/k into an fp32-weighted RMSNorm made torch warn (into generated text, too) and take its
+    unfused path: the model normalises q and k in fp32."""
+    import warnings
+
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.model.transformer import CausalTransformer
+
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96, qk_norm=True))
+    with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        model(torch.randint(0, 96, (2, 16)))
+    assert not [w for w in seen if "dtype" in str(w.message).lower()], [str(w.message) for w in seen]

@@ -99,3 +99,11 @@ def test_train_init_from_with_data_runs_the_recipe(in_tmp, caplog):
     saved = yaml.safe_load(Path("run/config.yaml").read_text())["train"]
     assert (saved["optimizer"], saved["learning_rate"], saved["lora_rank"]) == ("adamw", R.LORA_LR, 4)
     assert "recipe:     fine-tuning with LoRA" in caplog.text
+
+
+def test_parallel_fsdp_asked_in_one_process_gets_adamw_from_the_recipe():
+    """The build refuses Muon with --parallel fsdp even in one process: the recipe must not pick it
+    there (a reviewer's `--parallel fsdp` run was refused for a Muon it never asked for)."""
+    out, lines = apply_recipe(cfg(parallel="fsdp"), 20_000, {"parallel"}, "--data")
+    assert out.train.optimizer == "adamw" and any("--parallel fsdp shards" in line for _, line in lines)
+    assert apply_recipe(cfg(parallel="ddp"), 20_000, {"parallel"}, "--data")[0].train.optimizer == "muon"

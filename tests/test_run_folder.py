@@ -282,5 +282,5 @@ def test_resuming_on_other_data_is_refused_naming_both(in_tmp, capsys):
     assert (snapshot(Path("ck")), sorted(os.listdir(in_tmp))) == before  # no cache built for the other corpus
     assert main([*BASE, "--data", "./words/", "--resume", "auto", "--max_steps", "3"]) == 0  # the same folder
     assert load_checkpoint("ck/step_3.pt")["global_step"] == 3
-    assert main([*BASE, "--data", str(other), "--init_from", "ck/step_3.pt", "--checkpoint_dir", "new",
-                 "--max_steps", "1"]) == 0
+    weights_bring_the_model = ["-q", "train", *tiny_run(learning_rate=None, checkpoint_dir="new", preset=None)]
+    assert main([*weights_bring_the_model, "--data", str(other), "--init_from", "ck/step_3.pt", "--max_steps", "1"]) == 0

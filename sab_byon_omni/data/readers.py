@@ -27,7 +27,6 @@ import numpy as np
 
 from sab_byon_omni.config import DataConfig
 from sab_byon_omni.data import columnar
-from sab_byon_omni.data.chat import CHAT_KEYS, FORMS_IN_WORDS, did_you_mean, key_list
 from sab_byon_omni.data.html_text import html_visible_text
 from sab_byon_omni.data.tokenizers import utf8_safe
 from sab_byon_omni.errors import SabError
@@ -185,6 +184,8 @@ def _record_texts(records: Iterator[tuple[str, Any]], text_field: str) -> Iterat
     """The text of each ``(where, record)``. A record without the text field whose keys hold a near
     miss of a chat key or of the text field (``mesages``, ``outptu``) is a typo: a SabError naming it,
     never a silent skip; other such records are skipped, and a file of only those is skipped."""
+    from sab_byon_omni.data.chat import CHAT_KEYS, FORMS_IN_WORDS, did_you_mean, key_list  # (torch: not at import)
+
     found = 0
     for where, rec in records:
         if isinstance(rec, str):

@@ -178,8 +178,8 @@ class Attention(nn.Module):
         qkv = project(self.qkv, x).view(b, t, h + 2 * kv, self.head_dim)
         qk, v = qkv.split((h + kv, kv), dim=2)
         if self.q_norm is not None:
-            q, k = qk.split((h, kv), dim=2)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).to(v.dtype)  # (a norm may upcast)
+            q, k = qk.float().split((h, kv), dim=2)  # in fp32 like the block norms (bf16 input, fp32 weight:
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).to(v.dtype)  # torch's unfused path and a warning)
         if ve is not None:
             v = v + self.value_gate.to(v.dtype) * ve.view(b, t, kv, self.head_dim).to(v.dtype)
         if self.rotary_dim:

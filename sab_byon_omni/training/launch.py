@@ -8,12 +8,12 @@ import dataclasses
 import logging
 from typing import Any
 
-from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
+from sab_byon_omni.config import DataConfig, ModelConfig, RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
 from sab_byon_omni.data.tokenizers import BPETokenizer, Tokenizer, describe_tokenizer, from_spec, spec_equal
-from sab_byon_omni.errors import SabError
+from sab_byon_omni.errors import SabError, bounded
 from sab_byon_omni.files.atomic import check_can_create
 from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
@@ -88,9 +88,20 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     return out, lines
 
 
+def check_document_mask(mask_id: int | None, tokenizer: Tokenizer) -> None:
+    """``model.document_mask_id`` must be the id that ends each document of the packed data: the
+    tokenizer's ``<EOS>`` (any other id would cut attention at an ordinary token: a space, a letter)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    if mask_id is not None and mask_id != eos:
+        raise SabError(f"model.document_mask_id={mask_id} is not the id that ends the documents: the {tokenizer.name} "
+                       + (f"tokenizer's <EOS> is {eos}; use --document_mask_id {eos}" if eos is not None else
+                          "tokenizer has no <EOS> (use --tokenizer byte or bpe, whose documents end with one)"))
+
+
 def _instead_of_muon(t: Any) -> tuple[str, str | None]:
     """The optimizer the recipe's Muon becomes for this run, and why (None: it stays Muon)."""
-    optimizer, why_not_muon = optimizer_for(D.uses_fsdp(t.parallel, D.launch_info()))
+    # --parallel fsdp asked for counts even in one process (where FSDP is not used), as the build refuses Muon there
+    optimizer, why_not_muon = optimizer_for(t.parallel == "fsdp" or D.uses_fsdp(t.parallel, D.launch_info()))
     if why_not_muon:
         return optimizer, why_not_muon
     if t.lora_rank:  # Muon orthogonalises whole matrices; LoRA trains low-rank factors
@@ -129,6 +140,7 @@ def run_training(cfg: RunConfig, notes: list[tuple[str, str]] | None = None,
         cfg = adopt_architecture(cfg, init)
         notes.append(("weights", f"from {init.origin}: its model and tokenizer; a fresh optimizer and schedule"))
     tokenizer, train, val = load_datasets(cfg.data, init.tokenizer if init else resume_tok)
+    check_document_mask(cfg.model.document_mask_id, tokenizer)
     if recipe is not None:  # from scratch, or fine-tuning init_from's weights (on resume too: the same plan)
         cfg, lines = apply_recipe(cfg, len(train), recipe, "--data", len(val) if val is not None else 0)
         notes = lines + notes
@@ -178,6 +190,30 @@ def _checkpoint_architecture(cfg: RunConfig, saved: dict) -> RunConfig:
     return build_config(raw, source="the checkpoint's config")
 
 
+# Model settings a resumed run may change: its label, its context, the regularisation and memory plan, the vocabulary
+# (set from the tokenizer) and an initialisation. Any other difference would run the saved weights as another model.
+RESUME_MAY_CHANGE = frozenset({"preset", "max_seq_len", "vocab_size", "dropout", "activation_checkpointing",
+                               "zero_init_proj"})
+
+
+def check_same_architecture(saved: Any, cfg: RunConfig, path: Any) -> None:
+    """Refuse a resume whose model settings differ from the checkpoint's in anything but
+    :data:`RESUME_MAY_CHANGE`: with equal weight shapes (``--mlp relu2`` for a GELU run,
+    ``--logit_softcap``, ``--norm``) the weights would load and silently train as another model. A
+    setting the checkpoint does not record (it predates the setting) had the default's value."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
+        return
+    defaults, mine = dataclasses.asdict(ModelConfig()), dataclasses.asdict(cfg.model)
+    differ = [(k, model.get(k, defaults.get(k)), v) for k, v in mine.items()
+              if k not in RESUME_MAY_CHANGE and model.get(k, defaults.get(k)) != v]
+    if differ:
+        said = ", ".join(f"{k}={bounded(theirs)} (this command: {bounded(ours)})" for k, theirs, ours in differ[:4])
+        raise SabError(f"{path}: the run was trained with {said}; a resume keeps the model it trained: give its "
+                       "settings or none (train --resume auto --checkpoint_dir with no --data continues with the run's "
+                       "config.yaml), or start a new run in another --checkpoint_dir")
+
+
 def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
     """The tokenizer of the checkpoint this run resumes from (and ``cfg`` naming it), so that the
     data is tokenised the way the run began: no BPE retrained, no cache rebuilt with other settings.
@@ -199,9 +235,13 @@ def resume_tokenizer(cfg: RunConfig) -> tuple[RunConfig, Tokenizer | None]:
             raise
         return cfg, None  # the run reads it again, under the folder's lock, and says what is wrong
     if theirs is None:
+        if point is not None and not cfg.train.init_from:
+            check_same_architecture(CheckpointMeta.of(point[1]).config, cfg, point[0])
         return cfg, None
     path = point[0]
     check_same_data(CheckpointMeta.of(point[1]), cfg, path)  # before the corpus is read
+    if not cfg.train.init_from:
+        check_same_architecture(CheckpointMeta.of(point[1]).config, cfg, path)
     d = cfg.data
     if d.tokenizer_path:
         mine = BPETokenizer.load(d.tokenizer_path) if d.tokenizer == BPETokenizer.name else None
