@@ -109,7 +109,9 @@ def train_state_to_file(state: dict[str, Any], world: int) -> dict[str, Any]:
         "epoch": state["epoch"], "global_step": state["global_step"], "best_val_loss": state["best_val_loss"],
         "data_state": {"epoch": state["epoch"], "cursor": state["cursor"], "world_size": world,
                        "epoch_loss_sum": float(state["epoch_loss_sum"]), "epoch_tokens": int(state["epoch_tokens"]),
-                       "skipped_steps": state["skipped_steps"], "skipped_in_a_row": state["skipped_in_a_row"]},
+                       "skipped_steps": state["skipped_steps"], "skipped_in_a_row": state["skipped_in_a_row"],
+                       "log_loss_sum": float(state["log_loss_sum"]), "log_tokens": int(state["log_tokens"]),
+                       "log_steps": int(state["log_steps"])},
         "history": {"train_loss": list(state["train_losses"]), "val_loss": list(state["val_losses"])},
     }
 
@@ -124,12 +126,14 @@ def read_train_state(ck: dict[str, Any], source: str, epoch_size: int) -> dict[s
     if not isinstance(data, dict) or not isinstance(hist, dict):
         raise SabError(f"{source}: data_state/history must be mappings (damaged checkpoint?)")
     counts = {name: _count(data.get(name, default), f"data_state.{name}", source) for name, default in (
-        ("epoch", ck["epoch"]), ("cursor", 0), ("epoch_tokens", 0), ("skipped_steps", 0), ("skipped_in_a_row", 0))}
+        ("epoch", ck["epoch"]), ("cursor", 0), ("epoch_tokens", 0), ("skipped_steps", 0), ("skipped_in_a_row", 0),
+        ("log_tokens", 0), ("log_steps", 0))}
     if counts["cursor"] > epoch_size:
         raise SabError(f"{source}: its data cursor ({counts['cursor']:,}) is past the end of an epoch of this run's "
                        f"data ({epoch_size:,} samples): was it trained on other data or settings?")
     return {**counts, "global_step": ck["global_step"], "best_val_loss": finite_float(ck.get("best_val_loss")),
             "epoch_loss_sum": finite_float(data.get("epoch_loss_sum", 0.0), 0.0),
+            "log_loss_sum": finite_float(data.get("log_loss_sum", 0.0), 0.0),
             "train_losses": _losses(hist.get("train_loss", []), source),
             "val_losses": _losses(hist.get("val_loss", []), source)}
 
@@ -432,7 +436,7 @@ class Checkpointer:
         check_compatible(CheckpointMeta.of(ck), cfg, tokenizer, path)
         state = read_train_state(ck, str(path), epoch_size)
         if not self.is_main:  # the epoch's sums are global: the main process carries them
-            state["epoch_loss_sum"], state["epoch_tokens"] = 0.0, 0
+            state["epoch_loss_sum"], state["epoch_tokens"], state["log_loss_sum"], state["log_tokens"] = 0.0, 0, 0.0, 0
         optimizer = parts["optimizer"]
         built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:

@@ -35,6 +35,9 @@ class TrainState:
     best_val_loss: float = math.inf
     epoch_loss_sum: float = 0.0  # this epoch's loss so far (nats, all processes), for an exact epoch mean
     epoch_tokens: int = 0  # and its predicted tokens
+    log_loss_sum: float = 0.0  # the metrics row in progress when saved: its loss so far (nats, all processes),
+    log_tokens: int = 0  # predicted tokens and steps, so that a resumed run's next row is the one an
+    log_steps: int = 0  # uninterrupted run writes (zero outside a save)
     skipped_steps: int = 0  # non-finite steps skipped since the run began
     skipped_in_a_row: int = 0
     train_losses: list[float] = field(default_factory=list)  # per finished epoch

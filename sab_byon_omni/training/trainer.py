@@ -117,8 +117,8 @@ class _Sums:
 class _LogWindow:
     """The steps since the last metrics row: their losses, how many, since when, the last gradient norm."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums, self.t0, self.steps, self.last_norm = _Sums(device), time.perf_counter(), 0, math.nan
+    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0, steps: int = 0) -> None:
+        self.sums, self.t0, self.steps, self.last_norm = _Sums(device, loss, tokens), time.perf_counter(), steps, math.nan
 
 
 class Trainer:
@@ -210,7 +210,8 @@ class Trainer:
         bar = console.progress_bar(run.steps_per_epoch, done, f"epoch {st.epoch + 1}/{t.epochs}",
                                    run.info.is_main and t.progress)
         epoch_sums = _Sums(run.device, st.epoch_loss_sum, st.epoch_tokens)
-        self.window = _LogWindow(run.device)
+        self.window = _LogWindow(run.device, st.log_loss_sum, st.log_tokens, st.log_steps)  # a resumed row's start
+        st.log_loss_sum, st.log_tokens, st.log_steps = 0.0, 0, 0
         run.wrapped.train()
         batches = self.epoch_batches(st.epoch, st.cursor)
         finished = True
@@ -331,8 +332,11 @@ class Trainer:
         """Save the state inside an epoch: ``step_N`` unless ``name`` says otherwise (``best_model``)."""
         st = self.state
         st.epoch_loss_sum, st.epoch_tokens = self._owned(epoch_sums.global_totals(self.run.info))
+        st.log_loss_sum, st.log_tokens = self._owned(self.window.sums.global_totals(self.run.info))
+        st.log_steps = self.window.steps
         mean = st.epoch_loss_sum / st.epoch_tokens if st.epoch_tokens else math.nan
         path = self.save_checkpoint(name or f"step_{st.global_step}", loss=mean, val_loss=val_loss)
+        st.log_loss_sum, st.log_tokens, st.log_steps = 0.0, 0, 0
         if not name:
             self.saved_step = st.global_step
         return path
