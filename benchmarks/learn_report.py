@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.recipe import ARCHITECTURE, learns_slowly, recipe_for_geometry
 
 DEFAULT_SEED = 1234
@@ -33,8 +34,7 @@ def muon_fields(optimizer: str, lr: float | None, warmup: int | None) -> dict:
 def load_rows(path: str) -> list[dict]:
     """The rows of a results file (or of several, comma-separated); a repeated run (same corpus, shape, model, recipe and seed: the runs
     are deterministic) counts once, its latest row."""
-    rows = [json.loads(line) for one in path.split(",")
-            for line in Path(one).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for one in path.split(",") for row in _read_rows(one)]
     for r in rows:  # rows from before --beta1 / --optimizer existed ran AdamW at beta1 0.9
         r.setdefault("beta1", 0.9)
         for k, v in muon_fields("adamw", None, None).items():
@@ -46,6 +46,35 @@ def load_rows(path: str) -> list[dict]:
                                 r.get("mode", "steps"), r.get("precision", "fp32"), r["ns_steps"], r["ns_coefficients"]]
                                + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
+
+
+# the fields every report reads (a row of any day has them; the newer ones get defaults in load_rows)
+REQUIRED = ("tag", "corpus", "preset", "model", "lr", "seed", "steps", "batch", "seq_len", "val_windows", "val",
+            "warmup", "schedule", "min_lr_ratio", "beta2", "weight_decay", "clip", "params", "seconds")
+
+
+def _read_rows(path: str) -> list[dict]:
+    """The rows of one results file; SabError naming the file (and line) when it is missing,
+    unreadable, not JSON lines, or a row lacks a field the report needs."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SabError(f"--report: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SabError(f"--report: {path} line {n} is not JSON (a results file has one JSON object a line)") from None
+        missing = [k for k in REQUIRED if k not in row] if isinstance(row, dict) else ["(not an object)"]
+        if not missing and not (isinstance(row["val"], dict) and isinstance(row["val"].get("bits_per_byte"), (int, float))):
+            missing = ["val.bits_per_byte"]
+        if missing:
+            raise SabError(f"--report: {path} line {n} is not a learn.py result row (missing {', '.join(missing[:4])})")
+        rows.append(row)
+    return rows
 
 
 def _bpb(row: dict) -> float:

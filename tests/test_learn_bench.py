@@ -77,3 +77,41 @@ def test_time_to_loss_and_the_wall_budget_are_reported_for_each_model_variant(tm
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learn.py"), "--report", str(results)],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and f"| stdlib | tiny | {base_label}, fp32 |" in report.stdout, report.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ bad input, and rows kept as they come
+def _learn():
+    import importlib
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module("learn")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--steps", "0"], ["--steps", "-5"], ["--val-windows", "-1"], ["--val-windows", "0", "--eval-every", "0"],
+    ["--eval-every", "-3"], ["--muon-ns-steps", "0"], ["--muon-ns-steps", "21"], ["--lr", "nan"], ["--lr", "-1"],
+    ["--lr", "1e-3,abc"], ["--muon-lr", "inf"], ["--batch", "0"], ["--threads", "0"], ["--preset", "huge"],
+    ["--hidden", "0"], ["--heads", "3"], ["--warmup", "-5"], ["--min-lr-ratio", "5"], ["--gpt2-lr", "nan"],
+    ["--models", "foo"], ["--steps", "abc"], ["--seq-len", "100000"], ["--wall-budget", "--models", "ours"],
+    ["--arch", "qk_norm=maybe"], ["--arch", "mlp=relu3"], ["--arch", "logit_softcap=-1"],
+    ["--arch", "document_mask_id=99999"], ["--arch", "foo=1"], ["--arch", "muon_ns_steps=0"],
+    ["--arch", "muon_ns_coefficients=cubic"], ["--arch", "learning_rate=nan"], ["--arch", "hidden=-1"],
+    ["--arch", "qk_norm"], ["--arch", "base,base"], ["--arch", ";;"], ["--arch", "base;base"],
+    ["--arch", "qk_norm=[1"]])
+def test_bad_options_are_one_error_line_and_exit_2_before_anything_loads(argv, capsys, monkeypatch):
+    learn = _learn()
+    monkeypatch.setattr(learn.learn_corpora, "load", lambda *a: pytest.fail("loaded a corpus despite bad input"))
+    assert learn.main(["--corpus", "stdlib", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_bad_results_files_are_one_error_line(tmp_path, capsys, monkeypatch):
+    learn = _learn()
+    monkeypatch.setattr(learn.learn_corpora, "load", lambda *a: pytest.fail("loaded a corpus despite bad input"))
+    (tmp_path / "text.jsonl").write_text("not json\n")
+    (tmp_path / "other.jsonl").write_text('{"loss": 1}\n')
+    for argv in (["--report", str(tmp_path / "missing.jsonl")], ["--report", str(tmp_path / "text.jsonl")],
+                 ["--report", str(tmp_path / "other.jsonl")], ["--results", str(tmp_path / "no" / "dir.jsonl")]):
+        assert learn.main(["--preset", "tiny", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
