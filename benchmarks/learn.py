@@ -29,7 +29,8 @@ after each step from its mean step time so far); its bits per byte there against
 trains ours once per model variant (e.g. ``--arch "base;qk_norm=true;mlp=relu2"``), each against the
 one GPT-2 run of the corpus.
 
-Every run appends one JSON line to ``--results``. Every option and variant is checked before
+GPT-2 trains first, then each variant of ours; each run appends its JSON line to ``--results`` the
+moment it finishes (a later crash loses none of them). Every option and variant is checked before
 anything trains (bad input: one ``error:`` line, exit status 2). ``--report`` prints the tables and draws the plot
 from such a file. Corpora: ``benchmarks/learn_corpora.py``.
 """
@@ -398,27 +399,16 @@ def label(args: argparse.Namespace) -> str:
     return f"{args.preset}/{extra}" if extra else args.preset
 
 
-def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: float | None,
-            gpt2: bool) -> list[dict]:
-    args.lr_value = lr
+def common_fields(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> dict:
+    """The fields every row of this invocation and corpus shares."""
     m = model_config(args)
-    common = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), tag=args.tag, corpus=corpus.name,
-                  corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
-                                                                       "documents", "versions")},
-                  preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
-                  batch=args.batch, seq_len=args.seq_len, seed=args.seed, mode="steps",
-                  val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
-                  torch=torch.__version__)
-    rows = []
-    if "ours" in args.models or gpt2:
-        row, batches = run_ours(args, corpus) if "ours" in args.models else (None, None)
-        if row is not None:
-            rows.append({**common, **row, "variant": args.arch_value})
-        if gpt2:
-            if batches is None:  # GPT-2 alone: the windows our Trainer would visit, without training
-                batches = batches_only(args, corpus)
-            rows.append({**common, **run_gpt2(args, corpus, batches)})
-    return rows
+    return dict(time=datetime.datetime.now().isoformat(timespec="seconds"), tag=args.tag, corpus=corpus.name,
+                corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
+                                                                     "documents", "versions")},
+                preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
+                batch=args.batch, seq_len=args.seq_len, seed=args.seed, mode="steps",
+                val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
+                torch=torch.__version__)
 
 
 def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ours: dict, budget: float) -> dict:
@@ -434,52 +424,68 @@ def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
             "time": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def time_to_target(rows: list[dict]) -> None:
-    """Each ours row gets ``target_loss`` (GPT-2's final validation loss, the same windows) and
+def with_target(row: dict, gpt2: dict | None) -> dict:
+    """An ours row with ``target_loss`` (GPT-2's final validation loss, the same windows) and
     ``time_to_target``: the training seconds of its first validation at or below it (None: never)."""
-    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
-    for r in rows:
-        if gpt2 is not None and r["model"] == "ours":
-            r["target_loss"], r["gpt2_seconds"] = gpt2["val"]["loss"], gpt2["seconds"]
-            r["time_to_target"] = next((sec for _, sec, loss in r["val_curve"] if loss <= r["target_loss"]), None)
+    if gpt2 is not None and row["model"] == "ours":
+        row["target_loss"], row["gpt2_seconds"] = gpt2["val"]["loss"], gpt2["seconds"]
+        row["time_to_target"] = next((sec for _, sec, loss in row["val_curve"] if loss <= row["target_loss"]), None)
+    return row
 
 
-def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[dict]:
-    """Every (rate, model variant) of ours, the one GPT-2 run, and the wall-budget runs, in that order."""
-    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
+def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, emit: Any = lambda row: None) -> list[dict]:
+    """The one GPT-2 run (first: every ours row then carries its time to GPT-2's loss), every
+    (model variant, rate) of ours, and the wall-budget runs, in that order; ``emit(row)`` is called
+    with each row as soon as it is complete (so that a later crash loses none of the finished ones)."""
+    variants = list(itertools.product(parse_arch(args.arch), learning_rates(args)))
     rows: list[dict] = []
-    for i, (arch, lr) in enumerate(itertools.product(parse_arch(args.arch), lrs)):
-        args.arch_value = arch
-        rows += run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
-    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
+
+    def done(row: dict) -> dict:
+        rows.append(row)
+        emit(row)
+        return row
+
+    gpt2 = None
+    if "gpt2" in args.models:  # on the windows our Trainer visits (the first variant's: they are the same for all)
+        args.arch_value, args.lr_value = variants[0]
+        gpt2 = done({**common_fields(args, corpus), **run_gpt2(args, corpus, batches_only(args, corpus))})
+    if "ours" in args.models:
+        for arch, lr in variants:
+            args.arch_value, args.lr_value = arch, lr
+            row, _ = run_ours(args, corpus)
+            done(with_target({**common_fields(args, corpus), **row, "variant": arch}, gpt2))
     if args.wall_budget and gpt2 is not None:
         for ours in [r for r in rows if r["model"] == "ours"]:
             args.arch_value, args.lr_value = ours["variant"], ours["lr"] if args.lr else None
-            rows.append(wall_budget_run(args, corpus, ours, gpt2["seconds"]))
-    time_to_target(rows)
+            done(with_target(wall_budget_run(args, corpus, ours, gpt2["seconds"]), gpt2))
     return rows
+
+
+def print_row(row: dict) -> None:
+    muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
+    reach = row.get("time_to_target")
+    target = "" if row["model"] == "gpt2" else \
+        f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
+    print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch_label(row)} lr "
+          f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
+          f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "
+          f"(+{row['eval_seconds']:.0f} s eval){target}", flush=True)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     names = ("stdlib", "prose") if args.corpus == "both" else (args.corpus,)
+
+    def emit(row: dict) -> None:  # printed, and appended to --results, the moment it is complete
+        print_row(row)
+        if args.results:
+            with open(args.results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
     out = []
     for name in names:
-        rows = run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len))
-        for row in rows:
-            muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
-            arch = arch_label(row)
-            reach = row.get("time_to_target")
-            target = "" if row["model"] == "gpt2" else \
-                f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
-            print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch} lr "
-                  f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
-                  f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "
-                  f"(+{row['eval_seconds']:.0f} s eval){target}", flush=True)
-            if args.results:
-                with open(args.results, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-        out.extend(rows)
+        out += run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len), emit)
     return out
 
 
