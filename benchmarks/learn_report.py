@@ -156,9 +156,9 @@ def time_table(rows: list[dict]) -> list[str]:
     timed = [r for r in rows if r["model"] == "ours" and "time_to_target" in r]
     if not timed:
         return []
-    lines = ["| corpus | preset | ours: model, precision | s/step ours / GPT-2 | time to GPT-2's loss "
-             "(x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| corpus | preset | ours: model, precision | GPT-2 s (the run it divides by) | s/step ours / GPT-2 "
+             "| time to GPT-2's loss (x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     gpt2s = {(r["corpus"], r["preset"], r["seed"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
     for r in [r for r in timed if r.get("mode", "steps") == "steps"]:
         g = gpt2s.get((r["corpus"], r["preset"], r["seed"]))  # the same seed's: a run is ours and GPT-2 at one seed
@@ -173,11 +173,12 @@ def time_table(rows: list[dict]) -> list[str]:
         per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])
         seed = "" if r["seed"] == DEFAULT_SEED else f", seed {r['seed']}"
         lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')}{seed} | "
-                     f"{per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
+                     f"{g['seconds']:.2f} | {per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
     cpu = {r.get("cpu") for r in timed}
-    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {v['seconds']:.1f} s, bpb "
-                    f"{_bpb(v):.4f}" for k, v in gpt2s.items())
-    return lines + [f"GPT-2 (training seconds, bits per byte): {ref}; CPU {', '.join(sorted(c for c in cpu if c))}", ""]
+    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {_bpb(v):.4f}"
+                    for k, v in gpt2s.items())  # deterministic: every GPT-2 run of a key ends at the same loss
+    return lines + [f"GPT-2 bits per byte: {ref} (its training seconds vary from run to run: each row names the "
+                    f"GPT-2 run it divides by); CPU {', '.join(sorted(c for c in cpu if c))}", ""]
 
 
 def sweep_table(rows: list[dict], corpus: str) -> list[str]:

@@ -143,3 +143,16 @@ def test_each_row_reaches_the_results_file_as_soon_as_it_is_computed(tmp_path, m
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["model"], r["arch"]) for r in rows] == [("gpt2", {}), ("ours", {}), ("ours", {"qk_norm": True})]
     assert all(r["target_loss"] == 1.0 for r in rows[1:])
+
+
+def test_the_time_table_names_the_gpt2_run_each_ratio_divides_by():
+    """Two GPT-2 runs of one corpus (8.67 s and a later 7.94 s): a row made against the first says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learn_report
+
+    rows = learn_report.load_rows(str(ROOT / "benchmarks" / "learn_ns.jsonl"))
+    table = "\n".join(learn_report.time_table(rows))
+    assert "| stdlib | tiny | zero_init_proj=True, fp32 | 8.67 | 0.91 |" in table
+    assert "| stdlib | tiny | zero_init_proj=True, auto | 7.94 |" in table
+    recipes = (ROOT / "docs" / "RECIPES.md").read_text()
+    assert "8.67 s\n(stdlib) and 7.00 s (prose)" in recipes  # the doc's divisor is the report's
