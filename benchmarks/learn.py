@@ -29,7 +29,9 @@ after each step from its mean step time so far); its bits per byte there against
 trains ours once per model variant (e.g. ``--arch "base;qk_norm=true;mlp=relu2"``), each against the
 one GPT-2 run of the corpus.
 
-Every run appends one JSON line to ``--results``; ``--report`` prints the tables and draws the plot
+GPT-2 trains first, then each variant of ours; each run appends its JSON line to ``--results`` the
+moment it finishes (a later crash loses none of them). Every option and variant is checked before
+anything trains (bad input: one ``error:`` line, exit status 2). ``--report`` prints the tables and draws the plot
 from such a file. Corpora: ``benchmarks/learn_corpora.py``.
 """
 
@@ -62,10 +64,12 @@ from learn_report import (DEFAULT_SEED, GPT2_WARMUP, NANOGPT, arch_label, bench_
                           muon_fields, ns_fields, report, time_table)
 
 from sab_byon_omni.benchmark.peers import build_hf_gpt2  # noqa: E402
+from sab_byon_omni.cli import Parser  # noqa: E402
 from sab_byon_omni.config import ModelConfig, RunConfig, TrainConfig, build_config  # noqa: E402
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2  # noqa: E402
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch, collate  # noqa: E402
 from sab_byon_omni.data.tokenizers import ByteTokenizer  # noqa: E402
+from sab_byon_omni.errors import SabError, bounded  # noqa: E402
 from sab_byon_omni.training.recipe import architecture, learns_slowly, recipe_for_geometry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +78,7 @@ WALL_SPARE = 1.5  # a wall-budget run gets this many times its planned steps' ba
 
 
 # ------------------------------------------------------------------------------------ our side
-def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt_dir: str) -> RunConfig:
+def our_config(args: argparse.Namespace, dataset: str, ckpt_dir: str) -> RunConfig:
     """The RunConfig for our model: the rule's recipe for this preset, with the benchmark's fixed
     budget (batch, steps, sequence) and any recipe flag given on the command line."""
     model = model_config(args)
@@ -92,8 +96,9 @@ def our_config(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ckpt
         max_grad_norm=pick(args.clip, 1.0), precision=args.precision, device="cpu", seed=args.seed, progress=False,
         log_interval=20, checkpoint_dir=ckpt_dir, keep_last=1, check_memory=False)
     train.update(variant_fields(args)[1])  # a variant's recipe settings win
-    data = dict(dataset=corpus.corpus.meta["dataset"], tokenizer="byte", seq_len=args.seq_len)
-    model = {"preset": args.preset, "max_seq_len": args.seq_len, **shape_overrides(args), **our_arch(args)}
+    data = dict(dataset=dataset, tokenizer="byte", seq_len=args.seq_len)
+    model = {"preset": args.preset, "max_seq_len": args.seq_len, "vocab_size": ByteTokenizer.vocab_size,
+             **shape_overrides(args), **our_arch(args)}  # the vocabulary known: token-id fields are checked here
     return build_config({"model": model, "data": data, "train": train})
 
 
@@ -129,21 +134,83 @@ def make_trainer(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ck
     from sab_byon_omni.training.trainer import Trainer
 
     train, _ = corpus.corpus.windows(args.seq_len)
-    cfg = our_config(args, corpus, ckpt_dir)
+    cfg = our_config(args, corpus.corpus.meta["dataset"], ckpt_dir)
     sab = SABTranscendentV2(config=cfg, tokenizer=ByteTokenizer())
     trainer = Trainer(build_run(sab.model, sab.tokenizer, train, None, sab.config))
     return sab, trainer, trainer.run.cfg
 
 
 def parse_arch(text: str) -> list[dict]:
-    """``--arch``: model variants separated by ``;``, each ``base`` or ``field=value,field=value``."""
-    out = []
+    """``--arch``: model variants separated by ``;``, each ``base`` or ``field=value,field=value``
+    (SabError for an empty, malformed or repeated variant; the fields themselves are checked by
+    :func:`check`, through the package's own config validation)."""
+    out: list[dict] = []
     for part in (p.strip() for p in text.split(";")):
-        pairs = [kv.split("=", 1) for kv in part.split(",") if kv.strip() and part != "base"]
-        if any(len(kv) != 2 for kv in pairs):
-            raise SystemExit(f"--arch: {part!r} is not field=value[,field=value] or base")
-        out.append({k.strip(): yaml.safe_load(v) for k, v in pairs})
+        if not part:
+            raise SabError(f"--arch {bounded(text)}: an empty variant (variants are ';'-separated: base or field=value,...)")
+        pairs = [kv.split("=", 1) for kv in part.split(",")] if part != "base" else []
+        if any(len(kv) != 2 or not kv[0].strip() for kv in pairs):
+            raise SabError(f"--arch: {bounded(part)} is not field=value[,field=value] or base")
+        try:
+            variant = {k.strip(): yaml.safe_load(v) for k, v in pairs}
+        except yaml.YAMLError:
+            raise SabError(f"--arch: {bounded(part)} has a value that is not a plain value") from None
+        if len(variant) != len(pairs):
+            raise SabError(f"--arch: {bounded(part)} names a field twice")
+        if variant in out:
+            raise SabError(f"--arch: the variant {bounded(part)} is given twice")
+        out.append(variant)
     return out
+
+
+def learning_rates(args: argparse.Namespace) -> list[float | None]:
+    """--lr as a list of rates (None: the rule's); SabError for a word that is not a finite positive number."""
+    if not args.lr:
+        return [None]
+    out = []
+    for word in args.lr.split(","):
+        try:
+            lr = float(word)
+        except ValueError:
+            raise SabError(f"--lr: {bounded(word.strip())} is not a number") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise SabError(f"--lr: {bounded(word.strip())} must be a finite positive number")
+        out.append(lr)
+    return out
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every option and every ``--arch`` variant, before anything loads or trains: a SabError (one
+    line) naming the first bad one. Our side's settings are checked by building each variant's
+    config through the package's own validation (:func:`our_config`)."""
+    for name in ("steps", "batch", "threads", "eval_every"):
+        if getattr(args, name) < 1:
+            raise SabError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    for name in ("val_windows", "gpt2_warmup"):
+        if getattr(args, name) < 0:
+            raise SabError(f"--{name.replace('_', '-')} {getattr(args, name)} must not be negative")
+    if not (math.isfinite(args.gpt2_lr) and args.gpt2_lr > 0):
+        raise SabError(f"--gpt2-lr {args.gpt2_lr} must be a finite positive number")
+    models = [m.strip() for m in args.models.split(",")]
+    if not set(models) <= {"ours", "gpt2"} or not all(models):
+        raise SabError(f"--models {bounded(args.models)}: name ours, gpt2 or both (comma-separated)")
+    if args.wall_budget and not {"ours", "gpt2"} <= set(models):
+        raise SabError("--wall-budget gives ours GPT-2's training seconds: it needs --models ours,gpt2")
+    preset = ModelConfig.from_name(args.preset)  # SabError for an unknown preset
+    if not 2 <= args.seq_len <= preset.max_seq_len:
+        raise SabError(f"--seq-len {args.seq_len} must be between 2 and the preset {args.preset}'s "
+                       f"max_seq_len ({preset.max_seq_len})")
+    model_config(args)  # GPT-2's shape (both models'): --hidden/--heads/--layers/--ffn
+    lrs = learning_rates(args)
+    for arch, lr in itertools.product(parse_arch(args.arch), lrs):
+        our_config(argparse.Namespace(**{**vars(args), "arch_value": arch, "lr_value": lr}), "synthetic",
+                   "learn-check")
+    if args.results:  # where the rows go: writable before an hour of training, not after
+        try:
+            with open(args.results, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise SabError(f"--results {args.results}: cannot write there ({e.strerror or e})") from None
 
 
 def timed_training(step: Any, batches: list[Batch], args: argparse.Namespace, model: torch.nn.Module,
@@ -294,8 +361,9 @@ def validation_windows(corpus: learn_corpora.BenchCorpus, args: argparse.Namespa
     ``--val-windows`` spread evenly over the split."""
     _, val = corpus.corpus.windows(args.seq_len)
     n = len(val)
-    picks = range(n) if not args.val_windows or args.val_windows >= n else \
-        sorted({round(i * (n - 1) / (args.val_windows - 1)) for i in range(args.val_windows)})
+    k = args.val_windows
+    picks = range(n) if not k or k >= n else [n // 2] if k == 1 else \
+        sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
     return [val[i] for i in picks]
 
 
@@ -331,27 +399,16 @@ def label(args: argparse.Namespace) -> str:
     return f"{args.preset}/{extra}" if extra else args.preset
 
 
-def run_one(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, lr: float | None,
-            gpt2: bool) -> list[dict]:
-    args.lr_value = lr
+def common_fields(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> dict:
+    """The fields every row of this invocation and corpus shares."""
     m = model_config(args)
-    common = dict(time=datetime.datetime.now().isoformat(timespec="seconds"), tag=args.tag, corpus=corpus.name,
-                  corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
-                                                                       "documents", "versions")},
-                  preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
-                  batch=args.batch, seq_len=args.seq_len, seed=args.seed, mode="steps",
-                  val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
-                  torch=torch.__version__)
-    rows = []
-    if "ours" in args.models or gpt2:
-        row, batches = run_ours(args, corpus) if "ours" in args.models else (None, None)
-        if row is not None:
-            rows.append({**common, **row, "variant": args.arch_value})
-        if gpt2:
-            if batches is None:  # GPT-2 alone: the windows our Trainer would visit, without training
-                batches = batches_only(args, corpus)
-            rows.append({**common, **run_gpt2(args, corpus, batches)})
-    return rows
+    return dict(time=datetime.datetime.now().isoformat(timespec="seconds"), tag=args.tag, corpus=corpus.name,
+                corpus_info={k: corpus.description.get(k) for k in ("sha256", "train_bytes", "val_bytes",
+                                                                     "documents", "versions")},
+                preset=label(args), shape={k: getattr(m, k) for k in ("hidden", "n_heads", "n_layers", "ffn")},
+                batch=args.batch, seq_len=args.seq_len, seed=args.seed, mode="steps",
+                val_windows=args.val_windows, threads=torch.get_num_threads(), cpu=cpu_name(),
+                torch=torch.__version__)
 
 
 def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, ours: dict, budget: float) -> dict:
@@ -367,52 +424,68 @@ def wall_budget_run(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus,
             "time": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def time_to_target(rows: list[dict]) -> None:
-    """Each ours row gets ``target_loss`` (GPT-2's final validation loss, the same windows) and
+def with_target(row: dict, gpt2: dict | None) -> dict:
+    """An ours row with ``target_loss`` (GPT-2's final validation loss, the same windows) and
     ``time_to_target``: the training seconds of its first validation at or below it (None: never)."""
-    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
-    for r in rows:
-        if gpt2 is not None and r["model"] == "ours":
-            r["target_loss"], r["gpt2_seconds"] = gpt2["val"]["loss"], gpt2["seconds"]
-            r["time_to_target"] = next((sec for _, sec, loss in r["val_curve"] if loss <= r["target_loss"]), None)
+    if gpt2 is not None and row["model"] == "ours":
+        row["target_loss"], row["gpt2_seconds"] = gpt2["val"]["loss"], gpt2["seconds"]
+        row["time_to_target"] = next((sec for _, sec, loss in row["val_curve"] if loss <= row["target_loss"]), None)
+    return row
 
 
-def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus) -> list[dict]:
-    """Every (rate, model variant) of ours, the one GPT-2 run, and the wall-budget runs, in that order."""
-    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [None]
+def run_corpus(args: argparse.Namespace, corpus: learn_corpora.BenchCorpus, emit: Any = lambda row: None) -> list[dict]:
+    """The one GPT-2 run (first: every ours row then carries its time to GPT-2's loss), every
+    (model variant, rate) of ours, and the wall-budget runs, in that order; ``emit(row)`` is called
+    with each row as soon as it is complete (so that a later crash loses none of the finished ones)."""
+    variants = list(itertools.product(parse_arch(args.arch), learning_rates(args)))
     rows: list[dict] = []
-    for i, (arch, lr) in enumerate(itertools.product(parse_arch(args.arch), lrs)):
-        args.arch_value = arch
-        rows += run_one(args, corpus, lr, gpt2="gpt2" in args.models and i == 0)
-    gpt2 = next((r for r in rows if r["model"] == "gpt2"), None)
+
+    def done(row: dict) -> dict:
+        rows.append(row)
+        emit(row)
+        return row
+
+    gpt2 = None
+    if "gpt2" in args.models:  # on the windows our Trainer visits (the first variant's: they are the same for all)
+        args.arch_value, args.lr_value = variants[0]
+        gpt2 = done({**common_fields(args, corpus), **run_gpt2(args, corpus, batches_only(args, corpus))})
+    if "ours" in args.models:
+        for arch, lr in variants:
+            args.arch_value, args.lr_value = arch, lr
+            row, _ = run_ours(args, corpus)
+            done(with_target({**common_fields(args, corpus), **row, "variant": arch}, gpt2))
     if args.wall_budget and gpt2 is not None:
         for ours in [r for r in rows if r["model"] == "ours"]:
             args.arch_value, args.lr_value = ours["variant"], ours["lr"] if args.lr else None
-            rows.append(wall_budget_run(args, corpus, ours, gpt2["seconds"]))
-    time_to_target(rows)
+            done(with_target(wall_budget_run(args, corpus, ours, gpt2["seconds"]), gpt2))
     return rows
+
+
+def print_row(row: dict) -> None:
+    muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
+    reach = row.get("time_to_target")
+    target = "" if row["model"] == "gpt2" else \
+        f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
+    print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch_label(row)} lr "
+          f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
+          f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "
+          f"(+{row['eval_seconds']:.0f} s eval){target}", flush=True)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     names = ("stdlib", "prose") if args.corpus == "both" else (args.corpus,)
+
+    def emit(row: dict) -> None:  # printed, and appended to --results, the moment it is complete
+        print_row(row)
+        if args.results:
+            with open(args.results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
     out = []
     for name in names:
-        rows = run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len))
-        for row in rows:
-            muon = f" muon {row['muon_lr']:.3g}" if row["optimizer"] == "muon" else ""
-            arch = arch_label(row)
-            reach = row.get("time_to_target")
-            target = "" if row["model"] == "gpt2" else \
-                f"  reaches GPT-2's loss at {'never' if reach is None else f'{reach:.1f} s'}"
-            print(f"{row['corpus']:7s} {row['preset']:11s} {row['model']:5s} {row['mode']:5s} {arch} lr "
-                  f"{row['lr']:.2e}{muon} warmup {row['warmup']:3d}  val bpb {row['val']['bits_per_byte']:.4f}  "
-                  f"train loss {row['train_loss']:.4f}  {row['steps']} steps {row['seconds']:.0f} s "
-                  f"(+{row['eval_seconds']:.0f} s eval){target}", flush=True)
-            if args.results:
-                with open(args.results, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-        out.extend(rows)
+        out += run_corpus(args, learn_corpora.load(name, Path(args.cache), args.seq_len), emit)
     return out
 
 
@@ -434,7 +507,7 @@ def add_time_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(prog="learn.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--corpus", choices=("stdlib", "prose", "both"), default="both")
     p.add_argument("--preset", default="small", help="model preset (both models get its dimensions)")
     p.add_argument("--hidden", type=int, help="override the preset's width (both models)")
@@ -480,10 +553,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark; bad input (an option, an --arch variant, a results file) is one ``error:`` line
+    and exit status 2, as ``sab-omni`` answers it."""
+    try:
+        return _main(argv)
+    except SabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse(argv)
     if args.report:
         print(report(load_rows(args.report), args.plot))
         return 0
+    check(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     t0 = time.perf_counter()

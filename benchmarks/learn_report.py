@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.errors import SabError
 from sab_byon_omni.training.recipe import ARCHITECTURE, learns_slowly, recipe_for_geometry
 
 DEFAULT_SEED = 1234
@@ -33,8 +34,7 @@ def muon_fields(optimizer: str, lr: float | None, warmup: int | None) -> dict:
 def load_rows(path: str) -> list[dict]:
     """The rows of a results file (or of several, comma-separated); a repeated run (same corpus, shape, model, recipe and seed: the runs
     are deterministic) counts once, its latest row."""
-    rows = [json.loads(line) for one in path.split(",")
-            for line in Path(one).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for one in path.split(",") for row in _read_rows(one)]
     for r in rows:  # rows from before --beta1 / --optimizer existed ran AdamW at beta1 0.9
         r.setdefault("beta1", 0.9)
         for k, v in muon_fields("adamw", None, None).items():
@@ -46,6 +46,35 @@ def load_rows(path: str) -> list[dict]:
                                 r.get("mode", "steps"), r.get("precision", "fp32"), r["ns_steps"], r["ns_coefficients"]]
                                + [r[k] for k in SCHEDULE_KEYS])
     return list({key(r): r for r in rows}.values())
+
+
+# the fields every report reads (a row of any day has them; the newer ones get defaults in load_rows)
+REQUIRED = ("tag", "corpus", "preset", "model", "lr", "seed", "steps", "batch", "seq_len", "val_windows", "val",
+            "warmup", "schedule", "min_lr_ratio", "beta2", "weight_decay", "clip", "params", "seconds")
+
+
+def _read_rows(path: str) -> list[dict]:
+    """The rows of one results file; SabError naming the file (and line) when it is missing,
+    unreadable, not JSON lines, or a row lacks a field the report needs."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SabError(f"--report: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SabError(f"--report: {path} line {n} is not JSON (a results file has one JSON object a line)") from None
+        missing = [k for k in REQUIRED if k not in row] if isinstance(row, dict) else ["(not an object)"]
+        if not missing and not (isinstance(row["val"], dict) and isinstance(row["val"].get("bits_per_byte"), (int, float))):
+            missing = ["val.bits_per_byte"]
+        if missing:
+            raise SabError(f"--report: {path} line {n} is not a learn.py result row (missing {', '.join(missing[:4])})")
+        rows.append(row)
+    return rows
 
 
 def _bpb(row: dict) -> float:
@@ -127,9 +156,9 @@ def time_table(rows: list[dict]) -> list[str]:
     timed = [r for r in rows if r["model"] == "ours" and "time_to_target" in r]
     if not timed:
         return []
-    lines = ["| corpus | preset | ours: model, precision | s/step ours / GPT-2 | time to GPT-2's loss "
-             "(x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| corpus | preset | ours: model, precision | GPT-2 s (the run it divides by) | s/step ours / GPT-2 "
+             "| time to GPT-2's loss (x GPT-2's time) | bpb at the step budget (x GPT-2) | bpb at GPT-2's seconds (x GPT-2) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     gpt2s = {(r["corpus"], r["preset"], r["seed"]): r for r in rows if r["model"] == "gpt2" and "val_curve" in r}
     for r in [r for r in timed if r.get("mode", "steps") == "steps"]:
         g = gpt2s.get((r["corpus"], r["preset"], r["seed"]))  # the same seed's: a run is ours and GPT-2 at one seed
@@ -144,11 +173,12 @@ def time_table(rows: list[dict]) -> list[str]:
         per_step = (r["seconds"] / r["steps"]) / (g["seconds"] / g["steps"])
         seed = "" if r["seed"] == DEFAULT_SEED else f", seed {r['seed']}"
         lines.append(f"| {r['corpus']} | {r['preset']} | {arch_label(r)}, {r.get('precision', 'fp32')}{seed} | "
-                     f"{per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
+                     f"{g['seconds']:.2f} | {per_step:.2f} | {reach} | {_bpb(r):.4f} ({_bpb(r) / _bpb(g):.3f}x) | {at_wall} |")
     cpu = {r.get("cpu") for r in timed}
-    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {v['seconds']:.1f} s, bpb "
-                    f"{_bpb(v):.4f}" for k, v in gpt2s.items())
-    return lines + [f"GPT-2 (training seconds, bits per byte): {ref}; CPU {', '.join(sorted(c for c in cpu if c))}", ""]
+    ref = ", ".join(f"{k[0]} {k[1]}{'' if k[2] == DEFAULT_SEED else f' seed {k[2]}'} {_bpb(v):.4f}"
+                    for k, v in gpt2s.items())  # deterministic: every GPT-2 run of a key ends at the same loss
+    return lines + [f"GPT-2 bits per byte: {ref} (its training seconds vary from run to run: each row names the "
+                    f"GPT-2 run it divides by); CPU {', '.join(sorted(c for c in cpu if c))}", ""]
 
 
 def sweep_table(rows: list[dict], corpus: str) -> list[str]:

@@ -343,3 +343,32 @@ def test_the_trainer_step_says_when_it_was_skipped(in_tmp):
     with torch.no_grad():
         step.model.head.weight.fill_(float("inf"))
     assert step() is False
+
+
+def test_a_vocabulary_of_one_id_is_one_error_line(in_tmp, capsys):
+    assert main(["bench", "--preset", "tiny", "--vocab-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--vocab-size=1 must be at least 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_mode_times_the_newton_schulz_schedule_given(in_tmp, capsys):
+    """--train.muon_ns_steps / --train.muon_ns_coefficients reach the timed step (as RECIPES compares them)."""
+    from sab_byon_omni.config import TrainConfig
+    from sab_byon_omni.training.optim import make_optimizer
+
+    assert main([*TINY, "--optimizer", "muon", "--train.muon_ns_steps", "3", "--train.muon_ns_coefficients",
+                 "polar_express", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=96))
+    three = make_optimizer(model, TrainConfig(optimizer="muon", muon_ns_steps=3)).muon.flops_per_step()
+    assert r["newton_schulz_flops"] == three < make_optimizer(model, TrainConfig(optimizer="muon")).muon.flops_per_step()
+
+
+def test_epoch_mode_says_which_optimizer_ran_and_its_newton_schulz_work(in_tmp, capsys):
+    args = ["bench", "--mode", "epoch", "--steps", "1", "--warmup", "0", "--set", "model.preset=tiny",
+            "--set", "data.num_samples=100", "--set", "train.optimizer=muon", "--set", "train.muon_ns_steps=3"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["optimizer"] == "muon" and r["newton_schulz"] == "3 x quintic" and r["newton_schulz_flops"] > 0
+    assert main(args) == 0
+    assert "optimizer muon (Newton-Schulz 3 x quintic" in capsys.readouterr().out

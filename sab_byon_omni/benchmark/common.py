@@ -40,15 +40,19 @@ class BenchOptions:
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
                    precision: str = "auto", vocab_size: int = 96, device: str = "auto", compile: bool = False,
                    activation_checkpointing: bool = False, seed: int = 1234, optimizer: str = "adamw",
-                   model: dict[str, Any] | None = None, **bench: Any) -> "BenchOptions":
+                   model: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                   **bench: Any) -> "BenchOptions":
         """``model``: further model fields over the preset's (``--model.n_kv_heads 3``...): any
-        architecture, e.g. an open model's (docs/BENCHMARKS.md)."""
+        architecture, e.g. an open model's (docs/BENCHMARKS.md); ``train``: the optimizer's own
+        fields (``--train.muon_ns_steps 3``), so that a Muon schedule can be timed."""
         if preset not in PRESETS:
             raise SabError(f"--preset={preset!r} is not one of: {', '.join(PRESETS)}")
         for name, value in (("seq-len", seq_len), ("batch-size", batch_size), ("vocab-size", vocab_size),
                             ("steps", bench.get("steps", 3))):
             if value < 1:
                 raise SabError(f"--{name}={value} must be at least 1")
+        if vocab_size < 2:  # random rows draw ids from [0, vocab_size): one id has nothing to predict
+            raise SabError(f"--vocab-size={vocab_size} must be at least 2")
         if seq_len < 2:
             raise SabError(f"--seq-len={seq_len} must be at least 2 (one input and one target)")
         run = build_config({
@@ -56,7 +60,8 @@ class BenchOptions:
                       **(model or {})},
             "data": {"seq_len": seq_len},
             "train": {"batch_size": batch_size, "gradient_accumulation_steps": 1, "precision": precision,
-                      "device": device, "compile": compile, "progress": False, "seed": seed, "optimizer": optimizer},
+                      "device": device, "compile": compile, "progress": False, "seed": seed, "optimizer": optimizer,
+                      **(train or {})},
         }, source="bench")
         if seq_len > run.model.max_seq_len:
             whose = "--model.max_seq_len" if "max_seq_len" in (model or {}) else f"the {preset} preset's max_seq_len"
@@ -91,7 +96,8 @@ class BenchOptions:
         return dict(preset=m.preset, seq_len=self.run.data.seq_len, batch_size=t.batch_size, precision=t.precision,
                     vocab_size=m.vocab_size, device=t.device, compile=t.compile,
                     activation_checkpointing=m.activation_checkpointing, seed=t.seed, threads=self.threads,
-                    warmup=self.warmup, optimizer=t.optimizer, model=self.model)
+                    warmup=self.warmup, optimizer=t.optimizer, model=self.model,
+                    train=dict(muon_ns_steps=t.muon_ns_steps, muon_ns_coefficients=t.muon_ns_coefficients))
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int) -> Batch:

@@ -18,6 +18,7 @@ from sab_byon_omni.device import intra_op_threads
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import train_flops_per_token
 from sab_byon_omni.training.build import build_run
+from sab_byon_omni.training.optim import MuonWithAdamW
 from sab_byon_omni.training.trainer import Trainer
 
 
@@ -58,6 +59,8 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
         flops_tok = train_flops_per_token(run.cfg.model, round(mean_len))
         tps = _real(timed_windows) / seconds
         bound = epoch_real * flops_tok / (top * 1e12) if top else None
+        # Muon's Newton-Schulz iterations: work of the optimizer, apart from the model's FLOPs
+        ns_flops = run.optimizer.muon.flops_per_step() if isinstance(run.optimizer, MuonWithAdamW) else 0
         return EpochBench(
             config=config or "(defaults)", preset=run.cfg.model.preset, precision=precision.name,
             batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -66,4 +69,6 @@ def run_epoch_bench(config: str | None, overrides: dict[str, Any], steps: int, w
             epoch_positions=sum(b.input_ids.numel() for w in windows for b in w), mean_sample_len=mean_len,
             flops_per_token=flops_tok, peak_tflops=top, peak_source=source, tokens_per_s=tps, timed_s=seconds,
             epoch_s=epoch_real / tps, mfu=tps * flops_tok / (top * 1e12) if top else None, bound_s=bound,
-            epoch_over_bound=(epoch_real / tps) / bound if bound else None)
+            epoch_over_bound=(epoch_real / tps) / bound if bound else None, optimizer=t.optimizer,
+            newton_schulz=f"{t.muon_ns_steps} x {t.muon_ns_coefficients}" if ns_flops else "",
+            newton_schulz_flops=ns_flops)

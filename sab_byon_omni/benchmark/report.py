@@ -28,7 +28,9 @@ def format_report(r: Result) -> str:
 def _epoch(r: EpochBench) -> str:
     return "\n".join([
         f"one epoch of {r.config}: {r.preset}, batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}, "
-        f"{r.precision}, length bucketing {r.length_bucket_size}; {r.machine.describe()}",
+        f"{r.precision}, length bucketing {r.length_bucket_size}, optimizer {r.optimizer}"
+        + (f" (Newton-Schulz {r.newton_schulz}: {r.newton_schulz_flops / 1e9:.3g} GFLOP per optimizer step, not in "
+           "the MFU or the matmul bound)" if r.newton_schulz_flops else "") + f"; {r.machine.describe()}",
         f"{r.optimizer_steps_per_epoch} optimizer steps, {r.epoch_real_tokens:,} real tokens in "
         f"{r.epoch_positions:,} positions ({100 * (r.epoch_positions / r.epoch_real_tokens - 1):.1f}% padding), "
         f"mean sample {r.mean_sample_len:.1f} tokens, {r.flops_per_token / 1e6:.1f} MFLOP per token; peak "

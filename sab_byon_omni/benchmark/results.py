@@ -136,6 +136,9 @@ class EpochBench:
     mfu: float | None
     bound_s: float | None
     epoch_over_bound: float | None
+    optimizer: str = "adamw"  # train.optimizer; with muon, its schedule and Newton-Schulz FLOPs per optimizer step
+    newton_schulz: str = ""
+    newton_schulz_flops: int = 0
     mode: str = "epoch"
 
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         result = _epoch(args, compare)
     else:
         flags = {k: getattr(args, k) for k in PRESET_FLAGS}
-        bench["model"] = _model_fields(args)
+        bench["model"], bench["train"] = _model_fields(args)
         if args.mode == "generate":  # the sequence is the prompt and the new tokens
             flags["seq_len"] = min(max(args.prompt_len + args.new_tokens, 2), PRESETS[args.preset]["max_seq_len"])
         opts = BenchOptions.for_preset(**flags, seed=args.seed, **bench)
@@ -120,14 +120,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_fields(args: argparse.Namespace) -> dict[str, str]:
-    """The ``--model.*`` fields given (any architecture over the preset's); other sections' flags
-    belong to --mode epoch, whose config they change."""
+TRAIN_FIELDS = ("train.muon_ns_steps", "train.muon_ns_coefficients")  # the step's own optimizer settings
+
+
+def _model_fields(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """The ``--model.*`` fields given (any architecture over the preset's) and the Muon schedule's
+    ``--train.muon_ns_*`` (they change the timed step, as ``--optimizer`` does); other sections'
+    flags belong to --mode epoch, whose config they change."""
     given = collect_overrides(args)
-    other = sorted(k for k in given if not k.startswith("model."))
+    other = sorted(k for k in given if not k.startswith("model.") and k not in TRAIN_FIELDS)
     if other:
-        raise SabError(f"--{other[0]} applies to --mode epoch; --mode {args.mode} takes the bench flags and --model.*")
-    return {k.removeprefix("model."): v for k, v in given.items()}
+        raise SabError(f"--{other[0]} applies to --mode epoch; --mode {args.mode} takes the bench flags, --model.* "
+                       f"and {', '.join('--' + k for k in TRAIN_FIELDS)}")
+    return ({k.removeprefix("model."): v for k, v in given.items() if k.startswith("model.")},
+            {k.removeprefix("train."): v for k, v in given.items() if k in TRAIN_FIELDS})
 
 
 def _epoch(args: argparse.Namespace, compare: tuple[str, ...]) -> object:
