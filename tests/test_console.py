@@ -20,3 +20,13 @@ def test_an_imported_model_is_custom_with_its_family_and_source():
 
 def test_changed_dimensions_are_custom_even_in_our_family():
     assert model_label(build_config({"model": {"preset": "tiny", "n_layers": 3}})) == "custom (family sab)"
+
+
+def test_the_model_line_names_the_levers_that_are_on():
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.training.console import levers_on
+
+    assert levers_on(ModelConfig.from_name("tiny", vocab_size=96)) == []
+    on = levers_on(ModelConfig.from_name("tiny", vocab_size=96, qk_norm=True, mlp="relu2", logit_softcap=30.0,
+                                         document_mask_id=1, zero_init_proj=True))
+    assert on == ["qk_norm", "zero_init_proj", "mlp relu2", "logit_softcap 30", "document_mask_id 1"]

@@ -93,3 +93,16 @@ def test_without_the_gguf_package_the_line_says_how_to_install_it(tiny, capsys, 
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     assert main(["generate", "--checkpoint", str(path), "--prompt", "in"]) == 2
     assert_one_error_line(capsys.readouterr().err, "needs the gguf package", "pip install 'sab-byon-omni[gguf]'")
+
+
+@pytest.mark.parametrize("extra, hint", [({}, "Use --format hf"), ({"value_embed": True}, "--format safetensors or pt keeps it")])
+def test_the_gguf_refusal_points_at_a_format_that_takes_the_model(in_tmp, capsys, extra, hint):
+    """A SAB model with a lever no transformers class computes was sent to --format hf, which refuses it too."""
+    from sab_byon_omni.config import build_config
+    from sab_byon_omni.data.tokenizers import build_tokenizer
+
+    cfg = build_config({"model": {"preset": "tiny", **extra}, "data": {"tokenizer": "byte"}})
+    SABTranscendentV2(config=cfg, tokenizer=build_tokenizer("byte")).save_pretrained(in_tmp / "m")
+    assert main(["export", "--checkpoint", "m", "--format", "gguf", "-o", "m.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert hint in err and ("Use --format hf" in err) == (not extra), err

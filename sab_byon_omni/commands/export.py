@@ -2,13 +2,13 @@
 
 Formats (by default from the output's name): a .safetensors file (weights plus the run's config
 and tokenizer in its header; loading it never runs code), a transformers folder in the model's own
-architecture (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
+architecture (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel,
 GPTNeoXForCausalLM; a model trained here as GPT-NeoX), read by AutoModelForCausalLM and
 AutoTokenizer without this package, with its tokenizer and chat template; a .pt training
 checkpoint (no optimizer state); or a .gguf file (llama.cpp's format, for Llama-shaped models).
 The source is anything generate takes: a checkpoint, a .safetensors file from export, a
-save_pretrained folder, a transformers folder (ours, or a Llama, Mistral, Qwen2, GPT-2 or GPT-NeoX
-model), a GGUF file, or a Hub id in the local cache. Exporting a transformers folder or a GGUF file
+save_pretrained folder, a transformers folder (ours, or a Llama, Mistral, Qwen2, Qwen3, GPT-2 or
+GPT-NeoX model), a GGUF file, or a Hub id in the local cache. Exporting a transformers folder or a GGUF file
 to a .pt is the import; an option the target architecture cannot compute is refused, never
 approximated (docs/HF_EXPORT.md).
 """

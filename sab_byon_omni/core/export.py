@@ -153,6 +153,17 @@ def export_gguf(source: str | Path, out: str | Path, gguf_type: str = "f16", dty
     return write_gguf(out, *parts, dtype=gguf_type, overwrite=overwrite)
 
 
+def _hf_refuses(sab: SABTranscendentV2) -> bool:
+    """Whether ``--format hf`` would refuse this model too (a lever no transformers class computes)."""
+    from sab_byon_omni.interop.hf_families import check_representable
+
+    try:
+        check_representable(sab.model.cfg, "gpt_neox" if sab.model.cfg.family == "sab" else sab.model.cfg.family)
+    except SabError:
+        return True
+    return False
+
+
 def _hf_parts(sab: SABTranscendentV2) -> Any:
     """The transformers-shaped form of a loaded model: only a Llama-shaped one has a GGUF form."""
     from sab_byon_omni.interop.hf import to_hf_parts
@@ -162,5 +173,6 @@ def _hf_parts(sab: SABTranscendentV2) -> Any:
         what = ("a SAB-family model (LayerNorm, tanh-GELU MLP, fragmergent embedding)" if family == "sab"
                 else f"a {family} model")
         raise SabError(f"{sab.origin}: {what} has no GGUF form here: GGUF export writes Llama-shaped models "
-                       "(llama, mistral, qwen2). Use --format hf for a transformers folder")
+                       "(llama, mistral, qwen2). " + ("--format safetensors or pt keeps it" if _hf_refuses(sab)
+                                                      else "Use --format hf for a transformers folder"))
     return to_hf_parts(sab.model, sab.tokenizer)

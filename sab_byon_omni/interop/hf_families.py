@@ -270,7 +270,8 @@ def check_representable(cfg: ModelConfig, family: str) -> None:
         if have != want:
             lever = name in ("logit_softcap", "value_embed", "unet_skips", "document_mask_id") or have == "relu2"
             where = ("no transformers architecture computes it; --format safetensors or pt keeps it" if lever else
-                     "only Qwen3 computes it: --family qwen3 with norm rmsnorm and mlp swiglu" if name == "qk_norm"
+                     "only Qwen3 computes it, for a model trained with --family qwen3 --norm rmsnorm --mlp swiglu; "
+                     "--format safetensors or pt keeps this one" if name == "qk_norm"
                      else "export it with the family whose architecture it has")
             raise SabError(f"model.{name}={bounded(have)} has no exact form in {arch} (it needs {want}); {where}")
 

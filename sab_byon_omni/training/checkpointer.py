@@ -10,14 +10,11 @@ newer file); resuming also checks its tensors against their checksum and falls b
 files are skipped with a warning and never deleted, and pruning never looks past the step a run
 has reached.
 
-A checkpoint is a composition of the run's parts that have state, each saved with its
-``state_dict()`` and restored with ``load_state_dict()`` (model, optimizer, scaler, random
-generators, schedule, and the train state with its data cursor), plus one metadata record
-(:class:`CheckpointMeta`: config, tokenizer, versions). The file keeps the guide's flat format
-(docs/TRAINING.md, "Checkpoints and resume"): :data:`PART_KEYS` and :func:`train_state_to_file`
-map the parts to its keys. What a resume reads is validated here, once (:meth:`Checkpointer.restore`,
-after :func:`~sab_byon_omni.files.checkpoint.check_format` checked the file); the parts then trust
-what they are given.
+A checkpoint is the run's parts that have state, each saved with ``state_dict()`` and restored with
+``load_state_dict()`` (model, optimizer, scaler, random generators, schedule, train state with its data
+cursor), plus one metadata record (:class:`CheckpointMeta`: config, tokenizer, versions), in the guide's
+flat format (docs/TRAINING.md): :data:`PART_KEYS` and :func:`train_state_to_file` map the parts to its
+keys. A resume is validated here, once (:meth:`Checkpointer.restore`, after ``check_format``).
 """
 
 from __future__ import annotations
@@ -109,9 +106,8 @@ def train_state_to_file(state: dict[str, Any], world: int) -> dict[str, Any]:
         "epoch": state["epoch"], "global_step": state["global_step"], "best_val_loss": state["best_val_loss"],
         "data_state": {"epoch": state["epoch"], "cursor": state["cursor"], "world_size": world,
                        "epoch_loss_sum": float(state["epoch_loss_sum"]), "epoch_tokens": int(state["epoch_tokens"]),
-                       "skipped_steps": state["skipped_steps"], "skipped_in_a_row": state["skipped_in_a_row"],
-                       "log_loss_sum": float(state["log_loss_sum"]), "log_tokens": int(state["log_tokens"]),
-                       "log_steps": int(state["log_steps"])},
+                       **{k: state[k] for k in ("skipped_steps", "skipped_in_a_row", "log_tokens", "log_steps")},
+                       "log_loss_sum": float(state["log_loss_sum"])},
         "history": {"train_loss": list(state["train_losses"]), "val_loss": list(state["val_losses"])},
     }
 
@@ -132,8 +128,7 @@ def read_train_state(ck: dict[str, Any], source: str, epoch_size: int) -> dict[s
         raise SabError(f"{source}: its data cursor ({counts['cursor']:,}) is past the end of an epoch of this run's "
                        f"data ({epoch_size:,} samples): was it trained on other data or settings?")
     return {**counts, "global_step": ck["global_step"], "best_val_loss": finite_float(ck.get("best_val_loss")),
-            "epoch_loss_sum": finite_float(data.get("epoch_loss_sum", 0.0), 0.0),
-            "log_loss_sum": finite_float(data.get("log_loss_sum", 0.0), 0.0),
+            **{k: finite_float(data.get(k, 0.0), 0.0) for k in ("epoch_loss_sum", "log_loss_sum")},
             "train_losses": _losses(hist.get("train_loss", []), source),
             "val_losses": _losses(hist.get("val_loss", []), source)}
 

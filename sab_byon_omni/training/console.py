@@ -211,8 +211,8 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("run folder", f"{run.checkpointer.dir} ({start})"),
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
-        ("model", f"{model_label(run.cfg)}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}; "
-                  f"{n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
+        ("model", f"{model_label(run.cfg)}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}"
+                  + "".join(f", {lever}" for lever in levers_on(m)) + f"; {n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
                   + (f"; LoRA rank {t.lora_rank} on {t.lora_targets}: {trainable:,} trainable, the rest frozen"
                      + (f" (projections held in {base})" if base != "float32" else "") if t.lora_rank else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
@@ -279,6 +279,18 @@ def _process_memory(device: torch.device) -> str:
     from sab_byon_omni.training.memory import peak_memory_mb
 
     return f"; this process holds {peak_memory_mb(device):,.0f} MB already (torch, the data, the model)"
+
+
+def levers_on(m: Any) -> list[str]:
+    """The speed-run options of the model that are on (docs/RECIPES.md, "Time to quality"), by name."""
+    on = [name for name in ("qk_norm", "zero_init_proj", "value_embed", "unet_skips") if getattr(m, name)]
+    if m.mlp == "relu2":
+        on.append("mlp relu2")
+    if m.logit_softcap:
+        on.append(f"logit_softcap {m.logit_softcap:g}")
+    if m.document_mask_id is not None:
+        on.append(f"document_mask_id {m.document_mask_id}")
+    return on
 
 
 def model_label(cfg: Any) -> str:

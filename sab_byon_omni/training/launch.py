@@ -50,10 +50,10 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     if world > 1:  # the recipe counts samples per optimizer step over all processes
         batch, accum = (batch, -(-accum // world)) if accum >= world else (max(1, -(-batch * accum // world)), 1)
     pick = lambda name, ours: getattr(t, name) if name in explicit else ours  # noqa: E731
-    if tuning and epochs > FT_MAX_EPOCHS:
+    if tuning and epochs > FT_MAX_EPOCHS:  # (a pretrained model memorises a small corpus in a few passes)
         reasons = [r for r in reasons if "epochs, so the run takes" not in r]
-        reasons.append(f"{FT_MAX_EPOCHS} epochs at most: a pretrained model memorises a small corpus in a few passes")
-        epochs = FT_MAX_EPOCHS
+        reasons, epochs = reasons + [f"{FT_MAX_EPOCHS} epochs at most: a pretrained model memorises a small corpus "
+                                     "in a few passes"], FT_MAX_EPOCHS
     batch, accum, epochs = pick("batch_size", batch), pick("gradient_accumulation_steps", accum), pick("epochs", epochs)
     per_epoch = steps_per_epoch(windows, batch, accum, world)  # as the run counts them
     epochs, more = _epochs_for_max_steps(t, explicit, per_epoch, epochs, tuning)
@@ -66,8 +66,7 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
                        f"for {total:,}")
     final = (fine_tuning_recipe(cfg.model, seq, batch, accum * world, epochs, total, bool(cfg.train.lora_rank))
              if tuning else recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total))  # all processes
-    # what each process accumulates; and each validates its own eval_batches
-    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
+    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None  # (each process validates its own)
     final = dataclasses.replace(final, gradient_accumulation_steps=accum,
                                 eval_batches=evaluation_cadence(total, accum, epochs, whole)[1])
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
@@ -76,6 +75,7 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
     if "optimizer" not in explicit and changes.get("train.optimizer") == "muon":
         changes["train.optimizer"], why_not = _instead_of_muon(t)
         reasons += [why_not] if why_not else []
+    reasons += _unused_muon_flags(explicit, changes.get("train.optimizer", t.optimizer))
     model, model_lines = ({}, []) if tuning else architecture(cfg.model, explicit)  # a fresh model's levers
     out = replace(cfg, **changes, **{f"model.{k}": v for k, v in model.items()})
     yours = sorted({k for k in explicit if k in RECIPE_FIELDS})
@@ -96,6 +96,13 @@ def check_document_mask(mask_id: int | None, tokenizer: Tokenizer) -> None:
         raise SabError(f"model.document_mask_id={mask_id} is not the id that ends the documents: the {tokenizer.name} "
                        + (f"tokenizer's <EOS> is {eos}; use --document_mask_id {eos}" if eos is not None else
                           "tokenizer has no <EOS> (use --tokenizer byte or bpe, whose documents end with one)"))
+
+
+def _unused_muon_flags(explicit: set[str], optimizer: str) -> list[str]:
+    """A banner line for Muon settings you gave to a run without Muon (they would do nothing, silently)."""
+    unused = sorted(k for k in explicit if k.startswith("muon_")) if optimizer != "muon" else []
+    return [f"{', '.join('--' + k for k in unused)}: no effect, this run has no Muon (AdamW for every parameter)"
+            ] if unused else []
 
 
 def _instead_of_muon(t: Any) -> tuple[str, str | None]:
