@@ -119,7 +119,9 @@ def test_the_state_after_three_steps_is_what_the_step_checkpoint_holds(tmp_path)
     assert math.isfinite(st.epoch_loss_sum) and st.epoch_loss_sum > 0
     ck = load_checkpoint(tmp_path / "ckpt" / "step_3.pt")
     assert ck["data_state"] == {"epoch": 0, "cursor": 12, "world_size": 1, "epoch_loss_sum": st.epoch_loss_sum,
-                                "epoch_tokens": st.epoch_tokens, "skipped_steps": 0, "skipped_in_a_row": 0}
+                                "epoch_tokens": st.epoch_tokens, "skipped_steps": 0, "skipped_in_a_row": 0,
+                                # the metrics row in progress (empty here: a row is written every step)
+                                "log_loss_sum": 0.0, "log_tokens": 0, "log_steps": 0}
     assert (ck["global_step"], ck["epoch"], ck["best_val_loss"]) == (3, 0, st.best_val_loss)
     assert ck["loss"] == pytest.approx(st.epoch_loss_sum / st.epoch_tokens)
     assert ck["scheduler_state_dict"] == {"name": "constant", "step": 3, "total_steps": 3}
@@ -189,7 +191,9 @@ def test_a_checkpoint_written_as_before_issue_23_resumes_and_ours_has_its_format
     T.Trainer(a).fit()
     old = payload_as_before_issue_23(a, loss=1.5, val_loss=None)
     ours = a.checkpointer.payload(a.parts(), CheckpointMeta(a.cfg.to_dict(), a.tokenizer.to_spec()), loss=1.5)
-    assert _shape(ours) == _shape({**old, "model_state_dict": None})  # the same keys, sections included
+    # the same keys, sections included, and since then the metrics row in progress in data_state
+    grown = {**old, "data_state": {**old["data_state"], "log_loss_sum": 0.0, "log_tokens": 0, "log_steps": 0}}
+    assert _shape(ours) == _shape({**grown, "model_state_dict": None})
     folder = tmp_path / "resumed" / "ckpt"
     folder.mkdir(parents=True)
     save_checkpoint(old, folder / "step_3.pt")  # tagged and checksummed, as that code's save did
