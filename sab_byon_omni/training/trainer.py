@@ -119,6 +119,7 @@ class _LogWindow:
 
     def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0, steps: int = 0) -> None:
         self.sums, self.t0, self.steps, self.last_norm = _Sums(device, loss, tokens), time.perf_counter(), steps, math.nan
+        self.restored = tokens  # tokens of a resumed row trained before the resume (not in this process's speed)
 
 
 class Trainer:
@@ -295,7 +296,7 @@ class Trainer:
         loss, n = w.sums.global_totals(run.info)
         loss = loss / n if n else math.nan
         self.last_loss = loss if math.isfinite(loss) else self.last_loss
-        tps = n / max(time.perf_counter() - w.t0, 1e-9)
+        tps = (n - w.restored) / max(time.perf_counter() - w.t0, 1e-9)
         lr = lr_at(st.global_step - 1, t, run.total_steps)
         run.metrics.write(StepRow(step=st.global_step, epoch=st.epoch + 1, loss=loss, lr=lr, grad_norm=w.last_norm,
                                   tokens_per_s=tps, memory_mb=peak_memory_mb(run.device), skipped=st.skipped_steps,
