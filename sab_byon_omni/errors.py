@@ -22,8 +22,10 @@ def first_line(e: BaseException | str, limit: int = MAX_FIRST_LINE) -> str:
     """The first non-empty line of an exception's message (or its type name), at most ``limit`` chars,
     without terminal escape sequences or control characters (a message may quote a hostile file)."""
     text = _CONTROL.sub("", e if isinstance(e, str) else str(e))
-    for line in text.strip().splitlines():
-        line = line.strip()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith(":") and i + 1 < len(lines):  # "Error(s) in loading state_dict for X:" names nothing
+            line = f"{line} {lines[i + 1]}"
         if line:
             if len(line) <= limit:
                 return line

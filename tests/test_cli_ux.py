@@ -354,3 +354,14 @@ def test_a_resume_that_would_change_the_model_is_refused(tmp_path, capsys, flags
     assert err.startswith("error: ") and "\n" not in err and says in err, err
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
     assert main([*run, "--max_steps", "3", "--dropout", "0.1"]) == 0
+
+
+def test_an_error_whose_first_line_ends_in_a_colon_keeps_what_follows():
+    """'Error(s) in loading state_dict for CausalTransformer:' named no key and no option (a reviewer's finding)."""
+    from sab_byon_omni.errors import first_line
+
+    e = RuntimeError("Error(s) in loading state_dict for CausalTransformer:\n\tMissing key(s) in state_dict: "
+                     '"blocks.0.attn.q_norm.weight".')
+    assert first_line(e) == ('Error(s) in loading state_dict for CausalTransformer: Missing key(s) in state_dict: '
+                             '"blocks.0.attn.q_norm.weight".')
+    assert first_line("one line") == "one line" and first_line("ends here:") == "ends here:"
