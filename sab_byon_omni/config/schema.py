@@ -198,6 +198,16 @@ class ModelConfig:
         """How many of each head's dimensions (the first ones) the rotary positions turn."""
         return int(self.head_dim * self.rope_fraction)
 
+    def differences(self, saved: Any, may_change: frozenset[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+        """``(field, saved value, this value)`` for each field but ``may_change`` in which the model
+        section ``saved`` (a checkpoint's, as a dict) differs from this one; a field it does not
+        record (it predates the field) had the default's value. Nothing for a section that is not a dict."""
+        if not isinstance(saved, dict):
+            return []
+        defaults = dataclasses.asdict(ModelConfig())
+        return [(k, saved.get(k, defaults.get(k)), v) for k, v in dataclasses.asdict(self).items()
+                if k not in may_change and saved.get(k, defaults.get(k)) != v]
+
 
 @dataclass
 class DataConfig:

@@ -59,7 +59,9 @@ _warned: set[tuple[str, int]] = set()  # (file, mtime): each damaged file is rep
 PART_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict", "scaler": "scaler_state_dict",
              "rng": "rng_state", "schedule": "scheduler_state_dict"}
 IN_SHARDS = ("model", "optimizer")
-ARCH_KEYS = ("hidden", "n_heads", "n_layers", "ffn", "vocab_size", "tie_embeddings")  # what a resume must match
+# Model settings a resume may change: the label, the context, regularisation, memory plan, an initialisation,
+# and (only before the tokenizer sets it) the vocabulary. Any other difference runs the weights as another model.
+RESUME_MAY_CHANGE = frozenset({"preset", "max_seq_len", "dropout", "activation_checkpointing", "zero_init_proj"})
 _LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError)
 
 
@@ -147,12 +149,10 @@ def _losses(values: Any, source: str) -> list[float]:
 
 def check_compatible(meta: CheckpointMeta, cfg: RunConfig, tokenizer: dict[str, Any], path: Path) -> None:
     """A checkpoint this run can continue: the same architecture, optimizer and tokenizer."""
-    mine, theirs = cfg.to_dict()["model"], meta.config.get("model", {})
-    theirs = theirs if isinstance(theirs, dict) else {}
     again = f"resume with the run's own settings: --config {path.parent / CONFIG_FILE}"
-    if any(mine.get(k) != theirs.get(k) for k in ARCH_KEYS):
-        raise SabError(f"{path}: its model ({', '.join(f'{k}={theirs.get(k)}' for k in ARCH_KEYS)}) differs from "
-                       f"this run's; {again}")
+    if differ := cfg.model.differences(meta.config.get("model"), RESUME_MAY_CHANGE):
+        said = ", ".join(f"{k}={bounded(theirs)} (this run: {bounded(ours)})" for k, theirs, ours in differ[:4])
+        raise SabError(f"{path}: its model ({said}) differs from this run's; {again}")
     saved = meta.config.get("train", {})
     theirs_opt = saved.get("optimizer", "adamw") if isinstance(saved, dict) else "adamw"
     if theirs_opt != cfg.train.optimizer:

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from sab_byon_omni.config import DataConfig, ModelConfig, RunConfig, build_config, replace
+from sab_byon_omni.config import DataConfig, RunConfig, build_config, replace
 from sab_byon_omni.core.sab_transcendent import SABTranscendentV2
 from sab_byon_omni.data.batching import micro_steps_per_epoch
 from sab_byon_omni.data.factory import load_datasets
@@ -18,7 +18,13 @@ from sab_byon_omni.files.atomic import check_can_create
 from sab_byon_omni.model.lora import merge_lora
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import build_run, steps_per_epoch
-from sab_byon_omni.training.checkpointer import CONFIG_FILE, Checkpointer, CheckpointMeta, check_same_data
+from sab_byon_omni.training.checkpointer import (
+    CONFIG_FILE,
+    RESUME_MAY_CHANGE,
+    Checkpointer,
+    CheckpointMeta,
+    check_same_data,
+)
 from sab_byon_omni.training.recipe import (
     FT_MAX_EPOCHS,
     RECIPE_FIELDS,
@@ -197,23 +203,13 @@ def _checkpoint_architecture(cfg: RunConfig, saved: dict) -> RunConfig:
     return build_config(raw, source="the checkpoint's config")
 
 
-# Model settings a resumed run may change: its label, its context, the regularisation and memory plan, the vocabulary
-# (set from the tokenizer) and an initialisation. Any other difference would run the saved weights as another model.
-RESUME_MAY_CHANGE = frozenset({"preset", "max_seq_len", "vocab_size", "dropout", "activation_checkpointing",
-                               "zero_init_proj"})
-
-
 def check_same_architecture(saved: Any, cfg: RunConfig, path: Any) -> None:
-    """Refuse a resume whose model settings differ from the checkpoint's in anything but
-    :data:`RESUME_MAY_CHANGE`: with equal weight shapes (``--mlp relu2`` for a GELU run,
-    ``--logit_softcap``, ``--norm``) the weights would load and silently train as another model. A
-    setting the checkpoint does not record (it predates the setting) had the default's value."""
-    model = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(model, dict):
-        return
-    defaults, mine = dataclasses.asdict(ModelConfig()), dataclasses.asdict(cfg.model)
-    differ = [(k, model.get(k, defaults.get(k)), v) for k, v in mine.items()
-              if k not in RESUME_MAY_CHANGE and model.get(k, defaults.get(k)) != v]
+    """Refuse, before the corpus is read, a resume whose model settings differ from the checkpoint's
+    in anything but :data:`RESUME_MAY_CHANGE`: with equal weight shapes (``--mlp relu2`` for a GELU run,
+    ``--logit_softcap``, ``--norm``) the weights would load and silently train as another model
+    (:func:`~sab_byon_omni.training.checkpointer.check_compatible` checks the same when it loads them)."""
+    differ = cfg.model.differences(saved.get("model") if isinstance(saved, dict) else None,
+                                   RESUME_MAY_CHANGE | {"vocab_size"})  # (set from the tokenizer later)
     if differ:
         said = ", ".join(f"{k}={bounded(theirs)} (this command: {bounded(ours)})" for k, theirs, ours in differ[:4])
         raise SabError(f"{path}: the run was trained with {said}; a resume keeps the model it trained: give its "
