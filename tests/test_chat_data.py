@@ -133,8 +133,9 @@ def test_a_template_that_runs_too_long_is_stopped(monkeypatch):
 
 def test_the_bounds_leave_ordinary_templates_alone():
     text = ChatTemplate("{{ '%-5s|%3d' % ('ab', 7) }}{{ 'x'.ljust(4) }}{{ '{:>3}'.format(1) }}{{ 2 ** 10 }}"
-                        "{{ '-' * 3 }}{{ messages|tojson(indent=2)|length > 0 }}").render(CONVERSATION)
-    assert text == "ab   |  7x     11024---True"
+                        "{{ '-' * 3 }}{{ messages|tojson(indent=2)|length > 0 }}{{ '%d' % 300000000 }}"
+                        "{{ '{}'.format(300000000) }}").render(CONVERSATION)
+    assert text == "ab   |  7x     11024---True300000000300000000"  # a large number printed is no large string
 
 
 def test_a_template_that_does_not_grow_is_refused():

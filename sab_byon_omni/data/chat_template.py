@@ -66,12 +66,17 @@ def _check_size(n: Any, what: str) -> None:
         raise _TemplateTooBig(f"{what} of {n:,.0f} characters or items (at most {MAX_RENDERED_CHARS:,})")
 
 
+_WIDTH_FROM_ARGS = re.compile(r"%[-+ #0]*\*|%[-+ #0]*\d*\.\*|:[^{}]*\{")  # '%*d', '%.*f', '{0:>{1}}'
+
+
 def _check_format(fmt: str, args: Any) -> None:
-    """A ``%`` or ``str.format`` call whose widths would build a huge string."""
+    """A ``%`` or ``str.format`` call whose widths would build a huge string: written in the format
+    string, or taken from its arguments (``*``, a nested ``{}``); a large number merely printed is fine."""
     if _WIDE.search(fmt):
         raise _TemplateTooBig("a format width of 10^7 or more")
-    for a in args if isinstance(args, (tuple, list)) else (args,):
-        _check_size(a, "a format argument")
+    if _WIDTH_FROM_ARGS.search(fmt):
+        for a in args if isinstance(args, (tuple, list)) else (args,):
+            _check_size(a, "a format argument")
 
 
 def _bounded_sandbox() -> Any:
