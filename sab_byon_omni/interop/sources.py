@@ -252,7 +252,7 @@ def model_config_of(source: str | Path) -> tuple[Any, str]:
             cfg, _ = _config_and_tokenizer(parse_json(meta["config"], f"{p} (config)"),
                                            parse_json(meta["tokenizer"], f"{p} (tokenizer)"), str(p))
             return cfg.model, f"safetensors file {p} (its header)"
-    if p.is_file() and p.suffix != ".safetensors" and gguf is None:
+    if p.is_file() and p.suffix != ".safetensors":  # (a GGUF returned above)
         ck = load_checkpoint(p, mmap=True, verify_tensors=False, advice=COPY_ADVICE)
         cfg, _ = _config_and_tokenizer(ck["config"], ck.get("tokenizer"), str(p))
         return cfg.model, f"checkpoint {p}"
