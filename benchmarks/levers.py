@@ -9,6 +9,7 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py norm          # LayerNorm without (ours) and with a bias
     python benchmarks/levers.py threads       # a Lightweight training step with 1 vs 2 intra-op threads
     python benchmarks/levers.py vocab         # head + loss with vocab 96 vs 128 (padded to 64)
+    python benchmarks/levers.py head_loss     # SmolLM2's head + loss: linear then cross_entropy vs linear_cross_entropy
     python benchmarks/levers.py compile       # a Lightweight step (batch 1 x 1024), eager vs torch.compile
     python benchmarks/levers.py gemv          # one-token decoding's matmuls: F.linear vs rows split over threads
     python benchmarks/levers.py decode_threads --preset small [--busy]  # sampling 64 tokens: 1 vs 2 threads
@@ -229,6 +230,41 @@ def bench_vocab(reps: int) -> None:
     interleave({"vocab 96": run(96), "vocab 128 (padded to 64)": run(128)}, reps)
 
 
+def bench_head_loss(reps: int) -> None:
+    """SmolLM2-135M's output head (576 -> 49,152, tied) and its summed loss over 4 x 256 tokens, forward
+    and backward, in fp32 and (where the CPU has it) bf16 autocast: ``F.linear`` then
+    ``F.cross_entropy`` on fp32 logits (the textbook, and transformers') against the model's
+    ``linear_cross_entropy`` with its softmax taken 16, the default number of, or 256 rows at a time."""
+    from sab_byon_omni.machine import cpu_has_native_bf16
+    from sab_byon_omni.model import ops
+
+    x = torch.randn(1024, 576, requires_grad=True)
+    w = (torch.randn(49152, 576) * 0.02).requires_grad_()
+    labels = torch.randint(0, 49152, (1024,))
+
+    def run(dtype: torch.dtype, rows: int | None) -> Callable[[], None]:
+        def fn() -> None:
+            x.grad = w.grad = None
+            default, ops.head_chunk_rows = ops.head_chunk_rows, (lambda v, d: rows) if rows else ops.head_chunk_rows
+            try:
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    if rows == 0:
+                        loss = F.cross_entropy(F.linear(x, w).float(), labels, reduction="sum")
+                    else:
+                        loss = ops.linear_cross_entropy(x, w, labels)
+                loss.backward()
+            finally:
+                ops.head_chunk_rows = default
+        return fn
+
+    for dtype in (torch.float32, torch.bfloat16) if cpu_has_native_bf16() else (torch.float32,):
+        print(f"{dtype}:")
+        default = ops.head_chunk_rows(49152, "cpu")
+        interleave({"linear + cross_entropy": run(dtype, 0), "linear_cross_entropy, 16 rows": run(dtype, 16),
+                    f"linear_cross_entropy, {default} rows": run(dtype, None),
+                    "linear_cross_entropy, 256 rows": run(dtype, 256)}, reps)
+
+
 def bench_compile(reps: int) -> None:
     from sab_byon_omni.training.trainer import causal_lm_loss
 
@@ -365,7 +401,7 @@ def bench_decode_threads(reps: int, preset: str = "lightweight", new_tokens: int
     print(f"{preset}: " + ", ".join(f"{k} {new_tokens / t:,.1f} tokens/s" for k, t in medians.items()))
 
 
-OPS = ("optimizer", "muon_cost", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "compile", "gemv",
+OPS = ("optimizer", "muon_cost", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "head_loss", "compile", "gemv",
        "attention", "decode_threads")
 STEPS = ("memory_saving", "allocator", "regroup", "matmul_floor", "compile_block", "bf16", "profile", "muon")
 

@@ -10,7 +10,8 @@ The memory model counts what PyTorch really keeps alive in :class:`~sab_byon_omn
 * **activations**: the tensors autograd saves per block and token (enumerated in
   :func:`block_activation_bytes`), or only each block's input with activation checkpointing plus
   one block recomputed in backward;
-* **logits**: the output head's logits, their fp32 log-softmax and its gradient;
+* **logits**: the output head's logits, which its loss turns into their gradient in place (the
+  fp32 softmax taken a few rows at a time: :func:`~sab_byon_omni.model.ops.linear_cross_entropy`);
 * **workspace**: backward's temporaries in one block (the recomputed GELU and two gradients);
   the logits are freed before the blocks' backward begins, so the peak holds the larger of the two;
 * **buffers**: what the framework adds: autocast's low-precision weight copies, NCCL's communication
@@ -200,7 +201,7 @@ def estimate(cfg: ModelConfig, seq_len: int, micro_batch: int, precision: str = 
         frozen_low = adapted if lora_base_bytes == act else 0
 
     tokens = seq_len * micro_batch
-    activations, logits, workspace = _activation_memory(cfg, tokens, act, ac, memory_saving)
+    activations, logits, workspace = _activation_memory(cfg, tokens, act, ac, memory_saving, device)
     buffers_fwd, ddp_buckets, opt_temp = _buffer_memory(cfg, p, act, parallel, gpus, device, fused_optimizer)
     if lora_rank:
         buffers_fwd -= act * frozen_low if act != 4 else 0
@@ -233,9 +234,10 @@ def _check_estimate_args(cfg: ModelConfig, precision: str, parallel: str, **coun
             raise SabError(f"{name}={value!r} must be a positive integer")
 
 
-def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory_saving: bool
+def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory_saving: bool, device: str
                        ) -> tuple[float, float, float]:
     """(activations kept for backward, logits + cross-entropy, backward's one-block workspace) in bytes."""
+    from sab_byon_omni.model.ops import head_chunk_rows
     h, v, L = cfg.hidden, cfg.vocab_size, cfg.n_layers
     mixed = act != 4
     per_block = block_activation_bytes(cfg, act, memory_saving)
@@ -245,9 +247,10 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
         blocks = tokens * L * per_block
     # after the blocks: the final norm's fp32 input and its output in the compute dtype
     activations = blocks + tokens * (4 * h + act * h)
-    # logits in the compute dtype, cross-entropy in fp32: log-softmax output kept for backward,
-    # then the incoming gradient and the outgoing one alongside it (3 fp32 vocab rows per token)
-    logits = tokens * v * (12 + (act if mixed else 0))
+    # the head computes the loss itself (model.ops.linear_cross_entropy): the logits in the compute
+    # dtype, overwritten with their gradient and kept for backward, plus (mixed precision) the fp32
+    # softmax of the few rows taken at a time
+    logits = tokens * v * act + (min(tokens, head_chunk_rows(v, device)) * v * 4 if mixed else 0)
     # backward of one MLP: the gradient through the down projection and the GELU's input gradient
     # (2 ffn; with memory saving also the recomputed GELU; a SwiGLU's gate and up gradients, 3 ffn),
     # plus the residual gradient and its copy

@@ -26,7 +26,7 @@ from torch import nn
 
 from sab_byon_omni.data.batching import IGNORE_INDEX, iterate_batches
 from sab_byon_omni.estimate import perplexity
-from sab_byon_omni.loss import causal_lm_loss
+from sab_byon_omni.loss import model_loss
 
 
 @dataclass
@@ -96,8 +96,7 @@ def stream_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, stride: int,
                 count += end - first
             ids_t, labels_t = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
             with autocast if autocast is not None else contextlib.nullcontext():
-                logits = model(ids_t)
-            total += causal_lm_loss(logits.float(), labels_t).double()
+                total += model_loss(model, ids_t, labels_t).double()
     finally:
         model.train(was_training)
     return float(total), count
@@ -129,7 +128,7 @@ def sample_loss(model: nn.Module, data: object, batch_size: int, pad_id: int, de
                 break
             batch = batch.to(torch.device(device))
             with autocast if autocast is not None else contextlib.nullcontext():
-                total += causal_lm_loss(model(batch.input_ids), batch.labels).double()
+                total += model_loss(model, batch.input_ids, batch.labels).double()
             count += batch.n_targets
     finally:
         model.train(was_training)

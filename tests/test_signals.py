@@ -112,16 +112,16 @@ LONG_STEP = textwrap.dedent("""
     import os, sys, torch
     from sab_byon_omni.training import trainer as T
 
-    real, calls = T.causal_lm_loss, []
+    real, calls = T.model_loss, []
 
-    def loss(logits, labels):
+    def loss(model, ids, labels):
         calls.append(1)
         if len(calls) == int(os.environ.get("LONG_CALL", "2")):  # step 2: step_1.pt is on disk
             print("long operation", file=sys.stderr, flush=True)
             torch.matrix_power(torch.eye(4096), 2**63 - 1)
-        return real(logits, labels)
+        return real(model, ids, labels)
 
-    T.causal_lm_loss = loss
+    T.model_loss = loss
     from sab_byon_omni.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -1,7 +1,7 @@
 """``bench --mode train``: the real training step of a preset, against its peers.
 
 The step timed is :meth:`Trainer.train_step`, the very code ``sab-omni train`` runs: forward,
-``causal_lm_loss``, backward, gradient clipping and the optimizer, under the run's precision.
+``loss.model_loss``, backward, gradient clipping and the optimizer, under the run's precision.
 FLOPs per token follow one formula (:func:`~sab_byon_omni.estimate.train_flops_per_token`) for
 every model; MFU is against a matmul peak of the same dtype (measured in the run on CPUs).
 """

@@ -29,7 +29,7 @@ from torch import nn
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.fragmergent import Fragmergent
 from sab_byon_omni.model.init import init_rows
-from sab_byon_omni.model.ops import GeluLinear, linear
+from sab_byon_omni.model.ops import GeluLinear, linear, linear_cross_entropy
 
 # torch >= 2.5 attends grouped heads without copying k and v (1.3x faster forward + backward than
 # expanded copies on a 2-core CPU, SmolLM2-135M's 9 query and 3 key/value heads, 4 x 256 tokens)
@@ -376,7 +376,13 @@ class CausalTransformer(nn.Module):
         """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (B, T, vocab); with ``targets`` (B, T; -100 where none) instead the summed
+        cross-entropy of the logits against them in fp32, computed by the head without keeping the
+        logits (:func:`~sab_byon_omni.model.ops.linear_cross_entropy`). The loss is the caller's
+        choice (``sab_byon_omni.loss``); it is taken here so that the head's weight is at hand
+        wherever it is sharded (FSDP gathers it for this forward)."""
         t = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
@@ -392,6 +398,8 @@ class CausalTransformer(nn.Module):
                             self.value_embed(input_ids) if self.cfg.value_embed else None)
         if cache is not None:
             cache.pos += t
+        if targets is not None:
+            return linear_cross_entropy(self.norm(x), self.head.weight, targets, self.cfg.logit_softcap or 0.0)
         logits = linear(self.norm(x), self.head.weight)
         if self.cfg.logit_softcap:
             cap = self.cfg.logit_softcap

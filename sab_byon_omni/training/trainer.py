@@ -37,7 +37,7 @@ from sab_byon_omni.device import Precision
 from sab_byon_omni.errors import SabError
 from sab_byon_omni.estimate import fmt_duration
 from sab_byon_omni.evaluation import sample_loss
-from sab_byon_omni.loss import causal_lm_loss
+from sab_byon_omni.loss import model_loss
 from sab_byon_omni.training import console
 from sab_byon_omni.training import distributed as D
 from sab_byon_omni.training.build import Run
@@ -390,7 +390,7 @@ class Trainer:
                 return None
             batch = batch.to(run.device)
             with D.no_sync(run.wrapped, skip=i < len(passes) - 1), run.precision.autocast():
-                loss_sum = causal_lm_loss(run.wrapped(batch.input_ids), batch.labels)
+                loss_sum = model_loss(run.wrapped, batch.input_ids, batch.labels)
             run.scaler.scale(loss_sum * scale).backward()
             total += loss_sum.detach().double()
         return total, sum(b.n_targets for b in window)

@@ -1,0 +1,116 @@
+"""model/ops.py: the head's loss computed a few rows at a time (``linear_cross_entropy``) equals the
+two ops it replaces, in value and gradients, and keeps less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sab_byon_omni.config import ModelConfig
+from sab_byon_omni.loss import causal_lm_loss, model_loss
+from sab_byon_omni.model import ops
+from sab_byon_omni.model.transformer import CausalTransformer
+
+
+def _case(n: int, hidden: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, hidden, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.1).requires_grad_()
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[::4] = -100
+    return x, w, y
+
+
+def _grads(loss_fn, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 0.37):
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn()
+    (loss * scale).backward()
+    return loss.detach(), x.grad.clone(), w.grad.clone()
+
+
+def _textbook(x, w, y, softcap=0.0):
+    z = F.linear(x, w)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z.float(), y, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1000])  # one row at a time, a ragged last chunk, all rows at once
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_equals_linear_then_cross_entropy_in_fp32(monkeypatch, rows, softcap):
+    monkeypatch.setattr(ops, "head_chunk_rows", lambda vocab, device: rows)
+    x, w, y = _case(10, 16, 37)
+    want = _grads(lambda: _textbook(x, w, y, softcap), x, w)
+    got = _grads(lambda: ops.linear_cross_entropy(x, w, y, softcap), x, w)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the path without gradients: the same loss
+        torch.testing.assert_close(ops.linear_cross_entropy(x, w, y, softcap), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_is_as_close_to_fp32_as_the_two_ops_under_autocast():
+    x, w, y = _case(64, 32, 500, seed=1)
+    truth = _grads(lambda: _textbook(x, w, y), x, w)
+    plain = _grads(lambda: _textbook(x, w, y), x, w, torch.bfloat16)
+    fused = _grads(lambda: ops.linear_cross_entropy(x, w, y), x, w, torch.bfloat16)
+    assert fused[1].dtype == x.dtype and fused[2].dtype == w.dtype
+    for i in (1, 2):
+        err = lambda g: float((g[i] - truth[i]).norm() / truth[i].norm())  # noqa: E731
+        assert err(fused) <= 1.05 * err(plain) + 1e-6, (i, err(fused), err(plain))
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-3)
+
+
+def test_ignored_rows_give_nothing():
+    x, w, y = _case(6, 8, 11)
+    y[:] = -100
+    loss, gx, gw = _grads(lambda: ops.linear_cross_entropy(x, w, y), x, w)
+    assert float(loss) == 0.0 and not gx.any() and not gw.any()
+
+
+def test_a_large_incoming_gradient_stays_finite_in_fp16():
+    """A GradScaler's scale arrives as the incoming gradient: fp16 inputs must not overflow with it."""
+    x, w, y = _case(8, 16, 50)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = ops.linear_cross_entropy(x * 30, w, y)
+    (loss * 2.0**16).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_keeps_no_fp32_logits_for_backward():
+    """Under bf16 autocast only the bf16 logits (as their gradient) and the bf16 inputs are kept: the
+    two ops keep an fp32 log-softmax of every logit as well."""
+    x, w, y = _case(256, 16, 1000)
+    for fn, most in ((lambda: _textbook(x, w, y), None), (lambda: ops.linear_cross_entropy(x, w, y), 0)):
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        fp32_vocab = [t for t in kept if t.dtype == torch.float32 and tuple(t.shape) == (256, 1000)]
+        if most is None:
+            assert fp32_vocab  # the textbook keeps fp32 logits: the check can see them
+        else:
+            assert len(fp32_vocab) == most
+            assert sum(t.numel() * t.element_size() for t in kept) <= 256 * 1000 * 2 + (256 + 1000) * 16 * 2
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_models_loss_equals_the_loss_of_its_logits(tie):
+    cfg = ModelConfig.from_name("tiny", vocab_size=40, hidden=32, n_layers=2, n_heads=4, ffn=64,
+                                tie_embeddings=tie, logit_softcap=5.0)
+    torch.manual_seed(0)
+    model = CausalTransformer(cfg)
+    ids = torch.randint(0, 40, (3, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    model.zero_grad()
+    want = causal_lm_loss(model(ids), labels)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = model_loss(model, ids, labels)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
