@@ -199,7 +199,7 @@ def bench_norm(reps: int) -> None:
 
 
 def bench_threads(reps: int) -> None:
-    from sab_byon_omni.training.trainer import causal_lm_loss
+    from sab_byon_omni.loss import model_loss
 
     model = lightweight()
     ids = torch.randint(1, 96, (1, 1024))
@@ -208,7 +208,7 @@ def bench_threads(reps: int) -> None:
     def step(n: int) -> Callable[[], None]:
         def fn() -> None:
             torch.set_num_threads(n)
-            causal_lm_loss(model(ids), ids).backward()
+            model_loss(model, ids, ids).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return fn
@@ -266,7 +266,7 @@ def bench_head_loss(reps: int) -> None:
 
 
 def bench_compile(reps: int) -> None:
-    from sab_byon_omni.training.trainer import causal_lm_loss
+    from sab_byon_omni.loss import causal_lm_loss  # the whole model compiled: its logits, then the loss
 
     model = lightweight()
     compiled = torch.compile(model)

@@ -37,6 +37,8 @@ from sab_byon_omni.errors import SabError
 
 GiB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# the fp32 softmax rows the head's loss takes at once (model.ops.HEAD_CHUNK_BYTES, tested equal)
+HEAD_CHUNK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
 
 
 def num_parameters(cfg: ModelConfig) -> int:
@@ -237,7 +239,6 @@ def _check_estimate_args(cfg: ModelConfig, precision: str, parallel: str, **coun
 def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory_saving: bool, device: str
                        ) -> tuple[float, float, float]:
     """(activations kept for backward, logits + cross-entropy, backward's one-block workspace) in bytes."""
-    from sab_byon_omni.model.ops import head_chunk_rows
     h, v, L = cfg.hidden, cfg.vocab_size, cfg.n_layers
     mixed = act != 4
     per_block = block_activation_bytes(cfg, act, memory_saving)
@@ -250,7 +251,7 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     # the head computes the loss itself (model.ops.linear_cross_entropy): the logits in the compute
     # dtype, overwritten with their gradient and kept for backward, plus (mixed precision) the fp32
     # softmax of the few rows taken at a time
-    logits = tokens * v * act + (min(tokens, head_chunk_rows(v, device)) * v * 4 if mixed else 0)
+    logits = tokens * v * act + (min(tokens * v * 4, HEAD_CHUNK_BYTES.get(device, HEAD_CHUNK_BYTES['other'])) if mixed else 0)
     # backward of one MLP: the gradient through the down projection and the GELU's input gradient
     # (2 ffn; with memory saving also the recomputed GELU; a SwiGLU's gate and up gradients, 3 ffn),
     # plus the residual gradient and its copy

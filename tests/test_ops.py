@@ -114,3 +114,46 @@ def test_the_models_loss_equals_the_loss_of_its_logits(tie):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_estimate_counts_the_rows_the_head_takes_at_once():
+    from sab_byon_omni import estimate
+
+    assert estimate.HEAD_CHUNK_BYTES == ops.HEAD_CHUNK_BYTES
+
+
+def test_bad_targets_get_the_errors_of_cross_entropy():
+    x, w, _ = _case(6, 8, 11)
+    for targets, error in ((torch.tensor([3]), ValueError), (torch.randint(0, 11, (7,)), ValueError),
+                           (torch.tensor([0, 1, 2, 3, 4, 11]), IndexError), (torch.tensor([0, 1, 2, 3, 4, -1]), IndexError)):
+        with pytest.raises(error):
+            F.cross_entropy(F.linear(x, w), targets, reduction="sum")
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(error):
+                ops.linear_cross_entropy(x, w, targets)
+
+
+def test_a_non_finite_ignored_row_leaves_the_loss_finite():
+    """As with F.cross_entropy: a padded or prompt position whose hidden state overflowed (fp16) does
+    not turn an evaluation's loss into NaN, and gets no gradient (the weight's gradient takes the
+    NaN from the input itself, as the two ops' does)."""
+    x, w, y = _case(6, 8, 11)
+    with torch.no_grad():
+        x[4], x[5] = float("inf"), float("nan")
+    y[4:] = -100
+    want = F.cross_entropy(F.linear(x, w), y, reduction="sum")
+    assert torch.isfinite(want)
+    for softcap in (0.0, 3.0):
+        with torch.no_grad():
+            assert torch.isfinite(ops.linear_cross_entropy(x, w, y, softcap))
+        loss, gx, _ = _grads(lambda: ops.linear_cross_entropy(x, w, y, softcap), x, w)
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and not gx[4:].any()
+        if not softcap:
+            torch.testing.assert_close(loss, want)
+
+
+def test_differentiating_twice_is_refused_in_words():
+    x, w, y = _case(6, 8, 11)
+    loss = ops.linear_cross_entropy(x, w, y)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, x, create_graph=True)

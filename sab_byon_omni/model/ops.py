@@ -70,13 +70,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+# Bytes of fp32 softmax rows the head's loss takes at once, per device type (the estimate counts them)
+HEAD_CHUNK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
+
+
 def head_chunk_rows(vocab: int, device_type: str) -> int:
     """Rows of logits whose fp32 softmax is taken at once: a few MB on a CPU, where they stay in its
     caches (SmolLM2's 49,152-word head, 4 x 256 tokens, bf16: 16 or 42 rows at a time 1.7x the two
     ops' forward + backward, 256 rows 1.36x; ``benchmarks/levers.py head_loss``), a few hundred MB on
     a GPU (fewer kernel launches)."""
-    budget = (4 << 20) if device_type == "cpu" else (256 << 20)
-    return max(1, budget // (4 * vocab))
+    return max(1, HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["other"]) // (4 * vocab))
 
 
 def _head_softmax(logits: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int,
@@ -100,11 +103,12 @@ def _head_softmax(logits: torch.Tensor, targets: torch.Tensor, softcap: float, i
         top = f.amax(1, keepdim=True)
         f.sub_(top).exp_()
         norm = f.sum(1, keepdim=True)
-        total += ((top + norm.log() - picked) * keep).sum()
+        total += torch.where(keep, top + norm.log() - picked, 0.0).sum()  # an ignored row's inf or NaN stays out
         if grad:
-            f.div_(norm).scatter_add_(1, t, torch.full_like(picked, -1.0)).mul_(keep)
+            f.div_(norm).scatter_add_(1, t, torch.full_like(picked, -1.0))
             if squash is not None:
                 f.mul_(1 - squash.square_())
+            f.masked_fill_(~keep, 0.0)
             if f is not z:
                 z.copy_(f)
     return total
@@ -129,8 +133,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError("the head's loss (model.ops.linear_cross_entropy) computes its gradient in its forward "
+                               "and cannot be differentiated twice: take causal_lm_loss(model(ids), labels) instead")
         xc, wc, grad_logits = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         grad = grad.float()
@@ -142,12 +148,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
+def _check_targets(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int) -> None:
+    """``F.cross_entropy``'s errors: one target per row, each a class index (checked on a CPU only:
+    on a GPU the check would wait for the device; an index out of range fails in the kernel there)."""
+    if targets.numel() != rows:
+        raise ValueError(f"Expected input batch_size ({rows}) to match target batch_size ({targets.numel()}).")
+    if targets.device.type == "cpu":
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bad.any():
+            raise IndexError(f"Target {int(targets[bad][0])} is out of bounds.")
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0,
                          ignore_index: int = -100) -> torch.Tensor:
     """``F.cross_entropy(linear(x, weight) [soft-capped], targets, ignore_index=..., reduction="sum")``
     for ``x`` (..., hidden) and ``targets`` (...), in fp32, without materialising fp32 logits: under
     autocast the matmul runs in its dtype and the softmax in fp32, as ``F.cross_entropy`` does."""
     x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    _check_targets(t, x2.shape[0], weight.shape[0], ignore_index)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(x2, weight, t, softcap, ignore_index)
     dtype = compute_dtype(x)
