@@ -157,3 +157,12 @@ def test_differentiating_twice_is_refused_in_words():
     loss = ops.linear_cross_entropy(x, w, y)
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_runs_on_the_meta_device_like_the_two_ops():
+    """Shapes only (a model built on the meta device, as FSDP's initialisation does): no autocast there."""
+    x = torch.randn(4, 8, device="meta", requires_grad=True)
+    w = torch.randn(11, 8, device="meta", requires_grad=True)
+    loss = ops.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long, device="meta"))
+    loss.backward()
+    assert loss.shape == () and x.grad.shape == (4, 8) and w.grad.shape == (11, 8)

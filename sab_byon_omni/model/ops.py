@@ -9,6 +9,7 @@ the model calls it in place of that op.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -67,11 +68,22 @@ class GeluLinear(torch.autograd.Function):
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``x`` runs in: autocast's where it is on for ``x``'s device, else ``x``'s."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return x.dtype
 
 
 # Bytes of fp32 softmax rows the head's loss takes at once, per device type (the estimate counts them)
 HEAD_CHUNK_BYTES = {"cpu": 4 << 20, "other": 256 << 20}
+
+
+def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``x``'s device (nothing to switch off on a device it does not know)."""
+    try:
+        return torch.autocast(x.device.type, enabled=False)
+    except RuntimeError:  # meta
+        return contextlib.nullcontext()
 
 
 def head_chunk_rows(vocab: int, device_type: str) -> int:
@@ -124,7 +136,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
                 ignore_index: int) -> torch.Tensor:
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x):
             xc, wc = x.to(dtype), weight.to(dtype)
             grad_logits = xc @ wc.t()
             total = _head_softmax(grad_logits, targets, softcap, ignore_index, grad=True)
@@ -171,7 +183,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     dtype = compute_dtype(x)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     rows = head_chunk_rows(weight.shape[0], x.device.type)
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x):
         w = weight.to(dtype)
         for start in range(0, x2.shape[0], rows):  # no gradient: the logits a chunk at a time
             logits = x2[start:start + rows].to(dtype) @ w.t()
