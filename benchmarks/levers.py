@@ -231,10 +231,10 @@ def bench_vocab(reps: int) -> None:
 
 
 def bench_head_loss(reps: int) -> None:
-    """SmolLM2-135M's output head (576 -> 49,152, tied) and its summed loss over 4 x 256 tokens, forward
+    """SmolLM2-135M's output head (576 -> 49,152) and its summed loss over 4 x 256 tokens, forward
     and backward, in fp32 and (where the CPU has it) bf16 autocast: ``F.linear`` then
-    ``F.cross_entropy`` on fp32 logits (the textbook, and transformers') against the model's
-    ``linear_cross_entropy`` with its softmax taken 16, the default number of, or 256 rows at a time."""
+    ``F.cross_entropy`` on fp32 logits (the textbook's and transformers' way) against the model's
+    ``linear_cross_entropy``, its softmax taken 16 rows at a time, the default number, or 256."""
     from sab_byon_omni.machine import cpu_has_native_bf16
     from sab_byon_omni.model import ops
 
@@ -257,6 +257,7 @@ def bench_head_loss(reps: int) -> None:
                 ops.head_chunk_rows = default
         return fn
 
+    print("SmolLM2-135M's head: hidden 576 -> vocabulary 49,152, 1,024 tokens (4 x 256), forward + backward")
     for dtype in (torch.float32, torch.bfloat16) if cpu_has_native_bf16() else (torch.float32,):
         print(f"{dtype}:")
         default = ops.head_chunk_rows(49152, "cpu")
