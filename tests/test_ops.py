@@ -125,11 +125,12 @@ def test_the_estimate_counts_the_rows_the_head_takes_at_once():
 def test_bad_targets_get_the_errors_of_cross_entropy():
     x, w, _ = _case(6, 8, 11)
     for targets, error in ((torch.tensor([3]), ValueError), (torch.randint(0, 11, (7,)), ValueError),
-                           (torch.tensor([0, 1, 2, 3, 4, 11]), IndexError), (torch.tensor([0, 1, 2, 3, 4, -1]), IndexError)):
-        with pytest.raises(error):
+                           (torch.tensor([0, 1, 2, 3, 4, 11]), (IndexError, RuntimeError)),
+                           (torch.tensor([0, 1, 2, 3, 4, -1]), (IndexError, RuntimeError))):
+        with pytest.raises(error, match="batch_size|out of bounds"):
             F.cross_entropy(F.linear(x, w), targets, reduction="sum")
         for grad in (True, False):
-            with torch.set_grad_enabled(grad), pytest.raises(error):
+            with torch.set_grad_enabled(grad), pytest.raises(error, match="batch_size|out of bounds"):
                 ops.linear_cross_entropy(x, w, targets)
 
 

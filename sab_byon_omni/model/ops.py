@@ -161,14 +161,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _check_targets(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int) -> None:
-    """``F.cross_entropy``'s errors: one target per row, each a class index (checked on a CPU only:
-    on a GPU the check would wait for the device; an index out of range fails in the kernel there)."""
+    """``F.cross_entropy``'s checks: one target per row, each a class index or ``ignore_index``. The
+    range is asserted on the device (``_assert_async``): no host synchronisation inside the
+    trainer's accumulation window, an error as soon as the value is known."""
     if targets.numel() != rows:
         raise ValueError(f"Expected input batch_size ({rows}) to match target batch_size ({targets.numel()}).")
-    if targets.device.type == "cpu":
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bad.any():
-            raise IndexError(f"Target {int(targets[bad][0])} is out of bounds.")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    torch._assert_async(~bad.any(), f"a target is out of bounds: not a class index in [0, {vocab}) "
+                                    f"nor the ignored index {ignore_index}")
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0,
