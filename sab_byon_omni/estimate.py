@@ -251,7 +251,8 @@ def _activation_memory(cfg: ModelConfig, tokens: int, act: int, ac: bool, memory
     # the head computes the loss itself (model.ops.linear_cross_entropy): the logits in the compute
     # dtype, overwritten with their gradient and kept for backward, plus (mixed precision) the fp32
     # softmax of the few rows taken at a time
-    logits = tokens * v * act + (min(tokens * v * 4, HEAD_CHUNK_BYTES.get(device, HEAD_CHUNK_BYTES['other'])) if mixed else 0)
+    softmax_rows = min(tokens * v * 4, HEAD_CHUNK_BYTES.get(device, HEAD_CHUNK_BYTES["other"]))
+    logits = tokens * v * act + (softmax_rows if mixed else 0)
     # backward of one MLP: the gradient through the down projection and the GELU's input gradient
     # (2 ffn; with memory saving also the recomputed GELU; a SwiGLU's gate and up gradients, 3 ffn),
     # plus the residual gradient and its copy

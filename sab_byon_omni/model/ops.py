@@ -88,9 +88,9 @@ def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def head_chunk_rows(vocab: int, device_type: str) -> int:
     """Rows of logits whose fp32 softmax is taken at once: a few MB on a CPU, where they stay in its
-    caches (SmolLM2's 49,152-word head, 4 x 256 tokens, bf16: 16 or 42 rows at a time 1.7x the two
-    ops' forward + backward, 256 rows 1.36x; ``benchmarks/levers.py head_loss``), a few hundred MB on
-    a GPU (fewer kernel launches)."""
+    caches (SmolLM2's 49,152-word head, 4 x 256 tokens, bf16: 16 or 21 rows at a time 1.74x the two
+    ops' forward + backward, 256 rows 1.34x; ``benchmarks/levers.py head_loss``), a few hundred MB on
+    a GPU (fewer kernel launches; not measured: no GPU was lent)."""
     return max(1, HEAD_CHUNK_BYTES.get(device_type, HEAD_CHUNK_BYTES["other"]) // (4 * vocab))
 
 
@@ -189,4 +189,3 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             logits = x2[start:start + rows].to(dtype) @ w.t()
             total += _head_softmax(logits, t[start:start + rows], softcap, ignore_index, grad=False)
     return total
-
