@@ -183,6 +183,7 @@ def test_compare_hf_with_an_open_family_names_its_class(in_tmp, capsys):
     assert main([*TINY, "--precision", "fp32", "--compare", "hf", *LLAMA]) == 0
     out = capsys.readouterr().out
     assert "| HF LlamaForCausalLM (same weights)" in out and "ratio (ours / HF LlamaForCausalLM" in out
+    assert "training step: tiny with family llama, norm rmsnorm, mlp swiglu, n_kv_heads 2" in out  # not "tiny" alone
     assert main([*TINY, "--train.learning_rate", "0.1"]) == 2
     assert "--train.learning_rate applies to --mode epoch" in capsys.readouterr().err
 

@@ -149,7 +149,8 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             return work.speed(times[name], sum(p.numel() for p in model.parameters()), *(ns if name == "ours" else ()))
 
         result = TrainBench(
-            preset=m.preset, params=ours.model.num_parameters(), matmul_params=matmul_params(m),
+            preset=m.preset + (f" with {', '.join(f'{k} {v}' for k, v in opts.model.items())}" if opts.model else ""),
+            params=ours.model.num_parameters(), matmul_params=matmul_params(m),
             vocab_size=m.vocab_size, seq_len=cfg.data.seq_len, batch_size=t.batch_size, precision=precision.name,
             compile=t.compile, activation_checkpointing=m.activation_checkpointing, optimizer=ours.optimizer_kind(),
             steps=opts.steps, warmup=opts.warmup, machine=Machine.of(device), flops_per_token=flops_tok,
