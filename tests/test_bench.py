@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -373,3 +374,62 @@ def test_epoch_mode_says_which_optimizer_ran_and_its_newton_schulz_work(in_tmp, 
     assert r["optimizer"] == "muon" and r["newton_schulz"] == "3 x quintic" and r["newton_schulz_flops"] > 0
     assert main(args) == 0
     assert "optimizer muon (Newton-Schulz 3 x quintic" in capsys.readouterr().out
+
+
+def test_breakdown_classes_each_op_and_bounds_the_ratio():
+    from sab_byon_omni.benchmark.breakdown import ceiling, classify, op_class
+
+    assert [op_class(n) for n in ("aten::mm", "aten::addmm", "aten::bmm")] == ["matmul"] * 3
+    assert op_class("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert op_class("aten::_scaled_dot_product_efficient_attention") == "attention"
+    assert op_class("aten::_fused_adamw_") == op_class("aten::_foreach_norm") == "optimizer"
+    assert op_class("aten::mul") == op_class("aten::matmul") == op_class("LinearCrossEntropy") == "other"
+    ours = classify([("aten::mm", 4000.0), ("aten::mm", 2000.0), ("aten::_fused_adamw_", 1000.0),
+                     ("aten::_scaled_dot_product_flash_attention_for_cpu", 1000.0), ("aten::mul", 2000.0)])
+    assert ours == {"matmul": 6.0, "attention": 1.0, "optimizer": 1.0, "other": 2.0}
+    assert ceiling(ours, 0.012) == pytest.approx(12 / 8)  # the peer's 12 ms step over ours' 8 ms of shared kernels
+
+
+def test_bench_breakdown_profiles_every_model(in_tmp, capsys):
+    """--breakdown prints one row per model, the ceiling against each peer, and the same as JSON;
+    libkineto's own stderr lines are kept out of the report."""
+    assert main([*TINY, "--compare", "minimal", "--breakdown"]) == 0
+    captured = capsys.readouterr()
+    assert "| sab-byon-omni | " in captured.out and "| plain reference GPT | " in captured.out
+    assert "ceiling against plain reference GPT: " in captured.out and "USDT" not in captured.err
+    assert main([*TINY, "--compare", "minimal", "--breakdown", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for model in ("ours", "minimal"):
+        parts = [r[f"breakdown_{model}_{c}_ms"] for c in ("matmul", "attention", "optimizer", "other")]
+        assert all(p >= 0 for p in parts) and parts[0] > 0 and parts[3] > 0
+    shared = sum(r[f"breakdown_ours_{c}_ms"] for c in ("matmul", "attention", "optimizer"))
+    assert r["ceiling_vs_minimal"] == pytest.approx(r["minimal_step_s"] * 1e3 / shared)
+    assert main([*TINY, "--mode", "generate", "--breakdown"]) == 2
+    assert "--breakdown applies to --mode train, not generate" in capsys.readouterr().err
+
+
+def test_compile_layers_compiles_each_layer_of_a_peer(tiny_cfg):
+    """bench --compile compiles the peers' layers as train.compile compiles our blocks (a fair
+    comparison); the HF peer of an open family is built without a key/value cache."""
+    from sab_byon_omni.benchmark.common import BenchOptions, random_batch
+    from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
+    from sab_byon_omni.device import make_precision
+
+    opts = BenchOptions.for_preset("tiny", seq_len=32, batch_size=2, precision="fp32", compile=True)
+    step = MinimalStep(opts.run, random_batch(2, 32, 96, 0), make_precision("fp32", torch.device("cpu")))
+    assert all(hasattr(block.forward, "_torchdynamo_orig_callable") for block in step.model.h)
+    plain = MinimalStep(replace_compile(opts, False), random_batch(2, 32, 96, 0),
+                        make_precision("fp32", torch.device("cpu")))
+    assert not any(hasattr(block.forward, "_torchdynamo_orig_callable") for block in plain.model.h)
+    if importlib.util.find_spec("transformers"):
+        from sab_byon_omni.benchmark.peers import build_hf_peer
+
+        cfg = ModelConfig.from_name("tiny", vocab_size=96, family="llama", norm="rmsnorm", mlp="swiglu",
+                                    n_kv_heads=2, fragmergent_mode="off")
+        assert build_hf_peer(cfg, seed=0).config.use_cache is False
+
+
+def replace_compile(opts, on: bool):
+    from sab_byon_omni.config import replace
+
+    return replace(opts.run, **{"train.compile": on})

@@ -279,8 +279,8 @@ def test_a_binary_file_given_as_a_checkpoint_is_named_by_its_kind(in_tmp, capsys
 @pytest.mark.parametrize("argv, says", [
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "checkpoint not found: /nonexistent"),
     (["eval", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
-    (["eval", "--checkpoint", "present.pt", "--data", "nowhere"], "data.dataset='nowhere': no such file or folder"),
-    (["train", "--data", "/nonexistent"], "data.dataset='/nonexistent': no such file or folder"),
+    (["eval", "--checkpoint", "present.pt", "--data", "nowhere"], "--data 'nowhere' (data.dataset): no such file or folder (relative to "),
+    (["train", "--data", "/nonexistent"], "--data '/nonexistent' (data.dataset): no such file or folder"),
     (["train", "--init_from", "gone.pt"], "checkpoint not found: gone.pt"),
     (["export", "--checkpoint", "nope", "-o", "out"], "checkpoint not found: nope"),
     (["plot", "nope"], "run directory not found: nope"),

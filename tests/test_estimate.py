@@ -181,6 +181,20 @@ def test_cli_estimate_says_what_its_epoch_assumes(capsys):
     assert "epoch of 1.00M tokens: " in out and "1 device," in out
 
 
+def test_cli_estimate_names_its_verdicts_unit_and_what_gpus_on_a_cpu_means(capsys, monkeypatch):
+    """The verdict's memory is in the peak's unit (GiB) with the GB figure beside it, and --gpus N on
+    a machine without CUDA says that it sized N copies of this CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["estimate", "--preset", "tiny", "--gpus", "8", "--memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "(fits in 74.5 GiB = 80 GB)" in out
+    assert "note: no GPU here, so --gpus 8 sizes 8 copies of this CPU; --device h100 plans for H100s" in out
+    assert main(["estimate", "--preset", "tiny", "--gpus", "8", "--device", "h100"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main(["estimate", "--preset", "tiny"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_cli_estimate_json_matches_the_library():
     import io
     from contextlib import redirect_stdout

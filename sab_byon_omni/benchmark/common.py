@@ -35,6 +35,7 @@ class BenchOptions:
     isolated_memory: bool = False  # also each model's peak RSS in a fresh process (benchmark/isolated.py)
     clock: str = "wall"  # wall: seconds on the wall clock; cpu: this process's CPU seconds (a CPU shared with others)
     model: dict[str, Any] = field(default_factory=dict)  # the model fields given over the preset's
+    breakdown: bool = False  # also profile one step of each model by kind of kernel (benchmark/breakdown.py)
 
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,
@@ -169,6 +170,17 @@ def best_peak(*measured: tuple[float | None, str]) -> tuple[float | None, str]:
     """The higher of peaks measured before and after the timed steps (a quiet moment's)."""
     values = [m for m in measured if m[0] is not None]
     return max(values, key=lambda m: m[0]) if values else measured[0]
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each layer of a peer as ``train.compile`` compiles ours (each block's forward,
+    shapes dynamic), so that ``bench --compile`` compares like with like: the layers are the
+    model's largest ``nn.ModuleList`` (``model.layers``, GPT-2's ``transformer.h``...)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise SabError(f"--compile: no list of layers in the {type(model).__name__} peer to compile")
+    for layer in max(lists, key=len):
+        layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
 class PeerStep:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sab_byon_omni.benchmark.common import PeerStep
+from sab_byon_omni.benchmark.common import PeerStep, compile_layers
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.batching import IGNORE_INDEX, Batch
 from sab_byon_omni.device import Precision
@@ -115,6 +115,8 @@ class MinimalStep(PeerStep):
         torch.manual_seed(cfg.train.seed)
         t = cfg.train
         self.model = MinimalGPT(cfg.model).to(precision.device).train()
+        if t.compile:
+            compile_layers(self.model)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},

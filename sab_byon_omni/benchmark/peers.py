@@ -4,7 +4,9 @@
   loss, ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``): for the SAB model a GPT-2 from a
   local ``GPT2Config`` of the same dimensions; for a model of an open family (``model.family``
   llama, qwen2...) that family's own class (``LlamaForCausalLM``...) holding the very weights ours
-  starts from (:func:`~sab_byon_omni.interop.hf.to_hf_parts`);
+  starts from (:func:`~sab_byon_omni.interop.hf.to_hf_parts`). Both with ``use_cache=False``: a
+  training step has no use for the key/value cache a Llama config would build by default (and it
+  makes a compiled layer recompile for every layer index);
 * ``minimal``: a plain GPT written from its textbook definition (:mod:`.minimal_gpt`), trained the
   textbook way (mean loss, ``clip_grad_norm_``, ``torch.optim.AdamW(foreach=True)``).
 """
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sab_byon_omni.benchmark.common import PeerStep
+from sab_byon_omni.benchmark.common import PeerStep, compile_layers
 from sab_byon_omni.benchmark.minimal_gpt import MinimalStep
 from sab_byon_omni.config import ModelConfig, RunConfig
 from sab_byon_omni.data.tokenizers import Char96Tokenizer
@@ -60,8 +62,8 @@ def build_hf_family(cfg: ModelConfig, seed: int) -> nn.Module:
     ours = CausalTransformer(cfg)
     config, tensors, _, _ = to_hf_parts(ours, Char96Tokenizer())
     model_type = config.pop("model_type")
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config),
-                                                       attn_implementation="sdpa")
+    hf_config = transformers.AutoConfig.for_model(model_type, **{**config, "use_cache": False})
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     if unexpected or [k for k in missing if k not in ("lm_head.weight",)]:  # a tied head is the embedding
         raise SabError(f"--compare hf: the {model_type} peer does not take our weights: {(missing + unexpected)[:3]}")
@@ -87,6 +89,8 @@ class HFStep(PeerStep):
         t = cfg.train
         with torch.device(precision.device):  # initialised there: a 1B GPT-2 builds in seconds on a GPU
             self.model = build_hf_peer(cfg.model, cfg.train.seed).to(precision.device).train()
+        if t.compile:  # as train.compile compiles ours: each layer
+            compile_layers(self.model)
         fused = precision.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, betas=(t.beta1, t.beta2),
                                            weight_decay=t.weight_decay, fused=fused or None)

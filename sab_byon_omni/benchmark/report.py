@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sab_byon_omni.benchmark.breakdown import CLASSES, SHARED, ceiling
 from sab_byon_omni.benchmark.results import EpochBench, GenerateBench, Result, Speed, TrainBench
 from sab_byon_omni.estimate import plural
 
@@ -61,7 +62,7 @@ def _generate(r: GenerateBench) -> str:
 def _train(r: TrainBench) -> str:
     lines = [
         f"training step: {r.preset} ({r.params / 1e6:.1f}M params), vocab {r.vocab_size}, batch {r.batch_size} x "
-        f"{r.seq_len}, {r.precision}, {r.optimizer}, compile {'on' if r.compile else 'off'}, activation "
+        f"{r.seq_len}, {r.precision}, {r.optimizer}, compile {_compiled(r)}, activation "
         f"checkpointing {'on' if r.activation_checkpointing else 'off'}; {r.machine.describe()}",
         f"FLOPs per token: {r.flops_per_token / 1e6:.1f} M (6 x {r.matmul_params / 1e6:.2f}M matmul weights "
         f"+ 12 x layers x seq_len x hidden); peak {_fmt(r.peak_tflops, '.3g')} TFLOP/s ({r.peak_source}); "
@@ -91,7 +92,38 @@ def _train(r: TrainBench) -> str:
     if r.ours.isolated_peak_mb:
         lines.append("peak memory: peak RSS of a fresh process running only that model's step (--isolated-memory), "
                      "with the RSS before the model was built in brackets")
+    if r.breakdown:
+        lines += _breakdown(r, names)
     return "\n".join(lines)
+
+
+def _breakdown(r: TrainBench, names: dict[str, str]) -> list[str]:
+    """--breakdown: one profiled step per model by kind of kernel, and the ceiling against each peer."""
+    clock = "device" if r.machine.device == "cuda" else "CPU"
+    lines = ["", f"one profiled step per model, {clock} ms by kind of kernel (--breakdown; the profiler adds to every "
+             "op, most to the small ones):", "",
+             "| model | " + " | ".join(CLASSES) + " | profiled step |", "|---|" + "---:|" * (len(CLASSES) + 1)]
+    for model, classes in r.breakdown.items():
+        total = sum(classes.values())
+        cells = " | ".join(f"{_ms(classes[c])} ({100 * classes[c] / total:.0f}%)" for c in CLASSES)
+        lines.append(f"| {'sab-byon-omni' if model == 'ours' else names.get(model, model)} | {cells} | {_ms(total)} |")
+    for model in r.peers:
+        if model in r.breakdown:
+            limit = ceiling(r.breakdown["ours"], r.peers[model].step_s)
+            lines.append(f"ceiling against {names.get(model, model)}: {limit:.2f}x, its timed step over ours' "
+                         f"{', '.join(SHARED)} time alone (kernels both run: the ratio ours would reach if all its "
+                         "other work took no time)")
+    return lines
+
+
+def _compiled(r: TrainBench) -> str:
+    if not r.compile:
+        return "off"
+    return "on (our blocks and each peer's layers)" if r.peers else "on"
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _newton_schulz(r: TrainBench) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sab_byon_omni.benchmark.breakdown import ceiling
 from sab_byon_omni.machine import cpu_flags_summary, cpu_has_native_bf16, device_name
 
 
@@ -78,6 +79,7 @@ class TrainBench:
     newton_schulz_peak_tflops: float | None = None  # that dtype's peak, which MFU counts those FLOPs against
     allocator: str = ""  # CPU: the C allocator's settings from the environment (machine.malloc_settings)
     clock: str = "wall"  # what the step times count: wall seconds, or this process's CPU seconds (--clock cpu)
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> kernel class -> ms (--breakdown)
 
     def ratio(self, peer: str) -> float:
         return self.ours.tokens_per_s / self.peers[peer].tokens_per_s
@@ -155,6 +157,11 @@ def to_json(r: Result) -> dict[str, Any]:
             out.update(dataclasses.asdict(value))
             if f.name == "ours":
                 out["measured_mfu"] = r.measured_mfu(value)
+        elif f.name == "breakdown":
+            for model, classes in value.items():
+                out.update({f"breakdown_{model}_{c}_ms": ms for c, ms in classes.items()})
+                if model != "ours":
+                    out[f"ceiling_vs_{model}"] = ceiling(value["ours"], r.peers[model].step_s)
         elif f.name == "peers":
             for peer, speed in value.items():
                 out.update({f"{peer}_{k}": v for k, v in dataclasses.asdict(speed).items()})

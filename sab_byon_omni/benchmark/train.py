@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sab_byon_omni.benchmark.breakdown import profile_step
 from sab_byon_omni.benchmark.common import (
     BenchOptions,
     best_peak,
@@ -125,19 +126,9 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         batch = random_batch(t.batch_size, cfg.data.seq_len, m.vocab_size, t.seed)
         flops_tok = train_flops_per_token(m, cfg.data.seq_len)
         peak_before = peak(precision.name, device, opts.peak_tflops)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ours = OursStep(cfg, batch)
-        times_first = [timed(ours, device, opts.clock) for _ in range(opts.warmup)]
-        # Memory now, before any peer exists (and after at least one step: optimizer state, gradients
-        # and activations have peaked).
-        memory = peak_memory_mb(device) if opts.warmup else None
-        runners = {"ours": ours}
-        for name in opts.compare:
-            runners[name] = PEER_STEPS[name](cfg, batch, precision)
-            for _ in range(opts.warmup):
-                timed(runners[name], device)
+        ours, runners, times_first, memory = _build_and_warm(opts, cfg, batch, precision, device)
         times = interleave(runners, opts.steps, device, opts.clock)
+        breakdown = {name: profile_step(fn, device) for name, fn in runners.items()} if opts.breakdown else {}
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)
@@ -159,12 +150,32 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
             first_step_s=times_first[0] if times_first else None,
             peers={name: speed(name) for name in opts.compare}, measured_peak_tflops=measured,
             peer_names={name: hf_peer_name(m) for name in opts.compare if name == "hf"},
-            allocator=malloc_settings() if device.type == "cpu" else "", clock=opts.clock, **dict(zip(NS_FIELDS, ns)))
+            allocator=malloc_settings() if device.type == "cpu" else "", clock=opts.clock, breakdown=breakdown,
+            **dict(zip(NS_FIELDS, ns)))
         if t.compile and result.first_step_s is not None:
             result = dataclasses.replace(result, compile_s=max(result.first_step_s - result.ours.step_s, 0.0))
     if opts.isolated_memory:
         _add_isolated_memory(result, opts, device)
     return result
+
+
+def _build_and_warm(opts: BenchOptions, cfg: RunConfig, batch: Batch, precision: Precision,
+                    device: torch.device) -> tuple[OursStep, dict, list[float], float | None]:
+    """(ours, every model's step by name, our warm-up times, our peak memory after them) with each
+    model's ``opts.warmup`` steps run."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ours = OursStep(cfg, batch)
+    times_first = [timed(ours, device, opts.clock) for _ in range(opts.warmup)]
+    # Memory now, before any peer exists (and after at least one step: optimizer state, gradients
+    # and activations have peaked).
+    memory = peak_memory_mb(device) if opts.warmup else None
+    runners = {"ours": ours}
+    for name in opts.compare:
+        runners[name] = PEER_STEPS[name](cfg, batch, precision)
+        for _ in range(opts.warmup):
+            timed(runners[name], device)
+    return ours, runners, times_first, memory
 
 
 def _add_isolated_memory(result: TrainBench, opts: BenchOptions, device: torch.device) -> None:

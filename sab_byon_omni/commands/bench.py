@@ -53,13 +53,26 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, per model (default: 1)")
     p.add_argument("--vocab-size", type=int, default=96, help="vocabulary (default: 96, the char96 tokenizer)")
     p.add_argument("--device", default="auto", help="torch device; auto picks cuda, then mps, then cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model (as train.compile); the "
-                   "compile time is reported separately")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (as train.compile: each block) "
+                   "and each peer's layers the same way; our compile time is reported separately")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="as train.optimizer: adamw, or muon (Muon for the blocks' matrices, AdamW for the rest), whose "
                         "Newton-Schulz iterations are then part of the timed step (default: adamw)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    _add_comparison_flags(p)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU (default: measured on CPU, looked up by GPU name on CUDA)")
+    p.add_argument("--prompt-len", type=int, default=64, help="generate mode: prompt tokens (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generate mode: tokens to generate (default: 128)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default: 1234)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    add_config_flags(p, dotted_only=True)
+    return p
+
+
+def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of --mode train's comparison: the clock, the peers, their memory, the breakdown."""
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="what a step's time counts: wall seconds (default), or this process's CPU seconds, for a CPU "
                         "shared with other jobs (with --threads 1 it is the step's own work)")
@@ -70,14 +83,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--isolated-memory", action="store_true",
                    help="also measure each model's peak RSS in a fresh process of its own (CPU; one more run of "
                         "the warm-up per model), so ours and the peers compare on memory")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU (default: measured on CPU, looked up by GPU name on CUDA)")
-    p.add_argument("--prompt-len", type=int, default=64, help="generate mode: prompt tokens (default: 64)")
-    p.add_argument("--new-tokens", type=int, default=128, help="generate mode: tokens to generate (default: 128)")
-    p.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default: 1234)")
-    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
-    add_config_flags(p, dotted_only=True)
-    return p
+    p.add_argument("--breakdown", action="store_true",
+                   help="train mode: also profile one step of each model and print its time by kind of kernel (matmul, "
+                        "attention, optimizer, other) and the ceiling against each peer: the speed-up a step running "
+                        "only ours' matmul, attention and optimizer kernels would reach")
 
 
 PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", 1024),
@@ -95,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
     compare = tuple(c.strip() for c in args.compare.split(",") if c.strip())
     bench = dict(steps=args.steps, warmup=args.warmup, compare=compare, peak_tflops=args.peak_tflops,
-                 threads=args.threads, isolated_memory=args.isolated_memory, clock=args.clock)
+                 threads=args.threads, isolated_memory=args.isolated_memory, clock=args.clock,
+                 breakdown=args.breakdown)
     if args.clock != "wall" and args.mode != "train":
         raise SabError(f"--clock {args.clock} applies to --mode train, not {args.mode}")
-    if args.isolated_memory and args.mode != "train":
-        raise SabError(f"--isolated-memory applies to --mode train, not {args.mode}")
+    for flag in ("isolated_memory", "breakdown"):
+        if getattr(args, flag) and args.mode != "train":
+            raise SabError(f"--{flag.replace('_', '-')} applies to --mode train, not {args.mode}")
     if args.mode == "epoch":
         result = _epoch(args, compare)
     else:

@@ -190,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
                           "peak_tflops": args.peak_tflops}, indent=2))
         return 0
     print(f"device: {device_words}")
+    if args.gpus > 1 and args.device == "auto" and kind == "cpu":
+        print(f"note: no GPU here, so --gpus {args.gpus} sizes {args.gpus} copies of this CPU; --device h100 "
+              "plans for H100s, --memory-gb and --peak-tflops for another GPU")
     print(f"{name}: {e.parameters:,} parameters ({fmt_count(e.parameters)}), vocab {cfg.vocab_size:,}"
           + (f", family {cfg.family}" if args.init_from else ""))
     if args.lora_rank:
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {fmt_bytes(getattr(e, name)):>12}")
     print("  (peak = weights + gradients + optimizer + activations + the larger of logits and workspace + buffers)")
     verdict = "fits" if e.peak <= budget else "does NOT fit"
-    print(f"  {'peak':<12} {fmt_bytes(e.peak):>12}   ({verdict} in {args.memory_gb:.4g} GB)")
+    print(f"  {'peak':<12} {fmt_bytes(e.peak):>12}   ({verdict} in {fmt_bytes(budget)} = {args.memory_gb:.4g} GB)")
     if e.peak > budget:
         mb = largest_micro_batch(cfg, args.seq_len, budget, args.batch_size, precision=args.precision, gpus=args.gpus,
                                  parallel=args.parallel, activation_checkpointing=args.activation_checkpointing,

@@ -161,9 +161,9 @@ def _chat(sab, args, data_cfg, batch_size, device, precision, how):  # type: ign
     result, samples = EvalResult(0.0, 0, 0), 0
     for split in _splits(args):
         part = val if split == "val" else train
-        log.info("scoring the answers of %s %s conversation samples (%s)", f"{len(part):,}", split, how)
+        log.info("scoring the answers of %s (%s split; %s)", plural(len(part), "conversation"), split, how)
         result = result + evaluate_samples(sab.model, part, part.answer_bytes(sab.tokenizer), batch_size,
                                            sab.tokenizer.pad_id, device, precision.autocast())
         samples += len(part)
-    return result, f"{samples:,} conversation samples, answers only", {"samples": samples,
+    return result, f"{plural(samples, 'conversation')}, answers only", {"samples": samples,
                                                                          "seq_len": data_cfg.seq_len}

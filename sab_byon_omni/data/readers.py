@@ -363,7 +363,8 @@ def check_dataset(spec: str) -> None:
     searched by :func:`find_files`); cheap: commands call it before they import torch."""
     expanded = os.path.expanduser(spec)
     if not is_glob(expanded) and not os.path.exists(expanded):
-        raise SabError(f"data.dataset={spec!r}: no such file or folder")
+        where = "" if os.path.isabs(expanded) else f" (relative to {os.getcwd()})"
+        raise SabError(f"--data {spec!r} (data.dataset): no such file or folder{where}")
 
 
 def find_files(spec: str) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -159,8 +160,12 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
 
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
     # the model's buffers (RoPE tables) are the same on every rank by construction: no broadcast per
-    # forward; the gradients live in DDP's all-reduce buckets instead of a second fp32 copy
-    return DDP(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # forward (torch >= 2.13 names it forward_sync_buffers and deprecates broadcast_buffers; the one
+    # sync at init it keeps copies equal tables); the gradients live in DDP's all-reduce buckets
+    # instead of a second fp32 copy
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
 
 
 def wrap_fsdp(model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
