@@ -279,8 +279,8 @@ def test_a_binary_file_given_as_a_checkpoint_is_named_by_its_kind(in_tmp, capsys
 @pytest.mark.parametrize("argv, says", [
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "checkpoint not found: /nonexistent"),
     (["eval", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
-    (["eval", "--checkpoint", "present.pt", "--data", "nowhere"], "--data 'nowhere' (data.dataset): no such file or folder (relative to "),
-    (["train", "--data", "/nonexistent"], "--data '/nonexistent' (data.dataset): no such file or folder"),
+    (["eval", "--checkpoint", "present.pt", "--data", "nowhere"], "data.dataset='nowhere' (train's --data): no such file or folder (relative to "),
+    (["train", "--data", "/nonexistent"], "data.dataset='/nonexistent' (train's --data): no such file or folder"),
     (["train", "--init_from", "gone.pt"], "checkpoint not found: gone.pt"),
     (["export", "--checkpoint", "nope", "-o", "out"], "checkpoint not found: nope"),
     (["plot", "nope"], "run directory not found: nope"),
@@ -293,6 +293,14 @@ def test_a_wrong_path_fails_before_torch_is_imported(in_tmp, argv, says):
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=in_tmp)
     assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr[-2000:])
     one_error(out.stderr, says)
+
+
+def test_a_data_path_that_is_a_dangling_link_or_an_unknown_home_says_so(in_tmp, capsys):
+    (in_tmp / "gone").symlink_to(in_tmp / "never-there")
+    assert main(["train", "--data", "gone"]) == 2
+    one_error(capsys.readouterr().err, "data.dataset='gone' (train's --data): a symbolic link to nothing")
+    assert main(["train", "--data", "~no_such_user_x/notes.txt"]) == 2
+    one_error(capsys.readouterr().err, "'~no_such_user_x' is no user's home folder here")
 
 
 def test_a_long_message_is_cut_at_a_sentence_not_mid_word():

@@ -320,3 +320,18 @@ def test_non_finite_logits_are_found_at_the_next_read_back(model, every):
     sampled = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(ValueError, match="non-finite logits"):
         sample_next(sampled, 1.0, None, None, None)  # no NaN reaches multinomial, which would fail otherwise
+
+
+@pytest.mark.parametrize("new_tokens", [2, 8])
+def test_autocast_casts_each_weight_once_per_generation_not_per_token(new_tokens):
+    """Under inference_mode autocast keeps no cast weights: bf16 decoding cast every matrix again for
+    every token, 2.4x slower than fp32 (Lightweight, Sapphire Rapids: 27 against 65 tokens/s; 73
+    with the weights cast once). The MLP's up weight (ffn x hidden) is cast once per layer."""
+    from torch.profiler import profile
+
+    cfg = ModelConfig.from_name("tiny", vocab_size=96)
+    model = CausalTransformer(cfg).eval()
+    with profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        assert len(list(generate_tokens(model, [1, 2, 3], max_new_tokens=new_tokens, temperature=0))) == new_tokens
+    up = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[cfg.ffn, cfg.hidden]]]
+    assert len(up) == cfg.n_layers

@@ -60,7 +60,11 @@ def build_hf_family(cfg: ModelConfig, seed: int) -> nn.Module:
     transformers = _transformers()
     torch.manual_seed(seed)
     ours = CausalTransformer(cfg)
-    config, tensors, _, _ = to_hf_parts(ours, Char96Tokenizer())
+    try:
+        config, tensors, _, _ = to_hf_parts(ours, Char96Tokenizer())
+    except SabError as e:  # the export's advice ("export it with...") does not fit a benchmark
+        raise SabError(f"--compare hf with --model.family {cfg.family}: {str(e).split('; ')[0]}: give the --model.* "
+                       "options of that architecture (bench --help shows SmolLM2's)") from None
     model_type = config.pop("model_type")
     hf_config = transformers.AutoConfig.for_model(model_type, **{**config, "use_cache": False})
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
@@ -78,7 +82,7 @@ def build_hf_peer(cfg: ModelConfig, seed: int) -> nn.Module:
 def hf_peer_name(cfg: ModelConfig) -> str:
     from sab_byon_omni.interop.hf_families import ARCHITECTURES
 
-    return "HF GPT-2" if cfg.family == "sab" else f"HF {ARCHITECTURES[cfg.family]} (same weights)"
+    return "HF GPT-2" if cfg.family == "sab" else f"HF {ARCHITECTURES[cfg.family]} with our weights"
 
 
 class HFStep(PeerStep):

@@ -161,7 +161,7 @@ def to_json(r: Result) -> dict[str, Any]:
             for model, classes in value.items():
                 out.update({f"breakdown_{model}_{c}_ms": ms for c, ms in classes.items()})
                 if model != "ours":
-                    out[f"ceiling_vs_{model}"] = ceiling(value["ours"], r.peers[model].step_s)
+                    out[f"ceiling_vs_{model}"] = ceiling(value["ours"], r.ours.step_s, r.peers[model].step_s)
         elif f.name == "peers":
             for peer, speed in value.items():
                 out.update({f"{peer}_{k}": v for k, v in dataclasses.asdict(speed).items()})

@@ -98,6 +98,7 @@ class StepWork:
         return Speed(step_s, times, self.tokens / step_s, tflops, mfu, params)
 
 
+PROFILED_STEPS = 3  # --breakdown: the steps of each model profiled (at most --steps), their mean reported
 NS_FIELDS = ("newton_schulz_flops", "newton_schulz_dtype", "newton_schulz_peak_tflops")  # newton_schulz_work's
 
 
@@ -128,7 +129,8 @@ def run_train_bench(opts: BenchOptions) -> TrainBench:
         peak_before = peak(precision.name, device, opts.peak_tflops)
         ours, runners, times_first, memory = _build_and_warm(opts, cfg, batch, precision, device)
         times = interleave(runners, opts.steps, device, opts.clock)
-        breakdown = {name: profile_step(fn, device) for name, fn in runners.items()} if opts.breakdown else {}
+        profiled = min(opts.steps, PROFILED_STEPS)
+        breakdown = {name: profile_step(fn, device, profiled) for name, fn in runners.items()} if opts.breakdown else {}
         memory = memory if memory is not None else peak_memory_mb(device)
         top, source = best_peak(peak_before, peak(precision.name, device, opts.peak_tflops))
         measured = top if source.startswith("measured") else measured_peak(precision.name, device)

@@ -23,11 +23,12 @@ EXAMPLE = """examples:
   sab-omni bench --mode generate --preset lightweight --compare hf --new-tokens 128
   sab-omni bench --preset 1b --vocab-size 50000 --seq-len 2048 --batch-size 4 --precision bf16 --device cuda --compare hf
   sab-omni bench --mode epoch --config configs/default.yaml --steps 10 --set data.length_bucket_size=64
-  # SmolLM2-135M's architecture against transformers' LlamaForCausalLM holding the same weights:
-  sab-omni bench --preset small --vocab-size 49152 --seq-len 256 --batch-size 4 --precision fp32 --compare hf \
-      --model.family llama --model.hidden 576 --model.n_layers 30 --model.n_heads 9 --model.n_kv_heads 3 \
-      --model.ffn 1536 --model.norm rmsnorm --model.mlp swiglu --model.rope_base 100000 --model.max_seq_len 2048 \
-      --model.fragmergent_mode off
+  # SmolLM2-135M's architecture against transformers' LlamaForCausalLM holding the same weights (the
+  # table of docs/BENCHMARKS.md; add --precision fp32 or --compile for its other rows):
+  sab-omni bench --preset small --vocab-size 49152 --seq-len 256 --batch-size 4 --compare hf \\
+      --model.family llama --model.hidden 576 --model.n_layers 30 --model.n_heads 9 --model.n_kv_heads 3 \\
+      --model.ffn 1536 --model.norm rmsnorm --model.mlp swiglu --model.rope_base 100000 --model.max_seq_len 2048 \\
+      --model.fragmergent_mode off --steps 5 --threads 1 --clock cpu --breakdown
 """
 
 
@@ -45,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "the same as train's --data.length_bucket_size 64, also accepted here)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="lightweight",
                    help="architecture (default: lightweight)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (default: 1024, or the model's max_seq_len when that is shorter)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (default: 4)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="as train.precision; auto = bf16 where the hardware has it, else fp32 (default: auto)")
@@ -89,7 +91,7 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
                         "only ours' matmul, attention and optimizer kernels would reach")
 
 
-PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", 1024),
+PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", None),
                 "batch_size": ("train.batch_size", 4), "precision": ("train.precision", "auto"),
                 "device": ("train.device", "auto"), "vocab_size": ("model.vocab_size", 96),
                 "compile": ("train.compile", False),
@@ -111,11 +113,17 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("isolated_memory", "breakdown"):
         if getattr(args, flag) and args.mode != "train":
             raise SabError(f"--{flag.replace('_', '-')} applies to --mode train, not {args.mode}")
+    if args.compile and args.mode == "generate":
+        raise SabError("--compile applies to --mode train (generation runs eager: docs/BENCHMARKS.md)")
+    if args.set and args.mode != "epoch":
+        raise SabError(f"--set applies to --mode epoch; --mode {args.mode} takes the bench flags and --model.*")
     if args.mode == "epoch":
         result = _epoch(args, compare)
     else:
         flags = {k: getattr(args, k) for k in PRESET_FLAGS}
         bench["model"], bench["train"] = _model_fields(args)
+        if flags["seq_len"] is None:
+            flags["seq_len"] = min(1024, int(bench["model"].get("max_seq_len", PRESETS[args.preset]["max_seq_len"])))
         if args.mode == "generate":  # the sequence is the prompt and the new tokens
             flags["seq_len"] = min(max(args.prompt_len + args.new_tokens, 2), PRESETS[args.preset]["max_seq_len"])
         opts = BenchOptions.for_preset(**flags, seed=args.seed, **bench)
@@ -139,6 +147,10 @@ def _model_fields(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, s
     ``--train.muon_ns_*`` (they change the timed step, as ``--optimizer`` does); other sections'
     flags belong to --mode epoch, whose config they change."""
     given = collect_overrides(args)
+    for key in ("preset", "vocab_size", "activation_checkpointing"):
+        if f"model.{key}" in given:
+            raise SabError(f"--model.{key} repeats --{key.replace('_', '-')}: give it once, as "
+                           f"--{key.replace('_', '-')}")
     other = sorted(k for k in given if not k.startswith("model.") and k not in TRAIN_FIELDS)
     if other:
         raise SabError(f"--{other[0]} applies to --mode epoch; --mode {args.mode} takes the bench flags, --model.* "

@@ -153,7 +153,7 @@ class ChatSession:
             yield self.last.text[len(shown):]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as generate_tokens: autocast keeps its cast weights only outside inference_mode
 def reply(sab: Any, text: str, system: str | None = None, sampling: Sampling | None = None) -> str:
     """One answer to ``text`` (a conversation of one user turn), whole."""
     return "".join(ChatSession(sab, system, sampling or Sampling()).answer(text))

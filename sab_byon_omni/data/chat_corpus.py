@@ -32,6 +32,7 @@ from sab_byon_omni.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 from sab_byon_omni.data.readers import file_signature
 from sab_byon_omni.data.tokenizers import Tokenizer, build_tokenizer, describe_tokenizer, spec_hash
 from sab_byon_omni.errors import SabError
+from sab_byon_omni.estimate import plural
 from sab_byon_omni.files.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def load_chat_corpus(cfg: DataConfig, forms: dict[Path, str], directory: Path,
     if why is not None:
         n = sum(1 for path in sorted(forms) for _ in read_conversations(path, forms[path]))  # checks every line
         if n < 2:
-            raise SabError(f"data.dataset={cfg.dataset!r} holds {n} conversation(s): at least 2 are needed "
+            raise SabError(f"data.dataset={cfg.dataset!r} holds {plural(n, 'conversation')}: at least 2 are needed "
                            "(one for validation)")
         directory.mkdir(parents=True, exist_ok=True)
         with cache.lock(directory):

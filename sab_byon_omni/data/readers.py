@@ -359,12 +359,14 @@ def _on_chain(real: tuple[int, int], node: tuple | None) -> bool:
 
 
 def check_dataset(spec: str) -> None:
-    """A SabError when ``data.dataset`` names a file or folder that does not exist (a glob is
-    searched by :func:`find_files`); cheap: commands call it before they import torch."""
+    """A SabError when ``data.dataset`` names no file or folder (a glob: :func:`find_files`); cheap."""
     expanded = os.path.expanduser(spec)
-    if not is_glob(expanded) and not os.path.exists(expanded):
-        where = "" if os.path.isabs(expanded) else f" (relative to {os.getcwd()})"
-        raise SabError(f"--data {spec!r} (data.dataset): no such file or folder{where}")
+    if is_glob(expanded) or os.path.exists(expanded):
+        return
+    why = (f"{expanded.split(os.sep)[0]!r} is no user's home folder here" if expanded.startswith("~") else
+           "a symbolic link to nothing (or a loop of them)" if os.path.islink(expanded) else
+           "no such file or folder" + ("" if os.path.isabs(expanded) else f" (relative to {os.getcwd()})"))
+    raise SabError(f"data.dataset={spec!r} (train's --data): {why}")
 
 
 def find_files(spec: str) -> list[Path]:

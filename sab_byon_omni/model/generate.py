@@ -87,7 +87,7 @@ def readback_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 8
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: there autocast casts every weight again for every token (no cast cache)
 def generate_tokens(model: CausalTransformer, prompt_ids: list[int], max_new_tokens: int = 200,
                     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                     seed: int | None = None, eos_id: int | None = None, use_cache: bool = True,

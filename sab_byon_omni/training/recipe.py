@@ -147,11 +147,16 @@ def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epoch
     """(eval_interval, eval_batches): about ``EVALUATIONS`` validations at an interval, each on as
     many batches as keep all of them (those at the epochs' ends too) within ``EVAL_SHARE`` of the
     training compute of ``total_steps`` steps of ``gradient_accumulation_steps`` micro-batches, at
-    least ``MIN_EVAL_BATCHES``; 0 (all of them) when a whole pass, ``validation_batches``, is no more."""
+    least ``MIN_EVAL_BATCHES``; 0 (all of them) when a whole pass, ``validation_batches``, is no more.
+    When even ``MIN_EVAL_BATCHES`` each would overrun the budget (a short run), fewer validations at a
+    wider interval, down to none inside the run (interval 0: at the epochs' ends and the run's end)."""
     interval = max(1, math.ceil(total_steps / EVALUATIONS))
     validations = total_steps // interval + epochs
-    forward_passes = 3 * total_steps * gradient_accumulation_steps  # a training micro-batch: forward + backward
-    batches = max(MIN_EVAL_BATCHES, math.floor(EVAL_SHARE * forward_passes / validations))
+    budget = EVAL_SHARE * 3 * total_steps * gradient_accumulation_steps  # a micro-batch: forward + backward
+    batches = max(MIN_EVAL_BATCHES, math.floor(budget / validations))
+    if validations * MIN_EVAL_BATCHES > budget:
+        inside = math.floor(budget / MIN_EVAL_BATCHES) - epochs  # the epochs' ends validate anyway
+        interval = math.ceil(total_steps / inside) if inside > 0 else 0
     return interval, 0 if validation_batches is not None and validation_batches <= batches else batches
 
 
@@ -283,6 +288,10 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
         count = f"{total_steps // t.eval_interval:,} in the run" if total_steps else f"about {EVALUATIONS} in the run"
         lines.append(f"validation {every} ({why('eval_interval', count)}) "
                      f"on {batches} ({why('eval_batches', share)}), and at each epoch's end and the run's end")
+    elif "eval_interval" not in explicit:  # the rule's 0: a run too short for validations inside it
+        lines.append(f"validation at each epoch's end and the run's end only: validations inside a run this short "
+                     f"(at least {MIN_EVAL_BATCHES} batches each) would take more than {EVAL_SHARE:.0%} of its "
+                     "training compute")
     return lines
 
 
