@@ -151,6 +151,8 @@ def test_a_short_run_validates_less_often_rather_than_overrun_the_budget():
     interval, batches = R.evaluation_cadence(100, 1, 1)  # budget 30: 11 x 8 would be 88
     assert (interval, batches) == (50, R.MIN_EVAL_BATCHES) and (100 // interval + 1) * batches <= 30
     assert R.evaluation_cadence(1000, 4, 1) == (100, 109)  # long enough: about ten, more batches each
+    # a validation set of 1 batch, validated whole: 2 inside the run and the end fit the 3.6 passes
+    assert R.evaluation_cadence(12, 1, 1, validation_batches=1) == (6, 0)
 
 
 def test_the_rules_rate_follows_a_batch_size_you_give():
@@ -193,3 +195,22 @@ def test_the_banner_names_the_recipe_and_warns_in_a_subprocess(notes):
     assert "recipe:" in text and "from scratch" in text and "yours: learning_rate" in text
     assert "learns slowly" in text  # 1e-5 is far below the rule for hidden 64
     assert "optimizer step planned" in text  # --max_steps 1: too few to learn
+
+
+def test_the_validation_interval_follows_what_one_validation_costs_in_each_process(monkeypatch):
+    """The review's cases: a whole validation set of 4 batches, your --eval_batches 1, and torchrun
+    (each process validates its own share, within its own budget)."""
+    cfg = build_config({"preset": "tiny", "seq_len": 128, "batch_size": 1, "gradient_accumulation_steps": 1,
+                        "max_steps": 40, "eval_batches": 1})
+    geometry = {"batch_size", "gradient_accumulation_steps", "max_steps"}
+    mine, lines = apply_recipe(cfg, 10_000, geometry | {"eval_batches"}, "test")
+    assert (mine.train.eval_interval, mine.train.eval_batches) == (4, 1)  # 10 + 1 of 1 batch: within 12 passes
+    rule, _ = apply_recipe(cfg, 10_000, geometry, "test")
+    assert rule.train.eval_interval == 0  # 8 batches each: only the end fits
+    small_set, _ = apply_recipe(cfg, 10_000, geometry, "test", val_windows=2)
+    assert (small_set.train.eval_interval, small_set.train.eval_batches) == (8, 0)  # the whole set, 2 batches: 6 fit
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two, _ = apply_recipe(cfg, 10_000, geometry, "test")
+    t = two.train
+    validations = (40 // t.eval_interval if t.eval_interval else 0) + t.epochs
+    assert t.eval_interval == 0 or validations * t.eval_batches <= R.EVAL_SHARE * 3 * 40 * t.gradient_accumulation_steps

@@ -42,6 +42,13 @@ __all__ = ["run_training", "apply_recipe", "resume_tokenizer", "adopt_architectu
 
 log = logging.getLogger(__name__)
 
+def _validation_cost(t: Any, explicit: set[str], val_windows: int | None, batch: int, world: int) -> int | None:
+    """The batches one validation takes in each process (which validates its own share): the whole
+    validation set, or your ``eval_batches`` when smaller; None when neither is known."""
+    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None
+    return min((n for n in (whole, t.eval_batches if "eval_batches" in explicit else 0) if n), default=None)
+
+
 def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
                  val_windows: int = 0) -> tuple[RunConfig, list[tuple[str, str]]]:
     """``cfg`` with the recipe for a training set of ``windows`` samples (and a validation set of
@@ -72,9 +79,8 @@ def apply_recipe(cfg: RunConfig, windows: int, explicit: set[str], why: str,
                        f"for {total:,}")
     final = (fine_tuning_recipe(cfg.model, seq, batch, accum * world, epochs, total, bool(cfg.train.lora_rank))
              if tuning else recipe_for_geometry(cfg.model, seq, batch, accum * world, epochs, total))  # all processes
-    whole = micro_steps_per_epoch(val_windows, batch, world) if val_windows else None  # (each process validates its own)
-    final = dataclasses.replace(final, gradient_accumulation_steps=accum,
-                                eval_batches=evaluation_cadence(total, accum, epochs, whole)[1])
+    interval, batches = evaluation_cadence(total, accum, epochs, _validation_cost(t, explicit, val_windows, batch, world))
+    final = dataclasses.replace(final, gradient_accumulation_steps=accum, eval_interval=interval, eval_batches=batches)
     changes = {k: v for k, v in final.train_overrides().items() if k.split(".", 1)[1] not in explicit}
     if "learning_rate" in explicit and "optimizer" not in explicit:  # your rate means what it always meant
         changes["train.optimizer"] = "adamw"

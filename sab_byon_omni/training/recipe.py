@@ -154,8 +154,9 @@ def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epoch
     validations = total_steps // interval + epochs
     budget = EVAL_SHARE * 3 * total_steps * gradient_accumulation_steps  # a micro-batch: forward + backward
     batches = max(MIN_EVAL_BATCHES, math.floor(budget / validations))
-    if validations * MIN_EVAL_BATCHES > budget:
-        inside = math.floor(budget / MIN_EVAL_BATCHES) - epochs  # the epochs' ends validate anyway
+    least = MIN_EVAL_BATCHES if validation_batches is None else min(MIN_EVAL_BATCHES, validation_batches)
+    if validations * least > budget:
+        inside = math.floor(budget / max(least, 1)) - epochs  # the epochs' ends validate anyway
         interval = math.ceil(total_steps / inside) if inside > 0 else 0
     return interval, 0 if validation_batches is not None and validation_batches <= batches else batches
 
@@ -289,9 +290,8 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
         lines.append(f"validation {every} ({why('eval_interval', count)}) "
                      f"on {batches} ({why('eval_batches', share)}), and at each epoch's end and the run's end")
     elif "eval_interval" not in explicit:  # the rule's 0: a run too short for validations inside it
-        lines.append(f"validation at each epoch's end and the run's end only: validations inside a run this short "
-                     f"(at least {MIN_EVAL_BATCHES} batches each) would take more than {EVAL_SHARE:.0%} of its "
-                     "training compute")
+        lines.append("validation at each epoch's end and the run's end only: validations inside a run this short "
+                     f"would take more than {EVAL_SHARE:.0%} of its training compute")
     return lines
 
 
