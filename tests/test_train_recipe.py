@@ -214,3 +214,13 @@ def test_the_validation_interval_follows_what_one_validation_costs_in_each_proce
     t = two.train
     validations = (40 // t.eval_interval if t.eval_interval else 0) + t.epochs
     assert t.eval_interval == 0 or validations * t.eval_batches <= R.EVAL_SHARE * 3 * 40 * t.gradient_accumulation_steps
+
+
+def test_with_your_interval_the_banner_does_not_claim_the_budget():
+    """A review found '--eval_interval 2 --max_steps 6' described as 'all validations within 10%'
+    (9 batches against a budget of 1.8)."""
+    cfg = build_config({"preset": "tiny", "seq_len": 128, "eval_interval": 2, "max_steps": 6})
+    _, lines = apply_recipe(cfg, 10_000, {"eval_interval", "max_steps"}, "test")
+    text = "\n".join(line for _, line in lines)
+    assert "validation every 2 steps (yours)" in text and "at your interval they may take more" in text
+    assert "within 10% of the training compute" not in text

@@ -285,6 +285,8 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
                    else "the whole validation set")
         budget = f"all validations within {EVAL_SHARE:.0%} of the training compute, at least {MIN_EVAL_BATCHES} batches"
         share = f"the budget: {budget}" if t.eval_batches else f"no larger than the budget: {budget}"
+        if "eval_interval" in explicit:  # the rule sized the batches for its own interval, not yours
+            share = f"the rule's size for about {EVALUATIONS} validations; at your interval they may take more"
         every = "every step" if t.eval_interval == 1 else f"every {t.eval_interval:,} steps"
         count = f"{total_steps // t.eval_interval:,} in the run" if total_steps else f"about {EVALUATIONS} in the run"
         lines.append(f"validation {every} ({why('eval_interval', count)}) "
