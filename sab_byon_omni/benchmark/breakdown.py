@@ -14,9 +14,10 @@ The first three are the same PyTorch kernels in ours and in a peer doing the sam
 bound what any implementation built on them can gain: the ``ceiling`` against a peer is the
 speed-up a step whose ``other`` work took no time would reach, the timed ratio (medians of the
 run, unprofiled) divided by the share of ours' profiled step those kernels take (so it is never
-below the ratio). Shares come from the mean of the profiled steps, and the profiler adds a little to every op, most to the many small ones (so
-``other`` looks somewhat larger than it is, and the ceiling somewhat higher): read the shares and
-the ceiling, not the profiled totals, which also move with the machine's load.
+below the ratio). Shares come from the mean of the profiled steps, and the profiler adds a
+little to every op, most to the many small ones (so ``other`` looks somewhat larger than it is,
+and the ceiling somewhat higher): read the shares and the ceiling, not the profiled totals, which
+also move with the machine's load.
 """
 
 from __future__ import annotations

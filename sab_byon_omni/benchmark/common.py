@@ -35,7 +35,7 @@ class BenchOptions:
     isolated_memory: bool = False  # also each model's peak RSS in a fresh process (benchmark/isolated.py)
     clock: str = "wall"  # wall: seconds on the wall clock; cpu: this process's CPU seconds (a CPU shared with others)
     model: dict[str, Any] = field(default_factory=dict)  # the model fields given over the preset's
-    breakdown: bool = False  # also profile one step of each model by kind of kernel (benchmark/breakdown.py)
+    breakdown: bool = False  # also profile a few steps of each model by kind of kernel (benchmark/breakdown.py)
 
     @classmethod
     def for_preset(cls, preset: str = "lightweight", seq_len: int = 1024, batch_size: int = 4,

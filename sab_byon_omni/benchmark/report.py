@@ -98,7 +98,7 @@ def _train(r: TrainBench) -> str:
 
 
 def _breakdown(r: TrainBench, names: dict[str, str]) -> list[str]:
-    """--breakdown: one profiled step per model by kind of kernel, and the ceiling against each peer."""
+    """--breakdown: each model's profiled steps by kind of kernel, and the ceiling against each peer."""
     clock = "device" if r.machine.device == "cuda" else "CPU"
     lines = ["", f"profiled steps, {clock} ms per step by kind of kernel (--breakdown; the profiler adds to every "
              "op, most to the small ones):", "",

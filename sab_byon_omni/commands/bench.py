@@ -86,9 +86,9 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
                    help="also measure each model's peak RSS in a fresh process of its own (CPU; one more run of "
                         "the warm-up per model), so ours and the peers compare on memory")
     p.add_argument("--breakdown", action="store_true",
-                   help="train mode: also profile one step of each model and print its time by kind of kernel (matmul, "
-                        "attention, optimizer, other) and the ceiling against each peer: the speed-up a step running "
-                        "only ours' matmul, attention and optimizer kernels would reach")
+                   help="train mode: also profile up to 3 steps of each model and print their time by kind of kernel "
+                        "(matmul, attention, optimizer, other) and the ceiling against each peer: the speed-up a step "
+                        "running only ours' matmul, attention and optimizer kernels would reach")
 
 
 PRESET_FLAGS = {"preset": ("model.preset", "lightweight"), "seq_len": ("data.seq_len", None),

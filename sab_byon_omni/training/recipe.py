@@ -148,8 +148,9 @@ def evaluation_cadence(total_steps: int, gradient_accumulation_steps: int, epoch
     many batches as keep all of them (those at the epochs' ends too) within ``EVAL_SHARE`` of the
     training compute of ``total_steps`` steps of ``gradient_accumulation_steps`` micro-batches, at
     least ``MIN_EVAL_BATCHES``; 0 (all of them) when a whole pass, ``validation_batches``, is no more.
-    When even ``MIN_EVAL_BATCHES`` each would overrun the budget (a short run), fewer validations at a
-    wider interval, down to none inside the run (interval 0: at the epochs' ends and the run's end)."""
+    When even the least a validation costs (``MIN_EVAL_BATCHES``, or a smaller ``validation_batches``)
+    would overrun the budget (a short run), fewer validations at a wider interval, down to none inside
+    the run (interval 0: at the epochs' ends and the run's end)."""
     interval = max(1, math.ceil(total_steps / EVALUATIONS))
     validations = total_steps // interval + epochs
     budget = EVAL_SHARE * 3 * total_steps * gradient_accumulation_steps  # a micro-batch: forward + backward
