@@ -14,6 +14,8 @@ others in one process (so a busy machine slows all of them alike). Run from the 
     python benchmarks/levers.py gemv          # one-token decoding's matmuls: F.linear vs rows split over threads
     python benchmarks/levers.py decode_threads --preset small [--busy]  # sampling 64 tokens: 1 vs 2 threads
     python benchmarks/levers.py attention     # causal attention fwd + bwd: SDPA flash kernel vs chunked bmm
+    python benchmarks/levers.py attention_backward  # bf16 causal attention by window length: SDPA vs fp32 backward
+    python benchmarks/levers.py rmsnorm       # SmolLM2's RMSNorm for training: nn.RMSNorm vs model.ops.RMSNormCpu
     # whole training steps (benchmarks/levers_step.py):
     python benchmarks/levers.py memory_saving # the Trainer's step, memory saving off vs on (batch 4 x 1024)
     python benchmarks/levers.py allocator     # the step, freed memory kept in glibc's heap (GLIBC_TUNABLES) or not
@@ -360,6 +362,51 @@ def bench_attention(reps: int) -> None:
     interleave({"SDPA (CPU flash kernel)": sdpa, **{f"chunked bmm, chunk {c}": f for c, f in chunked.items()}}, reps)
 
 
+def bench_attention_backward(reps: int) -> None:
+    """Causal attention forward + backward in bf16 at Lightweight's 12 heads, batch 4, by window
+    length: SDPA (its bf16 kernels) against ``model.ops.CausalAttentionCpu`` (the same forward, the
+    backward by the fp32 kernel), which the model takes up to ``FP32_ATTENTION_BACKWARD_MAX_LEN``."""
+    from sab_byon_omni.model.ops import FP32_ATTENTION_BACKWARD_MAX_LEN, CausalAttentionCpu
+
+    for t in (48, 72, 128, 160, 192, 256, 320):
+        qkv = torch.randn(4, t, 3, 12, 64, dtype=torch.bfloat16)
+        grad = torch.randn(4, 12, t, 64, dtype=torch.bfloat16)
+
+        def run(fn: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+            def step() -> torch.Tensor:
+                x = qkv.clone().requires_grad_()
+                fn(*x.permute(2, 0, 3, 1, 4)).backward(grad)
+                return x.grad
+            return step
+
+        taken = "taken" if t <= FP32_ATTENTION_BACKWARD_MAX_LEN else "not taken"
+        print(f"\n{t} tokens (the model's path: {taken})")
+        interleave({"SDPA, bf16 kernels": run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                    "fp32 backward": run(CausalAttentionCpu.apply)}, reps)
+
+
+def bench_rmsnorm(reps: int) -> None:
+    """SmolLM2's RMSNorm (576 wide, 4 x 256 tokens), forward + backward, in fp32 and under bf16
+    autocast, where the matmul after it would cast ``nn.RMSNorm``'s fp32 output (the cast counted)."""
+    from sab_byon_omni.model.ops import RMSNormCpu
+
+    x0, norm = torch.randn(4, 256, 576), torch.nn.RMSNorm(576, eps=1e-5)
+    for dtype in (torch.float32, torch.bfloat16):
+        grad = torch.randn(4, 256, 576, dtype=dtype)
+
+        def run(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = dtype) -> Callable[[], None]:
+            def step() -> None:
+                x = x0.clone().requires_grad_()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                    y = fn(x)
+                y.backward(grad)
+            return step
+
+        print(f"\n{dtype}")
+        interleave({"nn.RMSNorm": run(lambda x, dtype=dtype: norm(x).to(dtype)),
+                    "RMSNormCpu": run(lambda x, dtype=dtype: RMSNormCpu.apply(x, norm.weight, 1e-5, dtype))}, reps)
+
+
 MUON_COST_SHAPES = (("tiny", 16, 128, ("fp32", "auto"), 4), ("small", 16, 128, ("fp32", "auto"), 1),
                     ("lightweight", 2, 1024, ("auto",), 0.5))  # preset, batch, seq, precisions, reps factor
 
@@ -403,7 +450,7 @@ def bench_decode_threads(reps: int, preset: str = "lightweight", new_tokens: int
 
 
 OPS = ("optimizer", "muon_cost", "sdpa", "rope", "qkv", "mlp", "norm", "threads", "vocab", "head_loss", "compile", "gemv",
-       "attention", "decode_threads")
+       "attention", "attention_backward", "rmsnorm", "decode_threads")
 STEPS = ("memory_saving", "allocator", "regroup", "matmul_floor", "compile_block", "bf16", "profile", "muon")
 
 

@@ -167,3 +167,123 @@ def test_runs_on_the_meta_device_like_the_two_ops():
     loss = ops.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long, device="meta"))
     loss.backward()
     assert loss.shape == () and x.grad.shape == (4, 8) and w.grad.shape == (11, 8)
+
+
+def _attention_inputs(t: int, heads: int = 9, kv_heads: int = 3, dtype: torch.dtype = torch.bfloat16):
+    g = torch.Generator().manual_seed(t)
+    q = (torch.randn(2, t, heads, 16, generator=g) * 2).to(dtype).transpose(1, 2).requires_grad_()
+    k, v = ((torch.randn(2, t, kv_heads, 16, generator=g)).to(dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+    return q, k, v, torch.randn(2, heads, t, 16, generator=g).to(dtype)
+
+
+def _attention_grads(fn, q, k, v, grad):
+    q.grad = k.grad = v.grad = None
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _sdpa(q, k, v):
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_short_attention_with_the_fp32_backward_gives_sdpas_output_and_better_gradients(dtype):
+    q, k, v, grad = _attention_inputs(40, dtype=dtype)
+    ours = _attention_grads(ops.CausalAttentionCpu.apply, q, k, v, grad)
+    sdpa = _attention_grads(_sdpa, q, k, v, grad)
+    exact = _attention_grads(_sdpa, *(x.detach().double().requires_grad_() for x in (q, k, v)), grad.double())
+    torch.testing.assert_close(ours[0], sdpa[0], rtol=0, atol=0)  # the same forward kernel
+    for a, b, e in zip(ours[1:], sdpa[1:], exact[1:]):  # dq, dk (summed over each group's 3 heads), dv
+        assert a.dtype == dtype and a.shape == b.shape
+        scale = e.abs().max().item()
+        ours_err, sdpa_err = ((x.double() - e).abs().max().item() / scale for x in (a, b))
+        assert ours_err < 0.02 and ours_err <= 1.5 * sdpa_err + 1e-3, (ours_err, sdpa_err)
+
+
+@pytest.mark.parametrize(("t", "dtype", "kw", "grad", "taken"), [
+    (ops.FP32_ATTENTION_BACKWARD_MAX_LEN, torch.bfloat16, {}, True, True),
+    (ops.FP32_ATTENTION_BACKWARD_MAX_LEN + 1, torch.bfloat16, {}, True, False),  # long windows: bf16 kernel faster
+    (16, torch.float32, {}, True, False),  # fp32: the same kernel either way
+    (16, torch.bfloat16, {}, False, False),  # no gradient: plain SDPA
+    (16, torch.bfloat16, {"dropout_p": 0.1}, True, False),
+    (16, torch.bfloat16, {"attn_mask": torch.ones(16, 16, dtype=torch.bool).tril()}, True, False),
+])
+def test_attend_takes_the_fp32_backward_only_for_short_causal_reduced_precision_windows(monkeypatch, t, dtype, kw,
+                                                                                        grad, taken):
+    from sab_byon_omni.model import transformer
+
+    calls = []
+    monkeypatch.setattr(ops.CausalAttentionCpu, "apply", lambda *a: calls.append(a) or _sdpa(*a))
+    q, k, v, _ = _attention_inputs(t, dtype=dtype)
+    with torch.set_grad_enabled(grad):
+        transformer.attend(q, k, v, **({"is_causal": True} if "attn_mask" not in kw else {}), **kw)
+    assert bool(calls) == taken
+
+
+def test_a_bf16_training_step_with_the_fp32_attention_backward_matches_sdpas(monkeypatch):
+    cfg = ModelConfig.from_name("tiny", vocab_size=50, n_kv_heads=2)
+    ids = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(0))
+
+    def grads(max_len: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(ops, "FP32_ATTENTION_BACKWARD_MAX_LEN", max_len)
+        torch.manual_seed(0)
+        model = CausalTransformer(cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        return [p.grad for p in model.parameters()]
+
+    with_fp32, with_sdpa = grads(ops.FP32_ATTENTION_BACKWARD_MAX_LEN), grads(0)
+    assert any(not torch.equal(a, b) for a, b in zip(with_fp32, with_sdpa))  # the path was taken
+    for a, b in zip(with_fp32, with_sdpa):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item() + 1e-6)
+
+
+def _norm_case(dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 7, 48, generator=g) * 3).requires_grad_()
+    w = (torch.rand(48, generator=g) + 0.5).requires_grad_()
+    return x, w, torch.randn(3, 7, 48, generator=g).to(dtype)
+
+
+def _norm_grads(fn, x, w, grad, autocast: bool):
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fn(x, w)
+    y.backward(grad.to(y.dtype))
+    return y.detach(), x.grad, w.grad
+
+
+def test_rmsnorm_for_training_equals_torchs_in_fp32():
+    x, w, grad = _norm_case()
+    ours = _norm_grads(lambda x, w: ops.RMSNormCpu.apply(x, w, 1e-5, torch.float32), x, w, grad, False)
+    ref = _norm_grads(lambda x, w: F.rms_norm(x, (48,), w, 1e-5), x, w, grad, False)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_for_training_under_autocast_gives_the_matmuls_dtype_and_the_same_gradients():
+    x, w, grad = _norm_case(torch.bfloat16)
+    ours = _norm_grads(lambda x, w: ops.RMSNormCpu.apply(x, w, 1e-5, torch.bfloat16), x, w, grad, True)
+    ref = _norm_grads(lambda x, w: F.rms_norm(x, (48,), w, 1e-5).to(torch.bfloat16), x, w, grad, True)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == ours[2].dtype == torch.float32
+    torch.testing.assert_close(ours[0], ref[0], rtol=0.008, atol=1e-5)  # fp32 maths, one rounding to bf16
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("grad", "autocast", "dtype"), [(True, False, torch.float32), (True, True, torch.bfloat16),
+                                                         (False, True, torch.float32), (False, False, torch.float32)])
+def test_the_models_rmsnorm_trains_through_it_and_infers_as_torch(grad, autocast, dtype):
+    from sab_byon_omni.model.transformer import make_norm
+
+    norm = make_norm(ModelConfig.from_name("tiny", vocab_size=50, norm="rmsnorm"))
+    assert isinstance(norm, torch.nn.RMSNorm) and list(norm.state_dict()) == ["weight"]
+    x = torch.randn(2, 5, 64, requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = norm(x)
+        ref = F.rms_norm(x, (64,), norm.weight, norm.eps)
+    assert y.dtype == dtype and (y.grad_fn is not None) == grad
+    assert (type(y.grad_fn).__name__ == "RMSNormCpuBackward") == grad
+    torch.testing.assert_close(y, ref.to(dtype), rtol=0.008 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)

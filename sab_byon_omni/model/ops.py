@@ -4,7 +4,11 @@ the model calls it in place of that op.
 * :func:`linear`: ``F.linear`` with a multi-threaded path for the single row of decoding on a CPU;
 * :class:`GeluLinear`: ``linear(gelu(u), w, b)`` that keeps only ``u`` for backward (memory saving);
 * :func:`linear_cross_entropy`: the summed ``cross_entropy(linear(x, w), targets)`` of the output
-  head, its softmax taken a few rows at a time and its gradient computed on the way.
+  head, its softmax taken a few rows at a time and its gradient computed on the way;
+* :class:`CausalAttentionCpu`: causal ``scaled_dot_product_attention`` of short bf16/fp16 windows
+  on a CPU, its backward run by the fp32 kernel;
+* :class:`RMSNormCpu`: ``nn.RMSNorm`` for training on a CPU in a few passes over the rows, its
+  output already in the dtype the next matmul runs in.
 """
 
 from __future__ import annotations
@@ -63,6 +67,79 @@ class GeluLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_u = torch.ops.aten.gelu_backward(grad.matmul(weight.to(u.dtype)), u, approximate=ctx.approximate)
         return grad_u, grad_w, grad_b, None
+
+
+# Keys up to this length: torch's CPU flash-attention backward is faster in fp32 than in bf16 or
+# fp16 (it splits queries 32 at a time below 192 and pays a fixed cost per split in reduced
+# precision). Lightweight's 12 heads, batch 4, 1 thread, Sapphire Rapids: 72 keys 3.99x, 128 keys
+# 2.28x, 160 keys 1.92x, 192 keys 1.01x, 256 keys 1.08x, 320 keys 0.88x; 2 threads 4.14x at 72 and
+# 0.82x at 256, the backward alone; forward + backward: benchmarks/levers.py attention_backward.
+FP32_ATTENTION_BACKWARD_MAX_LEN = 191
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def fp32_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the causal attention of these (B, H, T, D) queries and (B, K, T, D) keys and values
+    takes :class:`CausalAttentionCpu`: a CPU, bf16 or fp16, a gradient to compute, a window of at
+    most ``FP32_ATTENTION_BACKWARD_MAX_LEN`` tokens (queries and keys the same), not being compiled."""
+    return (_FLASH_CPU_BACKWARD is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == v.dtype == q.dtype and q.shape[2] == k.shape[2] <= FP32_ATTENTION_BACKWARD_MAX_LEN
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and not torch.compiler.is_compiling())  # compiled: inductor's own attention
+
+
+class CausalAttentionCpu(torch.autograd.Function):
+    """``scaled_dot_product_attention(q, k, v, is_causal=True)`` (grouped-query heads allowed) whose
+    forward is torch's CPU flash kernel in the inputs' dtype, as SDPA's, and whose backward runs
+    that kernel's fp32 version on the inputs made fp32 (exact), with the forward's log-sum-exp: the
+    gradients of the same attention, computed at least as precisely, up to 4x sooner on short
+    windows (:data:`FP32_ATTENTION_BACKWARD_MAX_LEN`)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.profiler.record_function("scaled_dot_product_attention backward in fp32"):
+            dq, dk, dv = _FLASH_CPU_BACKWARD(grad.float(), q.float(), k.float(), v.float(), out.float(), lse,
+                                             0.0, True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class RMSNormCpu(torch.autograd.Function):
+    """``rms_norm(x, weight, eps)`` (fp32 maths, as ``nn.RMSNorm`` under autocast) returned in
+    ``dtype``, keeping only ``x`` and the rows' 1/rms for backward. torch 2.13 has no fused CPU
+    kernel for it: its composite makes about twice the passes over the rows, keeps fp32 products
+    for backward, and its fp32 output is cast again by the matmul that follows. Here the rows' sums
+    are a norm and two matrix-vector products (SmolLM2's 576-wide rows, 4 x 256 tokens, forward +
+    backward with that cast: bf16 1.64x, fp32 1.96x; ``benchmarks/levers.py rmsnorm``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        with no_autocast(x):
+            rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+            xr = torch.mul(x, rstd)
+            y = xr.mul_(weight) if dtype == x.dtype else torch.mul(xr, weight, out=torch.empty_like(x, dtype=dtype))
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        h = x.shape[-1]
+        x2, r, g = x.reshape(-1, h), rstd.reshape(-1, 1), grad.reshape(-1, h)
+        gx = torch.mul(g, x2)  # fp32
+        grad_w = (r.t() @ gx).reshape(h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        c = (gx @ weight).unsqueeze_(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row
+        grad_x = torch.mul(g, weight).mul_(r).addcmul_(x2, c, value=-1)
+        return grad_x.view(x.shape).to(x.dtype), grad_w, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

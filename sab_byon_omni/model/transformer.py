@@ -29,7 +29,15 @@ from torch import nn
 from sab_byon_omni.config import ModelConfig
 from sab_byon_omni.model.fragmergent import Fragmergent
 from sab_byon_omni.model.init import init_rows
-from sab_byon_omni.model.ops import GeluLinear, linear, linear_cross_entropy
+from sab_byon_omni.model.ops import (
+    CausalAttentionCpu,
+    GeluLinear,
+    RMSNormCpu,
+    compute_dtype,
+    fp32_attention_backward,
+    linear,
+    linear_cross_entropy,
+)
 
 # torch >= 2.5 attends grouped heads without copying k and v (1.3x faster forward + backward than
 # expanded copies on a 2-core CPU, SmolLM2-135M's 9 query and 3 key/value heads, 4 x 256 tokens)
@@ -123,7 +131,12 @@ def document_mask(docs_q: torch.Tensor, docs_k: torch.Tensor) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
     """``scaled_dot_product_attention`` of (B, H, T, D) queries with (B, K, S, D) keys and values,
-    K dividing H (query head i reads key head i // (H / K))."""
+    K dividing H (query head i reads key head i // (H / K)). Short causal windows in bf16 or fp16
+    on a CPU take :class:`~sab_byon_omni.model.ops.CausalAttentionCpu` (the same attention, a
+    faster backward)."""
+    if kw.get("is_causal") and not kw.get("dropout_p") and "attn_mask" not in kw \
+            and (SDPA_GQA or k.shape[1] == q.shape[1]) and fp32_attention_backward(q, k, v):
+        return CausalAttentionCpu.apply(q, k, v)
     if k.shape[1] == q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, **kw)
     if SDPA_GQA:
@@ -138,9 +151,24 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (the same parameter, the same maths) that trains on a CPU through
+    :class:`~sab_byon_omni.model.ops.RMSNormCpu`: fewer passes, and its output in the dtype the
+    next matmul runs in. Inference, other devices and ``torch.compile`` (which fuses the norm
+    itself) take ``nn.RMSNorm``'s own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight is not None
+                and (x.requires_grad or self.weight.requires_grad) and x.dtype == self.weight.dtype == torch.float32
+                and not torch.compiler.is_compiling()):
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            return RMSNormCpu.apply(x, self.weight, eps, compute_dtype(x))
+        return super().forward(x)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        return RMSNorm(cfg.hidden, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
