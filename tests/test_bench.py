@@ -413,6 +413,9 @@ def test_breakdown_classes_each_op_by_name_and_call_tree_and_bounds_the_ratio():
     assert event_class(chain("aten::bmm", "aten::_scaled_dot_product_attention_math")) == "attention"
     assert event_class(chain("aten::mm", "aten::matmul", "aten::linear")) == "matmul"
     assert event_class(chain("aten::mul", "aten::silu_backward")) == "other"
+    from sab_byon_omni.model.ops import NORM_SCOPE
+
+    assert event_class(chain("aten::mm", "aten::matmul", NORM_SCOPE, "RMSNormCpuBackward")) == "other"  # a norm's sums
     ours = tally([("matmul", 4000.0), ("matmul", 2000.0), ("optimizer", 1000.0), ("attention", 1000.0),
                   ("other", 2000.0)])
     assert ours == {"matmul": 6.0, "attention": 1.0, "optimizer": 1.0, "other": 2.0}

@@ -30,3 +30,14 @@ def test_the_model_line_names_the_levers_that_are_on():
     on = levers_on(ModelConfig.from_name("tiny", vocab_size=96, qk_norm=True, mlp="relu2", logit_softcap=30.0,
                                          document_mask_id=1, zero_init_proj=True))
     assert on == ["qk_norm", "zero_init_proj", "mlp relu2", "logit_softcap 30", "document_mask_id 1"]
+
+
+def test_the_banner_names_the_architecture_options_that_differ_from_the_sab_model():
+    from sab_byon_omni.config import ModelConfig
+    from sab_byon_omni.training.console import architecture_on
+
+    assert architecture_on(ModelConfig.from_name("lightweight", vocab_size=96)) == []
+    llama = ModelConfig.from_name("small", vocab_size=50, norm="rmsnorm", mlp="swiglu", n_kv_heads=2)
+    assert architecture_on(llama) == ["rmsnorm", "swiglu", "2 key/value heads"]
+    neox = ModelConfig.from_name("tiny", vocab_size=50, positions="learned", parallel_residual=True)
+    assert architecture_on(neox) == ["learned positions", "parallel residual"]

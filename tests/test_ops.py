@@ -287,3 +287,47 @@ def test_the_models_rmsnorm_trains_through_it_and_infers_as_torch(grad, autocast
     assert y.dtype == dtype and (y.grad_fn is not None) == grad
     assert (type(y.grad_fn).__name__ == "RMSNormCpuBackward") == grad
     torch.testing.assert_close(y, ref.to(dtype), rtol=0.008 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_torch_func_and_double_backward_take_the_plain_ops():
+    """The Functions have no vmap/jvp rules: under torch.func the model runs nn.RMSNorm and SDPA; a
+    second derivative through the norm is the plain ops' one."""
+    from sab_byon_omni.model import transformer
+
+    norm = transformer.make_norm(ModelConfig.from_name("tiny", vocab_size=50, norm="rmsnorm"))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    ref = torch.nn.RMSNorm(64, eps=norm.eps)
+    ref.weight = torch.nn.Parameter(norm.weight.detach().clone())
+    x = torch.randn(3, 5, 64, requires_grad=True)
+
+    def loss(module, x):
+        return module(x).square().sum()
+
+    torch.testing.assert_close(torch.func.grad(lambda x: loss(norm, x))(x), torch.func.grad(lambda x: loss(ref, x))(x))
+    assert type(norm(x).grad_fn).__name__ == "RMSNormCpuBackward"  # plain autograd: the fast path
+    second = []
+    for module in (norm, ref):
+        x.grad = None
+        (g,) = torch.autograd.grad(loss(module, x), x, create_graph=True)
+        g.square().sum().backward()
+        second.append(x.grad)
+    torch.testing.assert_close(second[0], second[1], rtol=1e-4, atol=1e-4)  # through 1/rms too
+    torch.testing.assert_close(norm.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    q, k, v, _ = _attention_inputs(16)
+    calls = []
+    real = ops.CausalAttentionCpu.apply
+    ops.CausalAttentionCpu.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        torch.func.grad(lambda q: transformer.attend(q, k, v, is_causal=True).float().sum())(q.detach())
+        assert not calls
+        transformer.attend(q, k, v, is_causal=True)
+        assert calls
+    finally:
+        ops.CausalAttentionCpu.apply = real
+
+
+def test_attention_with_a_strided_head_dimension_takes_sdpa():
+    q, k, v = (torch.randn(1, 2, 16, 8, 2, dtype=torch.bfloat16)[..., 0].requires_grad_() for _ in range(3))
+    assert not ops.fp32_attention_backward(q, k, v)
+    assert ops.fp32_attention_backward(*(t.detach().contiguous().requires_grad_() for t in (q, k, v)))

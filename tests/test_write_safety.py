@@ -355,3 +355,34 @@ def test_export_force_replaces_an_earlier_export_and_refuses_the_current_folder(
     assert main([*args, "."]) == 2
     assert "is the current folder" in capsys.readouterr().err
     assert state(tmp_path) == before
+
+
+def test_ctrl_c_inside_torchs_zip_writer_is_a_stop_not_a_full_disk(tmp_path):
+    """torch.save turns a KeyboardInterrupt raised in its write callback into 'unexpected pos'; the
+    write raises the KeyboardInterrupt again (a second Ctrl-C during a save stops the run, status
+    130), leaves no temporary and the previous file as it was."""
+    import torch
+
+    from sab_byon_omni.files.atomic import atomic_write
+
+    target = tmp_path / "step_5.pt"
+    target.write_bytes(b"previous")
+
+    def write(f):
+        calls = []
+
+        class Interrupted:
+            def write(self, b):
+                calls.append(len(b))
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+                return f.write(b)
+
+            def flush(self):
+                f.flush()
+
+        torch.save({"w": torch.zeros(1000)}, Interrupted())
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["step_5.pt"]

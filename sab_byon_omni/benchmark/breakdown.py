@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from sab_byon_omni.model.ops import NORM_SCOPE
+
 CLASSES = ("matmul", "attention", "optimizer", "other")
 SHARED = ("matmul", "attention", "optimizer")  # the same kernels in any implementation of the same step
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv",
@@ -53,12 +55,15 @@ def event_class(event: Any) -> str:
     """The class of a profiler event in its call tree: everything inside an optimizer's step (its
     ``Optimizer.step#`` scope: the fused or foreach kernels and the per-tensor ops a CPU's foreach
     runs, Muon's Newton-Schulz products) is ``optimizer``, everything inside attention is
-    ``attention``; otherwise the op's own class."""
+    ``attention``, everything inside a norm of ``model.ops`` (its matrix-vector sums) ``other``;
+    otherwise the op's own class."""
     node, found = event, op_class(event.name)
     while node is not None:
         cls = op_class(node.name)
         if cls == "optimizer":
             return cls
+        if node.name == NORM_SCOPE:
+            return "other"
         found = "attention" if cls == "attention" else found
         node = node.cpu_parent
     return found

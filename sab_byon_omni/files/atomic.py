@@ -100,7 +100,17 @@ def _os_error_in(e: BaseException | None) -> OSError | None:
 
 
 def _as_sab_error(e: BaseException, path: Path, kept: str) -> SabError | None:
-    """A one-line error for a failed write (full disk, permissions, a library's write error)."""
+    """A one-line error for a failed write (full disk, permissions, a library's write error). A
+    Ctrl-C that interrupted the library's writing (torch's zip writer turns the KeyboardInterrupt
+    raised in its write callback into "unexpected pos") is raised again as itself: a stop, not an
+    error of the disk."""
+    cause: BaseException | None = e
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        cause = cause.__cause__ or cause.__context__
     os_err = _os_error_in(e)
     if os_err is not None:
         return SabError(f"could not save {path}: {reason(os_err)}; {kept}")

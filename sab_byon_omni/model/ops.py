@@ -79,14 +79,22 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+def plain_autograd() -> bool:
+    """No ``torch.func`` transform and no forward-mode AD level is active: the autograd Functions
+    of this module have no vmap or jvp rules, so under those the plain ops run instead."""
+    return torch._C._functorch.maybe_current_level() is None and torch.autograd.forward_ad._current_level < 0
+
+
 def fp32_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the causal attention of these (B, H, T, D) queries and (B, K, T, D) keys and values
     takes :class:`CausalAttentionCpu`: a CPU, bf16 or fp16, a gradient to compute, a window of at
-    most ``FP32_ATTENTION_BACKWARD_MAX_LEN`` tokens (queries and keys the same), not being compiled."""
+    most ``FP32_ATTENTION_BACKWARD_MAX_LEN`` tokens (queries and keys the same), head dimensions
+    contiguous, plain autograd (not compiled, no ``torch.func`` transform)."""
     return (_FLASH_CPU_BACKWARD is not None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and k.dtype == v.dtype == q.dtype and q.shape[2] == k.shape[2] <= FP32_ATTENTION_BACKWARD_MAX_LEN
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1  # as SDPA requires of its kernels
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and not torch.compiler.is_compiling())  # compiled: inductor's own attention
+            and not torch.compiler.is_compiling() and plain_autograd())  # compiled: inductor's own attention
 
 
 class CausalAttentionCpu(torch.autograd.Function):
@@ -109,7 +117,10 @@ class CausalAttentionCpu(torch.autograd.Function):
         with torch.profiler.record_function("scaled_dot_product_attention backward in fp32"):
             dq, dk, dv = _FLASH_CPU_BACKWARD(grad.float(), q.float(), k.float(), v.float(), out.float(), lse,
                                              0.0, True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+NORM_SCOPE = "rms_norm (model.ops.RMSNormCpu)"  # its products count as a norm's work in bench --breakdown
 
 
 class RMSNormCpu(torch.autograd.Function):
@@ -118,28 +129,34 @@ class RMSNormCpu(torch.autograd.Function):
     kernel for it: its composite makes about twice the passes over the rows, keeps fp32 products
     for backward, and its fp32 output is cast again by the matmul that follows. Here the rows' sums
     are a norm and two matrix-vector products (SmolLM2's 576-wide rows, 4 x 256 tokens, forward +
-    backward with that cast: bf16 1.64x, fp32 1.96x; ``benchmarks/levers.py rmsnorm``)."""
+    backward with that cast: bf16 1.6-2.0x, fp32 2.1-3.1x; ``benchmarks/levers.py rmsnorm``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-        with no_autocast(x):
+        with no_autocast(x), torch.profiler.record_function(NORM_SCOPE):
             rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
             xr = torch.mul(x, rstd)
             y = xr.mul_(weight) if dtype == x.dtype else torch.mul(xr, weight, out=torch.empty_like(x, dtype=dtype))
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the plain ops' gradients, themselves differentiable
+            y = F.rms_norm(x, (x.shape[-1],), weight, ctx.eps)
+            wanted = [t for t, need in zip((x, weight), ctx.needs_input_grad) if need]
+            found = iter(torch.autograd.grad(y, wanted, grad.to(y.dtype), create_graph=True))
+            return (*(next(found) if need else None for need in ctx.needs_input_grad[:2]), None, None)
         h = x.shape[-1]
-        x2, r, g = x.reshape(-1, h), rstd.reshape(-1, 1), grad.reshape(-1, h)
-        gx = torch.mul(g, x2)  # fp32
-        grad_w = (r.t() @ gx).reshape(h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        c = (gx @ weight).unsqueeze_(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row
-        grad_x = torch.mul(g, weight).mul_(r).addcmul_(x2, c, value=-1)
-        return grad_x.view(x.shape).to(x.dtype), grad_w, None, None
+        with torch.profiler.record_function(NORM_SCOPE):
+            x2, r, g = x.reshape(-1, h), rstd.reshape(-1, 1), grad.reshape(-1, h)
+            gx = torch.mul(g, x2)  # fp32
+            grad_w = (r.t() @ gx).reshape(h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            c = (gx @ weight).unsqueeze_(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row
+            grad_x = torch.mul(g, weight).mul_(r).addcmul_(x2, c, value=-1)
+            return grad_x.view(x.shape).to(x.dtype), grad_w, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

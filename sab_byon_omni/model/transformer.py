@@ -37,6 +37,7 @@ from sab_byon_omni.model.ops import (
     fp32_attention_backward,
     linear,
     linear_cross_entropy,
+    plain_autograd,
 )
 
 # torch >= 2.5 attends grouped heads without copying k and v (1.3x faster forward + backward than
@@ -155,12 +156,12 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (the same parameter, the same maths) that trains on a CPU through
     :class:`~sab_byon_omni.model.ops.RMSNormCpu`: fewer passes, and its output in the dtype the
     next matmul runs in. Inference, other devices and ``torch.compile`` (which fuses the norm
-    itself) take ``nn.RMSNorm``'s own forward."""
+    itself) and ``torch.func`` transforms take ``nn.RMSNorm``'s own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight is not None
                 and (x.requires_grad or self.weight.requires_grad) and x.dtype == self.weight.dtype == torch.float32
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and plain_autograd()):
             eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
             return RMSNormCpu.apply(x, self.weight, eps, compute_dtype(x))
         return super().forward(x)

@@ -212,7 +212,7 @@ def banner_lines(run: Run, notes: list[tuple[str, str]]) -> list[tuple[str, str]
         ("data", f"{d.dataset}: {data_summary(run.train_data, run.val_data)}"),
         ("tokenizer", f"{run.tokenizer.name}, {run.tokenizer.vocab_size:,} ids"),
         ("model", f"{model_label(run.cfg)}: hidden {m.hidden}, {m.n_layers} layers, {m.n_heads} heads, FFN {m.ffn}"
-                  + "".join(f", {lever}" for lever in levers_on(m)) + f"; {n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
+                  + "".join(f", {part}" for part in (*architecture_on(m), *levers_on(m))) + f"; {n:,} parameters" + (f" (the name '3b' is historical: {fmt_count(n)})" if m.preset == "3b" else "")
                   + (f"; LoRA rank {t.lora_rank} on {t.lora_targets}: {trainable:,} trainable, the rest frozen"
                      + (f" (projections held in {base})" if base != "float32" else "") if t.lora_rank else "")),
         ("device", f"{run.device} ({device_name(run.device)}), {run.precision.name}, "
@@ -290,6 +290,17 @@ def levers_on(m: Any) -> list[str]:
         on.append(f"logit_softcap {m.logit_softcap:g}")
     if m.document_mask_id is not None:
         on.append(f"document_mask_id {m.document_mask_id}")
+    return on
+
+
+def architecture_on(m: Any) -> list[str]:
+    """The architecture options that differ from the SAB model's (an open model's: RMSNorm, SwiGLU,
+    grouped-query heads...), in a few words each."""
+    on = [m.norm] if m.norm != "layernorm" else []
+    on += [m.mlp] if m.mlp == "swiglu" else []
+    on += [f"{m.kv_heads} key/value heads"] if m.kv_heads != m.n_heads else []
+    on += ["learned positions"] if m.positions == "learned" else []
+    on += ["parallel residual"] if m.parallel_residual else []
     return on
 
 

@@ -183,8 +183,8 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     steps_per_epoch = math.ceil(math.ceil(windows / batch) / accumulation)
     epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
     reasons = [f"{windows_per_step} windows of {seq_len} tokens per optimizer step "
-               f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} steps per epoch over "
-               f"{windows:,} training windows (aim: at least {TARGET_STEPS})"]
+               f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} step{'s' * (steps_per_epoch != 1)} per epoch "
+               f"over {windows:,} training window{'s' * (windows != 1)} (the recipe aims for at least {TARGET_STEPS} steps per epoch)"]
     if epochs > 1:
         reasons.append(f"{epochs} epochs, so the run takes {steps_per_epoch * epochs:,} optimizer steps")
     if accumulation > 1:
@@ -279,7 +279,7 @@ def describe(t: TrainConfig, model_cfg: ModelConfig, tokens_per_step: int, expli
     run = f"the {total_steps:,}-step run" if total_steps else "the run"
     warm = (f"{FT_WARMUP_FRACTION:.0%} of {run}, at most {FT_WARMUP_MAX}" if tuned
             else f"{WARMUP_FRACTION:.0%} of {run}, at most {WARMUP_MAX}")
-    lines = [first, f"{t.warmup_steps} warmup steps ({why('warmup_steps', warm)}), then "
+    lines = [first, f"{t.warmup_steps} warmup step{'s' * (t.warmup_steps != 1)} ({why('warmup_steps', warm)}), then "
                     f"{schedule}; AdamW betas ({t.beta1:g}, {t.beta2:g}), weight decay {t.weight_decay:g}"]
     if t.eval_interval:
         batches = (f"the first {t.eval_batches:,} batch{'es' if t.eval_batches > 1 else ''}" if t.eval_batches
