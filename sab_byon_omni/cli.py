@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted" + (": stopped without saving; the checkpoints already written are complete"
+        print("\ninterrupted" + (": stopped at once; the checkpoints already written are complete"
                                  if getattr(args, "command", None) == "train" else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sab-omni ... | head`: the reader left; not an error of ours

@@ -38,6 +38,7 @@ def test_the_banner_names_the_architecture_options_that_differ_from_the_sab_mode
 
     assert architecture_on(ModelConfig.from_name("lightweight", vocab_size=96)) == []
     llama = ModelConfig.from_name("small", vocab_size=50, norm="rmsnorm", mlp="swiglu", n_kv_heads=2)
-    assert architecture_on(llama) == ["rmsnorm", "swiglu", "2 key/value heads"]
+    assert architecture_on(llama) == ["RMSNorm", "SwiGLU", "2 key/value heads"]
+    assert architecture_on(ModelConfig.from_name("tiny", vocab_size=50, n_kv_heads=1)) == ["1 key/value head"]
     neox = ModelConfig.from_name("tiny", vocab_size=50, positions="learned", parallel_residual=True)
     assert architecture_on(neox) == ["learned positions", "parallel residual"]

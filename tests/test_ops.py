@@ -331,3 +331,25 @@ def test_attention_with_a_strided_head_dimension_takes_sdpa():
     q, k, v = (torch.randn(1, 2, 16, 8, 2, dtype=torch.bfloat16)[..., 0].requires_grad_() for _ in range(3))
     assert not ops.fp32_attention_backward(q, k, v)
     assert ops.fp32_attention_backward(*(t.detach().contiguous().requires_grad_() for t in (q, k, v)))
+
+
+def test_batched_gradients_and_torch_func_through_the_models_loss():
+    """vmap over the backward (jacobian(vectorize=True)) runs RMSNormCpu's backward batched; the
+    head's loss under torch.func.grad is the two plain ops'."""
+    from torch.func import functional_call
+
+    from sab_byon_omni.model import transformer
+
+    norm = transformer.make_norm(ModelConfig.from_name("tiny", vocab_size=50, norm="rmsnorm"))
+    ref = torch.nn.RMSNorm(64, eps=norm.eps)
+    x = torch.randn(2, 64, requires_grad=True)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(norm, x, vectorize=True),
+                               torch.autograd.functional.jacobian(ref, x, vectorize=True), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    model = CausalTransformer(ModelConfig.from_name("tiny", vocab_size=50, norm="rmsnorm", mlp="swiglu"))
+    ids = torch.randint(0, 50, (2, 9))
+    params = dict(model.named_parameters())
+    grads = torch.func.grad(lambda p: functional_call(model, p, (ids[:, :-1],), {"targets": ids[:, 1:]}))(params)
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()  # LinearCrossEntropy and RMSNormCpu
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5)

@@ -154,7 +154,7 @@ class RMSNormCpu(torch.autograd.Function):
             x2, r, g = x.reshape(-1, h), rstd.reshape(-1, 1), grad.reshape(-1, h)
             gx = torch.mul(g, x2)  # fp32
             grad_w = (r.t() @ gx).reshape(h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            c = (gx @ weight).unsqueeze_(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row
+            c = (gx @ weight).unsqueeze(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row (no in-place view: vmap)
             grad_x = torch.mul(g, weight).mul_(r).addcmul_(x2, c, value=-1)
             return grad_x.view(x.shape).to(x.dtype), grad_w, None, None
 
@@ -273,6 +273,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     _check_targets(t, x2.shape[0], weight.shape[0], ignore_index)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if not plain_autograd():  # torch.func: the two ops themselves (the Function has no vmap/jvp rule)
+            logits = F.linear(x2, weight)
+            logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+            return F.cross_entropy(logits.float(), t, ignore_index=ignore_index, reduction="sum")
         return LinearCrossEntropy.apply(x2, weight, t, softcap, ignore_index)
     dtype = compute_dtype(x)
     total = torch.zeros((), dtype=torch.float32, device=x.device)

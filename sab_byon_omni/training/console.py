@@ -296,9 +296,9 @@ def levers_on(m: Any) -> list[str]:
 def architecture_on(m: Any) -> list[str]:
     """The architecture options that differ from the SAB model's (an open model's: RMSNorm, SwiGLU,
     grouped-query heads...), in a few words each."""
-    on = [m.norm] if m.norm != "layernorm" else []
-    on += [m.mlp] if m.mlp == "swiglu" else []
-    on += [f"{m.kv_heads} key/value heads"] if m.kv_heads != m.n_heads else []
+    on = ["RMSNorm"] if m.norm == "rmsnorm" else []
+    on += ["SwiGLU"] if m.mlp == "swiglu" else []
+    on += [f"{m.kv_heads} key/value head{'s' * (m.kv_heads != 1)}"] if m.kv_heads != m.n_heads else []
     on += ["learned positions"] if m.positions == "learned" else []
     on += ["parallel residual"] if m.parallel_residual else []
     return on
