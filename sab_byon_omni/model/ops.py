@@ -154,7 +154,7 @@ class RMSNormCpu(torch.autograd.Function):
             x2, r, g = x.reshape(-1, h), rstd.reshape(-1, 1), grad.reshape(-1, h)
             gx = torch.mul(g, x2)  # fp32
             grad_w = (r.t() @ gx).reshape(h).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            c = (gx @ weight).unsqueeze(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h, per row (no in-place view: vmap)
+            c = (gx @ weight).unsqueeze(1).mul_(r.pow(3)).div_(h)  # rstd^3 sum_j(g w x) / h (unsqueeze: vmap)
             grad_x = torch.mul(g, weight).mul_(r).addcmul_(x2, c, value=-1)
             return grad_x.view(x.shape).to(x.dtype), grad_w, None, None
 

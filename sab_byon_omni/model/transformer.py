@@ -155,8 +155,8 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (the same parameter, the same maths) that trains on a CPU through
     :class:`~sab_byon_omni.model.ops.RMSNormCpu`: fewer passes, and its output in the dtype the
-    next matmul runs in. Inference, other devices and ``torch.compile`` (which fuses the norm
-    itself) and ``torch.func`` transforms take ``nn.RMSNorm``'s own forward."""
+    next matmul runs in. Inference, other devices, ``torch.compile`` (which fuses the norm itself)
+    and ``torch.func`` transforms take ``nn.RMSNorm``'s own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight is not None

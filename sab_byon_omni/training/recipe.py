@@ -183,8 +183,9 @@ def batch_geometry(corpus_tokens: int, seq_len: int) -> tuple[int, int, int, int
     steps_per_epoch = math.ceil(math.ceil(windows / batch) / accumulation)
     epochs = min(max(1, math.ceil(TARGET_STEPS / steps_per_epoch)), MAX_EPOCHS)
     reasons = [f"{windows_per_step} windows of {seq_len} tokens per optimizer step "
-               f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} step{'s' * (steps_per_epoch != 1)} per epoch "
-               f"over {windows:,} training window{'s' * (windows != 1)} (the recipe aims for at least {TARGET_STEPS} steps per epoch)"]
+               f"({windows_per_step * seq_len:,} tokens): {steps_per_epoch:,} step{'s' * (steps_per_epoch != 1)} "
+               f"per epoch over {windows:,} training window{'s' * (windows != 1)} (the recipe aims for at least "
+               f"{TARGET_STEPS} steps per epoch)"]
     if epochs > 1:
         reasons.append(f"{epochs} epochs, so the run takes {steps_per_epoch * epochs:,} optimizer steps")
     if accumulation > 1:
